@@ -1,0 +1,1 @@
+../diff-gaussian-rasterization-w-depth/setup.py

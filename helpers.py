@@ -1,0 +1,290 @@
+"""Shared by the stage scripts: errors, data loading, cameras, geometry, losses, atomic output.
+
+Conventions: cameras in the OpenCV convention of the PanopticSports data (+x right, +y down, +z
+forward); quaternions (w, x, y, z); images float32 [3, H, W] in [0, 1].
+"""
+import json
+import math
+import os
+import sys
+import tempfile
+
+import numpy as np
+import torch
+from diff_gaussian_rasterization import GaussianRasterizationSettings as Camera
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one line, exit code 2, no traceback."""
+
+
+def run_main(main):
+    """Run a script's main(); a UserError becomes one line on stderr and exit code 2."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: finished steps are saved; run the same command again to resume",
+              file=sys.stderr)
+        sys.exit(130)
+
+
+def pick_device(name=None):
+    """'cuda' when available unless told otherwise."""
+    if name:
+        if name.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError(f"--device {name} asked for, but no CUDA GPU is visible")
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ---------------------------------------------------------------- atomic output
+
+def atomic_write(path, write):
+    """Call write(tmp_path) for a temporary file beside `path`, then rename it into place, so a
+    reader never sees a half-written file and an interrupted run leaves the old one intact."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    suffix = os.path.splitext(path)[1]  # keep the extension: np.savez and imageio look at it
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=suffix, dir=os.path.dirname(os.path.abspath(path)))
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_npz(path, arrays):
+    atomic_write(path, lambda tmp: np.savez(tmp, **arrays))
+
+
+def save_torch(path, obj):
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def save_json(path, obj):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+    atomic_write(path, write)
+
+
+# ---------------------------------------------------------------- data
+
+META_KEYS = ("w", "h", "k", "w2c", "fn", "cam_id")
+
+
+def load_meta(seq_dir, split):
+    """Read and check `<seq_dir>/<split>_meta.json` (split: 'train' or 'test').
+
+    Returns the dict with w, h (int) and per timestep lists over cameras: k [C][3][3],
+    w2c [C][4][4], fn [C] str, cam_id [C] int. Raises UserError naming the file and the problem.
+    """
+    path = os.path.join(seq_dir, f"{split}_meta.json")
+    if not os.path.isfile(path):
+        raise UserError(f"{path} not found: a sequence folder needs train_meta.json and test_meta.json "
+                        f"(PanopticSports format, see README)")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e})")
+    if not isinstance(meta, dict):
+        raise UserError(f"{path} must hold a JSON object with keys {', '.join(META_KEYS)}")
+    missing = [k for k in META_KEYS if k not in meta]
+    if missing:
+        raise UserError(f"{path} lacks key(s) {', '.join(missing)}")
+    num_t = len(meta["fn"])
+    if num_t == 0:
+        raise UserError(f"{path} has no timesteps (fn is empty)")
+    for key in ("k", "w2c", "fn"):
+        if not isinstance(meta[key], list) or len(meta[key]) != num_t:
+            raise UserError(f"{path}: '{key}' must be a list over {num_t} timesteps")
+    cam_ids = meta["cam_id"]
+    if cam_ids and isinstance(cam_ids[0], list):  # some exports repeat cam_id per timestep
+        if any(c != cam_ids[0] for c in cam_ids):
+            raise UserError(f"{path}: the cameras differ between timesteps; every timestep must "
+                            f"show the same cameras")
+        cam_ids = cam_ids[0]
+    num_c = len(cam_ids)
+    for t in range(num_t):
+        for key in ("k", "w2c", "fn"):
+            if len(meta[key][t]) != num_c:
+                raise UserError(f"{path}: timestep {t} has {len(meta[key][t])} entries in '{key}' "
+                                f"but cam_id lists {num_c} cameras")
+        if any(fn.split("/")[0] != meta["fn"][0][c].split("/")[0] for c, fn in enumerate(meta["fn"][t])):
+            raise UserError(f"{path}: timestep {t} lists other cameras than timestep 0; every "
+                            f"timestep must show the same cameras in the same order")
+    k = np.asarray(meta["k"], dtype=np.float64)
+    w2c = np.asarray(meta["w2c"], dtype=np.float64)
+    if k.shape != (num_t, num_c, 3, 3):
+        raise UserError(f"{path}: 'k' has shape {list(k.shape)}, expected [{num_t}, {num_c}, 3, 3]")
+    if w2c.shape != (num_t, num_c, 4, 4):
+        raise UserError(f"{path}: 'w2c' has shape {list(w2c.shape)}, expected [{num_t}, {num_c}, 4, 4]")
+    if not (np.isfinite(k).all() and np.isfinite(w2c).all()):
+        raise UserError(f"{path}: 'k' or 'w2c' holds NaN or Inf")
+    meta["w"], meta["h"], meta["cam_id"] = int(meta["w"]), int(meta["h"]), list(cam_ids)
+    meta["path"] = path
+    return meta
+
+
+def load_image(path, size=None):
+    """RGB image as float32 [3, H, W] in [0, 1]; size (w, h) is checked when given."""
+    from PIL import Image
+    if not os.path.isfile(path):
+        raise UserError(f"image {path} not found")
+    try:
+        im = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0
+    except OSError as e:
+        raise UserError(f"image {path} cannot be read ({e})")
+    if size is not None and (im.shape[1], im.shape[0]) != tuple(size):
+        raise UserError(f"image {path} is {im.shape[1]}x{im.shape[0]}, the meta file says {size[0]}x{size[1]}")
+    return torch.from_numpy(im).permute(2, 0, 1).contiguous()
+
+
+def load_mask(path, size=None):
+    """Foreground mask as float32 [H, W] in {0, 1}."""
+    from PIL import Image
+    if not os.path.isfile(path):
+        raise UserError(f"mask {path} not found")
+    try:
+        m = np.asarray(Image.open(path).convert("L"), dtype=np.float32)
+    except OSError as e:
+        raise UserError(f"mask {path} cannot be read ({e})")
+    if size is not None and (m.shape[1], m.shape[0]) != tuple(size):
+        raise UserError(f"mask {path} is {m.shape[1]}x{m.shape[0]}, the meta file says {size[0]}x{size[1]}")
+    return torch.from_numpy((m > 127).astype(np.float32) if m.max() > 1 else m)
+
+
+def seg_path(seq_dir, fn):
+    """Path of the foreground mask that belongs to image `fn` ('<cam>/<t>.jpg')."""
+    return os.path.join(seq_dir, "seg", fn.replace(".jpg", ".png"))
+
+
+def check_sequence(seq_dir, meta, t_first=0, t_last=None):
+    """Check that every image (and mask) of timesteps t_first..t_last exists, before hours of work."""
+    t_last = len(meta["fn"]) - 1 if t_last is None else t_last
+    for t in range(t_first, t_last + 1):
+        for fn in meta["fn"][t]:
+            if not os.path.isfile(os.path.join(seq_dir, "ims", fn)):
+                raise UserError(f"image {os.path.join(seq_dir, 'ims', fn)} listed in {meta['path']} not found")
+
+
+def setup_camera(w, h, k, w2c, near=0.01, far=100.0, bg=(0.0, 0.0, 0.0), device="cpu"):
+    """Rasterizer settings for one camera: k [3, 3] intrinsics, w2c [4, 4] OpenCV world-to-camera."""
+    fx, fy, cx, cy = k[0][0], k[1][1], k[0][2], k[1][2]
+    w2c = torch.as_tensor(np.asarray(w2c), dtype=torch.float32, device=device)
+    campos = torch.inverse(w2c)[:3, 3]
+    view = w2c.T.contiguous()
+    opengl_proj = torch.tensor([
+        [2 * fx / w, 0.0, -(w - 2 * cx) / w, 0.0],
+        [0.0, 2 * fy / h, -(h - 2 * cy) / h, 0.0],
+        [0.0, 0.0, far / (far - near), -(far * near) / (far - near)],
+        [0.0, 0.0, 1.0, 0.0]], dtype=torch.float32, device=device).T
+    return Camera(image_height=h, image_width=w, tanfovx=w / (2 * fx), tanfovy=h / (2 * fy),
+                  bg=torch.tensor(bg, dtype=torch.float32, device=device), scale_modifier=1.0,
+                  viewmatrix=view, projmatrix=view @ opengl_proj, sh_degree=0, campos=campos,
+                  prefiltered=False)
+
+
+def orbit_w2c(center, radius, height, angle, up=(0.0, -1.0, 0.0)):
+    """OpenCV world-to-camera [4, 4] of a camera at `angle` (radians) on a horizontal circle around
+    `center`, `height` above it along `up`, looking at the centre."""
+    center, up = np.asarray(center, dtype=np.float64), np.asarray(up, dtype=np.float64)
+    side = np.cross(up, [1.0, 0.0, 0.0])
+    if np.linalg.norm(side) < 1e-6:
+        side = np.cross(up, [0.0, 0.0, 1.0])
+    side /= np.linalg.norm(side)
+    other = np.cross(up, side)
+    pos = center + radius * (math.cos(angle) * side + math.sin(angle) * other) + height * up
+    fwd = center - pos
+    fwd /= np.linalg.norm(fwd)
+    right = np.cross(fwd, -up)
+    right /= np.linalg.norm(right)
+    down = np.cross(fwd, right)
+    w2c = np.eye(4)
+    w2c[:3, :3] = np.stack([right, down, fwd])
+    w2c[:3, 3] = -w2c[:3, :3] @ pos
+    return w2c
+
+
+# ---------------------------------------------------------------- geometry
+
+def knn(points, k):
+    """points [N, 3] numpy -> (squared distances [N, k], indices [N, k]) of the k nearest other
+    points (scipy's KD-tree; no open3d)."""
+    from scipy.spatial import cKDTree
+    points = np.asarray(points, dtype=np.float64)
+    k_eff = min(k + 1, len(points))
+    dist, idx = cKDTree(points).query(points, k=k_eff)
+    dist, idx = np.atleast_2d(dist)[:, 1:], np.atleast_2d(idx)[:, 1:]
+    if dist.shape[1] < k:  # fewer points than neighbours asked for: repeat the last one
+        pad = k - dist.shape[1]
+        dist = np.concatenate([dist, np.repeat(dist[:, -1:], pad, 1)], 1) if dist.shape[1] else np.zeros((len(points), k))
+        idx = np.concatenate([idx, np.repeat(idx[:, -1:], pad, 1)], 1) if idx.shape[1] else np.zeros((len(points), k), int)
+    return dist ** 2, idx
+
+
+def build_rotation(q):
+    """q [N, 4] (w, x, y, z), any norm -> rotation matrices [N, 3, 3]."""
+    from diff_gaussian_rasterization._torch_impl import quat_to_rotmat
+    return quat_to_rotmat(q)
+
+
+def quat_mult(q1, q2):
+    """Hamilton product of [N, 4] (w, x, y, z) quaternions."""
+    w1, x1, y1, z1 = q1.unbind(-1)
+    w2, x2, y2, z2 = q2.unbind(-1)
+    return torch.stack([
+        w1 * w2 - x1 * x2 - y1 * y2 - z1 * z2,
+        w1 * x2 + x1 * w2 + y1 * z2 - z1 * y2,
+        w1 * y2 - x1 * z2 + y1 * w2 + z1 * x2,
+        w1 * z2 + x1 * y2 - y1 * x2 + z1 * w2], -1)
+
+
+def quat_conj(q):
+    return q * torch.tensor([1.0, -1.0, -1.0, -1.0], device=q.device, dtype=q.dtype)
+
+
+def inverse_sigmoid(x):
+    return torch.log(x / (1 - x))
+
+
+# ---------------------------------------------------------------- losses
+
+def l1_loss(x, y):
+    return torch.abs(x - y).mean()
+
+
+def weighted_l2_loss(x, y, w):
+    """Mean over neighbour pairs of w * ||x - y||: x, y [N, K, D], w [N, K]."""
+    return torch.sqrt(((x - y) ** 2).sum(-1) * w + 1e-20).mean()
+
+
+def psnr(img, gt):
+    """Peak signal-to-noise ratio in dB of images in [0, 1]."""
+    mse = ((img - gt) ** 2).mean()
+    return float(10 * torch.log10(1.0 / mse.clamp(min=1e-12)))
+
+
+# ---------------------------------------------------------------- video
+
+def write_video(path, frames, fps=15):
+    """frames: iterable of uint8 [H, W, 3] numpy arrays -> mp4 (H.264) at `path`, atomically."""
+    import imageio.v2 as imageio
+
+    def write(tmp):
+        with imageio.get_writer(tmp, format="FFMPEG", fps=fps, codec="libx264", quality=8,
+                                macro_block_size=1, ffmpeg_log_level="error") as writer:
+            for frame in frames:
+                writer.append_data(np.ascontiguousarray(frame))
+    atomic_write(path, write)
+
+
+def to_uint8(img):
+    """float [3, H, W] in [0, 1] -> uint8 [H, W, 3]."""
+    return (img.detach().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype(np.uint8)
