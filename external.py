@@ -1,5 +1,7 @@
 """Image-quality functions shared by training and evaluation: SSIM (Wang et al. 2004) with the
 11x11 Gaussian window (sigma 1.5) used by 3D Gaussian Splatting and Dynamic 3D Gaussians."""
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -32,3 +34,122 @@ def calc_ssim(img1, img2):
     c1, c2 = 0.01 ** 2, 0.03 ** 2
     ssim_map = ((2 * mu12 + c1) * (2 * sigma12 + c2)) / ((mu1_sq + mu2_sq + c1) * (sigma1_sq + sigma2_sq + c2))
     return ssim_map.mean()
+
+
+# ================================================================ densification (Dynamic 3D Gaussians, stage 1)
+# Adaptive density control of 3D Gaussian Splatting (Kerbl et al. 2023) as Dynamic 3D Gaussians
+# runs it at timestep 0. `params` holds the optimised tensors; the torch Adam's param groups carry
+# the same names, and its moments follow every change of the rows (new rows start at zero).
+
+NOT_PER_GAUSSIAN = ("cam_m", "cam_c")
+
+
+def densify_schedule(num_iters, grad_thresh=0.0002):
+    """The original's schedule for 10,000 iterations, scaled to num_iters: densify every 1% from
+    5% to 50% of the iterations, reset opacities at 30%, prune big Gaussians from 30%, prune with
+    the higher opacity bar at 50%. At 10,000: every 100 from 500 to 5,000, reset at 3,000."""
+    every = max(1, round(0.01 * num_iters))
+    return {"start": every * round(0.05 * num_iters / every), "stop": every * round(0.5 * num_iters / every),
+            "every": every, "reset": max(1, round(0.3 * num_iters)), "big_from": round(0.3 * num_iters),
+            "grad_thresh": grad_thresh}
+
+
+def _replace_param(params, optimizer, name, value, moments):
+    """Put `value` in place of params[name] and in its param group; moments(old) -> new Adam moments.
+    A tensor that the optimiser does not hold (fixed, like seg_colors) is just replaced."""
+    group = next((g for g in optimizer.param_groups if g["name"] == name), None)
+    if group is None:
+        params[name] = value.detach().contiguous()
+        return
+    state = optimizer.state.pop(group["params"][0], None)
+    param = torch.nn.Parameter(value.detach().contiguous())
+    group["params"][0] = param
+    if state:
+        state["exp_avg"], state["exp_avg_sq"] = moments(state["exp_avg"]), moments(state["exp_avg_sq"])
+        optimizer.state[param] = state
+    params[name] = param
+
+
+def update_params_and_optimizer(new_values, params, optimizer):
+    """Replace whole tensors (same shapes), restarting their Adam moments from zero."""
+    for name, value in new_values.items():
+        _replace_param(params, optimizer, name, value, torch.zeros_like)
+    return params
+
+
+def cat_params_to_optimizer(new_rows, params, optimizer):
+    """Append rows to per-Gaussian tensors; their Adam moments start at zero."""
+    for name, rows in new_rows.items():
+        _replace_param(params, optimizer, name, torch.cat([params[name].detach(), rows]),
+                       lambda m, rows=rows: torch.cat([m, torch.zeros_like(rows)]))
+    return params
+
+
+def remove_points(to_remove, params, variables, optimizer):
+    """Drop the Gaussians where to_remove [N] bool is set, from params, Adam and the accumulators."""
+    keep = ~to_remove
+    for name in [k for k in params if k not in NOT_PER_GAUSSIAN]:
+        _replace_param(params, optimizer, name, params[name][keep], lambda m: m[keep])
+    for name in ("means2D_gradient_accum", "denom"):
+        variables[name] = variables[name][keep]
+    return params, variables
+
+
+def accumulate_mean2d_gradient(variables, means2D_grad, radii):
+    """Add the screen-space gradient norm of every Gaussian on screen (radii > 0) to its running
+    sum; torch.where rather than boolean indexing, so the GPU never waits for the CPU."""
+    seen = radii > 0
+    variables["means2D_gradient_accum"] += torch.where(seen, means2D_grad[:, :2].norm(dim=-1), 0.0)
+    variables["denom"] += seen
+    return variables
+
+
+def densify(params, variables, optimizer, i, schedule, means2D_grad, radii):
+    """One iteration of adaptive density control (call after the optimiser step of iteration i).
+
+    Until schedule['stop']: accumulate the screen-space gradient; every schedule['every'] from
+    schedule['start']: clone small (<= 1% of the scene radius) and split large Gaussians in two
+    (scale / 1.6, positions sampled from the parent) where the mean gradient >= grad_thresh, then
+    prune opacity < 0.005 (0.25 at 'stop') and, from 'big_from', Gaussians larger than 10% of the
+    scene radius; reset all opacities to 0.01 at 'reset'. variables: scene_radius (float),
+    means2D_gradient_accum [N], denom [N]. Returns params, variables.
+    """
+    if i > schedule["stop"]:
+        return params, variables
+    variables = accumulate_mean2d_gradient(variables, means2D_grad, radii)
+    radius = variables["scene_radius"]
+    if i >= schedule["start"] and i % schedule["every"] == 0:
+        accum, denom = variables["means2D_gradient_accum"], variables["denom"]
+        grads = torch.where(denom > 0, accum / denom.clamp(min=1), 0.0)
+        big = torch.exp(params["log_scales"]).max(dim=1).values > 0.01 * radius
+        to_clone = (grads >= schedule["grad_thresh"]) & ~big
+        to_split = (grads >= schedule["grad_thresh"]) & big
+        per_gaussian = [k for k in params if k not in NOT_PER_GAUSSIAN]
+        clones = {k: params[k].detach()[to_clone] for k in per_gaussian}
+        children = {k: params[k].detach()[to_split].repeat(2, 1) for k in per_gaussian}
+        stds = torch.exp(children["log_scales"])
+        rot = _build_rotation(children["unnorm_rotations"])
+        children["means3D"] = children["means3D"] + (rot @ torch.normal(0.0, stds)[:, :, None])[:, :, 0]
+        children["log_scales"] = children["log_scales"] - math.log(0.8 * 2)
+        num_new = int(to_clone.sum()) + 2 * int(to_split.sum())
+        params = cat_params_to_optimizer({k: torch.cat([clones[k], children[k]]) for k in per_gaussian},
+                                         params, optimizer)
+        n = params["means3D"].shape[0]
+        variables["means2D_gradient_accum"] = torch.zeros(n, device=accum.device)
+        variables["denom"] = torch.zeros(n, device=accum.device)
+        # the split parents go, and with them (one reallocation instead of two) the pruned ones
+        remove_threshold = 0.25 if i == schedule["stop"] else 0.005
+        to_remove = torch.cat([to_split, torch.zeros(num_new, dtype=torch.bool, device=accum.device)])
+        to_remove |= torch.sigmoid(params["logit_opacities"][:, 0]) < remove_threshold
+        if i >= schedule["big_from"]:
+            to_remove |= torch.exp(params["log_scales"]).max(dim=1).values > 0.1 * radius
+        params, variables = remove_points(to_remove, params, variables, optimizer)
+    if i > 0 and i % schedule["reset"] == 0:
+        reset = torch.full_like(params["logit_opacities"], math.log(0.01 / 0.99))
+        update_params_and_optimizer({"logit_opacities": reset}, params, optimizer)
+    return params, variables
+
+
+def _build_rotation(q):
+    from diff_gaussian_rasterization._torch_impl import quat_to_rotmat
+    return quat_to_rotmat(q)

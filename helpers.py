@@ -203,7 +203,7 @@ def orbit_w2c(center, radius, height, angle, up=(0.0, -1.0, 0.0)):
     pos = center + radius * (math.cos(angle) * side + math.sin(angle) * other) + height * up
     fwd = center - pos
     fwd /= np.linalg.norm(fwd)
-    right = np.cross(fwd, -up)
+    right = np.cross(fwd, up)  # OpenCV: x right, y down (= -up), z forward
     right /= np.linalg.norm(right)
     down = np.cross(fwd, right)
     w2c = np.eye(4)
@@ -288,3 +288,105 @@ def write_video(path, frames, fps=15):
 def to_uint8(img):
     """float [3, H, W] in [0, 1] -> uint8 [H, W, 3]."""
     return (img.detach().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype(np.uint8)
+
+
+# ================================================================ Dynamic 3D Gaussians (stage 1)
+# Used by train_d3dgs.py and visualize_d3dgs.py; load_d3dgs_params is how later stages read stage 1.
+
+D3DGS_PER_TIMESTEP = ("means3D", "rgb_colors", "unnorm_rotations")  # [T, N, .] in params.npz
+D3DGS_SHARED = ("seg_colors", "logit_opacities", "log_scales", "cam_m", "cam_c")  # one for all t
+_D3DGS_WIDTHS = {"means3D": 3, "rgb_colors": 3, "unnorm_rotations": 4, "seg_colors": 3,
+                 "logit_opacities": 1, "log_scales": 3, "cam_m": 3, "cam_c": 3}
+_D3DGS_CACHE = {}
+
+
+def l1_loss_rows(x, y):
+    """Mean over rows of the L1 distance between [N, D] rows (the original's l1_loss_v2)."""
+    return torch.abs(x - y).sum(-1).mean()
+
+
+def color_correct(im, cam_m, cam_c):
+    """Per-camera colour correction of a render: exp(cam_m) * im + cam_c; im [3, H, W], cam_m/c [3]."""
+    return torch.exp(cam_m)[:, None, None] * im + cam_c[:, None, None]
+
+
+def cameras_at(meta, t, near=0.01, far=100.0, device="cpu"):
+    """Rasterizer settings of every camera of `meta` (load_meta's dict) at timestep t."""
+    return [setup_camera(meta["w"], meta["h"], meta["k"][t][c], meta["w2c"][t][c], near, far, device=device)
+            for c in range(len(meta["cam_id"]))]
+
+
+def params2rendervar(params):
+    """Stage-1 params (dict of tensors named as in params.npz, one timestep) -> rasterizer inputs:
+    means3D [N, 3] world, rotations [N, 4] unit wxyz, opacities [N, 1] in (0, 1), scales [N, 3]
+    world units, colors_precomp [N, 3], seg_colors [N, 3], and means2D [N, 3] zeros whose .grad
+    becomes the screen-space (NDC) gradient that densification reads."""
+    return {"means3D": params["means3D"],
+            "rotations": torch.nn.functional.normalize(params["unnorm_rotations"]),
+            "opacities": torch.sigmoid(params["logit_opacities"]),
+            "scales": torch.exp(params["log_scales"]),
+            "colors_precomp": params["rgb_colors"],
+            "seg_colors": params["seg_colors"],
+            "means2D": torch.zeros_like(params["means3D"], requires_grad=True)}
+
+
+def render_d3dgs(cam, rendervar):
+    """Colour and segmentation of Gaussians in ONE rasterizer pass: the segmentation colours ride
+    along as 3 feature channels of the feature rasterizer (the original rendered the scene twice).
+
+    rendervar: params2rendervar's keys (means2D optional). Returns im [3, H, W] (over cam.bg),
+    seg [3, H, W] (over black), radii [N] int32 (0 = not on screen), depth [1, H, W].
+    """
+    import diff_gaussian_rasterization_feat as dgrf
+    inputs = {k: v for k, v in rendervar.items() if k != "seg_colors"}
+    if "means2D" not in inputs:
+        inputs["means2D"] = torch.zeros_like(rendervar["means3D"])
+    im, radii, depth, seg = dgrf.GaussianRasterizer(cam)(legs_features=rendervar["seg_colors"], **inputs)
+    return im, seg, radii, depth
+
+
+def read_d3dgs_params(path):
+    """All arrays of a stage-1 params.npz (numpy, checked): means3D [T, N, 3], rgb_colors [T, N, 3],
+    unnorm_rotations [T, N, 4], seg_colors [N, 3], logit_opacities [N, 1], log_scales [N, 3],
+    cam_m [C, 3], cam_c [C, 3]. The last file read stays cached (keyed by its modification time),
+    so asking for one timestep after another reads the file once."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UserError(f"{path} not found: train stage 1 first (python train_d3dgs.py -s <seq> -e <exp>)")
+    key = (os.path.abspath(path), os.stat(path).st_mtime_ns)
+    if key not in _D3DGS_CACHE:
+        try:
+            with np.load(path) as f:
+                arrays = {k: f[k] for k in f.files}
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path} cannot be read as .npz ({e}); train stage 1 again")
+        missing = [k for k in D3DGS_PER_TIMESTEP + D3DGS_SHARED if k not in arrays]
+        if missing:
+            raise UserError(f"{path} lacks {', '.join(missing)}: not a Dynamic 3D Gaussians params.npz")
+        if arrays["means3D"].ndim != 3 or arrays["means3D"].shape[0] == 0:
+            raise UserError(f"{path}: 'means3D' has shape {list(arrays['means3D'].shape)}, expected [T, N, 3]")
+        num_t, n = arrays["means3D"].shape[:2]
+        for k, width in _D3DGS_WIDTHS.items():
+            want = ((num_t, n, width) if k in D3DGS_PER_TIMESTEP else
+                    (arrays[k].shape[0], width) if k in ("cam_m", "cam_c") else (n, width))
+            if arrays[k].shape != want:
+                raise UserError(f"{path}: '{k}' has shape {list(arrays[k].shape)}, expected {list(want)}")
+        _D3DGS_CACHE.clear()
+        _D3DGS_CACHE[key] = arrays
+    return _D3DGS_CACHE[key]
+
+
+def load_d3dgs_params(path, t, device="cpu"):
+    """Gaussians of timestep t of a stage-1 params.npz as rasterizer inputs on `device` (float32):
+    means3D [N, 3] world, rotations [N, 4] (unit wxyz), opacities [N, 1] (sigmoid applied),
+    scales [N, 3] (exp applied), colors_precomp [N, 3] (rgb_colors), seg_colors [N, 3]
+    ((1, 0, 0) foreground, (0, 0, 1) background). render_d3dgs(cam, ...) renders it as it is."""
+    arrays = read_d3dgs_params(path)
+    num_t = arrays["means3D"].shape[0]
+    if not -num_t <= t < num_t:
+        raise UserError(f"{path} holds timesteps 0..{num_t - 1}; timestep {t} asked for")
+    params = {k: torch.as_tensor(arrays[k][t] if k in D3DGS_PER_TIMESTEP else arrays[k],
+                                 dtype=torch.float32, device=device) for k in _D3DGS_WIDTHS}
+    rendervar = params2rendervar(params)
+    del rendervar["means2D"]
+    return rendervar

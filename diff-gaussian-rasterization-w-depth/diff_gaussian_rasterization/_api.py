@@ -99,6 +99,6 @@ def rasterize_gaussians(settings, means3D, means2D, opacities, shs, colors_preco
             settings.bg, float(settings.scale_modifier), settings.viewmatrix.reshape(4, 4),
             settings.projmatrix.reshape(4, 4), float(settings.tanfovx), float(settings.tanfovy),
             int(settings.image_height), int(settings.image_width))
-    if means3D.is_cuda and cuda_available():
+    if means3D.is_cuda and cuda_available() and _cuda.supports(args):
         return _cuda.rasterize(*args)
     return _torch_impl.rasterize(*args)

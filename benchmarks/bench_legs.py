@@ -1,0 +1,187 @@
+"""Stage-4 (train_4legs.py) benchmarks: speed per timestep, and what the warm start saves.
+
+speed: seconds per basketball-sized timestep, on random Gaussians in front of a ring of cameras
+with random unit target maps (no stage outputs needed; the stage-2 map interpolation is not
+included, the autoencoder encoding of the maps is):
+
+    python benchmarks/bench_legs.py speed --gaussians 300000 --cams 27 --width 640 --height 360
+
+warmstart: on a sequence whose stages 1-3 are done, train timestep t cold (zero latents, fresh
+attention, as the original) and warm (from timestep t-1, trained cold first), evaluating the L1
+loss over ALL train cameras every --eval-every iterations; prints the curves and how many
+iterations the warm start needs to reach the cold run's final loss:
+
+    python benchmarks/bench_legs.py warmstart -s data/synthetic -e demo --encoder color -t 12
+"""
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import helpers  # noqa: E402
+import train_4legs  # noqa: E402
+from feature_extraction.autoencoder import Autoencoder, ae_ckpt_path, load_autoencoder  # noqa: E402
+from feature_extraction.relevancy import d3dgs_params_path, encoder_name, feature_cache  # noqa: E402
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def random_scene(n, device):
+    """bench_reference's scene (sizes as a trained scene) plus segmentation colours, on `device`."""
+    from bench_reference import make_scene
+    scene = make_scene(n)
+    scene["seg_colors"] = torch.rand(n, 3, generator=torch.Generator().manual_seed(1))
+    return {k: v.to(device) for k, v in scene.items()}
+
+
+def speed(args):
+    device = helpers.pick_device(args.device)
+    import diff_gaussian_rasterization_feat as dgrf
+    use_rasterizer = device.type == "cuda" and dgrf.cuda_available()
+    w, h = args.width, args.height
+    k = np.array([[0.9 * w, 0, w / 2], [0, 0.9 * w, h / 2], [0, 0, 1]])
+    cams = [helpers.setup_camera(w, h, k, helpers.orbit_w2c((0, 0, 0), 5.0, 1.5, 2 * math.pi * c / args.cams),
+                                 device=device) for c in range(args.cams)]
+    rendervar = random_scene(args.gaussians, device)
+    timings = {}
+
+    sync(device)
+    t0 = time.perf_counter()
+    neighbours = train_4legs.neighbour_indices(rendervar["means3D"])
+    sync(device)
+    timings["neighbours_s"] = time.perf_counter() - t0
+
+    ae = Autoencoder().to(device).eval()
+    sync(device)
+    t0 = time.perf_counter()
+    targets = []
+    for c in range(args.cams):  # what encode_targets does after dense_feature_map
+        dense = torch.nn.functional.normalize(torch.randn(768, h * w, device=device), dim=0)
+        with torch.no_grad():
+            z = torch.cat([ae.encode(dense[:, i:i + 65536].T) for i in range(0, h * w, 65536)])
+        targets.append(z.T.reshape(-1, h, w).to(torch.float16))
+    sync(device)
+    timings["encode_targets_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    renderers = train_4legs.make_renderers(cams, rendervar, use_rasterizer)
+    sync(device)
+    timings["renderers_s"] = time.perf_counter() - t0
+    setup = {"rendervar": rendervar, "neighbours": neighbours, "renderers": renderers, "targets": targets,
+             "lrs": {"latents": 0.0025, "attention": 0.00016}, "device": device, "seed": 0}
+
+    block_times = []
+    marks = {}
+
+    def on_iter(i, params, attention):
+        if (i + 1) % args.block == 0:
+            sync(device)
+            marks[i] = time.perf_counter()
+
+    for name, num_iters, previous in (("cold", args.iters, None), ("warm", args.warm_iters, "cold")):
+        if previous is not None:
+            previous = {"latents": params["latents"].detach(), "attention": attention.state_dict()}
+        marks.clear()
+        sync(device)
+        t0 = time.perf_counter()
+        params, attention, loss = train_4legs.train_timestep(1, setup, previous, num_iters, show_progress=False,
+                                                             on_iter=on_iter)
+        sync(device)
+        timings[f"{name}_train_s"] = time.perf_counter() - t0
+        times = [t0] + [marks[i] for i in sorted(marks)]
+        block_times += [(b - a) / args.block for a, b in zip(times[1:-1], times[2:])]  # skip the first (warm-up)
+    per_iter = statistics.median(block_times) if block_times else float("nan")
+    fixed = timings["neighbours_s"] + timings["encode_targets_s"] + timings["renderers_s"]
+    print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; "
+          f"render: {'CUDA rasterizer' if use_rasterizer else 'precomputed blend matrices'}")
+    print(f"{args.gaussians} Gaussians, {args.cams} cameras {w}x{h}, 128 channels")
+    for key, value in timings.items():
+        print(f"  {key}: {value:.2f}")
+    print(f"  median per iteration: {1000 * per_iter:.2f} ms (blocks of {args.block})")
+    print(f"seconds per timestep: cold ({args.iters} it) {fixed + timings['cold_train_s']:.1f}, "
+          f"warm ({args.warm_iters} it) {fixed + timings['warm_train_s']:.1f}")
+
+
+def warmstart(args):
+    device = helpers.pick_device(args.device)
+    name = encoder_name(args.encoder)
+    meta = helpers.load_meta(args.seq, "train")
+    params_path = d3dgs_params_path(args.exp, args.seq)
+    ae, _ = load_autoencoder(ae_ckpt_path(args.seq), name, device)
+    cache = feature_cache(args.seq, name)
+    run = argparse.Namespace(downscale=args.downscale, lr_features=0.0025, lr_attention=0.00016, seed=0)
+
+    def full_loss(setup, params, attention):
+        """Mean L1 over all train cameras."""
+        with torch.no_grad():
+            feats = attention(params["latents"], setup["neighbours"])
+            return float(np.mean([float(helpers.l1_loss(r(feats), tgt.float()))
+                                  for r, tgt in zip(setup["renderers"], setup["targets"])]))
+
+    def curve(t, previous, setup):
+        points = []
+
+        def on_iter(i, params, attention):
+            if (i + 1) % args.eval_every == 0:
+                points.append((i + 1, full_loss(setup, params, attention)))
+        params, attention, _ = train_4legs.train_timestep(t, setup, previous, args.iters, show_progress=False,
+                                                          on_iter=on_iter)
+        return params, attention, points
+
+    setup_prev = train_4legs.prepare_timestep(args.t - 1, run, meta, params_path, ae, cache, device, False)
+    params, attention, _ = curve(args.t - 1, None, setup_prev)
+    previous = {"latents": params["latents"].detach(), "attention": attention.state_dict()}
+    setup = train_4legs.prepare_timestep(args.t, run, meta, params_path, ae, cache, device, False)
+    p0, a0, _ = train_4legs.initialize(setup["rendervar"]["means3D"].shape[0], None, setup["lrs"], device, 0)
+    p1, a1, _ = train_4legs.initialize(setup["rendervar"]["means3D"].shape[0], previous, setup["lrs"], device, 0)
+    start = {"cold": full_loss(setup, p0, a0), "warm": full_loss(setup, p1, a1)}
+    curves = {"cold": curve(args.t, None, setup)[2], "warm": curve(args.t, previous, setup)[2]}
+    print(f"timestep {args.t} of {args.seq} ({len(setup['renderers'])} cameras at 1/{args.downscale} resolution, "
+          f"{setup['rendervar']['means3D'].shape[0]} Gaussians), L1 over all cameras")
+    print(f"  iteration 0: cold {start['cold']:.4f}, warm {start['warm']:.4f}")
+    for (i, cold), (_, warm) in zip(curves["cold"], curves["warm"]):
+        print(f"  iteration {i:5d}: cold {cold:.4f}  warm {warm:.4f}")
+    final = curves["cold"][-1][1]
+    reached = next((i for i, loss in [(0, start["warm"])] + curves["warm"] if loss <= final), None)
+    print(f"cold start after {args.iters} iterations: {final:.4f}; the warm start reaches it after "
+          f"{reached if reached is not None else f'more than {args.iters}'} iterations")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="mode", required=True)
+    p = sub.add_parser("speed", help="seconds per timestep on random data")
+    p.add_argument("--gaussians", type=int, default=300_000, help="(default: %(default)s)")
+    p.add_argument("--cams", type=int, default=27, help="train cameras (default: %(default)s)")
+    p.add_argument("--width", type=int, default=640, help="(default: %(default)s)")
+    p.add_argument("--height", type=int, default=360, help="(default: %(default)s)")
+    p.add_argument("--iters", type=int, default=2000, help="cold-start iterations (default: %(default)s)")
+    p.add_argument("--warm-iters", type=int, default=500, help="warm-start iterations (default: %(default)s)")
+    p.add_argument("--block", type=int, default=100, help="iterations per timed block (default: %(default)s)")
+    p.add_argument("--device", default=None)
+    p = sub.add_parser("warmstart", help="cold against warm start on a real sequence")
+    p.add_argument("-s", "--seq", required=True)
+    p.add_argument("-e", "--exp", default="exp1")
+    p.add_argument("--encoder", required=True)
+    p.add_argument("-t", type=int, default=1, help="timestep to compare (t-1 is trained first; default: %(default)s)")
+    p.add_argument("--iters", type=int, default=300, help="iterations of each run (default: %(default)s)")
+    p.add_argument("--eval-every", type=int, default=20, help="(default: %(default)s)")
+    p.add_argument("--downscale", type=int, default=2, help="(default: %(default)s)")
+    p.add_argument("--device", default=None)
+    args = parser.parse_args()
+    if args.mode == "warmstart" and args.t < 1:
+        raise helpers.UserError("-t must be >= 1 (timestep t-1 is the warm start's source)")
+    speed(args) if args.mode == "speed" else warmstart(args)
+
+
+if __name__ == "__main__":
+    helpers.run_main(main)

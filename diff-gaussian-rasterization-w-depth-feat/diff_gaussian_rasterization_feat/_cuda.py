@@ -1,0 +1,1 @@
+../../diff-gaussian-rasterization-w-depth/diff_gaussian_rasterization/_cuda.py

@@ -1,0 +1,220 @@
+// Python bindings: forward() and backward() of the rasterizer, called by _cuda.py's autograd
+// Function. Tensors are checked (float32, CUDA, contiguous), outputs allocated through PyTorch's
+// caching allocator, kernels launched on the current stream.
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <vector>
+
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+
+#include "rasterizer.h"
+
+namespace dgr {
+
+void check_launch(const char* what) {
+  const cudaError_t err = cudaGetLastError();
+  TORCH_CHECK(err == cudaSuccess, "rasterizer kernel ", what, " failed: ", cudaGetErrorString(err));
+}
+
+namespace {
+
+using OptTensor = std::optional<at::Tensor>;
+
+void check_input(const at::Tensor& t, const char* name, int64_t n, int64_t width) {
+  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
+  TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32");
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+  if (n >= 0) TORCH_CHECK(t.dim() == 2 && t.size(0) == n && (width < 0 || t.size(1) == width),
+                          name, " has shape ", t.sizes(), ", expected [", n, ", ", width, "]");
+}
+
+const float* ptr(const OptTensor& t) { return t.has_value() ? t->data_ptr<float>() : nullptr; }
+
+// float4 loads need 16-byte alignment, which a contiguous view into a larger tensor may lack
+at::Tensor aligned16(const at::Tensor& t) {
+  return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 ? t : t.clone();
+}
+
+Camera make_camera(const at::Tensor& view, const at::Tensor& proj, double tanfovx, double tanfovy,
+                   int64_t height, int64_t width) {
+  check_input(view, "viewmatrix", -1, -1);
+  check_input(proj, "projmatrix", -1, -1);
+  TORCH_CHECK(view.numel() == 16 && proj.numel() == 16, "viewmatrix and projmatrix must be 4x4");
+  TORCH_CHECK(height > 0 && width > 0, "image size must be positive");
+  Camera cam;
+  cam.view = view.data_ptr<float>();
+  cam.proj = proj.data_ptr<float>();
+  // the reference computes these in double and PyTorch rounds them to float where used
+  cam.focal_x = static_cast<float>(width / (2.0 * tanfovx));
+  cam.focal_y = static_cast<float>(height / (2.0 * tanfovy));
+  cam.lim_x = static_cast<float>(1.3 * tanfovx);
+  cam.lim_y = static_cast<float>(1.3 * tanfovy);
+  cam.width = static_cast<int>(width);
+  cam.height = static_cast<int>(height);
+  cam.grid_x = static_cast<int>((width + TILE - 1) / TILE);
+  cam.grid_y = static_cast<int>((height + TILE - 1) / TILE);
+  return cam;
+}
+
+at::Tensor output(at::IntArrayRef shape, const at::TensorOptions& options, bool poison) {
+  at::Tensor t = at::empty(shape, options);
+  if (poison) t.fill_(options.dtype() == at::kFloat ? std::numeric_limits<float>::quiet_NaN() : -1.0);
+  return t;
+}
+
+// Returns color [3, H, W], radii [N] int32, depth [1, H, W], features [C, H, W] (undefined without
+// features) and what backward needs: xy [N, 2], depth of each Gaussian [N], conic_opacity [N, 4],
+// point_ids [M], ranges [tiles, 2], final_T [H, W], n_contrib [H, W] int32, tile_last [tiles] int32.
+// poison fills every output with NaN (int: -1) first, so a test can see that all are written.
+std::vector<at::Tensor> forward(const at::Tensor& means3D, const at::Tensor& means2D, const at::Tensor& opacities,
+                                const at::Tensor& colors, const OptTensor& features, const OptTensor& scales,
+                                const OptTensor& rotations, const OptTensor& cov3D_precomp, const at::Tensor& bg,
+                                double scale_modifier, const at::Tensor& viewmatrix, const at::Tensor& projmatrix,
+                                double tanfovx, double tanfovy, int64_t height, int64_t width, bool poison) {
+  const c10::cuda::CUDAGuard guard(means3D.device());
+  const int64_t n = means3D.size(0);
+  check_input(means3D, "means3D", n, 3);
+  check_input(means2D, "means2D", n, 3);
+  check_input(opacities, "opacities", n, 1);
+  check_input(colors, "colors", n, 3);
+  check_input(bg, "bg", -1, -1);
+  TORCH_CHECK(bg.numel() == 3, "bg must have 3 values");
+  TORCH_CHECK(cov3D_precomp.has_value() || (scales.has_value() && rotations.has_value()),
+              "give scales and rotations, or cov3D_precomp");
+  if (cov3D_precomp.has_value()) check_input(*cov3D_precomp, "cov3D_precomp", n, 6);
+  else {
+    check_input(*scales, "scales", n, 3);
+    check_input(*rotations, "rotations", n, 4);
+  }
+  int channels = 0;
+  if (features.has_value()) {
+    check_input(*features, "legs_features", n, -1);
+    channels = static_cast<int>(features->size(1));
+    TORCH_CHECK(channels >= 1 && channels <= 512, "legs_features has ", channels, " channels; 1 to 512 are supported");
+  }
+  const at::Tensor rot = rotations.has_value() && !cov3D_precomp.has_value() ? aligned16(*rotations) : at::Tensor();
+  const Camera cam = make_camera(viewmatrix, projmatrix, tanfovx, tanfovy, height, width);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const auto f32 = means3D.options();
+  const auto i32 = f32.dtype(at::kInt);
+  const int tiles = cam.grid_x * cam.grid_y;
+
+  at::Tensor xy = at::empty({n, 2}, f32), depth = at::empty({n}, f32), conic_opacity = at::empty({n, 4}, f32);
+  at::Tensor radii = output({n}, i32, poison), tiles_touched = at::empty({n}, i32);
+  at::Tensor depth_keys = at::empty({n}, i32), order = at::empty({n}, i32);
+  project_forward(static_cast<int>(n), means3D.data_ptr<float>(), means2D.data_ptr<float>(), opacities.data_ptr<float>(),
+                  scales.has_value() && !cov3D_precomp.has_value() ? scales->data_ptr<float>() : nullptr,
+                  rot.defined() ? rot.data_ptr<float>() : nullptr, ptr(cov3D_precomp),
+                  static_cast<float>(scale_modifier), cam, reinterpret_cast<float2*>(xy.data_ptr<float>()),
+                  depth.data_ptr<float>(), reinterpret_cast<float4*>(conic_opacity.data_ptr<float>()),
+                  radii.data_ptr<int32_t>(), tiles_touched.data_ptr<int32_t>(),
+                  reinterpret_cast<uint32_t*>(depth_keys.data_ptr<int32_t>()), order.data_ptr<int32_t>(), stream);
+
+  at::Tensor point_ids, ranges;
+  bin_gaussians(static_cast<int>(n), cam, xy, radii, tiles_touched, depth_keys, order, point_ids, ranges);
+
+  at::Tensor color = output({3, height, width}, f32, poison), out_depth = output({1, height, width}, f32, poison);
+  at::Tensor final_T = output({height, width}, f32, poison), n_contrib = output({height, width}, i32, poison);
+  at::Tensor tile_last = output({tiles}, i32, poison);
+  const auto* rng = reinterpret_cast<const int2*>(ranges.data_ptr<int32_t>());
+  const auto* xy2 = reinterpret_cast<const float2*>(xy.data_ptr<float>());
+  const auto* co4 = reinterpret_cast<const float4*>(conic_opacity.data_ptr<float>());
+  render_forward(cam, rng, point_ids.data_ptr<int32_t>(), xy2, co4, colors.data_ptr<float>(), depth.data_ptr<float>(),
+                 bg.data_ptr<float>(), color.data_ptr<float>(), out_depth.data_ptr<float>(), final_T.data_ptr<float>(),
+                 n_contrib.data_ptr<int32_t>(), tile_last.data_ptr<int32_t>(), stream);
+  at::Tensor feat;
+  if (features.has_value()) {
+    feat = output({channels, height, width}, f32, poison);
+    render_features(cam, rng, point_ids.data_ptr<int32_t>(), xy2, co4, features->data_ptr<float>(), channels,
+                    n_contrib.data_ptr<int32_t>(), tile_last.data_ptr<int32_t>(), feat.data_ptr<float>(), stream);
+  }
+  return {color, radii, out_depth, feat, xy, depth, conic_opacity, point_ids, ranges, final_T, n_contrib, tile_last};
+}
+
+// Gradients [means3D, means2D, opacities, colors, features, scales, rotations, cov3D_precomp], each
+// undefined unless asked for: need_geometry (all geometry inputs), need_colors, need_features.
+std::vector<at::Tensor> backward(const at::Tensor& means3D, const OptTensor& scales, const OptTensor& rotations,
+                                 const OptTensor& cov3D_precomp, const at::Tensor& colors, const OptTensor& features,
+                                 const at::Tensor& bg, double scale_modifier, const at::Tensor& viewmatrix,
+                                 const at::Tensor& projmatrix, double tanfovx, double tanfovy, int64_t height,
+                                 int64_t width, const at::Tensor& radii, const at::Tensor& xy, const at::Tensor& depth,
+                                 const at::Tensor& conic_opacity, const at::Tensor& point_ids, const at::Tensor& ranges,
+                                 const at::Tensor& final_T, const at::Tensor& n_contrib, const at::Tensor& tile_last,
+                                 const OptTensor& grad_color, const OptTensor& grad_depth,
+                                 const OptTensor& grad_features, bool need_geometry, bool need_colors,
+                                 bool need_features, bool poison) {
+  const c10::cuda::CUDAGuard guard(means3D.device());
+  const int64_t n = means3D.size(0);
+  const int channels = features.has_value() ? static_cast<int>(features->size(1)) : 0;
+  for (const auto* g : {&grad_color, &grad_depth, &grad_features})
+    if (g->has_value()) check_input(**g, "image gradient", -1, -1);
+  const Camera cam = make_camera(viewmatrix, projmatrix, tanfovx, tanfovy, height, width);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const auto f32 = means3D.options();
+  const auto* rng = reinterpret_cast<const int2*>(ranges.data_ptr<int32_t>());
+  const auto* xy2 = reinterpret_cast<const float2*>(xy.data_ptr<float>());
+  const auto* co4 = reinterpret_cast<const float4*>(conic_opacity.data_ptr<float>());
+  std::vector<at::Tensor> grads(8);
+
+  if (need_features && grad_features.has_value()) {
+    grads[4] = at::zeros({n, channels}, f32);
+    render_backward_values(cam, rng, point_ids.data_ptr<int32_t>(), xy2, co4, n_contrib.data_ptr<int32_t>(),
+                           tile_last.data_ptr<int32_t>(), grad_features->data_ptr<float>(), channels,
+                           grads[4].data_ptr<float>(), stream);
+  } else if (need_features) {
+    grads[4] = at::zeros({n, channels}, f32);
+  }
+
+  if (!need_geometry) {
+    if (need_colors) {
+      grads[3] = at::zeros({n, 3}, f32);
+      if (grad_color.has_value())
+        render_backward_values(cam, rng, point_ids.data_ptr<int32_t>(), xy2, co4, n_contrib.data_ptr<int32_t>(),
+                               tile_last.data_ptr<int32_t>(), grad_color->data_ptr<float>(), 3,
+                               grads[3].data_ptr<float>(), stream);
+    }
+    return grads;
+  }
+
+  // per-Gaussian sums of the blending gradients: xy (2), conic (3), opacity, colour (3), depth
+  at::Tensor acc = at::zeros({10 * n}, f32);
+  float* a = acc.data_ptr<float>();
+  RasterGrads rg{a, a + 2 * n, a + 5 * n, a + 6 * n, a + 9 * n};
+  render_backward(cam, rng, point_ids.data_ptr<int32_t>(), xy2, co4, colors.data_ptr<float>(), depth.data_ptr<float>(),
+                  bg.data_ptr<float>(), final_T.data_ptr<float>(), n_contrib.data_ptr<int32_t>(),
+                  tile_last.data_ptr<int32_t>(), ptr(grad_color), ptr(grad_depth), ptr(features),
+                  ptr(grad_features), channels, rg, stream);
+
+  const bool precomp = cov3D_precomp.has_value();
+  const at::Tensor rot = !precomp ? aligned16(*rotations) : at::Tensor();
+  grads[0] = output({n, 3}, f32, poison);
+  grads[1] = output({n, 3}, f32, poison);
+  if (precomp) grads[7] = output({n, 6}, f32, poison);
+  else {
+    grads[5] = output({n, 3}, f32, poison);
+    grads[6] = output({n, 4}, f32, poison);
+  }
+  GeometryGrads gg{grads[0].data_ptr<float>(), grads[1].data_ptr<float>(),
+                   precomp ? nullptr : grads[5].data_ptr<float>(), precomp ? nullptr : grads[6].data_ptr<float>(),
+                   precomp ? grads[7].data_ptr<float>() : nullptr};
+  project_backward(static_cast<int>(n), means3D.data_ptr<float>(), precomp ? nullptr : scales->data_ptr<float>(),
+                   rot.defined() ? rot.data_ptr<float>() : nullptr, ptr(cov3D_precomp),
+                   static_cast<float>(scale_modifier), cam, radii.data_ptr<int32_t>(), rg.xy, rg.conic, rg.depth, gg,
+                   stream);
+  grads[2] = acc.narrow(0, 5 * n, n).view({n, 1});
+  if (need_colors) grads[3] = acc.narrow(0, 6 * n, 3 * n).view({n, 3});
+  return grads;
+}
+
+}  // namespace
+}  // namespace dgr
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "CUDA kernels of the Gaussian rasterizer (see _cuda.py)";
+  m.def("forward", &dgr::forward, "render colour, depth and features; returns outputs and saved buffers");
+  m.def("backward", &dgr::backward, "gradients of the inputs from the image gradients");
+}

@@ -1,0 +1,241 @@
+// Backward blending, two kernels.
+//
+// render_backward (geometry): per tile, back to front, one thread per pixel. From the final
+// transmittance each pixel recovers T before every fragment (T / (1 - alpha)) and keeps the sum of
+// w * (dL/dout . value) over the fragments behind, which gives dL/dalpha; then the gradients of the
+// fragment's colour, depth, opacity, conic and screen position. A warp sums them over its 32 pixels
+// before one atomic add per value, and skips Gaussians none of its pixels blends.
+//
+// render_backward_values (colour or features alone, e.g. frozen geometry): dL/dvalues of a tile is
+// W^T G, W [pixels, Gaussians] the blending weights, G [pixels, C] the image gradient. Per batch of
+// 32 Gaussians the pixels write their weights (front to back, as the forward pass) to shared memory,
+// then the block multiplies: each thread 2 Gaussians x 4 channels summed over the 256 pixels, then
+// one atomic add per (Gaussian, channel, tile) rather than one per pixel.
+#include "rasterizer.h"
+
+namespace dgr {
+namespace {
+
+constexpr unsigned FULL = 0xFFFFFFFFu;
+constexpr int NUM_GRADS = 10;  // r, g, b, depth, opacity, x, y, conic a, b, c
+
+template <bool FEATURES>
+__global__ void __launch_bounds__(BLOCK)
+render_backward_kernel(Camera cam, const int2* __restrict__ ranges, const int32_t* __restrict__ point_ids,
+                       const float2* __restrict__ xy, const float4* __restrict__ conic_opacity,
+                       const float* __restrict__ colors, const float* __restrict__ depth,
+                       const float* __restrict__ bg, const float* __restrict__ final_T,
+                       const int32_t* __restrict__ n_contrib, const int32_t* __restrict__ tile_last,
+                       const float* __restrict__ grad_color, const float* __restrict__ grad_depth,
+                       const float* __restrict__ features, const float* __restrict__ grad_features,
+                       int channels, RasterGrads out) {
+  __shared__ int s_id[BLOCK];
+  __shared__ float2 s_xy[BLOCK];
+  __shared__ float4 s_co[BLOCK];
+  __shared__ float4 s_val[BLOCK];
+  const int tile = blockIdx.x;
+  const int px = (tile % cam.grid_x) * TILE + threadIdx.x % TILE;
+  const int py = (tile / cam.grid_x) * TILE + threadIdx.x / TILE;
+  const bool inside = px < cam.width && py < cam.height;
+  const int64_t hw = static_cast<int64_t>(cam.width) * cam.height;
+  const int pix = py * cam.width + px;
+  const int start = ranges[tile].x;
+  const int count = tile_last[tile];
+  const int mine = inside ? n_contrib[pix] : 0;
+  const float col = static_cast<float>(px), row = static_cast<float>(py);
+  const int lane = threadIdx.x % 32;
+
+  float T = inside ? final_T[pix] : 1.f;
+  float gc[3] = {0.f, 0.f, 0.f}, gd = 0.f;
+  if (inside && grad_color != nullptr)
+    for (int k = 0; k < 3; ++k) gc[k] = grad_color[k * hw + pix];
+  if (inside && grad_depth != nullptr) gd = grad_depth[pix];
+  // color = sum w c + T_final bg: the background's share of every dL/dalpha
+  const float behind_bg = T * (bg[0] * gc[0] + bg[1] * gc[1] + bg[2] * gc[2]);
+  float behind = 0.f;  // sum over blended fragments behind this one of w * (dL/dout . value)
+
+  for (int end = count; end > 0; end -= BLOCK) {
+    const int first = max(0, end - BLOCK);
+    __syncthreads();
+    const int k = first + threadIdx.x;
+    if (k < end) {
+      const int id = point_ids[start + k];
+      s_id[threadIdx.x] = id;
+      s_xy[threadIdx.x] = xy[id];
+      s_co[threadIdx.x] = conic_opacity[id];
+      s_val[threadIdx.x] = make_float4(colors[3 * id], colors[3 * id + 1], colors[3 * id + 2], depth[id]);
+    }
+    __syncthreads();
+    for (int j = end - first - 1; j >= 0; --j) {
+      Fragment f;
+      const bool on = first + j < mine && eval_fragment(s_xy[j], s_co[j], col, row, f);
+      if (!__any_sync(FULL, on)) continue;
+      float v[NUM_GRADS];
+#pragma unroll
+      for (int q = 0; q < NUM_GRADS; ++q) v[q] = 0.f;
+      if (on) {
+        const float keep = __fsub_rn(1.f, f.alpha);
+        T = T / keep;  // transmittance in front of this fragment
+        const float w = f.alpha * T;
+        const float4 val = s_val[j];
+        float dot = val.x * gc[0] + val.y * gc[1] + val.z * gc[2] + val.w * gd;
+        if (FEATURES) {
+          const float* fv = features + static_cast<int64_t>(s_id[j]) * channels;
+          for (int c = 0; c < channels; ++c) dot += __ldg(fv + c) * grad_features[c * hw + pix];
+        }
+        const float g_alpha = T * dot - (behind + behind_bg) / keep;
+        behind += w * dot;
+        v[0] = w * gc[0];
+        v[1] = w * gc[1];
+        v[2] = w * gc[2];
+        v[3] = w * gd;
+        if (f.alpha_raw <= ALPHA_MAX) {  // past the clamp alpha is constant
+          const float4 co = s_co[j];
+          const float g_power = g_alpha * f.alpha_raw;
+          v[4] = g_alpha * f.e;
+          v[5] = g_power * (-co.x * f.dx - co.y * f.dy);
+          v[6] = g_power * (-co.z * f.dy - co.y * f.dx);
+          v[7] = g_power * (-0.5f * f.dx * f.dx);
+          v[8] = g_power * (-f.dx * f.dy);
+          v[9] = g_power * (-0.5f * f.dy * f.dy);
+        }
+      }
+#pragma unroll
+      for (int q = 0; q < NUM_GRADS; ++q)
+#pragma unroll
+        for (int o = 16; o > 0; o /= 2) v[q] += __shfl_down_sync(FULL, v[q], o);
+      if (lane == 0) {
+        const int id = s_id[j];
+        atomicAdd(out.color + 3 * id, v[0]);
+        atomicAdd(out.color + 3 * id + 1, v[1]);
+        atomicAdd(out.color + 3 * id + 2, v[2]);
+        atomicAdd(out.depth + id, v[3]);
+        atomicAdd(out.opacity + id, v[4]);
+        atomicAdd(out.xy + 2 * id, v[5]);
+        atomicAdd(out.xy + 2 * id + 1, v[6]);
+        atomicAdd(out.conic + 3 * id, v[7]);
+        atomicAdd(out.conic + 3 * id + 1, v[8]);
+        atomicAdd(out.conic + 3 * id + 2, v[9]);
+      }
+    }
+  }
+}
+
+// render_backward_values: batch, channel chunk and the padded shared-memory rows
+constexpr int KB = 32;
+constexpr int CHB = 64;
+constexpr int W_ROW = KB + 4;   // +4 floats: 8 consecutive pixels' 16-byte stores hit distinct banks
+constexpr int G_ROW = CHB + 4;
+constexpr size_t VALUES_SMEM = sizeof(float) * BLOCK * (W_ROW + G_ROW) + KB * (sizeof(float4) + sizeof(float2) + sizeof(int));
+
+__global__ void __launch_bounds__(BLOCK)
+render_backward_values_kernel(Camera cam, const int2* __restrict__ ranges, const int32_t* __restrict__ point_ids,
+                              const float2* __restrict__ xy, const float4* __restrict__ conic_opacity,
+                              const int32_t* __restrict__ n_contrib, const int32_t* __restrict__ tile_last,
+                              const float* __restrict__ grad_image, int channels, float* __restrict__ grad_values) {
+  extern __shared__ float4 smem[];
+  float* s_g = reinterpret_cast<float*>(smem);  // [BLOCK][G_ROW] image gradient of the tile's pixels
+  float* s_w = s_g + BLOCK * G_ROW;              // [BLOCK][W_ROW] weights of the batch
+  float4* s_co = reinterpret_cast<float4*>(s_w + BLOCK * W_ROW);
+  float2* s_xy = reinterpret_cast<float2*>(s_co + KB);
+  int* s_id = reinterpret_cast<int*>(s_xy + KB);
+
+  const int tile = blockIdx.x;
+  const int c0 = blockIdx.y * CHB;
+  const int px = (tile % cam.grid_x) * TILE + threadIdx.x % TILE;
+  const int py = (tile / cam.grid_x) * TILE + threadIdx.x / TILE;
+  const bool inside = px < cam.width && py < cam.height;
+  const int64_t hw = static_cast<int64_t>(cam.width) * cam.height;
+  const int pix = py * cam.width + px;
+  const int start = ranges[tile].x;
+  const int count = tile_last[tile];
+  const int mine = inside ? n_contrib[pix] : 0;
+  const float col = static_cast<float>(px), row = static_cast<float>(py);
+
+  for (int c = 0; c < CHB; c += 4) {
+    float g[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) g[q] = inside && c0 + c + q < channels ? grad_image[(c0 + c + q) * hw + pix] : 0.f;
+    *reinterpret_cast<float4*>(s_g + threadIdx.x * G_ROW + c) = make_float4(g[0], g[1], g[2], g[3]);
+  }
+
+  const int kg = threadIdx.x / (CHB / 4), cg = threadIdx.x % (CHB / 4);  // Gaussians 2kg, 2kg+1; channels 4cg..
+  float T = 1.f;
+  for (int base = 0; base < count; base += KB) {
+    __syncthreads();  // the previous product is done with s_w and s_id
+    const int n_here = min(KB, count - base);
+    if (threadIdx.x < n_here) {
+      const int id = point_ids[start + base + threadIdx.x];
+      s_id[threadIdx.x] = id;
+      s_xy[threadIdx.x] = xy[id];
+      s_co[threadIdx.x] = conic_opacity[id];
+    }
+    __syncthreads();
+    float* w_row = s_w + threadIdx.x * W_ROW;
+    for (int j = 0; j < KB; j += 4) {
+      float w[4];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        w[q] = 0.f;
+        Fragment f;
+        if (j + q < n_here && base + j + q < mine && eval_fragment(s_xy[j + q], s_co[j + q], col, row, f)) {
+          w[q] = f.alpha * T;
+          T = next_transmittance(T, f.alpha);
+        }
+      }
+      *reinterpret_cast<float4*>(w_row + j) = make_float4(w[0], w[1], w[2], w[3]);
+    }
+    __syncthreads();
+    float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll 4
+    for (int p = 0; p < BLOCK; ++p) {
+      const float2 w2 = *reinterpret_cast<const float2*>(s_w + p * W_ROW + 2 * kg);
+      const float4 g4 = *reinterpret_cast<const float4*>(s_g + p * G_ROW + 4 * cg);
+      acc[0][0] += w2.x * g4.x; acc[0][1] += w2.x * g4.y; acc[0][2] += w2.x * g4.z; acc[0][3] += w2.x * g4.w;
+      acc[1][0] += w2.y * g4.x; acc[1][1] += w2.y * g4.y; acc[1][2] += w2.y * g4.z; acc[1][3] += w2.y * g4.w;
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      if (2 * kg + i >= n_here) continue;
+      float* dst = grad_values + static_cast<int64_t>(s_id[2 * kg + i]) * channels;
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const int ch = c0 + 4 * cg + q;
+        if (ch < channels && acc[i][q] != 0.f) atomicAdd(dst + ch, acc[i][q]);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void render_backward(const Camera& cam, const int2* ranges, const int32_t* point_ids, const float2* xy,
+                     const float4* conic_opacity, const float* colors, const float* depth, const float* bg,
+                     const float* final_T, const int32_t* n_contrib, const int32_t* tile_last,
+                     const float* grad_color, const float* grad_depth, const float* features,
+                     const float* grad_features, int channels, RasterGrads out, cudaStream_t stream) {
+  const int tiles = cam.grid_x * cam.grid_y;
+  if (features != nullptr && grad_features != nullptr)
+    render_backward_kernel<true><<<tiles, BLOCK, 0, stream>>>(
+        cam, ranges, point_ids, xy, conic_opacity, colors, depth, bg, final_T, n_contrib, tile_last, grad_color,
+        grad_depth, features, grad_features, channels, out);
+  else
+    render_backward_kernel<false><<<tiles, BLOCK, 0, stream>>>(
+        cam, ranges, point_ids, xy, conic_opacity, colors, depth, bg, final_T, n_contrib, tile_last, grad_color,
+        grad_depth, nullptr, nullptr, 0, out);
+  check_launch("render_backward");
+}
+
+void render_backward_values(const Camera& cam, const int2* ranges, const int32_t* point_ids, const float2* xy,
+                            const float4* conic_opacity, const int32_t* n_contrib, const int32_t* tile_last,
+                            const float* grad_image, int channels, float* grad_values, cudaStream_t stream) {
+  // above 48 KB of shared memory a kernel must opt in (per device, so on every call)
+  cudaFuncSetAttribute(render_backward_values_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                       static_cast<int>(VALUES_SMEM));
+  const dim3 grid(cam.grid_x * cam.grid_y, (channels + CHB - 1) / CHB);
+  render_backward_values_kernel<<<grid, BLOCK, VALUES_SMEM, stream>>>(
+      cam, ranges, point_ids, xy, conic_opacity, n_contrib, tile_last, grad_image, channels, grad_values);
+  check_launch("render_backward_values");
+}
+
+}  // namespace dgr

@@ -1,0 +1,125 @@
+"""The spatio-temporal tile pyramid of 4-LEGS (method.md, Stage 2), as index arithmetic.
+
+Per timestep t and camera: the 8-frame clip t-4 .. t+3 (frames outside the sequence dropped, then
+the clip padded by repeating its last frame). Per level: square tiles of side k = int(H * ratio)
+for 5 ratios linspace(0.15, 0.6) (float32, as torch.linspace gives them), stride int(k * 0.5),
+zero padding k // 2 on every side (torch.nn.Unfold's sliding window), so tile (i, j) covers rows
+s*i - k//2 .. s*i - k//2 + k - 1 and its centre is at (k-1)/2 - k//2 + s*i (likewise columns).
+A pixel's feature at one level is the bilinear interpolation of the four surrounding tile-centre
+embeddings, the grid extended by repeating its last row and column; the dense map is the mean of
+the levels. Pixel (row y, column x) sits at integer coordinates, as in the original.
+"""
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+TILE_RATIO_RANGE = (0.15, 0.6)
+NUM_LEVELS = 5
+STRIDE_SCALER = 0.5
+CLIP_OFFSETS = tuple(range(-4, 4))  # frames t-4 .. t+3
+
+
+def tile_ratios():
+    """The 5 tile ratios, float32 values as the original's torch.linspace holds them."""
+    return torch.linspace(*TILE_RATIO_RANGE, NUM_LEVELS).tolist()
+
+
+def tile_levels(height, width):
+    """Geometry of every level of an image of height x width pixels: list of dicts with kernel k,
+    stride, padding, rows, cols (tile-grid size) and ratio. At 640x360: k = 54, 94, 135, 175, 216
+    and 14x24 + 8x14 + 6x10 + 5x8 + 4x6 = 572 tiles."""
+    levels = []
+    for ratio in tile_ratios():
+        k = int(height * ratio)
+        stride = int(k * float(np.interp(ratio, [0.05, 0.15], [1.0, STRIDE_SCALER])))
+        if k < 1 or stride < 1:
+            from helpers import UserError
+            raise UserError(f"image height {height}: too small for tiles of {ratio:.3f} x the height")
+        pad = k // 2
+        levels.append({"ratio": ratio, "kernel": k, "stride": stride, "padding": pad,
+                       "rows": (height + 2 * pad - k) // stride + 1, "cols": (width + 2 * pad - k) // stride + 1})
+    return levels
+
+
+def tile_centers(level, n):
+    """Centres (pixels) of the first n tiles of a level along one axis: (k-1)/2 - k//2 + stride*i."""
+    return (level["kernel"] - 1) / 2 - level["padding"] + level["stride"] * np.arange(n)
+
+
+def clip_frames(t, num_timesteps, offsets=CLIP_OFFSETS):
+    """Frame indices of timestep t's clip: t-4 .. t+3 within the sequence, padded with the last
+    (t=0: 0,1,2,3,3,3,3,3)."""
+    frames = [t + o for o in offsets if 0 <= t + o < num_timesteps]
+    return frames + [frames[-1]] * (len(offsets) - len(frames))
+
+
+def tile_index(levels, num_cams):
+    """Every tile of a timestep in cache order (level, camera, row, col): int64 tensors
+    level [M], cam [M], row [M], col [M]."""
+    parts = []
+    for li, lv in enumerate(levels):
+        cam, row, col = torch.meshgrid(torch.arange(num_cams), torch.arange(lv["rows"]), torch.arange(lv["cols"]),
+                                       indexing="ij")
+        parts.append(torch.stack([torch.full_like(cam, li), cam, row, col]).flatten(1))
+    return torch.cat(parts, 1).unbind(0)
+
+
+def pad_frames(frames, levels):
+    """frames uint8 [C, T, H, W, 3] (any device) -> (zero-padded uint8 [C, H + 2P, W + 2P, T*3],
+    P = the largest padding of the levels): what crop_tiles cuts from. Channels last, so that a
+    tile's pixels are contiguous runs of T*3 bytes."""
+    c, t, h, w, _ = frames.shape
+    pad = max(lv["padding"] for lv in levels)
+    x = frames.permute(0, 2, 3, 1, 4).reshape(c, h, w, t * 3)
+    return F.pad(x, (0, 0, pad, pad, pad, pad)), pad
+
+
+def crop_tiles(padded, pad, level, cam, row, col, size):
+    """The tiles (cam[i], row[i], col[i]) of one level, cut from pad_frames' output and resized to
+    size x size (bilinear, half-pixel centres; antialiased when shrinking, as torchvision's Resize
+    does): float32 [n, T, 3, size, size] in [0, 1]. One gather, no loop over tiles. On the CPU the
+    resize runs on uint8 (PyTorch's vectorised path, ~20x faster; values round to whole levels)."""
+    k, s, off = level["kernel"], level["stride"], pad - level["padding"]
+    windows = padded[:, off:, off:].unfold(1, k, s).unfold(2, k, s)  # view [C, r, c, T*3, k, k]
+    crops = windows.permute(0, 1, 2, 4, 5, 3)[cam, row, col]  # [n, k, k, T*3]
+    n, frames = len(crops), crops.shape[-1] // 3
+    x = crops.view(n, k, k, frames, 3).permute(0, 3, 1, 2, 4).reshape(n * frames, k, k, 3).permute(0, 3, 1, 2)
+    if x.device.type != "cpu":
+        x = x.float()
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=k > size)
+    return x.float().reshape(n, frames, 3, size, size).div_(255.0)
+
+
+def interp_matrix(level, n, out_size, src_size, device):
+    """[out_size, n] float32 weights of bilinear interpolation along one axis between a level's n
+    tile centres, for out_size pixels spanning an image axis of src_size pixels (the tiles' image;
+    other sizes are mapped by pixel centres). Beyond the last centre the grid's last row repeats,
+    as the original pads it; the weight of each pixel's lower centre is 1 - frac, upper frac."""
+    y = torch.arange(out_size, dtype=torch.float64)
+    if out_size != src_size:
+        y = (y + 0.5) * (src_size / out_size) - 0.5
+    u = ((y - float(tile_centers(level, 1)[0])) / level["stride"]).clamp(0, n - 1)
+    lo = u.floor().long()
+    frac = (u - lo).float()
+    hi = (lo + 1).clamp(max=n - 1)
+    m = torch.zeros(out_size, n)
+    m[torch.arange(out_size), lo] += 1 - frac
+    m[torch.arange(out_size), hi] += frac
+    return m.to(device)
+
+
+def dense_from_grids(grids, levels, src_hw, out_hw, device):
+    """Mean over levels of the bilinear interpolation of tile-centre grids.
+
+    grids: per level a [rows, cols, D] array/tensor (one camera); src_hw: (H, W) of the tiles'
+    image; out_hw: (height, width) wanted. Returns float32 [D, height, width] on `device`: per level
+    R_rows @ grid @ R_cols^T, two matrix products, no loop over pixels or tiles.
+    """
+    (h, w), dim = out_hw, grids[0].shape[-1]
+    out = torch.zeros(dim, h, w, device=device)
+    for grid, lv in zip(grids, levels):
+        g = torch.from_numpy(np.array(grid, dtype=np.float32)).to(device).permute(2, 0, 1)  # [D, rows, cols]
+        r_rows = interp_matrix(lv, g.shape[1], h, src_hw[0], device)
+        r_cols = interp_matrix(lv, g.shape[2], w, src_hw[1], device)
+        out.baddbmm_(r_rows.expand(dim, -1, -1), g @ r_cols.T)
+    return out.div_(len(levels))

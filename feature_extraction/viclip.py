@@ -1,0 +1,267 @@
+"""ViCLIP (InternVid), inference only: a ViT-L/14 video encoder and CLIP's text encoder.
+
+Parameter names and shapes are those of the official `ViClip-InternVid-10M-FLT.pth` (its "model"
+entry loads strictly into `ViCLIP()`); see docs of method.md, "ViCLIP, exactly". The computation is
+the original's: pre-norm residual blocks with a packed q/k/v in-projection, QuickGELU MLPs,
+LayerNorm eps 1e-5; a video's patch tokens of all 8 frames and ONE class token attend jointly.
+The speed-up is in how it is computed: one fused attention call (scaled_dot_product_attention,
+flash/cuDNN kernels on CUDA) instead of nn.MultiheadAttention, bfloat16 weights on CUDA, the patch
+embedding as one conv2d over all frames, and optionally torch.compile.
+"""
+import collections
+import contextlib
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from helpers import UserError
+
+DEFAULT_CKPT = "data/checkpoints/ViClip-InternVid-10M-FLT.pth"
+MODEL_PAGE = "https://huggingface.co/OpenGVLab/ViCLIP"
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with nn.MultiheadAttention's parameter names (in_proj_weight
+    [3D, D] packing q, k, v in that order; out_proj), computed by one fused SDPA call."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * width))
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x, causal=False):
+        """x [B, N, D] -> [B, N, D]; causal: token i sees tokens <= i only (the text encoder)."""
+        b, n, d = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(b, n, 3, self.heads, d // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, N, D / heads]
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class QuickGELU(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class ResidualBlock(nn.Module):
+    """Pre-norm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width, eps=1e-5)
+        self.attn = Attention(width, heads)
+        self.ln_2 = nn.LayerNorm(width, eps=1e-5)
+        self.mlp = nn.Sequential(collections.OrderedDict(
+            c_fc=nn.Linear(width, 4 * width), gelu=QuickGELU(), c_proj=nn.Linear(4 * width, width)))
+
+    def forward(self, x, causal=False):
+        x = x + self.attn(self.ln_1(x), causal)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, width, layers, heads):
+        super().__init__()
+        self.resblocks = nn.ModuleList(ResidualBlock(width, heads) for _ in range(layers))
+
+    def forward(self, x, causal=False):
+        for block in self.resblocks:
+            x = block(x, causal)
+        return x
+
+
+class VisionEncoder(nn.Module):
+    """Video [B, T, 3, S, S] -> [B, embed_dim] (not normalised)."""
+
+    def __init__(self, image_size=224, patch=14, width=1024, layers=24, heads=16, frames=8, embed_dim=768):
+        super().__init__()
+        grid = image_size // patch
+        self.conv1 = nn.Conv3d(3, width, kernel_size=(1, patch, patch), stride=(1, patch, patch), bias=False)
+        self.class_embedding = nn.Parameter(torch.empty(width))
+        self.positional_embedding = nn.Parameter(torch.empty(grid * grid + 1, width))
+        self.temporal_positional_embedding = nn.Parameter(torch.empty(1, frames, width))
+        self.ln_pre = nn.LayerNorm(width, eps=1e-5)
+        self.transformer = Transformer(width, layers, heads)
+        self.ln_post = nn.LayerNorm(width, eps=1e-5)
+        self.proj = nn.Parameter(torch.empty(width, embed_dim))
+
+    def forward(self, video):
+        b, t = video.shape[:2]
+        # The Conv3d's kernel spans one frame, so it is a conv2d of every frame.
+        x = F.conv2d(video.flatten(0, 1), self.conv1.weight[:, :, 0], stride=self.conv1.stride[1:])
+        x = x.flatten(2).transpose(1, 2)  # [B*T, P, D]: patches row-major
+        x = x + self.positional_embedding[1:]
+        x = x.view(b, t, -1, x.shape[-1]) + self.temporal_positional_embedding[0, :t, None]
+        # The original orders patches patch-major/frame-minor; attention is blind to token order
+        # (positions are added, not attended), so frame-major gives the same class token.
+        cls = (self.class_embedding + self.positional_embedding[0]).expand(b, 1, -1)
+        x = torch.cat([cls.to(x.dtype), x.flatten(1, 2)], dim=1)  # [B, 1 + T*P, D]
+        x = self.transformer(self.ln_pre(x))
+        return self.ln_post(x[:, 0]) @ self.proj
+
+
+class TextEncoder(nn.Module):
+    """Token ids [B, L] -> [B, embed_dim] (not normalised), read at the EOT position."""
+
+    def __init__(self, context_length=32, vocab_size=49408, width=768, layers=12, heads=12, embed_dim=768):
+        super().__init__()
+        self.token_embedding = nn.Embedding(vocab_size, width)
+        self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
+        self.transformer = Transformer(width, layers, heads)
+        self.ln_final = nn.LayerNorm(width, eps=1e-5)
+        self.text_projection = nn.Parameter(torch.empty(width, embed_dim))
+
+    def forward(self, tokens):
+        x = self.token_embedding(tokens) + self.positional_embedding[:tokens.shape[1]]
+        x = self.ln_final(self.transformer(x, causal=True))
+        eot = tokens.argmax(dim=-1)  # EOT has the largest id
+        return x[torch.arange(len(tokens), device=tokens.device), eot] @ self.text_projection
+
+
+class ViCLIP(nn.Module):
+    """ViCLIP with constructor arguments for its sizes; ViCLIP() is the released ViT-L/14 model.
+
+    encode_video(frames [B, T, 3, S, S] CLIP-normalised) -> [B, embed_dim] float32, L2-normalised;
+    encode_text(list of str) -> [B, embed_dim] float32, L2-normalised. Weights may be float32 or
+    bfloat16; inputs are cast to the weights' dtype and outputs returned in float32.
+    """
+    name = "viclip"
+
+    def __init__(self, image_size=224, patch=14, vision_width=1024, vision_layers=24, vision_heads=16,
+                 frames=8, embed_dim=768, context_length=32, vocab_size=49408, text_width=768,
+                 text_layers=12, text_heads=12):
+        super().__init__()
+        self.vision_encoder = VisionEncoder(image_size, patch, vision_width, vision_layers, vision_heads,
+                                            frames, embed_dim)
+        self.text_encoder = TextEncoder(context_length, vocab_size, text_width, text_layers, text_heads,
+                                        embed_dim)
+        self.temp = nn.Parameter(torch.tensor(1 / 100.0))  # logit temperature of training; unused here
+        self.input_size, self.frames, self.context_length, self.dim = image_size, frames, context_length, embed_dim
+        self.sdpa_backends = None  # None: PyTorch's choice; else a list of SDPBackend to prefer in order
+        self._video_forward = None  # the compiled vision forward, once compile_video() ran
+
+    @property
+    def identity(self):
+        """What the cache records about this encoder (set by load_viclip to the checkpoint's name)."""
+        return getattr(self, "_identity", f"viclip-random-{sum(p.numel() for p in self.parameters())}")
+
+    def reset_parameters(self, generator=None):
+        """CLIP's initialisation (normal, scaled by width and depth); for tests and benchmarks."""
+        def normal(p, std):
+            with torch.no_grad():
+                p.normal_(0.0, std, generator=generator)
+        for enc, width, tr in ((self.vision_encoder, self.vision_encoder.proj.shape[0], self.vision_encoder.transformer),
+                               (self.text_encoder, self.text_encoder.text_projection.shape[0], self.text_encoder.transformer)):
+            proj_std = width ** -0.5 * (2 * len(tr.resblocks)) ** -0.5
+            for block in tr.resblocks:
+                normal(block.attn.in_proj_weight, width ** -0.5)
+                normal(block.attn.out_proj.weight, proj_std)
+                normal(block.mlp.c_fc.weight, (2 * width) ** -0.5)
+                normal(block.mlp.c_proj.weight, proj_std)
+                for lin in (block.attn.out_proj, block.mlp.c_fc, block.mlp.c_proj):
+                    nn.init.zeros_(lin.bias)
+                nn.init.zeros_(block.attn.in_proj_bias)
+                for ln in (block.ln_1, block.ln_2):
+                    nn.init.ones_(ln.weight)
+                    nn.init.zeros_(ln.bias)
+        v, t = self.vision_encoder, self.text_encoder
+        for p, std in ((v.conv1.weight, 0.02), (v.class_embedding, v.proj.shape[0] ** -0.5),
+                       (v.positional_embedding, v.proj.shape[0] ** -0.5), (v.temporal_positional_embedding, 0.02),
+                       (v.proj, v.proj.shape[0] ** -0.5), (t.token_embedding.weight, 0.02),
+                       (t.positional_embedding, 0.01), (t.text_projection, t.text_projection.shape[0] ** -0.5)):
+            normal(p, std)
+        for ln in (v.ln_pre, v.ln_post, t.ln_final):
+            nn.init.ones_(ln.weight)
+            nn.init.zeros_(ln.bias)
+        return self
+
+    def compile_video(self, **kwargs):
+        """torch.compile the video path (the text path is cheap); kwargs go to torch.compile.
+        Kept as a plain function attribute so the state dict keeps its keys."""
+        self._video_forward = torch.compile(self.vision_encoder.forward, **kwargs)
+        return self
+
+    def _attention_kernels(self):
+        if self.sdpa_backends is None:
+            return contextlib.nullcontext()
+        from torch.nn.attention import sdpa_kernel
+        return sdpa_kernel(self.sdpa_backends, set_priority=True)
+
+    @torch.inference_mode()
+    def encode_video(self, frames):
+        """frames [B, T, 3, S, S] CLIP-normalised -> [B, embed_dim] float32, L2-normalised."""
+        dtype = self.vision_encoder.proj.dtype
+        with self._attention_kernels():
+            x = (self._video_forward or self.vision_encoder)(frames.to(self.vision_encoder.proj.device, dtype))
+        return F.normalize(x.float(), dim=-1)
+
+    @torch.inference_mode()
+    def encode_text(self, texts):
+        """list of str -> [B, embed_dim] float32, L2-normalised (CLIP BPE, context 32)."""
+        from feature_extraction.tokenizer import default_tokenizer
+        tokens = default_tokenizer()(texts, self.context_length).to(self.text_encoder.text_projection.device)
+        with self._attention_kernels():
+            x = self.text_encoder(tokens)
+        return F.normalize(x.float(), dim=-1)
+
+
+def expected_shapes(**arch):
+    """{key: shape} of a ViCLIP state dict with these constructor arguments (none: the release),
+    built on the meta device so nothing is allocated."""
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in ViCLIP(**arch).state_dict().items()}
+
+
+def load_viclip(path=DEFAULT_CKPT, device="cpu", dtype=None, compile=False, arch=None):
+    """The ViCLIP of checkpoint `path` on `device`, ready for inference.
+
+    dtype: None = bfloat16 on CUDA, float32 elsewhere. compile: torch.compile the video encoder.
+    arch: ViCLIP constructor arguments (None = the released ViT-L/14; tests pass tiny sizes).
+    Raises UserError when the file is missing (saying where to put it and where to get it) or is
+    not a ViCLIP checkpoint (saying which keys differ).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: ViCLIP checkpoint not found; download ViClip-InternVid-10M-FLT.pth from "
+                        f"{MODEL_PAGE} (log in and accept the model's conditions first) and put it at "
+                        f"{path} (default {DEFAULT_CKPT}), or run with --encoder color / openclip:<arch>:<ckpt>")
+    try:
+        try:
+            ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError:  # an old (non-zip) file cannot be memory-mapped
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: {e}); "
+                        f"download it again from {MODEL_PAGE}")
+    state = ckpt.get("model") if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        keys = list(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise UserError(f"{path}: not a ViCLIP checkpoint: expected a dict with a 'model' state dict, "
+                        f"found {keys}; get ViClip-InternVid-10M-FLT.pth from {MODEL_PAGE}")
+    want = expected_shapes(**(arch or {}))
+    got = {k: tuple(v.shape) for k, v in state.items() if torch.is_tensor(v)}
+    missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    wrong = sorted(k for k in set(want) & set(got) if want[k] != got[k])
+    if missing or unexpected or wrong:
+        def few(keys, show=lambda k: k):
+            return ", ".join(show(k) for k in keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+        parts = [f"{len(missing)} missing ({few(missing)})" if missing else "",
+                 f"{len(unexpected)} unexpected ({few(unexpected)})" if unexpected else "",
+                 f"{len(wrong)} with other shapes ({few(wrong, lambda k: f'{k} {list(got[k])} != {list(want[k])}')})"
+                 if wrong else ""]
+        raise UserError(f"{path}: not the ViCLIP ViT-L/14 checkpoint: keys of its 'model' differ: "
+                        f"{'; '.join(p for p in parts if p)}; get ViClip-InternVid-10M-FLT.pth from {MODEL_PAGE}")
+    device = torch.device(device)
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    with torch.device("meta"):
+        model = ViCLIP(**(arch or {}))
+    model.load_state_dict(state, strict=True, assign=True)  # assign: no random init of 428 M weights
+    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    model._identity = f"{os.path.basename(path)}:{os.path.getsize(path)}"
+    return model.compile_video() if compile else model

@@ -1,0 +1,290 @@
+"""Stage 2: tile pyramid geometry, clips, crops and resizing against torch.nn.Unfold and
+torchvision, the cache (reuse, invalidation, atomicity), dense maps against a per-pixel reference,
+sharding, the colour and open_clip encoders, and extraction end to end on a tiny sequence."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import extract_features
+from feature_extraction import (ColorEncoder, ViCLIP, cache_dir, dense_feature_map, load_encoder,
+                                load_tile_embeddings, tiles)
+from feature_extraction import cache as feature_cache
+from feature_extraction.color_encoder import COLORS, directions
+from feature_extraction.viclip import CLIP_MEAN, CLIP_STD
+from helpers import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(image_size=28, patch=14, vision_width=32, vision_layers=1, vision_heads=4, frames=8, embed_dim=16,
+            context_length=32, vocab_size=49408, text_width=16, text_layers=1, text_heads=2)
+
+
+def make_sequence(out, w=64, h=36, num_t=6, num_cams=2, seed=0):
+    """A tiny PanopticSports-layout sequence of random JPEGs (train cameras only)."""
+    rng = np.random.default_rng(seed)
+    fns = [[f"{c}/{t:06d}.jpg" for c in range(num_cams)] for t in range(num_t)]
+    for row in fns:
+        for fn in row:
+            os.makedirs(os.path.join(out, "ims", os.path.dirname(fn)), exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(os.path.join(out, "ims", fn))
+    k = [[[50.0, 0, w / 2], [0, 50.0, h / 2], [0, 0, 1]]] * num_cams
+    meta = {"w": w, "h": h, "k": [k] * num_t, "w2c": [[np.eye(4).tolist()] * num_cams] * num_t, "fn": fns,
+            "cam_id": list(range(num_cams))}
+    with open(os.path.join(out, "train_meta.json"), "w") as f:
+        json.dump(meta, f)
+    return str(out)
+
+
+@pytest.fixture()
+def seq(tmp_path):
+    return make_sequence(tmp_path / "seq")
+
+
+# ---------------------------------------------------------------- geometry
+
+def test_tile_pyramid_at_640x360():
+    levels = tiles.tile_levels(360, 640)
+    assert [lv["kernel"] for lv in levels] == [54, 94, 135, 175, 216]
+    assert [lv["stride"] for lv in levels] == [27, 47, 67, 87, 108]
+    assert [lv["padding"] for lv in levels] == [27, 47, 67, 87, 108]
+    assert [(lv["rows"], lv["cols"]) for lv in levels] == [(14, 24), (8, 14), (6, 10), (5, 8), (4, 6)]
+    assert sum(lv["rows"] * lv["cols"] for lv in levels) == 572
+    assert len(tiles.tile_index(levels, 27)[0]) == 15_444
+    np.testing.assert_allclose(tiles.tile_centers(levels[0], 3), [-0.5, 26.5, 53.5])
+    np.testing.assert_allclose(tiles.tile_centers(levels[2], 2), [0.0, 67.0])
+
+
+def test_clip_frames_at_the_ends():
+    assert tiles.clip_frames(0, 150) == [0, 1, 2, 3, 3, 3, 3, 3]
+    assert tiles.clip_frames(10, 150) == list(range(6, 14))
+    assert tiles.clip_frames(149, 150) == [145, 146, 147, 148, 149, 149, 149, 149]
+    assert tiles.clip_frames(1, 2) == [0, 1, 1, 1, 1, 1, 1, 1]
+    assert tiles.clip_frames(0, 1) == [0] * 8
+
+
+def test_tile_index_order():
+    levels = tiles.tile_levels(36, 64)
+    level, cam, row, col = tiles.tile_index(levels, 2)
+    n0 = levels[0]["rows"] * levels[0]["cols"]
+    assert (level[:2 * n0] == 0).all() and (cam[:n0] == 0).all() and (cam[n0:2 * n0] == 1).all()
+    assert row[:3].tolist() == [0, 0, 0] and col[:3].tolist() == [0, 1, 2]
+    assert level[-1] == 4 and cam[-1] == 1
+
+
+def test_crops_equal_unfold_and_torchvision_resize():
+    """Tiles are the original's torch.nn.Unfold windows of the zero-padded image; resizing matches
+    torchvision's Resize((S, S)) (to one grey level on the CPU's uint8 path)."""
+    from torchvision.transforms import Resize
+    rng = np.random.default_rng(3)
+    frames = torch.from_numpy(rng.integers(0, 256, (2, 8, 36, 64, 3), dtype=np.uint8))
+    levels = tiles.tile_levels(36, 64)
+    padded, pad = tiles.pad_frames(frames, levels)
+    for li, lv in enumerate(levels):
+        k, n = lv["kernel"], lv["rows"] * lv["cols"]
+        unfold = torch.nn.Unfold(k, stride=lv["stride"], padding=lv["padding"])
+        image = frames[1].permute(0, 3, 1, 2).float() / 255  # camera 1: [8, 3, H, W]
+        ref = unfold(image).reshape(8, 3, k, k, n).permute(4, 0, 1, 2, 3)  # [tiles, 8, 3, k, k]
+        rows, cols = torch.meshgrid(torch.arange(lv["rows"]), torch.arange(lv["cols"]), indexing="ij")
+        cam = torch.ones(n, dtype=torch.long)
+        ours = tiles.crop_tiles(padded, pad, lv, cam, rows.flatten(), cols.flatten(), k)
+        torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
+        for size in (5, 24):  # shrink (antialiased) and enlarge
+            ours = tiles.crop_tiles(padded, pad, lv, cam, rows.flatten(), cols.flatten(), size)
+            theirs = Resize((size, size))(ref.flatten(0, 1)).view(n, 8, 3, size, size)
+            assert (ours - theirs).abs().max() <= 1.01 / 255, (li, size)  # uint8: one grey level
+
+
+# ---------------------------------------------------------------- dense maps
+
+def reference_pixel(grids, levels, y, x):
+    """The original's per-pixel lookup (LERF's patch loader): floor((p - first centre) / stride),
+    the grid padded by repeating its last row and column, two lerps; mean over levels."""
+    out = 0
+    for grid, lv in zip(grids, levels):
+        g = np.asarray(grid, dtype=np.float64)
+        g = np.concatenate([g, g[-1:]], 0)
+        g = np.concatenate([g, g[:, -1:]], 1)
+        cy, cx = tiles.tile_centers(lv, lv["rows"]), tiles.tile_centers(lv, lv["cols"])
+        i, j = int(np.floor((y - cy[0]) / lv["stride"])), int(np.floor((x - cx[0]) / lv["stride"]))
+        wy, wx = (y - cy[i]) / lv["stride"], (x - cx[j]) / lv["stride"]
+        top = g[i, j] + wx * (g[i, j + 1] - g[i, j])
+        bottom = g[i + 1, j] + wx * (g[i + 1, j + 1] - g[i + 1, j])
+        out = out + top + wy * (bottom - top)
+    return out / len(levels)
+
+
+def write_random_cache(cache, t, h, w, num_cams, dim=8, seed=0):
+    levels = tiles.tile_levels(h, w)
+    m = num_cams * sum(lv["rows"] * lv["cols"] for lv in levels)
+    emb = np.random.default_rng(seed).standard_normal((m, dim)).astype(np.float16)
+    config = {"format": 1, "width": w, "height": h, "cam_id": list(range(num_cams)), "levels": levels}
+    feature_cache.write_timestep(cache, t, config, emb)
+    return emb, levels
+
+
+def test_dense_map_equals_per_pixel_reference(tmp_path):
+    h, w = 36, 64
+    emb, levels = write_random_cache(str(tmp_path), 3, h, w, num_cams=2)
+    dense = dense_feature_map(str(tmp_path), 3, 1, h, w, "cpu")
+    assert dense.shape == (8, h, w) and dense.dtype == torch.float32
+    grids = [feature_cache.load_level(str(tmp_path), 3, i)[1] for i in range(len(levels))]
+    for y, x in [(0, 0), (0, w - 1), (h - 1, 0), (h - 1, w - 1), (17, 31), (5, 40), (30, 2)]:
+        np.testing.assert_allclose(dense[:, y, x].numpy(), reference_pixel(grids, levels, y, x), rtol=0, atol=1e-4)
+    # a tile-centre pixel of level 0 (its centres are half-integers there, so take level 2: integer centres)
+    assert torch.equal(load_tile_embeddings(str(tmp_path), 3), torch.from_numpy(emb))
+    half = dense_feature_map(str(tmp_path), 3, 1, h // 2, w // 2, "cpu")
+    assert half.shape == (8, h // 2, w // 2) and torch.isfinite(half).all()
+    with pytest.raises(UserError, match="camera index 2"):
+        dense_feature_map(str(tmp_path), 3, 2, h, w, "cpu")
+    with pytest.raises(UserError, match="extract_features.py"):
+        load_tile_embeddings(str(tmp_path), 4)
+
+
+@pytest.mark.gpu
+def test_dense_map_on_gpu_equals_cpu(tmp_path):
+    write_random_cache(str(tmp_path), 0, 36, 64, num_cams=1)
+    cpu = dense_feature_map(str(tmp_path), 0, 0, 36, 64, "cpu")
+    gpu = dense_feature_map(str(tmp_path), 0, 0, 36, 64, "cuda")
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------- cache and extraction
+
+def test_extract_caches_reuses_and_invalidates(seq):
+    enc = ColorEncoder()
+    stats = extract_features.extract(seq, enc, [0, 1, 2, 3, 4, 5], 64, torch.device("cpu"), progress=False)
+    cache = cache_dir(seq, "color")
+    assert stats["done"] == 6 and cache == os.path.join(seq, "interpolators", "color")
+    levels = tiles.tile_levels(36, 64)
+    for i, lv in enumerate(levels):
+        arr = feature_cache.load_level(cache, 2, i)
+        assert arr.dtype == np.float16 and arr.shape == (2, lv["rows"], lv["cols"], 768)
+    emb = load_tile_embeddings(cache, 2)
+    assert emb.shape == (2 * sum(lv["rows"] * lv["cols"] for lv in levels), 768) and emb.dtype == torch.float16
+    np.testing.assert_allclose(emb.float().norm(dim=1).numpy(), 1, atol=2e-3)
+    before = {t: os.stat(os.path.join(cache, f"timestep_{t}", "level_0.npy")).st_mtime_ns for t in range(6)}
+    again = extract_features.extract(seq, enc, range(6), 64, torch.device("cpu"), progress=False)
+    assert again["done"] == 0 and again["skipped"] == 6
+    # a new image of frame 5 of camera 0 touches the clips of timesteps 2..5 (t-4 .. t+3 holds 5) only
+    Image.new("RGB", (64, 36), (200, 30, 30)).save(os.path.join(seq, "ims", "0", "000005.jpg"))
+    # a killed run's half-written timestep is no cache and is cleaned up; a config mismatch recomputes
+    os.makedirs(os.path.join(cache, ".tmp_timestep_0_12345"))
+    with open(os.path.join(cache, "timestep_0", "config.json"), "w") as f:
+        json.dump({"format": 0}, f)
+    third = extract_features.extract(seq, enc, range(6), 64, torch.device("cpu"), progress=False)
+    assert third["done"] == 5 and third["skipped"] == 1
+    after = {t: os.stat(os.path.join(cache, f"timestep_{t}", "level_0.npy")).st_mtime_ns for t in range(6)}
+    assert [t for t in range(6) if after[t] != before[t]] == [0, 2, 3, 4, 5]
+    assert not [d for d in os.listdir(cache) if d.startswith(".tmp")]
+
+
+def test_extract_with_tiny_viclip_matches_direct_encoding(seq):
+    """A cached embedding equals the encoder applied to the clip built by hand (Unfold, torchvision
+    Resize, CLIP normalisation), here for timestep 0 (clip 0,1,2,3,3,3,3,3), level 1, camera 1."""
+    from torchvision.transforms import Normalize, Resize
+    model = ViCLIP(**TINY).reset_parameters(torch.Generator().manual_seed(0)).eval()
+    extract_features.extract(seq, model, [0], 16, torch.device("cpu"), progress=False)
+    lv = tiles.tile_levels(36, 64)[1]
+    cached = feature_cache.load_level(cache_dir(seq, "viclip"), 0, 1)[1]  # [rows, cols, 16]
+    frames = torch.stack([torch.from_numpy(np.asarray(Image.open(os.path.join(seq, "ims", "1", f"{f:06d}.jpg"))))
+                          for f in tiles.clip_frames(0, 6)]).permute(0, 3, 1, 2).float() / 255
+    k = lv["kernel"]
+    windows = torch.nn.Unfold(k, stride=lv["stride"], padding=lv["padding"])(frames)
+    windows = windows.reshape(8, 3, k, k, lv["rows"], lv["cols"])
+    clip = Normalize(CLIP_MEAN, CLIP_STD)(Resize((28, 28))(windows[..., 2, 3]))
+    direct = model.encode_video(clip[None])[0]
+    np.testing.assert_allclose(cached[2, 3].astype(np.float32), direct.numpy(), rtol=0, atol=3e-3)
+
+
+def test_shard_covers_timesteps_once():
+    timesteps = list(range(3, 13))
+    for world in (1, 2, 3, 4, 16):
+        parts = [extract_features.shard(timesteps, r, world) for r in range(world)]
+        assert sum(parts, []) == timesteps
+        sizes = [len(p) for p in parts]
+        assert max(sizes) - min(sizes) <= 1
+    assert extract_features.shard(timesteps, 1, 3) == [6, 7, 8, 9]
+
+
+def test_main_and_bad_inputs(seq, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    extract_features.main(["-s", seq, "--encoder", "color", "-f", "1", "-l", "2"])
+    out = capsys.readouterr().out
+    assert "embedded 2 timestep(s)" in out and os.path.join(seq, "interpolators", "color") in out
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    extract_features.main(["-s", seq, "--encoder", "color"])  # rank 1 of 2: timesteps 3..5
+    assert "rank 1/2: embedded 3 timestep(s)" in capsys.readouterr().out
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.delenv("RANK")
+    with pytest.raises(UserError, match="-f 4 -l 2"):
+        extract_features.main(["-s", seq, "--encoder", "color", "-f", "4", "-l", "2"])
+    with pytest.raises(UserError, match="unknown encoder"):
+        extract_features.main(["-s", seq, "--encoder", "clip"])
+    with pytest.raises(UserError, match="openclip:<arch>:<checkpoint-or-tag>"):
+        load_encoder("openclip:ViT-B-32")
+    with pytest.raises(UserError, match="not found"):
+        load_encoder("openclip:ViT-B-32:/no/such/file.pt")
+    os.remove(os.path.join(seq, "ims", "1", "000004.jpg"))
+    with pytest.raises(UserError, match="000004.jpg"):
+        extract_features.main(["-s", seq, "--encoder", "color", "-f", "0", "-l", "0"])  # clip 0..3 only
+        extract_features.main(["-s", seq, "--encoder", "color", "-f", "1", "-l", "1"])  # clip 0..4
+
+
+def test_missing_viclip_checkpoint_is_one_line(seq, tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "extract_features.py"), "-s", seq,
+                             "--viclip-ckpt", str(tmp_path / "none.pth")], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "none.pth" in lines[0] and "huggingface.co/OpenGVLab/ViCLIP" in lines[0]
+
+
+# ---------------------------------------------------------------- encoders
+
+def clip_of(rgb, frames=8, size=8, moving=None):
+    """A CLIP-normalised clip [1, T, 3, S, S] of one colour (plus a moving square of `moving`)."""
+    x = torch.tensor(rgb, dtype=torch.float32).view(1, 1, 3, 1, 1).expand(1, frames, 3, size, size).clone()
+    if moving is not None:
+        for f in range(frames):
+            x[0, f, :, 2:5, f % 6:f % 6 + 3] = torch.tensor(moving).view(3, 1, 1)
+    return (x - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
+
+
+def test_color_encoder_formula():
+    dirs = directions()
+    np.testing.assert_allclose(dirs @ dirs.T, np.eye(len(COLORS) + 2), atol=1e-12)
+    np.testing.assert_array_equal(dirs, directions())  # seeded: the same every time
+    enc = ColorEncoder()
+    red, floor = enc.encode_video(clip_of((0.85, 0.1, 0.1))), enc.encode_video(clip_of((0.5, 0.5, 0.5)))
+    text = enc.encode_text(["a red ball", "object", "things", "a grey floor", "a gray floor", "a blue box sliding"])
+    assert text.shape == (6, 768) and torch.allclose(text.norm(dim=1), torch.ones(6))
+    torch.testing.assert_close(text[1], torch.tensor(dirs[-1], dtype=torch.float32))  # negatives: generic
+    torch.testing.assert_close(text[1], text[2])
+    torch.testing.assert_close(text[3], text[4])  # grey == gray
+    # a still red clip: h_red ~ 1, m = 0 -> normalize(d_red + 0.8 d_generic)
+    np.testing.assert_allclose((red @ text[0]).item(), 1 / np.sqrt(1 + 0.8 ** 2), atol=1e-3)
+    assert (red @ text[0]) > (floor @ text[0]) + 0.5 and (floor @ text[3]) > (red @ text[3]) + 0.5
+    moving = enc.encode_video(clip_of((0.5, 0.5, 0.5), moving=(0.1, 0.2, 0.85)))
+    still = enc.encode_video(clip_of((0.5, 0.5, 0.5), moving=None))
+    assert (moving @ text[5]) > (still @ text[5]) + 0.2
+
+
+def test_openclip_encoder_averages_frames(tmp_path):
+    import open_clip
+    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}}
+    (tmp_path / "Tiny-Test-4legs.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(str(tmp_path / "Tiny-Test-4legs.json"))
+    torch.manual_seed(0)
+    enc = load_encoder("openclip:Tiny-Test-4legs:random")
+    assert enc.name == "openclip-Tiny-Test-4legs" and enc.dim == 16 and enc.input_size == 32
+    clips = torch.randn(3, 8, 3, 32, 32)
+    out = enc.encode_video(clips)
+    per_frame = torch.nn.functional.normalize(enc.model.encode_image(clips.flatten(0, 1)), dim=-1).view(3, 8, -1)
+    torch.testing.assert_close(out, torch.nn.functional.normalize(per_frame.mean(1), dim=-1), rtol=1e-5, atol=1e-5)
+    assert enc.encode_text(["a red ball", "stuff"]).shape == (2, 16)

@@ -1,0 +1,175 @@
+"""Stages 3-5 of 4-LEGS: autoencoder, feature lifting, relevancy, grounding evaluation.
+
+Unit tests on hand-made inputs, then the whole chain on a small synthetic sequence with the colour
+encoder (on the ground-truth Gaussians, so no stage-1 training is needed)."""
+import math
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import helpers
+from feature_extraction.autoencoder import Autoencoder, ae_loss, load_autoencoder, save_autoencoder
+from feature_extraction.relevancy import detect_spans, frame_scores, heat, relevance_map, relevancy
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---------------------------------------------------------------- autoencoder
+
+def test_autoencoder_shapes_and_unit_norms():
+    torch.manual_seed(0)
+    model = Autoencoder()
+    x = torch.nn.functional.normalize(torch.randn(16, 768), dim=-1)
+    z, recon = model(x)
+    assert z.shape == (16, 128) and recon.shape == (16, 768)
+    assert torch.allclose(z.norm(dim=-1), torch.ones(16), atol=1e-5)
+    assert torch.allclose(recon.norm(dim=-1), torch.ones(16), atol=1e-5)
+    linear = [m for m in model.encoder if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linear] == [(768, 512), (512, 256), (256, 128)]
+    # L2 + 0.01 (1 - cos): for x = -recon, |x - r|^2 = 4 and cos = -1
+    assert float(ae_loss(-x, x)) == pytest.approx(4.0 + 0.01 * 2.0, rel=1e-5)
+
+
+def test_autoencoder_checkpoint_roundtrip_and_mismatch(tmp_path):
+    model = Autoencoder().eval()
+    path = tmp_path / "synthetic" / "ae" / "best_ckpt.pth"
+    save_autoencoder(path, model, "color", epoch=3)
+    loaded, info = load_autoencoder(path, "color")
+    x = torch.nn.functional.normalize(torch.randn(4, 768), dim=-1)
+    assert torch.allclose(loaded.encode(x), model.encode(x)) and info["epoch"] == 3
+    with pytest.raises(helpers.UserError, match="trained on 'color' features, not 'viclip'"):
+        load_autoencoder(path, "viclip")
+    with pytest.raises(helpers.UserError, match="train_autoencoder.py"):
+        load_autoencoder(tmp_path / "other" / "ae" / "best_ckpt.pth", "color")
+
+
+# ---------------------------------------------------------------- relevancy
+
+def test_relevancy_formula_on_hand_made_vectors():
+    e = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.6, 0.8, 0.0]])
+    pos = torch.tensor([[1.0, 0.0, 0.0]])
+    neg = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    got = relevancy(e, pos, neg)
+    expected = []
+    for row in e:
+        probs = [torch.softmax(10 * torch.stack([row @ pos[0], row @ n]), 0)[0] for n in neg]
+        expected.append(min(probs))  # the hardest negative decides
+    assert got.shape == (1, 3)
+    assert torch.allclose(got[0], torch.stack(expected), atol=1e-6)
+    assert got[0, 0] > 0.99 and got[0, 1] < 0.01  # pixel 0 is the prompt, pixel 1 a negative
+    # pixel 2: e.p = 0.6, hardest negative e.n = 0.8 -> sigmoid(-2)
+    assert float(got[0, 2]) == pytest.approx(1 / (1 + math.exp(2.0)), abs=1e-6)
+
+
+def test_irrelevant_prompt_gives_empty_timeline_not_a_blob():
+    torch.manual_seed(0)
+    relevance = 0.004 * torch.rand(10, 20, 30)  # weak noise above 0.5 probability, nowhere relevant
+    assert detect_spans(frame_scores(relevance)) == []
+    assert float(heat(relevance).max()) < 0.1  # not stretched to 1 by the normalisation
+    relevance[3:6, 5:8, 5:8] = 0.3  # a relevant object in frames 3-5
+    assert detect_spans(frame_scores(relevance)) == [[3, 5]]
+    assert float(heat(relevance).max()) == pytest.approx(1.0)
+
+
+def test_relevance_map_of_decoded_features():
+    """Features that decode to the prompt are relevant, features that decode to a negative are not."""
+    class Decoder:  # decodes latent axis i to unit vector i of a 3-d embedding space
+        def decode(self, z):
+            return torch.nn.functional.normalize(z[:, :3], dim=-1)
+    feats = torch.zeros(5, 1, 2)
+    feats[0, 0, 0] = 2.0  # pixel 0 -> embedding axis 0 (the prompt)
+    feats[1, 0, 1] = 0.5  # pixel 1 -> embedding axis 1 (the negative)
+    rel = relevance_map(feats, Decoder(), torch.eye(3)[:1], torch.eye(3)[1:2])
+    assert rel.shape == (1, 1, 2)
+    assert float(rel[0, 0, 0]) == pytest.approx(0.5, abs=1e-3) and float(rel[0, 0, 1]) == 0.0
+
+
+# ---------------------------------------------------------------- stage 4 building blocks
+
+def test_neighbour_attention_equals_projecting_every_neighbour():
+    from train_4legs import NeighbourAttention
+    torch.manual_seed(0)
+    attn = NeighbourAttention(16, 8)
+    x = torch.randn(50, 16)
+    nbr = torch.cat([torch.arange(50)[:, None], torch.randint(0, 50, (50, 5))], 1)
+    # the original's formulation: keys and values of every neighbour, scaled dot product
+    near = x[nbr]
+    q = attn.query(x)[:, None]
+    k, v = attn.key(near), attn.value(near)
+    w = torch.softmax((q @ k.transpose(1, 2)) / math.sqrt(16), dim=-1)
+    expected = attn.out((w @ v)[:, 0])
+    assert torch.allclose(attn(x, nbr), expected, atol=1e-5)
+
+
+def random_scene(n=300, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"means3D": (torch.rand(n, 3, generator=g) - 0.5) * 2.0,
+            "scales": torch.exp(math.log(0.08) + 0.3 * torch.randn(n, 3, generator=g)),
+            "rotations": torch.nn.functional.normalize(torch.randn(n, 4, generator=g), dim=1),
+            "opacities": torch.rand(n, 1, generator=g) * 0.9 + 0.05,
+            "colors_precomp": torch.rand(n, 3, generator=g),
+            "seg_colors": torch.tensor([[1.0, 0.0, 0.0]]).repeat(n, 1)}
+
+
+def test_blend_matrix_renders_like_the_rasterizer():
+    from feature_extraction.relevancy import render_features
+    from train_4legs import make_renderers
+    scene = random_scene()
+    w, h = 48, 32
+    k = np.array([[40.0, 0, w / 2], [0, 40.0, h / 2], [0, 0, 1]])
+    cam = helpers.setup_camera(w, h, k, helpers.orbit_w2c((0, 0, 0), 4.0, 1.0, 0.4))
+    feats = torch.randn(300, 7, requires_grad=True)
+    fast = make_renderers([cam], scene, use_rasterizer=False)[0](feats)
+    _, ref, _ = render_features(cam, scene, feats)
+    assert fast.shape == (7, h, w) and float(ref.detach().abs().max()) > 0.1
+    assert torch.allclose(fast, ref, atol=1e-5)
+    g = torch.randn(7, h, w)
+    grad_fast, = torch.autograd.grad((fast * g).sum(), feats)
+    grad_ref, = torch.autograd.grad((ref * g).sum(), feats)
+    assert torch.allclose(grad_fast, grad_ref, atol=1e-5)
+
+
+# ---------------------------------------------------------------- grounding metrics
+
+def test_grounding_metrics_on_hand_made_masks():
+    from evaluate_grounding import grounding_metrics, mask_iou
+    relevance = torch.zeros(8, 10, 10)
+    relevance[2:6, 2:6, 2:6] = 0.4  # predicted: frames 2-5, a 4x4 square
+    gt = {t: torch.zeros(10, 10, dtype=torch.bool) for t in range(3, 7)}  # truth: frames 3-6
+    for m in gt.values():
+        m[2:6, 2:8] = True  # a 4x6 rectangle containing the square
+    r = grounding_metrics(relevance, gt)
+    assert r["pred_spans"] == [[2, 5]]
+    assert r["temporal_iou"] == pytest.approx(3 / 5)
+    assert r["mask_iou"] == pytest.approx((3 * 16 / 24 + 0) / 4)  # frame 6 has no prediction
+    assert r["viou"] == pytest.approx(3 * (16 / 24) / 5)
+    assert mask_iou(torch.zeros(2, 2, dtype=torch.bool), torch.zeros(2, 2, dtype=torch.bool)) == 1.0
+
+
+def test_benchmark_reader_messages(tmp_path):
+    from evaluate_grounding import read_benchmark
+    with pytest.raises(helpers.UserError, match="benchmark folder not found"):
+        read_benchmark(tmp_path / "missing")
+    (tmp_path / "a_red_ball").mkdir()
+    with pytest.raises(helpers.UserError, match="no <prompt_dir>/cam<N>.pt"):
+        read_benchmark(tmp_path)
+    torch.save({"boxes": {}}, tmp_path / "a_red_ball" / "cam3.pt")
+    with pytest.raises(helpers.UserError, match="'masks'"):
+        read_benchmark(tmp_path)
+    torch.save({"masks": {4: np.ones((1, 5, 6), bool)}, "boxes": {4: [0, 0, 5, 4]}}, tmp_path / "a_red_ball" / "cam3.pt")
+    bench = read_benchmark(tmp_path)
+    assert list(bench) == ["a red ball"] and bench["a red ball"][3][4].shape == (5, 6)
+
+
+def test_brute_force_neighbours_match_the_kd_tree():
+    from train_4legs import knn_brute_force, neighbour_indices
+    points = torch.rand(500, 3)
+    kd = neighbour_indices(points, 20)
+    bf = knn_brute_force(points, 20)
+    assert kd.shape == bf.shape == (500, 21)
+    assert torch.equal(kd[:, 0], torch.arange(500)) and torch.equal(bf[:, 0], torch.arange(500))
+    assert torch.equal(kd[:, 1:].sort(1).values, bf[:, 1:].sort(1).values)

@@ -1,0 +1,341 @@
+"""Stage 4 of 4-LEGS: lift the video-language features onto the frozen Gaussians of stage 1.
+
+Per timestep t, every Gaussian gets a 128-d latent; a single-head attention over the Gaussian and
+its 20 nearest neighbours (at t) turns latents into the features that are rendered by the feature
+rasterizer; the loss is L1 to the autoencoder-encoded per-pixel feature maps of ALL train cameras
+(one camera per iteration, cycling; the original used camera 0 only). Geometry stays frozen.
+
+Differences to the original, each for speed: a timestep starts from the latents and attention of
+the previous one (WARM START: the Gaussians persist, so do their features; docs/perf-legs.md
+measures that it reaches the same loss in fewer iterations), and on the CPU / without the CUDA
+kernels the frozen render is precomputed per camera as one sparse matrix (same values as the
+rasterizer, see `blend_matrix`). Outputs: `output/<exp>/<seq>/legs/<t:06d>.pt`, one atomic file per
+timestep; a rerun resumes. Under torchrun each rank trains a contiguous block of timesteps, and the
+warm start then chains within a block (each block's first timestep starts cold unless the
+previous timestep's file already exists).
+
+    python train_4legs.py -s data/synthetic -e exp1 --encoder viclip
+    torchrun --nproc_per_node 4 train_4legs.py -s data/basketball -e exp1 --encoder viclip
+"""
+import argparse
+import math
+import os
+import time
+import warnings
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+import helpers
+from feature_extraction.autoencoder import ae_ckpt_path, load_autoencoder
+from feature_extraction.relevancy import (check_legs, d3dgs_params_path, encoder_name, feature_cache, legs_dir,
+                                          legs_path, render_features)
+
+NUM_NEIGHBOURS = 20
+LEGS_DIM = 128
+
+
+class NeighbourAttention(nn.Module):
+    """Single-head attention of each Gaussian (query) over itself and its K nearest neighbours
+    (keys, values), then a linear layer to the output size: the 4-LEGS feature attention, with
+    the same parameters (query, key, value, out)."""
+
+    def __init__(self, dim=LEGS_DIM, out_dim=LEGS_DIM):
+        super().__init__()
+        self.query, self.key, self.value = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, out_dim)
+
+    def forward(self, latents, neighbours):
+        """latents [N, D]; neighbours [N, K+1] int64 (itself first) -> features [N, out_dim]."""
+        # score_ij = q_i . (W_k f_j + b_k): the b_k term is equal for all j and cancels in the softmax,
+        # so score_ij = (W_k^T q_i) . f_j; and sum_j a_ij (W_v f_j + b_v) = W_v (sum_j a_ij f_j) + b_v.
+        # Same function as projecting every neighbour's key and value, with one [N, K+1, D] gather
+        # instead of three (the memory traffic of this module).
+        near = latents[neighbours]
+        q_k = self.query(latents) @ self.key.weight
+        scores = torch.einsum("nd,nkd->nk", q_k, near) / math.sqrt(latents.shape[1])
+        weights = torch.softmax(scores, dim=-1)
+        return self.out(self.value(torch.einsum("nk,nkd->nd", weights, near)))
+
+
+def neighbour_indices(means3D, k=NUM_NEIGHBOURS):
+    """means3D [N, 3] -> [N, k+1] int64 on its device: each Gaussian itself, then its k nearest at
+    this timestep (KD-tree on the CPU; on a GPU brute force, well under a second for 300k
+    Gaussians where the KD-tree takes seconds of one CPU core)."""
+    if not means3D.is_cuda:
+        _, idx = helpers.knn(means3D.detach().numpy(), k)
+        return torch.from_numpy(np.concatenate([np.arange(len(idx))[:, None], idx], 1))
+    return knn_brute_force(means3D.detach(), k)
+
+
+def knn_brute_force(points, k):
+    """points [N, 3] -> [N, k+1] int64: itself first, then its k nearest (blocks of all distances)."""
+    n = points.shape[0]
+    block = max(1, 2 ** 28 // n)
+    out = []
+    for start in range(0, n, block):
+        dist2 = torch.cdist(points[start:start + block], points) ** 2
+        rows = torch.arange(dist2.shape[0], device=points.device)
+        dist2[rows, rows + start] = -1.0  # itself first, even where two Gaussians coincide
+        out.append(dist2.topk(min(k + 1, n), dim=1, largest=False).indices)
+    idx = torch.cat(out)
+    if idx.shape[1] < k + 1:  # fewer Gaussians than neighbours asked for: repeat the last one
+        idx = torch.cat([idx, idx[:, -1:].expand(-1, k + 1 - idx.shape[1])], 1)
+    return idx
+
+
+def training_cameras(meta, t, downscale, device):
+    """Rasterizer settings of every train camera at t, at 1/downscale resolution (intrinsics
+    scaled about pixel centres)."""
+    w, h = meta["w"] // downscale, meta["h"] // downscale
+    cams = []
+    for c in range(len(meta["cam_id"])):
+        k = np.array(meta["k"][t][c], dtype=np.float64)
+        k[:2, :2] /= downscale
+        k[:2, 2] = (k[:2, 2] + 0.5) / downscale - 0.5
+        cams.append(helpers.setup_camera(w, h, k, meta["w2c"][t][c], device=device))
+    return cams
+
+
+def encode_targets(cache, t, num_cams, ae, cams, device):
+    """Per train camera the AE-encoded per-pixel feature map [128, h, w] float16 (stage-2 dense map
+    -> encoder), computed once per camera and timestep on `device`."""
+    from feature_extraction import dense_feature_map
+    targets = []
+    for c in range(num_cams):
+        h, w = cams[c].image_height, cams[c].image_width
+        dense = dense_feature_map(cache, t, c, h, w, device)
+        with torch.no_grad():
+            flat = dense.reshape(dense.shape[0], -1).T
+            z = torch.cat([ae.encode(flat[i:i + 65536]) for i in range(0, flat.shape[0], 65536)])
+        targets.append(z.T.reshape(-1, h, w).to(torch.float16))
+    return targets
+
+
+class _SparseRender(torch.autograd.Function):
+    """features [N, C] -> matrix @ features [P, C]; backward matrix^T @ grad (both CSR)."""
+
+    @staticmethod
+    def forward(ctx, matrix, matrix_t, features):
+        ctx.matrix_t = matrix_t
+        return matrix @ features
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, None, ctx.matrix_t @ grad.contiguous()
+
+
+def blend_matrix(cam, rendervar):
+    """The render of frozen Gaussians as a sparse matrix S [H*W, N]: features image = S @ features.
+
+    Rendered features are linear in the features once the geometry is fixed, and on the CPU the
+    reference rasterizer spends almost all its time on that geometry (projection, fragment
+    selection, sorting), so we run it once per camera and timestep. The steps are the reference
+    rasterizer's own (`_torch_impl`: project_gaussians, select_fragments, then the blending weights
+    alpha * T of its Blend); tests hold S @ features equal to the rasterizer's output. Returns S and
+    its transpose (for the backward), both CSR."""
+    from diff_gaussian_rasterization_feat import _torch_impl as ref
+    h, w = cam.image_height, cam.image_width
+    means3D, opacities = rendervar["means3D"], rendervar["opacities"]
+    with torch.no_grad():
+        cov3D = ref.covariance_3d(rendervar["scales"], rendervar["rotations"], cam.scale_modifier)
+        xy, z, conic, radii, rect = ref.project_gaussians(
+            means3D, torch.zeros_like(means3D), cov3D, cam.viewmatrix, cam.projmatrix, cam.tanfovx,
+            cam.tanfovy, h, w)
+        ids, pixel, rank, col, row = ref.select_fragments(xy, conic, opacities, z, radii, rect, h, w)
+        gauss = ids[rank]
+        power = ref.fragment_power(xy[gauss, 0] - col.to(xy.dtype), xy[gauss, 1] - row.to(xy.dtype),
+                                   conic[gauss, 0], conic[gauss, 1], conic[gauss, 2])
+        alpha = ref.fragment_alpha(power, opacities[gauss, 0])[0]
+        _, seg_start = ref.segment_starts(pixel, h * w)
+        log_t_before, _ = ref.log_transmittance(torch.log1p(-alpha).double(), seg_start)
+        weight = alpha * torch.exp(log_t_before).to(alpha.dtype)
+    s = torch.sparse_coo_tensor(torch.stack([pixel, gauss]), weight, (h * w, means3D.shape[0]))
+    with warnings.catch_warnings():  # "CSR support is in beta": CSR @ dense is all we use
+        warnings.simplefilter("ignore", UserWarning)
+        return s.coalesce().to_sparse_csr(), s.t().coalesce().to_sparse_csr()
+
+
+def make_renderers(cams, rendervar, use_rasterizer):
+    """One function per camera: features [N, C] -> rendered [C, H, W], differentiable in the
+    features only (the geometry is detached)."""
+    if use_rasterizer:
+        return [lambda f, cam=cam: render_features(cam, rendervar, f)[1] for cam in cams]
+    renderers = []
+    for cam in cams:
+        s, s_t = blend_matrix(cam, rendervar)
+        renderers.append(lambda f, s=s, s_t=s_t, cam=cam: _SparseRender.apply(s, s_t, f).T.reshape(
+            -1, cam.image_height, cam.image_width))
+    return renderers
+
+
+def initialize(num_gaussians, previous, lrs, device, seed):
+    """params {'latents' [N, 128]}, a new attention module and Adam over both. With `previous` (the
+    stage-4 record of t-1) latents and attention start from there (warm start); else latents start
+    at zero as in the original."""
+    torch.manual_seed(seed)
+    attention = NeighbourAttention().to(device)
+    if previous is None:
+        latents = torch.zeros(num_gaussians, LEGS_DIM, device=device)
+    else:
+        latents = previous["latents"].to(device=device, dtype=torch.float32)
+        attention.load_state_dict(previous["attention"])
+    params = {"latents": nn.Parameter(latents.contiguous())}
+    optimizer = torch.optim.Adam([{"params": [params["latents"]], "lr": lrs["latents"]},
+                                  {"params": list(attention.parameters()), "lr": lrs["attention"]}],
+                                 lr=0.0, eps=1e-15)
+    return params, attention, optimizer
+
+
+def camera_order(num_cams, generator):
+    """Endless camera indices: random permutations, each camera once per round."""
+    while True:
+        yield from torch.randperm(num_cams, generator=generator).tolist()
+
+
+def get_loss(params, attention, variables, renderer, target):
+    features = attention(params["latents"], variables["neighbours"])
+    return helpers.l1_loss(renderer(features), target.float())
+
+
+def train_timestep(t, setup, previous, num_iters, show_progress=True, on_iter=None):
+    """Train one timestep; returns (params, attention, mean loss of the last 10% iterations).
+    setup: dict with rendervar, neighbours, renderers, targets, lrs, device, seed. on_iter(i,
+    params, attention) is called after each step (used by the warm-start benchmark)."""
+    params, attention, optimizer = initialize(setup["rendervar"]["means3D"].shape[0], previous,
+                                              setup["lrs"], setup["device"], setup["seed"] + t)
+    variables = {"neighbours": setup["neighbours"]}
+    order = camera_order(len(setup["renderers"]), torch.Generator().manual_seed(setup["seed"] + t))
+    tail = []
+    bar = tqdm(range(num_iters), desc=f"t={t}", leave=False, disable=not show_progress)
+    for i in bar:
+        c = next(order)
+        loss = get_loss(params, attention, variables, setup["renderers"][c], setup["targets"][c])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if i >= num_iters - max(1, num_iters // 10):
+            tail.append(float(loss))
+        if i % 20 == 0:
+            bar.set_postfix(loss=f"{float(loss):.4f}")
+        if on_iter is not None:
+            on_iter(i, params, attention)
+    return params, attention, float(np.mean(tail)) if tail else float("nan")
+
+
+def prepare_timestep(t, args, meta, params_path, ae, cache, device, use_rasterizer):
+    """Everything a timestep's training needs that does not change while it trains."""
+    rendervar = helpers.load_d3dgs_params(params_path, t, device)
+    cams = training_cameras(meta, t, args.downscale, device)
+    return {"rendervar": rendervar, "neighbours": neighbour_indices(rendervar["means3D"]),
+            "renderers": make_renderers(cams, rendervar, use_rasterizer),
+            "targets": encode_targets(cache, t, len(cams), ae, cams, device),
+            "lrs": {"latents": args.lr_features, "attention": args.lr_attention},
+            "device": device, "seed": args.seed}
+
+
+def load_previous(path, encoder_name, ae_info, num_gaussians):
+    """The record of t-1 for a warm start, or None when there is none usable."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        record = torch.load(path, map_location="cpu", weights_only=True)
+        check_legs(record, path, encoder_name, ae_info, num_gaussians)
+    except Exception:  # stale or unreadable: start cold rather than from it
+        return None
+    return record
+
+
+def shard(timesteps):
+    """This process's contiguous block of timesteps under torchrun (RANK / WORLD_SIZE), split as
+    extract_features.py splits them (block lengths differ by at most one)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    bounds = np.linspace(0, len(timesteps), world + 1).round().astype(int)
+    return timesteps[bounds[rank]:bounds[rank + 1]], rank, world
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-s", "--seq", required=True, help="sequence folder, e.g. data/basketball")
+    p.add_argument("-e", "--exp", default="exp1", help="experiment name: reads output/<exp>/<seq>/params.npz "
+                   "(stage 1), writes output/<exp>/<seq>/legs/ (default: %(default)s)")
+    p.add_argument("--encoder", required=True, help="the --encoder of stages 2-3 (viclip, color, "
+                   "openclip:<arch>:<ckpt>): whose features and autoencoder to use")
+    p.add_argument("-f", "--first", type=int, default=0, help="first timestep (default: %(default)s)")
+    p.add_argument("-l", "--last", type=int, default=None, help="last timestep, inclusive (default: the last one)")
+    p.add_argument("--iters", type=int, default=2000, help="iterations of a cold-started timestep "
+                   "(no previous timestep to start from), as the original (default: %(default)s)")
+    p.add_argument("--warm-iters", type=int, default=500, help="iterations of a timestep warm-started "
+                   "from the previous one (default: %(default)s; docs/perf-legs.md)")
+    p.add_argument("--lr-features", type=float, default=0.0025, help="Adam lr of the latents (default: %(default)s)")
+    p.add_argument("--lr-attention", type=float, default=0.00016, help="Adam lr of the attention (default: %(default)s)")
+    p.add_argument("--downscale", type=int, default=1, help="train on images downscaled by this integer "
+                   "factor (default: %(default)s = full resolution)")
+    p.add_argument("--restart", action="store_true", help="train the timesteps of the range again even "
+                   "where outputs exist (needed after retraining stage 1, 2 or 3)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available; under "
+                   "torchrun cuda:LOCAL_RANK)")
+    p.add_argument("--demo", action="store_true", help="small settings for `make demo` on 2 CPU cores: "
+                   "--iters 60 --warm-iters 20 --downscale 4")
+    args = p.parse_args()
+    if args.demo:
+        args.iters, args.warm_iters, args.downscale = 60, 20, 4
+    if args.iters < 1 or args.warm_iters < 1 or args.downscale < 1:
+        raise helpers.UserError("--iters, --warm-iters and --downscale must be at least 1")
+    return args
+
+
+def main():
+    args = parse_args()
+    device = helpers.pick_device(args.device)
+    if "LOCAL_RANK" in os.environ and device.type == "cuda" and args.device is None:
+        device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}")
+    meta = helpers.load_meta(args.seq, "train")
+    params_path = d3dgs_params_path(args.exp, args.seq)
+    num_t, num_gaussians = helpers.read_d3dgs_params(params_path)["means3D"].shape[:2]
+    encoder = encoder_name(args.encoder)
+    ae, ae_info = load_autoencoder(ae_ckpt_path(args.seq), encoder, device)
+    cache = feature_cache(args.seq, encoder)
+    last = num_t - 1 if args.last is None else args.last
+    if not 0 <= args.first <= last < num_t:
+        raise helpers.UserError(f"-f {args.first} -l {last}: stage 1 ({params_path}) holds timesteps 0..{num_t - 1}")
+    if len(meta["fn"]) < num_t:
+        raise helpers.UserError(f"{meta['path']} has {len(meta['fn'])} timesteps, stage 1 has {num_t}")
+    timesteps, rank, world = shard(list(range(args.first, last + 1)))
+    out_dir = legs_dir(args.exp, args.seq)
+    import diff_gaussian_rasterization_feat as dgrf
+    use_rasterizer = device.type == "cuda" and dgrf.cuda_available()
+
+    done, trained, start = 0, 0, time.time()
+    bar = tqdm(timesteps, desc=f"4-LEGS features{f' (rank {rank}/{world})' if world > 1 else ''}")
+    for t in bar:
+        path = legs_path(out_dir, t)
+        if os.path.isfile(path) and not args.restart:  # resume: keep finished timesteps
+            check_legs(torch.load(path, map_location="cpu", weights_only=True), path, encoder, ae_info,
+                       num_gaussians)
+            done += 1
+            continue
+        t0 = time.time()
+        previous = load_previous(legs_path(out_dir, t - 1), encoder, ae_info, num_gaussians) if t > 0 else None
+        setup = prepare_timestep(t, args, meta, params_path, ae, cache, device, use_rasterizer)
+        num_iters = args.iters if previous is None else args.warm_iters
+        params, attention, loss = train_timestep(t, setup, previous, num_iters)
+        with torch.no_grad():
+            features = attention(params["latents"], setup["neighbours"])
+        helpers.save_torch(path, {
+            "t": t, "features": features.to(torch.float16).cpu(),
+            "latents": params["latents"].detach().to(torch.float16).cpu(),
+            "attention": {k: v.cpu() for k, v in attention.state_dict().items()},
+            "loss": loss, "iterations": num_iters, "warm_start": previous is not None,
+            "encoder": encoder, "ae_run_id": ae_info["run_id"], "seconds": time.time() - t0})
+        trained += 1
+        bar.set_postfix(loss=f"{loss:.4f}", warm=previous is not None)
+    print(f"4-LEGS features: {trained} timesteps trained, {done} already done, in {time.time() - start:.0f} s "
+          f"-> {out_dir}/ ({'rasterizer' if use_rasterizer else 'precomputed blend matrices'}, {device})")
+
+
+if __name__ == "__main__":
+    helpers.run_main(main)

@@ -1,0 +1,476 @@
+"""Stage 1 of 4-LEGS: Dynamic 3D Gaussians (Luiten et al., 3DV 2024) on a PanopticSports-format sequence.
+
+Timestep 0 fits 3D Gaussians to the train cameras from an initial point cloud (the sequence's
+init_pt_cld.npz, or one built from its masks and images: point_cloud.py), with 3DGS densification.
+Every later timestep starts from the previous one moved on by its velocity and optimises only
+positions, rotations and colours, held together on the foreground by rigidity, rotation-similarity
+and isometry losses towards the neighbours of timestep 0; the background is held static.
+
+Outputs, under output/<exp>/<seq>/:
+  params.npz     the original's format: means3D, rgb_colors, unnorm_rotations [T, N, .] and the
+                 shared seg_colors, logit_opacities, log_scales [N, .], cam_m, cam_c [C, 3]
+  metrics.json   PSNR / SSIM (LPIPS where its weights are on disk) on the test cameras, per timestep
+  timesteps/     one file per finished timestep: a rerun continues at the first missing one
+  init_pt_cld.npz  the point cloud built when the sequence has none
+"""
+import argparse
+import concurrent.futures
+import json
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import external
+import helpers
+from point_cloud import build_init_point_cloud
+
+NEAR, FAR = 1.0, 100.0  # training cameras, as the original
+SCENE_SIZE_MULT = 1.1
+NUM_KNN_RIGID = 20
+LEARNING_RATES = {"means3D": 0.00016,  # times the scene radius
+                  "rgb_colors": 0.0025, "unnorm_rotations": 0.001, "logit_opacities": 0.05,
+                  "log_scales": 0.001, "cam_m": 1e-4, "cam_c": 1e-4}  # seg_colors: fixed
+MOVING = ("means3D", "rgb_colors", "unnorm_rotations")  # optimised after timestep 0
+LOSS_WEIGHTS = {"im": 1.0, "seg": 3.0, "rigid": 4.0, "rot": 4.0, "iso": 2.0, "floor": 2.0, "bg": 20.0,
+                "soft_col_cons": 0.01}
+DEMO = {"iters_first": 300, "iters": 30, "fg_points": 1500, "bg_points": 2000}
+
+
+# ---------------------------------------------------------------- data
+
+def load_timestep(seq_dir, meta, test_meta, t):
+    """Images of timestep t on the CPU (runs in a worker thread while the previous timestep trains):
+    train ims [C, 3, H, W], train seg colours [C, 3, H, W] = (fg, 0, 1 - fg), test ims [C', 3, H, W]."""
+    size = (meta["w"], meta["h"])
+    ims = torch.stack([helpers.load_image(os.path.join(seq_dir, "ims", fn), size) for fn in meta["fn"][t]])
+    fg = torch.stack([helpers.load_mask(helpers.seg_path(seq_dir, fn), size) for fn in meta["fn"][t]])
+    test_ims = torch.stack([helpers.load_image(os.path.join(seq_dir, "ims", fn), (test_meta["w"], test_meta["h"]))
+                            for fn in test_meta["fn"][t]])
+    return ims, torch.stack([fg, torch.zeros_like(fg), 1 - fg], 1), test_ims
+
+
+def get_dataset(loaded, meta, test_meta, t, device):
+    """Train views [{'cam', 'im', 'seg', 'id'}] and test views [{'cam', 'im', 'cam_id'}] of timestep t."""
+    ims, segs, test_ims = (x.to(device) for x in loaded)
+    train = [{"cam": cam, "im": ims[c], "seg": segs[c], "id": c}
+             for c, cam in enumerate(helpers.cameras_at(meta, t, NEAR, FAR, device))]
+    test = [{"cam": cam, "im": test_ims[c], "cam_id": test_meta["cam_id"][c]}
+            for c, cam in enumerate(helpers.cameras_at(test_meta, t, device=device))]
+    return train, test
+
+
+def get_batch(todo, dataset, rng):
+    """One random train view per iteration, cycling through all of them without replacement."""
+    if not todo:
+        todo.extend(rng.permutation(len(dataset)).tolist())
+    return dataset[todo.pop()]
+
+
+# ---------------------------------------------------------------- state
+
+def scene_radius(meta):
+    centers = np.linalg.inv(np.asarray(meta["w2c"][0]))[:, :3, 3]
+    return SCENE_SIZE_MULT * float(np.linalg.norm(centers - centers.mean(0), axis=1).max())
+
+
+def initialize_params(init_pt_cld, num_cams, device):
+    """init_pt_cld [N, 7] (xyz, rgb, seg) -> params: leaf tensors named as in params.npz. Scales
+    start isotropic at the RMS distance to the 3 nearest neighbours, opacities at 0.5."""
+    seg = init_pt_cld[:, 6]
+    sq_dist, _ = helpers.knn(init_pt_cld[:, :3], 3)
+    params = {"means3D": init_pt_cld[:, :3],
+              "rgb_colors": init_pt_cld[:, 3:6],
+              "seg_colors": np.stack([seg, np.zeros_like(seg), 1 - seg], -1),
+              "unnorm_rotations": np.tile([1.0, 0.0, 0.0, 0.0], (len(seg), 1)),
+              "logit_opacities": np.zeros((len(seg), 1)),
+              "log_scales": np.tile(np.log(np.sqrt(sq_dist.mean(-1).clip(min=1e-7)))[:, None], (1, 3)),
+              "cam_m": np.zeros((num_cams, 3)),
+              "cam_c": np.zeros((num_cams, 3))}
+    return {k: torch.tensor(v, dtype=torch.float32, device=device).requires_grad_(k != "seg_colors")
+            for k, v in params.items()}
+
+
+def initialize_optimizer(params, radius, names, no_bias_correction=()):
+    """Adam (eps 1e-15) over params[names]. Groups in no_bias_correction start with zero moments and
+    a huge step count, as in the original after timestep 0 (its step counter carries on while it
+    resets the moments), which makes the first updates of each timestep several times lr."""
+    groups = [{"params": [params[k]], "name": k, "lr": LEARNING_RATES[k] * (radius if k == "means3D" else 1.0)}
+              for k in names]
+    optimizer = torch.optim.Adam(groups, lr=0.0, eps=1e-15, fused=True)
+    for k in no_bias_correction:
+        p = params[k]
+        optimizer.state[p] = {"step": torch.tensor(1e7, dtype=torch.float32, device=p.device),
+                              "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+    return optimizer
+
+
+def initialize_post_first_timestep(params):
+    """What the later timesteps hold on to, from timestep 0: foreground / background indices, the 20
+    nearest foreground neighbours with weights exp(-2000 d^2) and distances, the background's
+    positions and rotations. The returned variables also seed the velocity (zero at t=1)."""
+    device = params["means3D"].device
+    is_fg = params["seg_colors"][:, 0] > 0.5
+    pts = params["means3D"].detach()
+    rot = F.normalize(params["unnorm_rotations"].detach())
+    fg_idx, bg_idx = torch.nonzero(is_fg)[:, 0], torch.nonzero(~is_fg)[:, 0]
+    sq_dist, nbr = helpers.knn(pts[fg_idx].cpu().numpy(), NUM_KNN_RIGID)
+    as_tensor = lambda x, dtype=torch.float32: torch.as_tensor(x, dtype=dtype, device=device).contiguous()  # noqa: E731
+    return {"fg_idx": fg_idx, "bg_idx": bg_idx,
+            "neighbor_indices": as_tensor(nbr, torch.long),
+            "neighbor_weight": as_tensor(np.exp(-2000 * sq_dist)),
+            "neighbor_dist": as_tensor(np.sqrt(sq_dist)),
+            "init_bg_pts": pts[bg_idx], "init_bg_rot": rot[bg_idx],
+            "prev_pts": pts, "prev_rot": rot}
+
+
+def initialize_per_timestep(params, variables):
+    """Next timestep's params: every Gaussian moved on by its last velocity (position and rotation),
+    the moving ones as fresh leaves; variables record where the previous timestep left things."""
+    pts = params["means3D"].detach()
+    rot = F.normalize(params["unnorm_rotations"].detach())
+    new_pts = pts + (pts - variables["prev_pts"])
+    new_rot = F.normalize(rot + (rot - variables["prev_rot"]))
+    fg_idx, nbr = variables["fg_idx"], variables["neighbor_indices"]
+    fg_pts = pts[fg_idx]
+    variables.update(prev_inv_rot_fg=helpers.quat_conj(rot[fg_idx]),
+                     prev_offset=fg_pts[nbr] - fg_pts[:, None],
+                     prev_col=params["rgb_colors"].detach().clone(),
+                     prev_pts=pts, prev_rot=rot)
+    new = {k: v.detach() for k, v in params.items()}
+    new.update(means3D=new_pts, unnorm_rotations=new_rot)
+    for k in MOVING:
+        new[k] = new[k].clone().requires_grad_(True)
+    return new, variables
+
+
+# ---------------------------------------------------------------- losses
+
+def get_losses(params, rendervar, im, seg, data, variables, is_first):
+    """Named loss terms of one view: im [3, H, W] and seg [3, H, W] rendered by render_d3dgs.
+    Returns the terms and the colour-corrected image."""
+    losses = {}
+    im = helpers.color_correct(im, params["cam_m"][data["id"]], params["cam_c"][data["id"]])
+    losses["im"] = 0.8 * helpers.l1_loss(im, data["im"]) + 0.2 * (1.0 - external.calc_ssim(im, data["im"]))
+    losses["seg"] = 0.8 * helpers.l1_loss(seg, data["seg"]) + 0.2 * (1.0 - external.calc_ssim(seg, data["seg"]))
+    if is_first:
+        return losses, im
+    if len(variables["fg_idx"]):
+        fg_pts = rendervar["means3D"][variables["fg_idx"]]
+        fg_rot = rendervar["rotations"][variables["fg_idx"]]
+        nbr, weight = variables["neighbor_indices"], variables["neighbor_weight"]
+        rel_rot = helpers.quat_mult(fg_rot, variables["prev_inv_rot_fg"])  # rotation since t - 1
+        offset = fg_pts[nbr] - fg_pts[:, None]  # [Nfg, 20, 3]
+        offset_in_prev = torch.einsum("nji,nkj->nki", helpers.build_rotation(rel_rot), offset)  # R^T offset
+        losses["rigid"] = helpers.weighted_l2_loss(offset_in_prev, variables["prev_offset"], weight)
+        losses["rot"] = helpers.weighted_l2_loss(rel_rot[nbr], rel_rot[:, None], weight)
+        distance = torch.sqrt((offset ** 2).sum(-1) + 1e-20)
+        losses["iso"] = helpers.weighted_l2_loss(distance[..., None], variables["neighbor_dist"][..., None], weight)
+        losses["floor"] = torch.clamp(fg_pts[:, 1], min=0).mean()  # the floor is y = 0, +y down
+    if len(variables["bg_idx"]):
+        losses["bg"] = (helpers.l1_loss_rows(rendervar["means3D"][variables["bg_idx"]], variables["init_bg_pts"])
+                        + helpers.l1_loss_rows(rendervar["rotations"][variables["bg_idx"]], variables["init_bg_rot"]))
+    losses["soft_col_cons"] = helpers.l1_loss_rows(params["rgb_colors"], variables["prev_col"])
+    return losses, im
+
+
+class NonFiniteLoss(helpers.UserError):
+    pass
+
+
+def check_finite(first_bad, names, t):
+    """first_bad [terms] long: the first iteration each term was NaN/Inf (-1: never). One sync."""
+    first_bad = first_bad.tolist()
+    bad = [(i, n) for i, n in zip(first_bad, names) if i >= 0]
+    if bad:
+        i = min(b[0] for b in bad)
+        raise NonFiniteLoss(f"timestep {t}, iteration {i}: loss {', '.join(n for j, n in bad if j == i)} is NaN/Inf; "
+                            f"stopped, the finished timesteps before {t} are kept. Check the data (images, "
+                            f"cameras, init_pt_cld.npz) or lower the learning rates")
+
+
+# ---------------------------------------------------------------- training
+
+def train_timestep(params, variables, optimizer, dataset, t, num_iters, schedule, rng, bar):
+    """Optimise one timestep: num_iters iterations of one random train view each; with a
+    densification schedule (timestep 0) the Gaussians are cloned, split and pruned on the way."""
+    todo, first_bad, names = [], None, None
+    for i in range(num_iters):
+        data = get_batch(todo, dataset, rng)
+        rendervar = helpers.params2rendervar(params)
+        im, seg, radii, _ = helpers.render_d3dgs(data["cam"], rendervar)
+        losses, im = get_losses(params, rendervar, im, seg, data, variables, schedule is not None)
+        loss = sum(LOSS_WEIGHTS[k] * v for k, v in losses.items())
+        # NaN/Inf watch without a GPU sync per iteration: remember the first bad iteration per term
+        terms = torch.stack([v.detach() for v in losses.values()])
+        if first_bad is None:
+            names, first_bad = list(losses), torch.full((len(losses),), -1, dtype=torch.long, device=terms.device)
+        first_bad.masked_fill_((first_bad < 0) & ~torch.isfinite(terms), i)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if schedule is not None:
+            with torch.no_grad():
+                params, variables = external.densify(params, variables, optimizer, i, schedule,
+                                                     rendervar["means2D"].grad, radii)
+        if i % 100 == 0 or i == num_iters - 1:
+            check_finite(first_bad, names, t)
+            bar.set_postfix_str(f"it {i} loss {float(loss):.4f} train PSNR {helpers.psnr(im.detach(), data['im']):.2f} "
+                                f"N {params['means3D'].shape[0]}", refresh=False)
+        bar.update(1)
+    return params, variables
+
+
+def evaluate(params, test_views, lpips_net):
+    """Test-camera metrics of one timestep (no colour correction: test cameras have none):
+    {'psnr', 'ssim', 'lpips' (None without weights), 'cameras': {cam_id: {...}}}."""
+    with torch.no_grad():
+        rendervar = helpers.params2rendervar({k: v.detach() for k, v in params.items()})
+        cams = {}
+        for view in test_views:
+            im, _, _, _ = helpers.render_d3dgs(view["cam"], rendervar)
+            im = im.clamp(0, 1)
+            cams[str(view["cam_id"])] = {
+                "psnr": helpers.psnr(im, view["im"]), "ssim": float(external.calc_ssim(im, view["im"])),
+                "lpips": None if lpips_net is None else float(lpips_net(im[None] * 2 - 1, view["im"][None] * 2 - 1))}
+    mean = {k: float(np.mean([c[k] for c in cams.values()])) for k in ("psnr", "ssim")}
+    mean["lpips"] = None if lpips_net is None else float(np.mean([c["lpips"] for c in cams.values()]))
+    return {**mean, "cameras": cams}
+
+
+def load_lpips(device):
+    """LPIPS (AlexNet) when the lpips package and torchvision's AlexNet weights are on disk (nothing
+    is downloaded); else (None, why)."""
+    try:
+        import lpips
+    except ImportError:
+        return None, "the lpips package is not installed"
+    weights = os.path.join(torch.hub.get_dir(), "checkpoints", "alexnet-owt-7be5be79.pth")
+    if not os.path.isfile(weights):
+        return None, f"AlexNet weights not found at {weights} (LPIPS needs them; nothing is downloaded)"
+    return lpips.LPIPS(net="alex", verbose=False).to(device).eval(), None
+
+
+# ---------------------------------------------------------------- output
+
+def timestep_path(ts_dir, t):
+    return os.path.join(ts_dir, f"{t:06d}.npz")
+
+
+def finished_count(ts_dir):
+    """How many timesteps 0, 1, 2, ... are finished, in a row."""
+    t = 0
+    while os.path.isfile(timestep_path(ts_dir, t)):
+        t += 1
+    return t
+
+
+def save_timestep(ts_dir, t, params, record):
+    """Atomically: the per-timestep arrays (plus the shared ones at t = 0) and the metrics."""
+    keys = helpers.D3DGS_PER_TIMESTEP + (helpers.D3DGS_SHARED if t == 0 else ())
+    arrays = {k: params[k].detach().cpu().numpy().astype(np.float32) for k in keys}
+    bad = [k for k, v in arrays.items() if not np.isfinite(v).all()]
+    if bad:
+        raise NonFiniteLoss(f"timestep {t}: {', '.join(bad)} hold NaN/Inf after training; not saved, the "
+                            f"finished timesteps before {t} are kept")
+    helpers.save_npz(timestep_path(ts_dir, t), {**arrays, "record": np.array(json.dumps(record))})
+
+
+def load_timestep_file(ts_dir, t, device):
+    path = timestep_path(ts_dir, t)
+    try:
+        with np.load(path) as f:
+            arrays = {k: f[k] for k in f.files}
+    except (OSError, ValueError) as e:
+        raise helpers.UserError(f"{path} cannot be read ({e}); delete it (and later timesteps) to retrain them")
+    record = json.loads(str(arrays.pop("record")))
+    return {k: torch.as_tensor(v, device=device) for k, v in arrays.items()}, record
+
+
+def restore(ts_dir, t_next, device):
+    """params of timestep t_next - 1 and the variables that timestep t_next starts from."""
+    first, _ = load_timestep_file(ts_dir, 0, device)
+    variables = initialize_post_first_timestep(first)
+    if t_next >= 2:
+        before, _ = load_timestep_file(ts_dir, t_next - 2, device)
+        variables.update(prev_pts=before["means3D"], prev_rot=F.normalize(before["unnorm_rotations"]))
+    last, _ = load_timestep_file(ts_dir, t_next - 1, device) if t_next >= 2 else (first, None)
+    params = {k: (last[k] if k in helpers.D3DGS_PER_TIMESTEP else first[k]) for k in
+              helpers.D3DGS_PER_TIMESTEP + helpers.D3DGS_SHARED}
+    return params, variables
+
+
+def assemble(ts_dir, out_dir, num_t, lpips_missing):
+    """params.npz and metrics.json from the finished timesteps 0 .. num_t - 1 (atomically)."""
+    arrays, records = {k: [] for k in helpers.D3DGS_PER_TIMESTEP}, []
+    for t in range(num_t):
+        with np.load(timestep_path(ts_dir, t)) as f:
+            for k in helpers.D3DGS_PER_TIMESTEP:
+                arrays[k].append(f[k])
+            if t == 0:
+                shared = {k: f[k] for k in helpers.D3DGS_SHARED}
+            records.append(json.loads(str(f["record"])))
+    params_path = os.path.join(out_dir, "params.npz")
+    helpers.save_npz(params_path, {**{k: np.stack(v) for k, v in arrays.items()}, **shared})
+    per_t = [{"t": t, **{k: r["test"][k] for k in ("psnr", "ssim", "lpips")}, "cameras": r["test"]["cameras"],
+              "iterations": r["iterations"], "seconds": r["seconds"], "gaussians": r["gaussians"]}
+             for t, r in enumerate(records)]
+    lpips_values = [r["lpips"] for r in per_t if r["lpips"] is not None]
+    metrics = {"timesteps": num_t, "test_cameras": list(per_t[0]["cameras"]),
+               "psnr": float(np.mean([r["psnr"] for r in per_t])), "ssim": float(np.mean([r["ssim"] for r in per_t])),
+               "lpips": float(np.mean(lpips_values)) if len(lpips_values) == num_t else None,
+               "lpips_missing": None if len(lpips_values) == num_t else lpips_missing or "not computed for every timestep",
+               "per_timestep": per_t}
+    helpers.save_json(os.path.join(out_dir, "metrics.json"), metrics)
+    return params_path, metrics
+
+
+# ---------------------------------------------------------------- main
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Stage 1: Dynamic 3D Gaussians. Trains timestep after timestep; each finished timestep is "
+                    "saved, so running the same command again continues where it stopped.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("-s", "--seq", required=True, help="sequence folder (ims/, seg/, train_meta.json, test_meta.json)")
+    parser.add_argument("-e", "--exp", default="exp1", help="experiment name: outputs go to output/<exp>/<seq>/")
+    parser.add_argument("-f", "--first", type=int, default=None,
+                        help="retrain from this timestep on (earlier ones must be finished; later finished ones "
+                             "are discarded); default: continue at the first missing timestep")
+    parser.add_argument("-l", "--last", type=int, default=None, help="stop after this timestep (default: the last)")
+    parser.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
+    parser.add_argument("--iters-first", type=int, default=10_000, help="iterations at timestep 0 (densification "
+                        "runs over its first half, on the original's schedule scaled to this count)")
+    parser.add_argument("--iters", type=int, default=2_000, help="iterations at every later timestep")
+    parser.add_argument("--fg-points", type=int, default=100_000,
+                        help="without init_pt_cld.npz: at most this many visual-hull (foreground) points")
+    parser.add_argument("--bg-points", type=int, default=60_000,
+                        help="without init_pt_cld.npz: rays for background points (at most one point each)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (camera order, splits)")
+    parser.add_argument("--demo", action="store_true",
+                        help=f"small settings for the CPU demo: {', '.join(f'{k}={v}' for k, v in DEMO.items())}")
+    args = parser.parse_args(argv)
+    if args.demo:
+        for k, v in DEMO.items():
+            setattr(args, k, v)
+    if args.iters_first < 1 or args.iters < 1:
+        raise helpers.UserError("--iters-first and --iters must be at least 1")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = helpers.pick_device(args.device)
+    seq_dir = os.path.normpath(args.seq)
+    seq = os.path.basename(seq_dir)
+    meta, test_meta = helpers.load_meta(seq_dir, "train"), helpers.load_meta(seq_dir, "test")
+    num_t = len(meta["fn"])
+    if len(test_meta["fn"]) < num_t:
+        raise helpers.UserError(f"{test_meta['path']} has {len(test_meta['fn'])} timesteps, {meta['path']} {num_t}")
+    out_dir = os.path.join("output", args.exp, seq)
+    ts_dir = os.path.join(out_dir, "timesteps")
+    os.makedirs(ts_dir, exist_ok=True)
+    run_path = os.path.join(ts_dir, "run.json")
+    run = {"seq": os.path.abspath(seq_dir), "train_cameras": meta["cam_id"], "test_cameras": test_meta["cam_id"]}
+    if os.path.isfile(run_path) and finished_count(ts_dir) > 0:
+        with open(run_path) as f:
+            old = json.load(f)
+        if old["train_cameras"] != run["train_cameras"]:
+            raise helpers.UserError(f"{ts_dir} was trained with train cameras {old['train_cameras']}, {meta['path']} "
+                                    f"lists {run['train_cameras']}; use another --exp")
+    helpers.save_json(run_path, run)
+
+    done = finished_count(ts_dir)
+    start = done if args.first is None else args.first
+    if not 0 <= start <= done:
+        raise helpers.UserError(f"-f {args.first}: retraining from timestep {start} needs timesteps 0..{start - 1} "
+                                f"finished; {ts_dir} has {done} finished timesteps")
+    last = num_t - 1 if args.last is None else args.last
+    if not 0 <= last < num_t:
+        raise helpers.UserError(f"-l {args.last}: the sequence has timesteps 0..{num_t - 1}")
+    for t in range(start, num_t):  # -f: what follows a retrained timestep is stale
+        if os.path.isfile(timestep_path(ts_dir, t)):
+            os.remove(timestep_path(ts_dir, t))
+    helpers.check_sequence(seq_dir, meta, start, last)
+    helpers.check_sequence(seq_dir, test_meta, start, last)
+    lpips_net, lpips_missing = load_lpips(device)
+
+    if start > 0:
+        params, variables = restore(ts_dir, start, device)
+        tqdm.write(f"resuming at timestep {start}: timesteps 0..{start - 1} are finished in {ts_dir}")
+    total = sum(args.iters_first if t == 0 else args.iters for t in range(start, last + 1))
+    bar = tqdm(total=total, unit="it", dynamic_ncols=True)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # the next timestep's images load while this one trains
+        upcoming = pool.submit(load_timestep, seq_dir, meta, test_meta, start) if start <= last else None
+        for t in range(start, last + 1):
+            dataset, test_views = get_dataset(upcoming.result(), meta, test_meta, t, device)
+            upcoming = pool.submit(load_timestep, seq_dir, meta, test_meta, t + 1) if t < last else None
+            torch.manual_seed(args.seed * 1_000_003 + t)
+            rng = np.random.default_rng([args.seed, t])
+            bar.set_description(f"t {t}/{last}")
+            started = time.time()
+            if t == 0:
+                init_pt_cld = initial_point_cloud(seq_dir, meta, out_dir, args)
+                radius = scene_radius(meta)
+                params = initialize_params(init_pt_cld, len(meta["cam_id"]), device)
+                variables = {"scene_radius": radius,
+                             "means2D_gradient_accum": torch.zeros(len(init_pt_cld), device=device),
+                             "denom": torch.zeros(len(init_pt_cld), device=device)}
+                optimizer = initialize_optimizer(params, radius, LEARNING_RATES)
+                params, variables = train_timestep(params, variables, optimizer, dataset, t, args.iters_first,
+                                                   external.densify_schedule(args.iters_first), rng, bar)
+                iters = args.iters_first
+            else:
+                params, variables = initialize_per_timestep(params, variables)
+                optimizer = initialize_optimizer(params, scene_radius(meta), MOVING,
+                                                 no_bias_correction=("means3D", "unnorm_rotations"))
+                params, variables = train_timestep(params, variables, optimizer, dataset, t, args.iters, None, rng, bar)
+                iters = args.iters
+            metrics = evaluate(params, test_views, lpips_net)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            record = {"iterations": iters, "seconds": time.time() - started,
+                      "gaussians": int(params["means3D"].shape[0]), "test": metrics}
+            save_timestep(ts_dir, t, params, record)
+            tqdm.write(f"timestep {t}: {record['seconds']:.1f} s, {record['gaussians']} Gaussians, "
+                       f"test PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f}")
+            if t == 0:
+                params = {k: v.detach() for k, v in params.items()}
+                variables = initialize_post_first_timestep(params)
+            del optimizer
+    bar.close()
+
+    num_done = finished_count(ts_dir)
+    params_path, metrics = assemble(ts_dir, out_dir, num_done, lpips_missing)
+    lpips_text = (f"LPIPS {metrics['lpips']:.4f}" if metrics["lpips"] is not None
+                  else f"LPIPS missing ({metrics['lpips_missing']})")
+    print(f"stage 1 done: {num_done} timesteps of {num_t} in {params_path}; test cameras "
+          f"{', '.join(metrics['test_cameras'])}: PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f}, "
+          f"{lpips_text} (per timestep: {os.path.join(out_dir, 'metrics.json')})")
+
+
+def initial_point_cloud(seq_dir, meta, out_dir, args):
+    """The sequence's init_pt_cld.npz, or one built from its masks and images (saved beside the outputs)."""
+    path = os.path.join(seq_dir, "init_pt_cld.npz")
+    if os.path.isfile(path):
+        try:
+            with np.load(path) as f:
+                data = f["data"]
+        except (OSError, ValueError, KeyError) as e:
+            raise helpers.UserError(f"{path} cannot be read ({e}); it must hold 'data' [N, 7]")
+        if data.ndim != 2 or data.shape[1] != 7 or len(data) < 4:
+            raise helpers.UserError(f"{path}: 'data' has shape {list(data.shape)}, expected [N >= 4, 7] (xyz, rgb, seg)")
+        return data.astype(np.float32)
+    tqdm.write(f"no {path}: building the initial point cloud from the masks and images of timestep 0")
+    data = build_init_point_cloud(seq_dir, meta, 0, args.fg_points, args.bg_points, args.seed, log=tqdm.write)
+    saved = os.path.join(out_dir, "init_pt_cld.npz")
+    helpers.save_npz(saved, {"data": data})
+    tqdm.write(f"initial point cloud: {len(data)} points ({int(data[:, 6].sum())} foreground) -> {saved}")
+    return data
+
+
+if __name__ == "__main__":
+    helpers.run_main(main)

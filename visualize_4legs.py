@@ -1,0 +1,139 @@
+"""Stage 5 of 4-LEGS: where and when is "the prompt"? Relevancy videos and a temporal timeline.
+
+For each prompt and each view (every test camera, every train camera, or one orbit around the
+scene), the language features are rendered at every timestep, decoded by the autoencoder and
+compared with the prompt and the canonical negatives (feature_extraction/relevancy.py). Outputs
+under `results/<exp>/<seq>/<prompt_dir>/`:
+- `<view>.mp4`: turbo heatmap of the relevance (normalised over the whole video, never by less
+  than the detection threshold) blended 50/50 with the RGB render;
+- `timeline.json` / `timeline.png`: per-timestep relevance score (mean of the most relevant 0.1% of
+  pixels, averaged over the views) and the detected time span(s): runs where the score exceeds
+  the absolute threshold. A prompt that matches nothing has an empty timeline.
+
+    python visualize_4legs.py -s data/synthetic -e exp1 --encoder color -p "a red ball flying in the air"
+"""
+import argparse
+import math
+import os
+
+import numpy as np
+import torch
+
+import helpers
+from feature_extraction.relevancy import (DETECT_THRESHOLD, TOP_FRACTION, Stages, detect_spans, encode_prompts,
+                                          frame_scores, heat, overlay, prompt_dir, render_relevance_video)
+
+
+def meta_views(seq_dir, split, num_t, device):
+    """One view per camera of <split>_meta.json: [(name, [camera settings per timestep])]."""
+    meta = helpers.load_meta(seq_dir, split)
+    if len(meta["fn"]) < num_t:
+        raise helpers.UserError(f"{meta['path']} has {len(meta['fn'])} timesteps, stage 1 has {num_t}")
+    return [(f"cam{cam_id}", [helpers.setup_camera(meta["w"], meta["h"], meta["k"][t][c], meta["w2c"][t][c],
+                                                   device=device) for t in range(num_t)])
+            for c, cam_id in enumerate(meta["cam_id"])]
+
+
+def orbit_view(seq_dir, stages, device):
+    """One camera circling the foreground once over the video, at the train cameras' mean distance
+    and height, with the intrinsics of train camera 0."""
+    meta = helpers.load_meta(seq_dir, "train")
+    g = helpers.load_d3dgs_params(stages.params_path, 0, "cpu")
+    fg = g["seg_colors"][:, 0] > 0.5
+    center = g["means3D"][fg if fg.any() else slice(None)].mean(0).numpy()
+    up = np.array([0.0, -1.0, 0.0])  # PanopticSports: the floor is +y
+    w2c = np.asarray(meta["w2c"][0])
+    cam_pos = np.einsum("cji,cj->ci", w2c[:, :3, :3], -w2c[:, :3, 3]) - center  # -R^T t, from the centre
+    height = float(np.median(cam_pos @ up))
+    radius = float(np.median(np.linalg.norm(cam_pos - np.outer(cam_pos @ up, up), axis=1)))
+    cams = [helpers.setup_camera(meta["w"], meta["h"], meta["k"][0][0],
+                                 helpers.orbit_w2c(center, radius, height, 2 * math.pi * t / stages.num_t),
+                                 device=device) for t in range(stages.num_t)]
+    return [("orbit", cams)]
+
+
+def plot_timeline(path, prompt, scores, per_view, spans, threshold):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3), dpi=100)
+    t = np.arange(len(scores))
+    for name, view in per_view.items():
+        ax.plot(t, view["scores"], lw=0.8, alpha=0.5, label=name if len(per_view) <= 6 else None)
+    ax.plot(t, scores, color="k", lw=2, label="mean")
+    ax.axhline(threshold, color="r", ls="--", lw=1, label="threshold")
+    for first, last in spans:
+        ax.axvspan(first - 0.5, last + 0.5, color="orange", alpha=0.25)
+    ax.set_xlim(-0.5, len(scores) - 0.5)
+    ax.set_ylim(0, max(0.5 * 1.05, 1.05 * max(scores, default=0)))
+    ax.set_xlabel("timestep")
+    ax.set_ylabel("relevance score")
+    ax.set_title(f'"{prompt}": {", ".join(f"{a}-{b}" for a, b in spans) if spans else "not found"}')
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    helpers.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-s", "--seq", required=True, help="sequence folder, e.g. data/basketball")
+    p.add_argument("-e", "--exp", default="exp1", help="experiment name (default: %(default)s)")
+    p.add_argument("--encoder", required=True, help="the --encoder of stages 2-4: viclip, color, openclip:<arch>:<ckpt>")
+    p.add_argument("-p", "--prompt", action="append", required=True,
+                   help="text to localise; repeat -p for several prompts (the text encoder runs once)")
+    p.add_argument("--cams", choices=("test", "train", "orbit"), default="test",
+                   help="views: every test camera, every train camera, or one orbit (default: %(default)s)")
+    p.add_argument("--fg-only", action="store_true", help="show and score relevance only on the foreground "
+                   "render (stage-1 segmentation colours)")
+    p.add_argument("--threshold", type=float, default=DETECT_THRESHOLD,
+                   help="relevance score (probability - 0.5) above which a timestep holds the prompt "
+                   "(default: %(default)s)")
+    p.add_argument("--fps", type=int, default=15, help="frames per second of the videos (default: %(default)s)")
+    p.add_argument("--viclip-ckpt", default="data/checkpoints/ViClip-InternVid-10M-FLT.pth",
+                   help="ViCLIP checkpoint for --encoder viclip (default: %(default)s)")
+    p.add_argument("--device", default=None, help="cuda, cpu (default: cuda if available)")
+    args = p.parse_args()
+    if any(not prompt.strip() for prompt in args.prompt):
+        raise helpers.UserError("-p: empty prompt; give the text to look for, e.g. -p \"a man throwing a ball\"")
+    return args
+
+
+def main():
+    args = parse_args()
+    device = helpers.pick_device(args.device)
+    stages = Stages(args.seq, args.exp, args.encoder, device)
+    from feature_extraction import load_encoder
+    positives, negatives = encode_prompts(load_encoder(args.encoder, device, args.viclip_ckpt), args.prompt, device)
+    views = orbit_view(args.seq, stages, device) if args.cams == "orbit" else meta_views(
+        args.seq, args.cams, stages.num_t, device)
+    out_dirs = [os.path.join("results", args.exp, os.path.basename(os.path.normpath(args.seq)), prompt_dir(p))
+                for p in args.prompt]
+    per_view = [{} for _ in args.prompt]
+    for name, cams in views:
+        rgb, relevance = render_relevance_video(stages, cams, positives, negatives, args.fg_only, desc=name)
+        for q, prompt in enumerate(args.prompt):
+            video_heat = heat(relevance[q], args.threshold).numpy()
+            helpers.write_video(os.path.join(out_dirs[q], f"{name}.mp4"),
+                                (overlay(h, im) for h, im in zip(video_heat, rgb)), fps=args.fps)
+            scores = frame_scores(relevance[q])
+            per_view[q][name] = {"scores": [round(float(s), 5) for s in scores],
+                                 "spans": detect_spans(scores, args.threshold),
+                                 "peak_relevance": round(float(relevance[q].max()), 5)}
+    for q, prompt in enumerate(args.prompt):
+        scores = np.mean([v["scores"] for v in per_view[q].values()], axis=0)
+        spans = detect_spans(torch.from_numpy(scores), args.threshold)
+        helpers.save_json(os.path.join(out_dirs[q], "timeline.json"), {
+            "prompt": prompt, "encoder": args.encoder, "views": list(per_view[q]), "fg_only": args.fg_only,
+            "score": f"per timestep: mean relevance (probability - 0.5, clipped at 0) of the top "
+                     f"{TOP_FRACTION:.1%} pixels, averaged over the views",
+            "threshold": args.threshold, "scores": [round(float(s), 5) for s in scores], "spans": spans,
+            "per_view": per_view[q]})
+        plot_timeline(os.path.join(out_dirs[q], "timeline.png"), prompt, scores, per_view[q], spans, args.threshold)
+        found = ", ".join(f"{a}-{b}" for a, b in spans) if spans else "nowhere (empty timeline)"
+        print(f'"{prompt}": timesteps {found} -> {out_dirs[q]}/ ({len(views)} videos, timeline.json, timeline.png)')
+
+
+if __name__ == "__main__":
+    helpers.run_main(main)
