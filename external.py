@@ -46,12 +46,14 @@ NOT_PER_GAUSSIAN = ("cam_m", "cam_c")
 
 def densify_schedule(num_iters, grad_thresh=0.0002):
     """The original's schedule for 10,000 iterations, scaled to num_iters: densify every 1% from
-    5% to 50% of the iterations, reset opacities at 30%, prune big Gaussians from 30%, prune with
-    the higher opacity bar at 50%. At 10,000: every 100 from 500 to 5,000, reset at 3,000."""
-    every = max(1, round(0.01 * num_iters))
+    5% to 50% of the iterations (at least every 10), reset opacities at 30%, prune big Gaussians from 30%, prune with
+    the higher opacity bar (0.25) at 50%. At 10,000: every 100 from 500 to 5,000, reset at 3,000.
+    Below 2,000 iterations there is no reset (and no higher bar): at lr 0.05 an opacity needs
+    ~70 steps to climb back from 0.01 to 0.25, and a short run would prune everything."""
+    every = max(10, round(0.01 * num_iters))  # average the gradient over some views, even in short runs
     return {"start": every * round(0.05 * num_iters / every), "stop": every * round(0.5 * num_iters / every),
-            "every": every, "reset": max(1, round(0.3 * num_iters)), "big_from": round(0.3 * num_iters),
-            "grad_thresh": grad_thresh}
+            "every": every, "reset": round(0.3 * num_iters) if num_iters >= 2000 else None,
+            "big_from": round(0.3 * num_iters), "grad_thresh": grad_thresh}
 
 
 def _replace_param(params, optimizer, name, value, moments):
@@ -111,7 +113,7 @@ def densify(params, variables, optimizer, i, schedule, means2D_grad, radii):
     schedule['start']: clone small (<= 1% of the scene radius) and split large Gaussians in two
     (scale / 1.6, positions sampled from the parent) where the mean gradient >= grad_thresh, then
     prune opacity < 0.005 (0.25 at 'stop') and, from 'big_from', Gaussians larger than 10% of the
-    scene radius; reset all opacities to 0.01 at 'reset'. variables: scene_radius (float),
+    scene radius; reset all opacities to 0.01 at 'reset' (if any). variables: scene_radius (float),
     means2D_gradient_accum [N], denom [N]. Returns params, variables.
     """
     if i > schedule["stop"]:
@@ -138,13 +140,13 @@ def densify(params, variables, optimizer, i, schedule, means2D_grad, radii):
         variables["means2D_gradient_accum"] = torch.zeros(n, device=accum.device)
         variables["denom"] = torch.zeros(n, device=accum.device)
         # the split parents go, and with them (one reallocation instead of two) the pruned ones
-        remove_threshold = 0.25 if i == schedule["stop"] else 0.005
+        remove_threshold = 0.25 if i == schedule["stop"] and schedule["reset"] else 0.005
         to_remove = torch.cat([to_split, torch.zeros(num_new, dtype=torch.bool, device=accum.device)])
         to_remove |= torch.sigmoid(params["logit_opacities"][:, 0]) < remove_threshold
         if i >= schedule["big_from"]:
             to_remove |= torch.exp(params["log_scales"]).max(dim=1).values > 0.1 * radius
         params, variables = remove_points(to_remove, params, variables, optimizer)
-    if i > 0 and i % schedule["reset"] == 0:
+    if schedule["reset"] and i > 0 and i % schedule["reset"] == 0:
         reset = torch.full_like(params["logit_opacities"], math.log(0.01 / 0.99))
         update_params_and_optimizer({"logit_opacities": reset}, params, optimizer)
     return params, variables

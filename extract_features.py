@@ -32,6 +32,15 @@ def dist_rank():
     return tuple(int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
 
 
+def rank_device(name, world, local_rank):
+    """This process's device: `name` (default cuda if available) with an explicit GPU index, under
+    torchrun the rank's own GPU (cuda:LOCAL_RANK)."""
+    device = helpers.pick_device(name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank if world > 1 else device.index or 0)
+    return device
+
+
 def shard(timesteps, rank, world):
     """Rank `rank`'s contiguous block of `timesteps` (blocks differ in length by at most one):
     neighbouring timesteps share 7 of their 8 frames, so a block decodes each image once."""
@@ -40,12 +49,13 @@ def shard(timesteps, rank, world):
 
 
 class FrameReader:
-    """reader(t) -> uint8 [C, 8, H, W, 3]: the clip frames of timestep t for every train camera.
-    Frames decoded for the previous call are kept, so walking through timesteps in order decodes
-    one new image per camera and timestep."""
+    """reader(t) -> uint8 tensor [C, 8, H, W, 3]: the clip frames of timestep t for every train
+    camera (in page-locked memory when `pin`, for a fast asynchronous copy to the GPU). Frames
+    decoded for the previous call are kept, so walking through timesteps in order decodes one new
+    image per camera and timestep."""
 
-    def __init__(self, seq_dir, meta):
-        self.seq_dir, self.meta, self.decoded = seq_dir, meta, {}
+    def __init__(self, seq_dir, meta, pin=False):
+        self.seq_dir, self.meta, self.pin, self.decoded = seq_dir, meta, pin, {}
 
     def __call__(self, t):
         from PIL import Image
@@ -65,35 +75,36 @@ class FrameReader:
                 decoded[fn] = self.decoded[fn]
         self.decoded = decoded
         cams = range(len(self.meta["cam_id"]))
-        return np.stack([np.stack([decoded[self.meta["fn"][f][c]] for f in frames]) for c in cams])
+        clips = torch.from_numpy(np.stack([np.stack([decoded[self.meta["fn"][f][c]] for f in frames]) for c in cams]))
+        return clips.pin_memory() if self.pin else clips
 
 
 @torch.inference_mode()
 def encode_timestep(encoder, frames, levels, index, batch_size, device, fixed_batch, on_batch=None):
     """All tile clips of one timestep through the encoder.
 
-    frames uint8 [C, 8, H, W, 3] (numpy); index: tiles.tile_index tensors on `device`; fixed_batch:
+    frames uint8 [C, 8, H, W, 3] (FrameReader's); index: tiles.tile_index tensors on `device`; fixed_batch:
     pad the last batch to batch_size (one input shape, so torch.compile compiles once); on_batch(n)
     is called after each batch of n clips is queued. Returns float16 [M, D] on `device` in
     tiles.tile_index order.
     """
-    frames = torch.from_numpy(frames)
-    if device.type == "cuda":
-        frames = frames.pin_memory()
     padded, pad = tiles.pad_frames(frames.to(device, non_blocking=True), levels)
     level, cam, row, col = index
     # Where each level's tiles start and end in the flat order (index is sorted by level).
-    ends = np.cumsum([len(padded) * lv["rows"] * lv["cols"] for lv in levels])
-    starts = ends - [len(padded) * lv["rows"] * lv["cols"] for lv in levels]
+    sizes = np.array([len(padded) * lv["rows"] * lv["cols"] for lv in levels])
+    ends = np.cumsum(sizes)
+    starts = ends - sizes
     mean = torch.tensor(CLIP_MEAN, device=device).view(3, 1, 1)
     std = torch.tensor(CLIP_STD, device=device).view(3, 1, 1)
     out = torch.empty(len(level), encoder.dim, dtype=torch.float16, device=device)
     for start in range(0, len(level), batch_size):
         stop = min(start + batch_size, len(level))
-        clips = torch.cat([tiles.crop_tiles(padded, pad, lv, cam[a:b], row[a:b], col[a:b], encoder.input_size)
-                           for lv, s, e in zip(levels, starts, ends) if s < stop and e > start
-                           for a, b in [(max(s, start), min(e, stop))]])
-        clips = clips.sub_(mean).div_(std)
+        parts = []  # a batch may span two levels (tile sizes): cut each level's share at its size
+        for lv, first, end in zip(levels, starts, ends):
+            a, b = max(first, start), min(end, stop)
+            if a < b:
+                parts.append(tiles.crop_tiles(padded, pad, lv, cam[a:b], row[a:b], col[a:b], encoder.input_size))
+        clips = torch.cat(parts).sub_(mean).div_(std)
         if fixed_batch and len(clips) < batch_size:
             clips = torch.cat([clips, clips.new_zeros((batch_size - len(clips),) + clips.shape[1:])])
         out[start:stop] = encoder.encode_video(clips)[:stop - start].to(torch.float16)
@@ -115,7 +126,7 @@ def extract(seq_dir, encoder, timesteps, batch_size, device, progress=True):
     if not todo:
         return stats
     os.makedirs(cache, exist_ok=True)
-    reader = FrameReader(seq_dir, meta)
+    reader = FrameReader(seq_dir, meta, pin=device.type == "cuda")
     bar = tqdm(total=len(todo) * len(index[0]), unit="clip", disable=not progress, smoothing=0.05)
     start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as decoder:
@@ -158,11 +169,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     rank, world, local_rank = dist_rank()
-    device = helpers.pick_device(args.device)
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", local_rank)
+    device = rank_device(args.device, world, local_rank)
     if device.type == "cuda":
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(device.index)
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
     meta = helpers.load_meta(args.seq, "train")
@@ -178,7 +187,8 @@ def main(argv=None):
     encoder = load_encoder(args.encoder, device, args.viclip_ckpt,
                            compile=device.type == "cuda" and not args.no_compile)
     stats = extract(args.seq, encoder, mine, args.batch_size, device, progress=rank == 0)
-    rate = f", {stats['clips'] / stats['seconds']:.1f} clips/s" if stats["seconds"] else ""
+    rate = (f", {stats['clips'] / stats['seconds']:.1f} clips/s, median "
+            f"{np.median(stats['timestep_seconds']):.1f} s/timestep" if stats["seconds"] else "")
     who = f"rank {rank}/{world}: " if world > 1 else ""
     print(f"{who}embedded {stats['done']} timestep(s) ({stats['clips']} clips{rate}), {stats['skipped']} already "
           f"cached -> {stats['cache']}/timestep_<t>/")

@@ -81,10 +81,18 @@ META_KEYS = ("w", "h", "k", "w2c", "fn", "cam_id")
 def load_meta(seq_dir, split):
     """Read and check `<seq_dir>/<split>_meta.json` (split: 'train' or 'test').
 
-    Returns the dict with w, h (int) and per timestep lists over cameras: k [C][3][3],
-    w2c [C][4][4], fn [C] str, cam_id [C] int. Raises UserError naming the file and the problem.
+    Returns the dict with w, h (int) and per timestep lists over cameras: k [T][C][3][3],
+    w2c [T][C][4][4], fn [T][C] str ('<cam>/<t:06d>.jpg'), plus cam_id [C] int (flattened when
+    the file repeats it per timestep) and path (the file). Raises UserError naming the file and
+    the problem: missing or unreadable file, invalid JSON, missing keys, cameras that differ
+    between timesteps or between k/w2c/fn/cam_id, arrays of the wrong shape, non-finite values.
     """
     path = os.path.join(seq_dir, f"{split}_meta.json")
+
+    def bad(problem):
+        return UserError(f"{path}: {problem}; fix or re-export the file (PanopticSports format: "
+                         f"w, h and per timestep lists over cameras of k, w2c, fn, cam_id)")
+
     if not os.path.isfile(path):
         raise UserError(f"{path} not found: a sequence folder needs train_meta.json and test_meta.json "
                         f"(PanopticSports format, see README)")
@@ -92,41 +100,69 @@ def load_meta(seq_dir, split):
         with open(path) as f:
             meta = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e})")
+        raise bad(f"not valid JSON ({e})")
+    except OSError as e:
+        raise UserError(f"{path} cannot be read ({e})")
     if not isinstance(meta, dict):
-        raise UserError(f"{path} must hold a JSON object with keys {', '.join(META_KEYS)}")
+        raise bad(f"holds a JSON {type(meta).__name__}, not an object with keys {', '.join(META_KEYS)}")
     missing = [k for k in META_KEYS if k not in meta]
     if missing:
-        raise UserError(f"{path} lacks key(s) {', '.join(missing)}")
-    num_t = len(meta["fn"])
-    if num_t == 0:
-        raise UserError(f"{path} has no timesteps (fn is empty)")
-    for key in ("k", "w2c", "fn"):
+        raise bad(f"lacks key(s) {', '.join(missing)}")
+    for key in ("w", "h"):
+        value = meta[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 1:
+            raise bad(f"'{key}' is {value!r}, not a positive whole number of pixels")
+    fn = meta["fn"]
+    if not isinstance(fn, list) or not fn:
+        raise bad("'fn' must be a non-empty list over timesteps")
+    num_t = len(fn)
+    for key in ("k", "w2c"):
         if not isinstance(meta[key], list) or len(meta[key]) != num_t:
-            raise UserError(f"{path}: '{key}' must be a list over {num_t} timesteps")
+            raise bad(f"'{key}' must be a list over the {num_t} timesteps of 'fn'")
     cam_ids = meta["cam_id"]
-    if cam_ids and isinstance(cam_ids[0], list):  # some exports repeat cam_id per timestep
-        if any(c != cam_ids[0] for c in cam_ids):
-            raise UserError(f"{path}: the cameras differ between timesteps; every timestep must "
-                            f"show the same cameras")
+    if isinstance(cam_ids, list) and cam_ids and isinstance(cam_ids[0], list):  # repeated per timestep
+        if len(cam_ids) != num_t:
+            raise bad(f"'cam_id' lists {len(cam_ids)} timesteps, 'fn' {num_t}")
+        for t, ids in enumerate(cam_ids):
+            if ids != cam_ids[0]:
+                raise bad(f"the cameras differ between timesteps (cam_id at timestep {t} is {ids}, at 0 "
+                          f"{cam_ids[0]}); every timestep must show the same cameras in the same order")
         cam_ids = cam_ids[0]
+    if not isinstance(cam_ids, list) or not cam_ids or not all(
+            isinstance(c, int) and not isinstance(c, bool) for c in cam_ids):
+        raise bad(f"'cam_id' must be a non-empty list of integer camera ids, is {str(meta['cam_id'])[:60]}")
     num_c = len(cam_ids)
     for t in range(num_t):
         for key in ("k", "w2c", "fn"):
-            if len(meta[key][t]) != num_c:
-                raise UserError(f"{path}: timestep {t} has {len(meta[key][t])} entries in '{key}' "
-                                f"but cam_id lists {num_c} cameras")
-        if any(fn.split("/")[0] != meta["fn"][0][c].split("/")[0] for c, fn in enumerate(meta["fn"][t])):
-            raise UserError(f"{path}: timestep {t} lists other cameras than timestep 0; every "
-                            f"timestep must show the same cameras in the same order")
-    k = np.asarray(meta["k"], dtype=np.float64)
-    w2c = np.asarray(meta["w2c"], dtype=np.float64)
-    if k.shape != (num_t, num_c, 3, 3):
-        raise UserError(f"{path}: 'k' has shape {list(k.shape)}, expected [{num_t}, {num_c}, 3, 3]")
-    if w2c.shape != (num_t, num_c, 4, 4):
-        raise UserError(f"{path}: 'w2c' has shape {list(w2c.shape)}, expected [{num_t}, {num_c}, 4, 4]")
-    if not (np.isfinite(k).all() and np.isfinite(w2c).all()):
-        raise UserError(f"{path}: 'k' or 'w2c' holds NaN or Inf")
+            entry = meta[key][t]
+            if not isinstance(entry, list) or len(entry) != num_c:
+                found = f"{len(entry)} entries" if isinstance(entry, list) else f"a {type(entry).__name__}"
+                raise bad(f"timestep {t} has {found} in '{key}' but cam_id lists {num_c} cameras")
+        for c, name in enumerate(fn[t]):
+            if not isinstance(name, str) or name.count("/") != 1:
+                raise bad(f"fn[{t}][{c}] is {name!r}, not '<camera>/<image file>'")
+            if name.split("/")[0] != str(cam_ids[c]):
+                raise bad(f"fn[{t}][{c}] is {name!r} but cam_id[{c}] is {cam_ids[c]}: the cameras differ "
+                          f"between timesteps or between fn and cam_id")
+    arrays = {}
+    for key, size in (("k", 3), ("w2c", 4)):
+        try:
+            arrays[key] = np.asarray(meta[key], dtype=np.float64)
+        except (ValueError, TypeError):
+            raise bad(f"'{key}' is not a [{num_t}][{num_c}][{size}][{size}] array of numbers")
+        if arrays[key].shape != (num_t, num_c, size, size):
+            raise bad(f"'{key}' has shape {list(arrays[key].shape)}, expected [{num_t}, {num_c}, {size}, {size}]")
+        if not np.isfinite(arrays[key]).all():
+            raise bad(f"'{key}' holds NaN or Inf")
+    k, w2c = arrays["k"], arrays["w2c"]
+    if (k[..., 0, 0] <= 0).any() or (k[..., 1, 1] <= 0).any() or np.abs(k[..., 2, :] - [0, 0, 1]).max() > 1e-6:
+        raise bad("'k' holds a matrix that is not an intrinsics matrix [[fx, 0, cx], [0, fy, cy], [0, 0, 1]] "
+                  "with fx, fy > 0")
+    rot = w2c[..., :3, :3]
+    if (np.abs(w2c[..., 3, :] - [0, 0, 0, 1]).max() > 1e-6
+            or np.abs(rot @ np.swapaxes(rot, -1, -2) - np.eye(3)).max() > 1e-3
+            or (np.linalg.det(rot) <= 0).any()):
+        raise bad("'w2c' holds a matrix that is not a rigid world-to-camera transform [[R, t], [0, 0, 0, 1]]")
     meta["w"], meta["h"], meta["cam_id"] = int(meta["w"]), int(meta["h"]), list(cam_ids)
     meta["path"] = path
     return meta
@@ -138,23 +174,25 @@ def load_image(path, size=None):
     if not os.path.isfile(path):
         raise UserError(f"image {path} not found")
     try:
-        im = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0
+        with Image.open(path) as f:
+            im = np.asarray(f.convert("RGB"), dtype=np.float32) / 255.0
     except OSError as e:
-        raise UserError(f"image {path} cannot be read ({e})")
+        raise UserError(f"image {path} cannot be read ({e}); replace the file")
     if size is not None and (im.shape[1], im.shape[0]) != tuple(size):
         raise UserError(f"image {path} is {im.shape[1]}x{im.shape[0]}, the meta file says {size[0]}x{size[1]}")
     return torch.from_numpy(im).permute(2, 0, 1).contiguous()
 
 
 def load_mask(path, size=None):
-    """Foreground mask as float32 [H, W] in {0, 1}."""
+    """Foreground mask as float32 [H, W] in {0, 1} (from a 1-bit or 8-bit PNG)."""
     from PIL import Image
     if not os.path.isfile(path):
         raise UserError(f"mask {path} not found")
     try:
-        m = np.asarray(Image.open(path).convert("L"), dtype=np.float32)
+        with Image.open(path) as f:
+            m = np.asarray(f.convert("L"), dtype=np.float32)
     except OSError as e:
-        raise UserError(f"mask {path} cannot be read ({e})")
+        raise UserError(f"mask {path} cannot be read ({e}); replace the file")
     if size is not None and (m.shape[1], m.shape[0]) != tuple(size):
         raise UserError(f"mask {path} is {m.shape[1]}x{m.shape[0]}, the meta file says {size[0]}x{size[1]}")
     return torch.from_numpy((m > 127).astype(np.float32) if m.max() > 1 else m)
@@ -162,31 +200,41 @@ def load_mask(path, size=None):
 
 def seg_path(seq_dir, fn):
     """Path of the foreground mask that belongs to image `fn` ('<cam>/<t>.jpg')."""
-    return os.path.join(seq_dir, "seg", fn.replace(".jpg", ".png"))
+    return os.path.join(seq_dir, "seg", os.path.splitext(fn)[0] + ".png")
 
 
-def check_sequence(seq_dir, meta, t_first=0, t_last=None):
-    """Check that every image (and mask) of timesteps t_first..t_last exists, before hours of work."""
-    t_last = len(meta["fn"]) - 1 if t_last is None else t_last
+def check_sequence(seq_dir, meta, t_first=0, t_last=None, masks=False):
+    """Check, before hours of work, that timesteps t_first..t_last exist in `meta` (load_meta's)
+    and that every image of them (and with masks=True every foreground mask) is on disk."""
+    num_t = len(meta["fn"])
+    t_last = num_t - 1 if t_last is None else t_last
+    if not 0 <= t_first <= t_last < num_t:
+        raise UserError(f"timesteps {t_first}..{t_last} asked for, but {meta['path']} has timesteps 0..{num_t - 1}")
     for t in range(t_first, t_last + 1):
         for fn in meta["fn"][t]:
-            if not os.path.isfile(os.path.join(seq_dir, "ims", fn)):
-                raise UserError(f"image {os.path.join(seq_dir, 'ims', fn)} listed in {meta['path']} not found")
+            image = os.path.join(seq_dir, "ims", fn)
+            if not os.path.isfile(image):
+                raise UserError(f"image {image} listed in {meta['path']} not found")
+            if masks and not os.path.isfile(seg_path(seq_dir, fn)):
+                raise UserError(f"mask {seg_path(seq_dir, fn)} of image {image} not found (foreground masks "
+                                f"live in <seq>/seg/<cam>/<t>.png)")
 
 
-def setup_camera(w, h, k, w2c, near=0.01, far=100.0, bg=(0.0, 0.0, 0.0), device="cpu"):
-    """Rasterizer settings for one camera: k [3, 3] intrinsics, w2c [4, 4] OpenCV world-to-camera."""
-    fx, fy, cx, cy = k[0][0], k[1][1], k[0][2], k[1][2]
-    w2c = torch.as_tensor(np.asarray(w2c), dtype=torch.float32, device=device)
+def setup_camera(w, h, k, w2c, near=0.01, far=100.0, bg=(0.0, 0.0, 0.0), device="cpu", dtype=torch.float32):
+    """Rasterizer settings for one camera: k [3, 3] intrinsics, w2c [4, 4] OpenCV world-to-camera
+    (a point projects to column fx x / z + cx - 0.5 in pixel-index coordinates, as the original's
+    NDC-to-pixel mapping). dtype float64 gives exact matrices for tests in float64."""
+    fx, fy, cx, cy = float(k[0][0]), float(k[1][1]), float(k[0][2]), float(k[1][2])
+    w2c = torch.as_tensor(np.asarray(w2c, dtype=np.float64), device=device).to(dtype)
     campos = torch.inverse(w2c)[:3, 3]
     view = w2c.T.contiguous()
     opengl_proj = torch.tensor([
         [2 * fx / w, 0.0, -(w - 2 * cx) / w, 0.0],
         [0.0, 2 * fy / h, -(h - 2 * cy) / h, 0.0],
         [0.0, 0.0, far / (far - near), -(far * near) / (far - near)],
-        [0.0, 0.0, 1.0, 0.0]], dtype=torch.float32, device=device).T
-    return Camera(image_height=h, image_width=w, tanfovx=w / (2 * fx), tanfovy=h / (2 * fy),
-                  bg=torch.tensor(bg, dtype=torch.float32, device=device), scale_modifier=1.0,
+        [0.0, 0.0, 1.0, 0.0]], dtype=dtype, device=device).T
+    return Camera(image_height=int(h), image_width=int(w), tanfovx=w / (2 * fx), tanfovy=h / (2 * fy),
+                  bg=torch.tensor(bg, dtype=dtype, device=device), scale_modifier=1.0,
                   viewmatrix=view, projmatrix=view @ opengl_proj, sh_degree=0, campos=campos,
                   prefiltered=False)
 
@@ -281,6 +329,8 @@ def write_video(path, frames, fps=15):
         with imageio.get_writer(tmp, format="FFMPEG", fps=fps, codec="libx264", quality=8,
                                 macro_block_size=1, ffmpeg_log_level="error") as writer:
             for frame in frames:
+                # H.264 in yuv420p needs even sizes: repeat the last row / column where odd
+                frame = np.pad(frame, ((0, frame.shape[0] % 2), (0, frame.shape[1] % 2), (0, 0)), mode="edge")
                 writer.append_data(np.ascontiguousarray(frame))
     atomic_write(path, write)
 
@@ -314,6 +364,24 @@ def cameras_at(meta, t, near=0.01, far=100.0, device="cpu"):
     """Rasterizer settings of every camera of `meta` (load_meta's dict) at timestep t."""
     return [setup_camera(meta["w"], meta["h"], meta["k"][t][c], meta["w2c"][t][c], near, far, device=device)
             for c in range(len(meta["cam_id"]))]
+
+
+def scale_meta(meta, factor):
+    """load_meta's dict for images `factor` times smaller (w, h rounded down, intrinsics scaled so
+    that pixel centres stay put), and the images to match: resize_images(ims [.., H, W], meta)."""
+    if factor == 1:
+        return meta
+    k = np.array(meta["k"], dtype=np.float64)
+    k[..., :2, :2] /= factor
+    k[..., :2, 2] = (k[..., :2, 2] + 0.5) / factor - 0.5
+    return {**meta, "w": meta["w"] // factor, "h": meta["h"] // factor, "k": k.tolist()}
+
+
+def resize_images(ims, meta):
+    """ims [B, C, H, W] float -> [B, C, meta h, meta w] by area averaging (no-op at that size)."""
+    if ims.shape[-2:] == (meta["h"], meta["w"]):
+        return ims
+    return torch.nn.functional.interpolate(ims, size=(meta["h"], meta["w"]), mode="area")
 
 
 def params2rendervar(params):

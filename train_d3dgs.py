@@ -42,15 +42,17 @@ DEMO = {"iters_first": 300, "iters": 30, "fg_points": 1500, "bg_points": 2000}
 
 # ---------------------------------------------------------------- data
 
-def load_timestep(seq_dir, meta, test_meta, t):
-    """Images of timestep t on the CPU (runs in a worker thread while the previous timestep trains):
-    train ims [C, 3, H, W], train seg colours [C, 3, H, W] = (fg, 0, 1 - fg), test ims [C', 3, H, W]."""
-    size = (meta["w"], meta["h"])
+def load_timestep(seq_dir, meta, test_meta, t, size, test_size):
+    """Images of timestep t on the CPU (runs in a worker thread while the previous timestep trains),
+    checked against the files' size (w, h) and resized to the (scaled) metas: train ims
+    [C, 3, H, W], train seg colours [C, 3, H, W] = (fg, 0, 1 - fg), test ims [C', 3, H, W]."""
     ims = torch.stack([helpers.load_image(os.path.join(seq_dir, "ims", fn), size) for fn in meta["fn"][t]])
     fg = torch.stack([helpers.load_mask(helpers.seg_path(seq_dir, fn), size) for fn in meta["fn"][t]])
-    test_ims = torch.stack([helpers.load_image(os.path.join(seq_dir, "ims", fn), (test_meta["w"], test_meta["h"]))
+    test_ims = torch.stack([helpers.load_image(os.path.join(seq_dir, "ims", fn), test_size)
                             for fn in test_meta["fn"][t]])
-    return ims, torch.stack([fg, torch.zeros_like(fg), 1 - fg], 1), test_ims
+    segs = torch.stack([fg, torch.zeros_like(fg), 1 - fg], 1)
+    return (helpers.resize_images(ims, meta), helpers.resize_images(segs, meta),
+            helpers.resize_images(test_ims, test_meta))
 
 
 def get_dataset(loaded, meta, test_meta, t, device):
@@ -117,7 +119,8 @@ def initialize_post_first_timestep(params):
     pts = params["means3D"].detach()
     rot = F.normalize(params["unnorm_rotations"].detach())
     fg_idx, bg_idx = torch.nonzero(is_fg)[:, 0], torch.nonzero(~is_fg)[:, 0]
-    sq_dist, nbr = helpers.knn(pts[fg_idx].cpu().numpy(), NUM_KNN_RIGID)
+    sq_dist, nbr = (helpers.knn(pts[fg_idx].cpu().numpy(), NUM_KNN_RIGID) if len(fg_idx)
+                    else (np.zeros((0, NUM_KNN_RIGID)), np.zeros((0, NUM_KNN_RIGID), int)))
     as_tensor = lambda x, dtype=torch.float32: torch.as_tensor(x, dtype=dtype, device=device).contiguous()  # noqa: E731
     return {"fg_idx": fg_idx, "bg_idx": bg_idx,
             "neighbor_indices": as_tensor(nbr, torch.long),
@@ -218,7 +221,7 @@ def train_timestep(params, variables, optimizer, dataset, t, num_iters, schedule
                                                      rendervar["means2D"].grad, radii)
         if i % 100 == 0 or i == num_iters - 1:
             check_finite(first_bad, names, t)
-            bar.set_postfix_str(f"it {i} loss {float(loss):.4f} train PSNR {helpers.psnr(im.detach(), data['im']):.2f} "
+            bar.set_postfix_str(f"it {i} loss {float(loss.detach()):.4f} train PSNR {helpers.psnr(im.detach(), data['im']):.2f} "
                                 f"N {params['means3D'].shape[0]}", refresh=False)
         bar.update(1)
     return params, variables
@@ -349,6 +352,8 @@ def parse_args(argv=None):
                         help="without init_pt_cld.npz: at most this many visual-hull (foreground) points")
     parser.add_argument("--bg-points", type=int, default=60_000,
                         help="without init_pt_cld.npz: rays for background points (at most one point each)")
+    parser.add_argument("--downscale", type=int, default=1,
+                        help="train and evaluate on images this many times smaller (faster, coarser)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (camera order, splits)")
     parser.add_argument("--demo", action="store_true",
                         help=f"small settings for the CPU demo: {', '.join(f'{k}={v}' for k, v in DEMO.items())}")
@@ -356,8 +361,8 @@ def parse_args(argv=None):
     if args.demo:
         for k, v in DEMO.items():
             setattr(args, k, v)
-    if args.iters_first < 1 or args.iters < 1:
-        raise helpers.UserError("--iters-first and --iters must be at least 1")
+    if args.iters_first < 1 or args.iters < 1 or args.downscale < 1:
+        raise helpers.UserError("--iters-first, --iters and --downscale must be at least 1")
     return args
 
 
@@ -366,7 +371,9 @@ def main(argv=None):
     device = helpers.pick_device(args.device)
     seq_dir = os.path.normpath(args.seq)
     seq = os.path.basename(seq_dir)
-    meta, test_meta = helpers.load_meta(seq_dir, "train"), helpers.load_meta(seq_dir, "test")
+    full_meta, full_test_meta = helpers.load_meta(seq_dir, "train"), helpers.load_meta(seq_dir, "test")
+    meta, test_meta = helpers.scale_meta(full_meta, args.downscale), helpers.scale_meta(full_test_meta, args.downscale)
+    sizes = (full_meta["w"], full_meta["h"]), (full_test_meta["w"], full_test_meta["h"])
     num_t = len(meta["fn"])
     if len(test_meta["fn"]) < num_t:
         raise helpers.UserError(f"{test_meta['path']} has {len(test_meta['fn'])} timesteps, {meta['path']} {num_t}")
@@ -404,16 +411,16 @@ def main(argv=None):
     total = sum(args.iters_first if t == 0 else args.iters for t in range(start, last + 1))
     bar = tqdm(total=total, unit="it", dynamic_ncols=True)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:  # the next timestep's images load while this one trains
-        upcoming = pool.submit(load_timestep, seq_dir, meta, test_meta, start) if start <= last else None
+        upcoming = pool.submit(load_timestep, seq_dir, meta, test_meta, start, *sizes) if start <= last else None
         for t in range(start, last + 1):
             dataset, test_views = get_dataset(upcoming.result(), meta, test_meta, t, device)
-            upcoming = pool.submit(load_timestep, seq_dir, meta, test_meta, t + 1) if t < last else None
+            upcoming = pool.submit(load_timestep, seq_dir, meta, test_meta, t + 1, *sizes) if t < last else None
             torch.manual_seed(args.seed * 1_000_003 + t)
             rng = np.random.default_rng([args.seed, t])
             bar.set_description(f"t {t}/{last}")
             started = time.time()
             if t == 0:
-                init_pt_cld = initial_point_cloud(seq_dir, meta, out_dir, args)
+                init_pt_cld = initial_point_cloud(seq_dir, full_meta, out_dir, args)
                 radius = scene_radius(meta)
                 params = initialize_params(init_pt_cld, len(meta["cam_id"]), device)
                 variables = {"scene_radius": radius,

@@ -54,8 +54,12 @@ class ColorEncoder:
     colour histogram and frame differences, and it keeps the CPU demo at ~1.5 s per timestep."""
     name = "color"
     dim = DIM
-    identity = f"color-v1-seed{SEED}"
     input_size = 8
+
+    @property
+    def identity(self):
+        """What the cache records: every constant of the formula, so changing one recomputes."""
+        return f"color-v1:seed={SEED}:sigma={SIGMA}:motion={MOTION_GAIN}:generic={GENERIC_WEIGHT}:palette={PALETTE_RGB}"
 
     def __init__(self, device="cpu"):
         self.device = torch.device(device)

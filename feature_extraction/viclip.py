@@ -1,7 +1,7 @@
 """ViCLIP (InternVid), inference only: a ViT-L/14 video encoder and CLIP's text encoder.
 
 Parameter names and shapes are those of the official `ViClip-InternVid-10M-FLT.pth` (its "model"
-entry loads strictly into `ViCLIP()`); see docs of method.md, "ViCLIP, exactly". The computation is
+entry loads strictly into `ViCLIP()`; the list is method.md's "ViCLIP, exactly"). The computation is
 the original's: pre-norm residual blocks with a packed q/k/v in-projection, QuickGELU MLPs,
 LayerNorm eps 1e-5; a video's patch tokens of all 8 frames and ONE class token attend jointly.
 The speed-up is in how it is computed: one fused attention call (scaled_dot_product_attention,
@@ -11,6 +11,7 @@ embedding as one conv2d over all frames, and optionally torch.compile.
 import collections
 import contextlib
 import os
+import pickle
 
 import torch
 import torch.nn.functional as F
@@ -143,7 +144,7 @@ class ViCLIP(nn.Module):
                                         embed_dim)
         self.temp = nn.Parameter(torch.tensor(1 / 100.0))  # logit temperature of training; unused here
         self.input_size, self.frames, self.context_length, self.dim = image_size, frames, context_length, embed_dim
-        self.sdpa_backends = None  # None: PyTorch's choice; else a list of SDPBackend to prefer in order
+        self.sdpa_backends = None  # None: PyTorch's choice; else the list of SDPBackend allowed
         self._video_forward = None  # the compiled vision forward, once compile_video() ran
 
     @property
@@ -191,7 +192,7 @@ class ViCLIP(nn.Module):
         if self.sdpa_backends is None:
             return contextlib.nullcontext()
         from torch.nn.attention import sdpa_kernel
-        return sdpa_kernel(self.sdpa_backends, set_priority=True)
+        return sdpa_kernel(self.sdpa_backends)
 
     @torch.inference_mode()
     def encode_video(self, frames):
@@ -236,6 +237,10 @@ def load_viclip(path=DEFAULT_CKPT, device="cpu", dtype=None, compile=False, arch
             ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
         except RuntimeError:  # an old (non-zip) file cannot be memory-mapped
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            # Training checkpoints may pickle a config object beside the weights; the original
+            # code loads this file with a plain torch.load, so we do too for the official file.
+            ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
     except Exception as e:
         raise UserError(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: {e}); "
                         f"download it again from {MODEL_PAGE}")

@@ -116,7 +116,7 @@ def test_matches_reference(poisoned, n, width, height, channels, precomp):
             assert torch.isfinite(o).all(), f"{name} has unwritten (NaN) elements {where}"
     assert out[1].dtype == torch.int32 and torch.equal(out[1], ref[1]), \
         f"radii differ at {(out[1] != ref[1]).sum().item()} Gaussians {where}"
-    assert (ref[1] > 0).sum() > n // 2, f"scene too sparse to test {where}"
+    assert (ref[1] > 0).sum() > n // 4, f"scene too sparse to test {where}"
     for name, o, r in zip(("color", "depth", "features"), (out[0], out[2], out[3]), (ref[0], ref[2], ref[3])):
         if r is not None:
             assert rel_err(o, r) < FORWARD_TOL, f"{name}: relative error {rel_err(o, r):.2e} {where}"
@@ -136,7 +136,7 @@ def test_frozen_geometry_computes_feature_gradients_only(poisoned):
     gen = torch.Generator().manual_seed(seed)
     settings, w2c, fx = random_camera(211, 157, gen)
     scene = random_scene(20_000, settings, w2c, fx, 128, gen)
-    frozen = {k: (v.detach() if k not in ("features", "colors") else v) for k, v in scene.items()}
+    frozen = {k: (v.detach() if k not in ("features", "colors") and v is not None else v) for k, v in scene.items()}
     out, ref = call(_cuda, frozen, settings), call(_torch_impl, frozen, settings)
     weights = [torch.randn_like(ref[0]), None, torch.randn_like(ref[3])]
     outs, refs = (out[0], None, out[3]), (ref[0], None, ref[3])
@@ -169,7 +169,7 @@ def test_public_api_dispatches_to_cuda():
         scene["means3D"].detach(), torch.zeros_like(scene["means2D"]), scene["opacities"].detach(),
         colors_precomp=scene["colors"].detach(), legs_features=scene["features"],
         scales=scene["scales"].detach(), rotations=scene["rotations"].detach())
-    ref = call(_torch_impl, {k: v.detach() for k, v in scene.items()}, settings)
+    ref = call(_torch_impl, {k: v if v is None else v.detach() for k, v in scene.items()}, settings)
     assert rel_err(feat_out[3], ref[3]) < FORWARD_TOL, f"seed {seed}"
 
 

@@ -24,7 +24,7 @@ TINY = dict(image_size=28, patch=14, vision_width=32, vision_layers=1, vision_he
             context_length=32, vocab_size=49408, text_width=16, text_layers=1, text_heads=2)
 
 
-def make_sequence(out, w=64, h=36, num_t=6, num_cams=2, seed=0):
+def make_sequence(out, w=64, h=36, num_t=6, num_cams=1, seed=0):
     """A tiny PanopticSports-layout sequence of random JPEGs (train cameras only)."""
     rng = np.random.default_rng(seed)
     fns = [[f"{c}/{t:06d}.jpg" for c in range(num_cams)] for t in range(num_t)]
@@ -163,9 +163,9 @@ def test_extract_caches_reuses_and_invalidates(seq):
     levels = tiles.tile_levels(36, 64)
     for i, lv in enumerate(levels):
         arr = feature_cache.load_level(cache, 2, i)
-        assert arr.dtype == np.float16 and arr.shape == (2, lv["rows"], lv["cols"], 768)
+        assert arr.dtype == np.float16 and arr.shape == (1, lv["rows"], lv["cols"], 768)
     emb = load_tile_embeddings(cache, 2)
-    assert emb.shape == (2 * sum(lv["rows"] * lv["cols"] for lv in levels), 768) and emb.dtype == torch.float16
+    assert emb.shape == (sum(lv["rows"] * lv["cols"] for lv in levels), 768) and emb.dtype == torch.float16
     np.testing.assert_allclose(emb.float().norm(dim=1).numpy(), 1, atol=2e-3)
     before = {t: os.stat(os.path.join(cache, f"timestep_{t}", "level_0.npy")).st_mtime_ns for t in range(6)}
     again = extract_features.extract(seq, enc, range(6), 64, torch.device("cpu"), progress=False)
@@ -183,15 +183,16 @@ def test_extract_caches_reuses_and_invalidates(seq):
     assert not [d for d in os.listdir(cache) if d.startswith(".tmp")]
 
 
-def test_extract_with_tiny_viclip_matches_direct_encoding(seq):
+def test_extract_with_tiny_viclip_matches_direct_encoding(tmp_path):
     """A cached embedding equals the encoder applied to the clip built by hand (Unfold, torchvision
     Resize, CLIP normalisation), here for timestep 0 (clip 0,1,2,3,3,3,3,3), level 1, camera 1."""
     from torchvision.transforms import Normalize, Resize
+    seq = make_sequence(tmp_path / "seq", num_cams=2)
     model = ViCLIP(**TINY).reset_parameters(torch.Generator().manual_seed(0)).eval()
     extract_features.extract(seq, model, [0], 16, torch.device("cpu"), progress=False)
     lv = tiles.tile_levels(36, 64)[1]
     cached = feature_cache.load_level(cache_dir(seq, "viclip"), 0, 1)[1]  # [rows, cols, 16]
-    frames = torch.stack([torch.from_numpy(np.asarray(Image.open(os.path.join(seq, "ims", "1", f"{f:06d}.jpg"))))
+    frames = torch.stack([torch.from_numpy(np.array(Image.open(os.path.join(seq, "ims", "1", f"{f:06d}.jpg"))))
                           for f in tiles.clip_frames(0, 6)]).permute(0, 3, 1, 2).float() / 255
     k = lv["kernel"]
     windows = torch.nn.Unfold(k, stride=lv["stride"], padding=lv["padding"])(frames)
@@ -199,6 +200,16 @@ def test_extract_with_tiny_viclip_matches_direct_encoding(seq):
     clip = Normalize(CLIP_MEAN, CLIP_STD)(Resize((28, 28))(windows[..., 2, 3]))
     direct = model.encode_video(clip[None])[0]
     np.testing.assert_allclose(cached[2, 3].astype(np.float32), direct.numpy(), rtol=0, atol=3e-3)
+
+
+@pytest.mark.gpu
+def test_extract_on_gpu_matches_cpu(tmp_path):
+    """GPU extraction (float resize, fixed batches) gives the CPU's embeddings (uint8 resize)."""
+    seqs = [make_sequence(tmp_path / name, num_t=2) for name in ("cpu", "gpu")]
+    for seq, device in zip(seqs, ("cpu", "cuda")):
+        extract_features.extract(seq, ColorEncoder(device), [1], 48, torch.device(device), progress=False)
+    a, b = (load_tile_embeddings(cache_dir(seq, "color"), 1).float() for seq in seqs)
+    assert torch.nn.functional.cosine_similarity(a, b).min() > 0.999
 
 
 def test_shard_covers_timesteps_once():
@@ -211,11 +222,19 @@ def test_shard_covers_timesteps_once():
     assert extract_features.shard(timesteps, 1, 3) == [6, 7, 8, 9]
 
 
+def test_rank_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert extract_features.rank_device(None, 1, 0) == torch.device("cuda", 0)
+    assert extract_features.rank_device("cuda:3", 1, 0) == torch.device("cuda", 3)
+    assert extract_features.rank_device("cuda", 4, 2) == torch.device("cuda", 2)  # torchrun: LOCAL_RANK
+    assert extract_features.rank_device("cpu", 4, 2) == torch.device("cpu")
+
+
 def test_main_and_bad_inputs(seq, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
-    extract_features.main(["-s", seq, "--encoder", "color", "-f", "1", "-l", "2"])
+    extract_features.main(["-s", seq, "--encoder", "color", "-f", "0", "-l", "2"])
     out = capsys.readouterr().out
-    assert "embedded 2 timestep(s)" in out and os.path.join(seq, "interpolators", "color") in out
+    assert "embedded 3 timestep(s)" in out and os.path.join(seq, "interpolators", "color") in out
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     extract_features.main(["-s", seq, "--encoder", "color"])  # rank 1 of 2: timesteps 3..5
@@ -230,9 +249,9 @@ def test_main_and_bad_inputs(seq, monkeypatch, capsys):
         load_encoder("openclip:ViT-B-32")
     with pytest.raises(UserError, match="not found"):
         load_encoder("openclip:ViT-B-32:/no/such/file.pt")
-    os.remove(os.path.join(seq, "ims", "1", "000004.jpg"))
+    os.remove(os.path.join(seq, "ims", "0", "000004.jpg"))
+    extract_features.main(["-s", seq, "--encoder", "color", "-f", "0", "-l", "0"])  # clip 0..3: fine
     with pytest.raises(UserError, match="000004.jpg"):
-        extract_features.main(["-s", seq, "--encoder", "color", "-f", "0", "-l", "0"])  # clip 0..3 only
         extract_features.main(["-s", seq, "--encoder", "color", "-f", "1", "-l", "1"])  # clip 0..4
 
 

@@ -220,3 +220,22 @@ def test_tokenizer_matches_open_clip(tokenizer):
     texts = ["A man throwing the basketball", "naïve café — über 123", "it's 2 o'clock!!", "x" * 100,
              "The football flying in the air", "ﬁsh &lt;b&gt;"]
     assert torch.equal(tokenizer(texts, 32), theirs(texts))
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_and_compiled_paths_match_float32(tmp_path, tiny):
+    """The CUDA path (bfloat16 weights, fused attention, torch.compile) computes the float32 function."""
+    path = tmp_path / "tiny.pth"
+    torch.save({"model": {k: v.float() for k, v in tiny.state_dict().items()}}, path)
+    fp32 = load_viclip(path, "cuda", dtype=torch.float32, arch=TINY)
+    bf16 = load_viclip(path, "cuda", arch=TINY)
+    assert bf16.vision_encoder.proj.dtype == torch.bfloat16
+    video = torch.randn(4, 8, 3, 28, 28, device="cuda")
+    ref = fp32.encode_video(video)
+    torch.testing.assert_close(ref.cpu(), tiny.encode_video(video.cpu().double()), rtol=0, atol=1e-4)
+    eager = bf16.encode_video(video)
+    compiled = bf16.compile_video().encode_video(video)
+    for out in (eager, compiled):
+        assert out.dtype == torch.float32
+        assert torch.nn.functional.cosine_similarity(out, ref).min() > 0.995
+    assert torch.nn.functional.cosine_similarity(bf16.encode_text(["a red ball"]), fp32.encode_text(["a red ball"])).min() > 0.995

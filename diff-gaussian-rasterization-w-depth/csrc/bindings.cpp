@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <limits>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include <c10/cuda/CUDAStream.h>
@@ -103,9 +104,12 @@ std::vector<at::Tensor> forward(const at::Tensor& means3D, const at::Tensor& mea
   const auto i32 = f32.dtype(at::kInt);
   const int tiles = cam.grid_x * cam.grid_y;
 
-  at::Tensor xy = at::empty({n, 2}, f32), depth = at::empty({n}, f32), conic_opacity = at::empty({n, 4}, f32);
-  at::Tensor radii = output({n}, i32, poison), tiles_touched = at::empty({n}, i32);
-  at::Tensor depth_keys = at::empty({n}, i32), order = at::empty({n}, i32);
+  // per Gaussian, one allocation: conic and opacity [n, 4] (16-byte aligned first), xy [n, 2], depth [n]
+  at::Tensor projected = at::empty({7 * n}, f32);
+  at::Tensor conic_opacity = projected.narrow(0, 0, 4 * n).view({n, 4});
+  at::Tensor xy = projected.narrow(0, 4 * n, 2 * n).view({n, 2}), depth = projected.narrow(0, 6 * n, n);
+  at::Tensor radii = output({n}, i32, poison);
+  at::Tensor tiles_touched = at::empty({n}, i32), depth_keys = at::empty({n}, i32), order = at::empty({n}, i32);
   project_forward(static_cast<int>(n), means3D.data_ptr<float>(), means2D.data_ptr<float>(), opacities.data_ptr<float>(),
                   scales.has_value() && !cov3D_precomp.has_value() ? scales->data_ptr<float>() : nullptr,
                   rot.defined() ? rot.data_ptr<float>() : nullptr, ptr(cov3D_precomp),
@@ -114,21 +118,26 @@ std::vector<at::Tensor> forward(const at::Tensor& means3D, const at::Tensor& mea
                   radii.data_ptr<int32_t>(), tiles_touched.data_ptr<int32_t>(),
                   reinterpret_cast<uint32_t*>(depth_keys.data_ptr<int32_t>()), order.data_ptr<int32_t>(), stream);
 
-  at::Tensor point_ids, ranges;
-  bin_gaussians(static_cast<int>(n), cam, xy, radii, tiles_touched, depth_keys, order, point_ids, ranges);
-
+  // the outputs first: allocating them overlaps with binning's wait for the tile count
   at::Tensor color = output({3, height, width}, f32, poison), out_depth = output({1, height, width}, f32, poison);
-  at::Tensor final_T = output({height, width}, f32, poison), n_contrib = output({height, width}, i32, poison);
-  at::Tensor tile_last = output({tiles}, i32, poison);
+  at::Tensor final_T = output({height, width}, f32, poison);
+  at::Tensor counts = output({height * width + tiles}, i32, poison);  // n_contrib per pixel, tile_last per tile
+  at::Tensor n_contrib = counts.narrow(0, 0, height * width).view({height, width});
+  at::Tensor tile_last = counts.narrow(0, height * width, tiles);
+  at::Tensor feat;
+  if (features.has_value()) feat = output({channels, height, width}, f32, poison);
+
+  at::Tensor point_ids, ranges;
+  bin_gaussians(static_cast<int>(n), cam, xy, conic_opacity, radii, std::move(tiles_touched), std::move(depth_keys),
+                std::move(order), point_ids, ranges);
+
   const auto* rng = reinterpret_cast<const int2*>(ranges.data_ptr<int32_t>());
   const auto* xy2 = reinterpret_cast<const float2*>(xy.data_ptr<float>());
   const auto* co4 = reinterpret_cast<const float4*>(conic_opacity.data_ptr<float>());
   render_forward(cam, rng, point_ids.data_ptr<int32_t>(), xy2, co4, colors.data_ptr<float>(), depth.data_ptr<float>(),
                  bg.data_ptr<float>(), color.data_ptr<float>(), out_depth.data_ptr<float>(), final_T.data_ptr<float>(),
                  n_contrib.data_ptr<int32_t>(), tile_last.data_ptr<int32_t>(), stream);
-  at::Tensor feat;
   if (features.has_value()) {
-    feat = output({channels, height, width}, f32, poison);
     render_features(cam, rng, point_ids.data_ptr<int32_t>(), xy2, co4, features->data_ptr<float>(), channels,
                     n_contrib.data_ptr<int32_t>(), tile_last.data_ptr<int32_t>(), feat.data_ptr<float>(), stream);
   }
@@ -180,10 +189,13 @@ std::vector<at::Tensor> backward(const at::Tensor& means3D, const OptTensor& sca
     return grads;
   }
 
-  // per-Gaussian sums of the blending gradients: xy (2), conic (3), opacity, colour (3), depth
-  at::Tensor acc = at::zeros({10 * n}, f32);
+  // per-Gaussian sums of the blending gradients: xy (2), conic (3) and depth in one buffer, the
+  // returned opacity and colour gradients in their own (a returned view would keep it all alive)
+  at::Tensor acc = at::zeros({6 * n}, f32);
+  grads[2] = at::zeros({n, 1}, f32);
+  grads[3] = at::zeros({n, 3}, f32);
   float* a = acc.data_ptr<float>();
-  RasterGrads rg{a, a + 2 * n, a + 5 * n, a + 6 * n, a + 9 * n};
+  RasterGrads rg{a, a + 2 * n, grads[2].data_ptr<float>(), grads[3].data_ptr<float>(), a + 5 * n};
   render_backward(cam, rng, point_ids.data_ptr<int32_t>(), xy2, co4, colors.data_ptr<float>(), depth.data_ptr<float>(),
                   bg.data_ptr<float>(), final_T.data_ptr<float>(), n_contrib.data_ptr<int32_t>(),
                   tile_last.data_ptr<int32_t>(), ptr(grad_color), ptr(grad_depth), ptr(features),
@@ -205,8 +217,7 @@ std::vector<at::Tensor> backward(const at::Tensor& means3D, const OptTensor& sca
                    rot.defined() ? rot.data_ptr<float>() : nullptr, ptr(cov3D_precomp),
                    static_cast<float>(scale_modifier), cam, radii.data_ptr<int32_t>(), rg.xy, rg.conic, rg.depth, gg,
                    stream);
-  grads[2] = acc.narrow(0, 5 * n, n).view({n, 1});
-  if (need_colors) grads[3] = acc.narrow(0, 6 * n, 3 * n).view({n, 3});
+  if (!need_colors) grads[3] = at::Tensor();
   return grads;
 }
 

@@ -35,10 +35,11 @@ __device__ __forceinline__ void quat_to_rotmat(float w, float x, float y, float 
   R[2][2] = __fsub_rn(1.f, 2.f * __fadd_rn(__fmul_rn(x, x), __fmul_rn(y, y)));
 }
 
-// Quaternion norm as torch's reduction computes it for a row of four: squares summed pairwise.
+// Quaternion norm as torch's reduction computes it for a row of four: one square per lane, then a
+// warp shuffle with decreasing offsets, (w^2 + y^2) + (x^2 + z^2).
 __device__ __forceinline__ float quat_norm(float w, float x, float y, float z) {
-  return __fsqrt_rn(__fadd_rn(__fadd_rn(__fmul_rn(w, w), __fmul_rn(x, x)),
-                              __fadd_rn(__fmul_rn(y, y), __fmul_rn(z, z))));
+  return __fsqrt_rn(__fadd_rn(__fadd_rn(__fmul_rn(w, w), __fmul_rn(y, y)),
+                              __fadd_rn(__fmul_rn(x, x), __fmul_rn(z, z))));
 }
 
 // World covariance [3][3] of Gaussian i from scales + rotations (w, x, y, z) or from
@@ -129,12 +130,19 @@ project_forward_kernel(int n, const float* __restrict__ means3D, const float* __
   int x0, y0, x1, y1;
   visible = tile_rect(px, py, radius, cam.grid_x, cam.grid_y, x0, y0, x1, y1) && visible;
 
-  xy[i] = make_float2(px, py);
+  const float2 mean = make_float2(px, py);
+  const float4 co = make_float4(__fdiv_rn(c, det_safe), __fdiv_rn(-b, det_safe), __fdiv_rn(a, det_safe), opacities[i]);
+  int touched = 0;
+  if (visible) {
+    const Footprint f = make_footprint(mean, co);
+    for (int ty = y0; ty < y1; ++ty)
+      for (int tx = x0; tx < x1; ++tx) touched += tile_hit(f, tx, ty, cam.width, cam.height);
+  }
+  xy[i] = mean;
   depth[i] = z;
-  conic_opacity[i] = make_float4(__fdiv_rn(c, det_safe), __fdiv_rn(-b, det_safe), __fdiv_rn(a, det_safe),
-                                 opacities[i]);
+  conic_opacity[i] = co;
   radii[i] = visible ? static_cast<int32_t>(radius) : 0;
-  tiles_touched[i] = visible ? (x1 - x0) * (y1 - y0) : 0;
+  tiles_touched[i] = touched;
   // view z > 0.2 > 0, so its bits order like the floats; hidden Gaussians sort last
   depth_keys[i] = visible ? __float_as_uint(z) : 0xFFFFFFFFu;
   order[i] = i;

@@ -143,11 +143,11 @@ def stable_argsort(keys, num_keys):
     keys = keys.numpy()
     order, shift = None, 0
     while order is None or (num_keys - 1) >> shift:
-        digit = (keys if order is None else keys[order]) >> shift  # numpy
-        step = np.argsort((digit & 0xFFFF).astype(np.uint16), kind="stable")
+        digit = (keys if order is None else keys[order]) >> shift
+        step = np.argsort(digit.astype(np.uint16), kind="stable")  # astype keeps the low 16 bits
         order = step if order is None else order[step]
         shift += 16
-    return torch.from_numpy(order.astype(np.int64))
+    return torch.from_numpy(order)
 
 
 def log_transmittance(log_keep, pixel, num_pixels):
@@ -177,7 +177,7 @@ def select_fragments(xy, conic, opacities, depth, radii, rect, height, width):
     the covered tiles fails the alpha test anyway, so the set is that of testing every pixel.
 
     Returns ids [n] int64 (the rendered Gaussians front to back; a Gaussian's position here is its
-    rank) and, per fragment, pixel [F] (row * width + col), rank [F], col [F], row [F], all int32.
+    rank) and, per fragment, pixel [F] int32 (row * width + col), rank [F] int32, alpha [F].
     """
     device, dtype = xy.device, xy.dtype
     ids = torch.nonzero(radii > 0).squeeze(1)
@@ -229,22 +229,24 @@ def select_fragments(xy, conic, opacities, depth, radii, rect, height, width):
                            gather(a, rank), gather(b, rank), gather(c, rank))
     alpha = fragment_alpha(power, gather(op, rank))[0]
     live = torch.nonzero((power <= 0) & (alpha >= ALPHA_MIN)).squeeze(1)
-    col, row, rank, alpha = (gather(v, live) for v in (col, row, rank, alpha))
-    pixel = row * width + col
+    pixel, rank, alpha = gather(row * width + col, live), gather(rank, live), gather(alpha, live)
     num_pixels = height * width
 
     # transmittance stop: drop the fragments after which T would fall below 1e-4. Only pixels
-    # whose total log T comes near log(1e-4) can stop; usually none do, and the sort is all.
+    # whose total log T comes near log(1e-4) can stop; often none do, and the sort is all.
     log_keep = torch.log1p(-alpha).double()
     log_t_total = torch.zeros(num_pixels, dtype=log_keep.dtype, device=device).index_add_(0, pixel, log_keep)
     may_stop = bool((log_t_total < math.log(T_MIN) + 1e-6).any())
     order = stable_argsort(pixel, num_pixels)
-    pixel, rank, col, row = (gather(v, order) for v in (pixel, rank, col, row))
+    rank, alpha = gather(rank, order), gather(alpha, order)
+    counts = torch.bincount(pixel, minlength=num_pixels)
+    pixel = torch.repeat_interleave(torch.arange(num_pixels, device=device, dtype=torch.int32), counts,
+                                    output_size=pixel.shape[0])  # = gather(pixel, order), cheaper
     if may_stop:
         _, log_t_after, _ = log_transmittance(gather(log_keep, order), pixel, num_pixels)
         kept = torch.nonzero(log_t_after >= math.log(T_MIN)).squeeze(1)
-        pixel, rank, col, row = (gather(v, kept) for v in (pixel, rank, col, row))
-    return ids, pixel, rank, col, row
+        pixel, rank, alpha = gather(pixel, kept), gather(rank, kept), gather(alpha, kept)
+    return ids, pixel, rank, alpha
 
 
 def csr(rows, cols, values, shape):
@@ -291,17 +293,15 @@ class Blend(torch.autograd.Function):
     same computation is several times slower on CPU).
 
     Inputs per Gaussian in rank order (select_fragments' ids): x, y [n] pixel coordinates of the
-    mean, a, b, c [n] conic, opacity [n], values [n, C]; per fragment in blending order: pixel,
-    rank, col, row [F] int32 (select_fragments' output); num_pixels. Returns the sum over fragments
-    of w * values [num_pixels, C] with w = alpha * T, and the final transmittance [num_pixels].
+    mean, a, b, c [n] conic, opacity [n], values [n, C]; per fragment in blending order (from
+    select_fragments, which computed alpha from these same inputs): alpha, pixel, rank [F]; the
+    image width and number of pixels. Returns the sum over fragments of w * values
+    [num_pixels, C] with w = alpha * T, and the final transmittance [num_pixels]. The backward
+    recomputes what alpha depends on.
     """
 
     @staticmethod
-    def forward(ctx, x, y, a, b, c, opacity, values, pixel, rank, col, row, num_pixels):
-        a, b, c = gather(a, rank), gather(b, rank), gather(c, rank)
-        dx = gather(x, rank) - col.to(x.dtype)
-        dy = gather(y, rank) - row.to(x.dtype)
-        alpha, alpha_raw, e = fragment_alpha(fragment_power(dx, dy, a, b, c), gather(opacity, rank))
+    def forward(ctx, x, y, a, b, c, opacity, values, alpha, pixel, rank, width, num_pixels):
         log_keep = torch.log1p(-alpha).double()
         log_t_before, _, counts = log_transmittance(log_keep, pixel, num_pixels)
         trans = torch.exp(log_t_before).to(alpha.dtype)
@@ -309,20 +309,22 @@ class Blend(torch.autograd.Function):
         log_t_final = torch.zeros(num_pixels, dtype=log_keep.dtype, device=log_keep.device)
         t_final = torch.exp(log_t_final.index_add_(0, pixel, log_keep)).to(alpha.dtype)
         out = csr(pixel, rank, weight, (num_pixels, x.shape[0])) @ values
-        ctx.save_for_backward(a, b, c, values, pixel, rank, counts, dx, dy, e, alpha_raw, alpha, trans,
-                              weight, t_final)
+        ctx.save_for_backward(x, y, a, b, c, opacity, values, alpha, pixel, rank, counts, trans, weight, t_final)
+        ctx.width = width
         return out, t_final
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, grad_t_final):
-        (a, b, c, values, pixel, rank, counts, dx, dy, e, alpha_raw, alpha, trans, weight,
-         t_final) = ctx.saved_tensors
+        x, y, a, b, c, opacity, values, alpha, pixel, rank, counts, trans, weight, t_final = ctx.saved_tensors
         need_geometry = any(ctx.needs_input_grad[:6])
         grad_values, grad_w = splat_backward(grad_out.contiguous(), values, weight, pixel, rank,
                                              ctx.needs_input_grad[6], need_geometry)
         grads = [None] * 6 + [grad_values] + [None] * 5
-        if not need_geometry:
+        if pixel.shape[0] == 0:  # nothing drawn
+            grads[:6] = [torch.zeros_like(v) if need else None
+                         for v, need in zip((x, y, a, b, c, opacity), ctx.needs_input_grad)]
+        if not need_geometry or pixel.shape[0] == 0:
             return tuple(grads)
         # dL/dalpha_i = T_i dL/dw_i - (sum over the later fragments j of the pixel of w_j dL/dw_j
         #               + T_final dL/dT_final) / (1 - alpha_i); the suffix sum in float64
@@ -330,6 +332,10 @@ class Blend(torch.autograd.Function):
         last = gather(inclusive, (torch.cumsum(counts, 0) - 1).clamp(min=0))
         behind = (gather(last, pixel) - inclusive).to(weight.dtype) + gather(t_final * grad_t_final, pixel)
         grad_alpha = trans * grad_w - behind / (1 - alpha)
+        a, b, c = gather(a, rank), gather(b, rank), gather(c, rank)
+        dx = gather(x, rank) - (pixel % ctx.width).to(x.dtype)
+        dy = gather(y, rank) - torch.div(pixel, ctx.width, rounding_mode="floor").to(x.dtype)
+        _, alpha_raw, e = fragment_alpha(fragment_power(dx, dy, a, b, c), gather(opacity, rank))
         grad_alpha = torch.where(alpha_raw <= ALPHA_MAX, grad_alpha, torch.zeros_like(grad_alpha))
         grad_power = grad_alpha * alpha_raw
         per_fragment = (grad_power * (-a * dx - b * dy),    # x
@@ -360,13 +366,13 @@ def rasterize(means3D, means2D, opacities, colors, features, scales, rotations, 
         cov3D = covariance_3d(scales, rotations, scale_modifier)
     xy, z, conic, radii, rect = project_gaussians(
         means3D, means2D, cov3D, viewmatrix, projmatrix, tanfovx, tanfovy, height, width)
-    ids, pixel, rank, col, row = select_fragments(xy, conic, opacities, z, radii, rect, height, width)
+    ids, pixel, rank, alpha = select_fragments(xy, conic, opacities, z, radii, rect, height, width)
 
     values = [colors, z[:, None]] + ([features] if features is not None else [])
     values = gather(torch.cat(values, 1), ids)
     per_gauss = [gather(v, ids) for v in (xy[:, 0], xy[:, 1], conic[:, 0], conic[:, 1], conic[:, 2],
                                            opacities[:, 0])]
-    out, t_final = Blend.apply(*per_gauss, values, pixel, rank, col, row, height * width)
+    out, t_final = Blend.apply(*per_gauss, values, alpha, pixel, rank, width, height * width)
     out = out.T
     color = (out[:3] + t_final[None, :] * bg[:, None]).reshape(3, height, width)
     depth = out[3:4].reshape(1, height, width)
