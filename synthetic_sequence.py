@@ -37,6 +37,7 @@ import diff_gaussian_rasterization_feat as dgrf
 import helpers
 
 # Room and objects, in metres. World frame: floor at y = 0, up = -y.
+# Spacings of the Gaussians at 320 pixels wide; smaller images get coarser ones (see build_scene).
 FLOOR_RADIUS, FLOOR_SPACING, FLOOR_TILE = 6.5, 0.16, 0.5
 WALL_RADIUS, WALL_HEIGHT, WALL_SPACING = 6.3, 3.0, 0.2
 OBJECT_SPACING = 0.035
@@ -45,7 +46,7 @@ BOX_SIZE = (0.7, 0.4, 0.5)  # x, height, z
 TOP_RADIUS, TOP_HEIGHT = 0.32, 0.45
 
 # Camera ring: radius, heights above the floor (alternating), point looked at, focal length / width.
-RING_RADIUS, RING_HEIGHTS, LOOK_AT, FOCAL = 4.0, (1.7, 2.3), (0.0, -0.45, 0.0), 0.75
+RING_RADIUS, RING_HEIGHTS, LOOK_AT, FOCAL = 4.4, (1.7, 2.3), (0.0, -0.45, 0.0), 0.75
 
 OBJECTS = (
     {"id": 1, "name": "ball", "colour": "red", "prompt": "a red ball flying in the air"},
@@ -93,29 +94,29 @@ def shade(normals, colours):
     return colours * (0.55 + 0.45 * np.clip(-normals[:, 1:2], 0, 1))
 
 
-def floor(rng):
+def floor(rng, spacing):
     """Grey chequered disc at y = 0."""
-    x, z = hex_grid(2 * FLOOR_RADIUS, 2 * FLOOR_RADIUS, FLOOR_SPACING).T
+    x, z = hex_grid(2 * FLOOR_RADIUS, 2 * FLOOR_RADIUS, spacing).T
     keep = x ** 2 + z ** 2 <= FLOOR_RADIUS ** 2
     x, z = x[keep], z[keep]
     chequer = (np.floor(x / FLOOR_TILE) + np.floor(z / FLOOR_TILE)) % 2
     grey = np.where(chequer > 0, 0.56, 0.42) + rng.normal(0, 0.015, len(x))
     points = np.stack([x, np.zeros_like(x), z], 1)
     normals = np.tile([0.0, -1.0, 0.0], (len(x), 1))
-    return flat_gaussians(points, normals, np.repeat(grey[:, None], 3, 1), FLOOR_SPACING)
+    return flat_gaussians(points, normals, np.repeat(grey[:, None], 3, 1), spacing)
 
 
-def wall(rng):
+def wall(rng, spacing):
     """Cylindrical wall of muted panels (beige, light grey, brown: none of the objects' colours)
     with a dark skirting board."""
-    arc, height = hex_grid(2 * math.pi * WALL_RADIUS, WALL_HEIGHT, WALL_SPACING).T
+    arc, height = hex_grid(2 * math.pi * WALL_RADIUS, WALL_HEIGHT, spacing).T
     angle, height = arc / WALL_RADIUS + math.pi, height + WALL_HEIGHT / 2
     normals = np.stack([np.cos(angle), np.zeros_like(angle), np.sin(angle)], 1)
     points = WALL_RADIUS * normals - height[:, None] * np.array([0.0, 1.0, 0.0])
     palette = np.array([[0.82, 0.76, 0.62], [0.70, 0.71, 0.73], [0.58, 0.47, 0.36]])
     colours = palette[(angle / (2 * math.pi) * 18).astype(int) % 3]
     colours = np.where(height[:, None] < 0.3, 0.3, colours) + rng.normal(0, 0.015, (len(angle), 1))
-    return flat_gaussians(points, normals, colours, WALL_SPACING)
+    return flat_gaussians(points, normals, colours, spacing)
 
 
 def fibonacci_sphere(n):
@@ -126,20 +127,20 @@ def fibonacci_sphere(n):
     return np.stack([np.cos(azimuth) * np.sin(polar), np.cos(polar), np.sin(azimuth) * np.sin(polar)], 1)
 
 
-def ball(rng):
+def ball(rng, spacing):
     """Red sphere around its centre (local frame)."""
-    normals = fibonacci_sphere(int(4 * math.pi * BALL_RADIUS ** 2 / OBJECT_SPACING ** 2))
+    normals = fibonacci_sphere(int(4 * math.pi * BALL_RADIUS ** 2 / spacing ** 2))
     colours = np.array([0.86, 0.1, 0.08]) + rng.normal(0, 0.02, (len(normals), 1))
-    return flat_gaussians(BALL_RADIUS * normals, normals, shade(normals, colours), OBJECT_SPACING)
+    return flat_gaussians(BALL_RADIUS * normals, normals, shade(normals, colours), spacing)
 
 
-def box(rng):
+def box(rng, spacing):
     """Blue box, local origin at the centre of its bottom face."""
     size = np.array(BOX_SIZE)
     points, normals = [], []
     for axis in range(3):
         u, v = [a for a in range(3) if a != axis]
-        gu, gv = hex_grid(size[u], size[v], OBJECT_SPACING).T
+        gu, gv = hex_grid(size[u], size[v], spacing).T
         for sign in ((-1.0,) if axis == 1 else (-1.0, 1.0)):  # no bottom face: it is never seen
             p = np.zeros((len(gu), 3))
             p[:, u], p[:, v], p[:, axis] = gu, gv, sign * size[axis] / 2
@@ -152,16 +153,16 @@ def box(rng):
     # the faces differ a little in hue so that edges stay visible from the side
     colours = np.array([0.12, 0.3, 0.9]) * (0.85 + 0.15 * np.abs(normals[:, :1]))
     colours = colours + rng.normal(0, 0.02, (len(points), 1))
-    return flat_gaussians(points, normals, shade(normals, colours), OBJECT_SPACING)
+    return flat_gaussians(points, normals, shade(normals, colours), spacing)
 
 
-def top(rng):
+def top(rng, spacing):
     """Green top: a cone standing on its tip with a lid and a short stem; stripes of two greens
     around it show the spin. Local origin at the tip."""
     slant = math.hypot(TOP_RADIUS, TOP_HEIGHT)
     pieces = []
     # cone: area pi r l, points spread over it with density ~ radius
-    n_cone = int(math.pi * TOP_RADIUS * slant / OBJECT_SPACING ** 2)
+    n_cone = int(math.pi * TOP_RADIUS * slant / spacing ** 2)
     s = np.sqrt((np.arange(n_cone) + 0.5) / n_cone)  # fraction of the way up, area-uniform
     azimuth = math.pi * (1 + 5 ** 0.5) * np.arange(n_cone)
     r = s * TOP_RADIUS
@@ -169,14 +170,14 @@ def top(rng):
     cone_n = np.stack([np.cos(azimuth) * TOP_HEIGHT, np.full(n_cone, TOP_RADIUS), np.sin(azimuth) * TOP_HEIGHT], 1)
     pieces.append((cone, cone_n / slant, azimuth))
     # lid: a disc
-    n_lid = int(math.pi * TOP_RADIUS ** 2 / OBJECT_SPACING ** 2)
+    n_lid = int(math.pi * TOP_RADIUS ** 2 / spacing ** 2)
     s = np.sqrt((np.arange(n_lid) + 0.5) / n_lid)
     azimuth = math.pi * (1 + 5 ** 0.5) * np.arange(n_lid)
     lid = np.stack([s * TOP_RADIUS * np.cos(azimuth), np.full(n_lid, -TOP_HEIGHT), s * TOP_RADIUS * np.sin(azimuth)], 1)
     pieces.append((lid, np.tile([0.0, -1.0, 0.0], (n_lid, 1)), azimuth))
     # stem: a thin cylinder on the lid
     azimuth, height = (a.ravel() for a in np.meshgrid(np.linspace(0, 2 * math.pi, 8, endpoint=False),
-                                                       np.arange(0.0, 0.13, OBJECT_SPACING)))
+                                                       np.arange(0.0, 0.13, spacing)))
     stem_n = np.stack([np.cos(azimuth), np.zeros_like(azimuth), np.sin(azimuth)], 1)
     stem = 0.045 * stem_n - (TOP_HEIGHT + height)[:, None] * np.array([0.0, 1.0, 0.0])
     pieces.append((stem, stem_n, azimuth))
@@ -184,7 +185,7 @@ def top(rng):
     stripe = (np.mod(azimuth, 2 * math.pi) / (2 * math.pi) * 8).astype(int) % 2
     colours = np.where(stripe[:, None] > 0, [0.15, 0.78, 0.2], [0.04, 0.42, 0.1])
     colours = colours + rng.normal(0, 0.015, (len(points), 1))
-    return flat_gaussians(points, normals, shade(normals, colours), OBJECT_SPACING)
+    return flat_gaussians(points, normals, shade(normals, colours), spacing)
 
 
 # ---------------------------------------------------------------- motion
@@ -193,8 +194,8 @@ def motions(num_timesteps):
     """Pose of each object at each timestep and the timesteps of its action.
 
     Times scale with the sequence (24 timesteps: the ball lies still until t = 5, is in the air at
-    t = 6..16 and lies still from t = 17; the box slides at t = 0..10, slowing down as under
-    friction, and stands still from t = 11; the top spins all the time). Returns {name: (yaw [T] radians about the vertical, centre
+    t = 6..16 and lies still from t = 17; the box slides at t = 0..10, braking at the end, and
+    stands still from t = 11; the top spins all the time). Returns {name: (yaw [T] radians about the vertical, centre
     [T, 3] world, moving timesteps list)}.
     """
     t = np.arange(num_timesteps, dtype=np.float64)
@@ -207,11 +208,11 @@ def motions(num_timesteps):
     centre = a + u[:, None] * (b - a)
     centre[:, 1] -= 4 * apex * u * (1 - u)
     out["ball"] = (np.zeros(num_timesteps), centre, [int(i) for i in t if launch < i < landing])
-    # box: constant deceleration from the start until it stops, with a slight turn
+    # box: slides at constant speed, brakes evenly over the last 40% of the slide, stops; turns a little
     stop = 11 / 23 * last
     u = np.clip(t / stop, 0, 1)
-    travelled = 1 - (1 - u) ** 2
-    start, end = np.array([-1.3, 0.0, -1.0]), np.array([0.6, 0.0, -0.9])
+    travelled = np.where(u < 0.6, u, 0.6 + 0.2 * (1 - ((1 - u) / 0.4) ** 2)) / 0.8
+    start, end = np.array([-1.2, 0.0, -0.8]), np.array([1.0, 0.0, -0.7])
     centre = start + travelled[:, None] * (end - start)
     out["box"] = (0.35 * travelled, centre, [int(i) for i in t if i < stop])
     # top: spins about the vertical through its tip, 575 degrees over the sequence
@@ -220,12 +221,15 @@ def motions(num_timesteps):
     return out
 
 
-def build_scene(num_timesteps, seed):
-    """Ground-truth Gaussians over time. Returns (params, object_id [N] int, objects): params in
-    the format of train_d3dgs.py's params.npz without the camera terms (numpy float32), objects =
-    OBJECTS' dicts plus moving/static timesteps and the range of their Gaussians."""
+def build_scene(num_timesteps, seed, coarse=1.0):
+    """Ground-truth Gaussians over time, `coarse` times the spacing of the constants above.
+    Returns (params, object_id [N] int, objects): params in the format of train_d3dgs.py's
+    params.npz without the camera terms (numpy float32), objects = OBJECTS' dicts plus moving and
+    static timesteps and the range [start, stop) of their Gaussians."""
     rng = np.random.default_rng(seed)
-    parts = [("ball", ball(rng)), ("box", box(rng)), ("top", top(rng)), ("floor", floor(rng)), ("wall", wall(rng))]
+    parts = [("ball", ball(rng, coarse * OBJECT_SPACING)), ("box", box(rng, coarse * OBJECT_SPACING)),
+             ("top", top(rng, coarse * OBJECT_SPACING)), ("floor", floor(rng, coarse * FLOOR_SPACING)),
+             ("wall", wall(rng, coarse * WALL_SPACING))]
     moves = motions(num_timesteps)
     ids = {o["name"]: o["id"] for o in OBJECTS}
     means, rotations, objects, object_id, start = [], [], [], [], 0
@@ -315,7 +319,8 @@ def generate(out, benchmark=None, width=320, height=180, num_timesteps=24, num_t
         raise helpers.UserError(f"{num_timesteps} timesteps, {num_train} train and {num_test} test cameras: "
                                 f"need at least 2 timesteps and 1 train camera")
     seq = os.path.basename(os.path.normpath(out))
-    params, object_id, objects = build_scene(num_timesteps, seed)
+    # below 160 pixels wide, coarser Gaussians: as many per pixel, fewer to project (fast tests)
+    params, object_id, objects = build_scene(num_timesteps, seed, coarse=max(1.0, 160.0 / width))
     num_cams = num_train + num_test
     test_ids = test_cam_ids(num_cams, num_test)
     cams = ring_cameras(width, height, num_cams)

@@ -134,8 +134,8 @@ def blend_matrix(cam, rendervar):
     reference rasterizer spends almost all its time on that geometry (projection, fragment
     selection, sorting), so we run it once per camera and timestep. The steps are the reference
     rasterizer's own (`_torch_impl`: project_gaussians, select_fragments, then the blending weights
-    alpha * T of its Blend); tests hold S @ features equal to the rasterizer's output. Returns S and
-    its transpose (for the backward), both CSR."""
+    alpha * T as its Blend computes them); tests hold S @ features equal to the rasterizer's
+    output. Returns S and its transpose (for the backward), both CSR."""
     from diff_gaussian_rasterization_feat import _torch_impl as ref
     h, w = cam.image_height, cam.image_width
     means3D, opacities = rendervar["means3D"], rendervar["opacities"]
@@ -144,14 +144,10 @@ def blend_matrix(cam, rendervar):
         xy, z, conic, radii, rect = ref.project_gaussians(
             means3D, torch.zeros_like(means3D), cov3D, cam.viewmatrix, cam.projmatrix, cam.tanfovx,
             cam.tanfovy, h, w)
-        ids, pixel, rank, col, row = ref.select_fragments(xy, conic, opacities, z, radii, rect, h, w)
-        gauss = ids[rank]
-        power = ref.fragment_power(xy[gauss, 0] - col.to(xy.dtype), xy[gauss, 1] - row.to(xy.dtype),
-                                   conic[gauss, 0], conic[gauss, 1], conic[gauss, 2])
-        alpha = ref.fragment_alpha(power, opacities[gauss, 0])[0]
-        _, seg_start = ref.segment_starts(pixel, h * w)
-        log_t_before, _ = ref.log_transmittance(torch.log1p(-alpha).double(), seg_start)
+        ids, pixel, rank, alpha = ref.select_fragments(xy, conic, opacities, z, radii, rect, h, w)
+        log_t_before, _, _ = ref.log_transmittance(torch.log1p(-alpha).double(), pixel, h * w)
         weight = alpha * torch.exp(log_t_before).to(alpha.dtype)
+        pixel, gauss = pixel.long(), ids[rank.long()]
     s = torch.sparse_coo_tensor(torch.stack([pixel, gauss]), weight, (h * w, means3D.shape[0]))
     with warnings.catch_warnings():  # "CSR support is in beta": CSR @ dense is all we use
         warnings.simplefilter("ignore", UserWarning)

@@ -50,11 +50,14 @@ def evaluate(model, tiles, batch_size):
     return loss_sum / tiles.shape[0], cos_sum / tiles.shape[0]
 
 
-def train_epoch(model, optimizer, tiles, batch_size, generator):
-    """One pass over the tiles in random order; returns the mean training loss."""
+def train_epoch(model, optimizer, tiles, batch_size, generator, max_tiles=0):
+    """One pass over the tiles (a random subset of max_tiles of them when > 0) in random order;
+    returns the mean training loss."""
     order = torch.randperm(tiles.shape[0], generator=generator).to(tiles.device)
+    if max_tiles > 0:
+        order = order[:max_tiles]
     total, count = 0.0, 0
-    for start in range(0, tiles.shape[0], batch_size):
+    for start in range(0, order.shape[0], batch_size):
         idx = order[start:start + batch_size]
         if idx.shape[0] < 2:  # BatchNorm needs two rows
             continue
@@ -64,7 +67,7 @@ def train_epoch(model, optimizer, tiles, batch_size, generator):
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        total += float(loss) * x.shape[0]
+        total += float(loss.detach()) * x.shape[0]
         count += x.shape[0]
     return total / max(count, 1)
 
@@ -77,17 +80,22 @@ def parse_args():
     p.add_argument("--epochs", type=int, default=10, help="passes over the training tiles (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=256, help="tiles per step (default: %(default)s)")
     p.add_argument("--lr", type=float, default=7e-4, help="Adam learning rate (default: %(default)s)")
+    p.add_argument("--tiles-per-epoch", type=int, default=0, help="train each epoch on a random subset "
+                   "of this many tiles (default: %(default)s = all)")
     p.add_argument("--val-every", type=int, default=5, help="hold out every N-th timestep for validation "
                    "(default: %(default)s)")
+    p.add_argument("--val-tiles", type=int, default=50000, help="validate on a fixed random subset of at "
+                   "most this many held-out tiles (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--device", default=None, help="cuda, cpu (default: cuda if available)")
     p.add_argument("--demo", action="store_true", help="small settings for `make demo` on 2 CPU cores: "
-                   "--epochs 3 --batch-size 512")
+                   "--epochs 4 --tiles-per-epoch 4096 --val-tiles 4096")
     args = p.parse_args()
     if args.demo:
-        args.epochs, args.batch_size = 3, 512
-    if args.epochs < 1 or args.batch_size < 2 or args.val_every < 2:
-        raise helpers.UserError("--epochs must be >= 1, --batch-size >= 2 and --val-every >= 2")
+        args.epochs, args.tiles_per_epoch, args.val_tiles = 4, 4096, 4096
+    if args.epochs < 1 or args.batch_size < 2 or args.val_every < 2 or args.val_tiles < 1 or args.tiles_per_epoch < 0:
+        raise helpers.UserError("--epochs and --val-tiles must be >= 1, --batch-size and --val-every >= 2, "
+                                "--tiles-per-epoch >= 0")
     return args
 
 
@@ -102,6 +110,8 @@ def main():
     if train_tiles.shape[1] != 768:
         raise helpers.UserError(f"{cache}: tile embeddings are {train_tiles.shape[1]}-d, the autoencoder takes 768")
     torch.manual_seed(args.seed)
+    if val_tiles.shape[0] > args.val_tiles:
+        val_tiles = val_tiles[torch.randperm(val_tiles.shape[0])[:args.val_tiles].to(device)]
     model = Autoencoder().to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     generator = torch.Generator().manual_seed(args.seed)
@@ -110,7 +120,7 @@ def main():
     start = time.time()
     bar = tqdm(range(args.epochs), desc="autoencoder epochs")
     for epoch in bar:
-        train_loss = train_epoch(model, optimizer, train_tiles, args.batch_size, generator)
+        train_loss = train_epoch(model, optimizer, train_tiles, args.batch_size, generator, args.tiles_per_epoch)
         val_loss, val_cos = evaluate(model, val_tiles, 4096)
         if best is None or val_loss < best["val_loss"]:
             best = {"epoch": epoch + 1, "val_loss": val_loss, "val_cosine": val_cos}

@@ -153,14 +153,21 @@ def initialize_per_timestep(params, variables):
 # ---------------------------------------------------------------- losses
 
 def get_losses(params, rendervar, im, seg, data, variables, is_first):
-    """Named loss terms of one view: im [3, H, W] and seg [3, H, W] rendered by render_d3dgs.
-    Returns the terms and the colour-corrected image."""
-    losses = {}
+    """Named loss terms of one view: im [3, H, W] and seg [3, H, W] rendered by render_d3dgs;
+    after timestep 0 also the priors. Returns the terms and the colour-corrected image."""
     im = helpers.color_correct(im, params["cam_m"][data["id"]], params["cam_c"][data["id"]])
-    losses["im"] = 0.8 * helpers.l1_loss(im, data["im"]) + 0.2 * (1.0 - external.calc_ssim(im, data["im"]))
-    losses["seg"] = 0.8 * helpers.l1_loss(seg, data["seg"]) + 0.2 * (1.0 - external.calc_ssim(seg, data["seg"]))
-    if is_first:
-        return losses, im
+    losses = {"im": 0.8 * helpers.l1_loss(im, data["im"]) + 0.2 * (1.0 - external.calc_ssim(im, data["im"])),
+              "seg": 0.8 * helpers.l1_loss(seg, data["seg"]) + 0.2 * (1.0 - external.calc_ssim(seg, data["seg"]))}
+    if not is_first:
+        losses.update(prior_losses(params, rendervar, variables))
+    return losses, im
+
+
+def prior_losses(params, rendervar, variables):
+    """The physically based priors of timesteps > 0, all vectorised over the foreground's [Nfg, 20]
+    neighbour pairs (indices precomputed, no boolean masks: no GPU sync): rigidity, rotation
+    similarity, isometry, floor, static background, soft colour consistency."""
+    losses = {}
     if len(variables["fg_idx"]):
         fg_pts = rendervar["means3D"][variables["fg_idx"]]
         fg_rot = rendervar["rotations"][variables["fg_idx"]]
@@ -177,7 +184,7 @@ def get_losses(params, rendervar, im, seg, data, variables, is_first):
         losses["bg"] = (helpers.l1_loss_rows(rendervar["means3D"][variables["bg_idx"]], variables["init_bg_pts"])
                         + helpers.l1_loss_rows(rendervar["rotations"][variables["bg_idx"]], variables["init_bg_rot"]))
     losses["soft_col_cons"] = helpers.l1_loss_rows(params["rgb_colors"], variables["prev_col"])
-    return losses, im
+    return losses
 
 
 class NonFiniteLoss(helpers.UserError):

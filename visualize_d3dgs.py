@@ -48,7 +48,7 @@ def render_frames(params_path, views, timesteps, fg_only, device, bar):
         yield frame
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(
         description="Render a Dynamic 3D Gaussians reconstruction (train_d3dgs.py's params.npz) from the test "
                     "and train cameras and an orbiting novel view, one mp4 per view.",
@@ -64,7 +64,7 @@ def main():
     parser.add_argument("--fg-only", action="store_true", help="also render the foreground alone (*_fg.mp4)")
     parser.add_argument("--fps", type=int, default=15, help="frames per second of the videos")
     parser.add_argument("--demo", action="store_true", help="small settings for the CPU demo: --train-cams 1 --downscale 2")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.demo:
         args.train_cams, args.downscale = 1, 2
     device = helpers.pick_device(args.device)

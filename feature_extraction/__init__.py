@@ -15,6 +15,9 @@ from feature_extraction.color_encoder import ColorEncoder
 from feature_extraction.viclip import DEFAULT_CKPT, ViCLIP, load_viclip
 from helpers import UserError
 
+__all__ = ["DEFAULT_CKPT", "ENCODER_HELP", "ColorEncoder", "ViCLIP", "cache_dir", "dense_feature_map", "load_encoder",
+           "load_tile_embeddings", "load_viclip"]
+
 ENCODER_HELP = ("viclip (needs --viclip-ckpt), color (deterministic stand-in, no weights), or "
                 "openclip:<arch>:<checkpoint file | open_clip tag | random>")
 

@@ -12,7 +12,9 @@ from helpers import UserError
 class OpenCLIPEncoder:
     """open_clip model `arch` with weights `pretrained`: a checkpoint file, an open_clip tag (it
     downloads), or "random" (untrained weights, for tests and benchmarks). Same interface as
-    ViCLIP: .name ("openclip-<arch>"), .dim, .identity, .input_size, encode_video, encode_text."""
+    ViCLIP: .name ("openclip-<arch>"), .dim, .identity, .input_size, .batch_size, encode_video,
+    encode_text."""
+    batch_size = 64
 
     def __init__(self, arch, pretrained, device="cpu"):
         import open_clip

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from helpers import UserError
+
 TILE_RATIO_RANGE = (0.15, 0.6)
 NUM_LEVELS = 5
 STRIDE_SCALER = 0.5
@@ -33,7 +35,6 @@ def tile_levels(height, width):
         k = int(height * ratio)
         stride = int(k * float(np.interp(ratio, [0.05, 0.15], [1.0, STRIDE_SCALER])))
         if k < 1 or stride < 1:
-            from helpers import UserError
             raise UserError(f"image height {height}: too small for tiles of {ratio:.3f} x the height")
         pad = k // 2
         levels.append({"ratio": ratio, "kernel": k, "stride": stride, "padding": pad,

@@ -133,6 +133,7 @@ class ViCLIP(nn.Module):
     bfloat16; inputs are cast to the weights' dtype and outputs returned in float32.
     """
     name = "viclip"
+    batch_size = 64  # clips per call that keep an H100 busy (measured: 32..128 run at the same speed)
 
     def __init__(self, image_size=224, patch=14, vision_width=1024, vision_layers=24, vision_heads=16,
                  frames=8, embed_dim=768, context_length=32, vocab_size=49408, text_width=768,
@@ -157,8 +158,8 @@ class ViCLIP(nn.Module):
         def normal(p, std):
             with torch.no_grad():
                 p.normal_(0.0, std, generator=generator)
-        for enc, width, tr in ((self.vision_encoder, self.vision_encoder.proj.shape[0], self.vision_encoder.transformer),
-                               (self.text_encoder, self.text_encoder.text_projection.shape[0], self.text_encoder.transformer)):
+        for width, tr in ((self.vision_encoder.proj.shape[0], self.vision_encoder.transformer),
+                          (self.text_encoder.text_projection.shape[0], self.text_encoder.transformer)):
             proj_std = width ** -0.5 * (2 * len(tr.resblocks)) ** -0.5
             for block in tr.resblocks:
                 normal(block.attn.in_proj_weight, width ** -0.5)

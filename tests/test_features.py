@@ -212,6 +212,23 @@ def test_extract_on_gpu_matches_cpu(tmp_path):
     assert torch.nn.functional.cosine_similarity(a, b).min() > 0.999
 
 
+def test_colour_features_find_the_red_ball_on_the_synthetic_sequence(tmp_path):
+    """On the demo's synthetic scene, the dense colour features of each object's pixels (ground-truth
+    ids) point at that object's colour more than the other objects' pixels do. Timestep 1: its clip
+    (frames 0..5) shows the objects before the ball is thrown."""
+    from synthetic_sequence import generate
+    seq = str(tmp_path / "syn")
+    generate(seq, width=128, height=72, num_timesteps=24, num_train=1, num_test=0)
+    enc = ColorEncoder()
+    extract_features.extract(seq, enc, [1], 512, torch.device("cpu"), progress=False)
+    dense = torch.nn.functional.normalize(dense_feature_map(cache_dir(seq, "color"), 1, 0, 72, 128), dim=0)
+    sims = (enc.encode_text(["a red ball", "a blue box", "a green top"]) @ dense.flatten(1)).view(3, 72, 128)
+    ids = torch.from_numpy(np.array(Image.open(os.path.join(seq, "gt", "ids", "0", "000001.png"))))
+    for i in range(3):
+        mean_on = [sims[i][ids == obj].mean() for obj in (1, 2, 3)]  # this text on ball, box, top
+        assert (ids == i + 1).sum() > 20 and mean_on[i] > 1.5 * max(m for j, m in enumerate(mean_on) if j != i)
+
+
 def test_shard_covers_timesteps_once():
     timesteps = list(range(3, 13))
     for world in (1, 2, 3, 4, 16):

@@ -109,14 +109,14 @@ std::vector<at::Tensor> forward(const at::Tensor& means3D, const at::Tensor& mea
   at::Tensor conic_opacity = projected.narrow(0, 0, 4 * n).view({n, 4});
   at::Tensor xy = projected.narrow(0, 4 * n, 2 * n).view({n, 2}), depth = projected.narrow(0, 6 * n, n);
   at::Tensor radii = output({n}, i32, poison);
-  at::Tensor tiles_touched = at::empty({n}, i32), depth_keys = at::empty({n}, i32), order = at::empty({n}, i32);
+  at::Tensor work = at::empty({5, n}, i32);  // tiles_touched, depth_keys, order, and binning's sort buffers
   project_forward(static_cast<int>(n), means3D.data_ptr<float>(), means2D.data_ptr<float>(), opacities.data_ptr<float>(),
                   scales.has_value() && !cov3D_precomp.has_value() ? scales->data_ptr<float>() : nullptr,
                   rot.defined() ? rot.data_ptr<float>() : nullptr, ptr(cov3D_precomp),
                   static_cast<float>(scale_modifier), cam, reinterpret_cast<float2*>(xy.data_ptr<float>()),
                   depth.data_ptr<float>(), reinterpret_cast<float4*>(conic_opacity.data_ptr<float>()),
-                  radii.data_ptr<int32_t>(), tiles_touched.data_ptr<int32_t>(),
-                  reinterpret_cast<uint32_t*>(depth_keys.data_ptr<int32_t>()), order.data_ptr<int32_t>(), stream);
+                  radii.data_ptr<int32_t>(), work.data_ptr<int32_t>(),
+                  reinterpret_cast<uint32_t*>(work.data_ptr<int32_t>() + n), work.data_ptr<int32_t>() + 2 * n, stream);
 
   // the outputs first: allocating them overlaps with binning's wait for the tile count
   at::Tensor color = output({3, height, width}, f32, poison), out_depth = output({1, height, width}, f32, poison);
@@ -128,8 +128,7 @@ std::vector<at::Tensor> forward(const at::Tensor& means3D, const at::Tensor& mea
   if (features.has_value()) feat = output({channels, height, width}, f32, poison);
 
   at::Tensor point_ids, ranges;
-  bin_gaussians(static_cast<int>(n), cam, xy, conic_opacity, radii, std::move(tiles_touched), std::move(depth_keys),
-                std::move(order), point_ids, ranges);
+  bin_gaussians(static_cast<int>(n), cam, xy, conic_opacity, radii, std::move(work), point_ids, ranges);
 
   const auto* rng = reinterpret_cast<const int2*>(ranges.data_ptr<int32_t>());
   const auto* xy2 = reinterpret_cast<const float2*>(xy.data_ptr<float>());
@@ -159,8 +158,14 @@ std::vector<at::Tensor> backward(const at::Tensor& means3D, const OptTensor& sca
   const c10::cuda::CUDAGuard guard(means3D.device());
   const int64_t n = means3D.size(0);
   const int channels = features.has_value() ? static_cast<int>(features->size(1)) : 0;
-  for (const auto* g : {&grad_color, &grad_depth, &grad_features})
-    if (g->has_value()) check_input(**g, "image gradient", -1, -1);
+  auto image_grad = [&](const OptTensor& g, int64_t c) {
+    if (!g.has_value()) return ImageGrad{nullptr, 0, 0, 0};
+    TORCH_CHECK(g->is_cuda() && g->scalar_type() == at::kFloat && g->dim() == 3 && g->size(0) == c &&
+                g->size(1) == height && g->size(2) == width, "image gradient has shape ", g->sizes());
+    return ImageGrad{g->data_ptr<float>(), g->stride(0), g->stride(1), g->stride(2)};
+  };
+  const ImageGrad g_color = image_grad(grad_color, 3), g_depth = image_grad(grad_depth, 1);
+  const ImageGrad g_features = image_grad(grad_features, channels);
   const Camera cam = make_camera(viewmatrix, projmatrix, tanfovx, tanfovy, height, width);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const auto f32 = means3D.options();
@@ -169,55 +174,48 @@ std::vector<at::Tensor> backward(const at::Tensor& means3D, const OptTensor& sca
   const auto* co4 = reinterpret_cast<const float4*>(conic_opacity.data_ptr<float>());
   std::vector<at::Tensor> grads(8);
 
-  if (need_features && grad_features.has_value()) {
+  if (need_features) {
     grads[4] = at::zeros({n, channels}, f32);
-    render_backward_values(cam, rng, point_ids.data_ptr<int32_t>(), xy2, co4, n_contrib.data_ptr<int32_t>(),
-                           tile_last.data_ptr<int32_t>(), grad_features->data_ptr<float>(), channels,
-                           grads[4].data_ptr<float>(), stream);
-  } else if (need_features) {
-    grads[4] = at::zeros({n, channels}, f32);
+    if (g_features.data != nullptr)
+      render_backward_values(cam, rng, point_ids.data_ptr<int32_t>(), xy2, co4, n_contrib.data_ptr<int32_t>(),
+                             tile_last.data_ptr<int32_t>(), g_features, channels, grads[4].data_ptr<float>(), stream);
   }
 
   if (!need_geometry) {
     if (need_colors) {
       grads[3] = at::zeros({n, 3}, f32);
-      if (grad_color.has_value())
+      if (g_color.data != nullptr)
         render_backward_values(cam, rng, point_ids.data_ptr<int32_t>(), xy2, co4, n_contrib.data_ptr<int32_t>(),
-                               tile_last.data_ptr<int32_t>(), grad_color->data_ptr<float>(), 3,
-                               grads[3].data_ptr<float>(), stream);
+                               tile_last.data_ptr<int32_t>(), g_color, 3, grads[3].data_ptr<float>(), stream);
     }
     return grads;
   }
 
-  // per-Gaussian sums of the blending gradients: xy (2), conic (3) and depth in one buffer, the
-  // returned opacity and colour gradients in their own (a returned view would keep it all alive)
-  at::Tensor acc = at::zeros({6 * n}, f32);
-  grads[2] = at::zeros({n, 1}, f32);
-  grads[3] = at::zeros({n, 3}, f32);
-  float* a = acc.data_ptr<float>();
-  RasterGrads rg{a, a + 2 * n, grads[2].data_ptr<float>(), grads[3].data_ptr<float>(), a + 5 * n};
+  // per-Gaussian sums of the blending gradients, then the chain rule through the projection
+  at::Tensor raster_grads = at::zeros({n, RASTER_GRADS}, f32);
   render_backward(cam, rng, point_ids.data_ptr<int32_t>(), xy2, co4, colors.data_ptr<float>(), depth.data_ptr<float>(),
                   bg.data_ptr<float>(), final_T.data_ptr<float>(), n_contrib.data_ptr<int32_t>(),
-                  tile_last.data_ptr<int32_t>(), ptr(grad_color), ptr(grad_depth), ptr(features),
-                  ptr(grad_features), channels, rg, stream);
+                  tile_last.data_ptr<int32_t>(), g_color, g_depth, ptr(features), g_features, channels,
+                  raster_grads.data_ptr<float>(), stream);
 
   const bool precomp = cov3D_precomp.has_value();
   const at::Tensor rot = !precomp ? aligned16(*rotations) : at::Tensor();
   grads[0] = output({n, 3}, f32, poison);
   grads[1] = output({n, 3}, f32, poison);
+  grads[2] = output({n, 1}, f32, poison);
+  if (need_colors) grads[3] = output({n, 3}, f32, poison);
   if (precomp) grads[7] = output({n, 6}, f32, poison);
   else {
     grads[5] = output({n, 3}, f32, poison);
     grads[6] = output({n, 4}, f32, poison);
   }
-  GeometryGrads gg{grads[0].data_ptr<float>(), grads[1].data_ptr<float>(),
-                   precomp ? nullptr : grads[5].data_ptr<float>(), precomp ? nullptr : grads[6].data_ptr<float>(),
-                   precomp ? grads[7].data_ptr<float>() : nullptr};
+  auto out_ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; };
+  const GeometryGrads gg{out_ptr(grads[0]), out_ptr(grads[1]), out_ptr(grads[2]), out_ptr(grads[3]),
+                         out_ptr(grads[5]), out_ptr(grads[6]), out_ptr(grads[7])};
   project_backward(static_cast<int>(n), means3D.data_ptr<float>(), precomp ? nullptr : scales->data_ptr<float>(),
                    rot.defined() ? rot.data_ptr<float>() : nullptr, ptr(cov3D_precomp),
-                   static_cast<float>(scale_modifier), cam, radii.data_ptr<int32_t>(), rg.xy, rg.conic, rg.depth, gg,
-                   stream);
-  if (!need_colors) grads[3] = at::Tensor();
+                   static_cast<float>(scale_modifier), cam, radii.data_ptr<int32_t>(), raster_grads.data_ptr<float>(),
+                   gg, stream);
   return grads;
 }
 

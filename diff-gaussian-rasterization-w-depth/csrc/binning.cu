@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cub/cub.cuh>
 
@@ -83,8 +84,7 @@ T* as(const at::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); }
 }  // namespace
 
 void bin_gaussians(int n, const Camera& cam, const at::Tensor& xy, const at::Tensor& conic_opacity,
-                   const at::Tensor& radii, at::Tensor tiles_touched, at::Tensor depth_keys, at::Tensor order,
-                   at::Tensor& point_ids, at::Tensor& ranges) {
+                   const at::Tensor& radii, at::Tensor work, at::Tensor& point_ids, at::Tensor& ranges) {
   const int num_tiles = cam.grid_x * cam.grid_y;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const auto i32 = radii.options();
@@ -94,9 +94,9 @@ void bin_gaussians(int n, const Camera& cam, const at::Tensor& xy, const at::Ten
   if (n > 0) {
     const int blocks = (n + THREADS - 1) / THREADS;
     // 1. Gaussians by depth (stable: equal depths keep index order); double buffers: no copy in temp
-    at::Tensor alt = at::empty({2, n}, i32);
-    cub::DoubleBuffer<uint32_t> dkeys(as<uint32_t>(depth_keys), as<uint32_t>(alt[0]));
-    cub::DoubleBuffer<int32_t> dorder(as<int32_t>(order), as<int32_t>(alt[1]));
+    int32_t* rows = as<int32_t>(work);  // [5, n]: tiles_touched, depth keys, order, two spare rows
+    cub::DoubleBuffer<uint32_t> dkeys(reinterpret_cast<uint32_t*>(rows + n), reinterpret_cast<uint32_t*>(rows + 3 * n));
+    cub::DoubleBuffer<int32_t> dorder(rows + 2 * n, rows + 4 * n);
     size_t sort_bytes = 0, scan_bytes = 0;
     cub::DeviceRadixSort::SortPairs(nullptr, sort_bytes, dkeys, dorder, n, 0, 32, stream);
     cub::DeviceScan::InclusiveSum(nullptr, scan_bytes, (int64_t*)nullptr, (int64_t*)nullptr, n, stream);
@@ -107,10 +107,12 @@ void bin_gaussians(int n, const Camera& cam, const at::Tensor& xy, const at::Ten
     // 2. where each Gaussian's entries end: inclusive sum of tile counts in depth order (64-bit, so
     // that an overflowing total is caught rather than wrapped)
     at::Tensor offsets = at::empty({n}, i32.dtype(at::kLong));
-    gather_counts_kernel<<<blocks, THREADS, 0, stream>>>(n, by_depth, as<int32_t>(tiles_touched), as<int64_t>(offsets));
+    gather_counts_kernel<<<blocks, THREADS, 0, stream>>>(n, by_depth, rows, as<int64_t>(offsets));
     check_launch("gather_counts");
     cub::DeviceScan::InclusiveSum(temp.data_ptr(), scan_bytes, as<int64_t>(offsets), as<int64_t>(offsets), n, stream);
-    const int64_t total = offsets[n - 1].item<int64_t>();  // the one host synchronisation of a render
+    int64_t total = 0;  // the one host synchronisation of a render
+    C10_CUDA_CHECK(cudaMemcpyAsync(&total, as<int64_t>(offsets) + n - 1, sizeof(total), cudaMemcpyDeviceToHost, stream));
+    C10_CUDA_CHECK(cudaStreamSynchronize(stream));
     TORCH_CHECK(total < (int64_t(1) << 31), "rasterizer: ", total,
                 " (tile, Gaussian) pairs, more than 2^31; render fewer or smaller Gaussians");
     m = static_cast<int>(total);
@@ -121,14 +123,11 @@ void bin_gaussians(int n, const Camera& cam, const at::Tensor& xy, const at::Ten
     if (m > 0) {
       duplicate_kernel<<<blocks, THREADS, 0, stream>>>(
           n, cam, by_depth, as<int64_t>(offsets), as<float2>(xy), as<float4>(conic_opacity), as<int32_t>(radii),
-          as<uint32_t>(keys[0]), as<int32_t>(ids));
+          as<uint32_t>(keys), as<int32_t>(ids));
       check_launch("duplicate");
     }
   }
-  // the per-Gaussian buffers are done with: free them before the entries' sort buffers peak
-  tiles_touched.reset();
-  depth_keys.reset();
-  order.reset();
+  work.reset();  // done with: free it before the entries' sort buffers peak
 
   // 4. a stable sort of the entries by tile, on the bits the tile index needs
   point_ids = at::empty({m}, i32);
@@ -136,7 +135,7 @@ void bin_gaussians(int n, const Camera& cam, const at::Tensor& xy, const at::Ten
   if (m > 0) {
     int bits = 1;
     while ((1 << bits) <= num_tiles) ++bits;  // room for the key num_tiles too
-    cub::DoubleBuffer<uint32_t> tkeys(as<uint32_t>(keys[0]), as<uint32_t>(keys[1]));
+    cub::DoubleBuffer<uint32_t> tkeys(as<uint32_t>(keys), as<uint32_t>(keys) + m);
     cub::DoubleBuffer<int32_t> tids(as<int32_t>(ids), as<int32_t>(point_ids));
     size_t bytes = 0;
     cub::DeviceRadixSort::SortPairs(nullptr, bytes, tkeys, tids, m, 0, bits, stream);

@@ -151,11 +151,14 @@ project_forward_kernel(int n, const float* __restrict__ means3D, const float* __
 __global__ void __launch_bounds__(THREADS)
 project_backward_kernel(int n, const float* __restrict__ means3D, const float* __restrict__ scales,
                         const float* __restrict__ rotations, const float* __restrict__ cov6, float mod,
-                        Camera cam, const int32_t* __restrict__ radii, const float* __restrict__ grad_xy,
-                        const float* __restrict__ grad_conic, const float* __restrict__ grad_depth,
+                        Camera cam, const int32_t* __restrict__ radii, const float* __restrict__ raster_grads,
                         GeometryGrads out) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= n) return;
+  const float* rg = raster_grads + static_cast<int64_t>(i) * RASTER_GRADS;
+  if (out.opacities) out.opacities[i] = rg[G_OPACITY];
+  if (out.colors)
+    for (int k = 0; k < 3; ++k) out.colors[3 * i + k] = rg[G_R + k];
   if (radii[i] <= 0) {  // never rendered: no gradient (every output element is still written)
     for (int k = 0; k < 3; ++k) {
       if (out.means3D) out.means3D[3 * i + k] = 0.f;
@@ -179,8 +182,8 @@ project_backward_kernel(int n, const float* __restrict__ means3D, const float* _
   for (int k = 0; k < 4; ++k) pp[k] = p[0] * P[0][k] + p[1] * P[1][k] + p[2] * P[2][k] + P[3][k];
 
   // screen position: xy = ((ndc + 1) size - 1) / 2, ndc = pp.xy / (pp.w + 1e-7) + means2D.xy
-  const float g_ndc_x = grad_xy[2 * i] * 0.5f * cam.width;
-  const float g_ndc_y = grad_xy[2 * i + 1] * 0.5f * cam.height;
+  const float g_ndc_x = rg[G_X] * 0.5f * cam.width;
+  const float g_ndc_y = rg[G_Y] * 0.5f * cam.height;
   if (out.means2D) {
     out.means2D[3 * i] = g_ndc_x;
     out.means2D[3 * i + 1] = g_ndc_y;
@@ -214,7 +217,7 @@ project_backward_kernel(int n, const float* __restrict__ means3D, const float* _
 
   // conic = (c, -b, a) / det with det = a c - b^2
   const float det = a * c - b * b, inv_det2 = 1.f / (det * det);
-  const float gc0 = grad_conic[3 * i], gc1 = grad_conic[3 * i + 1], gc2 = grad_conic[3 * i + 2];
+  const float gc0 = rg[G_CONIC_A], gc1 = rg[G_CONIC_B], gc2 = rg[G_CONIC_C];
   const float ga = (-c * c * gc0 + b * c * gc1 - b * b * gc2) * inv_det2;
   const float gb = (2.f * b * c * gc0 - (a * c + b * b) * gc1 + 2.f * a * b * gc2) * inv_det2;
   const float gcc = (-b * b * gc0 + a * b * gc1 - a * a * gc2) * inv_det2;
@@ -233,7 +236,7 @@ project_backward_kernel(int n, const float* __restrict__ means3D, const float* _
     gJ11 += gM[1][j] * V[j][1];
     gJ12 += gM[1][j] * V[j][2];
   }
-  float g_view[3] = {0.f, 0.f, grad_depth[i]};
+  float g_view[3] = {0.f, 0.f, rg[G_DEPTH]};
   g_view[2] += -cam.focal_x * rz2 * gJ00 - cam.focal_y * rz2 * gJ11
                + 2.f * cam.focal_x * tx * rz3 * gJ02 + 2.f * cam.focal_y * ty * rz3 * gJ12;
   const float g_tx = -cam.focal_x * rz2 * gJ02, g_ty = -cam.focal_y * rz2 * gJ12;
@@ -313,12 +316,10 @@ void project_forward(int n, const float* means3D, const float* means2D, const fl
 
 void project_backward(int n, const float* means3D, const float* scales, const float* rotations,
                       const float* cov3D_precomp, float scale_modifier, const Camera& cam,
-                      const int32_t* radii, const float* grad_xy, const float* grad_conic,
-                      const float* grad_depth, GeometryGrads out, cudaStream_t stream) {
+                      const int32_t* radii, const float* raster_grads, GeometryGrads out, cudaStream_t stream) {
   if (n == 0) return;
   project_backward_kernel<<<(n + THREADS - 1) / THREADS, THREADS, 0, stream>>>(
-      n, means3D, scales, rotations, cov3D_precomp, scale_modifier, cam, radii, grad_xy, grad_conic,
-      grad_depth, out);
+      n, means3D, scales, rotations, cov3D_precomp, scale_modifier, cam, radii, raster_grads, out);
   check_launch("project_backward");
 }
 

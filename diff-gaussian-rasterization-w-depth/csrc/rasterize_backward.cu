@@ -4,7 +4,8 @@
 // transmittance each pixel recovers T before every fragment (T / (1 - alpha)) and keeps the sum of
 // w * (dL/dout . value) over the fragments behind, which gives dL/dalpha; then the gradients of the
 // fragment's colour, depth, opacity, conic and screen position. A warp sums them over its 32 pixels
-// before one atomic add per value, and skips Gaussians none of its pixels blends.
+// (transposed: 16 shuffles for the 10 values) before ten lanes add them with one atomic each, and
+// skips Gaussians none of its pixels blends.
 //
 // render_backward_values (colour or features alone, e.g. frozen geometry): dL/dvalues of a tile is
 // W^T G, W [pixels, Gaussians] the blending weights, G [pixels, C] the image gradient. Per batch of
@@ -17,7 +18,23 @@ namespace dgr {
 namespace {
 
 constexpr unsigned FULL = 0xFFFFFFFFu;
-constexpr int NUM_GRADS = 10;  // r, g, b, depth, opacity, x, y, conic a, b, c
+
+// Sums 16 values over the warp with 16 shuffles instead of 5 per value: at each halving step a
+// lane keeps one half of its values and trades the other half with its partner. Afterwards lanes
+// 2k and 2k+1 hold the sum of value k.
+__device__ __forceinline__ float warp_sum_transposed(float (&v)[16], int lane) {
+#pragma unroll
+  for (int half = 8, offset = 16; half >= 1; half /= 2, offset /= 2) {
+    const bool upper = lane & offset;
+#pragma unroll
+    for (int i = 0; i < half; ++i) {
+      const float give = upper ? v[i] : v[i + half];
+      const float keep = upper ? v[i + half] : v[i];
+      v[i] = keep + __shfl_xor_sync(FULL, give, offset);
+    }
+  }
+  return v[0] + __shfl_xor_sync(FULL, v[0], 1);
+}
 
 template <bool FEATURES>
 __global__ void __launch_bounds__(BLOCK)
@@ -26,9 +43,9 @@ render_backward_kernel(Camera cam, const int2* __restrict__ ranges, const int32_
                        const float* __restrict__ colors, const float* __restrict__ depth,
                        const float* __restrict__ bg, const float* __restrict__ final_T,
                        const int32_t* __restrict__ n_contrib, const int32_t* __restrict__ tile_last,
-                       const float* __restrict__ grad_color, const float* __restrict__ grad_depth,
-                       const float* __restrict__ features, const float* __restrict__ grad_features,
-                       int channels, RasterGrads out) {
+                       ImageGrad grad_color, ImageGrad grad_depth, const float* __restrict__ features,
+                       ImageGrad grad_features,
+                       int channels, float* __restrict__ raster_grads) {
   __shared__ int s_id[BLOCK];
   __shared__ float2 s_xy[BLOCK];
   __shared__ float4 s_co[BLOCK];
@@ -37,7 +54,6 @@ render_backward_kernel(Camera cam, const int2* __restrict__ ranges, const int32_
   const int px = (tile % cam.grid_x) * TILE + threadIdx.x % TILE;
   const int py = (tile / cam.grid_x) * TILE + threadIdx.x / TILE;
   const bool inside = px < cam.width && py < cam.height;
-  const int64_t hw = static_cast<int64_t>(cam.width) * cam.height;
   const int pix = py * cam.width + px;
   const int start = ranges[tile].x;
   const int count = tile_last[tile];
@@ -47,9 +63,9 @@ render_backward_kernel(Camera cam, const int2* __restrict__ ranges, const int32_
 
   float T = inside ? final_T[pix] : 1.f;
   float gc[3] = {0.f, 0.f, 0.f}, gd = 0.f;
-  if (inside && grad_color != nullptr)
-    for (int k = 0; k < 3; ++k) gc[k] = grad_color[k * hw + pix];
-  if (inside && grad_depth != nullptr) gd = grad_depth[pix];
+  if (inside && grad_color.data != nullptr)
+    for (int k = 0; k < 3; ++k) gc[k] = grad_color.at(k, py, px);
+  if (inside && grad_depth.data != nullptr) gd = grad_depth.at(0, py, px);
   // color = sum w c + T_final bg: the background's share of every dL/dalpha
   const float behind_bg = T * (bg[0] * gc[0] + bg[1] * gc[1] + bg[2] * gc[2]);
   float behind = 0.f;  // sum over blended fragments behind this one of w * (dL/dout . value)
@@ -70,9 +86,9 @@ render_backward_kernel(Camera cam, const int2* __restrict__ ranges, const int32_
       Fragment f;
       const bool on = first + j < mine && eval_fragment(s_xy[j], s_co[j], col, row, f);
       if (!__any_sync(FULL, on)) continue;
-      float v[NUM_GRADS];
+      float v[16];  // RasterGrad order, padded to 16 for the reduction
 #pragma unroll
-      for (int q = 0; q < NUM_GRADS; ++q) v[q] = 0.f;
+      for (int q = 0; q < 16; ++q) v[q] = 0.f;
       if (on) {
         const float keep = __fsub_rn(1.f, f.alpha);
         T = T / keep;  // transmittance in front of this fragment
@@ -81,42 +97,29 @@ render_backward_kernel(Camera cam, const int2* __restrict__ ranges, const int32_
         float dot = val.x * gc[0] + val.y * gc[1] + val.z * gc[2] + val.w * gd;
         if (FEATURES) {
           const float* fv = features + static_cast<int64_t>(s_id[j]) * channels;
-          for (int c = 0; c < channels; ++c) dot += __ldg(fv + c) * grad_features[c * hw + pix];
+          for (int c = 0; c < channels; ++c) dot += __ldg(fv + c) * grad_features.at(c, py, px);
         }
         const float g_alpha = T * dot - (behind + behind_bg) / keep;
         behind += w * dot;
-        v[0] = w * gc[0];
-        v[1] = w * gc[1];
-        v[2] = w * gc[2];
-        v[3] = w * gd;
+        v[G_R] = w * gc[0];
+        v[G_G] = w * gc[1];
+        v[G_B] = w * gc[2];
+        v[G_DEPTH] = w * gd;
         if (f.alpha_raw <= ALPHA_MAX) {  // past the clamp alpha is constant
           const float4 co = s_co[j];
           const float g_power = g_alpha * f.alpha_raw;
-          v[4] = g_alpha * f.e;
-          v[5] = g_power * (-co.x * f.dx - co.y * f.dy);
-          v[6] = g_power * (-co.z * f.dy - co.y * f.dx);
-          v[7] = g_power * (-0.5f * f.dx * f.dx);
-          v[8] = g_power * (-f.dx * f.dy);
-          v[9] = g_power * (-0.5f * f.dy * f.dy);
+          v[G_OPACITY] = g_alpha * f.e;
+          v[G_X] = g_power * (-co.x * f.dx - co.y * f.dy);
+          v[G_Y] = g_power * (-co.z * f.dy - co.y * f.dx);
+          v[G_CONIC_A] = g_power * (-0.5f * f.dx * f.dx);
+          v[G_CONIC_B] = g_power * (-f.dx * f.dy);
+          v[G_CONIC_C] = g_power * (-0.5f * f.dy * f.dy);
         }
       }
-#pragma unroll
-      for (int q = 0; q < NUM_GRADS; ++q)
-#pragma unroll
-        for (int o = 16; o > 0; o /= 2) v[q] += __shfl_down_sync(FULL, v[q], o);
-      if (lane == 0) {
-        const int id = s_id[j];
-        atomicAdd(out.color + 3 * id, v[0]);
-        atomicAdd(out.color + 3 * id + 1, v[1]);
-        atomicAdd(out.color + 3 * id + 2, v[2]);
-        atomicAdd(out.depth + id, v[3]);
-        atomicAdd(out.opacity + id, v[4]);
-        atomicAdd(out.xy + 2 * id, v[5]);
-        atomicAdd(out.xy + 2 * id + 1, v[6]);
-        atomicAdd(out.conic + 3 * id, v[7]);
-        atomicAdd(out.conic + 3 * id + 1, v[8]);
-        atomicAdd(out.conic + 3 * id + 2, v[9]);
-      }
+      const float sum = warp_sum_transposed(v, lane);
+      const int which = lane >> 1;  // lanes 0, 2, ..., 18 add the ten sums at once
+      if ((lane & 1) == 0 && which < RASTER_GRADS)
+        atomicAdd(raster_grads + static_cast<int64_t>(s_id[j]) * RASTER_GRADS + which, sum);
     }
   }
 }
@@ -124,6 +127,7 @@ render_backward_kernel(Camera cam, const int2* __restrict__ ranges, const int32_
 // render_backward_values: batch, channel chunk and the padded shared-memory rows
 constexpr int KB = 32;
 constexpr int CHB = 64;
+static_assert(KB == 32 && CHB == 64 && BLOCK == 256, "the product's thread mapping assumes 16 x 16 groups");
 constexpr int W_ROW = KB + 4;   // +4 floats: 8 consecutive pixels' 16-byte stores hit distinct banks
 constexpr int G_ROW = CHB + 4;
 constexpr size_t VALUES_SMEM = sizeof(float) * BLOCK * (W_ROW + G_ROW) + KB * (sizeof(float4) + sizeof(float2) + sizeof(int));
@@ -132,7 +136,7 @@ __global__ void __launch_bounds__(BLOCK)
 render_backward_values_kernel(Camera cam, const int2* __restrict__ ranges, const int32_t* __restrict__ point_ids,
                               const float2* __restrict__ xy, const float4* __restrict__ conic_opacity,
                               const int32_t* __restrict__ n_contrib, const int32_t* __restrict__ tile_last,
-                              const float* __restrict__ grad_image, int channels, float* __restrict__ grad_values) {
+                              ImageGrad grad_image, int channels, float* __restrict__ grad_values) {
   extern __shared__ float4 smem[];
   float* s_g = reinterpret_cast<float*>(smem);  // [BLOCK][G_ROW] image gradient of the tile's pixels
   float* s_w = s_g + BLOCK * G_ROW;              // [BLOCK][W_ROW] weights of the batch
@@ -145,7 +149,6 @@ render_backward_values_kernel(Camera cam, const int2* __restrict__ ranges, const
   const int px = (tile % cam.grid_x) * TILE + threadIdx.x % TILE;
   const int py = (tile / cam.grid_x) * TILE + threadIdx.x / TILE;
   const bool inside = px < cam.width && py < cam.height;
-  const int64_t hw = static_cast<int64_t>(cam.width) * cam.height;
   const int pix = py * cam.width + px;
   const int start = ranges[tile].x;
   const int count = tile_last[tile];
@@ -155,11 +158,15 @@ render_backward_values_kernel(Camera cam, const int2* __restrict__ ranges, const
   for (int c = 0; c < CHB; c += 4) {
     float g[4];
 #pragma unroll
-    for (int q = 0; q < 4; ++q) g[q] = inside && c0 + c + q < channels ? grad_image[(c0 + c + q) * hw + pix] : 0.f;
+    for (int q = 0; q < 4; ++q) g[q] = inside && c0 + c + q < channels ? grad_image.at(c0 + c + q, py, px) : 0.f;
     *reinterpret_cast<float4*>(s_g + threadIdx.x * G_ROW + c) = make_float4(g[0], g[1], g[2], g[3]);
   }
 
-  const int kg = threadIdx.x / (CHB / 4), cg = threadIdx.x % (CHB / 4);  // Gaussians 2kg, 2kg+1; channels 4cg..
+  // this thread's share of the product: Gaussians 2kg, 2kg+1 and channels 4cg..4cg+3; a warp takes
+  // 8 kg x 4 cg, so per pixel it reads 64 contiguous bytes of weights and of gradients (one
+  // shared-memory wavefront each) for 8 multiply-adds per thread
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int kg = lane % 8 + 8 * (warp % 2), cg = lane / 8 + 4 * (warp / 2);
   float T = 1.f;
   for (int base = 0; base < count; base += KB) {
     __syncthreads();  // the previous product is done with s_w and s_id
@@ -212,23 +219,23 @@ render_backward_values_kernel(Camera cam, const int2* __restrict__ ranges, const
 void render_backward(const Camera& cam, const int2* ranges, const int32_t* point_ids, const float2* xy,
                      const float4* conic_opacity, const float* colors, const float* depth, const float* bg,
                      const float* final_T, const int32_t* n_contrib, const int32_t* tile_last,
-                     const float* grad_color, const float* grad_depth, const float* features,
-                     const float* grad_features, int channels, RasterGrads out, cudaStream_t stream) {
+                     ImageGrad grad_color, ImageGrad grad_depth, const float* features,
+                     ImageGrad grad_features, int channels, float* raster_grads, cudaStream_t stream) {
   const int tiles = cam.grid_x * cam.grid_y;
-  if (features != nullptr && grad_features != nullptr)
+  if (features != nullptr && grad_features.data != nullptr)
     render_backward_kernel<true><<<tiles, BLOCK, 0, stream>>>(
         cam, ranges, point_ids, xy, conic_opacity, colors, depth, bg, final_T, n_contrib, tile_last, grad_color,
-        grad_depth, features, grad_features, channels, out);
+        grad_depth, features, grad_features, channels, raster_grads);
   else
     render_backward_kernel<false><<<tiles, BLOCK, 0, stream>>>(
         cam, ranges, point_ids, xy, conic_opacity, colors, depth, bg, final_T, n_contrib, tile_last, grad_color,
-        grad_depth, nullptr, nullptr, 0, out);
+        grad_depth, nullptr, ImageGrad{nullptr, 0, 0, 0}, 0, raster_grads);
   check_launch("render_backward");
 }
 
 void render_backward_values(const Camera& cam, const int2* ranges, const int32_t* point_ids, const float2* xy,
                             const float4* conic_opacity, const int32_t* n_contrib, const int32_t* tile_last,
-                            const float* grad_image, int channels, float* grad_values, cudaStream_t stream) {
+                            ImageGrad grad_image, int channels, float* grad_values, cudaStream_t stream) {
   // above 48 KB of shared memory a kernel must opt in (per device, so on every call)
   cudaFuncSetAttribute(render_backward_values_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                        static_cast<int>(VALUES_SMEM));

@@ -142,9 +142,15 @@ void project_forward(int n, const float* means3D, const float* means2D, const fl
                      float4* conic_opacity, int32_t* radii, int32_t* tiles_touched,
                      uint32_t* depth_keys, int32_t* order, cudaStream_t stream);
 
+// Per-Gaussian sums of the blending gradients (render_backward): one row of RASTER_GRADS floats per
+// Gaussian, screen position in pixels, conic, the composited depth value, opacity, colour.
+enum RasterGrad { G_X, G_Y, G_CONIC_A, G_CONIC_B, G_CONIC_C, G_DEPTH, G_OPACITY, G_R, G_G, G_B, RASTER_GRADS };
+
 struct GeometryGrads {  // outputs of project_backward; null where not wanted
   float* means3D;       // [N, 3]
   float* means2D;       // [N, 3]
+  float* opacities;     // [N, 1]
+  float* colors;        // [N, 3]
   float* scales;        // [N, 3]
   float* rotations;     // [N, 4]
   float* cov3D_precomp; // [N, 6]
@@ -152,16 +158,15 @@ struct GeometryGrads {  // outputs of project_backward; null where not wanted
 
 void project_backward(int n, const float* means3D, const float* scales, const float* rotations,
                       const float* cov3D_precomp, float scale_modifier, const Camera& cam,
-                      const int32_t* radii, const float* grad_xy, const float* grad_conic,
-                      const float* grad_depth, GeometryGrads out, cudaStream_t stream);
+                      const int32_t* radii, const float* raster_grads, GeometryGrads out, cudaStream_t stream);
 
 // ---- binning.cu
 // Gaussians of each tile, front to back: point_ids [M] int32 (Gaussian index per tile entry) and
-// ranges [tiles, 2] int32 (start, end) into it. tiles_touched [N] counts each Gaussian's entries.
-// The three per-Gaussian buffers are taken over (and freed early): pass them with std::move.
+// ranges [tiles, 2] int32 (start, end) into it.
+// work [5, N] int32: project_forward's tiles_touched, depth_keys and order, then room for the
+// depth sort; taken over and freed early (pass it with std::move).
 void bin_gaussians(int n, const Camera& cam, const at::Tensor& xy, const at::Tensor& conic_opacity,
-                   const at::Tensor& radii, at::Tensor tiles_touched, at::Tensor depth_keys, at::Tensor order,
-                   at::Tensor& point_ids, at::Tensor& ranges);
+                   const at::Tensor& radii, at::Tensor work, at::Tensor& point_ids, at::Tensor& ranges);
 
 // ---- rasterize_forward.cu
 void render_forward(const Camera& cam, const int2* ranges, const int32_t* point_ids,
@@ -175,24 +180,26 @@ void render_features(const Camera& cam, const int2* ranges, const int32_t* point
                      cudaStream_t stream);
 
 // ---- rasterize_backward.cu
-struct RasterGrads {  // per-Gaussian accumulators (zero on entry), see render_backward
-  float* xy;       // [N, 2] pixel units
-  float* conic;    // [N, 3]
-  float* opacity;  // [N]
-  float* color;    // [N, 3]
-  float* depth;    // [N] the composited value z
+// The gradient of an output image [C, H, W] as autograd hands it over, any strides (the gradient of
+// a sum is one value broadcast, stride 0): element (c, y, x) at data[c * sc + y * sy + x * sx].
+// data null: no gradient (zero).
+struct ImageGrad {
+  const float* data;
+  int64_t sc, sy, sx;
+  __host__ __device__ float at(int c, int y, int x) const { return data[c * sc + y * sy + x * sx]; }
 };
 
+// raster_grads [N, RASTER_GRADS] must be zero on entry.
 void render_backward(const Camera& cam, const int2* ranges, const int32_t* point_ids,
                      const float2* xy, const float4* conic_opacity, const float* colors,
                      const float* depth, const float* bg, const float* final_T,
-                     const int32_t* n_contrib, const int32_t* tile_last, const float* grad_color,
-                     const float* grad_depth, const float* features, const float* grad_features,
-                     int channels, RasterGrads out, cudaStream_t stream);
+                     const int32_t* n_contrib, const int32_t* tile_last, ImageGrad grad_color,
+                     ImageGrad grad_depth, const float* features, ImageGrad grad_features,
+                     int channels, float* raster_grads, cudaStream_t stream);
 
 void render_backward_values(const Camera& cam, const int2* ranges, const int32_t* point_ids,
                             const float2* xy, const float4* conic_opacity, const int32_t* n_contrib,
-                            const int32_t* tile_last, const float* grad_image, int channels,
+                            const int32_t* tile_last, ImageGrad grad_image, int channels,
                             float* grad_values, cudaStream_t stream);
 
 void check_launch(const char* what);

@@ -70,7 +70,7 @@ class _Rasterize(torch.autograd.Function):
         grads = _C.backward(means3D, scales, rotations, cov3D_precomp, colors, features, bg, scale_modifier,
                             viewmatrix, projmatrix, tanfovx, tanfovy, height, width, radii, xy, depth,
                             conic_opacity, point_ids, ranges, final_T, n_contrib, tile_last,
-                            _contiguous(grad_color), _contiguous(grad_depth), _contiguous(grad_feat),
+                            grad_color, grad_depth, grad_feat,  # any strides: kernels read them as they are
                             need_geometry, needs[3], needs[4], poison_outputs)
         grads = [g if needs[i] else None for i, g in enumerate(grads)]
         grad_bg = None

@@ -17,6 +17,10 @@ Conventions are those of 3D Gaussian Splatting (Kerbl et al. 2023) as used by Dy
 - ``image = sum(w_i c_i) + T_final * bg``, ``depth = sum(w_i z_i)`` with ``w_i = alpha_i T_i``.
 - ``means2D`` is a zero tensor whose gradient is the gradient with respect to the projected mean
   in NDC units (x, y; the third component gets none), as densification expects.
+
+The steps: project_gaussians (autograd), select_fragments (no gradient: which (pixel, Gaussian)
+pairs blend, in which order), Blend (what they contribute; an autograd Function whose backward
+is written out). docs/perf-reference.md has its speed on CPU.
 """
 import math
 import warnings
@@ -259,7 +263,8 @@ def csr(rows, cols, values, shape):
 
 
 # Up to this many channels the backward splats channel by channel; beyond, sparse matrix products
-# (per channel is ~3x faster for the 4 to 7 channels of stage 1, several times slower for 128).
+# (on CPU, per channel is several times faster for the 4 to 7 channels of stage 1 and several
+# times slower for the 132 of stage 4).
 FEW_CHANNELS = 16
 
 
@@ -284,13 +289,14 @@ def splat_backward(grad_out, values, weight, pixel, rank, need_values, need_weig
                           (n, grad_out.shape[0])) @ grad_out
     if need_weight:
         pattern = csr(pixel, rank, torch.zeros_like(weight), (grad_out.shape[0], n))
-        grad_weight = torch.sparse.sampled_addmm(pattern, grad_out, values.T, beta=0.0).values()
+        grad_weight = torch.sparse.sampled_addmm(pattern, grad_out, values.T.contiguous(), beta=0.0).values()
     return grad_values, grad_weight
 
 
 class Blend(torch.autograd.Function):
-    """What selected fragments contribute, with a hand-written backward (the autograd graph of the
-    same computation is several times slower on CPU).
+    """What selected fragments contribute, with the backward written out (it passes over the
+    fragments a few times, where autograd of the forward would store and revisit every
+    intermediate).
 
     Inputs per Gaussian in rank order (select_fragments' ids): x, y [n] pixel coordinates of the
     mean, a, b, c [n] conic, opacity [n], values [n, C]; per fragment in blending order (from

@@ -1,0 +1,247 @@
+"""Stage 1 (train_d3dgs.py, visualize_d3dgs.py, point_cloud.py, densification) on a tiny synthetic
+sequence, on the CPU."""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import external
+import helpers
+import point_cloud
+import train_d3dgs
+import visualize_d3dgs
+from synthetic_sequence import generate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = {"width": 96, "height": 54, "num_timesteps": 3, "num_train": 6, "num_test": 1}
+ITERS = ["--iters-first", "200", "--iters", "10"]
+PSNR_BOUND = 20.0  # dB on the test camera after 200 iterations at t = 0 (the initial cloud gives ~13)
+
+
+@pytest.fixture(scope="module")
+def seq(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("data") / "tiny")
+    generate(out, **TINY)
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(seq, tmp_path_factory):
+    """Timesteps 0 and 1 trained (of 3): a run stopped early by -l, as after an interruption."""
+    work = tmp_path_factory.mktemp("work")
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        train_d3dgs.main(["-s", seq, "-e", "t", "-l", "1", "--device", "cpu", *ITERS])
+    finally:
+        os.chdir(cwd)
+    return work, os.path.join(work, "output", "t", "tiny")
+
+
+def run_in(work, fn, argv):
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        return fn(argv)
+    finally:
+        os.chdir(cwd)
+
+
+def test_psnr_rises_above_bound(seq, trained):
+    _, out = trained
+    with open(os.path.join(out, "metrics.json")) as f:
+        metrics = json.load(f)
+    assert metrics["timesteps"] == 2
+    # the initial point cloud, rendered as train_d3dgs initialises it, scores far lower
+    meta, test_meta = helpers.load_meta(seq, "train"), helpers.load_meta(seq, "test")
+    _, test_views = train_d3dgs.get_dataset(train_d3dgs.load_timestep(seq, meta, test_meta, 0, (96, 54), (96, 54)),
+                                            meta, test_meta, 0, "cpu")
+    with np.load(os.path.join(seq, "init_pt_cld.npz")) as f:
+        init = train_d3dgs.initialize_params(f["data"], len(meta["cam_id"]), "cpu")
+    before = train_d3dgs.evaluate(init, test_views, None)["psnr"]
+    after = [m["psnr"] for m in metrics["per_timestep"]]
+    assert min(after) > PSNR_BOUND > before + 3, (before, after)
+    assert metrics["lpips"] is None and metrics["lpips_missing"]
+    assert all(0 < m["ssim"] <= 1 for m in metrics["per_timestep"])
+
+
+def test_params_npz_format(trained):
+    _, out = trained
+    with np.load(os.path.join(out, "params.npz")) as f:
+        arrays = {k: f[k] for k in f.files}
+    num_t, n = arrays["means3D"].shape[:2]
+    assert set(arrays) == set(helpers.D3DGS_PER_TIMESTEP + helpers.D3DGS_SHARED)
+    assert num_t == 2 and n > 100
+    want = {"means3D": (num_t, n, 3), "rgb_colors": (num_t, n, 3), "unnorm_rotations": (num_t, n, 4),
+            "seg_colors": (n, 3), "logit_opacities": (n, 1), "log_scales": (n, 3), "cam_m": (6, 3), "cam_c": (6, 3)}
+    assert {k: v.shape for k, v in arrays.items()} == want
+    assert all(v.dtype == np.float32 and np.isfinite(v).all() for v in arrays.values())
+    seg = arrays["seg_colors"]
+    assert set(np.unique(seg[:, 0])) <= {0.0, 1.0} and np.allclose(seg[:, 0] + seg[:, 2], 1) and 0 < seg[:, 0].sum() < n
+    g = helpers.load_d3dgs_params(os.path.join(out, "params.npz"), 1, "cpu")
+    assert torch.allclose(g["means3D"], torch.from_numpy(arrays["means3D"][1]))
+    assert torch.allclose(g["rotations"].norm(dim=1), torch.ones(n), atol=1e-5)
+    assert ((g["opacities"] > 0) & (g["opacities"] < 1)).all() and (g["scales"] > 0).all()
+    assert g["colors_precomp"].shape == (n, 3) and g["seg_colors"].shape == (n, 3)
+    with pytest.raises(helpers.UserError, match="timestep 5"):
+        helpers.load_d3dgs_params(os.path.join(out, "params.npz"), 5)
+
+
+def test_background_static_and_foreground_moves(trained):
+    _, out = trained
+    with np.load(os.path.join(out, "params.npz")) as f:
+        means, fg = f["means3D"], f["seg_colors"][:, 0] > 0.5
+    bg_motion = np.abs(means[1, ~fg] - means[0, ~fg]).max()
+    fg_motion = np.linalg.norm(means[1, fg] - means[0, fg], axis=1).max()
+    assert bg_motion < 0.02 < fg_motion  # the ball is thrown, the box slides between t = 0 and 1
+
+
+def test_resume_continues_at_first_missing_timestep(trained, capsys, tmp_path):
+    work, out = trained
+    copy = tmp_path / "work"
+    shutil.copytree(work, copy)
+    ts_dir = copy / "output" / "t" / "tiny" / "timesteps"
+    first = (ts_dir / "000000.npz").stat().st_mtime_ns
+    (ts_dir / "000001.npz").unlink()  # as if interrupted before timestep 1 was saved
+    seq = json.loads((ts_dir / "run.json").read_text())["seq"]
+    run_in(copy, train_d3dgs.main, ["-s", seq, "-e", "t", "--device", "cpu", *ITERS])
+    log = capsys.readouterr()
+    assert "resuming at timestep 1" in log.out + log.err
+    assert (ts_dir / "000000.npz").stat().st_mtime_ns == first  # not retrained
+    with np.load(copy / "output" / "t" / "tiny" / "params.npz") as f:
+        assert f["means3D"].shape[0] == 3 and f["unnorm_rotations"].shape[0] == 3
+        assert f["logit_opacities"].shape == (f["means3D"].shape[1], 1)
+    # a finished run only reassembles
+    run_in(copy, train_d3dgs.main, ["-s", seq, "-e", "t", "--device", "cpu", *ITERS])
+    assert "resuming at timestep 3" in "".join(capsys.readouterr())
+
+
+def test_nan_stops_naming_timestep_and_iteration(trained, monkeypatch, tmp_path):
+    work, _ = trained
+    copy = tmp_path / "work"
+    shutil.copytree(work, copy)
+    ts_dir = copy / "output" / "t" / "tiny" / "timesteps"
+    seq = json.loads((ts_dir / "run.json").read_text())["seq"]
+    calls = {"n": 0}
+    real = train_d3dgs.get_losses
+
+    def poisoned(*args, **kwargs):
+        losses, im = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 4:  # iteration 3 of timestep 1
+            losses["rigid"] = losses["rigid"] * float("nan")
+        return losses, im
+
+    monkeypatch.setattr(train_d3dgs, "get_losses", poisoned)
+    with pytest.raises(helpers.UserError, match=r"timestep 1, iteration 3: loss rigid is NaN"):
+        run_in(copy, train_d3dgs.main, ["-s", seq, "-e", "t", "-f", "1", "--device", "cpu", *ITERS])
+    assert (ts_dir / "000000.npz").exists() and not (ts_dir / "000001.npz").exists()
+
+
+def test_cameras_differing_between_timesteps_refused(seq, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(seq, bad)
+    meta = json.loads((bad / "train_meta.json").read_text())
+    meta["fn"][1][0], meta["fn"][1][1] = meta["fn"][1][1], meta["fn"][1][0]
+    (bad / "train_meta.json").write_text(json.dumps(meta))
+    with pytest.raises(helpers.UserError, match="other cameras than timestep 0"):
+        run_in(tmp_path, train_d3dgs.main, ["-s", str(bad), "--device", "cpu"])
+    meta["fn"][1][0], meta["fn"][1][1] = meta["fn"][1][1], meta["fn"][1][0]
+    meta["cam_id"] = [list(meta["cam_id"][0]) for _ in meta["fn"]] if not isinstance(meta["cam_id"][0], list) else meta["cam_id"]
+    meta["cam_id"][2] = meta["cam_id"][2][::-1]
+    (bad / "train_meta.json").write_text(json.dumps(meta))
+    with pytest.raises(helpers.UserError, match="cameras differ between timesteps"):
+        run_in(tmp_path, train_d3dgs.main, ["-s", str(bad), "--device", "cpu"])
+
+
+def test_user_error_is_one_line_and_exit_2(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "train_d3dgs.py"), "-s", str(tmp_path / "nope")],
+                            cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "train_meta.json" in result.stderr
+
+
+def test_visual_hull_points_lie_in_the_objects(seq):
+    meta = helpers.load_meta(seq, "train")
+    cloud = point_cloud.build_init_point_cloud(seq, meta, 0, num_fg=3000, num_bg=3000, log=lambda *_: None)
+    assert cloud.shape[1] == 7 and cloud.dtype == np.float32 and np.isfinite(cloud).all()
+    fg_pts, bg_pts = cloud[cloud[:, 6] == 1, :3], cloud[cloud[:, 6] == 0, :3]
+    with np.load(os.path.join(seq, "gt", "params.npz")) as f:
+        gt, is_fg = f["means3D"][0], f["seg_colors"][:, 0] > 0.5
+    gt_fg = gt[is_fg]
+    from scipy.spatial import cKDTree
+    to_object, _ = cKDTree(gt_fg).query(fg_pts)
+    # 6 cameras carve a loose hull: most points within 15 cm of an object's surface
+    assert len(fg_pts) > 100 and np.median(to_object) < 0.08 and np.mean(to_object < 0.15) > 0.8
+    covered, _ = cKDTree(fg_pts).query(gt_fg)
+    assert np.mean(covered < 0.15) > 0.9  # and every object is there
+    to_room, _ = cKDTree(gt[~is_fg]).query(bg_pts)
+    assert len(bg_pts) > 100 and np.median(to_room) < 0.5
+
+
+def test_visualize_writes_mp4s(trained):
+    import imageio.v2 as imageio
+    work, out = trained
+    seq = json.loads(open(os.path.join(out, "timesteps", "run.json")).read())["seq"]
+    run_in(work, visualize_d3dgs.main, ["-s", seq, "-e", "t", "--train-cams", "1", "--fg-only", "--device", "cpu"])
+    results = os.path.join(work, "results", "t", "tiny")
+    names = sorted(os.listdir(results))
+    assert len(names) == 6 and "orbit.mp4" in names and "orbit_fg.mp4" in names, names
+    with imageio.get_reader(os.path.join(results, "orbit.mp4")) as reader:
+        frames = [frame for frame in reader]
+    assert len(frames) == 2 and frames[0].std() > 5  # two timesteps, not blank
+
+
+def test_densify_clones_splits_prunes_and_keeps_adam_in_step():
+    n = 4
+    params = {"means3D": torch.zeros(n, 3), "rgb_colors": torch.rand(n, 3), "seg_colors": torch.zeros(n, 3),
+              "unnorm_rotations": torch.tensor([[1.0, 0, 0, 0]]).repeat(n, 1),
+              "logit_opacities": torch.tensor([[0.0], [0.0], [-8.0], [0.0]]),
+              "log_scales": torch.log(torch.tensor([[0.001], [0.5], [0.001], [0.001]])).repeat(1, 3),
+              "cam_m": torch.zeros(2, 3), "cam_c": torch.zeros(2, 3)}
+    params = {k: (v.requires_grad_(True) if k != "seg_colors" else v) for k, v in params.items()}
+    optimizer = train_d3dgs.initialize_optimizer(params, 1.0, train_d3dgs.LEARNING_RATES)
+    sum(v.sum() for v in params.values() if v.requires_grad).backward()
+    optimizer.step()
+    variables = {"scene_radius": 1.0, "means2D_gradient_accum": torch.zeros(n), "denom": torch.zeros(n)}
+    schedule = external.densify_schedule(1000)  # every 10 from 50
+    grad = torch.tensor([[1.0, 0, 0], [1.0, 0, 0], [1.0, 0, 0], [0.0, 0, 0]])  # #3: below the threshold
+    radii = torch.tensor([5, 5, 5, 5], dtype=torch.int32)
+    params, variables = external.densify(params, variables, optimizer, schedule["start"], schedule,
+                                         grad, radii)
+    # 0 cloned (small), 1 split in two (large), 2 cloned then both pruned (opacity), 3 kept
+    assert params["means3D"].shape[0] == 2 + 1 + 2
+    assert torch.allclose(params["log_scales"].exp().max(1).values.sort().values[-2:], torch.tensor(0.5 / 1.6))
+    for group in optimizer.param_groups:
+        p = group["params"][0]
+        assert params[group["name"]] is p
+        assert optimizer.state[p]["exp_avg"].shape == p.shape
+    assert params["seg_colors"].shape == (5, 3) and variables["denom"].shape == (5,)
+
+
+def test_rigid_motion_costs_nothing_and_bending_costs():
+    torch.manual_seed(0)
+    pts = torch.randn(60, 3) * 0.05 - torch.tensor([0.0, 1.0, 0.0])
+    first = {"means3D": pts, "unnorm_rotations": torch.nn.functional.normalize(torch.randn(60, 4)),
+             "seg_colors": torch.tensor([[1.0, 0, 0]]).repeat(60, 1), "rgb_colors": torch.rand(60, 3)}
+    variables = train_d3dgs.initialize_post_first_timestep(first)
+    params, variables = train_d3dgs.initialize_per_timestep(first, variables)
+    angle = 0.3
+    q = torch.tensor([math.cos(angle / 2), 0.0, math.sin(angle / 2), 0.0])
+    R = helpers.build_rotation(q[None])[0]
+    moved = {**params, "means3D": pts @ R.T + torch.tensor([0.2, -0.1, 0.3]),
+             "unnorm_rotations": helpers.quat_mult(q[None].repeat(60, 1), first["unnorm_rotations"])}
+    def terms(p):
+        rendervar = {"means3D": p["means3D"], "rotations": torch.nn.functional.normalize(p["unnorm_rotations"])}
+        return train_d3dgs.prior_losses(p, rendervar, variables)
+
+    rigid = terms(moved)
+    assert rigid["rigid"] < 1e-4 and rigid["rot"] < 1e-4 and rigid["iso"] < 1e-4
+    bent = {**moved, "means3D": moved["means3D"] + 0.02 * torch.randn(60, 3)}
+    assert terms(bent)["rigid"] > 1e-3 and terms(bent)["iso"] > 1e-4
