@@ -53,11 +53,12 @@ class NeighbourAttention(nn.Module):
         # so score_ij = (W_k^T q_i) . f_j; and sum_j a_ij (W_v f_j + b_v) = W_v (sum_j a_ij f_j) + b_v.
         # Same function as projecting every neighbour's key and value, with one [N, K+1, D] gather
         # instead of three (the memory traffic of this module).
-        near = latents[neighbours]
+        n, k = neighbours.shape
+        near = latents.index_select(0, neighbours.reshape(-1)).view(n, k, -1)  # [N, K+1, D]
         q_k = self.query(latents) @ self.key.weight
-        scores = torch.einsum("nd,nkd->nk", q_k, near) / math.sqrt(latents.shape[1])
+        scores = torch.bmm(near, q_k[:, :, None])[:, :, 0] / math.sqrt(latents.shape[1])
         weights = torch.softmax(scores, dim=-1)
-        return self.out(self.value(torch.einsum("nk,nkd->nd", weights, near)))
+        return self.out(self.value(torch.bmm(weights[:, None], near)[:, 0]))
 
 
 def neighbour_indices(means3D, k=NUM_NEIGHBOURS):
@@ -99,28 +100,27 @@ def training_cameras(meta, t, downscale, device):
     return cams
 
 
-def encode_targets(cache, t, num_cams, ae, cams, device):
-    """Per train camera the AE-encoded per-pixel feature map [128, h, w] float16 (stage-2 dense map
-    -> encoder), computed once per camera and timestep on `device`."""
+def encode_targets(cache, t, ae, cams, device):
+    """Per train camera the AE-encoded per-pixel feature map [128, h, w] float32 (stage-2 dense map
+    -> encoder), computed once per camera and timestep, on first use, on `device`."""
     from feature_extraction import dense_feature_map
-    targets = []
-    for c in range(num_cams):
+
+    def make(c):
         h, w = cams[c].image_height, cams[c].image_width
-        dense = dense_feature_map(cache, t, c, h, w, device)
+        flat = dense_feature_map(cache, t, c, h, w, device).reshape(-1, h * w).T
         with torch.no_grad():
-            flat = dense.reshape(dense.shape[0], -1).T
             z = torch.cat([ae.encode(flat[i:i + 65536]) for i in range(0, flat.shape[0], 65536)])
-        targets.append(z.T.reshape(-1, h, w).to(torch.float16))
-    return targets
+        return z.T.reshape(-1, h, w)
+    return PerCamera(len(cams), make)
 
 
 class _SparseRender(torch.autograd.Function):
-    """features [N, C] -> matrix @ features [P, C]; backward matrix^T @ grad (both CSR)."""
+    """values [n, C] -> matrix @ values [P, C]; backward matrix_t @ grad (both CSR)."""
 
     @staticmethod
-    def forward(ctx, matrix, matrix_t, features):
+    def forward(ctx, matrix, matrix_t, values):
         ctx.matrix_t = matrix_t
-        return matrix @ features
+        return matrix @ values
 
     @staticmethod
     def backward(ctx, grad):
@@ -128,14 +128,14 @@ class _SparseRender(torch.autograd.Function):
 
 
 def blend_matrix(cam, rendervar):
-    """The render of frozen Gaussians as a sparse matrix S [H*W, N]: features image = S @ features.
+    """The render of frozen Gaussians as a sparse matrix: features image = S @ features[ids].
 
     Rendered features are linear in the features once the geometry is fixed, and on the CPU the
     reference rasterizer spends almost all its time on that geometry (projection, fragment
     selection, sorting), so we run it once per camera and timestep. The steps are the reference
     rasterizer's own (`_torch_impl`: project_gaussians, select_fragments, then the blending weights
-    alpha * T as its Blend computes them); tests hold S @ features equal to the rasterizer's
-    output. Returns S and its transpose (for the backward), both CSR."""
+    alpha * T as its Blend computes them); tests hold the result equal to the rasterizer's.
+    Returns ids [n] (the Gaussians on screen, front to back), S [H*W, n] and S^T, both CSR."""
     from diff_gaussian_rasterization_feat import _torch_impl as ref
     h, w = cam.image_height, cam.image_width
     means3D, opacities = rendervar["means3D"], rendervar["opacities"]
@@ -147,24 +147,39 @@ def blend_matrix(cam, rendervar):
         ids, pixel, rank, alpha = ref.select_fragments(xy, conic, opacities, z, radii, rect, h, w)
         log_t_before, _, _ = ref.log_transmittance(torch.log1p(-alpha).double(), pixel, h * w)
         weight = alpha * torch.exp(log_t_before).to(alpha.dtype)
-        pixel, gauss = pixel.long(), ids[rank.long()]
-    s = torch.sparse_coo_tensor(torch.stack([pixel, gauss]), weight, (h * w, means3D.shape[0]))
-    with warnings.catch_warnings():  # "CSR support is in beta": CSR @ dense is all we use
-        warnings.simplefilter("ignore", UserWarning)
-        return s.coalesce().to_sparse_csr(), s.t().coalesce().to_sparse_csr()
+        # fragments come sorted by pixel, front to back (increasing rank) within a pixel: CSR as is
+        by_rank = ref.stable_argsort(rank, len(ids))
+        return (ids, ref.csr(pixel, rank, weight, (h * w, len(ids))),
+                ref.csr(rank[by_rank], pixel[by_rank], weight[by_rank], (len(ids), h * w)))
+
+
+class PerCamera:
+    """Values per camera made on first use (a warm-started timestep with few iterations never pays
+    for the cameras it does not visit): per_camera[c] = make(c)."""
+
+    def __init__(self, num_cams, make):
+        self.num_cams, self.make, self.made = num_cams, make, {}
+
+    def __len__(self):
+        return self.num_cams
+
+    def __getitem__(self, c):
+        if c not in self.made:
+            self.made[c] = self.make(c)
+        return self.made[c]
 
 
 def make_renderers(cams, rendervar, use_rasterizer):
-    """One function per camera: features [N, C] -> rendered [C, H, W], differentiable in the
-    features only (the geometry is detached)."""
+    """Per camera a function features [N, C] -> rendered [C, H, W], differentiable in the features
+    only (the geometry is detached)."""
     if use_rasterizer:
-        return [lambda f, cam=cam: render_features(cam, rendervar, f)[1] for cam in cams]
-    renderers = []
-    for cam in cams:
-        s, s_t = blend_matrix(cam, rendervar)
-        renderers.append(lambda f, s=s, s_t=s_t, cam=cam: _SparseRender.apply(s, s_t, f).T.reshape(
-            -1, cam.image_height, cam.image_width))
-    return renderers
+        return PerCamera(len(cams), lambda c: lambda f: render_features(cams[c], rendervar, f)[1])
+
+    def make(c):
+        ids, s, s_t = blend_matrix(cams[c], rendervar)
+        h, w = cams[c].image_height, cams[c].image_width
+        return lambda f: _SparseRender.apply(s, s_t, f.index_select(0, ids)).T.reshape(-1, h, w)
+    return PerCamera(len(cams), make)
 
 
 def initialize(num_gaussians, previous, lrs, device, seed):
@@ -193,7 +208,7 @@ def camera_order(num_cams, generator):
 
 def get_loss(params, attention, variables, renderer, target):
     features = attention(params["latents"], variables["neighbours"])
-    return helpers.l1_loss(renderer(features), target.float())
+    return helpers.l1_loss(renderer(features), target)
 
 
 def train_timestep(t, setup, previous, num_iters, show_progress=True, on_iter=None):
@@ -227,7 +242,7 @@ def prepare_timestep(t, args, meta, params_path, ae, cache, device, use_rasteriz
     cams = training_cameras(meta, t, args.downscale, device)
     return {"rendervar": rendervar, "neighbours": neighbour_indices(rendervar["means3D"]),
             "renderers": make_renderers(cams, rendervar, use_rasterizer),
-            "targets": encode_targets(cache, t, len(cams), ae, cams, device),
+            "targets": encode_targets(cache, t, ae, cams, device),
             "lrs": {"latents": args.lr_features, "attention": args.lr_attention},
             "device": device, "seed": args.seed}
 

@@ -42,7 +42,8 @@ for step in $STEPS; do
     python3 -c "import diff_gaussian_rasterization as a, diff_gaussian_rasterization_feat as b; \
 print('CUDA path:', a.cuda_available(), b.cuda_available())" ;;
   test)
-    python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_cuda_rasterizer.py 2>&1 | tee "$OUT/tests.log" | tail -30 ;;
+    python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_cuda_rasterizer.py 2>&1 | tee "$OUT/tests.log" | tail -30 \
+      || exit 1 ;;
   memcheck)
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 \
       python3 benchmarks/rasterizer_memcheck.py > "$OUT/memcheck.log" 2>&1

@@ -192,11 +192,11 @@ std::vector<at::Tensor> backward(const at::Tensor& means3D, const OptTensor& sca
   }
 
   // per-Gaussian sums of the blending gradients, then the chain rule through the projection
-  at::Tensor raster_grads = at::zeros({n, RASTER_GRADS}, f32);
+  at::Tensor raster_grads = at::zeros({RASTER_GRADS, n}, f32);
   render_backward(cam, rng, point_ids.data_ptr<int32_t>(), xy2, co4, colors.data_ptr<float>(), depth.data_ptr<float>(),
                   bg.data_ptr<float>(), final_T.data_ptr<float>(), n_contrib.data_ptr<int32_t>(),
                   tile_last.data_ptr<int32_t>(), g_color, g_depth, ptr(features), g_features, channels,
-                  raster_grads.data_ptr<float>(), stream);
+                  static_cast<int>(n), raster_grads.data_ptr<float>(), stream);
 
   const bool precomp = cov3D_precomp.has_value();
   const at::Tensor rot = !precomp ? aligned16(*rotations) : at::Tensor();

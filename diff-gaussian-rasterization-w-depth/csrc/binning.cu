@@ -41,11 +41,11 @@ __global__ void duplicate_kernel(int n, Camera cam, const int32_t* __restrict__ 
   int x0, y0, x1, y1;
   const float2 p = xy[g];
   tile_rect(p.x, p.y, static_cast<float>(r), cam.grid_x, cam.grid_y, x0, y0, x1, y1);
-  const Footprint f = make_footprint(p, conic_opacity[g]);
+  const Footprint f = make_footprint(p, conic_opacity[g], x0, y0, x1, y1);
   int k = j == 0 ? 0 : static_cast<int>(offsets[j - 1]);
   const int end = static_cast<int>(offsets[j]);
-  for (int ty = y0; ty < y1; ++ty)
-    for (int tx = x0; tx < x1; ++tx)
+  for (int ty = f.y0; ty < f.y1; ++ty)
+    for (int tx = f.x0; tx < f.x1; ++tx)
       if (k < end && tile_hit(f, tx, ty, cam.width, cam.height)) {
         tile_keys[k] = static_cast<uint32_t>(ty * cam.grid_x + tx);
         ids[k++] = g;

@@ -134,9 +134,9 @@ project_forward_kernel(int n, const float* __restrict__ means3D, const float* __
   const float4 co = make_float4(__fdiv_rn(c, det_safe), __fdiv_rn(-b, det_safe), __fdiv_rn(a, det_safe), opacities[i]);
   int touched = 0;
   if (visible) {
-    const Footprint f = make_footprint(mean, co);
-    for (int ty = y0; ty < y1; ++ty)
-      for (int tx = x0; tx < x1; ++tx) touched += tile_hit(f, tx, ty, cam.width, cam.height);
+    const Footprint f = make_footprint(mean, co, x0, y0, x1, y1);
+    for (int ty = f.y0; ty < f.y1; ++ty)
+      for (int tx = f.x0; tx < f.x1; ++tx) touched += tile_hit(f, tx, ty, cam.width, cam.height);
   }
   xy[i] = mean;
   depth[i] = z;
@@ -155,7 +155,8 @@ project_backward_kernel(int n, const float* __restrict__ means3D, const float* _
                         GeometryGrads out) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= n) return;
-  const float* rg = raster_grads + static_cast<int64_t>(i) * RASTER_GRADS;
+  float rg[RASTER_GRADS];
+  for (int k = 0; k < RASTER_GRADS; ++k) rg[k] = raster_grads[static_cast<int64_t>(k) * n + i];
   if (out.opacities) out.opacities[i] = rg[G_OPACITY];
   if (out.colors)
     for (int k = 0; k < 3; ++k) out.colors[3 * i + k] = rg[G_R + k];

@@ -45,7 +45,7 @@ render_backward_kernel(Camera cam, const int2* __restrict__ ranges, const int32_
                        const int32_t* __restrict__ n_contrib, const int32_t* __restrict__ tile_last,
                        ImageGrad grad_color, ImageGrad grad_depth, const float* __restrict__ features,
                        ImageGrad grad_features,
-                       int channels, float* __restrict__ raster_grads) {
+                       int channels, int n_gauss, float* __restrict__ raster_grads) {
   __shared__ int s_id[BLOCK];
   __shared__ float2 s_xy[BLOCK];
   __shared__ float4 s_co[BLOCK];
@@ -119,7 +119,7 @@ render_backward_kernel(Camera cam, const int2* __restrict__ ranges, const int32_
       const float sum = warp_sum_transposed(v, lane);
       const int which = lane >> 1;  // lanes 0, 2, ..., 18 add the ten sums at once
       if ((lane & 1) == 0 && which < RASTER_GRADS)
-        atomicAdd(raster_grads + static_cast<int64_t>(s_id[j]) * RASTER_GRADS + which, sum);
+        atomicAdd(raster_grads + static_cast<int64_t>(which) * n_gauss + s_id[j], sum);
     }
   }
 }
@@ -220,16 +220,17 @@ void render_backward(const Camera& cam, const int2* ranges, const int32_t* point
                      const float4* conic_opacity, const float* colors, const float* depth, const float* bg,
                      const float* final_T, const int32_t* n_contrib, const int32_t* tile_last,
                      ImageGrad grad_color, ImageGrad grad_depth, const float* features,
-                     ImageGrad grad_features, int channels, float* raster_grads, cudaStream_t stream) {
+                     ImageGrad grad_features, int channels, int n_gauss, float* raster_grads,
+                     cudaStream_t stream) {
   const int tiles = cam.grid_x * cam.grid_y;
   if (features != nullptr && grad_features.data != nullptr)
     render_backward_kernel<true><<<tiles, BLOCK, 0, stream>>>(
         cam, ranges, point_ids, xy, conic_opacity, colors, depth, bg, final_T, n_contrib, tile_last, grad_color,
-        grad_depth, features, grad_features, channels, raster_grads);
+        grad_depth, features, grad_features, channels, n_gauss, raster_grads);
   else
     render_backward_kernel<false><<<tiles, BLOCK, 0, stream>>>(
         cam, ranges, point_ids, xy, conic_opacity, colors, depth, bg, final_T, n_contrib, tile_last, grad_color,
-        grad_depth, nullptr, ImageGrad{nullptr, 0, 0, 0}, 0, raster_grads);
+        grad_depth, nullptr, ImageGrad{nullptr, 0, 0, 0}, 0, n_gauss, raster_grads);
   check_launch("render_backward");
 }
 

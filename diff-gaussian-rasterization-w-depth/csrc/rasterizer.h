@@ -64,30 +64,48 @@ __device__ __forceinline__ bool tile_rect(float px, float py, float r, int grid_
 // in them (about 40% of the tile entries of the benchmark scene), so binning leaves them out.
 // s is widened by 1% + 0.01, far more than float rounding of the power moves the boundary, so the
 // fragments that blend are exactly the reference's. Every operation is an _rn intrinsic: the
-// projection counts the tiles and the binning lists them with this same function, and the two
-// must agree bit for bit.
+// projection counts the tiles and the binning lists them with this same code, and the two must
+// agree bit for bit.
 struct Footprint {
-  float mx, my;   // mean in pixels
-  float a, b, c;  // conic
-  float s;        // widened 2 ln(255 opacity); NaN or negative: blends nowhere
-  bool ellipse;   // conic positive definite; otherwise every tile of the rectangle is kept
+  float mx, my;           // mean in pixels
+  float a, b, c;          // conic
+  float inv_a, inv_c;
+  float s;                // widened 2 ln(255 opacity); NaN or negative: blends nowhere
+  bool ellipse;           // conic positive definite; otherwise every tile of the rectangle is kept
+  int x0, y0, x1, y1;     // tiles to test: the radius' rectangle clipped to the ellipse's bounding box
 };
 
-__device__ __forceinline__ Footprint make_footprint(float2 mean, float4 co) {
+__device__ __forceinline__ Footprint make_footprint(float2 mean, float4 co, int x0, int y0, int x1, int y1) {
   Footprint f;
   f.mx = mean.x;
   f.my = mean.y;
   f.a = co.x;
   f.b = co.y;
   f.c = co.z;
+  f.inv_a = __frcp_rn(co.x);
+  f.inv_c = __frcp_rn(co.z);
   f.s = __fadd_rn(__fmul_rn(__fmul_rn(2.f, logf(__fmul_rn(255.f, co.w))), 1.01f), 0.01f);
-  f.ellipse = co.x > 0.f && co.z > 0.f && __fsub_rn(__fmul_rn(co.x, co.z), __fmul_rn(co.y, co.y)) > 0.f;
+  const float det = __fsub_rn(__fmul_rn(co.x, co.z), __fmul_rn(co.y, co.y));
+  f.ellipse = co.x > 0.f && co.z > 0.f && det > 0.f;
+  f.x0 = x0; f.y0 = y0; f.x1 = x1; f.y1 = y1;
+  if (f.ellipse && f.s >= 0.f) {
+    // half extents sqrt(s c / det), sqrt(s a / det), one pixel more for rounding
+    const float inv_det = __frcp_rn(det);
+    const float hx = __fadd_rn(__fsqrt_rn(__fmul_rn(__fmul_rn(f.s, co.z), inv_det)), 1.f);
+    const float hy = __fadd_rn(__fsqrt_rn(__fmul_rn(__fmul_rn(f.s, co.x), inv_det)), 1.f);
+    const float t = static_cast<float>(TILE);
+    f.x0 = max(x0, static_cast<int>(floorf(__fdiv_rn(__fsub_rn(mean.x, hx), t))));
+    f.x1 = min(x1, static_cast<int>(floorf(__fdiv_rn(__fadd_rn(mean.x, hx), t))) + 1);
+    f.y0 = max(y0, static_cast<int>(floorf(__fdiv_rn(__fsub_rn(mean.y, hy), t))));
+    f.y1 = min(y1, static_cast<int>(floorf(__fdiv_rn(__fadd_rn(mean.y, hy), t))) + 1);
+  }
   return f;
 }
 
-// min over t in [lo, hi] of a u^2 + 2 b u t + c t^2 (c > 0), u fixed: one edge of a rectangle
-__device__ __forceinline__ float edge_min(float a, float b, float c, float u, float lo, float hi) {
-  const float t = fminf(fmaxf(__fdiv_rn(-__fmul_rn(b, u), c), lo), hi);
+// min over t in [lo, hi] of a u^2 + 2 b u t + c t^2 (c > 0, inv_c = 1 / c), u fixed: one edge of a
+// rectangle
+__device__ __forceinline__ float edge_min(float a, float b, float c, float inv_c, float u, float lo, float hi) {
+  const float t = fminf(fmaxf(-__fmul_rn(__fmul_rn(b, u), inv_c), lo), hi);
   return __fadd_rn(__fadd_rn(__fmul_rn(__fmul_rn(a, u), u), __fmul_rn(2.f, __fmul_rn(__fmul_rn(b, u), t))),
                    __fmul_rn(__fmul_rn(c, t), t));
 }
@@ -102,8 +120,8 @@ __device__ __forceinline__ bool tile_hit(const Footprint& f, int tx, int ty, int
   const float y1 = __fsub_rn(static_cast<float>(min(ty * TILE + TILE - 1, height - 1)), f.my);
   if (x0 <= 0.f && x1 >= 0.f && y0 <= 0.f && y1 >= 0.f) return true;  // the mean is in the tile
   // a convex q is smallest on the boundary of a rectangle that does not hold its minimum
-  const float q = fminf(fminf(edge_min(f.a, f.b, f.c, x0, y0, y1), edge_min(f.a, f.b, f.c, x1, y0, y1)),
-                        fminf(edge_min(f.c, f.b, f.a, y0, x0, x1), edge_min(f.c, f.b, f.a, y1, x0, x1)));
+  const float q = fminf(fminf(edge_min(f.a, f.b, f.c, f.inv_c, x0, y0, y1), edge_min(f.a, f.b, f.c, f.inv_c, x1, y0, y1)),
+                        fminf(edge_min(f.c, f.b, f.a, f.inv_a, y0, x0, x1), edge_min(f.c, f.b, f.a, f.inv_a, y1, x0, x1)));
   return q <= f.s;
 }
 
@@ -142,8 +160,9 @@ void project_forward(int n, const float* means3D, const float* means2D, const fl
                      float4* conic_opacity, int32_t* radii, int32_t* tiles_touched,
                      uint32_t* depth_keys, int32_t* order, cudaStream_t stream);
 
-// Per-Gaussian sums of the blending gradients (render_backward): one row of RASTER_GRADS floats per
-// Gaussian, screen position in pixels, conic, the composited depth value, opacity, colour.
+// Per-Gaussian sums of the blending gradients (render_backward), [RASTER_GRADS, N], value-major:
+// screen position in pixels, conic, the composited depth value, opacity, colour. (Value-major keeps
+// the atomic adds of one Gaussian's ten values in ten different memory sectors.)
 enum RasterGrad { G_X, G_Y, G_CONIC_A, G_CONIC_B, G_CONIC_C, G_DEPTH, G_OPACITY, G_R, G_G, G_B, RASTER_GRADS };
 
 struct GeometryGrads {  // outputs of project_backward; null where not wanted
@@ -189,13 +208,13 @@ struct ImageGrad {
   __host__ __device__ float at(int c, int y, int x) const { return data[c * sc + y * sy + x * sx]; }
 };
 
-// raster_grads [N, RASTER_GRADS] must be zero on entry.
+// raster_grads [RASTER_GRADS, N] must be zero on entry.
 void render_backward(const Camera& cam, const int2* ranges, const int32_t* point_ids,
                      const float2* xy, const float4* conic_opacity, const float* colors,
                      const float* depth, const float* bg, const float* final_T,
                      const int32_t* n_contrib, const int32_t* tile_last, ImageGrad grad_color,
                      ImageGrad grad_depth, const float* features, ImageGrad grad_features,
-                     int channels, float* raster_grads, cudaStream_t stream);
+                     int channels, int n_gauss, float* raster_grads, cudaStream_t stream);
 
 void render_backward_values(const Camera& cam, const int2* ranges, const int32_t* point_ids,
                             const float2* xy, const float4* conic_opacity, const int32_t* n_contrib,
