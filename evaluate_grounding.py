@@ -100,7 +100,7 @@ def find_camera(seq_dir, cam_id, num_t, device):
                             f"{seq_dir}/test_meta.json or train_meta.json")
 
 
-def parse_args():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-s", "--seq", required=True, help="sequence folder, e.g. data/synthetic")
     p.add_argument("-e", "--exp", default="exp1", help="experiment name (default: %(default)s)")
@@ -113,11 +113,11 @@ def parse_args():
     p.add_argument("--viclip-ckpt", default="data/checkpoints/ViClip-InternVid-10M-FLT.pth",
                    help="ViCLIP checkpoint for --encoder viclip (default: %(default)s)")
     p.add_argument("--device", default=None, help="cuda, cpu (default: cuda if available)")
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     device = helpers.pick_device(args.device)
     benchmark = read_benchmark(args.benchmark)
     stages = Stages(args.seq, args.exp, args.encoder, device)

@@ -9,28 +9,32 @@ _WINDOWS = {}
 
 
 def _window(channels, device, dtype, size=11, sigma=1.5):
+    """The 11x11 Gaussian window as its two 1D factors, [C, 1, size, 1] and [C, 1, 1, size]: the
+    window is separable, so two 11-tap passes replace one 121-tap pass (same result)."""
     key = (channels, device, dtype)
     if key not in _WINDOWS:
         x = torch.arange(size, dtype=torch.float64) - size // 2
         g = torch.exp(-x ** 2 / (2 * sigma ** 2))
-        g = g / g.sum()
-        _WINDOWS[key] = (g[:, None] @ g[None, :]).to(device, dtype).expand(channels, 1, size, size).contiguous()
+        g = (g / g.sum()).to(device, dtype)
+        _WINDOWS[key] = (g.view(1, 1, size, 1).expand(channels, 1, size, 1).contiguous(),
+                         g.view(1, 1, 1, size).expand(channels, 1, 1, size).contiguous())
     return _WINDOWS[key]
 
 
 def calc_ssim(img1, img2):
-    """Mean SSIM of two images [C, H, W] (or [B, C, H, W]) with values in [0, 1]."""
+    """Mean SSIM of two images [C, H, W] (or [B, C, H, W]) with values in [0, 1]. The five local
+    means (of x, y, x^2, y^2, xy) are blurred together, zero-padded, in one separable pass."""
     if img1.dim() == 3:
         img1, img2 = img1[None], img2[None]
     channels = img1.shape[1]
-    w = _window(channels, img1.device, img1.dtype)
-    pad = w.shape[-1] // 2
-    mu1 = F.conv2d(img1, w, padding=pad, groups=channels)
-    mu2 = F.conv2d(img2, w, padding=pad, groups=channels)
+    col, row = _window(5 * channels, img1.device, img1.dtype)
+    pad = col.shape[2] // 2
+    stack = torch.cat([img1, img2, img1 * img1, img2 * img2, img1 * img2], 1)
+    blurred = F.conv2d(F.conv2d(stack, col, padding=(pad, 0), groups=5 * channels), row, padding=(0, pad),
+                       groups=5 * channels)
+    mu1, mu2, mean11, mean22, mean12 = blurred.split(channels, 1)
     mu1_sq, mu2_sq, mu12 = mu1 * mu1, mu2 * mu2, mu1 * mu2
-    sigma1_sq = F.conv2d(img1 * img1, w, padding=pad, groups=channels) - mu1_sq
-    sigma2_sq = F.conv2d(img2 * img2, w, padding=pad, groups=channels) - mu2_sq
-    sigma12 = F.conv2d(img1 * img2, w, padding=pad, groups=channels) - mu12
+    sigma1_sq, sigma2_sq, sigma12 = mean11 - mu1_sq, mean22 - mu2_sq, mean12 - mu12
     c1, c2 = 0.01 ** 2, 0.03 ** 2
     ssim_map = ((2 * mu12 + c1) * (2 * sigma12 + c2)) / ((mu1_sq + mu2_sq + c1) * (sigma1_sq + sigma2_sq + c2))
     return ssim_map.mean()
@@ -44,16 +48,17 @@ def calc_ssim(img1, img2):
 NOT_PER_GAUSSIAN = ("cam_m", "cam_c")
 
 
-def densify_schedule(num_iters, grad_thresh=0.0002):
+def densify_schedule(num_iters, grad_thresh=0.0002, max_gaussians=None):
     """The original's schedule for 10,000 iterations, scaled to num_iters: densify every 1% from
     5% to 50% of the iterations (at least every 10), reset opacities at 30%, prune big Gaussians from 30%, prune with
     the higher opacity bar (0.25) at 50%. At 10,000: every 100 from 500 to 5,000, reset at 3,000.
     Below 2,000 iterations there is no reset (and no higher bar): at lr 0.05 an opacity needs
-    ~70 steps to climb back from 0.01 to 0.25, and a short run would prune everything."""
+    ~70 steps to climb back from 0.01 to 0.25, and a short run would prune everything.
+    max_gaussians: no cloning or splitting that would pass this count (pruning goes on)."""
     every = max(10, round(0.01 * num_iters))  # average the gradient over some views, even in short runs
-    return {"start": every * round(0.05 * num_iters / every), "stop": every * round(0.5 * num_iters / every),
+    return {"start": every * max(1, round(0.05 * num_iters / every)), "stop": every * round(0.5 * num_iters / every),
             "every": every, "reset": round(0.3 * num_iters) if num_iters >= 2000 else None,
-            "big_from": round(0.3 * num_iters), "grad_thresh": grad_thresh}
+            "big_from": round(0.3 * num_iters), "grad_thresh": grad_thresh, "max_gaussians": max_gaussians}
 
 
 def _replace_param(params, optimizer, name, value, moments):
@@ -126,6 +131,9 @@ def densify(params, variables, optimizer, i, schedule, means2D_grad, radii):
         big = torch.exp(params["log_scales"]).max(dim=1).values > 0.01 * radius
         to_clone = (grads >= schedule["grad_thresh"]) & ~big
         to_split = (grads >= schedule["grad_thresh"]) & big
+        cap = schedule.get("max_gaussians")
+        if cap and len(grads) + int(to_clone.sum()) + int(to_split.sum()) > cap:
+            to_clone, to_split = torch.zeros_like(to_clone), torch.zeros_like(to_split)
         per_gaussian = [k for k in params if k not in NOT_PER_GAUSSIAN]
         clones = {k: params[k].detach()[to_clone] for k in per_gaussian}
         children = {k: params[k].detach()[to_split].repeat(2, 1) for k in per_gaussian}

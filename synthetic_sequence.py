@@ -4,7 +4,7 @@
 
 A room made of Gaussians (a grey chequered floor at y = 0, 'up' = -y as in PanopticSports, and a
 panelled wall around it) with three objects: a red ball that rests, is thrown in an arc and lands;
-a blue box that slides, slowing down, then stops; a green top that spins the whole time. Rendered
+a blue box that slides, brakes and stops; a green top that spins the whole time. Rendered
 by the reference rasterizer from cameras on a ring looking at the centre, in the PanopticSports
 layout of Dynamic 3D Gaussians:
 
@@ -173,7 +173,8 @@ def top(rng, spacing):
     n_lid = int(math.pi * TOP_RADIUS ** 2 / spacing ** 2)
     s = np.sqrt((np.arange(n_lid) + 0.5) / n_lid)
     azimuth = math.pi * (1 + 5 ** 0.5) * np.arange(n_lid)
-    lid = np.stack([s * TOP_RADIUS * np.cos(azimuth), np.full(n_lid, -TOP_HEIGHT), s * TOP_RADIUS * np.sin(azimuth)], 1)
+    lid = np.stack([s * TOP_RADIUS * np.cos(azimuth), np.full(n_lid, -TOP_HEIGHT),
+                    s * TOP_RADIUS * np.sin(azimuth)], 1)
     pieces.append((lid, np.tile([0.0, -1.0, 0.0], (n_lid, 1)), azimuth))
     # stem: a thin cylinder on the lid
     azimuth, height = (a.ravel() for a in np.meshgrid(np.linspace(0, 2 * math.pi, 8, endpoint=False),
@@ -195,8 +196,8 @@ def motions(num_timesteps):
 
     Times scale with the sequence (24 timesteps: the ball lies still until t = 5, is in the air at
     t = 6..16 and lies still from t = 17; the box slides at t = 0..10, braking at the end, and
-    stands still from t = 11; the top spins all the time). Returns {name: (yaw [T] radians about the vertical, centre
-    [T, 3] world, moving timesteps list)}.
+    stands still from t = 11; the top spins all the time). Returns {name: (yaw [T] radians about
+    the vertical, centre [T, 3] world, moving timesteps list)}.
     """
     t = np.arange(num_timesteps, dtype=np.float64)
     last = max(num_timesteps - 1, 1)
@@ -247,8 +248,9 @@ def build_scene(num_timesteps, seed, coarse=1.0):
             rot[:, 0, 0], rot[:, 0, 2], rot[:, 1, 1], rot[:, 2, 0], rot[:, 2, 2] = cos, sin, 1, -sin, cos
             means.append(np.einsum("tij,nj->tni", rot, g["means3D"]) + centre[:, None, :])
             q_yaw = np.stack([np.cos(yaw / 2), np.zeros_like(yaw), np.sin(yaw / 2), np.zeros_like(yaw)], 1)
+            q_local = torch.from_numpy(g["unnorm_rotations"])[None].expand(num_timesteps, -1, -1)
             q = helpers.quat_mult(torch.from_numpy(q_yaw)[:, None].expand(-1, n, -1).reshape(-1, 4),
-                                  torch.from_numpy(g["unnorm_rotations"])[None].expand(num_timesteps, -1, -1).reshape(-1, 4))
+                                  q_local.reshape(-1, 4))
             rotations.append(q.reshape(num_timesteps, n, 4).numpy())
             obj = next(o for o in OBJECTS if o["name"] == name)
             objects.append(dict(obj, prompt_dir=obj["prompt"].replace(" ", "_"), moving_timesteps=moving,
@@ -341,11 +343,12 @@ def generate(out, benchmark=None, width=320, height=180, num_timesteps=24, num_t
     frames = {c: [] for c in test_ids}
     masks = {(o["id"], c): {} for o in objects for c in test_ids}
     # Whole renders in parallel, one core each: the rasterizer's many small operations use two
-    # cores poorly, two renders at a time use them well (torch and numpy release the GIL).
-    workers = torch.get_num_threads()
+    # cores poorly (and very poorly when other processes share them), two renders at a time use
+    # them well (torch and numpy release the GIL). At most 8: each render holds ~100 MB.
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with ThreadPoolExecutor(workers) as pool:
+        with ThreadPoolExecutor(min(threads, 8)) as pool:
             for t in tqdm(range(num_timesteps), desc=f"rendering {seq} ({num_cams} cameras)", unit="timestep"):
                 means = torch.from_numpy(params["means3D"][t])
                 scene_t = dict(shared, means3D=means, means2D=torch.zeros_like(means),
@@ -359,7 +362,7 @@ def generate(out, benchmark=None, width=320, height=180, num_timesteps=24, num_t
                         if t in o["moving_timesteps"] and (ids == o["id"]).any():
                             masks[(o["id"], c)][t] = ids == o["id"]
     finally:
-        torch.set_num_threads(workers)
+        torch.set_num_threads(threads)
 
     for split, cam_ids in (("train", [c for c in range(num_cams) if c not in test_ids]), ("test", test_ids)):
         helpers.save_json(os.path.join(out, f"{split}_meta.json"), {
@@ -406,7 +409,8 @@ def main():
     parser.add_argument("--train-cams", type=int, default=12, help="training cameras (default: %(default)s)")
     parser.add_argument("--test-cams", type=int, default=2,
                         help="test cameras, spread evenly over the same ring (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="texture noise and point-cloud noise (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the texture noise and the point-cloud noise (default: %(default)s)")
     args = parser.parse_args()
     start = time.perf_counter()
     objects = generate(args.out, args.benchmark or None, args.width, args.height, args.timesteps,

@@ -228,9 +228,9 @@ def train_timestep(t, setup, previous, num_iters, show_progress=True, on_iter=No
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if i >= num_iters - max(1, num_iters // 10):
-            tail.append(float(loss))
+            tail.append(float(loss.detach()))
         if i % 20 == 0:
-            bar.set_postfix(loss=f"{float(loss):.4f}")
+            bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
         if on_iter is not None:
             on_iter(i, params, attention)
     return params, attention, float(np.mean(tail)) if tail else float("nan")
@@ -267,7 +267,7 @@ def shard(timesteps):
     return timesteps[bounds[rank]:bounds[rank + 1]], rank, world
 
 
-def parse_args():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-s", "--seq", required=True, help="sequence folder, e.g. data/basketball")
     p.add_argument("-e", "--exp", default="exp1", help="experiment name: reads output/<exp>/<seq>/params.npz "
@@ -291,7 +291,7 @@ def parse_args():
                    "torchrun cuda:LOCAL_RANK)")
     p.add_argument("--demo", action="store_true", help="small settings for `make demo` on 2 CPU cores: "
                    "--iters 60 --warm-iters 20 --downscale 4")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.demo:
         args.iters, args.warm_iters, args.downscale = 60, 20, 4
     if args.iters < 1 or args.warm_iters < 1 or args.downscale < 1:
@@ -299,8 +299,8 @@ def parse_args():
     return args
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     device = helpers.pick_device(args.device)
     if "LOCAL_RANK" in os.environ and device.type == "cuda" and args.device is None:
         device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}")

@@ -72,7 +72,7 @@ def train_epoch(model, optimizer, tiles, batch_size, generator, max_tiles=0):
     return total / max(count, 1)
 
 
-def parse_args():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-s", "--seq", required=True, help="sequence folder, e.g. data/basketball")
     p.add_argument("--encoder", required=True, help="the --encoder of stage 2 (viclip, color, "
@@ -90,7 +90,7 @@ def parse_args():
     p.add_argument("--device", default=None, help="cuda, cpu (default: cuda if available)")
     p.add_argument("--demo", action="store_true", help="small settings for `make demo` on 2 CPU cores: "
                    "--epochs 4 --tiles-per-epoch 4096 --val-tiles 4096")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.demo:
         args.epochs, args.tiles_per_epoch, args.val_tiles = 4, 4096, 4096
     if args.epochs < 1 or args.batch_size < 2 or args.val_every < 2 or args.val_tiles < 1 or args.tiles_per_epoch < 0:
@@ -99,8 +99,8 @@ def parse_args():
     return args
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     device = helpers.pick_device(args.device)
     meta = helpers.load_meta(args.seq, "train")
     encoder = encoder_name(args.encoder)

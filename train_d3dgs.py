@@ -37,7 +37,7 @@ LEARNING_RATES = {"means3D": 0.00016,  # times the scene radius
 MOVING = ("means3D", "rgb_colors", "unnorm_rotations")  # optimised after timestep 0
 LOSS_WEIGHTS = {"im": 1.0, "seg": 3.0, "rigid": 4.0, "rot": 4.0, "iso": 2.0, "floor": 2.0, "bg": 20.0,
                 "soft_col_cons": 0.01}
-DEMO = {"iters_first": 300, "iters": 30, "fg_points": 1500, "bg_points": 2000}
+DEMO = {"iters_first": 50, "iters": 2, "downscale": 2, "max_gaussians": 16_000, "fg_points": 3000, "bg_points": 4000}
 
 
 # ---------------------------------------------------------------- data
@@ -361,6 +361,8 @@ def parse_args(argv=None):
                         help="without init_pt_cld.npz: rays for background points (at most one point each)")
     parser.add_argument("--downscale", type=int, default=1,
                         help="train and evaluate on images this many times smaller (faster, coarser)")
+    parser.add_argument("--max-gaussians", type=int, default=3_000_000,
+                        help="densification stops cloning and splitting at this many Gaussians (memory guard)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (camera order, splits)")
     parser.add_argument("--demo", action="store_true",
                         help=f"small settings for the CPU demo: {', '.join(f'{k}={v}' for k, v in DEMO.items())}")
@@ -376,6 +378,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     device = helpers.pick_device(args.device)
+    torch.backends.cudnn.benchmark = True  # SSIM's convolutions keep one shape for the whole run
     seq_dir = os.path.normpath(args.seq)
     seq = os.path.basename(seq_dir)
     full_meta, full_test_meta = helpers.load_meta(seq_dir, "train"), helpers.load_meta(seq_dir, "test")
@@ -435,7 +438,8 @@ def main(argv=None):
                              "denom": torch.zeros(len(init_pt_cld), device=device)}
                 optimizer = initialize_optimizer(params, radius, LEARNING_RATES)
                 params, variables = train_timestep(params, variables, optimizer, dataset, t, args.iters_first,
-                                                   external.densify_schedule(args.iters_first), rng, bar)
+                                                   external.densify_schedule(args.iters_first, max_gaussians=args.max_gaussians),
+                                                   rng, bar)
                 iters = args.iters_first
             else:
                 params, variables = initialize_per_timestep(params, variables)

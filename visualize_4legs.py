@@ -76,7 +76,7 @@ def plot_timeline(path, prompt, scores, per_view, spans, threshold):
     plt.close(fig)
 
 
-def parse_args():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-s", "--seq", required=True, help="sequence folder, e.g. data/basketball")
     p.add_argument("-e", "--exp", default="exp1", help="experiment name (default: %(default)s)")
@@ -94,14 +94,14 @@ def parse_args():
     p.add_argument("--viclip-ckpt", default="data/checkpoints/ViClip-InternVid-10M-FLT.pth",
                    help="ViCLIP checkpoint for --encoder viclip (default: %(default)s)")
     p.add_argument("--device", default=None, help="cuda, cpu (default: cuda if available)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if any(not prompt.strip() for prompt in args.prompt):
         raise helpers.UserError("-p: empty prompt; give the text to look for, e.g. -p \"a man throwing a ball\"")
     return args
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     device = helpers.pick_device(args.device)
     stages = Stages(args.seq, args.exp, args.encoder, device)
     from feature_extraction import load_encoder

@@ -6,8 +6,10 @@
 
 A deterministic scene of random Gaussians in front of one ring camera (sizes spread like a trained
 Dynamic 3D Gaussians scene: mostly a few pixels, some tens); colours + depth through the colour
-rasterizer, or colours + 3 segmentation channels through the feature rasterizer (what
-train_d3dgs.py renders). Prints the median of --repeats runs.
+rasterizer, or colours + C feature channels through the feature rasterizer (--feat 3: what
+train_d3dgs.py renders; --feat 128 --frozen: what train_4legs.py does). Prints the median wall
+and CPU times of --repeats runs and the load average (other processes on the cores inflate the
+wall time, with 2 threads far more than with 1).
 """
 import argparse
 import importlib.util
@@ -41,13 +43,15 @@ def main():
     parser.add_argument("--width", type=int, default=320, help="image width in pixels (default: %(default)s)")
     parser.add_argument("--height", type=int, default=180, help="image height in pixels (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
-    parser.add_argument("--repeats", type=int, default=7, help="timed runs; the median is printed (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=7,
+                        help="timed runs; the median is printed (default: %(default)s)")
     parser.add_argument("--feat", type=int, default=0, metavar="C",
                         help="feature rasterizer with C channels (3: train_d3dgs.py's colour + segmentation "
                              "call; 128: train_4legs.py's); 0 = colour rasterizer (default: %(default)s)")
     parser.add_argument("--frozen", action="store_true",
                         help="only the features need gradients (train_4legs.py: geometry frozen)")
-    parser.add_argument("--impl", metavar="FILE", help="time this version of _torch_impl.py instead of the installed one")
+    parser.add_argument("--impl", metavar="FILE",
+                        help="time this version of _torch_impl.py instead of the installed one")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.impl:
@@ -68,7 +72,7 @@ def main():
         inputs["means2D"] = torch.zeros_like(scene["means3D"], requires_grad=geometry_grad)
         features = torch.rand(args.gaussians, max(args.feat, 1), generator=torch.Generator().manual_seed(1))
         features.requires_grad_(backward)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         if args.feat:
             im, radii, depth, feat = dgrf.GaussianRasterizer(cam)(legs_features=features, **inputs)
             loss = im.sum() + depth.sum() + feat.sum()
@@ -77,15 +81,18 @@ def main():
             loss = im.sum() + depth.sum()
         if backward:
             loss.backward()
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.process_time() - cpu_start
 
     run(True)  # warm-up
-    fwd = [run(False) for _ in range(args.repeats)]
-    both = [run(True) for _ in range(args.repeats)]
+    fwd = np.array([run(False) for _ in range(args.repeats)]) * 1e3
+    both = np.array([run(True) for _ in range(args.repeats)]) * 1e3
     what = f"feat ({args.feat} ch{', frozen geometry' if args.frozen else ''})" if args.feat else "colour"
+    # CPU time of all threads: with --threads 1 it is what the wall time would be on an idle
+    # machine, which makes it the figure to compare on a shared one
     print(f"{args.gaussians} Gaussians {w}x{h}, {args.threads} threads, {what}: "
-          f"forward {1e3 * np.median(fwd):.0f} ms, forward + backward {1e3 * np.median(both):.0f} ms "
-          f"(median of {args.repeats})")
+          f"forward {np.median(fwd[:, 0]):.0f} ms, forward + backward {np.median(both[:, 0]):.0f} ms "
+          f"(wall, median of {args.repeats}); CPU time {np.median(fwd[:, 1]):.0f} ms and "
+          f"{np.median(both[:, 1]):.0f} ms; load average {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

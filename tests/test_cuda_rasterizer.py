@@ -73,7 +73,8 @@ def random_scene(n, settings, w2c, fx, channels, gen, precomp=False, radius_px=4
         "scales": scales, "rotations": rotations, "cov3D_precomp": None,
     }
     if precomp:
-        inputs["cov3D_precomp"] = _torch_impl.covariance_3d(scales, rotations)[:, [0, 0, 0, 1, 1, 2], [0, 1, 2, 1, 2, 2]]
+        cov = _torch_impl.covariance_3d(scales, rotations)
+        inputs["cov3D_precomp"] = cov[:, [0, 0, 0, 1, 1, 2], [0, 1, 2, 1, 2, 2]]  # xx, xy, xz, yy, yz, zz
         inputs["scales"] = inputs["rotations"] = None
     return {k: None if v is None else v.to(device).requires_grad_(True) for k, v in inputs.items()}
 

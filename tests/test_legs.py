@@ -173,3 +173,87 @@ def test_brute_force_neighbours_match_the_kd_tree():
     assert kd.shape == bf.shape == (500, 21)
     assert torch.equal(kd[:, 0], torch.arange(500)) and torch.equal(bf[:, 0], torch.arange(500))
     assert torch.equal(kd[:, 1:].sort(1).values, bf[:, 1:].sort(1).values)
+
+
+# ---------------------------------------------------------------- the whole chain on a small synthetic sequence
+
+SEQ, EXP, BALL = "data/synthetic", "legs", "a red ball flying in the air"
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """Stages 2-4 on a small synthetic sequence (96x54, 12 timesteps, 6 train + 1 test cameras),
+    colour encoder, ground-truth Gaussians as stage 1. Runs in its own folder (the scripts write
+    output/ and results/ relative to the working directory); yields that folder."""
+    import extract_features
+    import synthetic_sequence
+    import train_4legs
+    import train_autoencoder
+    root = tmp_path_factory.mktemp("chain")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        synthetic_sequence.generate(SEQ, benchmark="data/grounding", width=96, height=54, num_timesteps=12,
+                                    num_train=6, num_test=1)
+        # stage 4 says which stage is missing, in order
+        with pytest.raises(helpers.UserError, match="train_d3dgs.py"):
+            train_4legs.main(["-s", SEQ, "-e", EXP, "--encoder", "color"])
+        os.makedirs(f"output/{EXP}/synthetic")
+        shutil.copy(f"{SEQ}/gt/params.npz", f"output/{EXP}/synthetic/params.npz")
+        with pytest.raises(helpers.UserError, match="train_autoencoder.py"):
+            train_4legs.main(["-s", SEQ, "-e", EXP, "--encoder", "color"])
+        extract_features.main(["-s", SEQ, "--encoder", "color"])
+        train_autoencoder.main(["-s", SEQ, "--encoder", "color", "--epochs", "3", "--tiles-per-epoch", "4096"])
+        train_4legs.main(["-s", SEQ, "-e", EXP, "--encoder", "color", "--iters", "40", "--warm-iters", "10"])
+        yield root
+    finally:
+        os.chdir(cwd)
+
+
+def test_whole_chain_on_the_synthetic_sequence(chain, capsys):
+    """Each object found in space in the held-out test camera, the thrown ball also in time."""
+    import json
+    import evaluate_grounding
+    os.chdir(chain)
+    evaluate_grounding.main(["-s", SEQ, "-e", EXP, "--encoder", "color", "--benchmark", "data/grounding/synthetic",
+                             "--out", "grounding.json"])
+    with open("grounding.json") as f:
+        report = json.load(f)
+    print(capsys.readouterr().out)
+    assert set(report["per_prompt"]) == {BALL, "a blue box sliding on the floor", "a green top spinning"}
+    for prompt, metrics in report["per_prompt"].items():
+        assert metrics["mask_iou"] >= 0.5, (prompt, metrics)
+    assert report["per_prompt"][BALL]["temporal_iou"] >= 0.5, report["per_prompt"][BALL]
+
+
+def test_visualize_prompts_and_an_empty_timeline(chain):
+    import json
+    import visualize_4legs
+    os.chdir(chain)
+    visualize_4legs.main(["-s", SEQ, "-e", EXP, "--encoder", "color", "-p", BALL, "-p", "a purple umbrella"])
+    out = f"results/{EXP}/synthetic"
+    for prompt_dir in ("a_red_ball_flying_in_the_air", "a_purple_umbrella"):
+        assert os.path.getsize(f"{out}/{prompt_dir}/cam0.mp4") > 0
+        assert os.path.getsize(f"{out}/{prompt_dir}/timeline.png") > 0
+    with open(f"{out}/a_red_ball_flying_in_the_air/timeline.json") as f:
+        ball = json.load(f)
+    with open(f"{out}/a_purple_umbrella/timeline.json") as f:
+        nothing = json.load(f)
+    assert len(ball["scores"]) == 12 and ball["spans"]
+    assert nothing["spans"] == [] and max(nothing["scores"]) < nothing["threshold"]
+
+
+def test_resume_and_stale_outputs(chain, capsys):
+    import train_4legs
+    os.chdir(chain)
+    legs = f"output/{EXP}/synthetic/legs"
+    before = {f: os.path.getmtime(os.path.join(legs, f)) for f in os.listdir(legs)}
+    assert len(before) == 12
+    train_4legs.main(["-s", SEQ, "-e", EXP, "--encoder", "color"])
+    assert "0 timesteps trained, 12 already done" in capsys.readouterr().out
+    assert before == {f: os.path.getmtime(os.path.join(legs, f)) for f in os.listdir(legs)}
+    record = torch.load(os.path.join(legs, "000003.pt"), weights_only=True)
+    assert record["warm_start"] and record["iterations"] == 10 and record["features"].shape[1] == 128
+    # another encoder's outputs are refused, with the way out
+    with pytest.raises(helpers.UserError, match="trained on 'color' features"):
+        train_4legs.main(["-s", SEQ, "-e", EXP, "--encoder", "viclip"])

@@ -100,7 +100,8 @@ def tiny_scene(n, seed, channels=None, cov3d=False, shs_degree=None):
     c2w = np.linalg.inv(w2c)
     # points in the camera frame, spread over the view, then to the world
     z = 3.0 + 2.0 * torch.rand(n, generator=g, dtype=torch.float64)
-    xy = (torch.rand(n, 2, generator=g, dtype=torch.float64) - 0.5) * 0.7 * torch.tensor([26 / k[0, 0], 19 / k[1, 1]]) * z[:, None]
+    half_view = torch.tensor([26 / k[0, 0], 19 / k[1, 1]])
+    xy = (torch.rand(n, 2, generator=g, dtype=torch.float64) - 0.5) * 0.7 * half_view * z[:, None]
     cam_pts = torch.cat([xy, z[:, None]], 1)
     means = cam_pts @ torch.tensor(c2w[:3, :3]).T + torch.tensor(c2w[:3, 3])
     inputs = {"means3D": means,
@@ -281,15 +282,17 @@ def test_two_gaussians_depth_order(red_in_front):
     opac = np.array([0.8, 0.9])
     colours = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
     t = lambda a: torch.tensor(np.asarray(a), dtype=torch.float64)
-    color, radii, depth, _ = render(settings, means3D=t(means), opacities=t(opac[:, None]), colors_precomp=t(colours),
-                                    scales=t(np.repeat(scale, 3, 1)), rotations=t([[1.0, 0, 0, 0]] * 2))
+    color, radii, depth, _ = render(settings, means3D=t(means), opacities=t(opac[:, None]),
+                                    colors_precomp=t(colours), scales=t(np.repeat(scale, 3, 1)),
+                                    rotations=t([[1.0, 0, 0, 0]] * 2))
     alphas = [alpha_np(*project_np(m, np.eye(3) * s[0] ** 2, k, ahead_w2c())[::2], o, 48, 32)
               for m, s, o in zip(means, scale, opac)]
     zs = [means[0, 2], means[1, 2]]
     front, back = (0, 1) if red_in_front else (1, 0)
     a1, a2 = alphas[front], alphas[back]
     bg = settings.bg.numpy()[:, None, None]
-    want = a1 * colours[front][:, None, None] + (1 - a1) * a2 * colours[back][:, None, None] + (1 - a1) * (1 - a2) * bg
+    want = (a1 * colours[front][:, None, None] + (1 - a1) * a2 * colours[back][:, None, None]
+            + (1 - a1) * (1 - a2) * bg)
     np.testing.assert_allclose(color.numpy(), want, rtol=0, atol=1e-7)
     np.testing.assert_allclose(depth[0].numpy(), a1 * zs[front] + (1 - a1) * a2 * zs[back], rtol=0, atol=1e-6)
     cy, cx = np.unravel_index(np.argmax(a1), a1.shape)
@@ -308,17 +311,20 @@ def test_culled_gaussians_contribute_nothing():
                           [0.0, -25.0, 5.0],    # far above
                           ], dtype=torch.float64, requires_grad=True)
     n = len(means)
-    inputs = dict(opacities=torch.full((n, 1), 0.9, dtype=torch.float64), scales=torch.full((n, 3), 0.05, dtype=torch.float64),
+    inputs = dict(opacities=torch.full((n, 1), 0.9, dtype=torch.float64),
+                  scales=torch.full((n, 3), 0.05, dtype=torch.float64),
                   rotations=torch.tensor([[1.0, 0, 0, 0]] * n, dtype=torch.float64),
                   colors_precomp=torch.ones(n, 3, dtype=torch.float64, requires_grad=True))
     color, radii, depth, _ = render(settings, means3D=means, **inputs)
     assert radii.tolist() == [0] * n
-    np.testing.assert_array_equal(color.detach().numpy(), np.broadcast_to(settings.bg.numpy()[:, None, None], color.shape))
+    bg = np.broadcast_to(settings.bg.numpy()[:, None, None], color.shape)
+    np.testing.assert_array_equal(color.detach().numpy(), bg)
     assert (depth == 0).all()
     (color.sum() + depth.sum()).backward()
     assert (means.grad == 0).all() and (inputs["colors_precomp"].grad == 0).all()
 
-    visible = torch.tensor([[0.0, 0.0, 0.21], [0.62, 0.0, 1.0]], dtype=torch.float64)  # the second: centre past the right edge
+    # just in front of the near limit, and centred past the right edge
+    visible = torch.tensor([[0.0, 0.0, 0.21], [0.62, 0.0, 1.0]], dtype=torch.float64)
     color, radii, _, _ = render(settings, means3D=visible, **{k2: v[:2].detach() for k2, v in inputs.items()})
     assert (radii > 0).all()
     assert (color[0] > settings.bg[0] + 0.1).any()
@@ -327,14 +333,15 @@ def test_culled_gaussians_contribute_nothing():
 def test_size_not_multiple_of_16_is_a_crop():
     """37x29 renders exactly the top-left crop of 48x32 with the same intrinsics: pixels do not
     depend on how the image is cut into tiles, edge tiles included."""
-    settings_big, k = camera(48, 32, helpers.orbit_w2c((0.0, 0.0, 0.0), 4.0, 1.0, 0.7), focal=40.0, cx=20.0, cy=15.0)
-    settings_small, _ = camera(37, 29, helpers.orbit_w2c((0.0, 0.0, 0.0), 4.0, 1.0, 0.7), focal=40.0, cx=20.0, cy=15.0)
+    w2c = helpers.orbit_w2c((0.0, 0.0, 0.0), 4.0, 1.0, 0.7)
+    settings_big, k = camera(48, 32, w2c, focal=40.0, cx=20.0, cy=15.0)
+    settings_small, _ = camera(37, 29, w2c, focal=40.0, cx=20.0, cy=15.0)
     g = torch.Generator().manual_seed(5)
     n = 60
     # within 1.3 tan(fov/2) of both images, where the Jacobian is not clamped (it differs there)
     z = 2.0 + 4.0 * torch.rand(n, 1, generator=g, dtype=torch.float64)
     cam_pts = torch.cat([(torch.rand(n, 2, generator=g, dtype=torch.float64) - 0.5) * 0.8 * z, z], 1)
-    c2w = torch.from_numpy(np.linalg.inv(helpers.orbit_w2c((0.0, 0.0, 0.0), 4.0, 1.0, 0.7)))
+    c2w = torch.from_numpy(np.linalg.inv(w2c))
     inputs = dict(means3D=cam_pts @ c2w[:3, :3].T + c2w[:3, 3],
                   opacities=torch.rand(n, 1, generator=g, dtype=torch.float64),
                   colors_precomp=torch.rand(n, 3, generator=g, dtype=torch.float64),
@@ -413,7 +420,7 @@ def test_transmittance_stop():
     after the second; pixels where T stays above 1e-4 see all five."""
     settings, k = camera(32, 32, ahead_w2c(), focal=30.0)
     zs = np.array([2.0, 3.0, 4.0, 5.0, 6.0])
-    means = np.stack([np.full(5, 0.0), np.full(5, 0.0), zs], 1) + np.array([0.5 / 30, 0.5 / 31.5, 0])[None] * zs[:, None]
+    means = np.array([0.5 / 30, 0.5 / 31.5, 1.0])[None] * zs[:, None]  # on the ray through pixel (16, 16)
     scales = 0.1 * zs / 2.0  # same size on screen
     opac = np.full(5, 0.97)
     colours = np.eye(3)[[0, 1, 2, 0, 1]] * np.array([1.0, 1.0, 1.0, 0.5, 0.5])[:, None]

@@ -11,7 +11,8 @@
 // W^T G, W [pixels, Gaussians] the blending weights, G [pixels, C] the image gradient. Per batch of
 // 32 Gaussians the pixels write their weights (front to back, as the forward pass) to shared memory,
 // then the block multiplies: each thread 2 Gaussians x 4 channels summed over the 256 pixels, then
-// one atomic add per (Gaussian, channel, tile) rather than one per pixel.
+// one atomic add per (Gaussian, channel, tile), float4-wide on Hopper, rather than one per pixel.
+// A block takes 64 channels of one tile; wider C is a grid of chunks.
 #include "rasterizer.h"
 
 namespace dgr {
@@ -19,20 +20,35 @@ namespace {
 
 constexpr unsigned FULL = 0xFFFFFFFFu;
 
+// float4 atomic adds: Hopper and later, in the CUDA headers since 12.x
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && (__CUDACC_VER_MAJOR__ > 12 || __CUDACC_VER_MINOR__ >= 8)
+#define VECTOR_ATOMICS 1
+#else
+#define VECTOR_ATOMICS 0
+#endif
+
+// One step of warp_sum_transposed: a lane keeps HALF of its values (the upper or lower half, by its
+// lane bit OFFSET) and adds in its partner's copy of them. Template constants, so that v stays in
+// registers (a run-time index, even in a loop the compiler half unrolls, puts it in local memory).
+template <int HALF, int OFFSET>
+__device__ __forceinline__ void trade_halves(float (&v)[16], int lane) {
+  const bool upper = lane & OFFSET;
+#pragma unroll
+  for (int i = 0; i < HALF; ++i) {
+    const float give = upper ? v[i] : v[i + HALF];
+    const float keep = upper ? v[i + HALF] : v[i];
+    v[i] = keep + __shfl_xor_sync(FULL, give, OFFSET);
+  }
+}
+
 // Sums 16 values over the warp with 16 shuffles instead of 5 per value: at each halving step a
 // lane keeps one half of its values and trades the other half with its partner. Afterwards lanes
 // 2k and 2k+1 hold the sum of value k.
 __device__ __forceinline__ float warp_sum_transposed(float (&v)[16], int lane) {
-#pragma unroll
-  for (int half = 8, offset = 16; half >= 1; half /= 2, offset /= 2) {
-    const bool upper = lane & offset;
-#pragma unroll
-    for (int i = 0; i < half; ++i) {
-      const float give = upper ? v[i] : v[i + half];
-      const float keep = upper ? v[i + half] : v[i];
-      v[i] = keep + __shfl_xor_sync(FULL, give, offset);
-    }
-  }
+  trade_halves<8, 16>(v, lane);
+  trade_halves<4, 8>(v, lane);
+  trade_halves<2, 4>(v, lane);
+  trade_halves<1, 2>(v, lane);
   return v[0] + __shfl_xor_sync(FULL, v[0], 1);
 }
 
@@ -167,6 +183,9 @@ render_backward_values_kernel(Camera cam, const int2* __restrict__ ranges, const
   // shared-memory wavefront each) for 8 multiply-adds per thread
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int kg = lane % 8 + 8 * (warp % 2), cg = lane / 8 + 4 * (warp / 2);
+#if VECTOR_ATOMICS
+  const bool vec4 = channels % 4 == 0 && reinterpret_cast<uintptr_t>(grad_values) % 16 == 0;
+#endif
   float T = 1.f;
   for (int base = 0; base < count; base += KB) {
     __syncthreads();  // the previous product is done with s_w and s_id
@@ -204,12 +223,17 @@ render_backward_values_kernel(Camera cam, const int2* __restrict__ ranges, const
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       if (2 * kg + i >= n_here) continue;
-      float* dst = grad_values + static_cast<int64_t>(s_id[2 * kg + i]) * channels;
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const int ch = c0 + 4 * cg + q;
-        if (ch < channels && acc[i][q] != 0.f) atomicAdd(dst + ch, acc[i][q]);
+      float* dst = grad_values + static_cast<int64_t>(s_id[2 * kg + i]) * channels + c0 + 4 * cg;
+#if VECTOR_ATOMICS
+      if (vec4 && c0 + 4 * cg < channels) {  // one 16-byte atomic add for the four channels
+        if (acc[i][0] != 0.f || acc[i][1] != 0.f || acc[i][2] != 0.f || acc[i][3] != 0.f)
+          atomicAdd(reinterpret_cast<float4*>(dst), make_float4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]));
+        continue;
       }
+#endif
+#pragma unroll
+      for (int q = 0; q < 4; ++q)
+        if (c0 + 4 * cg + q < channels && acc[i][q] != 0.f) atomicAdd(dst + q, acc[i][q]);
     }
   }
 }

@@ -35,13 +35,14 @@ struct Camera {
 
 #if defined(__CUDACC__)  // device helpers, for the .cu files
 
+// torch.clamp's semantics: NaN compares false both ways and passes through
+__device__ __forceinline__ float clamp_nan(float v, float lo, float hi) {
+  return v < lo ? lo : (v > hi ? hi : v);
+}
+
 // Tile rectangle [x0, x1) x [y0, y1) covered by a Gaussian at pixel (px, py) with radius r, in
 // the reference's float operations (truncation toward zero, then clamp; NaN stays NaN and so
 // gives an empty rectangle). Returns false when the rectangle is empty or not finite.
-__device__ __forceinline__ float clamp_nan(float v, float lo, float hi) {
-  return v < lo ? lo : (v > hi ? hi : v);  // NaN compares false both ways and passes through
-}
-
 __device__ __forceinline__ bool tile_rect(float px, float py, float r, int grid_x, int grid_y,
                                           int& x0, int& y0, int& x1, int& y1) {
   const float gx = static_cast<float>(grid_x), gy = static_cast<float>(grid_y);
@@ -93,11 +94,14 @@ __device__ __forceinline__ Footprint make_footprint(float2 mean, float4 co, int 
     const float inv_det = __frcp_rn(det);
     const float hx = __fadd_rn(__fsqrt_rn(__fmul_rn(__fmul_rn(f.s, co.z), inv_det)), 1.f);
     const float hy = __fadd_rn(__fsqrt_rn(__fmul_rn(__fmul_rn(f.s, co.x), inv_det)), 1.f);
-    const float t = static_cast<float>(TILE);
-    f.x0 = max(x0, static_cast<int>(floorf(__fdiv_rn(__fsub_rn(mean.x, hx), t))));
-    f.x1 = min(x1, static_cast<int>(floorf(__fdiv_rn(__fadd_rn(mean.x, hx), t))) + 1);
-    f.y0 = max(y0, static_cast<int>(floorf(__fdiv_rn(__fsub_rn(mean.y, hy), t))));
-    f.y1 = min(y1, static_cast<int>(floorf(__fdiv_rn(__fadd_rn(mean.y, hy), t))) + 1);
+    // tile of a pixel coordinate, clamped to the rectangle first so that the cast stays in range
+    auto tile_of = [](float v, int lo, int hi) {
+      return static_cast<int>(fminf(fmaxf(floorf(__fdiv_rn(v, static_cast<float>(TILE))), lo - 1.f), hi + 1.f));
+    };
+    f.x0 = max(x0, tile_of(__fsub_rn(mean.x, hx), x0, x1));
+    f.x1 = min(x1, tile_of(__fadd_rn(mean.x, hx), x0, x1) + 1);
+    f.y0 = max(y0, tile_of(__fsub_rn(mean.y, hy), y0, y1));
+    f.y1 = min(y1, tile_of(__fadd_rn(mean.y, hy), y0, y1) + 1);
   }
   return f;
 }
