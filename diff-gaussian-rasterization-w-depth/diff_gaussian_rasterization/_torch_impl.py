@@ -146,7 +146,7 @@ def stable_argsort(keys, num_keys):
         return torch.sort(keys, stable=True).indices
     keys = keys.numpy()
     order, shift = None, 0
-    while order is None or (num_keys - 1) >> shift:
+    while order is None or (num_keys - 1) >> shift > 0:
         digit = (keys if order is None else keys[order]) >> shift
         step = np.argsort(digit.astype(np.uint16), kind="stable")  # astype keeps the low 16 bits
         order = step if order is None else order[step]
