@@ -21,9 +21,10 @@ def _window(channels, device, dtype, size=11, sigma=1.5):
     return _WINDOWS[key]
 
 
-def calc_ssim(img1, img2):
-    """Mean SSIM of two images [C, H, W] (or [B, C, H, W]) with values in [0, 1]. The five local
-    means (of x, y, x^2, y^2, xy) are blurred together, zero-padded, in one separable pass."""
+def calc_ssim(img1, img2, per_image=False):
+    """Mean SSIM of two images [C, H, W] (or [B, C, H, W]; per_image: the B means) with values in
+    [0, 1]. The five local means (of x, y, x^2, y^2, xy) are blurred together, zero-padded, in
+    one separable pass."""
     if img1.dim() == 3:
         img1, img2 = img1[None], img2[None]
     channels = img1.shape[1]
@@ -37,7 +38,7 @@ def calc_ssim(img1, img2):
     sigma1_sq, sigma2_sq, sigma12 = mean11 - mu1_sq, mean22 - mu2_sq, mean12 - mu12
     c1, c2 = 0.01 ** 2, 0.03 ** 2
     ssim_map = ((2 * mu12 + c1) * (2 * sigma12 + c2)) / ((mu1_sq + mu2_sq + c1) * (sigma1_sq + sigma2_sq + c2))
-    return ssim_map.mean()
+    return ssim_map.flatten(1).mean(1) if per_image else ssim_map.mean()
 
 
 # ================================================================ densification (Dynamic 3D Gaussians, stage 1)

@@ -156,33 +156,39 @@ def get_losses(params, rendervar, im, seg, data, variables, is_first):
     """Named loss terms of one view: im [3, H, W] and seg [3, H, W] rendered by render_d3dgs;
     after timestep 0 also the priors. Returns the terms and the colour-corrected image."""
     im = helpers.color_correct(im, params["cam_m"][data["id"]], params["cam_c"][data["id"]])
-    losses = {"im": 0.8 * helpers.l1_loss(im, data["im"]) + 0.2 * (1.0 - external.calc_ssim(im, data["im"])),
-              "seg": 0.8 * helpers.l1_loss(seg, data["seg"]) + 0.2 * (1.0 - external.calc_ssim(seg, data["seg"]))}
+    ssim = external.calc_ssim(torch.stack([im, seg]), torch.stack([data["im"], data["seg"]]), per_image=True)
+    losses = {"im": 0.8 * helpers.l1_loss(im, data["im"]) + 0.2 * (1.0 - ssim[0]),
+              "seg": 0.8 * helpers.l1_loss(seg, data["seg"]) + 0.2 * (1.0 - ssim[1])}
     if not is_first:
         losses.update(prior_losses(params, rendervar, variables))
     return losses, im
 
 
 def prior_losses(params, rendervar, variables):
-    """The physically based priors of timesteps > 0, all vectorised over the foreground's [Nfg, 20]
-    neighbour pairs (indices precomputed, no boolean masks: no GPU sync): rigidity, rotation
-    similarity, isometry, floor, static background, soft colour consistency."""
+    """The physically based priors of timesteps > 0, vectorised over the foreground's [Nfg, 20]
+    neighbour pairs: rigidity, rotation similarity, isometry, floor, static background, soft
+    colour consistency. Rows are gathered with index_select (precomputed indices, no boolean
+    masks): its backward adds with atomics, where plain indexing's backward sorts the indices."""
     losses = {}
-    if len(variables["fg_idx"]):
-        fg_pts = rendervar["means3D"][variables["fg_idx"]]
-        fg_rot = rendervar["rotations"][variables["fg_idx"]]
+    fg_idx, bg_idx = variables["fg_idx"], variables["bg_idx"]
+    if len(fg_idx):
+        fg_pts = rendervar["means3D"].index_select(0, fg_idx)
+        fg_rot = rendervar["rotations"].index_select(0, fg_idx)
         nbr, weight = variables["neighbor_indices"], variables["neighbor_weight"]
+        num_fg, k = nbr.shape
         rel_rot = helpers.quat_mult(fg_rot, variables["prev_inv_rot_fg"])  # rotation since t - 1
-        offset = fg_pts[nbr] - fg_pts[:, None]  # [Nfg, 20, 3]
-        offset_in_prev = torch.einsum("nji,nkj->nki", helpers.build_rotation(rel_rot), offset)  # R^T offset
+        offset = fg_pts.index_select(0, nbr.view(-1)).view(num_fg, k, 3) - fg_pts[:, None]
+        rot = helpers.build_rotation(rel_rot)  # [Nfg, 3, 3]
+        offset_in_prev = (rot[:, None] * offset[..., None]).sum(-2)  # R^T offset, without a batched matmul
         losses["rigid"] = helpers.weighted_l2_loss(offset_in_prev, variables["prev_offset"], weight)
-        losses["rot"] = helpers.weighted_l2_loss(rel_rot[nbr], rel_rot[:, None], weight)
+        losses["rot"] = helpers.weighted_l2_loss(rel_rot.index_select(0, nbr.view(-1)).view(num_fg, k, 4),
+                                                 rel_rot[:, None], weight)
         distance = torch.sqrt((offset ** 2).sum(-1) + 1e-20)
         losses["iso"] = helpers.weighted_l2_loss(distance[..., None], variables["neighbor_dist"][..., None], weight)
         losses["floor"] = torch.clamp(fg_pts[:, 1], min=0).mean()  # the floor is y = 0, +y down
-    if len(variables["bg_idx"]):
-        losses["bg"] = (helpers.l1_loss_rows(rendervar["means3D"][variables["bg_idx"]], variables["init_bg_pts"])
-                        + helpers.l1_loss_rows(rendervar["rotations"][variables["bg_idx"]], variables["init_bg_rot"]))
+    if len(bg_idx):
+        losses["bg"] = (helpers.l1_loss_rows(rendervar["means3D"].index_select(0, bg_idx), variables["init_bg_pts"])
+                        + helpers.l1_loss_rows(rendervar["rotations"].index_select(0, bg_idx), variables["init_bg_rot"]))
     losses["soft_col_cons"] = helpers.l1_loss_rows(params["rgb_colors"], variables["prev_col"])
     return losses
 
@@ -483,10 +489,12 @@ def initial_point_cloud(seq_dir, meta, out_dir, args):
             raise helpers.UserError(f"{path}: 'data' has shape {list(data.shape)}, expected [N >= 4, 7] (xyz, rgb, seg)")
         return data.astype(np.float32)
     tqdm.write(f"no {path}: building the initial point cloud from the masks and images of timestep 0")
+    started = time.time()
     data = build_init_point_cloud(seq_dir, meta, 0, args.fg_points, args.bg_points, args.seed, log=tqdm.write)
     saved = os.path.join(out_dir, "init_pt_cld.npz")
     helpers.save_npz(saved, {"data": data})
-    tqdm.write(f"initial point cloud: {len(data)} points ({int(data[:, 6].sum())} foreground) -> {saved}")
+    tqdm.write(f"initial point cloud: {len(data)} points ({int(data[:, 6].sum())} foreground) in "
+               f"{time.time() - started:.1f} s -> {saved}")
     return data
 
 

@@ -6,7 +6,7 @@
 #   bash benchmarks/device_d3dgs.sh DEADLINE_SECONDS [bench]
 #
 # Training stops (Ctrl-C, finished timesteps kept) early enough to end by DEADLINE_SECONDS after
-# the start, leaving 100 s for the phase benchmark when 'bench' is given. Needs .devdata/basketball
+# the start, leaving 75 s for the phase benchmark when 'bench' is given. Needs .devdata/basketball
 # (the first timesteps of ../shared/data/panoptic_sports/basketball: ims, seg, trimmed metas).
 set -u -o pipefail
 OUT=${OUT:-./device_out}
@@ -34,7 +34,7 @@ else
 fi
 python3 -c "import diff_gaussian_rasterization_feat as b; print('CUDA path:', b.cuda_available())" | tee -a "$OUT/device.log"
 
-reserve=$([ "$BENCH" = bench ] && echo 100 || echo 15)
+reserve=$([ "$BENCH" = bench ] && echo 75 || echo 15)
 budget=$(( $(left) - reserve ))
 echo "training for at most $budget s" | tee -a "$OUT/device.log"
 timeout --signal=INT "$budget" python3 train_d3dgs.py -s $SEQ -e $EXP --device cuda 2>&1 \
@@ -43,7 +43,7 @@ tail -4 "$OUT/train.log"
 
 if [ "$BENCH" = bench ]; then
   timeout $(( $(left) - 10 )) python3 benchmarks/bench_d3dgs.py -s $SEQ --state output/$EXP/basketball/timesteps \
-    --iters 400 2>&1 | tee "$OUT/bench.log" | tail -30
+    --iters 300 2>&1 | tee "$OUT/bench.log" | tail -30
 fi
 
 # per-timestep records (time, Gaussians, test metrics) of every finished timestep

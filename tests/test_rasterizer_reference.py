@@ -466,7 +466,14 @@ def test_transmittance_stop():
 
 
 def test_gradients_with_transmittance_stop():
+    """The stacked scene with turned, elongated Gaussians: the centre pixel still stops."""
     settings, _, inputs = stacked_scene()
+    with torch.no_grad():
+        inputs["scales"] *= torch.tensor([1.0, 0.8, 1.2], dtype=torch.float64)
+        inputs["rotations"] += torch.tensor([0.0, 0.1, 0.2, 0.3], dtype=torch.float64)
+        color, _, _, _ = render(settings, **inputs)
+        dropped = dict(inputs, opacities=inputs["opacities"] * torch.tensor([[1.0], [1.0], [0.0], [0.0], [0.0]]))
+        torch.testing.assert_close(color[:, 16, 16], render(settings, **dropped)[0][:, 16, 16], rtol=0, atol=1e-12)
     check_gradients(settings, inputs, ["means3D", "means2D", "opacities", "colors_precomp", "scales", "rotations"])
 
 
