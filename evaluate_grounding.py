@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 
 import helpers
-from feature_extraction.relevancy import (DETECT_THRESHOLD, MASK_FRACTION, Stages, detect_spans, encode_prompts,
-                                          frame_scores, heat, render_relevance_video)
+from feature_extraction.relevancy import (DETECT_THRESHOLD, MASK_FRACTION, RELEVANCY_STRIDE, Stages,
+                                          detect_spans, encode_prompts, frame_scores, heat,
+                                          render_relevance_video)
 
 
 def read_benchmark(folder):
@@ -110,10 +111,16 @@ def parse_args(argv=None):
     p.add_argument("--threshold", type=float, default=DETECT_THRESHOLD,
                    help="relevance score above which a frame is detected (default: %(default)s)")
     p.add_argument("--out", default=None, help="json report (default: results/<exp>/<seq>/grounding.json)")
+    p.add_argument("--relevancy-stride", type=int, default=RELEVANCY_STRIDE,
+                   help="decode the mean feature of stride x stride pixel blocks and upsample the relevance "
+                   "(1 = every pixel; default: %(default)s)")
     p.add_argument("--viclip-ckpt", default="data/checkpoints/ViClip-InternVid-10M-FLT.pth",
                    help="ViCLIP checkpoint for --encoder viclip (default: %(default)s)")
     p.add_argument("--device", default=None, help="cuda, cpu (default: cuda if available)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.relevancy_stride < 1:
+        raise helpers.UserError(f"--relevancy-stride {args.relevancy_stride}: must be at least 1")
+    return args
 
 
 def main(argv=None):
@@ -128,7 +135,8 @@ def main(argv=None):
     for cam_id in sorted({c for cams in benchmark.values() for c in cams}):
         on_cam = [q for q, p in enumerate(prompts) if cam_id in benchmark[p]]
         cams = find_camera(args.seq, cam_id, stages.num_t, device)
-        _, relevance = render_relevance_video(stages, cams, positives[on_cam], negatives, desc=f"cam{cam_id}")
+        _, relevance = render_relevance_video(stages, cams, positives[on_cam], negatives,
+                                             stride=args.relevancy_stride, desc=f"cam{cam_id}")
         for i, q in enumerate(on_cam):
             results[prompts[q]][f"cam{cam_id}"] = grounding_metrics(relevance[i], benchmark[prompts[q]][cam_id],
                                                                     args.threshold)

@@ -78,11 +78,11 @@ def hex_grid(size_u, size_v, spacing):
 
 def flat_gaussians(points, normals, colours, spacing, opacity=0.98):
     """Surface elements on a hexagonal (or similar) layout: flat discs of in-plane sigma
-    0.6 * spacing and a thin sigma along the normal. That sigma keeps surfaces nearly opaque (a
-    few percent of the background shows where three discs meet) with about 15 discs over any one
+    0.55 * spacing and a thin sigma along the normal. That sigma keeps surfaces nearly opaque (at
+    most ~5% of what is behind shows where three discs meet) with about 12 discs over any one
     pixel, which is what rendering costs. Returns the per-Gaussian arrays of params.npz."""
     n = len(points)
-    sigma = np.array([0.6 * spacing, 0.6 * spacing, 0.002])
+    sigma = np.array([0.55 * spacing, 0.55 * spacing, 0.002])
     return {"means3D": points, "rgb_colors": np.clip(colours, 0, 1), "unnorm_rotations": quat_z_to(normals),
             "log_scales": np.tile(np.log(sigma), (n, 1)),
             "logit_opacities": np.full((n, 1), math.log(opacity / (1 - opacity)))}

@@ -51,14 +51,16 @@ class NeighbourAttention(nn.Module):
         """latents [N, D]; neighbours [N, K+1] int64 (itself first) -> features [N, out_dim]."""
         # score_ij = q_i . (W_k f_j + b_k): the b_k term is equal for all j and cancels in the softmax,
         # so score_ij = (W_k^T q_i) . f_j; and sum_j a_ij (W_v f_j + b_v) = W_v (sum_j a_ij f_j) + b_v.
-        # Same function as projecting every neighbour's key and value, with one [N, K+1, D] gather
-        # instead of three (the memory traffic of this module).
-        n, k = neighbours.shape
-        near = latents.index_select(0, neighbours.reshape(-1)).view(n, k, -1)  # [N, K+1, D]
-        q_k = self.query(latents) @ self.key.weight
-        scores = torch.bmm(near, q_k[:, :, None])[:, :, 0] / math.sqrt(latents.shape[1])
-        weights = torch.softmax(scores, dim=-1)
-        return self.out(self.value(torch.bmm(weights[:, None], near)[:, 0]))
+        # Same function as projecting every neighbour's key and value, without the [N, K+1, D]
+        # projections; one neighbour slot at a time (K+1 gathers of [N, D]), which on the CPU runs
+        # twice as fast as batched products of tiny matrices.
+        q_k = (self.query(latents) @ self.key.weight) / math.sqrt(latents.shape[1])
+        near = [latents.index_select(0, idx) for idx in neighbours.T.contiguous()]  # K+1 x [N, D]
+        weights = torch.softmax(torch.stack([(f * q_k).sum(-1) for f in near], 1), dim=-1)
+        mixed = near[0] * weights[:, :1]
+        for j in range(1, len(near)):
+            mixed = mixed + near[j] * weights[:, j:j + 1]
+        return self.out(self.value(mixed))
 
 
 def neighbour_indices(means3D, k=NUM_NEIGHBOURS):
@@ -290,10 +292,10 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available; under "
                    "torchrun cuda:LOCAL_RANK)")
     p.add_argument("--demo", action="store_true", help="small settings for `make demo` on 2 CPU cores: "
-                   "--iters 60 --warm-iters 20 --downscale 4")
+                   "--iters 24 --warm-iters 4 --downscale 4")
     args = p.parse_args(argv)
     if args.demo:
-        args.iters, args.warm_iters, args.downscale = 60, 20, 4
+        args.iters, args.warm_iters, args.downscale = 24, 4, 4
     if args.iters < 1 or args.warm_iters < 1 or args.downscale < 1:
         raise helpers.UserError("--iters, --warm-iters and --downscale must be at least 1")
     return args

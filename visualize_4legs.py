@@ -20,8 +20,9 @@ import numpy as np
 import torch
 
 import helpers
-from feature_extraction.relevancy import (DETECT_THRESHOLD, TOP_FRACTION, Stages, detect_spans, encode_prompts,
-                                          frame_scores, heat, overlay, prompt_dir, render_relevance_video)
+from feature_extraction.relevancy import (DETECT_THRESHOLD, RELEVANCY_STRIDE, TOP_FRACTION, Stages,
+                                          detect_spans, encode_prompts, frame_scores, heat, overlay,
+                                          prompt_dir, render_relevance_video)
 
 
 def meta_views(seq_dir, split, num_t, device):
@@ -91,10 +92,15 @@ def parse_args(argv=None):
                    help="relevance score (probability - 0.5) above which a timestep holds the prompt "
                    "(default: %(default)s)")
     p.add_argument("--fps", type=int, default=15, help="frames per second of the videos (default: %(default)s)")
+    p.add_argument("--relevancy-stride", type=int, default=RELEVANCY_STRIDE,
+                   help="decode the mean feature of stride x stride pixel blocks and upsample the relevance "
+                   "(1 = every pixel; default: %(default)s)")
     p.add_argument("--viclip-ckpt", default="data/checkpoints/ViClip-InternVid-10M-FLT.pth",
                    help="ViCLIP checkpoint for --encoder viclip (default: %(default)s)")
     p.add_argument("--device", default=None, help="cuda, cpu (default: cuda if available)")
     args = p.parse_args(argv)
+    if args.relevancy_stride < 1:
+        raise helpers.UserError(f"--relevancy-stride {args.relevancy_stride}: must be at least 1")
     if any(not prompt.strip() for prompt in args.prompt):
         raise helpers.UserError("-p: empty prompt; give the text to look for, e.g. -p \"a man throwing a ball\"")
     return args
@@ -112,7 +118,8 @@ def main(argv=None):
                 for p in args.prompt]
     per_view = [{} for _ in args.prompt]
     for name, cams in views:
-        rgb, relevance = render_relevance_video(stages, cams, positives, negatives, args.fg_only, desc=name)
+        rgb, relevance = render_relevance_video(stages, cams, positives, negatives, args.fg_only,
+                                                 args.relevancy_stride, desc=name)
         for q, prompt in enumerate(args.prompt):
             video_heat = heat(relevance[q], args.threshold).numpy()
             helpers.write_video(os.path.join(out_dirs[q], f"{name}.mp4"),

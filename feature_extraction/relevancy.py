@@ -23,6 +23,9 @@ TEMPERATURE = 10.0
 TOP_FRACTION = 0.001  # a frame's score: mean relevance of its most relevant 0.1% of pixels
 DETECT_THRESHOLD = 0.05  # relevance (probability - 0.5) above which a frame holds the prompt
 MASK_FRACTION = 0.5  # mask = relevance > half the video's peak (never below the detect threshold)
+# Decode every 2x2 block's mean feature, upsample the relevance: the features vary on the scale of
+# the smallest tile (54 px at 640x360), and the per-pixel decoder is most of the CPU's time.
+RELEVANCY_STRIDE = 2
 
 
 # ---------------------------------------------------------------- where stage outputs live
@@ -158,18 +161,24 @@ def relevancy(embeds, positives, negatives):
     return prob.min(dim=2).values.T
 
 
-def relevance_map(features, ae, positives, negatives, chunk=65536):
+def relevance_map(features, ae, positives, negatives, stride=RELEVANCY_STRIDE, chunk=65536):
     """Rendered features [128, H, W] -> relevance [Q, H, W] in [0, 0.5] (relevancy - 0.5, clipped).
 
-    Pixels are normalised before decoding (the AE works on the unit sphere); a pixel no Gaussian
+    Features are averaged over stride x stride blocks, normalised (the AE works on the unit
+    sphere), decoded, and the relevance is upsampled bilinearly to H x W. A pixel no Gaussian
     covers has a zero feature and decodes to whatever the decoder makes of zero, like the original."""
     c, h, w = features.shape
+    if stride > 1:
+        features = F.avg_pool2d(features[None], stride, ceil_mode=True)[0]
     flat = F.normalize(features.reshape(c, -1).T, dim=-1)
     out = []
     with torch.no_grad():
         for start in range(0, flat.shape[0], chunk):
             out.append(relevancy(ae.decode(flat[start:start + chunk]), positives, negatives))
-    return (torch.cat(out, 1) - 0.5).clamp(min=0).reshape(-1, h, w)
+    rel = (torch.cat(out, 1) - 0.5).clamp(min=0).reshape(-1, *features.shape[1:])
+    if stride > 1:
+        rel = F.interpolate(rel[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+    return rel
 
 
 def encode_prompts(encoder, prompts, device):
@@ -180,7 +189,8 @@ def encode_prompts(encoder, prompts, device):
     return emb[:len(prompts)], emb[len(prompts):]
 
 
-def render_relevance_video(stages, cams, positives, negatives, fg_only=False, desc="rendering"):
+def render_relevance_video(stages, cams, positives, negatives, fg_only=False, stride=RELEVANCY_STRIDE,
+                           desc="rendering"):
     """Render one view over time and its relevance to every prompt.
 
     cams: rasterizer settings per timestep (len T). Returns rgb uint8 [T, H, W, 3] and relevance
@@ -190,7 +200,7 @@ def render_relevance_video(stages, cams, positives, negatives, fg_only=False, de
         rendervar = stages.gaussians(t)
         with torch.no_grad():
             rgb, feats, fg = render_features(cam, rendervar, rendervar["legs_features"], with_fg=fg_only)
-            r = relevance_map(feats, stages.ae, positives, negatives)
+            r = relevance_map(feats, stages.ae, positives, negatives, stride)
             if fg is not None:
                 r = r * (fg > 0.5)
         rgbs.append(helpers.to_uint8(rgb))

@@ -83,7 +83,7 @@ def test_relevance_map_of_decoded_features():
     feats = torch.zeros(5, 1, 2)
     feats[0, 0, 0] = 2.0  # pixel 0 -> embedding axis 0 (the prompt)
     feats[1, 0, 1] = 0.5  # pixel 1 -> embedding axis 1 (the negative)
-    rel = relevance_map(feats, Decoder(), torch.eye(3)[:1], torch.eye(3)[1:2])
+    rel = relevance_map(feats, Decoder(), torch.eye(3)[:1], torch.eye(3)[1:2], stride=1)
     assert rel.shape == (1, 1, 2)
     assert float(rel[0, 0, 0]) == pytest.approx(0.5, abs=1e-3) and float(rel[0, 0, 1]) == 0.0
 
