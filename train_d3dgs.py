@@ -417,8 +417,9 @@ def main(argv=None):
     for t in range(start, num_t):  # -f: what follows a retrained timestep is stale
         if os.path.isfile(timestep_path(ts_dir, t)):
             os.remove(timestep_path(ts_dir, t))
-    helpers.check_sequence(seq_dir, meta, start, last)
-    helpers.check_sequence(seq_dir, test_meta, start, last)
+    if start <= last:
+        helpers.check_sequence(seq_dir, meta, start, last, masks=True)
+        helpers.check_sequence(seq_dir, test_meta, start, last)
     lpips_net, lpips_missing = load_lpips(device)
 
     if start > 0:
