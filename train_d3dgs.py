@@ -37,7 +37,9 @@ LEARNING_RATES = {"means3D": 0.00016,  # times the scene radius
 MOVING = ("means3D", "rgb_colors", "unnorm_rotations")  # optimised after timestep 0
 LOSS_WEIGHTS = {"im": 1.0, "seg": 3.0, "rigid": 4.0, "rot": 4.0, "iso": 2.0, "floor": 2.0, "bg": 20.0,
                 "soft_col_cons": 0.01}
-DEMO = {"iters_first": 50, "iters": 2, "downscale": 2, "max_gaussians": 16_000, "fg_points": 3000, "bg_points": 4000}
+# demo: few iterations per timestep, so positions and rotations take bigger steps to keep up with the motion
+DEMO = {"iters_first": 200, "iters": 12, "motion_lr_scale": 10.0, "downscale": 2, "max_gaussians": 16_000,
+        "fg_points": 3000, "bg_points": 4000}
 
 
 # ---------------------------------------------------------------- data
@@ -96,11 +98,13 @@ def initialize_params(init_pt_cld, num_cams, device):
             for k, v in params.items()}
 
 
-def initialize_optimizer(params, radius, names, no_bias_correction=()):
+def initialize_optimizer(params, radius, names, no_bias_correction=(), lr_scale=1.0):
     """Adam (eps 1e-15) over params[names]. Groups in no_bias_correction start with zero moments and
     a huge step count, as in the original after timestep 0 (its step counter carries on while it
-    resets the moments), which makes the first updates of each timestep several times lr."""
-    groups = [{"params": [params[k]], "name": k, "lr": LEARNING_RATES[k] * (radius if k == "means3D" else 1.0)}
+    resets the moments), which makes the first updates of each timestep several times lr; their
+    learning rates are also multiplied by lr_scale."""
+    groups = [{"params": [params[k]], "name": k,
+               "lr": LEARNING_RATES[k] * (radius if k == "means3D" else 1.0) * (lr_scale if k in no_bias_correction else 1.0)}
               for k in names]
     optimizer = torch.optim.Adam(groups, lr=0.0, eps=1e-15, fused=True)
     for k in no_bias_correction:
@@ -194,7 +198,7 @@ def prior_losses(params, rendervar, variables):
 
 
 class NonFiniteLoss(helpers.UserError):
-    pass
+    """A loss or a parameter went NaN/Inf: training stops, the finished timesteps stay."""
 
 
 def check_finite(first_bad, names, t):
@@ -319,7 +323,7 @@ def restore(ts_dir, t_next, device):
     return params, variables
 
 
-def assemble(ts_dir, out_dir, num_t, lpips_missing):
+def assemble(ts_dir, out_dir, num_t, lpips_missing, resolution):
     """params.npz and metrics.json from the finished timesteps 0 .. num_t - 1 (atomically)."""
     arrays, records = {k: [] for k in helpers.D3DGS_PER_TIMESTEP}, []
     for t in range(num_t):
@@ -335,7 +339,7 @@ def assemble(ts_dir, out_dir, num_t, lpips_missing):
               "iterations": r["iterations"], "seconds": r["seconds"], "gaussians": r["gaussians"]}
              for t, r in enumerate(records)]
     lpips_values = [r["lpips"] for r in per_t if r["lpips"] is not None]
-    metrics = {"timesteps": num_t, "test_cameras": list(per_t[0]["cameras"]),
+    metrics = {"timesteps": num_t, "test_cameras": list(per_t[0]["cameras"]), "resolution": list(resolution),
                "psnr": float(np.mean([r["psnr"] for r in per_t])), "ssim": float(np.mean([r["ssim"] for r in per_t])),
                "lpips": float(np.mean(lpips_values)) if len(lpips_values) == num_t else None,
                "lpips_missing": None if len(lpips_values) == num_t else lpips_missing or "not computed for every timestep",
@@ -367,6 +371,9 @@ def parse_args(argv=None):
                         help="without init_pt_cld.npz: rays for background points (at most one point each)")
     parser.add_argument("--downscale", type=int, default=1,
                         help="train and evaluate on images this many times smaller (faster, coarser)")
+    parser.add_argument("--motion-lr-scale", type=float, default=1.0,
+                        help="after timestep 0, multiply the position and rotation learning rates by this (for "
+                             "runs with few iterations per timestep, which must still keep up with the motion)")
     parser.add_argument("--max-gaussians", type=int, default=3_000_000,
                         help="densification stops cloning and splitting at this many Gaussians (memory guard)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (camera order, splits)")
@@ -397,7 +404,8 @@ def main(argv=None):
     ts_dir = os.path.join(out_dir, "timesteps")
     os.makedirs(ts_dir, exist_ok=True)
     run_path = os.path.join(ts_dir, "run.json")
-    run = {"seq": os.path.abspath(seq_dir), "train_cameras": meta["cam_id"], "test_cameras": test_meta["cam_id"]}
+    run = {"seq": os.path.abspath(seq_dir), "train_cameras": meta["cam_id"], "test_cameras": test_meta["cam_id"],
+           "downscale": args.downscale}
     if os.path.isfile(run_path) and finished_count(ts_dir) > 0:
         with open(run_path) as f:
             old = json.load(f)
@@ -422,7 +430,9 @@ def main(argv=None):
         helpers.check_sequence(seq_dir, test_meta, start, last)
     lpips_net, lpips_missing = load_lpips(device)
 
-    if start > 0:
+    if start > last:
+        tqdm.write(f"timesteps 0..{done - 1} are finished in {ts_dir}: nothing to train")
+    elif start > 0:
         params, variables = restore(ts_dir, start, device)
         tqdm.write(f"resuming at timestep {start}: timesteps 0..{start - 1} are finished in {ts_dir}")
     total = sum(args.iters_first if t == 0 else args.iters for t in range(start, last + 1))
@@ -450,8 +460,8 @@ def main(argv=None):
                 iters = args.iters_first
             else:
                 params, variables = initialize_per_timestep(params, variables)
-                optimizer = initialize_optimizer(params, scene_radius(meta), MOVING,
-                                                 no_bias_correction=("means3D", "unnorm_rotations"))
+                optimizer = initialize_optimizer(params, scene_radius(meta), MOVING, ("means3D", "unnorm_rotations"),
+                                                 args.motion_lr_scale)
                 params, variables = train_timestep(params, variables, optimizer, dataset, t, args.iters, None, rng, bar)
                 iters = args.iters
             metrics = evaluate(params, test_views, lpips_net)
@@ -469,7 +479,7 @@ def main(argv=None):
     bar.close()
 
     num_done = finished_count(ts_dir)
-    params_path, metrics = assemble(ts_dir, out_dir, num_done, lpips_missing)
+    params_path, metrics = assemble(ts_dir, out_dir, num_done, lpips_missing, (test_meta["w"], test_meta["h"]))
     lpips_text = (f"LPIPS {metrics['lpips']:.4f}" if metrics["lpips"] is not None
                   else f"LPIPS missing ({metrics['lpips_missing']})")
     print(f"stage 1 done: {num_done} timesteps of {num_t} in {params_path}; test cameras "
