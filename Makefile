@@ -34,7 +34,7 @@ demo: $(STAMP)
 	@echo "== [1/6] Dynamic 3D Gaussians -> output/$(EXP)/synthetic/params.npz"
 	$(PY) train_d3dgs.py -s $(SEQ) -e $(EXP) --demo
 	@echo "== [2/6] render the reconstruction -> results/$(EXP)/synthetic/"
-	$(PY) visualize_d3dgs.py -s $(SEQ) -e $(EXP)
+	$(PY) visualize_d3dgs.py -s $(SEQ) -e $(EXP) --demo
 	@echo "== [3/6] video-language features, encoder '$(ENCODER)' -> $(SEQ)/interpolators/$(ENCODER)/"
 	@if [ "$(ENCODER)" = color ]; then echo "   (no ViCLIP checkpoint at $(VICLIP_CKPT): using the deterministic colour encoder of the tests; see README to get ViCLIP)"; fi
 	$(PY) extract_features.py -s $(SEQ) --encoder $(ENCODER) --viclip-ckpt $(VICLIP_CKPT)
