@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 
 import helpers
-from feature_extraction.relevancy import (DETECT_THRESHOLD, MASK_FRACTION, RELEVANCY_STRIDE, Stages,
-                                          detect_spans, encode_prompts, frame_scores, heat,
-                                          render_relevance_video)
+from feature_extraction.relevancy import (DETECT_THRESHOLD, MASK_FRACTION, Stages, add_prompt_options,
+                                          check_prompt_options, detect_spans, encode_prompts, frame_scores,
+                                          heat, render_relevance_video)
 
 
 def read_benchmark(folder):
@@ -108,18 +108,10 @@ def parse_args(argv=None):
     p.add_argument("--encoder", required=True, help="the --encoder of stages 2-4: viclip, color, openclip:<arch>:<ckpt>")
     p.add_argument("--benchmark", required=True, help="benchmark folder of this sequence, e.g. "
                    "data/grounding/synthetic (<prompt_dir>/cam<N>.pt)")
-    p.add_argument("--threshold", type=float, default=DETECT_THRESHOLD,
-                   help="relevance score above which a frame is detected (default: %(default)s)")
     p.add_argument("--out", default=None, help="json report (default: results/<exp>/<seq>/grounding.json)")
-    p.add_argument("--relevancy-stride", type=int, default=RELEVANCY_STRIDE,
-                   help="decode the mean feature of stride x stride pixel blocks and upsample the relevance "
-                   "(1 = every pixel; default: %(default)s)")
-    p.add_argument("--viclip-ckpt", default="data/checkpoints/ViClip-InternVid-10M-FLT.pth",
-                   help="ViCLIP checkpoint for --encoder viclip (default: %(default)s)")
-    p.add_argument("--device", default=None, help="cuda, cpu (default: cuda if available)")
+    add_prompt_options(p)
     args = p.parse_args(argv)
-    if args.relevancy_stride < 1:
-        raise helpers.UserError(f"--relevancy-stride {args.relevancy_stride}: must be at least 1")
+    check_prompt_options(args)
     return args
 
 

@@ -139,6 +139,9 @@ def extract(seq_dir, encoder, timesteps, batch_size, device, progress=True):
                 pending = decoder.submit(reader, todo[i + 1])
             emb = encode_timestep(encoder, frames, levels, index, batch_size, device,
                                   fixed_batch=device.type == "cuda", on_batch=bar.update)
+            if not torch.isfinite(emb).all():  # never cache what would poison every later stage
+                raise UserError(f"timestep {t}: the {encoder.name} encoder returned NaN/Inf embeddings; nothing "
+                                f"cached for it. Check the encoder's weights (--viclip-ckpt) and the images")
             feature_cache.write_timestep(cache, t, feature_cache.make_config(encoder, seq_dir, meta, t), emb.cpu().numpy())
             stats["timestep_seconds"].append(time.perf_counter() - t_start)
             stats["clips"] += len(index[0])

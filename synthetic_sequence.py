@@ -41,12 +41,12 @@ import helpers
 FLOOR_RADIUS, FLOOR_SPACING, FLOOR_TILE = 6.5, 0.16, 0.5
 WALL_RADIUS, WALL_HEIGHT, WALL_SPACING = 6.3, 3.0, 0.2
 OBJECT_SPACING = 0.035
-BALL_RADIUS = 0.3
-BOX_SIZE = (0.7, 0.4, 0.5)  # x, height, z
-TOP_RADIUS, TOP_HEIGHT = 0.32, 0.45
+BALL_RADIUS = 0.38
+BOX_SIZE = (0.85, 0.5, 0.55)  # x, height, z
+TOP_RADIUS, TOP_HEIGHT = 0.4, 0.55
 
 # Camera ring: radius, heights above the floor (alternating), point looked at, focal length / width.
-RING_RADIUS, RING_HEIGHTS, LOOK_AT, FOCAL = 4.4, (1.7, 2.3), (0.0, -0.45, 0.0), 0.75
+RING_RADIUS, RING_HEIGHTS, LOOK_AT, FOCAL = 4.4, (1.7, 2.3), (0.0, -0.3, 0.0), 0.8
 
 OBJECTS = (
     {"id": 1, "name": "ball", "colour": "red", "prompt": "a red ball flying in the air"},
@@ -194,31 +194,33 @@ def top(rng, spacing):
 def motions(num_timesteps):
     """Pose of each object at each timestep and the timesteps of its action.
 
-    Times scale with the sequence (24 timesteps: the ball lies still until t = 5, is in the air at
-    t = 6..16 and lies still from t = 17; the box slides at t = 0..10, braking at the end, and
-    stands still from t = 11; the top spins all the time). Returns {name: (yaw [T] radians about
+    Times scale with the sequence (24 timesteps: the ball lies still until t = 9, is in the air at
+    t = 10..19 and lies still from t = 20; the box stands until t = 8, slides at t = 9..18, braking
+    at the end, and stands still from t = 19; the top spins all the time). Both actions begin after
+    the first clips: a timestep's clip t-4 .. t+3 drops the frames before 0, so the clips of
+    t = 0..3 show frames up to 3..6 and cannot place an action that starts there. Returns {name: (yaw [T] radians about
     the vertical, centre [T, 3] world, moving timesteps list)}.
     """
     t = np.arange(num_timesteps, dtype=np.float64)
     last = max(num_timesteps - 1, 1)
     out = {}
     # ball: thrown from A at launch, lands at B at landing; in the air strictly in between
-    launch, landing = 5 / 23 * last, 17 / 23 * last
+    launch, landing = 9 / 23 * last, 20 / 23 * last
     a, b, apex = np.array([-1.3, -BALL_RADIUS, 0.8]), np.array([1.2, -BALL_RADIUS, 0.95]), 1.0
     u = np.clip((t - launch) / (landing - launch), 0, 1)
     centre = a + u[:, None] * (b - a)
     centre[:, 1] -= 4 * apex * u * (1 - u)
     out["ball"] = (np.zeros(num_timesteps), centre, [int(i) for i in t if launch < i < landing])
     # box: slides at constant speed, brakes evenly over the last 40% of the slide, stops; turns a little
-    stop = 11 / 23 * last
-    u = np.clip(t / stop, 0, 1)
+    begin, stop = 8 / 23 * last, 19 / 23 * last
+    u = np.clip((t - begin) / (stop - begin), 0, 1)
     travelled = np.where(u < 0.6, u, 0.6 + 0.2 * (1 - ((1 - u) / 0.4) ** 2)) / 0.8
     start, end = np.array([-1.2, 0.0, -0.8]), np.array([1.0, 0.0, -0.7])
     centre = start + travelled[:, None] * (end - start)
-    out["box"] = (0.35 * travelled, centre, [int(i) for i in t if i < stop])
+    out["box"] = (0.35 * travelled, centre, [int(i) for i in t if begin < i < stop])
     # top: spins about the vertical through its tip, 575 degrees over the sequence
     spin = np.radians(575.0) * t / last
-    out["top"] = (spin, np.tile([0.1, 0.0, -0.05], (num_timesteps, 1)), [int(i) for i in t])
+    out["top"] = (spin, np.tile([0.1, 0.0, 0.05], (num_timesteps, 1)), [int(i) for i in t])
     return out
 
 

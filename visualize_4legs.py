@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 import helpers
-from feature_extraction.relevancy import (DETECT_THRESHOLD, RELEVANCY_STRIDE, TOP_FRACTION, Stages,
+from feature_extraction.relevancy import (TOP_FRACTION, Stages, add_prompt_options, check_prompt_options,
                                           detect_spans, encode_prompts, frame_scores, heat, overlay,
                                           prompt_dir, render_relevance_video)
 
@@ -88,19 +88,10 @@ def parse_args(argv=None):
                    help="views: every test camera, every train camera, or one orbit (default: %(default)s)")
     p.add_argument("--fg-only", action="store_true", help="show and score relevance only on the foreground "
                    "render (stage-1 segmentation colours)")
-    p.add_argument("--threshold", type=float, default=DETECT_THRESHOLD,
-                   help="relevance score (probability - 0.5) above which a timestep holds the prompt "
-                   "(default: %(default)s)")
     p.add_argument("--fps", type=int, default=15, help="frames per second of the videos (default: %(default)s)")
-    p.add_argument("--relevancy-stride", type=int, default=RELEVANCY_STRIDE,
-                   help="decode the mean feature of stride x stride pixel blocks and upsample the relevance "
-                   "(1 = every pixel; default: %(default)s)")
-    p.add_argument("--viclip-ckpt", default="data/checkpoints/ViClip-InternVid-10M-FLT.pth",
-                   help="ViCLIP checkpoint for --encoder viclip (default: %(default)s)")
-    p.add_argument("--device", default=None, help="cuda, cpu (default: cuda if available)")
+    add_prompt_options(p)
     args = p.parse_args(argv)
-    if args.relevancy_stride < 1:
-        raise helpers.UserError(f"--relevancy-stride {args.relevancy_stride}: must be at least 1")
+    check_prompt_options(args)
     if any(not prompt.strip() for prompt in args.prompt):
         raise helpers.UserError("-p: empty prompt; give the text to look for, e.g. -p \"a man throwing a ball\"")
     return args

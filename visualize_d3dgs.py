@@ -15,6 +15,8 @@ from tqdm import tqdm
 
 import helpers
 
+DEMO = {"train_cams": 1, "downscale": 2}
+
 
 def orbit_camera(meta, fg_means, num_t):
     """w2c per timestep [T, 4, 4] of a camera circling the foreground's centre once, at the train
@@ -63,10 +65,12 @@ def main(argv=None):
     parser.add_argument("--downscale", type=int, default=1, help="render this many times smaller")
     parser.add_argument("--fg-only", action="store_true", help="also render the foreground alone (*_fg.mp4)")
     parser.add_argument("--fps", type=int, default=15, help="frames per second of the videos")
-    parser.add_argument("--demo", action="store_true", help="small settings for the CPU demo: --train-cams 1 --downscale 2")
+    parser.add_argument("--demo", action="store_true",
+                        help=f"small settings for the CPU demo: {', '.join(f'{k}={v}' for k, v in DEMO.items())}")
     args = parser.parse_args(argv)
-    if args.demo:
-        args.train_cams, args.downscale = 1, 2
+    if args.demo:  # the demo's settings become the defaults; options given explicitly still win
+        parser.set_defaults(**DEMO)
+        args = parser.parse_args(argv)
     device = helpers.pick_device(args.device)
     seq_dir = os.path.normpath(args.seq)
     seq = os.path.basename(seq_dir)

@@ -83,26 +83,56 @@ def speed(args):
     setup = {"rendervar": rendervar, "neighbours": neighbours, "renderers": renderers, "targets": targets,
              "lrs": {"latents": 0.0025, "attention": 0.00016}, "device": device, "seed": 0}
 
-    block_times = []
-    marks = {}
+    def median_ms(fn, reps=20):
+        """Median wall time of fn() in ms (after two warm-up calls)."""
+        times = []
+        for i in range(reps + 2):
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        return 1000 * statistics.median(times[2:])
+
+    latents = torch.nn.Parameter(0.1 * torch.randn(args.gaussians, 128, device=device))
+    q_k = torch.randn(args.gaussians, 128, device=device)
+    for name, attend in (("attention_by_slot_ms", train_4legs.attend_by_slot),
+                         ("attention_batched_ms", train_4legs.attend_batched),
+                         ("attention_compiled_ms", train_4legs.attend_compiled)):
+        timings[name] = median_ms(lambda: attend(latents, neighbours, q_k).sum().backward())
+    outputs = []  # the compiled form computes the same function (forward and latents' gradient)
+    for attend in (train_4legs.attend_batched, train_4legs.attend_compiled):
+        latents.grad = None
+        out = attend(latents, neighbours, q_k)
+        (out * q_k).sum().backward()
+        outputs.append((out.detach(), latents.grad.clone()))
+    for what, a, b in zip(("forward", "gradient"), *outputs):
+        print(f"  compiled vs eager attention, {what}: max relative difference "
+              f"{float((a - b).abs().max() / b.abs().max()):.2e}")
+    renderers[0](latents)  # the first use builds what the renderer needs
+    timings["render_fwd_bwd_ms"] = median_ms(lambda: helpers.l1_loss(renderers[0](latents), targets[0]).backward())
+
+    block_times, marks = [], {}
 
     def on_iter(i, params, attention):
         if (i + 1) % args.block == 0:
             sync(device)
             marks[i] = time.perf_counter()
 
-    for name, num_iters, previous in (("cold", args.iters, None), ("warm", args.warm_iters, "cold")):
-        if previous is not None:
-            previous = {"latents": params["latents"].detach(), "attention": attention.state_dict()}
+    def timed_timestep(name, previous, num_iters):
+        """Train timestep 1 from `previous`; records its time and its per-iteration block times."""
         marks.clear()
         sync(device)
         t0 = time.perf_counter()
-        params, attention, loss = train_4legs.train_timestep(1, setup, previous, num_iters, show_progress=False,
-                                                             on_iter=on_iter)
+        params, attention, _ = train_4legs.train_timestep(1, setup, previous, num_iters, show_progress=False,
+                                                          on_iter=on_iter)
         sync(device)
         timings[f"{name}_train_s"] = time.perf_counter() - t0
         times = [t0] + [marks[i] for i in sorted(marks)]
-        block_times += [(b - a) / args.block for a, b in zip(times[1:-1], times[2:])]  # skip the first (warm-up)
+        block_times.extend((b - a) / args.block for a, b in zip(times[1:-1], times[2:]))  # not the first block
+        return {"latents": params["latents"].detach(), "attention": attention.state_dict()}
+
+    timed_timestep("warm", timed_timestep("cold", None, args.iters), args.warm_iters)
     per_iter = statistics.median(block_times) if block_times else float("nan")
     fixed = timings["neighbours_s"] + timings["encode_targets_s"]
     print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; "
@@ -110,6 +140,8 @@ def speed(args):
     print(f"{args.gaussians} Gaussians, {args.cams} cameras {w}x{h}, 128 channels")
     for key, value in timings.items():
         print(f"  {key}: {value:.2f}")
+    if device.type == "cuda":
+        print(f"  peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2 ** 30:.1f} GiB")
     print(f"  median per iteration: {1000 * per_iter:.2f} ms (blocks of {args.block})")
     print(f"seconds per timestep: cold ({args.iters} it) {fixed + timings['cold_train_s']:.1f}, "
           f"warm ({args.warm_iters} it) {fixed + timings['warm_train_s']:.1f}")

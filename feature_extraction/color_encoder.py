@@ -1,27 +1,39 @@
-"""A deterministic stand-in for ViCLIP: colour words and motion, no weights, fast on a CPU.
+"""A deterministic stand-in for ViCLIP: colour words and coloured motion, no weights, fast on a CPU.
 
 Used by the tests and by the demo when no ViCLIP checkpoint is present. It embeds what a colour
 histogram and frame differences can see, in the same 768-d unit space for clips and texts, so the
 whole pipeline (cache, autoencoder, 4-LEGS features, relevancy) runs and can be checked.
 
 The exact formula:
-- Directions: 12 orthonormal unit vectors in R^768, d_0..d_9 for the palette (red, green, blue,
-  yellow, orange, purple, white, grey, black, brown; "gray" = "grey"), d_motion = d_10,
-  d_generic = d_11: Gram-Schmidt (QR with a positive diagonal) of the columns of
-  numpy.random.default_rng(SEED).standard_normal((768, 12)), SEED = 4100004.
-- Clip [B, T, 3, S, S], CLIP-normalised: un-normalise to RGB x = clip * CLIP_STD + CLIP_MEAN.
+- Directions: 21 orthonormal unit vectors in R^768: d_0..d_9 for the palette colours (red, green,
+  blue, yellow, orange, purple, white, grey, black, brown; "gray" = "grey"), d_10..d_19 for "colour c
+  moving" (m_0..m_9), d_generic = d_20: Gram-Schmidt (QR with a positive diagonal) of the columns of
+  numpy.random.default_rng(SEED).standard_normal((768, 21)), SEED = 4100004.
+- Clip [B, T, 3, S, S], CLIP-normalised: un-normalise to RGB x = clip * CLIP_STD + CLIP_MEAN. The
+  clip's centre frame is c = T // 2 (frame t of the clip t-4 .. t+3): a clip says what is where at
+  its own timestep and what moved just before (frames c-2 .. c, never the padding that repeats
+  the last frame at the sequence's end).
   Palette: the RGB values PALETTE_RGB of the 10 colours and, for the 7 chromatic ones (not white,
   grey, black), the same times SHADE = 0.6 (the colour in shadow: a lit red ball is half dark red,
-  which plain RGB distance would call brown). Palette histogram h [B, 10]: per pixel p of every
-  frame, soft assignment a_e(p) = softmax_e(-||x(p) - rgb_e||^2 / (2 SIGMA^2)) over the 17 entries
-  e, SIGMA = 0.1; h_c = mean over pixels and frames of the sum of a_e over colour c's entries
-  (so sum_c h_c = 1).
-  Motion m [B] = clip(MOTION_GAIN * mean over frames f = 1..T-1, pixels and channels of
-  |x_f - x_(f-1)|, 0, 1), MOTION_GAIN = 10.
-  embedding = normalize(sum_c h_c d_c + m d_motion + 0.8 d_generic).
-- Text: lower-cased words (runs of letters). embedding = normalize(sum of d_c over the colour words
-  present (each colour once) + d_motion if a motion word is present); a text with neither embeds
-  to d_generic (the canonical negatives "object", "things", "stuff", "texture" do).
+  which plain RGB distance would call brown). Soft assignment of a pixel p of frame f to colour c:
+  a_c(p, f) = sum over c's entries e of softmax_e(-||x_f(p) - rgb_e||^2 / (2 SIGMA^2)) over the 17
+  entries, SIGMA = 0.1.
+  Colours: h_c = mean over the pixels of a_c(p, c) (so sum_c h_c = 1).
+  Coloured motion: for the frame pairs (c-2, c-1) and (c-1, c), the pixel change
+  delta(p) = mean over channels of |x_f2(p) - x_f1(p)| and the presence of c in either frame
+  w_c(p) = max(a_c(p, f1), a_c(p, f2)); speed_c = sum delta w_c / sum w_c (both over the pixels
+  and pairs: how much c's pixels change), u_c = h_c clip(MOTION_GAIN speed_c, 0, 1), MOTION_GAIN
+  = 20 (as much of the tile as the colour covers, if it moves; T = 1: u = 0).
+  embedding = normalize(sum_c h_c d_c + sum_c u_c m_c + GENERIC_WEIGHT d_generic), GENERIC_WEIGHT = 0.3.
+- Text: lower-cased words (runs of letters); C = the colour words present (each once), M = whether
+  a motion word is present. embedding = normalize(sum over c in C of (d_c + ACTION_WEIGHT M m_c)),
+  ACTION_WEIGHT = 2; with motion words and no colour, normalize(sum of all m_c); with neither,
+  d_generic (the canonical negatives "object", "things", "stuff", "texture" do). So "a red ball
+  flying" asks for red AND red motion, the motion weighing twice: a moving blue box is no answer
+  to it, a resting red ball not enough of one.
+
+The constants were chosen on the synthetic sequence (tests/test_legs.py, 96x54): the generic
+weight sits between what a resting and what a moving red ball score against "a red ball flying".
 """
 import numpy as np
 import regex
@@ -42,22 +54,23 @@ SYNONYMS = {"gray": "grey"}
 MOTION_WORDS = frozenset(("moving", "flying", "flies", "fly", "sliding", "slides", "thrown", "throwing",
                           "rolling", "spinning", "spins", "bouncing", "running", "jumping", "falling", "moves"))
 SIGMA = 0.1
-MOTION_GAIN = 10.0
-GENERIC_WEIGHT = 0.8
+MOTION_GAIN = 20.0
+GENERIC_WEIGHT = 0.3
+ACTION_WEIGHT = 2.0
+NUM_DIRECTIONS = 2 * len(COLORS) + 1  # colours, coloured motion, generic
 
 
 def directions():
-    """[12, 768] float64 orthonormal rows: the 10 palette colours, motion, generic."""
-    q, r = np.linalg.qr(np.random.default_rng(SEED).standard_normal((DIM, len(COLORS) + 2)))
+    """[21, 768] float64 orthonormal rows: the 10 palette colours, their 10 motions, generic."""
+    q, r = np.linalg.qr(np.random.default_rng(SEED).standard_normal((DIM, NUM_DIRECTIONS)))
     return (q * np.sign(np.diag(r))).T  # positive diagonal of R: a unique basis whatever LAPACK does
 
 
 class ColorEncoder:
     """The encoder interface (.name, .dim, .identity, .input_size, .batch_size, encode_video,
-    encode_text) of the
-    formula in this module's docstring. Any clip resolution works; extraction resizes tiles to
-    `input_size` = 8 px (antialiased, so each pixel averages a patch of the tile): enough for a
-    colour histogram and frame differences, and it keeps the CPU demo at ~1.5 s per timestep."""
+    encode_text) of the formula in this module's docstring. Any clip resolution works; extraction
+    resizes tiles to `input_size` = 8 px (antialiased, so each pixel averages a patch of the tile):
+    enough for a colour histogram and frame differences, and it keeps the CPU demo fast."""
     name = "color"
     dim = DIM
     input_size = 8
@@ -66,17 +79,23 @@ class ColorEncoder:
     @property
     def identity(self):
         """What the cache records: every constant of the formula, so changing one recomputes."""
-        return (f"color-v1:seed={SEED}:sigma={SIGMA}:shade={SHADE}:motion={MOTION_GAIN}:generic={GENERIC_WEIGHT}:"
-                f"palette={PALETTE_RGB}")
+        return (f"color-v2:seed={SEED}:sigma={SIGMA}:shade={SHADE}:motion={MOTION_GAIN}:generic={GENERIC_WEIGHT}:"
+                f"action={ACTION_WEIGHT}:palette={PALETTE_RGB}")
 
     def __init__(self, device="cpu"):
         self.device = torch.device(device)
-        self.dirs = torch.tensor(directions(), dtype=torch.float32, device=self.device)
+        dirs = torch.tensor(directions(), dtype=torch.float32, device=self.device)
+        self.colour_dirs, self.motion_dirs, self.generic = dirs[:len(COLORS)], dirs[len(COLORS):-1], dirs[-1]
         entries = [(i, rgb) for i, rgb in enumerate(PALETTE_RGB)]
         entries += [(i, tuple(SHADE * v for v in rgb)) for i, rgb in enumerate(PALETTE_RGB) if COLORS[i] not in ACHROMATIC]
         self.palette = torch.tensor([rgb for _, rgb in entries], dtype=torch.float32, device=self.device)  # [E, 3]
         # [E, 10]: which colour each palette entry counts for
         self.entry_colour = F.one_hot(torch.tensor([i for i, _ in entries]), len(COLORS)).float().to(self.device)
+
+    def assign(self, rgb):
+        """rgb [..., 3] in [0, 1] -> soft colour assignment [..., 10] (sums to 1)."""
+        dist2 = ((rgb[..., None, :] - self.palette) ** 2).sum(-1)  # [..., E]
+        return torch.softmax(-dist2 / (2 * SIGMA ** 2), dim=-1) @ self.entry_colour
 
     @torch.inference_mode()
     def encode_video(self, frames):
@@ -84,15 +103,19 @@ class ColorEncoder:
         frames = frames.to(self.device, torch.float32)
         mean = torch.tensor(CLIP_MEAN, device=self.device).view(3, 1, 1)
         std = torch.tensor(CLIP_STD, device=self.device).view(3, 1, 1)
-        rgb = frames * std + mean  # [B, T, 3, S, S] in [0, 1]
-        pixels = rgb.movedim(2, -1).flatten(1, 3)  # [B, T*S*S, 3]
-        dist2 = ((pixels[:, :, None, :] - self.palette) ** 2).sum(-1)  # [B, P, E]
-        hist = torch.softmax(-dist2 / (2 * SIGMA ** 2), dim=-1).mean(1) @ self.entry_colour  # [B, 10]
+        centre = frames.shape[1] // 2
+        near = range(max(centre - 2, 0), centre + 1)  # frames c-2 .. c (never the end's padding)
+        rgb = (frames[:, near] * std + mean).movedim(2, -1).flatten(2, 3)  # [B, F, S*S, 3] in [0, 1]
+        assigned = self.assign(rgb)  # [B, F, P, 10]
+        hist = assigned[:, -1].mean(1)  # [B, 10], the centre frame
         if rgb.shape[1] > 1:
-            motion = (MOTION_GAIN * (rgb[:, 1:] - rgb[:, :-1]).abs().mean((1, 2, 3, 4))).clamp(0, 1)
+            delta = (rgb[:, 1:] - rgb[:, :-1]).abs().mean(-1, keepdim=True)  # [B, F-1, P, 1]
+            present = torch.maximum(assigned[:, 1:], assigned[:, :-1])  # [B, F-1, P, 10]
+            speed = (delta * present).sum((1, 2)) / (present.sum((1, 2)) + 1e-6)  # mean change of c's pixels
+            motion = hist * (MOTION_GAIN * speed).clamp(0, 1)  # [B, 10]
         else:
-            motion = torch.zeros(len(rgb), device=self.device)
-        emb = hist @ self.dirs[:len(COLORS)] + motion[:, None] * self.dirs[-2] + GENERIC_WEIGHT * self.dirs[-1]
+            motion = torch.zeros_like(hist)
+        emb = hist @ self.colour_dirs + motion @ self.motion_dirs + GENERIC_WEIGHT * self.generic
         return F.normalize(emb, dim=-1)
 
     def encode_text(self, texts):
@@ -100,8 +123,13 @@ class ColorEncoder:
         rows = []
         for text in texts:
             words = {SYNONYMS.get(w, w) for w in regex.findall(r"\p{L}+", text.lower())}
-            emb = sum((self.dirs[i] for i, c in enumerate(COLORS) if c in words), torch.zeros(DIM, device=self.device))
-            if words & MOTION_WORDS:
-                emb = emb + self.dirs[-2]
-            rows.append(emb if emb.abs().sum() > 0 else self.dirs[-1])
+            colours = [i for i, c in enumerate(COLORS) if c in words]
+            moving = bool(words & MOTION_WORDS)
+            if colours:
+                emb = self.colour_dirs[colours].sum(0) + (ACTION_WEIGHT * self.motion_dirs[colours].sum(0) if moving else 0)
+            elif moving:
+                emb = self.motion_dirs.sum(0)
+            else:
+                emb = self.generic
+            rows.append(emb)
         return F.normalize(torch.stack(rows), dim=-1)

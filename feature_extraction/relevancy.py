@@ -23,9 +23,10 @@ TEMPERATURE = 10.0
 TOP_FRACTION = 0.001  # a frame's score: mean relevance of its most relevant 0.1% of pixels
 DETECT_THRESHOLD = 0.05  # relevance (probability - 0.5) above which a frame holds the prompt
 MASK_FRACTION = 0.5  # mask = relevance > half the video's peak (never below the detect threshold)
-# Decode every 2x2 block's mean feature, upsample the relevance: the features vary on the scale of
-# the smallest tile (54 px at 640x360), and the per-pixel decoder is most of the CPU's time.
-RELEVANCY_STRIDE = 2
+# Decode the mean feature of stride x stride blocks, upsample the relevance: the features vary on
+# the scale of the smallest tile (0.15 x the height: 54 px at 640x360), and the per-pixel decoder is
+# most of the CPU's time. One block per 180 rows of height: 2 at 360, every pixel at 180 and below.
+STRIDE_ROWS = 180
 
 
 # ---------------------------------------------------------------- where stage outputs live
@@ -161,13 +162,39 @@ def relevancy(embeds, positives, negatives):
     return prob.min(dim=2).values.T
 
 
-def relevance_map(features, ae, positives, negatives, stride=RELEVANCY_STRIDE, chunk=65536):
+def relevancy_stride(height, stride=None):
+    """The block size of relevance_map: `stride` when given, else max(1, height // STRIDE_ROWS)."""
+    return max(1, height // STRIDE_ROWS) if stride is None else stride
+
+
+def add_prompt_options(parser):
+    """Options visualize_4legs.py and evaluate_grounding.py share: --threshold, --relevancy-stride,
+    --viclip-ckpt, --device."""
+    parser.add_argument("--threshold", type=float, default=DETECT_THRESHOLD,
+                        help="relevance score (probability - 0.5) above which a timestep holds the prompt "
+                        "(default: %(default)s)")
+    parser.add_argument("--relevancy-stride", type=int, default=None,
+                        help="decode the mean feature of stride x stride pixel blocks and upsample the relevance "
+                        f"(1 = every pixel; default: height // {STRIDE_ROWS}, at least 1)")
+    parser.add_argument("--viclip-ckpt", default="data/checkpoints/ViClip-InternVid-10M-FLT.pth",
+                        help="ViCLIP checkpoint for --encoder viclip (default: %(default)s)")
+    parser.add_argument("--device", default=None, help="cuda, cpu (default: cuda if available)")
+
+
+def check_prompt_options(args):
+    if args.relevancy_stride is not None and args.relevancy_stride < 1:
+        raise helpers.UserError(f"--relevancy-stride {args.relevancy_stride}: must be at least 1")
+
+
+def relevance_map(features, ae, positives, negatives, stride=None, chunk=65536):
     """Rendered features [128, H, W] -> relevance [Q, H, W] in [0, 0.5] (relevancy - 0.5, clipped).
 
-    Features are averaged over stride x stride blocks, normalised (the AE works on the unit
-    sphere), decoded, and the relevance is upsampled bilinearly to H x W. A pixel no Gaussian
-    covers has a zero feature and decodes to whatever the decoder makes of zero, like the original."""
+    Features are averaged over stride x stride blocks (stride None: relevancy_stride(H)), normalised
+    (the AE works on the unit sphere), decoded, and the relevance is upsampled bilinearly to H x W.
+    A pixel no Gaussian covers has a zero feature and decodes to whatever the decoder makes of zero,
+    like the original."""
     c, h, w = features.shape
+    stride = relevancy_stride(h, stride)
     if stride > 1:
         features = F.avg_pool2d(features[None], stride, ceil_mode=True)[0]
     flat = F.normalize(features.reshape(c, -1).T, dim=-1)
@@ -189,7 +216,7 @@ def encode_prompts(encoder, prompts, device):
     return emb[:len(prompts)], emb[len(prompts):]
 
 
-def render_relevance_video(stages, cams, positives, negatives, fg_only=False, stride=RELEVANCY_STRIDE,
+def render_relevance_video(stages, cams, positives, negatives, fg_only=False, stride=None,
                            desc="rendering"):
     """Render one view over time and its relevance to every prompt.
 

@@ -225,8 +225,8 @@ def load_viclip(path=DEFAULT_CKPT, device="cpu", dtype=None, compile=False, arch
 
     dtype: None = bfloat16 on CUDA, float32 elsewhere. compile: torch.compile the video encoder.
     arch: ViCLIP constructor arguments (None = the released ViT-L/14; tests pass tiny sizes).
-    Raises UserError when the file is missing (saying where to put it and where to get it) or is
-    not a ViCLIP checkpoint (saying which keys differ).
+    Raises UserError when the file is missing (saying where to put it and where to get it), is
+    not a ViCLIP checkpoint (saying which keys differ) or holds NaN/Inf weights.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -263,6 +263,10 @@ def load_viclip(path=DEFAULT_CKPT, device="cpu", dtype=None, compile=False, arch
                  if wrong else ""]
         raise UserError(f"{path}: not the ViCLIP ViT-L/14 checkpoint: keys of its 'model' differ: "
                         f"{'; '.join(p for p in parts if p)}; get ViClip-InternVid-10M-FLT.pth from {MODEL_PAGE}")
+    bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise UserError(f"{path}: {len(bad)} tensors hold NaN/Inf ({', '.join(bad[:3])}); the file is damaged or "
+                        f"not trained: download ViClip-InternVid-10M-FLT.pth again from {MODEL_PAGE}")
     device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     with torch.device("meta"):

@@ -15,9 +15,9 @@ import extract_features
 from feature_extraction import (ColorEncoder, ViCLIP, cache_dir, dense_feature_map, load_encoder,
                                 load_tile_embeddings, tiles)
 from feature_extraction import cache as feature_cache
-from feature_extraction.color_encoder import COLORS, directions
+from feature_extraction.color_encoder import COLORS, GENERIC_WEIGHT, directions
 from feature_extraction.viclip import CLIP_MEAN, CLIP_STD
-from helpers import UserError
+from helpers import UserError, load_meta
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(image_size=28, patch=14, vision_width=32, vision_layers=1, vision_heads=4, frames=8, embed_dim=16,
@@ -229,6 +229,16 @@ def test_colour_features_find_the_red_ball_on_the_synthetic_sequence(tmp_path):
         assert (ids == i + 1).sum() > 20 and mean_on[i] > 1.5 * max(m for j, m in enumerate(mean_on) if j != i)
 
 
+def test_nan_embeddings_are_never_cached(seq):
+    class Broken(ColorEncoder):
+        def encode_video(self, frames):
+            return super().encode_video(frames) * float("nan")
+    with pytest.raises(UserError, match="timestep 0: the color encoder returned NaN/Inf"):
+        extract_features.extract(seq, Broken(), [0], 64, torch.device("cpu"), progress=False)
+    assert not feature_cache.is_done(cache_dir(seq, "color"), 0, feature_cache.make_config(
+        ColorEncoder(), seq, load_meta(seq, "train"), 0))
+
+
 def test_shard_covers_timesteps_once():
     timesteps = list(range(3, 13))
     for world in (1, 2, 3, 4, 16):
@@ -282,18 +292,19 @@ def test_missing_viclip_checkpoint_is_one_line(seq, tmp_path):
 
 # ---------------------------------------------------------------- encoders
 
-def clip_of(rgb, frames=8, size=8, moving=None):
-    """A CLIP-normalised clip [1, T, 3, S, S] of one colour (plus a moving square of `moving`)."""
+def clip_of(rgb, frames=8, size=8, square=None, speed=1):
+    """A CLIP-normalised clip [1, T, 3, S, S] of one colour, plus a 3x3 square of colour `square`
+    moving `speed` pixels per frame to the right (0: standing)."""
     x = torch.tensor(rgb, dtype=torch.float32).view(1, 1, 3, 1, 1).expand(1, frames, 3, size, size).clone()
-    if moving is not None:
+    if square is not None:
         for f in range(frames):
-            x[0, f, :, 2:5, f % 6:f % 6 + 3] = torch.tensor(moving).view(3, 1, 1)
+            x[0, f, :, 2:5, f * speed % 6:f * speed % 6 + 3] = torch.tensor(square).view(3, 1, 1)
     return (x - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
 
 
 def test_color_encoder_formula():
     dirs = directions()
-    np.testing.assert_allclose(dirs @ dirs.T, np.eye(len(COLORS) + 2), atol=1e-12)
+    np.testing.assert_allclose(dirs @ dirs.T, np.eye(2 * len(COLORS) + 1), atol=1e-12)
     np.testing.assert_array_equal(dirs, directions())  # seeded: the same every time
     enc = ColorEncoder()
     red, floor = enc.encode_video(clip_of((0.85, 0.1, 0.1))), enc.encode_video(clip_of((0.5, 0.5, 0.5)))
@@ -302,12 +313,19 @@ def test_color_encoder_formula():
     torch.testing.assert_close(text[1], torch.tensor(dirs[-1], dtype=torch.float32))  # negatives: generic
     torch.testing.assert_close(text[1], text[2])
     torch.testing.assert_close(text[3], text[4])  # grey == gray
-    # a still red clip: h_red ~ 1, m = 0 -> normalize(d_red + 0.8 d_generic)
-    np.testing.assert_allclose((red @ text[0]).item(), 1 / np.sqrt(1 + 0.8 ** 2), atol=1e-3)
+    # a still red clip: h_red ~ 1, no motion -> normalize(d_red + GENERIC_WEIGHT d_generic)
+    np.testing.assert_allclose((red @ text[0]).item(), 1 / np.sqrt(1 + GENERIC_WEIGHT ** 2), atol=1e-3)
     assert (red @ text[0]) > (floor @ text[0]) + 0.5 and (floor @ text[3]) > (red @ text[3]) + 0.5
-    moving = enc.encode_video(clip_of((0.5, 0.5, 0.5), moving=(0.1, 0.2, 0.85)))
-    still = enc.encode_video(clip_of((0.5, 0.5, 0.5), moving=None))
-    assert (moving @ text[5]) > (still @ text[5]) + 0.2
+    # "a blue box sliding" = normalize(d_blue + 2 m_blue): a moving blue square beats a standing one,
+    # and a moving red square is no answer at all (coloured motion, not motion anywhere)
+    grey, blue, other = (0.5, 0.5, 0.5), (0.1, 0.2, 0.85), (0.85, 0.1, 0.1)
+    moving, standing = enc.encode_video(clip_of(grey, square=blue)), enc.encode_video(clip_of(grey, square=blue, speed=0))
+    moving_red = enc.encode_video(clip_of(grey, square=other))
+    assert (moving @ text[5]) > 2 * (standing @ text[5]) > 0.05 and abs((moving_red @ text[5]).item()) < 1e-3
+    # padding at a sequence's end repeats the last frame: the motion before the centre still counts
+    padded = clip_of(grey, square=blue)
+    padded[:, 5:] = padded[:, 4:5]
+    torch.testing.assert_close(enc.encode_video(padded), moving)
 
 
 def test_openclip_encoder_averages_frames(tmp_path):

@@ -5,7 +5,6 @@ encoder (on the ground-truth Gaussians, so no stage-1 training is needed)."""
 import math
 import os
 import shutil
-import sys
 
 import numpy as np
 import pytest
@@ -91,7 +90,7 @@ def test_relevance_map_of_decoded_features():
 # ---------------------------------------------------------------- stage 4 building blocks
 
 def test_neighbour_attention_equals_projecting_every_neighbour():
-    from train_4legs import NeighbourAttention
+    from train_4legs import NeighbourAttention, attend_batched, attend_by_slot
     torch.manual_seed(0)
     attn = NeighbourAttention(16, 8)
     x = torch.randn(50, 16)
@@ -103,6 +102,9 @@ def test_neighbour_attention_equals_projecting_every_neighbour():
     w = torch.softmax((q @ k.transpose(1, 2)) / math.sqrt(16), dim=-1)
     expected = attn.out((w @ v)[:, 0])
     assert torch.allclose(attn(x, nbr), expected, atol=1e-5)
+    # the GPU's batched form is the same function
+    q_k = (attn.query(x) @ attn.key.weight) / math.sqrt(16)
+    assert torch.allclose(attend_batched(x, nbr, q_k), attend_by_slot(x, nbr, q_k), atol=1e-5)
 
 
 def random_scene(n=300, seed=0):
@@ -203,14 +205,13 @@ def chain(tmp_path_factory):
         with pytest.raises(helpers.UserError, match="train_autoencoder.py"):
             train_4legs.main(["-s", SEQ, "-e", EXP, "--encoder", "color"])
         extract_features.main(["-s", SEQ, "--encoder", "color"])
-        train_autoencoder.main(["-s", SEQ, "--encoder", "color", "--epochs", "3", "--tiles-per-epoch", "4096"])
-        train_4legs.main(["-s", SEQ, "-e", EXP, "--encoder", "color", "--iters", "40", "--warm-iters", "10"])
+        train_autoencoder.main(["-s", SEQ, "--encoder", "color"])
+        train_4legs.main(["-s", SEQ, "-e", EXP, "--encoder", "color", "--iters", "200", "--warm-iters", "50"])
         yield root
     finally:
         os.chdir(cwd)
 
 
-@pytest.mark.xfail(strict=True, reason="known failure (issue 6 open): with the colour encoder the lifted relevancy never passes 0.5 on the synthetic sequence, so nothing is localised")
 def test_whole_chain_on_the_synthetic_sequence(chain, capsys):
     """Each object found in space in the held-out test camera, the thrown ball also in time."""
     import json
@@ -227,8 +228,7 @@ def test_whole_chain_on_the_synthetic_sequence(chain, capsys):
     assert report["per_prompt"][BALL]["temporal_iou"] >= 0.5, report["per_prompt"][BALL]
 
 
-@pytest.mark.xfail(strict=True, reason="known failure (issue 6 open): with the colour encoder the lifted relevancy never passes 0.5 on the synthetic sequence, so nothing is localised")
-def test_visualize_prompts_and_an_empty_timeline(chain):
+def test_visualize_writes_videos_and_an_empty_timeline(chain):
     import json
     import visualize_4legs
     os.chdir(chain)
@@ -237,12 +237,40 @@ def test_visualize_prompts_and_an_empty_timeline(chain):
     for prompt_dir in ("a_red_ball_flying_in_the_air", "a_purple_umbrella"):
         assert os.path.getsize(f"{out}/{prompt_dir}/cam0.mp4") > 0
         assert os.path.getsize(f"{out}/{prompt_dir}/timeline.png") > 0
-    with open(f"{out}/a_red_ball_flying_in_the_air/timeline.json") as f:
-        ball = json.load(f)
-    with open(f"{out}/a_purple_umbrella/timeline.json") as f:
-        nothing = json.load(f)
-    assert len(ball["scores"]) == 12 and ball["spans"]
-    assert nothing["spans"] == [] and max(nothing["scores"]) < nothing["threshold"]
+        with open(f"{out}/{prompt_dir}/timeline.json") as f:
+            timeline = json.load(f)
+        assert len(timeline["scores"]) == 12 and list(timeline["per_view"]) == ["cam0"]
+        if prompt_dir == "a_red_ball_flying_in_the_air":  # in the air at t = 5..9: found then, not before
+            found = {t for a, b in timeline["spans"] for t in range(a, b + 1)}
+            assert found >= set(range(5, 10)) and min(found) >= 4, timeline["spans"]
+    # nothing purple in the scene: an empty timeline, scores honestly below the threshold
+    assert timeline["spans"] == [] and max(timeline["scores"]) < timeline["threshold"]
+
+
+def test_lifting_fits_and_the_warm_start_starts_closer(chain):
+    """The trained features reproduce the targets far better than the start, and a timestep started
+    from the previous one's latents and attention starts far closer than a cold start."""
+    import argparse
+    import train_4legs
+    from feature_extraction.autoencoder import ae_ckpt_path
+    os.chdir(chain)
+    meta = helpers.load_meta(SEQ, "train")
+    ae, _ = load_autoencoder(ae_ckpt_path(SEQ), "color")
+    run = argparse.Namespace(downscale=1, lr_features=0.0025, lr_attention=0.00016, seed=0)
+    setup = train_4legs.prepare_timestep(4, run, meta, f"output/{EXP}/synthetic/params.npz", ae,
+                                         f"{SEQ}/interpolators/color", torch.device("cpu"), False)
+
+    def loss_over_cameras(record):
+        params, attention, _ = train_4legs.initialize(setup["rendervar"]["means3D"].shape[0], record,
+                                                      setup["lrs"], "cpu", 0)
+        with torch.no_grad():
+            feats = attention(params["latents"], setup["neighbours"])
+            return np.mean([float(helpers.l1_loss(setup["renderers"][c](feats), setup["targets"][c]))
+                            for c in range(len(setup["targets"]))])
+    legs = f"output/{EXP}/synthetic/legs"
+    trained, previous = (torch.load(f"{legs}/00000{t}.pt", weights_only=True) for t in (4, 3))
+    cold, warm, fitted = loss_over_cameras(None), loss_over_cameras(previous), loss_over_cameras(trained)
+    assert fitted < 0.5 * cold and warm < 0.5 * cold, (cold, warm, fitted)
 
 
 def test_resume_and_stale_outputs(chain, capsys):
@@ -255,7 +283,7 @@ def test_resume_and_stale_outputs(chain, capsys):
     assert "0 timesteps trained, 12 already done" in capsys.readouterr().out
     assert before == {f: os.path.getmtime(os.path.join(legs, f)) for f in os.listdir(legs)}
     record = torch.load(os.path.join(legs, "000003.pt"), weights_only=True)
-    assert record["warm_start"] and record["iterations"] == 10 and record["features"].shape[1] == 128
+    assert record["warm_start"] and record["iterations"] == 50 and record["features"].shape[1] == 128
     # another encoder's outputs are refused, with the way out
     with pytest.raises(helpers.UserError, match="trained on 'color' features"):
         train_4legs.main(["-s", SEQ, "-e", EXP, "--encoder", "viclip"])

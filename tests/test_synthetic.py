@@ -126,7 +126,7 @@ def test_objects_json(seq):
     moving = {o["name"]: o["moving_timesteps"] for o in info["objects"]}
     assert moving["top"] == list(range(T))
     assert 0 < len(moving["ball"]) < T and moving["ball"][0] > 0 and moving["ball"][-1] < T - 1
-    assert moving["box"][0] == 0 and moving["box"][-1] < T - 1
+    assert moving["box"][0] > 0 and moving["box"][-1] < T - 1
     assert info == {**info, "objects": seq["objects"]}
 
 
@@ -138,11 +138,11 @@ def test_motion_matches_moving_timesteps():
     by_name = {o["name"]: o for o in objects}
     centre = {name: means[:, slice(*o["gaussians"])].mean(1) for name, o in by_name.items()}
     ball, box = by_name["ball"], by_name["box"]
-    assert ball["moving_timesteps"] == list(range(6, 17)) and box["moving_timesteps"] == list(range(11))
+    assert ball["moving_timesteps"] == list(range(10, 20)) and box["moving_timesteps"] == list(range(9, 19))
     lift = -(centre["ball"][:, 1] - centre["ball"][0, 1])  # height above its resting height
     assert (lift[ball["moving_timesteps"]] > 0.05).all() and np.abs(lift[ball["static_timesteps"]]).max() < 1e-6
     step = np.linalg.norm(np.diff(centre["box"], axis=0), axis=1)
-    assert (step[:10] > 1e-3).all() and (step[11:] < 1e-6).all()
+    assert (step[8:19] > 1e-3).all() and (step[:8] < 1e-6).all() and (step[19:] < 1e-6).all()
     assert np.linalg.norm(centre["top"] - centre["top"][0], axis=1).max() < 2e-3  # spins in place
     assert (np.abs(np.diff(quats[:, slice(*by_name["top"]["gaussians"])], axis=0)).max(axis=(1, 2)) > 0.1).all()
     room = slice(objects[-1]["gaussians"][1], None)
@@ -178,7 +178,7 @@ def test_ids_and_masks_match_colours(seq):
             for i, ch in colour_channel.items():
                 inner = ids == i
                 counts[i] += inner.sum()
-                if inner.sum() > 4:
+                if inner.sum() > 20:  # slivers (an object mostly hidden) are mostly blended edge pixels
                     mean = rgb[inner].mean(0)
                     assert mean[ch] > mean.sum() - mean[ch], (c, t, i, mean)  # the channel dominates
             assert set(np.unique(ids)) <= {0, 1, 2, 3}

@@ -191,6 +191,11 @@ def test_wrong_checkpoints_say_which_keys_differ(tmp_path, tiny):
     torch.save({"state_dict": sd}, tmp_path / "nomodel.pth")
     with pytest.raises(UserError, match="'model'"):
         load_viclip(tmp_path / "nomodel.pth", arch=TINY)
+    sd = {k: v.float() for k, v in tiny.state_dict().items()}
+    sd["vision_encoder.proj"][0, 0] = float("nan")
+    torch.save({"model": sd}, tmp_path / "nan.pth")
+    with pytest.raises(UserError, match="nan.pth: 1 tensors hold NaN/Inf .vision_encoder.proj"):
+        load_viclip(tmp_path / "nan.pth", arch=TINY)
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint at all")
     with pytest.raises(UserError, match="cannot be read"):
         load_viclip(tmp_path / "junk.pth", arch=TINY)
