@@ -25,6 +25,7 @@ import time
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import helpers
@@ -48,13 +49,23 @@ class NeighbourAttention(nn.Module):
 
     def forward(self, latents, neighbours):
         """latents [N, D]; neighbours [N, K+1] int64 (itself first) -> features [N, out_dim]."""
-        # score_ij = q_i . (W_k f_j + b_k): the b_k term is equal for all j and cancels in the softmax,
-        # so score_ij = (W_k^T q_i) . f_j; and sum_j a_ij (W_v f_j + b_v) = W_v (sum_j a_ij f_j) + b_v.
-        # Same function as projecting every neighbour's key and value, without the [N, K+1, D]
-        # projections.
-        q_k = (self.query(latents) @ self.key.weight) / math.sqrt(latents.shape[1])
-        attend = attend_compiled if latents.is_cuda else attend_by_slot
-        return self.out(self.value(attend(latents, neighbours, q_k)))
+        weights = (self.query.weight, self.query.bias, self.key.weight, self.value.weight, self.value.bias,
+                   self.out.weight, self.out.bias)
+        if latents.is_cuda:
+            return attention_compiled(latents, neighbours, *weights)
+        return attention_function(latents, neighbours, *weights, attend=attend_by_slot)
+
+
+def attention_function(latents, neighbours, w_q, b_q, w_k, w_v, b_v, w_out, b_out, attend=None):
+    """NeighbourAttention's function of its weights (a module-free form torch.compile compiles once
+    for every timestep's new module).
+
+    score_ij = q_i . (W_k f_j + b_k): the b_k term is equal for all j and cancels in the softmax, so
+    score_ij = (W_k^T q_i) . f_j; and sum_j a_ij (W_v f_j + b_v) = W_v (sum_j a_ij f_j) + b_v. Same
+    function as projecting every neighbour's key and value, without the [N, K+1, D] projections."""
+    q_k = (F.linear(latents, w_q, b_q) @ w_k) / math.sqrt(latents.shape[1])
+    mixed = (attend or attend_batched)(latents, neighbours, q_k)
+    return F.linear(F.linear(mixed, w_v, b_v), w_out, b_out)
 
 
 def attend_batched(latents, neighbours, q_k):
@@ -65,9 +76,9 @@ def attend_batched(latents, neighbours, q_k):
     return (weights[:, :, None] * near).sum(1)
 
 
-# On a GPU the batched form runs compiled (on first use; the shapes stay for the whole run): the
-# gather, scores, softmax and weighted sum fuse instead of materialising [N, K+1, D] on the way.
-attend_compiled = torch.compile(attend_batched, dynamic=False)
+# On a GPU the attention runs compiled (on first use; the shapes stay for the whole run): the
+# projections, gather, scores, softmax and weighted sum fuse instead of materialising [N, K+1, D].
+attention_compiled = torch.compile(attention_function, dynamic=False)
 
 
 def attend_by_slot(latents, neighbours, q_k):
@@ -216,7 +227,7 @@ def initialize(num_gaussians, previous, lrs, device, seed):
     params = {"latents": nn.Parameter(latents.contiguous())}
     optimizer = torch.optim.Adam([{"params": [params["latents"]], "lr": lrs["latents"]},
                                   {"params": list(attention.parameters()), "lr": lrs["attention"]}],
-                                 lr=0.0, eps=1e-15)
+                                 lr=0.0, eps=1e-15, fused=torch.device(device).type == "cuda")
     return params, attention, optimizer
 
 

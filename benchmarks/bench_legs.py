@@ -95,16 +95,20 @@ def speed(args):
         return 1000 * statistics.median(times[2:])
 
     latents = torch.nn.Parameter(0.1 * torch.randn(args.gaussians, 128, device=device))
-    q_k = torch.randn(args.gaussians, 128, device=device)
-    for name, attend in (("attention_by_slot_ms", train_4legs.attend_by_slot),
-                         ("attention_batched_ms", train_4legs.attend_batched),
-                         ("attention_compiled_ms", train_4legs.attend_compiled)):
-        timings[name] = median_ms(lambda: attend(latents, neighbours, q_k).sum().backward())
+    attention = train_4legs.NeighbourAttention().to(device)
+    weights = [attention.query.weight, attention.query.bias, attention.key.weight, attention.value.weight,
+               attention.value.bias, attention.out.weight, attention.out.bias]
+    forms = {"by_slot": lambda: train_4legs.attention_function(latents, neighbours, *weights,
+                                                              attend=train_4legs.attend_by_slot),
+             "batched": lambda: train_4legs.attention_function(latents, neighbours, *weights),
+             "compiled": lambda: train_4legs.attention_compiled(latents, neighbours, *weights)}
+    for name, features in forms.items():  # features [N, 128] and the gradients of latents and weights
+        timings[f"attention_{name}_ms"] = median_ms(lambda: features().sum().backward())
     outputs = []  # the compiled form computes the same function (forward and latents' gradient)
-    for attend in (train_4legs.attend_batched, train_4legs.attend_compiled):
+    for name in ("batched", "compiled"):
         latents.grad = None
-        out = attend(latents, neighbours, q_k)
-        (out * q_k).sum().backward()
+        out = forms[name]()
+        (out * torch.linspace(-1, 1, 128, device=device)).sum().backward()
         outputs.append((out.detach(), latents.grad.clone()))
     for what, a, b in zip(("forward", "gradient"), *outputs):
         print(f"  compiled vs eager attention, {what}: max relative difference "
