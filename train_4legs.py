@@ -321,10 +321,10 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available; under "
                    "torchrun cuda:LOCAL_RANK)")
     p.add_argument("--demo", action="store_true", help="small settings for `make demo` on 2 CPU cores: "
-                   "--iters 40 --warm-iters 8 --downscale 4")
+                   "--iters 60 --warm-iters 15 --downscale 4")
     args = p.parse_args(argv)
     if args.demo:
-        args.iters, args.warm_iters, args.downscale = 40, 8, 4
+        args.iters, args.warm_iters, args.downscale = 60, 15, 4
     if args.iters < 1 or args.warm_iters < 1 or args.downscale < 1:
         raise helpers.UserError("--iters, --warm-iters and --downscale must be at least 1")
     return args

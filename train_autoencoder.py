@@ -89,10 +89,11 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--device", default=None, help="cuda, cpu (default: cuda if available)")
     p.add_argument("--demo", action="store_true", help="small settings for `make demo` on 2 CPU cores: "
-                   "--epochs 4 --tiles-per-epoch 4096 --val-tiles 4096")
+                   "--epochs 10 --tiles-per-epoch 32768 --val-tiles 4096 (fewer steps lose the colour "
+                   "encoder's small motion components)")
     args = p.parse_args(argv)
     if args.demo:
-        args.epochs, args.tiles_per_epoch, args.val_tiles = 4, 4096, 4096
+        args.epochs, args.tiles_per_epoch, args.val_tiles = 10, 32768, 4096
     if args.epochs < 1 or args.batch_size < 2 or args.val_every < 2 or args.val_tiles < 1 or args.tiles_per_epoch < 0:
         raise helpers.UserError("--epochs and --val-tiles must be >= 1, --batch-size and --val-every >= 2, "
                                 "--tiles-per-epoch >= 0")

@@ -10,7 +10,7 @@ Outputs, under output/<exp>/<seq>/:
   params.npz     the original's format: means3D, rgb_colors, unnorm_rotations [T, N, .] and the
                  shared seg_colors, logit_opacities, log_scales [N, .], cam_m, cam_c [C, 3]
   metrics.json   PSNR / SSIM (LPIPS where its weights are on disk) on the test cameras, per timestep
-  timesteps/     one file per finished timestep: a rerun continues at the first missing one
+  timesteps/     one file per finished timestep: a rerun continues after the last one
   init_pt_cld.npz  the point cloud built when the sequence has none
 """
 import argparse
@@ -38,7 +38,7 @@ MOVING = ("means3D", "rgb_colors", "unnorm_rotations")  # optimised after timest
 LOSS_WEIGHTS = {"im": 1.0, "seg": 3.0, "rigid": 4.0, "rot": 4.0, "iso": 2.0, "floor": 2.0, "bg": 20.0,
                 "soft_col_cons": 0.01}
 # demo: few iterations per timestep, so positions and rotations take bigger steps to keep up with the motion
-DEMO = {"iters_first": 200, "iters": 12, "motion_lr_scale": 10.0, "downscale": 2, "max_gaussians": 16_000,
+DEMO = {"iters_first": 200, "iters": 40, "motion_lr_scale": 10.0, "downscale": 4, "max_gaussians": 16_000,
         "fg_points": 3000, "bg_points": 4000}
 
 
@@ -58,9 +58,10 @@ def load_timestep(seq_dir, meta, test_meta, t, size, test_size):
 
 
 def get_dataset(loaded, meta, test_meta, t, device):
-    """Train views [{'cam', 'im', 'seg', 'id'}] and test views [{'cam', 'im', 'cam_id'}] of timestep t."""
+    """Train views [{'cam', 'im', 'seg', 'id'}] and test views [{'cam', 'im', 'cam_id'}] of timestep t;
+    a train view's id is its index in the metas as a [1] long tensor (what get_loss indexes with)."""
     ims, segs, test_ims = (x.to(device) for x in loaded)
-    train = [{"cam": cam, "im": ims[c], "seg": segs[c], "id": c}
+    train = [{"cam": cam, "im": ims[c], "seg": segs[c], "id": torch.tensor([c], device=device)}
              for c, cam in enumerate(helpers.cameras_at(meta, t, NEAR, FAR, device))]
     test = [{"cam": cam, "im": test_ims[c], "cam_id": test_meta["cam_id"][c]}
             for c, cam in enumerate(helpers.cameras_at(test_meta, t, device=device))]
@@ -156,16 +157,22 @@ def initialize_per_timestep(params, variables):
 
 # ---------------------------------------------------------------- losses
 
-def get_losses(params, rendervar, im, seg, data, variables, is_first):
-    """Named loss terms of one view: im [3, H, W] and seg [3, H, W] rendered by render_d3dgs;
-    after timestep 0 also the priors. Returns the terms and the colour-corrected image."""
-    im = helpers.color_correct(im, params["cam_m"][data["id"]], params["cam_c"][data["id"]])
+def get_loss(params, rendervar, im, seg, data, variables, with_priors):
+    """Loss of one train view: im [3, H, W] and seg [3, H, W] as render_d3dgs rendered them against
+    data's image and segmentation (L1 and SSIM, im after the camera's colour correction); with_priors
+    (timesteps > 0): plus prior_losses. Returns the weighted sum, the terms {name: scalar} (detached:
+    for the NaN watch) and the colour-corrected image. Tensors in, tensors out, the same shapes at
+    every iteration (the camera as an index tensor, not a Python int), so that torch.compile traces it
+    once as one graph: compiled_loss."""
+    cam = data["id"]
+    im = helpers.color_correct(im, params["cam_m"].index_select(0, cam)[0], params["cam_c"].index_select(0, cam)[0])
     ssim = external.calc_ssim(torch.stack([im, seg]), torch.stack([data["im"], data["seg"]]), per_image=True)
     losses = {"im": 0.8 * helpers.l1_loss(im, data["im"]) + 0.2 * (1.0 - ssim[0]),
               "seg": 0.8 * helpers.l1_loss(seg, data["seg"]) + 0.2 * (1.0 - ssim[1])}
-    if not is_first:
+    if with_priors:
         losses.update(prior_losses(params, rendervar, variables))
-    return losses, im
+    loss = sum(LOSS_WEIGHTS[k] * v for k, v in losses.items())
+    return loss, {k: v.detach() for k, v in losses.items()}, im
 
 
 def prior_losses(params, rendervar, variables):
@@ -197,6 +204,25 @@ def prior_losses(params, rendervar, variables):
     return losses
 
 
+def pick_loss(device, compile_loss=True):
+    """get_loss as the loop runs it after timestep 0. On CUDA, eager PyTorch launches dozens of
+    small kernels per iteration for the losses (SSIM of im and seg, the L1s, the priors over the
+    [Nfg, 20] neighbour pairs, the weighted sum), each reading and writing full-size temporaries,
+    and as many autograd nodes in backward; torch.compile fuses them into a few kernels and one
+    autograd node. The CPU, --no-compile, and timestep 0 (whose image losses alone would save about
+    what a second compile costs) run it eagerly."""
+    return compiled_loss(device) if device.type == "cuda" and compile_loss else get_loss
+
+
+def compiled_loss(device, backend="inductor"):
+    """get_loss compiled as one graph (fullgraph) for fixed shapes: the Gaussian count is frozen
+    after timestep 0, so it compiles once per run, at the first iteration after timestep 0. SSIM's
+    window cache is filled first: traced empty, Dynamo would guard on it being empty and compile a
+    second time once it is filled (a run resumed after timestep 0 calls this before any SSIM)."""
+    external.calc_ssim(torch.zeros(3, 11, 11, device=device), torch.zeros(3, 11, 11, device=device))
+    return torch.compile(get_loss, backend=backend, dynamic=False, fullgraph=True)
+
+
 class NonFiniteLoss(helpers.UserError):
     """A loss or a parameter went NaN/Inf: training stops, the finished timesteps stay."""
 
@@ -214,21 +240,20 @@ def check_finite(first_bad, names, t):
 
 # ---------------------------------------------------------------- training
 
-def train_timestep(params, variables, optimizer, dataset, t, num_iters, schedule, rng, bar):
+def train_timestep(params, variables, optimizer, dataset, t, num_iters, schedule, loss_fn, rng, bar):
     """Optimise one timestep: num_iters iterations of one random train view each; with a
-    densification schedule (timestep 0) the Gaussians are cloned, split and pruned on the way."""
+    densification schedule (timestep 0) the Gaussians are cloned, split and pruned on the way;
+    loss_fn: get_loss, or its compiled form (pick_loss) after timestep 0."""
     todo, first_bad, names = [], None, None
     for i in range(num_iters):
         data = get_batch(todo, dataset, rng)
         rendervar = helpers.params2rendervar(params)
         im, seg, radii, _ = helpers.render_d3dgs(data["cam"], rendervar)
-        losses, im = get_losses(params, rendervar, im, seg, data, variables, schedule is not None)
-        loss = sum(LOSS_WEIGHTS[k] * v for k, v in losses.items())
+        loss, terms, im = loss_fn(params, rendervar, im, seg, data, variables, t > 0)
         # NaN/Inf watch without a GPU sync per iteration: remember the first bad iteration per term
-        terms = torch.stack([v.detach() for v in losses.values()])
         if first_bad is None:
-            names, first_bad = list(losses), torch.full((len(losses),), -1, dtype=torch.long, device=terms.device)
-        first_bad.masked_fill_((first_bad < 0) & ~torch.isfinite(terms), i)
+            names, first_bad = list(terms), torch.full((len(terms),), -1, dtype=torch.long, device=loss.device)
+        first_bad.masked_fill_((first_bad < 0) & ~torch.isfinite(torch.stack(list(terms.values()))), i)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -280,12 +305,27 @@ def timestep_path(ts_dir, t):
     return os.path.join(ts_dir, f"{t:06d}.npz")
 
 
-def finished_count(ts_dir):
-    """How many timesteps 0, 1, 2, ... are finished, in a row."""
-    t = 0
-    while os.path.isfile(timestep_path(ts_dir, t)):
-        t += 1
-    return t
+def finished_timesteps(ts_dir):
+    """The timesteps with a file in ts_dir, sorted. Usually 0..T-1; a run continued from a copy of
+    only the files restore reads (timesteps 0, t - 2, t - 1) has a gap."""
+    names = os.listdir(ts_dir) if os.path.isdir(ts_dir) else []
+    return sorted(int(n[:6]) for n in names if len(n) == 10 and n[:6].isdigit() and n.endswith(".npz"))
+
+
+def spans(ts):
+    """Sorted timesteps as text: [0, 1, 2, 5] -> '0-2, 5'."""
+    runs = []
+    for t in ts:
+        if runs and t == runs[-1][1] + 1:
+            runs[-1][1] = t
+        else:
+            runs.append([t, t])
+    return ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
+
+
+def restore_needs(t_next):
+    """The timesteps restore(ts_dir, t_next, ...) reads: 0, t_next - 2 and t_next - 1."""
+    return sorted({0, t_next - 2, t_next - 1} & set(range(t_next)))
 
 
 def save_timestep(ts_dir, t, params, record):
@@ -311,7 +351,8 @@ def load_timestep_file(ts_dir, t, device):
 
 
 def restore(ts_dir, t_next, device):
-    """params of timestep t_next - 1 and the variables that timestep t_next starts from."""
+    """params of timestep t_next - 1 and the variables that timestep t_next starts from; reads
+    only the files of restore_needs(t_next)."""
     first, _ = load_timestep_file(ts_dir, 0, device)
     variables = initialize_post_first_timestep(first)
     if t_next >= 2:
@@ -323,13 +364,18 @@ def restore(ts_dir, t_next, device):
     return params, variables
 
 
-def assemble(ts_dir, out_dir, num_t, lpips_missing, resolution):
-    """params.npz and metrics.json from the finished timesteps 0 .. num_t - 1 (atomically)."""
+def assemble(ts_dir, out_dir, lpips_missing, resolution):
+    """From the finished timesteps (atomically): params.npz of the first unbroken run 0..T-1 (its
+    index is the timestep) and metrics.json of every finished timestep, listing the missing ones
+    below the last. Returns (params path, T, metrics)."""
+    present = finished_timesteps(ts_dir)
+    num_t = next((i for i, t in enumerate(present) if i != t), len(present))
     arrays, records = {k: [] for k in helpers.D3DGS_PER_TIMESTEP}, []
-    for t in range(num_t):
+    for t in present:
         with np.load(timestep_path(ts_dir, t)) as f:
-            for k in helpers.D3DGS_PER_TIMESTEP:
-                arrays[k].append(f[k])
+            if t < num_t:
+                for k in helpers.D3DGS_PER_TIMESTEP:
+                    arrays[k].append(f[k])
             if t == 0:
                 shared = {k: f[k] for k in helpers.D3DGS_SHARED}
             records.append(json.loads(str(f["record"])))
@@ -337,15 +383,17 @@ def assemble(ts_dir, out_dir, num_t, lpips_missing, resolution):
     helpers.save_npz(params_path, {**{k: np.stack(v) for k, v in arrays.items()}, **shared})
     per_t = [{"t": t, **{k: r["test"][k] for k in ("psnr", "ssim", "lpips")}, "cameras": r["test"]["cameras"],
               "iterations": r["iterations"], "seconds": r["seconds"], "gaussians": r["gaussians"]}
-             for t, r in enumerate(records)]
+             for t, r in zip(present, records)]
     lpips_values = [r["lpips"] for r in per_t if r["lpips"] is not None]
-    metrics = {"timesteps": num_t, "test_cameras": list(per_t[0]["cameras"]), "resolution": list(resolution),
+    metrics = {"timesteps": len(present), "missing_timesteps": sorted(set(range(present[-1])) - set(present)),
+               "test_cameras": list(per_t[0]["cameras"]), "resolution": list(resolution),
                "psnr": float(np.mean([r["psnr"] for r in per_t])), "ssim": float(np.mean([r["ssim"] for r in per_t])),
-               "lpips": float(np.mean(lpips_values)) if len(lpips_values) == num_t else None,
-               "lpips_missing": None if len(lpips_values) == num_t else lpips_missing or "not computed for every timestep",
+               "lpips": float(np.mean(lpips_values)) if len(lpips_values) == len(per_t) else None,
+               "lpips_missing": (None if len(lpips_values) == len(per_t)
+                                 else lpips_missing or "not computed for every timestep"),
                "per_timestep": per_t}
     helpers.save_json(os.path.join(out_dir, "metrics.json"), metrics)
-    return params_path, metrics
+    return params_path, num_t, metrics
 
 
 # ---------------------------------------------------------------- main
@@ -358,8 +406,9 @@ def parse_args(argv=None):
     parser.add_argument("-s", "--seq", required=True, help="sequence folder (ims/, seg/, train_meta.json, test_meta.json)")
     parser.add_argument("-e", "--exp", default="exp1", help="experiment name: outputs go to output/<exp>/<seq>/")
     parser.add_argument("-f", "--first", type=int, default=None,
-                        help="retrain from this timestep on (earlier ones must be finished; later finished ones "
-                             "are discarded); default: continue at the first missing timestep")
+                        help="(re)train from this timestep on (timesteps 0, FIRST-2 and FIRST-1 must be finished: "
+                             "what it starts from; later finished ones are discarded); default: continue after "
+                             "the last finished timestep")
     parser.add_argument("-l", "--last", type=int, default=None, help="stop after this timestep (default: the last)")
     parser.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
     parser.add_argument("--iters-first", type=int, default=10_000, help="iterations at timestep 0 (densification "
@@ -377,12 +426,15 @@ def parse_args(argv=None):
     parser.add_argument("--max-gaussians", type=int, default=3_000_000,
                         help="densification stops cloning and splitting at this many Gaussians (memory guard)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (camera order, splits)")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="on CUDA, run the losses of timesteps > 0 eagerly instead of compiling them with torch.compile "
+                             "(compiling takes about a minute once, then saves several ms per iteration)")
     parser.add_argument("--demo", action="store_true",
                         help=f"small settings for the CPU demo: {', '.join(f'{k}={v}' for k, v in DEMO.items())}")
     args = parser.parse_args(argv)
-    if args.demo:
-        for k, v in DEMO.items():
-            setattr(args, k, v)
+    if args.demo:  # the demo's settings become the defaults; options given explicitly still win
+        parser.set_defaults(**DEMO)
+        args = parser.parse_args(argv)
     if args.iters_first < 1 or args.iters < 1 or args.downscale < 1:
         raise helpers.UserError("--iters-first, --iters and --downscale must be at least 1")
     return args
@@ -406,7 +458,8 @@ def main(argv=None):
     run_path = os.path.join(ts_dir, "run.json")
     run = {"seq": os.path.abspath(seq_dir), "train_cameras": meta["cam_id"], "test_cameras": test_meta["cam_id"],
            "downscale": args.downscale}
-    if os.path.isfile(run_path) and finished_count(ts_dir) > 0:
+    present = finished_timesteps(ts_dir)
+    if os.path.isfile(run_path) and present:
         with open(run_path) as f:
             old = json.load(f)
         if old["train_cameras"] != run["train_cameras"]:
@@ -414,14 +467,17 @@ def main(argv=None):
                                     f"lists {run['train_cameras']}; use another --exp")
     helpers.save_json(run_path, run)
 
-    done = finished_count(ts_dir)
-    start = done if args.first is None else args.first
-    if not 0 <= start <= done:
-        raise helpers.UserError(f"-f {args.first}: retraining from timestep {start} needs timesteps 0..{start - 1} "
-                                f"finished; {ts_dir} has {done} finished timesteps")
+    start = (present[-1] + 1 if present else 0) if args.first is None else args.first
+    if start < 0:
+        raise helpers.UserError(f"-f {args.first}: timesteps start at 0")
     last = num_t - 1 if args.last is None else args.last
     if not 0 <= last < num_t:
         raise helpers.UserError(f"-l {args.last}: the sequence has timesteps 0..{num_t - 1}")
+    missing = [t for t in restore_needs(start) if t not in present]
+    if start <= last and missing:  # only the files restore reads matter, so a gap further back is fine
+        raise helpers.UserError(f"{ts_dir}: training timestep {start} starts from timesteps {restore_needs(start)}, "
+                                f"but {missing} are not finished there (finished: {spans(present) or 'none'}); "
+                                f"pick -f right after finished timesteps")
     for t in range(start, num_t):  # -f: what follows a retrained timestep is stale
         if os.path.isfile(timestep_path(ts_dir, t)):
             os.remove(timestep_path(ts_dir, t))
@@ -430,11 +486,12 @@ def main(argv=None):
         helpers.check_sequence(seq_dir, test_meta, start, last)
     lpips_net, lpips_missing = load_lpips(device)
 
+    loss_fn = pick_loss(device, not args.no_compile)
     if start > last:
-        tqdm.write(f"timesteps 0..{done - 1} are finished in {ts_dir}: nothing to train")
+        tqdm.write(f"timesteps {spans(present)} are finished in {ts_dir}: nothing to train")
     elif start > 0:
         params, variables = restore(ts_dir, start, device)
-        tqdm.write(f"resuming at timestep {start}: timesteps 0..{start - 1} are finished in {ts_dir}")
+        tqdm.write(f"resuming at timestep {start} from timesteps {restore_needs(start)} in {ts_dir}")
     total = sum(args.iters_first if t == 0 else args.iters for t in range(start, last + 1))
     bar = tqdm(total=total, unit="it", dynamic_ncols=True)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:  # the next timestep's images load while this one trains
@@ -456,13 +513,14 @@ def main(argv=None):
                 optimizer = initialize_optimizer(params, radius, LEARNING_RATES)
                 params, variables = train_timestep(params, variables, optimizer, dataset, t, args.iters_first,
                                                    external.densify_schedule(args.iters_first, max_gaussians=args.max_gaussians),
-                                                   rng, bar)
+                                                   get_loss, rng, bar)
                 iters = args.iters_first
             else:
                 params, variables = initialize_per_timestep(params, variables)
                 optimizer = initialize_optimizer(params, scene_radius(meta), MOVING, ("means3D", "unnorm_rotations"),
                                                  args.motion_lr_scale)
-                params, variables = train_timestep(params, variables, optimizer, dataset, t, args.iters, None, rng, bar)
+                params, variables = train_timestep(params, variables, optimizer, dataset, t, args.iters, None, loss_fn,
+                                                   rng, bar)
                 iters = args.iters
             metrics = evaluate(params, test_views, lpips_net)
             if device.type == "cuda":
@@ -478,13 +536,15 @@ def main(argv=None):
             del optimizer
     bar.close()
 
-    num_done = finished_count(ts_dir)
-    params_path, metrics = assemble(ts_dir, out_dir, num_done, lpips_missing, (test_meta["w"], test_meta["h"]))
+    params_path, num_done, metrics = assemble(ts_dir, out_dir, lpips_missing, (test_meta["w"], test_meta["h"]))
     lpips_text = (f"LPIPS {metrics['lpips']:.4f}" if metrics["lpips"] is not None
                   else f"LPIPS missing ({metrics['lpips_missing']})")
+    gap = (f"; timesteps {spans(metrics['missing_timesteps'])} are missing from {ts_dir} (trained "
+           f"elsewhere?): params.npz stops before the first, the metrics cover the {metrics['timesteps']} present"
+           if metrics["missing_timesteps"] else "")
     print(f"stage 1 done: {num_done} timesteps of {num_t} in {params_path}; test cameras "
           f"{', '.join(metrics['test_cameras'])}: PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f}, "
-          f"{lpips_text} (per timestep: {os.path.join(out_dir, 'metrics.json')})")
+          f"{lpips_text} (per timestep: {os.path.join(out_dir, 'metrics.json')}){gap}")
 
 
 def initial_point_cloud(seq_dir, meta, out_dir, args):

@@ -1,20 +1,27 @@
 """Where the time of a stage-1 iteration goes: CUDA-event timings per phase of train_d3dgs.py's loop.
 
-    python benchmarks/bench_d3dgs.py -s .devdata/basketball [--state output/dev/basketball/timesteps]
+    python benchmarks/bench_d3dgs.py -s .devdata/basketball [--state output/dev/basketball/timesteps] [--profile 50]
 
-Runs the loop's own functions (train_d3dgs.get_losses, external.densify, ...) phase by phase with
+Runs the loop's own functions (train_d3dgs.get_loss, external.densify, ...) phase by phase with
 CUDA events between them, in two settings:
   t = 0   image + segmentation losses, densification statistics every iteration and one clone /
           split / prune step every 100 iterations (timed apart), all 7 parameter tensors in Adam;
   t > 0   the priors on top (rigidity, rotation, isometry, floor, background, colour), Adam on
-          means, rotations and colours.
+          means, rotations and colours; twice from the same start, side by side: the losses run
+          eagerly and compiled (train_d3dgs.pick_loss, as the training loop runs them on CUDA; the
+          compile itself is timed apart, before the timed iterations).
 The Gaussians are those of timestep 0 of a finished run (--state, realistic counts after
 densification), else the initial point cloud (built if the sequence has none). Prints one table
-per setting: median and mean milliseconds per phase and per iteration.
+per setting: median and mean milliseconds per phase and per iteration. With --profile N, then N
+more t > 0 iterations as the loop runs them under torch.profiler: the CUDA kernels that take the
+most GPU time, and the GPU's busy time against the wall time per iteration (a GPU idle much of
+the time means the host, Python and launches, is what limits the loop).
 """
 import argparse
+import collections
 import os
 import sys
+import time
 
 import numpy as np
 import torch
@@ -23,6 +30,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import external  # noqa: E402
 import helpers  # noqa: E402
 import train_d3dgs as td  # noqa: E402
+
+HOST_WAITS = ("cudaMemcpyAsync", "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel")  # runtime (aten, rasterizer) and driver (Triton) launches
 
 
 def table(title, times):
@@ -35,11 +45,13 @@ def table(title, times):
     print(f"| **iteration** | **{np.median(total):.3f}** | **{np.mean(total):.3f}** |")
 
 
-def timed_iterations(params, variables, optimizer, dataset, num_iters, first, rng):
-    """Run the training iteration of train_d3dgs.train_timestep with events between the phases."""
-    phases = ["render", "image losses", "prior losses", "backward", "optimizer step"] + (["densify stats"] if first else [])
+def timed_iterations(params, variables, optimizer, dataset, num_iters, loss_fn, with_priors, rng):
+    """Run the training iteration of train_d3dgs.train_timestep with events between the phases;
+    with_priors False: timestep 0 (densification statistics instead of priors)."""
+    first = not with_priors
+    phases = ["render", "losses", "backward", "optimizer step"] + (["densify stats"] if first else [])
     events, densify_ms = [], []
-    todo = []
+    todo, first_bad = [], None
     schedule = {"start": 0, "stop": 10 ** 9, "every": 100, "reset": None, "big_from": 10 ** 9, "grad_thresh": 0.0002}
     for i in range(num_iters):
         data = td.get_batch(todo, dataset, rng)
@@ -48,17 +60,16 @@ def timed_iterations(params, variables, optimizer, dataset, num_iters, first, rn
         rendervar = helpers.params2rendervar(params)
         im, seg, radii, _ = helpers.render_d3dgs(data["cam"], rendervar)
         marks[1].record()
-        losses, im = td.get_losses(params, rendervar, im, seg, data, variables, True)
+        loss, terms, im = loss_fn(params, rendervar, im, seg, data, variables, with_priors)
+        if first_bad is None:  # the loop's NaN watch, as in train_d3dgs.train_timestep
+            first_bad = torch.full((len(terms),), -1, dtype=torch.long, device=loss.device)
+        first_bad.masked_fill_((first_bad < 0) & ~torch.isfinite(torch.stack(list(terms.values()))), i)
         marks[2].record()
-        if not first:
-            losses.update(td.prior_losses(params, rendervar, variables))
-        marks[3].record()
-        loss = sum(td.LOSS_WEIGHTS[k] * v for k, v in losses.items())
         loss.backward()
-        marks[4].record()
+        marks[3].record()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        marks[5].record()
+        marks[4].record()
         if first:
             with torch.no_grad():
                 if i % 100 == 99:  # a clone / split / prune step, timed on its own
@@ -70,12 +81,83 @@ def timed_iterations(params, variables, optimizer, dataset, num_iters, first, rn
                     densify_ms.append((start, end))
                 else:
                     variables = external.accumulate_mean2d_gradient(variables, rendervar["means2D"].grad, radii)
-            marks[6].record()
+            marks[5].record()
         events.append(marks)
     torch.cuda.synchronize()
     warm = events[len(events) // 10:]  # skip the first 10%: allocator and kernel warm-up
     times = {name: [m[k].elapsed_time(m[k + 1]) for m in warm] for k, name in enumerate(phases)}
     return params, variables, times, [s.elapsed_time(e) for s, e in densify_ms]
+
+
+def plain_iterations(params, variables, optimizer, dataset, num_iters, loss_fn, rng):
+    """num_iters t > 0 iterations exactly as train_d3dgs.train_timestep runs them (no events)."""
+    todo, first_bad = [], None
+    for i in range(num_iters):
+        data = td.get_batch(todo, dataset, rng)
+        rendervar = helpers.params2rendervar(params)
+        im, seg, _, _ = helpers.render_d3dgs(data["cam"], rendervar)
+        loss, terms, _ = loss_fn(params, rendervar, im, seg, data, variables, True)
+        if first_bad is None:
+            first_bad = torch.full((len(terms),), -1, dtype=torch.long, device=loss.device)
+        first_bad.masked_fill_((first_bad < 0) & ~torch.isfinite(torch.stack(list(terms.values()))), i)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def busy_us(intervals):
+    """Length of the union of [start, end] intervals (microseconds)."""
+    total, end = 0.0, -np.inf
+    for s, e in sorted(intervals):
+        if e > end:
+            total += e - max(s, end)
+            end = e
+    return total
+
+
+def profile(params, variables, optimizer, dataset, num_iters, loss_fn, name, rng, top=25):
+    """Wall time of num_iters plain iterations, then the same under torch.profiler (CPU + CUDA):
+    the top CUDA kernels by GPU time, GPU busy vs wall time, host time blocked on the GPU."""
+    plain_iterations(params, variables, optimizer, dataset, 5, loss_fn, rng)  # warm
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    plain_iterations(params, variables, optimizer, dataset, num_iters, loss_fn, rng)
+    torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - started) * 1e3 / num_iters
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        started = time.perf_counter()
+        plain_iterations(params, variables, optimizer, dataset, num_iters, loss_fn, rng)
+        torch.cuda.synchronize()
+        profiled_ms = (time.perf_counter() - started) * 1e3 / num_iters
+    events = prof.events()
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    per_name = collections.defaultdict(lambda: [0, 0.0])
+    for e in kernels:
+        per_name[e.name][0] += 1
+        per_name[e.name][1] += e.time_range.elapsed_us()
+    busy_ms = busy_us([(e.time_range.start, e.time_range.end) for e in kernels]) / 1e3 / num_iters
+    waits_us = launch_us = launches = 0
+    for e in events:
+        if e.device_type == torch.autograd.DeviceType.CPU and e.name in HOST_WAITS:
+            waits_us += e.time_range.elapsed_us()
+        elif e.device_type == torch.autograd.DeviceType.CPU and e.name.startswith(LAUNCHES):
+            launch_us += e.time_range.elapsed_us()
+            launches += 1
+    print(f"\nprofile of {num_iters} t > 0 iterations, {name} losses, as the loop runs them")
+    print(f"wall {wall_ms:.3f} ms/iteration ({profiled_ms:.3f} under the profiler); GPU busy {busy_ms:.3f} ms/iteration "
+          f"({100 * busy_ms / wall_ms:.0f}% of the unprofiled wall time); host blocked on the GPU (syncs, "
+          f"copies to the host) {waits_us / 1e3 / num_iters:.3f} ms/iteration; {launches / num_iters:.0f} kernel "
+          f"launches/iteration ({launch_us / 1e3 / num_iters:.3f} ms of host time)")
+    print(f"\n| CUDA kernel (top {top} by GPU time) | calls/it | ms/it | % of busy |\n| --- | --- | --- | --- |")
+    ranked = sorted(per_name.items(), key=lambda kv: -kv[1][1])
+    for name, (calls, us) in ranked[:top]:
+        print(f"| {name[:90]} | {calls / num_iters:.1f} | {us / 1e3 / num_iters:.3f} | {100 * us / 1e3 / num_iters / busy_ms:.1f} |")
+    rest = sum(us for _, (_, us) in ranked[top:])
+    print(f"| (the other {max(len(ranked) - top, 0)} kernels) | | {rest / 1e3 / num_iters:.3f} | "
+          f"{100 * rest / 1e3 / num_iters / busy_ms:.1f} |")
+    print("\nhost (CPU) operators by self time, all iterations:")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
 
 
 def main():
@@ -84,10 +166,15 @@ def main():
     parser.add_argument("-s", "--seq", required=True, help="sequence folder")
     parser.add_argument("--state", help="timesteps/ folder of a finished run: its timestep 0 is the scene")
     parser.add_argument("--iters", type=int, default=500, help="timed iterations per setting")
+    parser.add_argument("--no-compile", action="store_true", help="time t > 0 with eager losses only")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="then profile N t > 0 iterations (compiled unless --no-compile): top kernels, GPU busy "
+                             "vs wall time; 0: no profile")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise helpers.UserError("this benchmark times CUDA kernels: it needs a GPU")
     device = torch.device("cuda")
+    torch.backends.cudnn.benchmark = True  # as train_d3dgs.main
     meta, test_meta = helpers.load_meta(args.seq, "train"), helpers.load_meta(args.seq, "test")
     sizes = (meta["w"], meta["h"]), (test_meta["w"], test_meta["h"])
     dataset, _ = td.get_dataset(td.load_timestep(args.seq, meta, test_meta, 1, *sizes), meta, test_meta, 1, device)
@@ -109,17 +196,37 @@ def main():
     variables = {"scene_radius": radius, "means2D_gradient_accum": torch.zeros(n, device=device),
                  "denom": torch.zeros(n, device=device)}
     optimizer = td.initialize_optimizer(params, radius, td.LEARNING_RATES)
-    params, _, times, densify_ms = timed_iterations(params, variables, optimizer, dataset, args.iters, True, rng)
+    params, _, times, densify_ms = timed_iterations(params, variables, optimizer, dataset, args.iters, td.get_loss,
+                                                    False, rng)
     table("t = 0 (densification statistics every iteration)", times)
     print(f"clone/split/prune step (every 100 iterations up to 5,000): median {np.median(densify_ms):.2f} ms "
           f"over {len(densify_ms)} steps, {params['means3D'].shape[0]} Gaussians after")
 
-    params = {k: v.detach() for k, v in params.items()}
-    variables = td.initialize_post_first_timestep(params)
-    params, variables = td.initialize_per_timestep(params, variables)
-    optimizer = td.initialize_optimizer(params, radius, td.MOVING, no_bias_correction=("means3D", "unnorm_rotations"))
-    _, _, times, _ = timed_iterations(params, variables, optimizer, dataset, args.iters, False, rng)
-    table("t > 0 (priors on the foreground's 20 neighbours)", times)
+    scene = {k: v.detach() for k, v in params.items()}
+    variants = [("eager", td.get_loss)] + ([] if args.no_compile else [("compiled", td.pick_loss(device))])
+    medians = {}
+    for name, loss_fn in variants:  # the same start and camera order for each
+        params, variables = td.initialize_per_timestep(scene, td.initialize_post_first_timestep(scene))
+        optimizer = td.initialize_optimizer(params, radius, td.MOVING, no_bias_correction=("means3D", "unnorm_rotations"))
+        if name == "compiled":  # compile (forward and backward) outside the timed iterations
+            started = time.perf_counter()
+            rendervar = helpers.params2rendervar(params)
+            im, seg, _, _ = helpers.render_d3dgs(dataset[0]["cam"], rendervar)
+            loss_fn(params, rendervar, im, seg, dataset[0], variables, True)[0].backward()
+            torch.cuda.synchronize()
+            print(f"\ncompiling the losses (forward + backward): {time.perf_counter() - started:.1f} s")
+            optimizer.zero_grad(set_to_none=True)
+        _, _, times, _ = timed_iterations(params, variables, optimizer, dataset, args.iters, loss_fn, True,
+                                          np.random.default_rng(1))
+        table(f"t > 0, {name} losses (priors on the foreground's 20 neighbours)", times)
+        medians[name] = {k: float(np.median(v)) for k, v in times.items()}
+        medians[name]["iteration"] = float(np.median(np.sum(list(times.values()), 0)))
+    if len(medians) == 2:
+        print("\n| phase | eager median ms | compiled median ms |\n| --- | --- | --- |")
+        for k in medians["eager"]:
+            print(f"| {k} | {medians['eager'][k]:.3f} | {medians['compiled'][k]:.3f} |")
+    if args.profile:
+        profile(params, variables, optimizer, dataset, args.profile, loss_fn, name, np.random.default_rng(2))
 
 
 if __name__ == "__main__":
