@@ -40,6 +40,18 @@ def pick_device(name=None):
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def parse_with_demo(parser, argv, demo):
+    """parser.parse_args(argv) with a --demo flag: `demo` ({dest: value}, the small settings `make
+    demo` uses on 2 CPU cores) become the defaults; options given explicitly still win."""
+    parser.add_argument("--demo", action="store_true", help="small settings for `make demo` on 2 CPU cores: "
+                        + ", ".join(f"{k}={v}" for k, v in demo.items()))
+    args = parser.parse_args(argv)
+    if args.demo:
+        parser.set_defaults(**demo)
+        args = parser.parse_args(argv)
+    return args
+
+
 # ---------------------------------------------------------------- atomic output
 
 def atomic_write(path, write):

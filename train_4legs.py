@@ -35,6 +35,7 @@ from feature_extraction.relevancy import (check_legs, d3dgs_params_path, encoder
 
 NUM_NEIGHBOURS = 20
 LEGS_DIM = 128
+DEMO = {"iters": 60, "warm_iters": 15, "downscale": 4}  # make demo on 2 CPU cores
 
 
 class NeighbourAttention(nn.Module):
@@ -320,11 +321,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available; under "
                    "torchrun cuda:LOCAL_RANK)")
-    p.add_argument("--demo", action="store_true", help="small settings for `make demo` on 2 CPU cores: "
-                   "--iters 60 --warm-iters 15 --downscale 4")
-    args = p.parse_args(argv)
-    if args.demo:
-        args.iters, args.warm_iters, args.downscale = 60, 15, 4
+    args = helpers.parse_with_demo(p, argv, DEMO)
     if args.iters < 1 or args.warm_iters < 1 or args.downscale < 1:
         raise helpers.UserError("--iters, --warm-iters and --downscale must be at least 1")
     return args

@@ -18,6 +18,9 @@ import helpers
 from feature_extraction.autoencoder import Autoencoder, ae_ckpt_path, ae_loss, save_autoencoder
 from feature_extraction.relevancy import encoder_name, feature_cache
 
+# make demo on 2 CPU cores; fewer steps lose the colour encoder's small motion components
+DEMO = {"epochs": 10, "tiles_per_epoch": 32768, "val_tiles": 4096}
+
 
 def split_timesteps(num_t, val_every):
     """(train, validation) timestep lists: every val_every-th timestep (t % val_every == val_every-1)
@@ -88,12 +91,7 @@ def parse_args(argv=None):
                    "most this many held-out tiles (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--device", default=None, help="cuda, cpu (default: cuda if available)")
-    p.add_argument("--demo", action="store_true", help="small settings for `make demo` on 2 CPU cores: "
-                   "--epochs 10 --tiles-per-epoch 32768 --val-tiles 4096 (fewer steps lose the colour "
-                   "encoder's small motion components)")
-    args = p.parse_args(argv)
-    if args.demo:
-        args.epochs, args.tiles_per_epoch, args.val_tiles = 10, 32768, 4096
+    args = helpers.parse_with_demo(p, argv, DEMO)
     if args.epochs < 1 or args.batch_size < 2 or args.val_every < 2 or args.val_tiles < 1 or args.tiles_per_epoch < 0:
         raise helpers.UserError("--epochs and --val-tiles must be >= 1, --batch-size and --val-every >= 2, "
                                 "--tiles-per-epoch >= 0")

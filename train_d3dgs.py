@@ -429,12 +429,7 @@ def parse_args(argv=None):
     parser.add_argument("--no-compile", action="store_true",
                         help="on CUDA, run the losses of timesteps > 0 eagerly instead of compiling them with torch.compile "
                              "(compiling takes about a minute once, then saves several ms per iteration)")
-    parser.add_argument("--demo", action="store_true",
-                        help=f"small settings for the CPU demo: {', '.join(f'{k}={v}' for k, v in DEMO.items())}")
-    args = parser.parse_args(argv)
-    if args.demo:  # the demo's settings become the defaults; options given explicitly still win
-        parser.set_defaults(**DEMO)
-        args = parser.parse_args(argv)
+    args = helpers.parse_with_demo(parser, argv, DEMO)
     if args.iters_first < 1 or args.iters < 1 or args.downscale < 1:
         raise helpers.UserError("--iters-first, --iters and --downscale must be at least 1")
     return args

@@ -65,12 +65,7 @@ def main(argv=None):
     parser.add_argument("--downscale", type=int, default=1, help="render this many times smaller")
     parser.add_argument("--fg-only", action="store_true", help="also render the foreground alone (*_fg.mp4)")
     parser.add_argument("--fps", type=int, default=15, help="frames per second of the videos")
-    parser.add_argument("--demo", action="store_true",
-                        help=f"small settings for the CPU demo: {', '.join(f'{k}={v}' for k, v in DEMO.items())}")
-    args = parser.parse_args(argv)
-    if args.demo:  # the demo's settings become the defaults; options given explicitly still win
-        parser.set_defaults(**DEMO)
-        args = parser.parse_args(argv)
+    args = helpers.parse_with_demo(parser, argv, DEMO)
     device = helpers.pick_device(args.device)
     seq_dir = os.path.normpath(args.seq)
     seq = os.path.basename(seq_dir)

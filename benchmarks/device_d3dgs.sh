@@ -101,20 +101,10 @@ left() { echo $(( DEADLINE - ($(date +%s) - START) )); }
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee "$OUT/device.log"
 if [ "$DEVICE" = cpu ]; then
   echo "CPU run: the rasterizers' PyTorch path" | tee -a "$OUT/device.log"
-elif python3 -c "import sys, diff_gaussian_rasterization_feat as b; sys.exit(not b.cuda_available())" 2>/dev/null; then
-  nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader | tee -a "$OUT/device.log"
-  echo "rasterizers: already built on this machine" | tee -a "$OUT/device.log"
 else
   nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader | tee -a "$OUT/device.log"
-  t0=$(date +%s)
-  python3 -m pip install --no-build-isolation --no-deps ./diff-gaussian-rasterization-w-depth > /tmp/build.log 2>&1 &
-  first=$!
-  python3 -m pip install --no-build-isolation --no-deps ./diff-gaussian-rasterization-w-depth-feat > /tmp/build_feat.log 2>&1
-  feat=$?
-  wait $first && [ $feat = 0 ] || { tail -30 /tmp/build.log /tmp/build_feat.log | tee -a "$OUT/device.log"; exit 1; }
-  echo "rasterizers built in $(( $(date +%s) - t0 )) s" | tee -a "$OUT/device.log"
+  source benchmarks/device_build.sh || exit 1
 fi
-python3 -c "import diff_gaussian_rasterization_feat as b; print('CUDA path:', b.cuda_available())" | tee -a "$OUT/device.log"
 
 EARLIER=$(mktemp -d)  # the state a previous call left
 mkdir -p "$TS"

@@ -19,15 +19,7 @@ nvidia-smi --query-gpu=name,driver_version --format=csv | tee "$OUT/device.log"
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/device.log"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
   .whl/open_clip_torch-*.whl .whl/ftfy-*.whl .whl/wcwidth-*.whl && export PYTHONPATH=/tmp/site || exit 1
-start=$(date +%s)
-python3 -m pip install --no-build-isolation --no-deps ./diff-gaussian-rasterization-w-depth > "$OUT/build.log" 2>&1 &
-first=$!
-python3 -m pip install --no-build-isolation --no-deps ./diff-gaussian-rasterization-w-depth-feat > "$OUT/build_feat.log" 2>&1
-feat=$?
-wait $first && [ $feat = 0 ] || { tail -40 "$OUT/build.log" "$OUT/build_feat.log"; exit 1; }
-echo "build: $(( $(date +%s) - start )) s" | tee -a "$OUT/device.log"
-python3 -c "import diff_gaussian_rasterization_feat as r; assert r.cuda_available(), 'no CUDA kernels'; print('CUDA rasterizer: yes')" \
-  | tee -a "$OUT/device.log" || exit 1
+source benchmarks/device_build.sh || exit 1
 python3 -m pytest -q -p no:cacheprovider tests/test_legs.py -k "attention or blend or brute or relevancy" 2>&1 | tail -3 \
   | tee -a "$OUT/device.log"
 

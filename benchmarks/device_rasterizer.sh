@@ -30,17 +30,7 @@ nvcc --version | tail -1 | tee -a "$OUT/device.log"
 for step in $STEPS; do
   case $step in
   build)
-    # the two packages build in parallel (each in its own build/ folder)
-    start=$(date +%s)
-    python3 -m pip install --no-build-isolation --no-deps ./diff-gaussian-rasterization-w-depth > "$OUT/build.log" 2>&1 &
-    first=$!
-    python3 -m pip install --no-build-isolation --no-deps ./diff-gaussian-rasterization-w-depth-feat > "$OUT/build_feat.log" 2>&1
-    feat=$?
-    wait $first && [ $feat = 0 ] || { tail -40 "$OUT/build.log" "$OUT/build_feat.log"; exit 1; }
-    cat "$OUT/build_feat.log" >> "$OUT/build.log"; rm "$OUT/build_feat.log"
-    echo "build: $(( $(date +%s) - start )) s"
-    python3 -c "import diff_gaussian_rasterization as a, diff_gaussian_rasterization_feat as b; \
-print('CUDA path:', a.cuda_available(), b.cuda_available())" ;;
+    source benchmarks/device_build.sh || exit 1 ;;
   test)
     python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_cuda_rasterizer.py 2>&1 | tee "$OUT/tests.log" | tail -30 \
       || exit 1 ;;
