@@ -53,13 +53,15 @@ class NeighbourAttention(nn.Module):
         weights = (self.query.weight, self.query.bias, self.key.weight, self.value.weight, self.value.bias,
                    self.out.weight, self.out.bias)
         if latents.is_cuda:
-            return attention_compiled(latents, neighbours, *weights)
+            from legs_attention import attend_fused  # Triton: needed (and installed) only with a GPU
+            return attention_function(latents, neighbours, *weights, attend=attend_fused)
         return attention_function(latents, neighbours, *weights, attend=attend_by_slot)
 
 
 def attention_function(latents, neighbours, w_q, b_q, w_k, w_v, b_v, w_out, b_out, attend=None):
-    """NeighbourAttention's function of its weights (a module-free form torch.compile compiles once
-    for every timestep's new module).
+    """NeighbourAttention's function of its weights; `attend` computes the attention's mixing:
+    attend_batched (the default, the reference), attend_by_slot (CPU), legs_attention.attend_fused
+    (GPU: fused Triton kernels).
 
     score_ij = q_i . (W_k f_j + b_k): the b_k term is equal for all j and cancels in the softmax, so
     score_ij = (W_k^T q_i) . f_j; and sum_j a_ij (W_v f_j + b_v) = W_v (sum_j a_ij f_j) + b_v. Same
@@ -75,11 +77,6 @@ def attend_batched(latents, neighbours, q_k):
     near = latents.index_select(0, neighbours.reshape(-1)).view(n, k, -1)
     weights = torch.softmax((near * q_k[:, None]).sum(-1), dim=-1)
     return (weights[:, :, None] * near).sum(1)
-
-
-# On a GPU the attention runs compiled (on first use; the shapes stay for the whole run): the
-# projections, gather, scores, softmax and weighted sum fuse instead of materialising [N, K+1, D].
-attention_compiled = torch.compile(attention_function, dynamic=False)
 
 
 def attend_by_slot(latents, neighbours, q_k):

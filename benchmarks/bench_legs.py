@@ -100,19 +100,28 @@ def speed(args):
                attention.value.bias, attention.out.weight, attention.out.bias]
     forms = {"by_slot": lambda: train_4legs.attention_function(latents, neighbours, *weights,
                                                               attend=train_4legs.attend_by_slot),
-             "batched": lambda: train_4legs.attention_function(latents, neighbours, *weights),
-             "compiled": lambda: train_4legs.attention_compiled(latents, neighbours, *weights)}
+             "batched": lambda: train_4legs.attention_function(latents, neighbours, *weights)}
+    if device.type == "cuda":  # the training path (fused Triton kernels) and torch.compile's best, beside it
+        from legs_attention import attend_fused
+        compiled = torch.compile(train_4legs.attention_function, dynamic=False)
+        forms["compiled"] = lambda: compiled(latents, neighbours, *weights)
+        forms["fused"] = lambda: train_4legs.attention_function(latents, neighbours, *weights, attend=attend_fused)
     for name, features in forms.items():  # features [N, 128] and the gradients of latents and weights
         timings[f"attention_{name}_ms"] = median_ms(lambda: features().sum().backward())
-    outputs = []  # the compiled form computes the same function (forward and latents' gradient)
-    for name in ("batched", "compiled"):
-        latents.grad = None
-        out = forms[name]()
-        (out * torch.linspace(-1, 1, 128, device=device)).sum().backward()
-        outputs.append((out.detach(), latents.grad.clone()))
-    for what, a, b in zip(("forward", "gradient"), *outputs):
-        print(f"  compiled vs eager attention, {what}: max relative difference "
-              f"{float((a - b).abs().max() / b.abs().max()):.2e}")
+    if device.type == "cuda":
+        q_k = torch.randn_like(latents, requires_grad=True)  # the fused kernels alone, per launch shape
+        for block_n, num_warps in ((8, 8), (16, 8), (16, 4), (32, 8), (4, 4)):
+            timings[f"attend_fused_{block_n}x{num_warps}_ms"] = median_ms(
+                lambda: attend_fused(latents, neighbours, q_k, block_n, num_warps).sum().backward())
+        outputs = []  # the training path computes the same function (forward and latents' gradient)
+        for name in ("batched", "fused"):
+            latents.grad = None
+            out = forms[name]()
+            (out * torch.linspace(-1, 1, 128, device=device)).sum().backward()
+            outputs.append((out.detach(), latents.grad.clone()))
+        for what, a, b in zip(("forward", "gradient"), *outputs):
+            print(f"  fused vs eager attention, {what}: max relative difference "
+                  f"{float((a - b).abs().max() / b.abs().max()):.2e}")
     renderers[0](latents)  # the first use builds what the renderer needs
     timings["render_fwd_bwd_ms"] = median_ms(lambda: helpers.l1_loss(renderers[0](latents), targets[0]).backward())
 
