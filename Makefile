@@ -43,7 +43,7 @@ demo: $(STAMP)
 	@echo "== [5/6] 4-LEGS features on the Gaussians -> output/$(EXP)/synthetic/legs/"
 	$(PY) train_4legs.py -s $(SEQ) -e $(EXP) --encoder $(ENCODER) --demo
 	@echo "== [6/6] prompts -> results/$(EXP)/synthetic/<prompt>/"
-	$(PY) visualize_4legs.py -s $(SEQ) -e $(EXP) --encoder $(ENCODER) --viclip-ckpt $(VICLIP_CKPT) -p "a red ball flying in the air" -p "a blue box sliding on the floor"
+	$(PY) visualize_4legs.py -s $(SEQ) -e $(EXP) --encoder $(ENCODER) --viclip-ckpt $(VICLIP_CKPT) --cams orbit -p "a red ball flying in the air" -p "a blue box sliding on the floor"
 	$(PY) evaluate_grounding.py -s $(SEQ) -e $(EXP) --encoder $(ENCODER) --viclip-ckpt $(VICLIP_CKPT) --benchmark data/grounding/synthetic
 	@echo "== demo done: videos under results/$(EXP)/synthetic/, checkpoints under output/$(EXP)/synthetic/"
 

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 import helpers
 
-DEMO = {"train_cams": 1, "downscale": 2}
+DEMO = {"train_cams": 0, "downscale": 2}
 
 
 def orbit_camera(meta, fg_means, num_t):
