@@ -52,7 +52,12 @@ __device__ __forceinline__ float warp_sum_transposed(float (&v)[16], int lane) {
   return v[0] + __shfl_xor_sync(FULL, v[0], 1);
 }
 
-template <bool FEATURES>
+// FEATURES: 0 none; SMALL_FEATURES (channels <= 4, as Dynamic 3DGS's segmentation): the pixel's
+// feature gradient held in registers and the batch's features in shared memory beside its colours;
+// ANY_FEATURES: both read from global memory per fragment.
+constexpr int SMALL_FEATURES = 1, ANY_FEATURES = 2;
+
+template <int FEATURES>
 __global__ void __launch_bounds__(BLOCK)
 render_backward_kernel(Camera cam, const int2* __restrict__ ranges, const int32_t* __restrict__ point_ids,
                        const float2* __restrict__ xy, const float4* __restrict__ conic_opacity,
@@ -66,6 +71,7 @@ render_backward_kernel(Camera cam, const int2* __restrict__ ranges, const int32_
   __shared__ float2 s_xy[BLOCK];
   __shared__ float4 s_co[BLOCK];
   __shared__ float4 s_val[BLOCK];
+  __shared__ float4 s_feat[FEATURES == SMALL_FEATURES ? BLOCK : 1];
   const int tile = blockIdx.x;
   const int px = (tile % cam.grid_x) * TILE + threadIdx.x % TILE;
   const int py = (tile / cam.grid_x) * TILE + threadIdx.x / TILE;
@@ -82,6 +88,9 @@ render_backward_kernel(Camera cam, const int2* __restrict__ ranges, const int32_
   if (inside && grad_color.data != nullptr)
     for (int k = 0; k < 3; ++k) gc[k] = grad_color.at(k, py, px);
   if (inside && grad_depth.data != nullptr) gd = grad_depth.at(0, py, px);
+  float gf[4] = {0.f, 0.f, 0.f, 0.f};  // SMALL_FEATURES: this pixel's feature gradient
+  if (FEATURES == SMALL_FEATURES && inside)
+    for (int c = 0; c < channels; ++c) gf[c] = grad_features.at(c, py, px);
   // color = sum w c + T_final bg: the background's share of every dL/dalpha
   const float behind_bg = T * (bg[0] * gc[0] + bg[1] * gc[1] + bg[2] * gc[2]);
   float behind = 0.f;  // sum over blended fragments behind this one of w * (dL/dout . value)
@@ -96,6 +105,11 @@ render_backward_kernel(Camera cam, const int2* __restrict__ ranges, const int32_
       s_xy[threadIdx.x] = xy[id];
       s_co[threadIdx.x] = conic_opacity[id];
       s_val[threadIdx.x] = make_float4(colors[3 * id], colors[3 * id + 1], colors[3 * id + 2], depth[id]);
+      if (FEATURES == SMALL_FEATURES) {
+        float fv[4] = {0.f, 0.f, 0.f, 0.f};
+        for (int c = 0; c < channels; ++c) fv[c] = features[static_cast<int64_t>(id) * channels + c];
+        s_feat[threadIdx.x] = make_float4(fv[0], fv[1], fv[2], fv[3]);
+      }
     }
     __syncthreads();
     for (int j = end - first - 1; j >= 0; --j) {
@@ -111,7 +125,10 @@ render_backward_kernel(Camera cam, const int2* __restrict__ ranges, const int32_
         const float w = f.alpha * T;
         const float4 val = s_val[j];
         float dot = val.x * gc[0] + val.y * gc[1] + val.z * gc[2] + val.w * gd;
-        if (FEATURES) {
+        if (FEATURES == SMALL_FEATURES) {
+          const float4 fv = s_feat[j];
+          dot += fv.x * gf[0] + fv.y * gf[1] + fv.z * gf[2] + fv.w * gf[3];
+        } else if (FEATURES == ANY_FEATURES) {
           const float* fv = features + static_cast<int64_t>(s_id[j]) * channels;
           for (int c = 0; c < channels; ++c) dot += __ldg(fv + c) * grad_features.at(c, py, px);
         }
@@ -247,12 +264,16 @@ void render_backward(const Camera& cam, const int2* ranges, const int32_t* point
                      ImageGrad grad_features, int channels, int n_gauss, float* raster_grads,
                      cudaStream_t stream) {
   const int tiles = cam.grid_x * cam.grid_y;
-  if (features != nullptr && grad_features.data != nullptr)
-    render_backward_kernel<true><<<tiles, BLOCK, 0, stream>>>(
+  if (features != nullptr && grad_features.data != nullptr && channels <= 4)
+    render_backward_kernel<SMALL_FEATURES><<<tiles, BLOCK, 0, stream>>>(
+        cam, ranges, point_ids, xy, conic_opacity, colors, depth, bg, final_T, n_contrib, tile_last, grad_color,
+        grad_depth, features, grad_features, channels, n_gauss, raster_grads);
+  else if (features != nullptr && grad_features.data != nullptr)
+    render_backward_kernel<ANY_FEATURES><<<tiles, BLOCK, 0, stream>>>(
         cam, ranges, point_ids, xy, conic_opacity, colors, depth, bg, final_T, n_contrib, tile_last, grad_color,
         grad_depth, features, grad_features, channels, n_gauss, raster_grads);
   else
-    render_backward_kernel<false><<<tiles, BLOCK, 0, stream>>>(
+    render_backward_kernel<0><<<tiles, BLOCK, 0, stream>>>(
         cam, ranges, point_ids, xy, conic_opacity, colors, depth, bg, final_T, n_contrib, tile_last, grad_color,
         grad_depth, nullptr, ImageGrad{nullptr, 0, 0, 0}, 0, n_gauss, raster_grads);
   check_launch("render_backward");
