@@ -18,6 +18,7 @@ previous timestep's file already exists).
     torchrun --nproc_per_node 4 train_4legs.py -s data/basketball -e exp1 --encoder viclip
 """
 import argparse
+import functools
 import math
 import os
 import time
@@ -52,10 +53,19 @@ class NeighbourAttention(nn.Module):
         """latents [N, D]; neighbours [N, K+1] int64 (itself first) -> features [N, out_dim]."""
         weights = (self.query.weight, self.query.bias, self.key.weight, self.value.weight, self.value.bias,
                    self.out.weight, self.out.bias)
-        if latents.is_cuda:
-            from legs_attention import attend_fused  # Triton: needed (and installed) only with a GPU
-            return attention_function(latents, neighbours, *weights, attend=attend_fused)
-        return attention_function(latents, neighbours, *weights, attend=attend_by_slot)
+        attend = gpu_attend() if latents.is_cuda else attend_by_slot
+        return attention_function(latents, neighbours, *weights, attend=attend)
+
+
+@functools.cache
+def gpu_attend():
+    """legs_attention.attend_fused, imported once: Triton is needed (and installed) only with a GPU."""
+    try:
+        from legs_attention import attend_fused
+    except ImportError as e:
+        raise helpers.UserError(f"stage 4 on a GPU needs Triton ({e}); it comes with torch's Linux wheels "
+                                f"(pip install triton), or run on the CPU with --device cpu") from None
+    return attend_fused
 
 
 def attention_function(latents, neighbours, w_q, b_q, w_k, w_v, b_v, w_out, b_out, attend=None):

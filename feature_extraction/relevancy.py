@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import helpers
+from feature_extraction.viclip import DEFAULT_CKPT
 
 NEGATIVES = ("object", "things", "stuff", "texture")
 TEMPERATURE = 10.0
@@ -176,7 +177,7 @@ def add_prompt_options(parser):
     parser.add_argument("--relevancy-stride", type=int, default=None,
                         help="decode the mean feature of stride x stride pixel blocks and upsample the relevance "
                         f"(1 = every pixel; default: height // {STRIDE_ROWS}, at least 1)")
-    parser.add_argument("--viclip-ckpt", default="data/checkpoints/ViClip-InternVid-10M-FLT.pth",
+    parser.add_argument("--viclip-ckpt", default=DEFAULT_CKPT,
                         help="ViCLIP checkpoint for --encoder viclip (default: %(default)s)")
     parser.add_argument("--device", default=None, help="cuda, cpu (default: cuda if available)")
 

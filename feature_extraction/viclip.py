@@ -263,15 +263,17 @@ def load_viclip(path=DEFAULT_CKPT, device="cpu", dtype=None, compile=False, arch
                  if wrong else ""]
         raise UserError(f"{path}: not the ViCLIP ViT-L/14 checkpoint: keys of its 'model' differ: "
                         f"{'; '.join(p for p in parts if p)}; get ViClip-InternVid-10M-FLT.pth from {MODEL_PAGE}")
-    bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise UserError(f"{path}: {len(bad)} tensors hold NaN/Inf ({', '.join(bad[:3])}); the file is damaged or "
-                        f"not trained: download ViClip-InternVid-10M-FLT.pth again from {MODEL_PAGE}")
     device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     with torch.device("meta"):
         model = ViCLIP(**(arch or {}))
     model.load_state_dict(state, strict=True, assign=True)  # assign: no random init of 428 M weights
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    # checked on the device (one pass over weights already there, not a second read of the file)
+    finite = {k: torch.isfinite(v).all() for k, v in model.state_dict().items() if v.is_floating_point()}
+    bad = [k for k, ok in finite.items() if not ok]
+    if bad:
+        raise UserError(f"{path}: {len(bad)} tensors hold NaN/Inf ({', '.join(bad[:3])}); the file is damaged or "
+                        f"not trained: download ViClip-InternVid-10M-FLT.pth again from {MODEL_PAGE}")
     model._identity = f"{os.path.basename(path)}:{os.path.getsize(path)}"
     return model.compile_video() if compile else model

@@ -76,3 +76,15 @@ if __name__ == "__main__":  # the interpreter run of test_attend_fused_interpret
     with torch.no_grad():  # no graph: the forward alone
         attend_fused(torch.randn(9, 128), torch.zeros(9, 4, dtype=torch.int64), torch.randn(9, 128))
     print("ok no_grad")
+
+
+def test_missing_triton_is_one_line(monkeypatch):
+    import helpers
+    import train_4legs
+    train_4legs.gpu_attend.cache_clear()
+    monkeypatch.setitem(sys.modules, "legs_attention", None)  # import legs_attention -> ImportError
+    try:
+        with pytest.raises(helpers.UserError, match="stage 4 on a GPU needs Triton .*--device cpu"):
+            train_4legs.gpu_attend()
+    finally:
+        train_4legs.gpu_attend.cache_clear()
