@@ -8,7 +8,8 @@
 #        memcheck compute-sanitizer memcheck on benchmarks/rasterizer_memcheck.py
 #        bench    the agreed benchmark for ours and gsplat 1.5.3 at 100k, 300k, 1M Gaussians
 #        ours     the benchmark for ours alone
-#        profile  kernel times and host time per call at 300k (benchmarks/rasterizer_profile.py)
+#        profile  kernel times, host time and memory at the peak per call at 300k, memory also for
+#                 gsplat (benchmarks/rasterizer_profile.py)
 # Needs beside the repository: .whl/ (gsplat-1.5.3 and pytest wheels, installed to /tmp/site) and
 # .devdata/bench/ (rasterizer_bench.py and train_meta.json, copied from ../shared/bench).
 set -u -o pipefail
@@ -39,7 +40,7 @@ for step in $STEPS; do
       python3 benchmarks/rasterizer_memcheck.py > "$OUT/memcheck.log" 2>&1
     echo "memcheck exit code $?"; tail -5 "$OUT/memcheck.log" ;;
   profile)
-    python3 benchmarks/rasterizer_profile.py --gaussians 300000 --meta .devdata/bench/train_meta.json \
+    python3 benchmarks/rasterizer_profile.py --gaussians 300000 --meta .devdata/bench/train_meta.json --gsplat \
       2>&1 | tee "$OUT/profile.log" ;;
   bench|ours)
     for n in $SIZES; do

@@ -1,5 +1,7 @@
-"""Where the time of the CUDA rasterizer goes: per mode, the CUDA-event median (as the agreed
-benchmark times it), the host time of one call, and the GPU time of each kernel (torch.profiler).
+"""Where the time and memory of the CUDA rasterizer go: per mode, the CUDA-event median (as the
+agreed benchmark times it), the host time of one call, the GPU time of each kernel (torch.profiler),
+and the allocations alive at the call's peak (beyond what existed before it; the figure the
+benchmark's peakMB adds to the inputs), also for gsplat with --gsplat.
 
     python benchmarks/rasterizer_profile.py --gaussians 300000 --meta .devdata/bench/train_meta.json
 
@@ -135,11 +137,61 @@ def kernel_table(fn, iters=10):
     return sorted(gpu, reverse=True), sorted(host, reverse=True)
 
 
+def gsplat_modes(scene, settings, meta_path):
+    """The agreed benchmark's gsplat calls (rasterization, packed=False) for the same camera."""
+    from gsplat import rasterization
+    meta = json.load(open(meta_path))
+    view = torch.tensor(meta["w2c"][0][0], dtype=torch.float32, device="cuda")[None]
+    intrinsics = torch.tensor(meta["k"][0][0], dtype=torch.float32, device="cuda")[None]
+    leaves = {k: v.clone().requires_grad_(True) for k, v in scene.items()}
+
+    def run(inputs, colors, mode):
+        out, _, _ = rasterization(inputs["means3D"], inputs["rotations"], inputs["scales"],
+                                  inputs["opacities"].squeeze(-1), colors, view, intrinsics, settings.image_width,
+                                  settings.image_height, near_plane=0.01, far_plane=100, render_mode=mode,
+                                  packed=False)
+        return out
+
+    def rgb_fwd():
+        with torch.no_grad():
+            run(scene, scene["colors"], "RGB+ED")
+
+    def rgb_fwd_bwd():
+        run(leaves, leaves["colors"], "RGB+ED").sum().backward()
+
+    return {"gsplat_rgb_fwd": rgb_fwd, "gsplat_rgb_fwd_bwd": rgb_fwd_bwd}
+
+
+def memory_at_peak(fn):
+    """(peak MB beyond the allocations alive before the call, [(MB, Python frame)] of the blocks
+    alive at that peak, largest first), from the caching allocator's trace of one call."""
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda.memory._record_memory_history(max_entries=100_000)
+    fn()
+    torch.cuda.synchronize()
+    trace = torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()]
+    torch.cuda.memory._record_memory_history(enabled=None)
+    live, total, peak, at_peak = {}, 0, 0, []
+    for event in trace:
+        if event["action"] == "alloc":
+            frame = next((f"{f['filename'].split('/')[-1]}:{f['line']} {f['name']}" for f in event["frames"]
+                          if "rasterizer_profile" not in f["filename"]), "?")
+            live[event["addr"]] = (event["size"], frame)
+            total += event["size"]
+        elif event["action"] == "free_completed" and event["addr"] in live:
+            total -= live.pop(event["addr"])[0]
+        if total > peak:
+            peak, at_peak = total, sorted(live.values(), reverse=True)
+    return peak / 2**20, [(size / 2**20, frame) for size, frame in at_peak]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gaussians", type=int, default=300_000, help="number of Gaussians")
     parser.add_argument("--meta", default=".devdata/bench/train_meta.json",
                         help="train_meta.json of PanopticSports basketball (the benchmark's cameras)")
+    parser.add_argument("--gsplat", action="store_true", help="also the memory of gsplat's RGB calls")
     args = parser.parse_args()
     if not dgr.cuda_available():
         raise SystemExit("the CUDA extension is not built or no GPU is visible")
@@ -155,6 +207,14 @@ def main():
         print("  host, CUDA runtime calls:")
         for ms, count, key in runtime:
             print(f"  {ms:8.4f} ms  x{count:<3d} {key[:100]}")
+    memory_modes = modes(scene, settings)
+    if args.gsplat:
+        memory_modes.update(gsplat_modes(scene, settings, args.meta))
+    for name, fn in memory_modes.items():
+        peak, blocks = memory_at_peak(fn)
+        print(f"\n{name}: {peak:.1f} MB at the peak beyond the inputs, in {len(blocks)} blocks:")
+        for mb, frame in blocks[:12]:
+            print(f"  {mb:8.2f} MB  {frame}")
 
 
 if __name__ == "__main__":

@@ -176,6 +176,26 @@ def test_public_api_dispatches_to_cuda():
     assert rel_err(feat_out[3], ref[3]) < FORWARD_TOL, f"seed {seed}"
 
 
+def test_no_grad_path_and_an_image_of_many_tiles(poisoned):
+    """Under no_grad the kernels run without an autograd node and give the images of the
+    differentiable call; an image of more than 65,535 tiles (4160x4128: 67,080) sorts 32-bit tile
+    keys instead of 16-bit ones, and matches the reference."""
+    seed = random.randrange(2**31)
+    gen = torch.Generator().manual_seed(seed)
+    settings, w2c, fx = random_camera(4160, 4128, gen)
+    scene = random_scene(3_000, settings, w2c, fx, 4, gen, radius_px=60.0)
+    out = call(_cuda, scene, settings)
+    with torch.no_grad():
+        plain = call(_cuda, scene, settings)
+        ref = call(_torch_impl, scene, settings)
+    assert out[0].grad_fn is not None and plain[0].grad_fn is None
+    for a, b in zip(out, plain):
+        assert torch.equal(a, b), f"seed {seed}"
+    assert torch.equal(plain[1], ref[1]), f"seed {seed}"
+    for name, o, r in zip(("color", "depth", "features"), (plain[0], plain[2], plain[3]), (ref[0], ref[2], ref[3])):
+        assert rel_err(o, r) < FORWARD_TOL, f"{name}: relative error {rel_err(o, r):.2e} (seed {seed})"
+
+
 def test_nothing_visible_gives_background(poisoned):
     """Every Gaussian behind the camera: background image, zero depth and features, zero radii
     and finite zero gradients."""

@@ -8,8 +8,9 @@
 #include <utility>
 #include <vector>
 
-#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
 
 #include "rasterizer.h"
@@ -61,6 +62,13 @@ Camera make_camera(const at::Tensor& view, const at::Tensor& proj, double tanfov
   return cam;
 }
 
+// zeros by a memset (a cheaper launch than at::zeros' fill kernel)
+at::Tensor zeros(at::IntArrayRef shape, const at::TensorOptions& options, cudaStream_t stream) {
+  at::Tensor t = at::empty(shape, options);
+  C10_CUDA_CHECK(cudaMemsetAsync(t.data_ptr(), 0, t.nbytes(), stream));
+  return t;
+}
+
 at::Tensor output(at::IntArrayRef shape, const at::TensorOptions& options, bool poison) {
   at::Tensor t = at::empty(shape, options);
   if (poison) t.fill_(options.dtype() == at::kFloat ? std::numeric_limits<float>::quiet_NaN() : -1.0);
@@ -109,14 +117,17 @@ std::vector<at::Tensor> forward(const at::Tensor& means3D, const at::Tensor& mea
   at::Tensor conic_opacity = projected.narrow(0, 0, 4 * n).view({n, 4});
   at::Tensor xy = projected.narrow(0, 4 * n, 2 * n).view({n, 2}), depth = projected.narrow(0, 6 * n, n);
   at::Tensor radii = output({n}, i32, poison);
-  at::Tensor work = at::empty({5, n}, i32);  // tiles_touched, depth_keys, order, and binning's sort buffers
+  at::Tensor work = at::empty({work_size(n)}, i32);  // see rasterizer.h
+  int32_t* rows = work.data_ptr<int32_t>();
+  int64_t* entry_count = reinterpret_cast<int64_t*>(rows + entry_count_offset(n));
+  C10_CUDA_CHECK(cudaMemsetAsync(entry_count, 0, sizeof(int64_t), stream));
   project_forward(static_cast<int>(n), means3D.data_ptr<float>(), means2D.data_ptr<float>(), opacities.data_ptr<float>(),
                   scales.has_value() && !cov3D_precomp.has_value() ? scales->data_ptr<float>() : nullptr,
                   rot.defined() ? rot.data_ptr<float>() : nullptr, ptr(cov3D_precomp),
                   static_cast<float>(scale_modifier), cam, reinterpret_cast<float2*>(xy.data_ptr<float>()),
                   depth.data_ptr<float>(), reinterpret_cast<float4*>(conic_opacity.data_ptr<float>()),
-                  radii.data_ptr<int32_t>(), work.data_ptr<int32_t>(),
-                  reinterpret_cast<uint32_t*>(work.data_ptr<int32_t>() + n), work.data_ptr<int32_t>() + 2 * n, stream);
+                  radii.data_ptr<int32_t>(), rows, reinterpret_cast<uint32_t*>(rows + n), rows + 2 * n, entry_count,
+                  stream);
 
   // the outputs first: allocating them overlaps with binning's wait for the tile count
   at::Tensor color = output({3, height, width}, f32, poison), out_depth = output({1, height, width}, f32, poison);
@@ -175,7 +186,7 @@ std::vector<at::Tensor> backward(const at::Tensor& means3D, const OptTensor& sca
   std::vector<at::Tensor> grads(8);
 
   if (need_features) {
-    grads[4] = at::zeros({n, channels}, f32);
+    grads[4] = zeros({n, channels}, f32, stream);
     if (g_features.data != nullptr)
       render_backward_values(cam, rng, point_ids.data_ptr<int32_t>(), xy2, co4, n_contrib.data_ptr<int32_t>(),
                              tile_last.data_ptr<int32_t>(), g_features, channels, grads[4].data_ptr<float>(), stream);
@@ -183,7 +194,7 @@ std::vector<at::Tensor> backward(const at::Tensor& means3D, const OptTensor& sca
 
   if (!need_geometry) {
     if (need_colors) {
-      grads[3] = at::zeros({n, 3}, f32);
+      grads[3] = zeros({n, 3}, f32, stream);
       if (g_color.data != nullptr)
         render_backward_values(cam, rng, point_ids.data_ptr<int32_t>(), xy2, co4, n_contrib.data_ptr<int32_t>(),
                                tile_last.data_ptr<int32_t>(), g_color, 3, grads[3].data_ptr<float>(), stream);
@@ -192,7 +203,7 @@ std::vector<at::Tensor> backward(const at::Tensor& means3D, const OptTensor& sca
   }
 
   // per-Gaussian sums of the blending gradients, then the chain rule through the projection
-  at::Tensor raster_grads = at::zeros({RASTER_GRADS, n}, f32);
+  at::Tensor raster_grads = zeros({RASTER_GRADS, n}, f32, stream);
   render_backward(cam, rng, point_ids.data_ptr<int32_t>(), xy2, co4, colors.data_ptr<float>(), depth.data_ptr<float>(),
                   bg.data_ptr<float>(), final_T.data_ptr<float>(), n_contrib.data_ptr<int32_t>(),
                   tile_last.data_ptr<int32_t>(), g_color, g_depth, ptr(features), g_features, channels,

@@ -67,16 +67,13 @@ __device__ __forceinline__ void covariance_3d(int i, const float* scales, const 
       S[k][l] = dot3(Mp[k][0], Mp[l][0], Mp[k][1], Mp[l][1], Mp[k][2], Mp[l][2]);
 }
 
-__global__ void __launch_bounds__(THREADS)
-project_forward_kernel(int n, const float* __restrict__ means3D, const float* __restrict__ means2D,
-                       const float* __restrict__ opacities, const float* __restrict__ scales,
-                       const float* __restrict__ rotations, const float* __restrict__ cov6,
-                       float mod, Camera cam, float2* __restrict__ xy, float* __restrict__ depth,
-                       float4* __restrict__ conic_opacity, int32_t* __restrict__ radii,
-                       int32_t* __restrict__ tiles_touched, uint32_t* __restrict__ depth_keys,
-                       int32_t* __restrict__ order) {
-  const int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= n) return;
+// Projects Gaussian i and returns the number of tiles it can blend in.
+__device__ __forceinline__ int project_gaussian(
+    int i, const float* __restrict__ means3D, const float* __restrict__ means2D, const float* __restrict__ opacities,
+    const float* __restrict__ scales, const float* __restrict__ rotations, const float* __restrict__ cov6, float mod,
+    const Camera& cam, float2* __restrict__ xy, float* __restrict__ depth, float4* __restrict__ conic_opacity,
+    int32_t* __restrict__ radii, int32_t* __restrict__ tiles_touched, uint32_t* __restrict__ depth_keys,
+    int32_t* __restrict__ order) {
   float V[4][4], P[4][4];
   for (int r = 0; r < 4; ++r)
     for (int c = 0; c < 4; ++c) {
@@ -146,6 +143,31 @@ project_forward_kernel(int n, const float* __restrict__ means3D, const float* __
   // view z > 0.2 > 0, so its bits order like the floats; hidden Gaussians sort last
   depth_keys[i] = visible ? __float_as_uint(z) : 0xFFFFFFFFu;
   order[i] = i;
+  return touched;
+}
+
+// One thread per Gaussian; the tile counts are also summed into entry_count (one atomic per block),
+// the number of tile entries binning will list.
+__global__ void __launch_bounds__(THREADS)
+project_forward_kernel(int n, const float* __restrict__ means3D, const float* __restrict__ means2D,
+                       const float* __restrict__ opacities, const float* __restrict__ scales,
+                       const float* __restrict__ rotations, const float* __restrict__ cov6,
+                       float mod, Camera cam, float2* __restrict__ xy, float* __restrict__ depth,
+                       float4* __restrict__ conic_opacity, int32_t* __restrict__ radii,
+                       int32_t* __restrict__ tiles_touched, uint32_t* __restrict__ depth_keys,
+                       int32_t* __restrict__ order, unsigned long long* __restrict__ entry_count) {
+  __shared__ int block_count;
+  if (threadIdx.x == 0) block_count = 0;
+  __syncthreads();
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  const int touched = i < n ? project_gaussian(i, means3D, means2D, opacities, scales, rotations, cov6, mod, cam, xy,
+                                               depth, conic_opacity, radii, tiles_touched, depth_keys, order)
+                            : 0;
+  const int warp_count = __reduce_add_sync(0xFFFFFFFFu, touched);
+  if (threadIdx.x % 32 == 0 && warp_count > 0) atomicAdd(&block_count, warp_count);
+  __syncthreads();
+  if (threadIdx.x == 0 && block_count > 0)
+    atomicAdd(entry_count, static_cast<unsigned long long>(block_count));
 }
 
 __global__ void __launch_bounds__(THREADS)
@@ -307,11 +329,11 @@ void project_forward(int n, const float* means3D, const float* means2D, const fl
                      const float* scales, const float* rotations, const float* cov3D_precomp,
                      float scale_modifier, const Camera& cam, float2* xy, float* depth,
                      float4* conic_opacity, int32_t* radii, int32_t* tiles_touched,
-                     uint32_t* depth_keys, int32_t* order, cudaStream_t stream) {
+                     uint32_t* depth_keys, int32_t* order, int64_t* entry_count, cudaStream_t stream) {
   if (n == 0) return;
   project_forward_kernel<<<(n + THREADS - 1) / THREADS, THREADS, 0, stream>>>(
       n, means3D, means2D, opacities, scales, rotations, cov3D_precomp, scale_modifier, cam, xy, depth,
-      conic_opacity, radii, tiles_touched, depth_keys, order);
+      conic_opacity, radii, tiles_touched, depth_keys, order, reinterpret_cast<unsigned long long*>(entry_count));
   check_launch("project_forward");
 }
 

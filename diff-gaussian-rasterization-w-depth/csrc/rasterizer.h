@@ -162,7 +162,7 @@ void project_forward(int n, const float* means3D, const float* means2D, const fl
                      const float* scales, const float* rotations, const float* cov3D_precomp,
                      float scale_modifier, const Camera& cam, float2* xy, float* depth,
                      float4* conic_opacity, int32_t* radii, int32_t* tiles_touched,
-                     uint32_t* depth_keys, int32_t* order, cudaStream_t stream);
+                     uint32_t* depth_keys, int32_t* order, int64_t* entry_count, cudaStream_t stream);
 
 // Per-Gaussian sums of the blending gradients (render_backward), [RASTER_GRADS, N], value-major:
 // screen position in pixels, conic, the composited depth value, opacity, colour. (Value-major keeps
@@ -184,10 +184,15 @@ void project_backward(int n, const float* means3D, const float* scales, const fl
                       const int32_t* radii, const float* raster_grads, GeometryGrads out, cudaStream_t stream);
 
 // ---- binning.cu
+// The forward pass's work buffer, int32: rows [5, N] (project_forward's tiles_touched, depth_keys
+// and order, then two rows of room for the depth sort), then the number of tile entries as one
+// int64 (zeroed before project_forward adds to it) at an even index.
+inline int64_t entry_count_offset(int64_t n) { return (5 * n + 1) / 2 * 2; }
+inline int64_t work_size(int64_t n) { return entry_count_offset(n) + 2; }
+
 // Gaussians of each tile, front to back: point_ids [M] int32 (Gaussian index per tile entry) and
-// ranges [tiles, 2] int32 (start, end) into it.
-// work [5, N] int32: project_forward's tiles_touched, depth_keys and order, then room for the
-// depth sort; taken over and freed early (pass it with std::move).
+// ranges [tiles, 2] int32 (start, end) into it. work (above) is taken over and freed early (pass it
+// with std::move).
 void bin_gaussians(int n, const Camera& cam, const at::Tensor& xy, const at::Tensor& conic_opacity,
                    const at::Tensor& radii, at::Tensor work, at::Tensor& point_ids, at::Tensor& ranges);
 

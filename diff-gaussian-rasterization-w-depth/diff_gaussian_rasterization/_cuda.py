@@ -18,9 +18,15 @@ poison_outputs = False
 GEOMETRY_INPUTS = (0, 1, 2, 5, 6, 7)  # means3D, means2D, opacities, scales, rotations, cov3D_precomp
 
 
+_available = None
+
+
 def available():
-    """True when the extension is built and a CUDA device is visible."""
-    return _C is not None and torch.cuda.is_available()
+    """True when the extension is built and a CUDA device is visible (asked once per process)."""
+    global _available
+    if _available is None:
+        _available = _C is not None and torch.cuda.is_available()
+    return _available
 
 
 def supports(args):
@@ -29,8 +35,14 @@ def supports(args):
     return all(t.dtype == torch.float32 and t.device == device for t in args if isinstance(t, torch.Tensor))
 
 
-def _contiguous(t):
-    return None if t is None else t.contiguous()
+def _forward(means3D, means2D, opacities, colors, features, scales, rotations, cov3D_precomp, bg,
+             scale_modifier, viewmatrix, projmatrix, tanfovx, tanfovy, height, width):
+    """The inputs made contiguous, and _C.forward's outputs: color, radii, depth, features, then
+    what backward needs."""
+    inputs = [None if t is None else t.contiguous() for t in (
+        means3D, means2D, opacities, colors, features, scales, rotations, cov3D_precomp, bg, viewmatrix, projmatrix)]
+    return inputs, _C.forward(*inputs[:9], scale_modifier, *inputs[9:], tanfovx, tanfovy, height, width,
+                              poison_outputs)
 
 
 class _Rasterize(torch.autograd.Function):
@@ -44,13 +56,10 @@ class _Rasterize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, means3D, means2D, opacities, colors, features, scales, rotations, cov3D_precomp,
                 bg, scale_modifier, viewmatrix, projmatrix, tanfovx, tanfovy, height, width):
-        inputs = [_contiguous(t) for t in (means3D, means2D, opacities, colors, features, scales, rotations,
-                                           cov3D_precomp, bg, viewmatrix, projmatrix)]
+        inputs, out = _forward(means3D, means2D, opacities, colors, features, scales, rotations, cov3D_precomp,
+                               bg, scale_modifier, viewmatrix, projmatrix, tanfovx, tanfovy, height, width)
         (means3D, means2D, opacities, colors, features, scales, rotations, cov3D_precomp, bg, viewmatrix,
          projmatrix) = inputs
-        out = _C.forward(means3D, means2D, opacities, colors, features, scales, rotations, cov3D_precomp, bg,
-                         scale_modifier, viewmatrix, projmatrix, tanfovx, tanfovy, height, width,
-                         poison_outputs)
         color, radii, depth, feat = out[:4]
         ctx.mark_non_differentiable(radii)
         ctx.set_materialize_grads(False)
@@ -90,6 +99,9 @@ def rasterize(means3D, means2D, opacities, colors, features, scales, rotations, 
     (transposed); all float32 on one CUDA device. Returns color [3, H, W], radii [N] int32,
     depth [1, H, W], features [C, H, W] or None: the function of _torch_impl.rasterize.
     """
-    return _Rasterize.apply(means3D, means2D, opacities, colors, features, scales, rotations, cov3D_precomp,
-                            bg, float(scale_modifier), viewmatrix, projmatrix, float(tanfovx), float(tanfovy),
-                            int(height), int(width))
+    args = (means3D, means2D, opacities, colors, features, scales, rotations, cov3D_precomp, bg,
+            float(scale_modifier), viewmatrix, projmatrix, float(tanfovx), float(tanfovy), int(height), int(width))
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in args):
+        return _Rasterize.apply(*args)
+    # nothing to differentiate (e.g. under torch.no_grad): no autograd node, the same kernels
+    return tuple(_forward(*args)[1][:4])
