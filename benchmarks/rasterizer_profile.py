@@ -163,8 +163,8 @@ def gsplat_modes(scene, settings, meta_path):
 
 
 def memory_at_peak(fn):
-    """(peak MB beyond the allocations alive before the call, [(MB, Python frame)] of the blocks
-    alive at that peak, largest first), from the caching allocator's trace of one call."""
+    """(peak MB beyond the allocations alive before the call, [MB of each block alive at that
+    peak], largest first), from the caching allocator's trace of one call."""
     fn()
     torch.cuda.synchronize()
     torch.cuda.memory._record_memory_history(max_entries=100_000)
@@ -175,15 +175,13 @@ def memory_at_peak(fn):
     live, total, peak, at_peak = {}, 0, 0, []
     for event in trace:
         if event["action"] == "alloc":
-            frame = next((f"{f['filename'].split('/')[-1]}:{f['line']} {f['name']}" for f in event["frames"]
-                          if "rasterizer_profile" not in f["filename"]), "?")
-            live[event["addr"]] = (event["size"], frame)
+            live[event["addr"]] = event["size"]
             total += event["size"]
         elif event["action"] == "free_completed" and event["addr"] in live:
-            total -= live.pop(event["addr"])[0]
+            total -= live.pop(event["addr"])
         if total > peak:
             peak, at_peak = total, sorted(live.values(), reverse=True)
-    return peak / 2**20, [(size / 2**20, frame) for size, frame in at_peak]
+    return peak / 2**20, [size / 2**20 for size in at_peak]
 
 
 def main():
@@ -212,9 +210,8 @@ def main():
         memory_modes.update(gsplat_modes(scene, settings, args.meta))
     for name, fn in memory_modes.items():
         peak, blocks = memory_at_peak(fn)
-        print(f"\n{name}: {peak:.1f} MB at the peak beyond the inputs, in {len(blocks)} blocks:")
-        for mb, frame in blocks[:12]:
-            print(f"  {mb:8.2f} MB  {frame}")
+        print(f"\n{name}: {peak:.1f} MB at the peak beyond the inputs, in {len(blocks)} blocks (MB):",
+              " ".join(f"{mb:.2f}" for mb in blocks))
 
 
 if __name__ == "__main__":

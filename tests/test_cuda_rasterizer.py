@@ -163,6 +163,14 @@ def test_public_api_dispatches_to_cuda():
     colors = dgr.eval_sh(1, shs, scene["means3D"], settings.campos)
     ref = call(_torch_impl, dict(scene, colors=colors, features=None), settings)
     assert rel_err(color, ref[0]) < FORWARD_TOL and torch.equal(radii, ref[1]), f"seed {seed}"
+    # callers of the original pass [1, 4, 4] transposed views: read in place, the same image
+    strided = settings._replace(viewmatrix=settings.viewmatrix.T.contiguous().T[None],
+                                projmatrix=settings.projmatrix.T.contiguous().T[None])
+    assert not strided.viewmatrix.is_contiguous()
+    with torch.no_grad():
+        again = dgr.GaussianRasterizer(strided)(scene["means3D"], scene["means2D"], scene["opacities"], shs=shs,
+                                                scales=scene["scales"], rotations=scene["rotations"])
+    assert torch.equal(again[0], color) and torch.equal(again[1], radii), f"seed {seed}"
     (color.sum() + depth.sum()).backward()  # broadcast (stride 0) image gradients
     assert scene["means2D"].grad is not None and scene["means2D"].grad[:, :2].abs().sum() > 0
     assert (scene["means2D"].grad[:, 2] == 0).all()
@@ -194,6 +202,25 @@ def test_no_grad_path_and_an_image_of_many_tiles(poisoned):
     assert torch.equal(plain[1], ref[1]), f"seed {seed}"
     for name, o, r in zip(("color", "depth", "features"), (plain[0], plain[2], plain[3]), (ref[0], ref[2], ref[3])):
         assert rel_err(o, r) < FORWARD_TOL, f"{name}: relative error {rel_err(o, r):.2e} (seed {seed})"
+
+
+def test_equal_depths_blend_in_index_order(poisoned):
+    """Copies of Gaussians (as densification makes them) share a depth; both sorts are stable, so
+    the copies blend in index order, as the reference's, in forward and backward."""
+    seed = random.randrange(2**31)
+    gen = torch.Generator().manual_seed(seed)
+    settings, w2c, fx = random_camera(240, 180, gen)
+    scene = random_scene(40_000, settings, w2c, fx, None, gen, radius_px=8.0)
+    with torch.no_grad():
+        scene["means3D"][20_000:] = scene["means3D"][:20_000]  # 20k pairs of equal depth
+    out, ref = call(_cuda, scene, settings), call(_torch_impl, scene, settings)
+    assert torch.equal(out[1], ref[1]), f"seed {seed}"
+    assert rel_err(out[0], ref[0]) < FORWARD_TOL, f"color: relative error {rel_err(out[0], ref[0]):.2e} (seed {seed})"
+    weights = torch.randn_like(ref[0])
+    g = torch.autograd.grad((out[0] * weights).sum(), [scene["colors"], scene["opacities"]])
+    r = torch.autograd.grad((ref[0] * weights).sum(), [scene["colors"], scene["opacities"]])
+    for name, a, b in zip(("colors", "opacities"), g, r):
+        assert rel_err(a, b) < GRAD_TOL, f"grad {name}: relative error {rel_err(a, b):.2e} (seed {seed})"
 
 
 def test_nothing_visible_gives_background(poisoned):

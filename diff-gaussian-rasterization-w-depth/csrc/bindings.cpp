@@ -41,15 +41,20 @@ at::Tensor aligned16(const at::Tensor& t) {
   return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 ? t : t.clone();
 }
 
+// A [..., 4, 4] matrix (leading dimensions of size 1), read in place with its strides.
+Matrix4 matrix4(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda() && t.scalar_type() == at::kFloat, name, " must be a float32 CUDA tensor");
+  TORCH_CHECK(t.dim() >= 2 && t.numel() == 16 && t.size(-1) == 4 && t.size(-2) == 4, name, " has shape ", t.sizes(),
+              ", expected [4, 4]");
+  return Matrix4{t.data_ptr<float>(), t.stride(-2), t.stride(-1)};
+}
+
 Camera make_camera(const at::Tensor& view, const at::Tensor& proj, double tanfovx, double tanfovy,
                    int64_t height, int64_t width) {
-  check_input(view, "viewmatrix", -1, -1);
-  check_input(proj, "projmatrix", -1, -1);
-  TORCH_CHECK(view.numel() == 16 && proj.numel() == 16, "viewmatrix and projmatrix must be 4x4");
   TORCH_CHECK(height > 0 && width > 0, "image size must be positive");
   Camera cam;
-  cam.view = view.data_ptr<float>();
-  cam.proj = proj.data_ptr<float>();
+  cam.view = matrix4(view, "viewmatrix");
+  cam.proj = matrix4(proj, "projmatrix");
   // the reference computes these in double and PyTorch rounds them to float where used
   cam.focal_x = static_cast<float>(width / (2.0 * tanfovx));
   cam.focal_y = static_cast<float>(height / (2.0 * tanfovy));
@@ -117,17 +122,13 @@ std::vector<at::Tensor> forward(const at::Tensor& means3D, const at::Tensor& mea
   at::Tensor conic_opacity = projected.narrow(0, 0, 4 * n).view({n, 4});
   at::Tensor xy = projected.narrow(0, 4 * n, 2 * n).view({n, 2}), depth = projected.narrow(0, 6 * n, n);
   at::Tensor radii = output({n}, i32, poison);
-  at::Tensor work = at::empty({work_size(n)}, i32);  // see rasterizer.h
-  int32_t* rows = work.data_ptr<int32_t>();
-  int64_t* entry_count = reinterpret_cast<int64_t*>(rows + entry_count_offset(n));
-  C10_CUDA_CHECK(cudaMemsetAsync(entry_count, 0, sizeof(int64_t), stream));
+  at::Tensor work = binning_work(n, means3D, stream);
   project_forward(static_cast<int>(n), means3D.data_ptr<float>(), means2D.data_ptr<float>(), opacities.data_ptr<float>(),
                   scales.has_value() && !cov3D_precomp.has_value() ? scales->data_ptr<float>() : nullptr,
                   rot.defined() ? rot.data_ptr<float>() : nullptr, ptr(cov3D_precomp),
                   static_cast<float>(scale_modifier), cam, reinterpret_cast<float2*>(xy.data_ptr<float>()),
                   depth.data_ptr<float>(), reinterpret_cast<float4*>(conic_opacity.data_ptr<float>()),
-                  radii.data_ptr<int32_t>(), rows, reinterpret_cast<uint32_t*>(rows + n), rows + 2 * n, entry_count,
-                  stream);
+                  radii.data_ptr<int32_t>(), work_pointers(work, n), stream);
 
   // the outputs first: allocating them overlaps with binning's wait for the tile count
   at::Tensor color = output({3, height, width}, f32, poison), out_depth = output({1, height, width}, f32, poison);

@@ -72,13 +72,12 @@ __device__ __forceinline__ int project_gaussian(
     int i, const float* __restrict__ means3D, const float* __restrict__ means2D, const float* __restrict__ opacities,
     const float* __restrict__ scales, const float* __restrict__ rotations, const float* __restrict__ cov6, float mod,
     const Camera& cam, float2* __restrict__ xy, float* __restrict__ depth, float4* __restrict__ conic_opacity,
-    int32_t* __restrict__ radii, int32_t* __restrict__ tiles_touched, uint32_t* __restrict__ depth_keys,
-    int32_t* __restrict__ order) {
+    int32_t* __restrict__ radii, const WorkPointers& work, uint32_t& depth_key) {
   float V[4][4], P[4][4];
   for (int r = 0; r < 4; ++r)
     for (int c = 0; c < 4; ++c) {
-      V[r][c] = __ldg(cam.view + 4 * r + c);
-      P[r][c] = __ldg(cam.proj + 4 * r + c);
+      V[r][c] = cam.view.at(r, c);
+      P[r][c] = cam.proj.at(r, c);
     }
   const float p0 = means3D[3 * i], p1 = means3D[3 * i + 1], p2 = means3D[3 * i + 2];
   float pv[3];
@@ -139,35 +138,46 @@ __device__ __forceinline__ int project_gaussian(
   depth[i] = z;
   conic_opacity[i] = co;
   radii[i] = visible ? static_cast<int32_t>(radius) : 0;
-  tiles_touched[i] = touched;
+  work.tiles_touched[i] = touched;
   // view z > 0.2 > 0, so its bits order like the floats; hidden Gaussians sort last
-  depth_keys[i] = visible ? __float_as_uint(z) : 0xFFFFFFFFu;
-  order[i] = i;
+  depth_key = visible ? __float_as_uint(z) : 0xFFFFFFFFu;
+  work.depth_keys[i] = depth_key;
+  work.order[i] = i;
   return touched;
 }
 
-// One thread per Gaussian; the tile counts are also summed into entry_count (one atomic per block),
-// the number of tile entries binning will list.
+// One thread per Gaussian. Per block, the tile counts are summed into work.entry_count and the
+// depth keys' digits counted into work.depth_histogram (for binning's sort), one atomic add per
+// block and nonzero value.
 __global__ void __launch_bounds__(THREADS)
 project_forward_kernel(int n, const float* __restrict__ means3D, const float* __restrict__ means2D,
                        const float* __restrict__ opacities, const float* __restrict__ scales,
                        const float* __restrict__ rotations, const float* __restrict__ cov6,
                        float mod, Camera cam, float2* __restrict__ xy, float* __restrict__ depth,
-                       float4* __restrict__ conic_opacity, int32_t* __restrict__ radii,
-                       int32_t* __restrict__ tiles_touched, uint32_t* __restrict__ depth_keys,
-                       int32_t* __restrict__ order, unsigned long long* __restrict__ entry_count) {
+                       float4* __restrict__ conic_opacity, int32_t* __restrict__ radii, WorkPointers work) {
   __shared__ int block_count;
+  __shared__ uint32_t s_hist[DEPTH_PASSES][RADIX];
+  for (int k = threadIdx.x; k < DEPTH_PASSES * RADIX; k += THREADS) s_hist[k / RADIX][k % RADIX] = 0;
   if (threadIdx.x == 0) block_count = 0;
   __syncthreads();
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  uint32_t key = 0;
   const int touched = i < n ? project_gaussian(i, means3D, means2D, opacities, scales, rotations, cov6, mod, cam, xy,
-                                               depth, conic_opacity, radii, tiles_touched, depth_keys, order)
+                                               depth, conic_opacity, radii, work, key)
                             : 0;
+  const int lane = threadIdx.x % 32;
   const int warp_count = __reduce_add_sync(0xFFFFFFFFu, touched);
-  if (threadIdx.x % 32 == 0 && warp_count > 0) atomicAdd(&block_count, warp_count);
+  if (lane == 0 && warp_count > 0) atomicAdd(&block_count, warp_count);
+  for (int p = 0; p < DEPTH_PASSES; ++p) {  // one shared add per distinct digit of a warp
+    const uint32_t digit = i < n ? (key >> (8 * p)) % RADIX : RADIX;
+    const unsigned peers = __match_any_sync(0xFFFFFFFFu, digit);
+    if (digit < RADIX && lane == __ffs(peers) - 1) atomicAdd(&s_hist[p][digit], __popc(peers));
+  }
   __syncthreads();
+  for (int k = threadIdx.x; k < DEPTH_PASSES * RADIX; k += THREADS)
+    if (s_hist[k / RADIX][k % RADIX] > 0) atomicAdd(work.depth_histogram + k, s_hist[k / RADIX][k % RADIX]);
   if (threadIdx.x == 0 && block_count > 0)
-    atomicAdd(entry_count, static_cast<unsigned long long>(block_count));
+    atomicAdd(reinterpret_cast<unsigned long long*>(work.entry_count), static_cast<unsigned long long>(block_count));
 }
 
 __global__ void __launch_bounds__(THREADS)
@@ -196,8 +206,8 @@ project_backward_kernel(int n, const float* __restrict__ means3D, const float* _
   float V[4][4], P[4][4];
   for (int r = 0; r < 4; ++r)
     for (int c = 0; c < 4; ++c) {
-      V[r][c] = __ldg(cam.view + 4 * r + c);
-      P[r][c] = __ldg(cam.proj + 4 * r + c);
+      V[r][c] = cam.view.at(r, c);
+      P[r][c] = cam.proj.at(r, c);
     }
   const float p[3] = {means3D[3 * i], means3D[3 * i + 1], means3D[3 * i + 2]};
   float pv[3], pp[4];
@@ -328,12 +338,11 @@ project_backward_kernel(int n, const float* __restrict__ means3D, const float* _
 void project_forward(int n, const float* means3D, const float* means2D, const float* opacities,
                      const float* scales, const float* rotations, const float* cov3D_precomp,
                      float scale_modifier, const Camera& cam, float2* xy, float* depth,
-                     float4* conic_opacity, int32_t* radii, int32_t* tiles_touched,
-                     uint32_t* depth_keys, int32_t* order, int64_t* entry_count, cudaStream_t stream) {
+                     float4* conic_opacity, int32_t* radii, WorkPointers work, cudaStream_t stream) {
   if (n == 0) return;
   project_forward_kernel<<<(n + THREADS - 1) / THREADS, THREADS, 0, stream>>>(
       n, means3D, means2D, opacities, scales, rotations, cov3D_precomp, scale_modifier, cam, xy, depth,
-      conic_opacity, radii, tiles_touched, depth_keys, order, reinterpret_cast<unsigned long long*>(entry_count));
+      conic_opacity, radii, work);
   check_launch("project_forward");
 }
 

@@ -22,12 +22,20 @@ constexpr float ALPHA_MAX = 0.99f;
 constexpr float T_MIN = 1e-4f;
 constexpr float DILATION = 0.3f;
 
-// One camera and image. view/proj point to the transposed 4x4 matrices on the device (row-major,
-// row vectors: p_view = [p, 1] @ view). The float constants are rounded from the double values
-// the reference computes in Python, so both paths multiply by the same float.
+// A 4x4 matrix on the device as the caller's tensor holds it (any strides: no copy per render).
+struct Matrix4 {
+  const float* data;
+  int64_t row_stride, col_stride;
+#if defined(__CUDACC__)
+  __device__ float at(int r, int c) const { return __ldg(data + r * row_stride + c * col_stride); }
+#endif
+};
+
+// One camera and image. view/proj are the transposed 4x4 matrices (row vectors: p_view = [p, 1] @
+// view). The float constants are rounded from the double values the reference computes in
+// Python, so both paths multiply by the same float.
 struct Camera {
-  const float* view;
-  const float* proj;
+  Matrix4 view, proj;
   float focal_x, focal_y;  // width / (2 tanfovx), height / (2 tanfovy)
   float lim_x, lim_y;      // 1.3 tanfovx, 1.3 tanfovy: the clamp of x/z, y/z in the Jacobian
   int width, height, grid_x, grid_y;
@@ -158,11 +166,20 @@ __device__ __forceinline__ float next_transmittance(float T, float alpha) {
 #endif  // __CUDACC__
 
 // ---- projection.cu
+// Besides the projected Gaussians, the inputs of binning (see WorkPointers): each Gaussian's tile
+// count, depth key and index, the total tile count and the depth keys' digit histograms.
+struct WorkPointers {
+  int32_t* tiles_touched;     // [N]
+  uint32_t* depth_keys;       // [N] float bits of the view depth; 0xFFFFFFFF for hidden Gaussians
+  int32_t* order;             // [N] 0, 1, ..., N - 1
+  int64_t* entry_count;       // sum of tiles_touched (zero on entry)
+  uint32_t* depth_histogram;  // [DEPTH_PASSES][RADIX] digit counts of depth_keys (zero on entry)
+};
+
 void project_forward(int n, const float* means3D, const float* means2D, const float* opacities,
                      const float* scales, const float* rotations, const float* cov3D_precomp,
                      float scale_modifier, const Camera& cam, float2* xy, float* depth,
-                     float4* conic_opacity, int32_t* radii, int32_t* tiles_touched,
-                     uint32_t* depth_keys, int32_t* order, int64_t* entry_count, cudaStream_t stream);
+                     float4* conic_opacity, int32_t* radii, WorkPointers work, cudaStream_t stream);
 
 // Per-Gaussian sums of the blending gradients (render_backward), [RASTER_GRADS, N], value-major:
 // screen position in pixels, conic, the composited depth value, opacity, colour. (Value-major keeps
@@ -184,15 +201,18 @@ void project_backward(int n, const float* means3D, const float* scales, const fl
                       const int32_t* radii, const float* raster_grads, GeometryGrads out, cudaStream_t stream);
 
 // ---- binning.cu
-// The forward pass's work buffer, int32: rows [5, N] (project_forward's tiles_touched, depth_keys
-// and order, then two rows of room for the depth sort), then the number of tile entries as one
-// int64 (zeroed before project_forward adds to it) at an even index.
-inline int64_t entry_count_offset(int64_t n) { return (5 * n + 1) / 2 * 2; }
-inline int64_t work_size(int64_t n) { return entry_count_offset(n) + 2; }
+// Binning sorts with 8-bit digits: RADIX bins per pass, DEPTH_PASSES for the 32-bit depth keys.
+constexpr int RADIX = 256;
+constexpr int DEPTH_PASSES = 4;
+
+// The forward pass's work buffer for N Gaussians (int32): allocated before the projection with the
+// parts that must start at zero zeroed (one memset), and where project_forward writes in it.
+at::Tensor binning_work(int64_t n, const at::Tensor& like, cudaStream_t stream);
+WorkPointers work_pointers(const at::Tensor& work, int64_t n);
 
 // Gaussians of each tile, front to back: point_ids [M] int32 (Gaussian index per tile entry) and
-// ranges [tiles, 2] int32 (start, end) into it. work (above) is taken over and freed early (pass it
-// with std::move).
+// ranges [tiles, 2] int32 (start, end) into it. work (above, after project_forward) is taken over
+// and freed early (pass it with std::move).
 void bin_gaussians(int n, const Camera& cam, const at::Tensor& xy, const at::Tensor& conic_opacity,
                    const at::Tensor& radii, at::Tensor work, at::Tensor& point_ids, at::Tensor& ranges);
 

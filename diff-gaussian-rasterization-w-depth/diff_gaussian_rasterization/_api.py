@@ -96,8 +96,8 @@ def rasterize_gaussians(settings, means3D, means2D, opacities, shs, colors_preco
             raise ValueError(f"shs has shape {list(shs.shape)}, expected [{n}, K, 3]")
         colors = eval_sh(settings.sh_degree, shs, means3D, settings.campos)
     args = (means3D, means2D, opacities, colors, features, scales, rotations, cov3D_precomp,
-            settings.bg, float(settings.scale_modifier), settings.viewmatrix.reshape(4, 4),
-            settings.projmatrix.reshape(4, 4), float(settings.tanfovx), float(settings.tanfovy),
+            settings.bg, float(settings.scale_modifier), settings.viewmatrix, settings.projmatrix,
+            float(settings.tanfovx), float(settings.tanfovy),
             int(settings.image_height), int(settings.image_width))
     if means3D.is_cuda and cuda_available() and _cuda.supports(args):
         return _cuda.rasterize(*args)

@@ -37,10 +37,10 @@ def supports(args):
 
 def _forward(means3D, means2D, opacities, colors, features, scales, rotations, cov3D_precomp, bg,
              scale_modifier, viewmatrix, projmatrix, tanfovx, tanfovy, height, width):
-    """The inputs made contiguous, and _C.forward's outputs: color, radii, depth, features, then
-    what backward needs."""
+    """The inputs made contiguous (the 4x4 matrices are read with their strides, as they come), and
+    _C.forward's outputs: color, radii, depth, features, then what backward needs."""
     inputs = [None if t is None else t.contiguous() for t in (
-        means3D, means2D, opacities, colors, features, scales, rotations, cov3D_precomp, bg, viewmatrix, projmatrix)]
+        means3D, means2D, opacities, colors, features, scales, rotations, cov3D_precomp, bg)] + [viewmatrix, projmatrix]
     return inputs, _C.forward(*inputs[:9], scale_modifier, *inputs[9:], tanfovx, tanfovy, height, width,
                               poison_outputs)
 
@@ -96,7 +96,7 @@ def rasterize(means3D, means2D, opacities, colors, features, scales, rotations, 
     means3D [N, 3], means2D [N, 3] (zeros; its gradient is the screen-space NDC gradient),
     opacities [N, 1], colors [N, 3], features [N, C] (C in 1..512) or None, scales [N, 3] +
     rotations [N, 4] (w, x, y, z) or cov3D_precomp [N, 6]; bg [3]; viewmatrix, projmatrix [4, 4]
-    (transposed); all float32 on one CUDA device. Returns color [3, H, W], radii [N] int32,
+    (transposed; any leading dimensions of size 1, any strides); all float32 on one CUDA device. Returns color [3, H, W], radii [N] int32,
     depth [1, H, W], features [C, H, W] or None: the function of _torch_impl.rasterize.
     """
     args = (means3D, means2D, opacities, colors, features, scales, rotations, cov3D_precomp, bg,

@@ -363,9 +363,10 @@ def rasterize(means3D, means2D, opacities, colors, features, scales, rotations, 
 
     means3D [N, 3], means2D [N, 3], opacities [N, 1], colors [N, 3], features [N, C] or None,
     scales [N, 3] + rotations [N, 4] (w, x, y, z) or cov3D_precomp [N, 6]; bg [3];
-    viewmatrix, projmatrix [4, 4] (transposed). Returns
+    viewmatrix, projmatrix 4x4 (transposed; any leading dimensions of size 1). Returns
     color [3, H, W], radii [N] int32, depth [1, H, W], features [C, H, W] or None.
     """
+    viewmatrix, projmatrix = viewmatrix.reshape(4, 4), projmatrix.reshape(4, 4)
     if cov3D_precomp is not None:
         cov3D = unpack_cov3d(cov3D_precomp)
     else:
