@@ -69,11 +69,15 @@ __device__ __forceinline__ int take_ticket(uint32_t* ticket) {
 
 // ---- stable LSD radix sort of (key, int32 value) pairs, 8 bits per pass (RADIX digits)
 constexpr int WARPS = THREADS / 32;
-constexpr int DEPTH_ITEMS = 4;  // keys per thread in a pass: N is ~5x smaller than M, so smaller
-constexpr int TILE_ITEMS = 8;   // blocks keep the depth sort's passes filling the GPU
+// keys per thread in a pass: a block's fixed costs (look-back, scans, barriers) outweigh the loss
+// of parallelism of fewer blocks. Measured on the H100 (docs/performance.md) at 300k Gaussians:
+// depth sort 0.052 -> 0.047 ms (4 -> 16 keys per thread), tile sort of 1.6M entries 0.058 ->
+// 0.055 ms (8 -> 16); at 1M Gaussians 0.108 -> 0.080 and 0.108 -> 0.101 ms.
+constexpr int SORT_ITEMS = 16;
+constexpr int SORT_TILE = THREADS * SORT_ITEMS;
 
 int sort_passes(int bits) { return (bits + 7) / 8; }
-int sort_tiles(int count, int items) { return (count + THREADS * items - 1) / (THREADS * items); }
+int sort_tiles(int count) { return (count + SORT_TILE - 1) / SORT_TILE; }
 
 // State of one sort, uint32 words, zero before it starts: per pass the digit histogram [RADIX]
 // (added up by the kernel that writes the keys), a ticket, the look-back statuses [tiles][RADIX].
@@ -83,9 +87,9 @@ struct SortState {
   uint32_t* statuses;   // [passes][tiles][RADIX]
 };
 
-int64_t sort_state_words(int count, int bits, int items) {
+int64_t sort_state_words(int count, int bits) {
   const int64_t passes = sort_passes(bits);
-  return passes * RADIX + passes + passes * sort_tiles(count, items) * static_cast<int64_t>(RADIX);
+  return passes * RADIX + passes + passes * sort_tiles(count) * static_cast<int64_t>(RADIX);
 }
 
 SortState sort_state(uint32_t* words, int bits) {
@@ -94,33 +98,32 @@ SortState sort_state(uint32_t* words, int bits) {
 }
 
 // One pass: keys_in/values_in -> keys_out/values_out, stably by the digit at bit `shift`. A block
-// takes THREADS * ITEMS consecutive keys, each warp a consecutive run of 32 * ITEMS of them, so that
+// takes SORT_TILE consecutive keys, each warp a consecutive run of 32 * SORT_ITEMS of them, so that
 // ranking in warp order, then item order, then lane order keeps the input order. The block puts its
 // keys in digit order in shared memory, then writes each digit's run to its place in the output,
 // consecutive threads to consecutive places.
-template <typename Key, int ITEMS>
+template <typename Key>
 __global__ void __launch_bounds__(THREADS)
 sort_pass_kernel(int count, int shift, const Key* __restrict__ keys_in, const int32_t* __restrict__ values_in,
                  Key* __restrict__ keys_out, int32_t* __restrict__ values_out,
                  const uint32_t* __restrict__ histogram, uint32_t* ticket, uint32_t* statuses) {
-  constexpr int TILE_KEYS = THREADS * ITEMS;
   using BlockScan = cub::BlockScan<uint32_t, THREADS>;
   __shared__ typename BlockScan::TempStorage scan_storage;
   __shared__ uint32_t s_offsets[WARPS][RADIX];  // per warp and digit: count, then place in the block
   __shared__ uint32_t s_base[RADIX];            // output place of a digit's block place 0
-  __shared__ Key s_keys[TILE_KEYS];
-  __shared__ int32_t s_values[TILE_KEYS];
+  __shared__ Key s_keys[SORT_TILE];
+  __shared__ int32_t s_values[SORT_TILE];
   const int tile = take_ticket(ticket);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int w = 0; w < WARPS; ++w) s_offsets[w][threadIdx.x] = 0;
   __syncthreads();
 
-  const int first = tile * TILE_KEYS + warp * 32 * ITEMS + lane;
-  Key keys[ITEMS];
-  int32_t values[ITEMS];
-  uint32_t digits[ITEMS], ranks[ITEMS];
+  const int first = tile * SORT_TILE + warp * 32 * SORT_ITEMS + lane;
+  Key keys[SORT_ITEMS];
+  int32_t values[SORT_ITEMS];
+  uint32_t digits[SORT_ITEMS], ranks[SORT_ITEMS];
 #pragma unroll
-  for (int k = 0; k < ITEMS; ++k) {
+  for (int k = 0; k < SORT_ITEMS; ++k) {
     const int i = first + 32 * k;
     const bool valid = i < count;
     keys[k] = valid ? keys_in[i] : Key(0);
@@ -130,7 +133,7 @@ sort_pass_kernel(int count, int shift, const Key* __restrict__ keys_in, const in
   // rank within the warp: the lanes with the same digit, in lane order, after the earlier items
   const unsigned lanes_before = (1u << lane) - 1;
 #pragma unroll
-  for (int k = 0; k < ITEMS; ++k) {
+  for (int k = 0; k < SORT_ITEMS; ++k) {
     const unsigned peers = __match_any_sync(FULL, digits[k]);
     const int leader = __ffs(peers) - 1;
     uint32_t earlier = 0;
@@ -162,7 +165,7 @@ sort_pass_kernel(int count, int shift, const Key* __restrict__ keys_in, const in
   __syncthreads();
 
 #pragma unroll
-  for (int k = 0; k < ITEMS; ++k) {
+  for (int k = 0; k < SORT_ITEMS; ++k) {
     if (digits[k] < RADIX) {
       const uint32_t place = s_offsets[warp][digits[k]] + ranks[k];
       s_keys[place] = keys[k];
@@ -170,7 +173,7 @@ sort_pass_kernel(int count, int shift, const Key* __restrict__ keys_in, const in
     }
   }
   __syncthreads();
-  const int in_tile = min(TILE_KEYS, count - tile * TILE_KEYS);
+  const int in_tile = min(SORT_TILE, count - tile * SORT_TILE);
   for (int place = threadIdx.x; place < in_tile; place += THREADS) {
     const Key key = s_keys[place];
     const uint32_t at = s_base[(static_cast<uint32_t>(key) >> shift) % RADIX] + place;
@@ -181,16 +184,16 @@ sort_pass_kernel(int count, int shift, const Key* __restrict__ keys_in, const in
 
 // Sorts count pairs stably by the low `bits` bits of their keys; keys[0]/values[0] hold the input,
 // keys[1]/values[1] the same room again. Returns the index (0 or 1) of the buffers that hold the
-// result. state: sort_state_words(count, bits, ITEMS) words, zero but for the histograms of every
-// pass's digits.
-template <typename Key, int ITEMS>
+// result. state: sort_state_words(count, bits) words, zero but for the histograms of every pass's
+// digits.
+template <typename Key>
 int radix_sort(int count, int bits, Key* keys[2], int32_t* values[2], uint32_t* state_words, cudaStream_t stream) {
   const int passes = sort_passes(bits);
   const SortState state = sort_state(state_words, bits);
-  const int tiles = sort_tiles(count, ITEMS);
+  const int tiles = sort_tiles(count);
   int in = 0;
   for (int p = 0; p < passes; ++p, in ^= 1) {
-    sort_pass_kernel<Key, ITEMS><<<tiles, THREADS, 0, stream>>>(
+    sort_pass_kernel<Key><<<tiles, THREADS, 0, stream>>>(
         count, 8 * p, keys[in], values[in], keys[in ^ 1], values[in ^ 1], state.histogram + p * RADIX,
         state.tickets + p, state.statuses + static_cast<int64_t>(p) * tiles * RADIX);
     check_launch("sort pass");
@@ -311,7 +314,7 @@ WorkParts work_parts(int64_t n) {
   w.ticket = w.entry_count + 2;
   w.statuses = w.ticket + 1;
   w.depth_sort = w.statuses + (n + THREADS - 1) / THREADS;
-  w.end = w.depth_sort + sort_state_words(static_cast<int>(n), 32, DEPTH_ITEMS);
+  w.end = w.depth_sort + sort_state_words(static_cast<int>(n), 32);
   return w;
 }
 
@@ -332,7 +335,7 @@ void list_and_sort(int n, int m, const Camera& cam, const int32_t* by_depth, con
   // 2. the entries, Gaussians in depth order: keys [2, m] (the second half is the sort's other
   // buffer), then the tile sort's state
   const int64_t key_words = (2 * sizeof(Key) * static_cast<int64_t>(m) + 3) / 4;
-  const int64_t state_words = sort_state_words(m, bits, TILE_ITEMS);
+  const int64_t state_words = sort_state_words(m, bits);
   at::Tensor entries = at::empty({key_words + state_words}, radii.options());
   uint32_t* state = as<uint32_t>(entries) + key_words;
   at::Tensor ids = at::empty({m}, radii.options());
@@ -354,7 +357,7 @@ void list_and_sort(int n, int m, const Camera& cam, const int32_t* by_depth, con
   if (m > 0) {
     Key* keys[2] = {as<Key>(entries), as<Key>(entries) + m};
     int32_t* values[2] = {as<int32_t>(ids), as<int32_t>(point_ids)};
-    const int out = radix_sort<Key, TILE_ITEMS>(m, bits, keys, values, state, stream);
+    const int out = radix_sort<Key>(m, bits, keys, values, state, stream);
     if (out == 0) point_ids = ids;
     sorted_keys = keys[out];
   }
@@ -404,7 +407,7 @@ void bin_gaussians(int n, const Camera& cam, const at::Tensor& xy, const at::Ten
   if (n > 0) {
     uint32_t* keys[2] = {reinterpret_cast<uint32_t*>(rows + n), reinterpret_cast<uint32_t*>(rows + 3 * n)};
     int32_t* order[2] = {rows + 2 * n, rows + 4 * n};
-    const int out = radix_sort<uint32_t, DEPTH_ITEMS>(n, 32, keys, order,
+    const int out = radix_sort<uint32_t>(n, 32, keys, order,
                                                       reinterpret_cast<uint32_t*>(rows + parts.depth_sort), stream);
     by_depth = order[out];
   }
