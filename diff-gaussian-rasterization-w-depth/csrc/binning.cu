@@ -8,13 +8,15 @@
 // and from 8-byte to 2-byte keys.
 //
 // A render is short enough that launching kernels costs the host about as much as running them
-// costs the GPU, so binning launches few: each sort is one histogram kernel and one kernel per
-// 8-bit digit (single-pass "onesweep" passes: every block ranks its keys, learns the counts of the
-// blocks before it by decoupled look-back, and scatters), and the prefix sum that places each
-// Gaussian's entries is fused into the kernel that lists them. Their state is zeroed with the
-// entry counter in one memset before the projection, or by the listing kernel for the tile sort.
-// The number of entries M must reach the host to size the entry buffers: the projection adds it up,
-// its copy is queued right after the projection, and the host queues the depth sort before it waits.
+// costs the GPU, so binning launches few: each sort is one kernel per 8-bit digit (single-pass
+// "onesweep" passes: every block ranks its keys, learns the counts of the blocks before it by
+// decoupled look-back, and scatters), the digit histograms they need are counted by the kernels
+// that write the keys (the projection, the listing), and the prefix sum that places each
+// Gaussian's entries is fused into the listing kernel. The depth sort's and the listing's state is
+// zeroed with the entry counter in one memset before the projection, the tile sort's in one memset
+// before the listing. The number of entries M must reach the host to size the entry buffers: the
+// projection adds it up, its copy is queued right after the projection, and the host queues the
+// depth sort before it waits.
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
