@@ -509,6 +509,16 @@ def test_wrong_shapes_name_the_argument(name, bad):
         dgr.GaussianRasterizer(settings)(**inputs)
 
 
+@pytest.mark.parametrize("name", ["viewmatrix", "projmatrix"])
+def test_wrong_matrix_shape_names_the_setting(name):
+    settings, _ = camera(32, 24, ahead_w2c(), dtype=torch.float32)
+    for bad in (torch.eye(3), torch.eye(4)[:3], torch.eye(4).repeat(2, 1, 1)):
+        with pytest.raises(ValueError, match=f"settings.{name} has shape"):
+            dgr.GaussianRasterizer(settings._replace(**{name: bad}))(**good_inputs())
+    transposed_view = getattr(settings, name).T.contiguous().T[None]  # what callers of the original pass
+    dgr.GaussianRasterizer(settings._replace(**{name: transposed_view}))(**good_inputs())
+
+
 def test_missing_or_doubled_inputs_name_the_arguments():
     settings, _ = camera(32, 24, ahead_w2c(), dtype=torch.float32)
     inputs = good_inputs()

@@ -88,6 +88,10 @@ def rasterize_gaussians(settings, means3D, means2D, opacities, shs, colors_preco
     _check("rotations", rotations, n, 4)
     _check("cov3D_precomp", cov3D_precomp, n, 6)
     _check("legs_features", features, n, None)
+    for name in ("viewmatrix", "projmatrix"):  # 4x4, with any leading dimensions of size 1
+        matrix = getattr(settings, name)
+        if matrix.dim() < 2 or matrix.shape[-2:] != (4, 4) or matrix.numel() != 16:
+            raise ValueError(f"settings.{name} has shape {list(matrix.shape)}, expected [4, 4] (or [1, 4, 4])")
     if features is not None and not 1 <= features.shape[1] <= 512:
         raise ValueError(f"legs_features has {features.shape[1]} channels; 1 to 512 are supported")
     colors = colors_precomp
