@@ -198,8 +198,8 @@ def motions(num_timesteps):
     t = 10..19 and lies still from t = 20; the box stands until t = 8, slides at t = 9..18, braking
     at the end, and stands still from t = 19; the top spins all the time). Both actions begin after
     the first clips: a timestep's clip t-4 .. t+3 drops the frames before 0, so the clips of
-    t = 0..3 show frames up to 3..6 and cannot place an action that starts there. Returns {name: (yaw [T] radians about
-    the vertical, centre [T, 3] world, moving timesteps list)}.
+    t = 0..3 show frames up to 3..6 and cannot place an action that starts there. Returns
+    {name: (yaw [T] radians about the vertical, centre [T, 3] world, moving timesteps list)}.
     """
     t = np.arange(num_timesteps, dtype=np.float64)
     last = max(num_timesteps - 1, 1)

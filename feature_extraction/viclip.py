@@ -269,9 +269,11 @@ def load_viclip(path=DEFAULT_CKPT, device="cpu", dtype=None, compile=False, arch
         model = ViCLIP(**(arch or {}))
     model.load_state_dict(state, strict=True, assign=True)  # assign: no random init of 428 M weights
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    # checked on the device (one pass over weights already there, not a second read of the file)
-    finite = {k: torch.isfinite(v).all() for k, v in model.state_dict().items() if v.is_floating_point()}
-    bad = [k for k, ok in finite.items() if not ok]
+    # checked on the device (one pass over weights already there, not a second read of the file),
+    # one flag per tensor and a single copy of them to the host
+    weights = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+    finite = torch.stack([torch.isfinite(v).all() for v in weights.values()]).tolist()
+    bad = [k for k, ok in zip(weights, finite) if not ok]
     if bad:
         raise UserError(f"{path}: {len(bad)} tensors hold NaN/Inf ({', '.join(bad[:3])}); the file is damaged or "
                         f"not trained: download ViClip-InternVid-10M-FLT.pth again from {MODEL_PAGE}")

@@ -96,8 +96,9 @@ def rasterize(means3D, means2D, opacities, colors, features, scales, rotations, 
     means3D [N, 3], means2D [N, 3] (zeros; its gradient is the screen-space NDC gradient),
     opacities [N, 1], colors [N, 3], features [N, C] (C in 1..512) or None, scales [N, 3] +
     rotations [N, 4] (w, x, y, z) or cov3D_precomp [N, 6]; bg [3]; viewmatrix, projmatrix [4, 4]
-    (transposed; any leading dimensions of size 1, any strides); all float32 on one CUDA device. Returns color [3, H, W], radii [N] int32,
-    depth [1, H, W], features [C, H, W] or None: the function of _torch_impl.rasterize.
+    (transposed; any leading dimensions of size 1, any strides); all float32 on one CUDA device.
+    Returns color [3, H, W], radii [N] int32, depth [1, H, W], features [C, H, W] or None: the
+    function of _torch_impl.rasterize.
     """
     args = (means3D, means2D, opacities, colors, features, scales, rotations, cov3D_precomp, bg,
             float(scale_modifier), viewmatrix, projmatrix, float(tanfovx), float(tanfovy), int(height), int(width))
