@@ -1,6 +1,6 @@
 """Where the time of a stage-1 iteration goes: CUDA-event timings per phase of train_d3dgs.py's loop.
 
-    python benchmarks/bench_d3dgs.py -s .devdata/basketball [--state output/dev/basketball/timesteps] [--profile 50]
+    python benchmarks/bench_d3dgs.py -s data/basketball [--state output/exp1/basketball/timesteps] [--profile 50]
 
 Runs the loop's own functions (train_d3dgs.get_loss, external.densify, ...) phase by phase with
 CUDA events between them, in two settings:
@@ -19,17 +19,14 @@ the time means the host, Python and launches, is what limits the loop).
 """
 import argparse
 import collections
-import os
-import sys
 import time
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import external  # noqa: E402
-import helpers  # noqa: E402
-import train_d3dgs as td  # noqa: E402
+import external
+import helpers
+import train_d3dgs as td
 
 HOST_WAITS = ("cudaMemcpyAsync", "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel")  # runtime (aten, rasterizer) and driver (Triton) launches
@@ -39,7 +36,7 @@ def table(title, times):
     """times: {phase: [ms per iteration]} -> printed table."""
     total = np.sum([v for v in times.values()], 0)
     print(f"\n{title} ({len(total)} iterations)")
-    print(f"| phase | median ms | mean ms |\n| --- | --- | --- |")
+    print("| phase | median ms | mean ms |\n| --- | --- | --- |")
     for name, v in times.items():
         print(f"| {name} | {np.median(v):.3f} | {np.mean(v):.3f} |")
     print(f"| **iteration** | **{np.median(total):.3f}** | **{np.mean(total):.3f}** |")
@@ -145,14 +142,15 @@ def profile(params, variables, optimizer, dataset, num_iters, loss_fn, name, rng
             launch_us += e.time_range.elapsed_us()
             launches += 1
     print(f"\nprofile of {num_iters} t > 0 iterations, {name} losses, as the loop runs them")
-    print(f"wall {wall_ms:.3f} ms/iteration ({profiled_ms:.3f} under the profiler); GPU busy {busy_ms:.3f} ms/iteration "
-          f"({100 * busy_ms / wall_ms:.0f}% of the unprofiled wall time); host blocked on the GPU (syncs, "
+    print(f"wall {wall_ms:.3f} ms/iteration ({profiled_ms:.3f} under the profiler); GPU busy {busy_ms:.3f} "
+          f"ms/iteration ({100 * busy_ms / wall_ms:.0f}% of the unprofiled wall time); host blocked on the GPU (syncs, "
           f"copies to the host) {waits_us / 1e3 / num_iters:.3f} ms/iteration; {launches / num_iters:.0f} kernel "
           f"launches/iteration ({launch_us / 1e3 / num_iters:.3f} ms of host time)")
     print(f"\n| CUDA kernel (top {top} by GPU time) | calls/it | ms/it | % of busy |\n| --- | --- | --- | --- |")
     ranked = sorted(per_name.items(), key=lambda kv: -kv[1][1])
     for name, (calls, us) in ranked[:top]:
-        print(f"| {name[:90]} | {calls / num_iters:.1f} | {us / 1e3 / num_iters:.3f} | {100 * us / 1e3 / num_iters / busy_ms:.1f} |")
+        ms = us / 1e3 / num_iters
+        print(f"| {name[:90]} | {calls / num_iters:.1f} | {ms:.3f} | {100 * ms / busy_ms:.1f} |")
     rest = sum(us for _, (_, us) in ranked[top:])
     print(f"| (the other {max(len(ranked) - top, 0)} kernels) | | {rest / 1e3 / num_iters:.3f} | "
           f"{100 * rest / 1e3 / num_iters / busy_ms:.1f} |")
@@ -207,7 +205,8 @@ def main():
     medians = {}
     for name, loss_fn in variants:  # the same start and camera order for each
         params, variables = td.initialize_per_timestep(scene, td.initialize_post_first_timestep(scene))
-        optimizer = td.initialize_optimizer(params, radius, td.MOVING, no_bias_correction=("means3D", "unnorm_rotations"))
+        optimizer = td.initialize_optimizer(params, radius, td.MOVING,
+                                            no_bias_correction=("means3D", "unnorm_rotations"))
         if name == "compiled":  # compile (forward and backward) outside the timed iterations
             started = time.perf_counter()
             rendervar = helpers.params2rendervar(params)

@@ -1,12 +1,12 @@
-"""Stage-4 (train_4legs.py) benchmarks: speed per timestep, and what the warm start saves.
+"""Stage-5 (train_4legs.py) benchmarks: speed per timestep, and what the warm start saves.
 
 speed: seconds per basketball-sized timestep, on random Gaussians in front of a ring of cameras
-and a stage-2 cache of random tile embeddings (no stage outputs needed); a timestep = neighbours +
+and a stage-3 cache of random tile embeddings (no stage outputs needed); a timestep = neighbours +
 target maps (interpolation + autoencoder) + the iterations (blend matrices, where used, included):
 
     python benchmarks/bench_legs.py speed --gaussians 300000 --cams 27 --width 640 --height 360
 
-warmstart: on a sequence whose stages 1-3 are done, train timestep t cold (zero latents, fresh
+warmstart: on a sequence whose stages 1, 3 and 4 are done, train timestep t cold (zero latents, fresh
 attention, as the original) and warm (from timestep t-1, trained cold first), evaluating the L1
 loss over ALL train cameras every --eval-every iterations; prints the curves and how many
 iterations the warm start needs to reach the cold run's final loss:
@@ -17,18 +17,16 @@ import argparse
 import math
 import os
 import statistics
-import sys
 import tempfile
 import time
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import helpers  # noqa: E402
-import train_4legs  # noqa: E402
-from feature_extraction.autoencoder import Autoencoder, ae_ckpt_path, load_autoencoder  # noqa: E402
-from feature_extraction.relevancy import d3dgs_params_path, encoder_name, feature_cache  # noqa: E402
+import helpers
+import train_4legs
+from feature_extraction.autoencoder import Autoencoder, ae_ckpt_path, load_autoencoder
+from feature_extraction.relevancy import d3dgs_params_path, encoder_name, feature_cache
 
 
 def sync(device):
@@ -61,7 +59,7 @@ def speed(args):
     sync(device)
     timings["neighbours_s"] = time.perf_counter() - t0
 
-    # a stage-2 cache of random tile embeddings (the real layout), so that the targets are made
+    # a stage-3 cache of random tile embeddings (the real layout), so that the targets are made
     # exactly as train_4legs.py makes them: dense_feature_map, then the autoencoder's encoder
     from feature_extraction import cache as feature_cache, tiles
     levels = tiles.tile_levels(h, w)

@@ -15,16 +15,14 @@ import argparse
 import importlib.util
 import math
 import os
-import sys
 import time
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import diff_gaussian_rasterization as dgr  # noqa: E402
-import diff_gaussian_rasterization_feat as dgrf  # noqa: E402
-import helpers  # noqa: E402
+import diff_gaussian_rasterization as dgr
+import diff_gaussian_rasterization_feat as dgrf
+import helpers
 
 
 def make_scene(n, seed=0):

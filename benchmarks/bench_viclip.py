@@ -1,4 +1,4 @@
-"""Speed and accuracy of Stage 2 with ViCLIP of the real size (random weights) on a CUDA GPU.
+"""Speed and accuracy of stage 3 (extract_features.py) with ViCLIP of the real size (random weights) on a CUDA GPU.
 
     python benchmarks/bench_viclip.py --seq data/bench_viclip/basketball --timesteps 4 5
     python benchmarks/bench_viclip.py --timesteps 4 5      # synthetic 27-camera 640x360 frames
@@ -27,11 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import extract_features  # noqa: E402
-import helpers  # noqa: E402
-from feature_extraction import ViCLIP, tiles  # noqa: E402
-from feature_extraction.viclip import CLIP_MEAN, CLIP_STD  # noqa: E402
+import extract_features
+import helpers
+from feature_extraction import ViCLIP, tiles
+from feature_extraction.viclip import CLIP_MEAN, CLIP_STD
 
 FLOP_PER_CLIP = 1.65e12
 
@@ -238,17 +237,21 @@ def main():
     padded, pad = tiles.pad_frames(frames.to(device), levels)
     level, cam, row, col = tiles.tile_index(levels, len(meta["cam_id"]))
     pick = torch.randperm(len(level), generator=torch.Generator().manual_seed(0))[:args.batch_size].sort().values
-    clips = torch.cat([tiles.crop_tiles(padded, pad, levels[int(li)], cam[pick][level[pick] == li].to(device),
-                                        row[pick][level[pick] == li].to(device), col[pick][level[pick] == li].to(device),
-                                        224) for li in level[pick].unique()])
-    clips = (clips - torch.tensor(CLIP_MEAN, device=device).view(3, 1, 1)) / torch.tensor(CLIP_STD, device=device).view(3, 1, 1)
+    clips = torch.cat([tiles.crop_tiles(padded, pad, levels[int(li)], *(x[pick][level[pick] == li].to(device)
+                                                                       for x in (cam, row, col)), 224)
+                       for li in level[pick].unique()])
+    mean, std = (torch.tensor(x, device=device).view(3, 1, 1) for x in (CLIP_MEAN, CLIP_STD))
+    clips = (clips - mean) / std
     ours_bf16 = model.encode_video(clips)
     ours_fp32 = ref32.encode_video(clips)
     with torch.inference_mode():
         orig_fp32 = original(clips)
-    cached = torch.from_numpy(np.concatenate([np.load(os.path.join(cache, f"timestep_{t}", f"level_{i}.npy")).reshape(-1, model.dim)
-                                              for i in range(len(levels))]))[pick].to(device).float()
-    cos = lambda a, b: F.cosine_similarity(a, b, dim=-1)
+    cached = torch.from_numpy(np.concatenate([
+        np.load(os.path.join(cache, f"timestep_{t}", f"level_{i}.npy")).reshape(-1, model.dim)
+        for i in range(len(levels))]))[pick].to(device).float()
+
+    def cos(a, b):
+        return F.cosine_similarity(a, b, dim=-1)
     res["accuracy"] = {"tiles": len(pick),
                        "cos_bf16_vs_fp32_min": cos(ours_bf16, ours_fp32).min().item(),
                        "cos_bf16_vs_fp32_mean": cos(ours_bf16, ours_fp32).mean().item(),

@@ -3,10 +3,11 @@ agreed benchmark times it), the host time of one call, the GPU time of each kern
 and the allocations alive at the call's peak (beyond what existed before it; the figure the
 benchmark's peakMB adds to the inputs), also for gsplat with --gsplat.
 
-    python benchmarks/rasterizer_profile.py --gaussians 300000 --meta .devdata/bench/train_meta.json
+    python benchmarks/rasterizer_profile.py --gaussians 300000 --meta data/basketball/train_meta.json
 
-The scene follows ../shared/bench/rasterizer_bench.py: Gaussians in a ball at the point closest to
-the optical axes of the cameras of train_meta.json (its first timestep), seen by its first camera.
+The scene follows the agreed benchmark (rasterizer_bench.py, docs/performance.md): Gaussians in a
+ball at the point closest to the optical axes of the cameras of train_meta.json (its first
+timestep), seen by its first camera.
 A gap between the event median and the summed kernel time is time the GPU waits for the host.
 """
 import argparse
@@ -187,7 +188,7 @@ def memory_at_peak(fn):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gaussians", type=int, default=300_000, help="number of Gaussians")
-    parser.add_argument("--meta", default=".devdata/bench/train_meta.json",
+    parser.add_argument("--meta", required=True,
                         help="train_meta.json of PanopticSports basketball (the benchmark's cameras)")
     parser.add_argument("--gsplat", action="store_true", help="also the memory of gsplat's RGB calls")
     args = parser.parse_args()

@@ -12,13 +12,13 @@ Measured 2026-11-24 on the device H100, torch 2.11 + CUDA 13: sequential fused m
 every matrix product, (w^2 + y^2) + (x^2 + z^2) for the norm; all at 1k, 100k and 1M rows.
 """
 import argparse
+import functools
 
-import cupy as cp
 import torch
 
 import diff_gaussian_rasterization._torch_impl as ti
 
-KERNEL = cp.RawKernel(r'''
+DOTS_SOURCE = r'''
 extern "C" __global__ void dots(const float* a, const float* b, int K, long long M, int mode, float* out) {
   long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
   if (i >= M) return;
@@ -43,19 +43,27 @@ extern "C" __global__ void dots(const float* a, const float* b, int K, long long
   }
   out[i] = acc;
 }
-''', "dots")
+'''
 ORDERS = ["sequential-fma", "reverse-fma", "sequential", "pairs (01)(23)", "pairs (02)(13)"]
+
+
+@functools.cache
+def dots_kernel():
+    """DOTS_SOURCE compiled by CuPy (imported here, so that --help works without it)."""
+    import cupy as cp
+    return cp.RawKernel(DOTS_SOURCE, "dots")
 
 
 def candidates(a, b, sqrt=False):
     """a, b [M, K] operand rows -> one [M] result per order."""
+    import cupy as cp
     a, b = a.contiguous().float(), b.contiguous().float()
     m, k = a.shape
     results = []
     for mode in range(len(ORDERS)):
         out = torch.empty(m, device="cuda")
-        KERNEL(((m + 255) // 256,), (256,), (cp.asarray(a), cp.asarray(b), cp.int32(k), cp.int64(m), cp.int32(mode),
-                                              cp.asarray(out)))
+        dots_kernel()(((m + 255) // 256,), (256,), (cp.asarray(a), cp.asarray(b), cp.int32(k), cp.int64(m),
+                                                     cp.int32(mode), cp.asarray(out)))
         results.append(out.sqrt() if sqrt else out)
     torch.cuda.synchronize()
     return results

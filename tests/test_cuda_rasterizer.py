@@ -1,12 +1,11 @@
 """The CUDA rasterizer against the PyTorch reference (_torch_impl, the specification), on the GPU.
 
-Fresh random scenes each run (the seed is in every failure message): forward outputs within 1e-4
-relative L2, every gradient within 1e-3, radii identical, every output element written (buffers are
-filled with NaN before the kernels run). Run on a machine with a GPU and the built extension:
+Random scenes of fixed seeds (one per test, named in every failure message): forward outputs within
+1e-4 relative L2, every gradient within 1e-3, radii identical, every output element written (buffers
+are filled with NaN before the kernels run). Run on a machine with a GPU and the built extension:
     python -m pytest -q -m gpu tests/test_cuda_rasterizer.py
 """
 import math
-import random
 
 import pytest
 import torch
@@ -103,7 +102,7 @@ def poisoned(monkeypatch):
     (50_000, 300, 170, None, False),
 ])
 def test_matches_reference(poisoned, n, width, height, channels, precomp):
-    seed = random.randrange(2**31)
+    seed = 1
     gen = torch.Generator().manual_seed(seed)
     settings, w2c, fx = random_camera(width, height, gen)
     scene = random_scene(n, settings, w2c, fx, channels, gen, precomp,
@@ -133,7 +132,7 @@ def test_matches_reference(poisoned, n, width, height, channels, precomp):
 
 def test_frozen_geometry_computes_feature_gradients_only(poisoned):
     """4-LEGS training: geometry detached, only features (and here colours) need gradients."""
-    seed = random.randrange(2**31)
+    seed = 2
     gen = torch.Generator().manual_seed(seed)
     settings, w2c, fx = random_camera(211, 157, gen)
     scene = random_scene(20_000, settings, w2c, fx, 128, gen)
@@ -150,7 +149,7 @@ def test_frozen_geometry_computes_feature_gradients_only(poisoned):
 def test_public_api_dispatches_to_cuda():
     """GaussianRasterizer on CUDA tensors runs the kernels (SH colours, both packages) and fills
     means2D.grad, the screen-space gradient densification reads."""
-    seed = random.randrange(2**31)
+    seed = 3
     gen = torch.Generator().manual_seed(seed)
     settings, w2c, fx = random_camera(160, 120, gen)
     scene = random_scene(5_000, settings, w2c, fx, 16, gen)
@@ -188,7 +187,7 @@ def test_no_grad_path_and_an_image_of_many_tiles(poisoned):
     """Under no_grad the kernels run without an autograd node and give the images of the
     differentiable call; an image of more than 65,535 tiles (4160x4128: 67,080) sorts 32-bit tile
     keys instead of 16-bit ones, and matches the reference."""
-    seed = random.randrange(2**31)
+    seed = 4
     gen = torch.Generator().manual_seed(seed)
     settings, w2c, fx = random_camera(4160, 4128, gen)
     scene = random_scene(3_000, settings, w2c, fx, 4, gen, radius_px=60.0)
@@ -207,7 +206,7 @@ def test_no_grad_path_and_an_image_of_many_tiles(poisoned):
 def test_equal_depths_blend_in_index_order(poisoned):
     """Copies of Gaussians (as densification makes them) share a depth; both sorts are stable, so
     the copies blend in index order, as the reference's, in forward and backward."""
-    seed = random.randrange(2**31)
+    seed = 5
     gen = torch.Generator().manual_seed(seed)
     settings, w2c, fx = random_camera(240, 180, gen)
     scene = random_scene(40_000, settings, w2c, fx, None, gen, radius_px=8.0)

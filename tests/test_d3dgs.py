@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {"width": 96, "height": 54, "num_timesteps": 3, "num_train": 6, "num_test": 1}
 ITERS = ["--iters-first", "60", "--iters", "3", "--max-gaussians", "6000", "--fg-points", "1500",
          "--bg-points", "2500"]
-PSNR_BOUND = 19.5  # dB on the test camera after 60 iterations at t = 0 (measured: the built cloud 18.7, trained 20.5)
+PSNR_BOUND = 21.0  # dB on the test camera after 60 iterations at t = 0 (measured: the built cloud 19.6, trained 21.6)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def test_psnr_rises_above_bound(trained):
     with open(os.path.join(out, "metrics.json")) as f:
         metrics = json.load(f)
     assert metrics["timesteps"] == 2
-    # the point cloud built from the masks, rendered as train_d3dgs initialises it, scores far lower
+    # the point cloud built from the masks, rendered as train_d3dgs initialises it, scores lower
     seq = os.path.join(work, "tiny")
     meta, test_meta = helpers.load_meta(seq, "train"), helpers.load_meta(seq, "test")
     _, test_views = train_d3dgs.get_dataset(train_d3dgs.load_timestep(seq, meta, test_meta, 0, (96, 54), (96, 54)),
@@ -66,7 +66,7 @@ def test_psnr_rises_above_bound(trained):
         init = train_d3dgs.initialize_params(f["data"], len(meta["cam_id"]), "cpu")
     before = train_d3dgs.evaluate(init, test_views, None)["psnr"]
     after = metrics["per_timestep"][0]["psnr"]
-    assert after > PSNR_BOUND > before, (before, after)
+    assert after > PSNR_BOUND and after > before + 1.0, (before, after)
     assert metrics["per_timestep"][1]["psnr"] > 18.0  # 3 iterations at t = 1 keep it near
     assert metrics["lpips"] is None and metrics["lpips_missing"]
     assert all(0 < m["ssim"] <= 1 for m in metrics["per_timestep"])
@@ -114,26 +114,25 @@ def test_resume_continues_at_first_missing_timestep(trained, capsys, tmp_path):
     assert "nothing to train" in "".join(capsys.readouterr())
 
 
-def test_resume_needs_only_the_timesteps_it_starts_from(trained, capsys, tmp_path):
-    """A run carried over as timesteps 0, t - 2, t - 1 (here 0, 1; 2 trained, then 1 gone) goes on
-    after the last; -f needs exactly what restore reads; metrics list the gap, params.npz stops at it."""
+def test_a_missing_timestep_is_trained_again_with_the_ones_after_it(trained, capsys, tmp_path):
+    """Timesteps 0-2 trained, then 1 gone: 2 was trained from it, so a rerun trains 1 and 2 again;
+    -f past the finished timesteps is refused."""
     work, _ = trained
     copy = tmp_path / "work"
     shutil.copytree(work, copy)
     out = copy / "output" / "t" / "tiny"
     seq = json.loads((out / "timesteps" / "run.json").read_text())["seq"]
     run_in(copy, train_d3dgs.main, ["-s", seq, "-e", "t", "--device", "cpu", *ITERS])
-    assert "resuming at timestep 2 from timesteps [0, 1]" in "".join(capsys.readouterr())
+    assert "resuming at timestep 2" in "".join(capsys.readouterr())
     (out / "timesteps" / "000001.npz").unlink()
-    run_in(copy, train_d3dgs.main, ["-s", seq, "-e", "t", "--device", "cpu", *ITERS])  # nothing after 2 to train
-    log = "".join(capsys.readouterr())
-    assert "timesteps 1 are missing" in log and "nothing to train" in log
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["missing_timesteps"] == [1] and [m["t"] for m in metrics["per_timestep"]] == [0, 2]
-    with np.load(out / "params.npz") as f:
-        assert f["means3D"].shape[0] == 1
-    with pytest.raises(helpers.UserError, match=r"training timestep 2 starts from timesteps \[0, 1\], but \[1\] are not finished"):
+    with pytest.raises(helpers.UserError, match=r"-f 2: timestep 2 starts from timestep 1, but timesteps 0..0 are"):
         run_in(copy, train_d3dgs.main, ["-s", seq, "-e", "t", "-f", "2", "--device", "cpu", *ITERS])
+    run_in(copy, train_d3dgs.main, ["-s", seq, "-e", "t", "--device", "cpu", *ITERS])
+    assert "resuming at timestep 1" in "".join(capsys.readouterr())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [m["t"] for m in metrics["per_timestep"]] == [0, 1, 2]
+    with np.load(out / "params.npz") as f:
+        assert f["means3D"].shape[0] == 3
 
 
 def test_nan_stops_naming_timestep_and_iteration(trained, monkeypatch, tmp_path):
@@ -375,47 +374,3 @@ def test_compiled_loss_is_one_graph_without_recompiles_and_equals_eager():
                 for got, want in zip(grads_c, grads):
                     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
     assert counter.frame_count == 1
-
-
-def test_device_script_hands_state_over_between_calls(seq, tmp_path):
-    """benchmarks/device_d3dgs.sh in the layout of the device (the repository root the working
-    directory, outputs under output/dev/basketball/timesteps/), on the CPU with tiny settings: a
-    first call trains timesteps 0-1 and leaves its state in $OUT; 'prepare' turns that into
-    .devstate/ here; a second call on a fresh machine resumes from it and trains timestep 2."""
-    repo = tmp_path / "repo"
-    (repo / "benchmarks").mkdir(parents=True)
-    shutil.copy(os.path.join(ROOT, "benchmarks", "device_d3dgs.sh"), repo / "benchmarks")
-    os.symlink(os.path.join(ROOT, "train_d3dgs.py"), repo / "train_d3dgs.py")
-    shutil.copytree(seq, repo / ".devdata" / "basketball", ignore=shutil.ignore_patterns("gt"))
-    (repo / ".gitignore").write_text("/.devdata/\n/output/\n")
-    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
-    bin_dir = tmp_path / "bin"  # python3 = this interpreter (the script calls python3, as on the device)
-    bin_dir.mkdir()
-    (bin_dir / "python3").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
-    (bin_dir / "python3").chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": ROOT, "DEVICE": "cpu"}
-
-    def call(*args, out=None, train_args=()):
-        result = subprocess.run(["bash", "benchmarks/device_d3dgs.sh", *args], cwd=repo, capture_output=True, text=True,
-                                env={**env, "OUT": str(out or tmp_path / "unused"), "TRAIN_ARGS": " ".join(train_args)})
-        assert result.returncode == 0, result.stdout + result.stderr
-        return result.stdout
-
-    def state(out):
-        import tarfile
-        pieces = sorted(out.glob("state.tar.gz.part*"))
-        (tmp_path / "state.tar.gz").write_bytes(b"".join(p.read_bytes() for p in pieces))
-        with tarfile.open(tmp_path / "state.tar.gz") as tar:
-            return sorted(tar.getnames())
-
-    out1, out2 = tmp_path / "out1", tmp_path / "out2"
-    call("600", out=out1, train_args=ITERS + ["-l", "1"])
-    assert state(out1) == ["000000.npz", "000001.npz", "records.json", "run.json"]
-    log = call("prepare", str(out1))
-    assert "images of timesteps 2..2" in log and "resume" in log
-    assert sorted(os.listdir(repo / ".devstate" / "basketball" / "ims" / "0")) == ["000002.jpg"]
-    shutil.rmtree(repo / "output")  # the next call gets a fresh machine
-    call("600", "resume", out=out2, train_args=ITERS)
-    assert "resuming at timestep 2 from timesteps [0, 1]" in (out2 / "train.log").read_text()
-    assert [r["t"] for r in json.loads((out2 / "records.json").read_text())] == [0, 1, 2]
-    assert state(out2) == ["000000.npz", "000001.npz", "000002.npz", "records.json", "run.json"]
