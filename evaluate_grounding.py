@@ -23,9 +23,10 @@ import torch
 import torch.nn.functional as F
 
 import helpers
-from feature_extraction.relevancy import (DETECT_THRESHOLD, MASK_FRACTION, Stages, add_prompt_options,
-                                          check_prompt_options, detect_spans, encode_prompts, frame_scores,
-                                          heat, render_relevance_video)
+from feature_extraction.cache import add_cache_dir_option
+from feature_extraction.relevancy import (DETECT_THRESHOLD, ENCODER_OF_STAGES, MASK_FRACTION, Stages,
+                                          add_prompt_options, check_prompt_options, detect_spans, encode_prompts,
+                                          frame_scores, heat, render_relevance_video)
 
 
 def read_benchmark(folder):
@@ -103,14 +104,16 @@ def find_camera(seq_dir, cam_id, num_t, device):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-s", "--seq", required=True, help="sequence folder, e.g. data/synthetic")
+    helpers.add_sequence_option(p)
     p.add_argument("-e", "--exp", default="exp1", help="experiment name (default: %(default)s)")
-    p.add_argument("--encoder", required=True, help="the --encoder of stages 2-4: viclip, color, openclip:<arch>:<ckpt>")
+    p.add_argument("--encoder", required=True, help=ENCODER_OF_STAGES)
     p.add_argument("--benchmark", required=True, help="benchmark folder of this sequence, e.g. "
                    "data/grounding/synthetic (<prompt_dir>/cam<N>.pt)")
     p.add_argument("--out", default=None, help="json report (default: results/<exp>/<seq>/grounding.json)")
     add_prompt_options(p)
+    add_cache_dir_option(p)
     args = p.parse_args(argv)
+    args.seq = helpers.find_sequence(args.seq)
     check_prompt_options(args)
     return args
 
@@ -119,7 +122,7 @@ def main(argv=None):
     args = parse_args(argv)
     device = helpers.pick_device(args.device)
     benchmark = read_benchmark(args.benchmark)
-    stages = Stages(args.seq, args.exp, args.encoder, device)
+    stages = Stages(args.seq, args.exp, args.encoder, device, args.cache_dir)
     from feature_extraction import load_encoder
     prompts = list(benchmark)
     positives, negatives = encode_prompts(load_encoder(args.encoder, device, args.viclip_ckpt), prompts, device)
@@ -135,8 +138,9 @@ def main(argv=None):
     keys = ("temporal_iou", "mask_iou", "viou")
     per_prompt = {p: {k: float(np.mean([r[k] for r in results[p].values()])) for k in keys} for p in prompts}
     mean = {k: float(np.mean([m[k] for m in per_prompt.values()])) for k in keys}
-    out = args.out or os.path.join("results", args.exp, os.path.basename(os.path.normpath(args.seq)), "grounding.json")
-    helpers.save_json(out, {"benchmark": args.benchmark, "encoder": args.encoder, "threshold": args.threshold,
+    out = args.out or os.path.join(helpers.stage_dir("results", args.exp, args.seq), "grounding.json")
+    helpers.save_json(out, {"benchmark": os.path.abspath(args.benchmark), "made_from": stages.provenance(),
+                            "threshold": args.threshold,
                             "mask": f"relevance > {MASK_FRACTION} x max(video peak, threshold)",
                             "mean": mean, "per_prompt": per_prompt, "per_camera": results})
     width = max(len(p) for p in prompts + ["mean"])

@@ -1,9 +1,10 @@
-"""Stage 2: embed every tile clip of every train camera and timestep with a video-language encoder.
+"""Stage 3 of 4-LEGS: embed every tile clip of every train camera and timestep with a video-language encoder.
 
 Per timestep t: each train camera's 8-frame clip (t-4 .. t+3), cut into the 5-level tile pyramid of
-method.md (572 tiles per camera at 640x360), each tile's clip resized and embedded; the embeddings
-are cached in float16 under <seq>/interpolators/<encoder>/timestep_<t>/ (layout and invalidation:
-feature_extraction/cache.py). Finished timesteps are skipped, so an interrupted run resumes.
+4-LEGS (feature_extraction/tiles.py; 572 tiles per camera at 640x360), each tile's clip resized and
+embedded; the embeddings are cached in float16 under <seq>/interpolators/<encoder>/timestep_<t>/
+(layout and invalidation: feature_extraction/cache.py). Finished timesteps are skipped, so an
+interrupted run resumes.
 
 Speed: all tiles of all cameras and levels go through the encoder in fixed-size batches; tiles are
 cut and resized on the GPU; ViCLIP runs in bfloat16 with fused attention (compiled by default on
@@ -18,7 +19,6 @@ import time
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import helpers
 from feature_extraction import DEFAULT_CKPT, ENCODER_HELP, cache_dir, load_encoder, tiles
@@ -113,21 +113,31 @@ def encode_timestep(encoder, frames, levels, index, batch_size, device, fixed_ba
     return out
 
 
-def extract(seq_dir, encoder, timesteps, batch_size, device, progress=True):
-    """Embed and cache `timesteps` (skipping finished ones). Returns stats: clips, seconds,
-    timestep_seconds (per computed timestep), done (computed), skipped."""
+def extract(seq_dir, encoder, timesteps, batch_size, device, progress=True, cache_root=None):
+    """Embed and cache `timesteps` (skipping finished ones) under cache_root (default: the sequence
+    folder), holding the stage's lock of the cache folder (per rank under torchrun). Returns stats:
+    clips, seconds, timestep_seconds (per computed timestep), done (computed), skipped, cache."""
     meta = helpers.load_meta(seq_dir, "train")
-    cache = cache_dir(seq_dir, encoder.name)
+    cache = cache_dir(cache_root or seq_dir, encoder.name)
+    rank, world, _ = dist_rank()
+    with helpers.stage_lock(cache, "extract_features" + (f".rank{rank}of{world}" if world > 1 else ""),
+                            "; pass --cache-dir DIR to keep the features elsewhere"):
+        feature_cache.claim_for_sequence(cache, seq_dir, meta)
+        return extract_into(cache, seq_dir, meta, encoder, timesteps, batch_size, device, progress)
+
+
+def extract_into(cache, seq_dir, meta, encoder, timesteps, batch_size, device, progress):
+    """extract's work, in the cache folder it holds."""
     levels = tiles.tile_levels(meta["h"], meta["w"])
     index = [x.to(device) for x in tiles.tile_index(levels, len(meta["cam_id"]))]
-    todo = [t for t in timesteps if not feature_cache.is_done(cache, t, feature_cache.make_config(encoder, seq_dir, meta, t))]
+    configs = {t: feature_cache.make_config(encoder, seq_dir, meta, t) for t in timesteps}
+    todo = [t for t in timesteps if not feature_cache.is_done(cache, t, configs[t])]
     stats = {"clips": 0, "seconds": 0.0, "timestep_seconds": [], "done": len(todo),
              "skipped": len(timesteps) - len(todo), "cache": cache}
     if not todo:
         return stats
-    os.makedirs(cache, exist_ok=True)
     reader = FrameReader(seq_dir, meta, pin=device.type == "cuda")
-    bar = tqdm(total=len(todo) * len(index[0]), unit="clip", disable=not progress, smoothing=0.05)
+    bar = helpers.progress(total=len(todo) * len(index[0]), unit="clip", disable=not progress, smoothing=0.05)
     start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as decoder:
         pending = decoder.submit(reader, todo[0])
@@ -142,7 +152,7 @@ def extract(seq_dir, encoder, timesteps, batch_size, device, progress=True):
             if not torch.isfinite(emb).all():  # never cache what would poison every later stage
                 raise UserError(f"timestep {t}: the {encoder.name} encoder returned NaN/Inf embeddings; nothing "
                                 f"cached for it. Check the encoder's weights (--viclip-ckpt) and the images")
-            feature_cache.write_timestep(cache, t, feature_cache.make_config(encoder, seq_dir, meta, t), emb.cpu().numpy())
+            feature_cache.write_timestep(cache, t, configs[t], emb.cpu().numpy())
             stats["timestep_seconds"].append(time.perf_counter() - t_start)
             stats["clips"] += len(index[0])
     bar.close()
@@ -152,12 +162,12 @@ def extract(seq_dir, encoder, timesteps, batch_size, device, progress=True):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        description="Stage 2 of 4-LEGS: embed the multi-scale tile clips of every train camera and timestep "
-                    "with a video-language encoder and cache them (float16) under "
-                    "<seq>/interpolators/<encoder>/timestep_<t>/. Finished timesteps are skipped, so an "
+        description=helpers.stage_description("extract_features.py") + " Embeds the multi-scale tile clips "
+                    "of every train camera and timestep with a video-language encoder and caches them (float16) "
+                    "under <seq>/interpolators/<encoder>/timestep_<t>/. Finished timesteps are skipped, so an "
                     "interrupted run resumes. Several GPUs: torchrun --nproc_per_node=K extract_features.py -s SEQ "
                     "(each rank takes a contiguous block of the timesteps).")
-    parser.add_argument("-s", "--seq", required=True, help="sequence folder (PanopticSports layout), e.g. data/synthetic")
+    helpers.add_sequence_option(parser)
     parser.add_argument("-f", "--first", type=int, default=0, help="first timestep to embed (default: %(default)s)")
     parser.add_argument("-l", "--last", type=int, default=None,
                         help="last timestep to embed, inclusive (default: the sequence's last)")
@@ -172,14 +182,15 @@ def main(argv=None):
                         help="cuda, cuda:N or cpu (default: cuda if available; under torchrun cuda:LOCAL_RANK)")
     parser.add_argument("--no-compile", action="store_true",
                         help="skip torch.compile of ViCLIP on CUDA: ~25 s less start-up, ~15%% slower encoding")
+    feature_cache.add_cache_dir_option(parser)
     args = parser.parse_args(argv)
+    args.seq = helpers.find_sequence(args.seq)
 
     rank, world, local_rank = dist_rank()
     device = rank_device(args.device, world, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device.index)
-    if args.batch_size is not None and args.batch_size < 1:
-        raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
+    helpers.check_option(args, "batch_size", at_least=1)
     meta = helpers.load_meta(args.seq, "train")
     num_t = len(meta["fn"])
     last = num_t - 1 if args.last is None else args.last
@@ -192,7 +203,8 @@ def main(argv=None):
                                min(num_t - 1, mine[-1] + tiles.CLIP_OFFSETS[-1]))
     encoder = load_encoder(args.encoder, device, args.viclip_ckpt,
                            compile=device.type == "cuda" and not args.no_compile)
-    stats = extract(args.seq, encoder, mine, args.batch_size or encoder.batch_size, device, progress=rank == 0)
+    stats = extract(args.seq, encoder, mine, args.batch_size or encoder.batch_size, device, progress=rank == 0,
+                    cache_root=args.cache_dir)
     rate = (f", {stats['clips'] / stats['seconds']:.1f} clips/s, median "
             f"{np.median(stats['timestep_seconds']):.1f} s/timestep" if stats["seconds"] else "")
     who = f"rank {rank}/{world}: " if world > 1 else ""

@@ -3,41 +3,98 @@
 Conventions: cameras in the OpenCV convention of the PanopticSports data (+x right, +y down, +z
 forward); quaternions (w, x, y, z); images float32 [3, H, W] in [0, 1].
 """
+import contextlib
+import errno
+import hashlib
 import json
 import math
 import os
+import re
+import secrets
+import shutil
+import socket
 import sys
-import tempfile
+import time
+import zipfile
+import zlib
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from diff_gaussian_rasterization import GaussianRasterizationSettings as Camera
+
+DATA_DIR = "data"  # where `-s <name>` looks when <name> is no folder
+PLAIN_PROGRESS_SECONDS = 30  # off a terminal: at most one progress line this often per loop
+ORBIT_UP = (0.0, -1.0, 0.0)  # PanopticSports: +y points down, to the floor
+MIN_DOWNSCALED_SIDE = 8  # pixels: the least --downscale may leave of an image's width or height
 
 
 class UserError(Exception):
     """A problem with the user's input: printed as one line, exit code 2, no traceback."""
 
 
-def run_main(main):
-    """Run a script's main(); a UserError becomes one line on stderr and exit code 2."""
+def run_main(main, resumes=True):
+    """Run a script's main(); a UserError becomes one line on stderr and exit code 2. resumes: whether
+    running the script again continues where an interrupted run stopped (the visualisers render
+    everything again), which is what Ctrl-C's message says."""
     try:
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted: finished steps are saved; run the same command again to resume",
+        print("interrupted: finished steps are saved; run the same command again to resume" if resumes else
+              "interrupted: the videos finished before are kept; running the command again renders all of them",
               file=sys.stderr)
         sys.exit(130)
 
 
 def pick_device(name=None):
-    """'cuda' when available unless told otherwise."""
-    if name:
-        if name.startswith("cuda") and not torch.cuda.is_available():
-            raise UserError(f"--device {name} asked for, but no CUDA GPU is visible")
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """'cuda' when available unless told otherwise; `name` (--device) is checked: cpu, cuda or cuda:N
+    of a visible GPU."""
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name}: not a device; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: this code runs on cpu or cuda (cuda:N), not on {device.type}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asked for, but no CUDA GPU is visible")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: {torch.cuda.device_count()} CUDA GPU(s) visible, "
+                        f"cuda:0..{torch.cuda.device_count() - 1}")
+    return device
+
+
+def check_option(args, dest, at_least=None, above=None, below=None):
+    """Raise UserError naming --<dest> and its value unless it is a finite number >= at_least, >
+    above and < below (each bound where given). An option left at a default of None passes."""
+    value = getattr(args, dest)
+    if value is None:
+        return
+    fits = (math.isfinite(value) and (at_least is None or value >= at_least)
+            and (above is None or value > above) and (below is None or value < below))
+    if not fits:
+        wanted = [f"at least {at_least}" if at_least is not None else "", f"above {above}" if above is not None else "",
+                  f"below {below}" if below is not None else ""]
+        raise UserError(f"--{dest.replace('_', '-')} {value}: must be a number {' and '.join(w for w in wanted if w)}")
+
+
+def check_experiment(exp):
+    """Raise UserError unless `exp` (-e) is a plain folder name: it becomes output/<exp>/ and
+    results/<exp>/, and must not lead elsewhere ('../x', '/tmp/x', '.')."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", exp):
+        raise UserError(f"-e {exp!r}: an experiment name is a plain folder name (letters, digits, '.', '_', '-', "
+                        f"up to 100, no '/'), e.g. -e exp1")
+
+
+def stage_dir(kind, exp, seq_dir):
+    """<kind>/<exp>/<seq> ('output' or 'results'), <seq> the sequence folder's own name (of its
+    absolute path, so that -s . or -s ../x name a folder, not a way out of <kind>/<exp>/)."""
+    check_experiment(exp)
+    return os.path.join(kind, exp, os.path.basename(os.path.abspath(seq_dir)))
 
 
 def parse_with_demo(parser, argv, demo):
@@ -52,19 +109,210 @@ def parse_with_demo(parser, argv, demo):
     return args
 
 
+# ---------------------------------------------------------------- the pipeline
+# The one table of the six stages: README's table (stages_table), each script's --help
+# (stage_description) and the errors that name a stage to run first (run_first) come from here.
+
+class Stage(NamedTuple):
+    number: int
+    script: str
+    title: str
+    reads: str
+    writes: str
+
+
+STAGES = {stage.script: stage for stage in (
+    Stage(1, "train_d3dgs.py", "Dynamic 3D Gaussians",
+          "`<seq>/ims/`, `seg/`, `train_meta.json`, `test_meta.json`",
+          "`output/<exp>/<seq>/params.npz`, `metrics.json`"),
+    Stage(2, "visualize_d3dgs.py", "videos of the reconstruction",
+          "`output/<exp>/<seq>/params.npz`", "`results/<exp>/<seq>/*.mp4`"),
+    Stage(3, "extract_features.py", "video-language features of tile clips",
+          "`<seq>/ims/`, `train_meta.json`", "`<seq>/interpolators/<encoder>/`"),
+    Stage(4, "train_autoencoder.py", "the 768 -> 128 autoencoder",
+          "`<seq>/interpolators/<encoder>/`", "`<seq>/ae/best_ckpt.pth`"),
+    Stage(5, "train_4legs.py", "4-LEGS features on the Gaussians",
+          "`params.npz`, `interpolators/<encoder>/`, `best_ckpt.pth`", "`output/<exp>/<seq>/legs/`"),
+    Stage(6, "visualize_4legs.py", "where and when a prompt happens",
+          "`params.npz`, `legs/`, `best_ckpt.pth`",
+          "`results/<exp>/<seq>/<prompt>/` (videos, `timeline.json`, `timeline.png`)"),
+)}
+
+
+def stage_name(script):
+    """'stage 5 (train_4legs.py)'."""
+    return f"stage {STAGES[script].number} ({script})"
+
+
+def stage_description(script):
+    """The opening of a stage script's --help: its number, what it does, what it reads and writes."""
+    stage = STAGES[script]
+    return (f"Stage {stage.number} of {len(STAGES)}, {stage.title}. Reads {stage.reads}; "
+            f"writes {stage.writes}.").replace("`", "")
+
+
+def stage_help(script, doc):
+    """--help of a stage script whose docstring is its help: stage_description, then the docstring
+    after its first line (that line names the stage by hand; a test holds it to this table)."""
+    return stage_description(script) + "\n\n" + doc.split("\n", 1)[1].strip("\n")
+
+
+def run_first(script, command):
+    """The end of an error about a missing output of `script`: which stage makes it, and how."""
+    return f"run {stage_name(script)} first: {command}"
+
+
+def stages_table():
+    """The README's table of the stages (markdown)."""
+    rows = [f"| {s.number} | `{s.script}` | {s.title} | {s.reads} | {s.writes} |" for s in STAGES.values()]
+    return "\n".join(["| # | script | does | reads | writes |", "|---|---|---|---|---|", *rows])
+
+
+def add_sequence_option(parser):
+    """-s/--seq of every script; main() turns it into the folder with find_sequence."""
+    parser.add_argument("-s", "--seq", required=True,
+                        help=f"sequence folder (ims/, seg/, train_meta.json, test_meta.json), or its name under "
+                             f"{DATA_DIR}/: -s basketball reads {DATA_DIR}/basketball")
+
+
+def find_sequence(arg):
+    """The sequence folder that `-s arg` names: `arg` when it is a folder, else data/<arg> (the
+    original's `-s basketball` with the data under data/). Prints which folder is used."""
+    for folder in (arg, os.path.join(DATA_DIR, arg)):
+        if os.path.isdir(folder):
+            folder = os.path.normpath(folder)
+            print(f"sequence folder: {folder}")
+            return folder
+    raise UserError(f"-s {arg}: neither {arg} nor {os.path.join(DATA_DIR, arg)} is a folder; give the sequence "
+                    f"folder (ims/, seg/, train_meta.json, test_meta.json), e.g. -s data/basketball")
+
+
+# ---------------------------------------------------------------- progress
+
+class _PlainLines:
+    """What tqdm writes to off a terminal: each redraw ('\\r' + bar) becomes one line, where the
+    redraws would otherwise pile up as thousands of '\\r' in a log file."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        line = text.replace("\r", "").rstrip()
+        if line:
+            self.stream.write(line + "\n")
+
+    def flush(self):
+        self.stream.flush()
+
+
+def progress(iterable=None, **options):
+    """tqdm(iterable, **options) for every long loop: a bar on a terminal; elsewhere (a log file,
+    CI) plain lines, the first after PLAIN_PROGRESS_SECONDS and then at most one that often (a
+    loop shorter than that prints none)."""
+    from tqdm import tqdm
+    if sys.stderr.isatty():
+        return tqdm(iterable, dynamic_ncols=True, **options)
+    # ncols=0: counts and rates without the bar; maxinterval too, else tqdm's monitor redraws every 10 s
+    return tqdm(iterable, file=_PlainLines(sys.stderr), ncols=0, delay=PLAIN_PROGRESS_SECONDS,
+                mininterval=PLAIN_PROGRESS_SECONDS, maxinterval=PLAIN_PROGRESS_SECONDS, **options)
+
+
 # ---------------------------------------------------------------- atomic output
+
+# Temporary files and folders are named .tmp_<host>-<pid>-<process start>-<random><suffix>: a later
+# run tells a live writer's (left alone) from one a SIGKILL or power cut left (removed).
+
+STALE_TMP_SECONDS = 24 * 3600  # another host's temporary file (its writer cannot be asked) this old is stale
+_TMP_NAME = re.compile(r"\.tmp_([0-9a-f]{6})-(\d+)-(\d+)-")
+
+
+def host_tag():
+    """6 hex digits naming this host in temporary names."""
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
+
+
+def process_start(pid):
+    """When process `pid` started (clock ticks after boot, field 22 of /proc/<pid>/stat); None when
+    it does not run or there is no /proc. With the pid it names one process: pids are reused."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def process_alive(pid, start):
+    """Whether the process `pid` of this host that started at `start` (process_start's) still runs."""
+    if start is not None and os.path.isdir("/proc/self"):
+        return process_start(pid) == start
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: it exists
+        return True
+    return True
+
+
+def tmp_path(folder, suffix=""):
+    """A new temporary name in `folder` that names its writer, this process (see clean_stale_tmp)."""
+    writer = f"{host_tag()}-{os.getpid()}-{process_start(os.getpid()) or 0}"
+    return os.path.join(folder, f".tmp_{writer}-{secrets.token_hex(4)}{suffix}")
+
+
+def clean_stale_tmp(folder):
+    """Remove the temporary files and folders (tmp_path's) that killed runs left in `folder`: those
+    of a dead process of this host, and those of other hosts older than STALE_TMP_SECONDS. Those of
+    live runs stay."""
+    if not os.path.isdir(folder):
+        return
+    for name in os.listdir(folder):
+        if not name.startswith(".tmp_"):
+            continue
+        path, writer = os.path.join(folder, name), _TMP_NAME.match(name)
+        try:
+            if writer and writer[1] == host_tag():
+                stale = not process_alive(int(writer[2]), int(writer[3]) or None)
+            else:
+                stale = time.time() - os.lstat(path).st_mtime > STALE_TMP_SECONDS
+            if stale and os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            elif stale:
+                os.remove(path)
+        except FileNotFoundError:  # another run removed it first
+            pass
+
+
+def fsync(path):
+    """Flush a file, or a folder's entries (what was renamed into it), to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno != errno.EINVAL:  # some file systems cannot flush a folder: nothing to be done there
+            raise
+    finally:
+        os.close(fd)
+
 
 def atomic_write(path, write):
     """Call write(tmp_path) for a temporary file beside `path`, then rename it into place, so a
-    reader never sees a half-written file and an interrupted run leaves the old one intact."""
+    reader never sees a half-written file and an interrupted run leaves the old one intact. The file
+    and then its folder are flushed to the disk, so that a power cut keeps what was renamed into
+    place. The file gets the mode the umask gives. Stale temporary files of killed runs in the
+    folder go first. Raises UserError when the file cannot be written (permissions, disk full)."""
     path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    suffix = os.path.splitext(path)[1]  # keep the extension: np.savez and imageio look at it
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=suffix, dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = tmp_path(folder, os.path.splitext(path)[1])  # keep the extension: np.savez and imageio look at it
     try:
+        os.makedirs(folder, exist_ok=True)
+        clean_stale_tmp(folder)
         write(tmp)
+        fsync(tmp)
         os.replace(tmp, path)
+        fsync(folder)
+    except OSError as e:
+        raise UserError(f"cannot write {path} ({e.strerror or e}); make room or give a writable place") from e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -85,7 +333,151 @@ def save_json(path, obj):
     atomic_write(path, write)
 
 
+def read_json(path):
+    """A JSON file we wrote (a provenance record), or None when it is missing or unreadable."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------- one run per experiment and stage
+
+LOCK_CREATING_SECONDS = 10  # an empty lock file this old was left by a run killed while it created it
+
+
+@contextlib.contextmanager
+def stage_lock(folder, name, unwritable_hint=""):
+    """Hold the lock file <folder>/.lock_<name> while the block runs, so that two runs of one stage
+    on one experiment cannot mix their outputs: created atomically (O_EXCL), it names its holder
+    (pid, host, start time, command). A second run raises UserError naming the holder; a lock whose
+    holder is dead (SIGKILL, power cut) is taken over. Raises UserError, with unwritable_hint,
+    when the folder cannot be written: before any work."""
+    path = os.path.join(folder, f".lock_{name}")
+    me = {"pid": os.getpid(), "process_start": process_start(os.getpid()), "host": socket.gethostname(),
+          "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)[:200]}
+    try:
+        os.makedirs(folder, exist_ok=True)
+        while not _create_lock(path, me):
+            _remove_dead_lock(path, name)
+    except OSError as e:
+        raise UserError(f"cannot write in {folder} ({e.strerror or e}){unwritable_hint}") from e
+    try:
+        yield
+    finally:
+        if read_json(path) == me:
+            os.remove(path)
+
+
+def _create_lock(path, me):
+    """Create the lock file holding `me`; False when one exists."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        json.dump(me, f)
+    return True
+
+
+def _remove_dead_lock(path, name):
+    """Remove the lock file at `path` if its holder is dead; UserError naming the holder when it runs
+    (or may: another host's cannot be asked)."""
+    import fcntl
+    guard = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        # With the folder locked, of two runs that find one dead lock only one removes it, and neither
+        # removes the lock that the other has created meanwhile (they read it again here).
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        try:
+            age = time.time() - os.stat(path).st_mtime
+        except FileNotFoundError:  # released meanwhile
+            return
+        holder = read_json(path)
+        if not isinstance(holder, dict) or not {"pid", "host", "started"} <= set(holder):
+            if age < LOCK_CREATING_SECONDS:
+                raise UserError(f"{path}: another {name} run is starting right now; wait for it to finish")
+        else:
+            who = f"pid {holder['pid']} on {holder['host']} since {holder['started']}: {holder.get('command', '?')}"
+            if holder["host"] != socket.gethostname():
+                raise UserError(f"{os.path.dirname(path)} is in use by a {name} run on another host ({who}); wait "
+                                f"for it to finish, or delete {path} if that run is gone")
+            if process_alive(holder["pid"], holder.get("process_start")):
+                raise UserError(f"{os.path.dirname(path)} is in use by another {name} run ({who}); wait for it "
+                                f"to finish")
+            print(f"taking over {path}: the run that held it is gone ({who})", file=sys.stderr)
+        os.remove(path)
+    finally:
+        os.close(guard)  # releases the flock
+
+
+# ---------------------------------------------------------------- provenance
+# What every stage records beside its outputs: what they were made from (a path and a fingerprint of
+# the content) and the settings that matter, compared on the next run.
+
+FINGERPRINT_SAMPLES = 1 << 20  # array elements hashed at most: a retrained timestep of params.npz changes thousands
+
+
+def fingerprint(*items):
+    """16 hex digits identifying `items`: bytes, JSON-able values, and numpy arrays by their dtype,
+    shape and at most FINGERPRINT_SAMPLES evenly strided elements (cheap for gigabytes)."""
+    digest = hashlib.sha256()
+    for item in items:
+        if isinstance(item, np.ndarray):
+            flat = item.reshape(-1)
+            data = f"{item.dtype} {item.shape}".encode() + flat[::max(1, flat.size // FINGERPRINT_SAMPLES)].tobytes()
+        else:
+            data = item if isinstance(item, bytes) else json.dumps(item, sort_keys=True).encode()
+        digest.update(len(data).to_bytes(8, "little") + data)
+    return digest.hexdigest()[:16]
+
+
+def sequence_identity(seq_dir, metas):
+    """What a sequence folder is: {'path': its absolute path, 'content': fingerprint of its metas,
+    init_pt_cld.npz and the sizes of the images of timestep 0 of `metas` (load_meta's dicts)}. A
+    folder of the same name that holds another sequence differs, and so does a regenerated one."""
+    items = []
+    for name in ("train_meta.json", "test_meta.json", "init_pt_cld.npz"):
+        path = os.path.join(seq_dir, name)
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                items.append(f.read())
+        else:
+            items.append(None)
+    for meta in metas:
+        items.append([os.path.getsize(p) if os.path.isfile(p) else None
+                      for p in (os.path.join(seq_dir, "ims", fn) for fn in meta["fn"][0])])
+    return {"path": os.path.abspath(seq_dir), "content": fingerprint(*items)}
+
+
+def sequence_mismatch(recorded, current):
+    """'' when outputs recorded as made from sequence_identity `recorded` fit the sequence `current`
+    (the same content, moved or not); else a phrase saying how they do not."""
+    if recorded.get("content") == current["content"]:
+        return ""
+    if recorded.get("path") != current["path"]:
+        return f"were made from another sequence, {recorded.get('path')} (not {current['path']})"
+    return f"were made from {current['path']} before it changed (its metas, init_pt_cld.npz or images of timestep 0)"
+
+
 # ---------------------------------------------------------------- data
+
+def read_npz(path, fix):
+    """All arrays of an .npz file (numpy). Raises UserError naming the file and `fix` (what to do)
+    when it is missing, truncated, not an .npz, or holds NaN/Inf in a float array."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path} not found; {fix}")
+    try:
+        with np.load(path) as f:
+            arrays = {k: f[k] for k in f.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise UserError(f"{path} cannot be read as .npz ({type(e).__name__}: {e}); {fix}") from None
+    bad = [k for k, v in arrays.items() if v.dtype.kind in "fc" and not np.isfinite(v).all()]
+    if bad:
+        raise UserError(f"{path}: {', '.join(bad)} hold(s) NaN or Inf; {fix}")
+    return arrays
+
 
 META_KEYS = ("w", "h", "k", "w2c", "fn", "cam_id")
 
@@ -251,7 +643,7 @@ def setup_camera(w, h, k, w2c, near=0.01, far=100.0, bg=(0.0, 0.0, 0.0), device=
                   prefiltered=False)
 
 
-def orbit_w2c(center, radius, height, angle, up=(0.0, -1.0, 0.0)):
+def orbit_w2c(center, radius, height, angle, up=ORBIT_UP):
     """OpenCV world-to-camera [4, 4] of a camera at `angle` (radians) on a horizontal circle around
     `center`, `height` above it along `up`, looking at the centre."""
     center, up = np.asarray(center, dtype=np.float64), np.asarray(up, dtype=np.float64)
@@ -272,6 +664,22 @@ def orbit_w2c(center, radius, height, angle, up=(0.0, -1.0, 0.0)):
     return w2c
 
 
+def orbit_cameras(meta, means3D, is_fg, num_t, device="cpu"):
+    """Rasterizer settings per timestep [num_t] of the novel view that both visualisers show: a
+    camera circling the foreground's centre once over the video (all Gaussians' centre without a
+    foreground), at the median horizontal distance and median height of the train cameras of
+    timestep 0 (+y is down), with train camera 0's intrinsics. means3D [N, 3], is_fg [N] bool."""
+    means3D, is_fg = np.asarray(means3D, dtype=np.float64), np.asarray(is_fg, dtype=bool)
+    center = means3D[is_fg].mean(0) if is_fg.any() else means3D.mean(0)
+    offsets = np.linalg.inv(np.asarray(meta["w2c"][0]))[:, :3, 3] - center  # camera centres from there [C, 3]
+    up = np.array(ORBIT_UP)
+    height = float(np.median(offsets @ up))
+    radius = float(np.median(np.linalg.norm(offsets - np.outer(offsets @ up, up), axis=1)))
+    return [setup_camera(meta["w"], meta["h"], meta["k"][0][0],
+                         orbit_w2c(center, radius, height, 2 * math.pi * t / num_t), device=device)
+            for t in range(num_t)]
+
+
 # ---------------------------------------------------------------- geometry
 
 def knn(points, k):
@@ -284,8 +692,11 @@ def knn(points, k):
     dist, idx = np.atleast_2d(dist)[:, 1:], np.atleast_2d(idx)[:, 1:]
     if dist.shape[1] < k:  # fewer points than neighbours asked for: repeat the last one
         pad = k - dist.shape[1]
-        dist = np.concatenate([dist, np.repeat(dist[:, -1:], pad, 1)], 1) if dist.shape[1] else np.zeros((len(points), k))
-        idx = np.concatenate([idx, np.repeat(idx[:, -1:], pad, 1)], 1) if idx.shape[1] else np.zeros((len(points), k), int)
+        if dist.shape[1]:
+            dist = np.concatenate([dist, np.repeat(dist[:, -1:], pad, 1)], 1)
+            idx = np.concatenate([idx, np.repeat(idx[:, -1:], pad, 1)], 1)
+        else:  # a single point: no neighbour at all
+            dist, idx = np.zeros((len(points), k)), np.zeros((len(points), k), int)
     return dist ** 2, idx
 
 
@@ -308,10 +719,6 @@ def quat_mult(q1, q2):
 
 def quat_conj(q):
     return q * torch.tensor([1.0, -1.0, -1.0, -1.0], device=q.device, dtype=q.dtype)
-
-
-def inverse_sigmoid(x):
-    return torch.log(x / (1 - x))
 
 
 # ---------------------------------------------------------------- losses
@@ -381,12 +788,29 @@ def cameras_at(meta, t, near=0.01, far=100.0, device="cpu"):
 def scale_meta(meta, factor):
     """load_meta's dict for images `factor` times smaller (w, h rounded down, intrinsics scaled so
     that pixel centres stay put), and the images to match: resize_images(ims [.., H, W], meta)."""
+    check_downscale(meta, factor)
     if factor == 1:
         return meta
-    k = np.array(meta["k"], dtype=np.float64)
+    k = scale_intrinsics(meta["k"], factor)
+    return {**meta, "w": meta["w"] // factor, "h": meta["h"] // factor, "k": k.tolist()}
+
+
+def check_downscale(meta, factor):
+    """Raise UserError unless --downscale `factor` is a whole number >= 1 that leaves the images of
+    `meta` (load_meta's) at least MIN_DOWNSCALED_SIDE pixels a side."""
+    most = max(1, min(meta["w"], meta["h"]) // MIN_DOWNSCALED_SIDE)
+    if not 1 <= factor <= most:
+        raise UserError(f"--downscale {factor}: the {meta['w']}x{meta['h']} images of {meta['path']} take 1 to "
+                        f"{most} (at least {MIN_DOWNSCALED_SIDE} pixels a side)")
+
+
+def scale_intrinsics(k, factor):
+    """Intrinsics [..., 3, 3] for images `factor` times smaller: focal lengths divided, principal
+    points moved so that pixel centres stay put (c -> (c + 0.5) / factor - 0.5). float64 numpy."""
+    k = np.array(k, dtype=np.float64)
     k[..., :2, :2] /= factor
     k[..., :2, 2] = (k[..., :2, 2] + 0.5) / factor - 0.5
-    return {**meta, "w": meta["w"] // factor, "h": meta["h"] // factor, "k": k.tolist()}
+    return k
 
 
 def resize_images(ims, meta):
@@ -428,18 +852,14 @@ def render_d3dgs(cam, rendervar):
 def read_d3dgs_params(path):
     """All arrays of a stage-1 params.npz (numpy, checked): means3D [T, N, 3], rgb_colors [T, N, 3],
     unnorm_rotations [T, N, 4], seg_colors [N, 3], logit_opacities [N, 1], log_scales [N, 3],
-    cam_m [C, 3], cam_c [C, 3]. The last file read stays cached (keyed by its modification time),
-    so asking for one timestep after another reads the file once."""
+    cam_m [C, 3], cam_c [C, 3], all finite. The last file read stays cached (keyed by its
+    modification time), so asking for one timestep after another reads the file once."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise UserError(f"{path} not found: train stage 1 first (python train_d3dgs.py -s <seq> -e <exp>)")
     key = (os.path.abspath(path), os.stat(path).st_mtime_ns)
     if key not in _D3DGS_CACHE:
-        try:
-            with np.load(path) as f:
-                arrays = {k: f[k] for k in f.files}
-        except (OSError, ValueError) as e:
-            raise UserError(f"{path} cannot be read as .npz ({e}); train stage 1 again")
+        arrays = read_npz(path, "train stage 1 again (python train_d3dgs.py -s <seq> -e <exp>)")
         missing = [k for k in D3DGS_PER_TIMESTEP + D3DGS_SHARED if k not in arrays]
         if missing:
             raise UserError(f"{path} lacks {', '.join(missing)}: not a Dynamic 3D Gaussians params.npz")
@@ -452,8 +872,16 @@ def read_d3dgs_params(path):
             if arrays[k].shape != want:
                 raise UserError(f"{path}: '{k}' has shape {list(arrays[k].shape)}, expected {list(want)}")
         _D3DGS_CACHE.clear()
-        _D3DGS_CACHE[key] = arrays
-    return _D3DGS_CACHE[key]
+        _D3DGS_CACHE[key] = arrays, fingerprint(*(arrays[k] for k in sorted(arrays)))
+    return _D3DGS_CACHE[key][0]
+
+
+def d3dgs_identity(path):
+    """What a stage-1 params.npz is, for the provenance of what is made from it: {'path': absolute,
+    'fingerprint': of its arrays' content (not of the file: reassembling the same timesteps keeps it)}."""
+    read_d3dgs_params(path)
+    key = (os.path.abspath(path), os.stat(path).st_mtime_ns)
+    return {"path": key[0], "fingerprint": _D3DGS_CACHE[key][1]}
 
 
 def load_d3dgs_params(path, t, device="cpu"):

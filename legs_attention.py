@@ -8,9 +8,9 @@ Each Gaussian i (query) attends over the K+1 latents of its neighbour list n_i0.
 
 with f = latents [N, D] and q_k [N, D] the queries already mapped through the key weights
 (train_4legs.attention_function). The forward kernel streams the K+1 gathered rows of a block of
-Gaussians through registers once, with an online softmax (running maximum m, running sum l,
+Gaussians through registers once, with an online softmax (running maximum m, running sum denom,
 accumulator rescaled by exp(m_old - m_new)), so that the [N, K+1, D] gather is never stored; it keeps
-lse = m + log(l) [N] for the backward pass.
+lse = m + log(denom) [N] for the backward pass.
 
 Backward, given dmixed [N, D] (flash-attention style: the scores are recomputed, not stored):
 
@@ -49,7 +49,7 @@ def _attend_fwd_kernel(latents_ptr, neighbours_ptr, q_k_ptr, mixed_ptr, lse_ptr,
     tile_ok = row_ok[:, None]
     q = tl.load(q_k_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], mask=tile_ok, other=0.0)
     m = tl.full((BLOCK,), float("-inf"), tl.float32)
-    l = tl.zeros((BLOCK,), tl.float32)
+    denom = tl.zeros((BLOCK,), tl.float32)  # the softmax's running sum of exp(s - m)
     acc = tl.zeros((BLOCK, D), tl.float32)
     for j in range(NUM_SLOTS):
         idx = tl.load(neighbours_ptr + rows.to(tl.int64) * NUM_SLOTS + j, mask=row_ok, other=0)
@@ -58,11 +58,11 @@ def _attend_fwd_kernel(latents_ptr, neighbours_ptr, q_k_ptr, mixed_ptr, lse_ptr,
         m_new = tl.maximum(m, s)
         rescale = tl.exp(m - m_new)  # 0 on the first slot (m = -inf)
         p = tl.exp(s - m_new)
-        l = l * rescale + p
+        denom = denom * rescale + p
         acc = acc * rescale[:, None] + p[:, None] * near
         m = m_new
-    tl.store(mixed_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], acc / l[:, None], mask=tile_ok)
-    tl.store(lse_ptr + rows, m + tl.log(l), mask=row_ok)
+    tl.store(mixed_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], acc / denom[:, None], mask=tile_ok)
+    tl.store(lse_ptr + rows, m + tl.log(denom), mask=row_ok)
 
 
 @triton.jit

@@ -5,8 +5,10 @@ a voxel grid refined level by level (coarse voxels are tested against the masks'
 transforms, so no thin part is carved away early); its surface voxels become points, coloured by
 the cameras that see them (a z-buffer of the hull decides who sees what).
 Background: points on a sphere around the cameras, cut by the floor plane y = 0; of a few
-concentric candidates (the cameras' own sphere times 0.8 .. 4) the most photo-consistent one on
-the textured background pixels is taken (multi-view photo-consistency of the cameras' images).
+concentric candidates, all beyond every camera (1.05 .. 3 times the farthest camera's distance,
+and a far field for a sky at infinity), the most photo-consistent one on the textured background
+pixels is taken (multi-view photo-consistency of the cameras' images), with the far field behind
+it. No background point starts between a camera and the scene.
 
 Result: float32 [N, 7] = xyz (world), rgb in [0, 1], seg (1 foreground, 0 background): the layout
 of the original's init_pt_cld.npz (key 'data').
@@ -22,6 +24,13 @@ import torch
 import torch.nn.functional as F
 
 import helpers
+
+# Background candidates: spheres of these multiples of the farthest camera's distance from the
+# cameras' centre (all beyond every camera), and the far field at FAR_FIELD times that distance,
+# at most FAR_FIELD_MAX (inside the cameras' far plane).
+BEYOND_CAMERAS = (1.05, 1.25, 1.5, 2.0, 3.0)
+FAR_FIELD, FAR_FIELD_MAX = 10.0, 50.0
+FAR_FIELD_SHARE = 4  # behind a nearer sphere, one ray in this many gets a far-field point too
 
 
 def load_views(seq_dir, meta, t):
@@ -161,20 +170,28 @@ def camera_shell(centers):
     return mean.float(), float((centers - mean).norm(dim=1).max())
 
 
-def background_points(views, num_rays, multipliers=(0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 4.0), chunk=8192):
-    """Points on the background: a sphere around the cameras cut by the floor plane y = 0.
+def background_points(views, num_rays, multipliers=BEYOND_CAMERAS, far_field=FAR_FIELD, far_max=FAR_FIELD_MAX,
+                      chunk=8192):
+    """Points on the background: a sphere around the cameras, beyond every one of them, cut by the
+    floor plane y = 0, and a far field for what lies at infinity (a sky).
 
-    Rays from the centre of camera_shell; each candidate sphere (the cameras' sphere times one of
-    `multipliers`) gives, per ray, the nearer of its hit and the floor's. The sphere chosen is the
-    one that most textured rays (the 20% whose photo-consistency varies most over the
-    candidates) find most photo-consistent, after equalising the cameras' exposures. Textureless
-    walls cannot tell depths apart; a single sphere chosen by the textured ones keeps them on a
-    plausible surface instead of scattering them through the room. Returns xyz [M, 3], rgb [M, 3]
-    (mean over the cameras that see the point on background; rays no camera sees are dropped) and
-    the chosen sphere's radius.
+    Rays from the centre of camera_shell. The candidates are spheres of `multipliers` times the
+    distance of the farthest camera from that centre and the far field's sphere (`far_field` times
+    it, at most `far_max`): none lies between a camera and the scene, where a background point
+    would cover the scene from every view off the cameras' own surface. The rays that meet no
+    floor choose: the sphere chosen is the one that most textured rays (the 20% whose
+    photo-consistency varies most over the candidates) find most photo-consistent, after
+    equalising the cameras' exposures; with no texture at all, the far field. Textureless walls
+    cannot tell depths apart; a single sphere chosen by the textured ones keeps them on a
+    plausible surface instead of scattering them through the room. Returns xyz [M, 3], rgb [M, 3] (mean over the cameras that see the point on
+    background; points no camera sees are dropped, except on the far field) and the chosen
+    sphere's radius.
     """
     num_cams, _, h, w = views["ims"].shape
-    center, radius = camera_shell(views["centers"])
+    center, _ = camera_shell(views["centers"])
+    reach = float((views["centers"] - center).norm(dim=1).max())
+    far_radius = min(far_field * reach, far_max)
+    radii = [m * reach for m in multipliers if m * reach < far_radius] + [far_radius]
     factor = max(1, round(max(h, w) / 320))  # compare low-pass colours at ~320 px: robust to small errors
     small_ims = F.avg_pool2d(views["ims"], factor, ceil_mode=True)
     bg_ok = F.max_pool2d(F.max_pool2d(views["fg"].float()[:, None], factor, ceil_mode=True), 5, 1, 2)[:, 0] < 0.5
@@ -188,21 +205,43 @@ def background_points(views, num_rays, multipliers=(0.8, 0.9, 1.0, 1.1, 1.25, 1.
     floor = torch.full((num_rays,), torch.inf)
     if bool((views["centers"][:, 1] < 0).all()):  # the PanopticSports floor: y = 0, below the cameras (+y is down)
         floor = torch.where(dirs[:, 1] > 1e-6, -center[1] / dirs[:, 1].clamp(min=1e-6), torch.inf)
-    depths = torch.minimum(radius * torch.tensor(multipliers)[None], floor[:, None])  # [rays, candidates]
-    cost = torch.stack([torch.cat([photo_consistency(center + depths[part, k, None] * dirs[part], views, small_ims,
-                                                     bg_ok, min_views)[0] for part in torch.arange(num_rays).split(chunk)])
-                        for k in range(len(multipliers))], 1)
+    # The rays that meet no floor before the far field choose the sphere; the floor is where it is.
+    skyward = torch.nonzero(floor > far_radius)[:, 0]
+    cost = torch.stack([torch.cat([photo_consistency(center + r * dirs[part], views, small_ims, bg_ok, min_views)[0]
+                                   for part in skyward.split(chunk)] or [torch.zeros(0)]) for r in radii], 1)
     seen = torch.isfinite(cost).all(1)
-    choice = multipliers.index(1.0)
+    choice = len(radii) - 1  # the far field, when nothing tells the candidates apart: parallax needs texture
     if seen.sum() >= 10:
         spread = cost[seen].max(1).values - cost[seen].min(1).values
         textured = cost[seen][spread >= spread.quantile(0.8)]
-        choice = int(torch.bincount(textured.argmin(1), minlength=len(multipliers)).argmax())
-    points = center + depths[:, choice, None] * dirs
+        if float(spread.quantile(0.8)) > 0:
+            choice = int(torch.bincount(textured.argmin(1), minlength=len(radii)).argmax())
+    # Per ray: the chosen sphere where the ray meets it before the floor, the floor where the ray
+    # meets it within the far field (both where the floor lies beyond the sphere: beyond a wall,
+    # or a floor reaching out under a sky; training makes the wrong one transparent), and behind a
+    # nearer sphere one ray in FAR_FIELD_SHARE a far-field point (far Gaussians are large).
+    on_sphere = floor > radii[choice]
+    on_floor = floor <= far_radius
+    far_chosen = choice == len(radii) - 1
+    behind = on_sphere & (floor > far_radius) & (torch.arange(num_rays) % FAR_FIELD_SHARE == 0) & (not far_chosen)
+    points = torch.cat([center + radii[choice] * dirs[on_sphere], center + floor[on_floor, None] * dirs[on_floor],
+                        center + far_radius * dirs[behind]])
+    far = torch.cat([torch.full((int(on_sphere.sum()),), far_chosen), torch.zeros(int(on_floor.sum()), dtype=torch.bool),
+                     torch.ones(int(behind.sum()), dtype=torch.bool)])
     bg_full = F.max_pool2d(views["fg"].float()[:, None], 5, 1, 2)[:, 0] < 0.5
     visible, rgb = zip(*[photo_consistency(part, views, views["ims"], bg_full, 1) for part in points.split(chunk)])
-    keep = torch.isfinite(torch.cat(visible))
-    return points[keep], torch.cat(rgb)[keep], radius * multipliers[choice]
+    visible, rgb = torch.isfinite(torch.cat(visible)), torch.cat(rgb)
+    # The far field covers every direction: where no camera saw it (above the cameras' views, say)
+    # it takes the colour of the nearest direction one did, so that a view off the rig sees a
+    # plausible sky instead of the empty background.
+    unseen, seen_far = torch.nonzero(far & ~visible)[:, 0], torch.nonzero(far & visible)[:, 0]
+    if len(unseen) and len(seen_far):
+        sample = seen_far[torch.randperm(len(seen_far), generator=torch.Generator().manual_seed(0))[:4096]]
+        ray_dirs = F.normalize(points - center, dim=1)
+        nearest = torch.cat([(ray_dirs[part] @ ray_dirs[sample].T).argmax(1) for part in unseen.split(chunk)])
+        rgb[unseen] = rgb[sample[nearest]]
+        visible[unseen] = True
+    return points[visible], rgb[visible], radii[choice]
 
 
 def build_init_point_cloud(seq_dir, meta, t=0, num_fg=100_000, num_bg=60_000, seed=0, log=print):
@@ -228,7 +267,7 @@ def build_init_point_cloud(seq_dir, meta, t=0, num_fg=100_000, num_bg=60_000, se
     bg, bg_rgb, shell = background_points(views, num_bg)
     log(f"point cloud: visual hull of {len(ijk)} voxels ({size:.3g} world units each) -> {len(fg)} "
         f"foreground points; {len(bg)} background points on a sphere of radius {shell:.3g} around the "
-        f"cameras and the floor y = 0")
+        f"cameras (beyond every camera), the far field beyond it and the floor y = 0")
     seg = torch.cat([torch.ones(len(fg)), torch.zeros(len(bg))])[:, None]
     return torch.cat([torch.cat([fg, bg]), torch.cat([fg_rgb, bg_rgb]).clamp(0, 1), seg], 1).numpy().astype(np.float32)
 
@@ -238,12 +277,13 @@ def main():
         description="Build init_pt_cld.npz for a PanopticSports-format sequence that has none: visual "
                     "hull of the foreground masks + photo-consistent background points.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("-s", "--seq", required=True, help="sequence folder (ims/, seg/, train_meta.json)")
+    helpers.add_sequence_option(parser)
     parser.add_argument("-t", "--timestep", type=int, default=0, help="timestep whose masks are carved")
     parser.add_argument("--fg-points", type=int, default=100_000, help="at most this many foreground points")
     parser.add_argument("--bg-points", type=int, default=60_000, help="background rays (at most one point each)")
     parser.add_argument("-o", "--out", help="output .npz (default: <seq>/init_pt_cld.npz)")
     args = parser.parse_args()
+    args.seq = helpers.find_sequence(args.seq)
     meta = helpers.load_meta(args.seq, "train")
     if not 0 <= args.timestep < len(meta["fn"]):
         raise helpers.UserError(f"--timestep {args.timestep}: {meta['path']} has timesteps 0..{len(meta['fn']) - 1}")

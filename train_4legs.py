@@ -1,4 +1,4 @@
-"""Stage 4 of 4-LEGS: lift the video-language features onto the frozen Gaussians of stage 1.
+"""Stage 5 of 4-LEGS: lift the video-language features onto the frozen Gaussians of stage 1.
 
 Per timestep t, every Gaussian gets a 128-d latent; a single-head attention over the Gaussian and
 its 20 nearest neighbours (at t) turns latents into the features that are rendered by the feature
@@ -6,7 +6,7 @@ rasterizer; the loss is L1 to the autoencoder-encoded per-pixel feature maps of 
 (one camera per iteration, cycling; the original used camera 0 only). Geometry stays frozen.
 
 Differences to the original, each for speed: a timestep starts from the latents and attention of
-the previous one (WARM START: the Gaussians persist, so do their features; docs/perf-legs.md
+the previous one (WARM START: the Gaussians persist, so do their features; docs/performance.md
 measures that it reaches the same loss in fewer iterations), and on the CPU / without the CUDA
 kernels the frozen render is precomputed per camera as one sparse matrix (same values as the
 rasterizer, see `blend_matrix`). Outputs: `output/<exp>/<seq>/legs/<t:06d>.pt`, one atomic file per
@@ -22,20 +22,24 @@ import functools
 import math
 import os
 import time
+import uuid
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import helpers
 from feature_extraction.autoencoder import ae_ckpt_path, load_autoencoder
+from feature_extraction.cache import add_cache_dir_option, cache_identity
 from feature_extraction.relevancy import (check_legs, d3dgs_params_path, encoder_name, feature_cache, legs_dir,
-                                          legs_path, render_features)
+                                          legs_path, load_legs, read_legs, render_features)
 
 NUM_NEIGHBOURS = 20
 LEGS_DIM = 128
+KNN_BLOCK_ELEMENTS = 2 ** 28  # the GPU's brute-force k-NN: at most this many distances (1 GiB) at once
+ENCODE_ROWS = 65536  # pixels through the autoencoder's encoder per call (bounded memory at any size)
+TAIL_FRACTION = 0.1  # a timestep's reported loss: the mean over its last 10% iterations
 DEMO = {"iters": 60, "warm_iters": 15, "downscale": 4}  # make demo on 2 CPU cores
 
 
@@ -63,8 +67,9 @@ def gpu_attend():
     try:
         from legs_attention import attend_fused
     except ImportError as e:
-        raise helpers.UserError(f"stage 4 on a GPU needs Triton ({e}); it comes with torch's Linux wheels "
-                                f"(pip install triton), or run on the CPU with --device cpu") from None
+        raise helpers.UserError(f"{helpers.stage_name('train_4legs.py')} on a GPU needs Triton ({e}); it comes "
+                                f"with torch's Linux wheels (pip install triton), or run on the CPU with --device cpu"
+                                ) from None
     return attend_fused
 
 
@@ -113,7 +118,7 @@ def neighbour_indices(means3D, k=NUM_NEIGHBOURS):
 def knn_brute_force(points, k):
     """points [N, 3] -> [N, k+1] int64: itself first, then its k nearest (blocks of all distances)."""
     n = points.shape[0]
-    block = max(1, 2 ** 28 // n)
+    block = max(1, KNN_BLOCK_ELEMENTS // n)
     out = []
     for start in range(0, n, block):
         dist2 = torch.cdist(points[start:start + block], points) ** 2
@@ -126,19 +131,6 @@ def knn_brute_force(points, k):
     return idx
 
 
-def training_cameras(meta, t, downscale, device):
-    """Rasterizer settings of every train camera at t, at 1/downscale resolution (intrinsics
-    scaled about pixel centres)."""
-    w, h = meta["w"] // downscale, meta["h"] // downscale
-    cams = []
-    for c in range(len(meta["cam_id"])):
-        k = np.array(meta["k"][t][c], dtype=np.float64)
-        k[:2, :2] /= downscale
-        k[:2, 2] = (k[:2, 2] + 0.5) / downscale - 0.5
-        cams.append(helpers.setup_camera(w, h, k, meta["w2c"][t][c], device=device))
-    return cams
-
-
 def encode_targets(cache, t, ae, cams, device):
     """Per train camera the AE-encoded per-pixel feature map [128, h, w] float32 (stage-2 dense map
     -> encoder), computed once per camera and timestep, on first use, on `device`."""
@@ -148,7 +140,7 @@ def encode_targets(cache, t, ae, cams, device):
         h, w = cams[c].image_height, cams[c].image_width
         flat = dense_feature_map(cache, t, c, h, w, device).reshape(-1, h * w).T
         with torch.no_grad():
-            z = torch.cat([ae.encode(flat[i:i + 65536]) for i in range(0, flat.shape[0], 65536)])
+            z = torch.cat([ae.encode(flat[i:i + ENCODE_ROWS]) for i in range(0, flat.shape[0], ENCODE_ROWS)])
         return z.T.reshape(-1, h, w)
     return PerCamera(len(cams), make)
 
@@ -259,14 +251,14 @@ def train_timestep(t, setup, previous, num_iters, show_progress=True, on_iter=No
     variables = {"neighbours": setup["neighbours"]}
     order = camera_order(len(setup["renderers"]), torch.Generator().manual_seed(setup["seed"] + t))
     tail = []
-    bar = tqdm(range(num_iters), desc=f"t={t}", leave=False, disable=not show_progress)
+    bar = helpers.progress(range(num_iters), desc=f"t={t}", leave=False, disable=not show_progress)
     for i in bar:
         c = next(order)
         loss = get_loss(params, attention, variables, setup["renderers"][c], setup["targets"][c])
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if i >= num_iters - max(1, num_iters // 10):
+        if i >= num_iters - max(1, int(TAIL_FRACTION * num_iters)):
             tail.append(float(loss.detach()))
         if i % 20 == 0:
             bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
@@ -278,7 +270,7 @@ def train_timestep(t, setup, previous, num_iters, show_progress=True, on_iter=No
 def prepare_timestep(t, args, meta, params_path, ae, cache, device, use_rasterizer):
     """Everything a timestep's training needs that does not change while it trains."""
     rendervar = helpers.load_d3dgs_params(params_path, t, device)
-    cams = training_cameras(meta, t, args.downscale, device)
+    cams = helpers.cameras_at(helpers.scale_meta(meta, args.downscale), t, device=device)
     return {"rendervar": rendervar, "neighbours": neighbour_indices(rendervar["means3D"]),
             "renderers": make_renderers(cams, rendervar, use_rasterizer),
             "targets": encode_targets(cache, t, ae, cams, device),
@@ -286,16 +278,14 @@ def prepare_timestep(t, args, meta, params_path, ae, cache, device, use_rasteriz
             "device": device, "seed": args.seed}
 
 
-def load_previous(path, encoder_name, ae_info, num_gaussians):
+def load_previous(path, made_from, train_cmd):
     """The record of t-1 for a warm start, or None when there is none usable."""
     if not os.path.isfile(path):
         return None
     try:
-        record = torch.load(path, map_location="cpu", weights_only=True)
-        check_legs(record, path, encoder_name, ae_info, num_gaussians)
-    except Exception:  # stale or unreadable: start cold rather than from it
+        return load_legs(path, None, "cpu", made_from, train_cmd)
+    except helpers.UserError:  # stale or unreadable: start cold rather than from it
         return None
-    return record
 
 
 def shard(timesteps):
@@ -307,30 +297,36 @@ def shard(timesteps):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-s", "--seq", required=True, help="sequence folder, e.g. data/basketball")
+    p = argparse.ArgumentParser(description=helpers.stage_help("train_4legs.py", __doc__),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    helpers.add_sequence_option(p)
     p.add_argument("-e", "--exp", default="exp1", help="experiment name: reads output/<exp>/<seq>/params.npz "
                    "(stage 1), writes output/<exp>/<seq>/legs/ (default: %(default)s)")
-    p.add_argument("--encoder", required=True, help="the --encoder of stages 2-3 (viclip, color, "
-                   "openclip:<arch>:<ckpt>): whose features and autoencoder to use")
+    p.add_argument("--encoder", required=True, help="the --encoder of stages 3 and 4 (extract_features.py, "
+                   "train_autoencoder.py; viclip, color, openclip:<arch>:<ckpt>): whose features and autoencoder")
     p.add_argument("-f", "--first", type=int, default=0, help="first timestep (default: %(default)s)")
     p.add_argument("-l", "--last", type=int, default=None, help="last timestep, inclusive (default: the last one)")
     p.add_argument("--iters", type=int, default=2000, help="iterations of a cold-started timestep "
                    "(no previous timestep to start from), as the original (default: %(default)s)")
     p.add_argument("--warm-iters", type=int, default=500, help="iterations of a timestep warm-started "
-                   "from the previous one (default: %(default)s; docs/perf-legs.md)")
+                   "from the previous one (default: %(default)s; docs/performance.md)")
     p.add_argument("--lr-features", type=float, default=0.0025, help="Adam lr of the latents (default: %(default)s)")
-    p.add_argument("--lr-attention", type=float, default=0.00016, help="Adam lr of the attention (default: %(default)s)")
+    p.add_argument("--lr-attention", type=float, default=0.00016,
+                   help="Adam lr of the attention (default: %(default)s)")
     p.add_argument("--downscale", type=int, default=1, help="train on images downscaled by this integer "
                    "factor (default: %(default)s = full resolution)")
     p.add_argument("--restart", action="store_true", help="train the timesteps of the range again even "
-                   "where outputs exist (needed after retraining stage 1, 2 or 3)")
+                   "where outputs exist (needed after retraining stage 1, 3 or 4)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available; under "
                    "torchrun cuda:LOCAL_RANK)")
+    add_cache_dir_option(p)
     args = helpers.parse_with_demo(p, argv, DEMO)
-    if args.iters < 1 or args.warm_iters < 1 or args.downscale < 1:
-        raise helpers.UserError("--iters, --warm-iters and --downscale must be at least 1")
+    args.seq = helpers.find_sequence(args.seq)
+    for option in ("iters", "warm_iters", "downscale"):
+        helpers.check_option(args, option, at_least=1)
+    helpers.check_option(args, "lr_features", above=0)
+    helpers.check_option(args, "lr_attention", above=0)
     return args
 
 
@@ -340,11 +336,18 @@ def main(argv=None):
     if "LOCAL_RANK" in os.environ and device.type == "cuda" and args.device is None:
         device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}")
     meta = helpers.load_meta(args.seq, "train")
+    helpers.check_downscale(meta, args.downscale)
     params_path = d3dgs_params_path(args.exp, args.seq)
-    num_t, num_gaussians = helpers.read_d3dgs_params(params_path)["means3D"].shape[:2]
-    encoder = encoder_name(args.encoder)
-    ae, ae_info = load_autoencoder(ae_ckpt_path(args.seq), encoder, device)
-    cache = feature_cache(args.seq, encoder)
+    num_t = helpers.read_d3dgs_params(params_path)["means3D"].shape[0]
+    root = args.cache_dir or args.seq
+    ae_path = ae_ckpt_path(root)
+    ae, ae_info = load_autoencoder(ae_path, args.encoder, device)
+    cache = feature_cache(root, args.encoder, args.seq)
+    trained_on = ae_info.get("made_from", {}).get("cache", {}).get("fingerprint")
+    if trained_on != cache_identity(cache, range(len(meta["fn"])))["fingerprint"]:
+        raise helpers.UserError(f"{ae_path} was not trained on the features now in {cache} (stage 3 computed some "
+                                f"again since, or the autoencoder is older): run "
+                                f"{helpers.stage_name('train_autoencoder.py')} again")
     last = num_t - 1 if args.last is None else args.last
     if not 0 <= args.first <= last < num_t:
         raise helpers.UserError(f"-f {args.first} -l {last}: stage 1 ({params_path}) holds timesteps 0..{num_t - 1}")
@@ -352,33 +355,41 @@ def main(argv=None):
         raise helpers.UserError(f"{meta['path']} has {len(meta['fn'])} timesteps, stage 1 has {num_t}")
     timesteps, rank, world = shard(list(range(args.first, last + 1)))
     out_dir = legs_dir(args.exp, args.seq)
+    # what every record must have been made from: a finished timestep made from anything else is refused
+    made_from = {"encoder": encoder_name(args.encoder), "ae_run_id": ae_info["run_id"],
+                 "params": helpers.d3dgs_identity(params_path)["fingerprint"], "downscale": args.downscale}
     import diff_gaussian_rasterization_feat as dgrf
     use_rasterizer = device.type == "cuda" and dgrf.cuda_available()
+    train_cmd = f"python train_4legs.py -s {args.seq} -e {args.exp} --encoder {args.encoder}"
 
     done, trained, start = 0, 0, time.time()
-    bar = tqdm(timesteps, desc=f"4-LEGS features{f' (rank {rank}/{world})' if world > 1 else ''}")
-    for t in bar:
-        path = legs_path(out_dir, t)
-        if os.path.isfile(path) and not args.restart:  # resume: keep finished timesteps
-            check_legs(torch.load(path, map_location="cpu", weights_only=True), path, encoder, ae_info,
-                       num_gaussians)
-            done += 1
-            continue
-        t0 = time.time()
-        previous = load_previous(legs_path(out_dir, t - 1), encoder, ae_info, num_gaussians) if t > 0 else None
-        setup = prepare_timestep(t, args, meta, params_path, ae, cache, device, use_rasterizer)
-        num_iters = args.iters if previous is None else args.warm_iters
-        params, attention, loss = train_timestep(t, setup, previous, num_iters)
-        with torch.no_grad():
-            features = attention(params["latents"], setup["neighbours"])
-        helpers.save_torch(path, {
-            "t": t, "features": features.to(torch.float16).cpu(),
-            "latents": params["latents"].detach().to(torch.float16).cpu(),
-            "attention": {k: v.cpu() for k, v in attention.state_dict().items()},
-            "loss": loss, "iterations": num_iters, "warm_start": previous is not None,
-            "encoder": encoder, "ae_run_id": ae_info["run_id"], "seconds": time.time() - t0})
-        trained += 1
-        bar.set_postfix(loss=f"{loss:.4f}", warm=previous is not None)
+    with helpers.stage_lock(out_dir, "train_4legs" + (f".rank{rank}of{world}" if world > 1 else "")):
+        bar = helpers.progress(timesteps, desc=f"4-LEGS features{f' (rank {rank}/{world})' if world > 1 else ''}")
+        for t in bar:
+            path = legs_path(out_dir, t)
+            if os.path.isfile(path) and not args.restart:  # resume: keep finished timesteps
+                check_legs(read_legs(path, train_cmd), path, made_from)
+                done += 1
+                continue
+            t0 = time.time()
+            previous = load_previous(legs_path(out_dir, t - 1), made_from, train_cmd) if t > 0 else None
+            setup = prepare_timestep(t, args, meta, params_path, ae, cache, device, use_rasterizer)
+            num_iters = args.iters if previous is None else args.warm_iters
+            params, attention, loss = train_timestep(t, setup, previous, num_iters)
+            with torch.no_grad():
+                features = attention(params["latents"], setup["neighbours"])
+            if not torch.isfinite(features).all():
+                raise helpers.UserError(f"timestep {t}: the features went NaN/Inf in training (--lr-features "
+                                        f"{args.lr_features}, --lr-attention {args.lr_attention}); not saved, the "
+                                        f"finished timesteps are kept")
+            helpers.save_torch(path, {
+                "t": t, "features": features.to(torch.float16).cpu(),
+                "latents": params["latents"].detach().to(torch.float16).cpu(),
+                "attention": {k: v.cpu() for k, v in attention.state_dict().items()},
+                "loss": loss, "iterations": num_iters, "warm_start": previous is not None, "seed": args.seed,
+                "run_id": uuid.uuid4().hex, "seconds": time.time() - t0, **made_from})
+            trained += 1
+            bar.set_postfix(loss=f"{loss:.4f}", warm=previous is not None)
     print(f"4-LEGS features: {trained} timesteps trained, {done} already done, in {time.time() - start:.0f} s "
           f"-> {out_dir}/ ({'rasterizer' if use_rasterizer else 'precomputed blend matrices'}, {device})")
 

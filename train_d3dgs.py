@@ -31,6 +31,10 @@ from point_cloud import build_init_point_cloud
 NEAR, FAR = 1.0, 100.0  # training cameras, as the original
 SCENE_SIZE_MULT = 1.1
 NUM_KNN_RIGID = 20
+NEIGHBOUR_FALLOFF = 2000.0  # neighbour weight exp(-falloff d^2), d in world units, as the original
+SSIM_SHARE = 0.2  # image and segmentation losses: (1 - share) L1 + share (1 - SSIM), as the original
+FINITE_CHECK_EVERY = 100  # iterations between the NaN/Inf checks (each waits for the GPU once)
+SEED_STRIDE = 1_000_003  # torch seed of timestep t: seed * stride + t, distinct for every (seed, t < stride)
 LEARNING_RATES = {"means3D": 0.00016,  # times the scene radius
                   "rgb_colors": 0.0025, "unnorm_rotations": 0.001, "logit_opacities": 0.05,
                   "log_scales": 0.001, "cam_m": 1e-4, "cam_c": 1e-4}  # seg_colors: fixed
@@ -77,8 +81,15 @@ def get_batch(todo, dataset, rng):
 
 # ---------------------------------------------------------------- state
 
+def camera_centers(meta):
+    """Positions [C, 3] (world) of the cameras at timestep 0."""
+    return np.linalg.inv(np.asarray(meta["w2c"][0]))[:, :3, 3]
+
+
 def scene_radius(meta):
-    centers = np.linalg.inv(np.asarray(meta["w2c"][0]))[:, :3, 3]
+    """SCENE_SIZE_MULT times the largest distance of a camera from the cameras' mean (the scale of
+    the learning rates and of densification; that mean is the scene's centre)."""
+    centers = camera_centers(meta)
     return SCENE_SIZE_MULT * float(np.linalg.norm(centers - centers.mean(0), axis=1).max())
 
 
@@ -104,9 +115,8 @@ def initialize_optimizer(params, radius, names, no_bias_correction=(), lr_scale=
     a huge step count, as in the original after timestep 0 (its step counter carries on while it
     resets the moments), which makes the first updates of each timestep several times lr; their
     learning rates are also multiplied by lr_scale."""
-    groups = [{"params": [params[k]], "name": k,
-               "lr": LEARNING_RATES[k] * (radius if k == "means3D" else 1.0) * (lr_scale if k in no_bias_correction else 1.0)}
-              for k in names]
+    groups = [{"params": [params[k]], "name": k, "lr": LEARNING_RATES[k] * (radius if k == "means3D" else 1.0)
+               * (lr_scale if k in no_bias_correction else 1.0)} for k in names]
     optimizer = torch.optim.Adam(groups, lr=0.0, eps=1e-15, fused=True)
     for k in no_bias_correction:
         p = params[k]
@@ -129,7 +139,7 @@ def initialize_post_first_timestep(params):
     as_tensor = lambda x, dtype=torch.float32: torch.as_tensor(x, dtype=dtype, device=device).contiguous()  # noqa: E731
     return {"fg_idx": fg_idx, "bg_idx": bg_idx,
             "neighbor_indices": as_tensor(nbr, torch.long),
-            "neighbor_weight": as_tensor(np.exp(-2000 * sq_dist)),
+            "neighbor_weight": as_tensor(np.exp(-NEIGHBOUR_FALLOFF * sq_dist)),
             "neighbor_dist": as_tensor(np.sqrt(sq_dist)),
             "init_bg_pts": pts[bg_idx], "init_bg_rot": rot[bg_idx],
             "prev_pts": pts, "prev_rot": rot}
@@ -167,8 +177,8 @@ def get_loss(params, rendervar, im, seg, data, variables, with_priors):
     cam = data["id"]
     im = helpers.color_correct(im, params["cam_m"].index_select(0, cam)[0], params["cam_c"].index_select(0, cam)[0])
     ssim = external.calc_ssim(torch.stack([im, seg]), torch.stack([data["im"], data["seg"]]), per_image=True)
-    losses = {"im": 0.8 * helpers.l1_loss(im, data["im"]) + 0.2 * (1.0 - ssim[0]),
-              "seg": 0.8 * helpers.l1_loss(seg, data["seg"]) + 0.2 * (1.0 - ssim[1])}
+    losses = {"im": (1 - SSIM_SHARE) * helpers.l1_loss(im, data["im"]) + SSIM_SHARE * (1.0 - ssim[0]),
+              "seg": (1 - SSIM_SHARE) * helpers.l1_loss(seg, data["seg"]) + SSIM_SHARE * (1.0 - ssim[1])}
     if with_priors:
         losses.update(prior_losses(params, rendervar, variables))
     loss = sum(LOSS_WEIGHTS[k] * v for k, v in losses.items())
@@ -198,8 +208,9 @@ def prior_losses(params, rendervar, variables):
         losses["iso"] = helpers.weighted_l2_loss(distance[..., None], variables["neighbor_dist"][..., None], weight)
         losses["floor"] = torch.clamp(fg_pts[:, 1], min=0).mean()  # the floor is y = 0, +y down
     if len(bg_idx):
-        losses["bg"] = (helpers.l1_loss_rows(rendervar["means3D"].index_select(0, bg_idx), variables["init_bg_pts"])
-                        + helpers.l1_loss_rows(rendervar["rotations"].index_select(0, bg_idx), variables["init_bg_rot"]))
+        bg_pts, bg_rot = (rendervar[k].index_select(0, bg_idx) for k in ("means3D", "rotations"))
+        losses["bg"] = (helpers.l1_loss_rows(bg_pts, variables["init_bg_pts"])
+                        + helpers.l1_loss_rows(bg_rot, variables["init_bg_rot"]))
     losses["soft_col_cons"] = helpers.l1_loss_rows(params["rgb_colors"], variables["prev_col"])
     return losses
 
@@ -261,10 +272,11 @@ def train_timestep(params, variables, optimizer, dataset, t, num_iters, schedule
             with torch.no_grad():
                 params, variables = external.densify(params, variables, optimizer, i, schedule,
                                                      rendervar["means2D"].grad, radii)
-        if i % 100 == 0 or i == num_iters - 1:
+        if i % FINITE_CHECK_EVERY == 0 or i == num_iters - 1:
             check_finite(first_bad, names, t)
-            bar.set_postfix_str(f"it {i} loss {float(loss.detach()):.4f} train PSNR {helpers.psnr(im.detach(), data['im']):.2f} "
-                                f"N {params['means3D'].shape[0]}", refresh=False)
+            bar.set_postfix_str(f"it {i} loss {float(loss.detach()):.4f} train PSNR "
+                                f"{helpers.psnr(im.detach(), data['im']):.2f} N {params['means3D'].shape[0]}",
+                                refresh=False)
         bar.update(1)
     return params, variables
 
@@ -306,26 +318,13 @@ def timestep_path(ts_dir, t):
 
 
 def finished_timesteps(ts_dir):
-    """The timesteps with a file in ts_dir, sorted. Usually 0..T-1; a run continued from a copy of
-    only the files restore reads (timesteps 0, t - 2, t - 1) has a gap."""
-    names = os.listdir(ts_dir) if os.path.isdir(ts_dir) else []
-    return sorted(int(n[:6]) for n in names if len(n) == 10 and n[:6].isdigit() and n.endswith(".npz"))
-
-
-def spans(ts):
-    """Sorted timesteps as text: [0, 1, 2, 5] -> '0-2, 5'."""
-    runs = []
-    for t in ts:
-        if runs and t == runs[-1][1] + 1:
-            runs[-1][1] = t
-        else:
-            runs.append([t, t])
-    return ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
-
-
-def restore_needs(t_next):
-    """The timesteps restore(ts_dir, t_next, ...) reads: 0, t_next - 2 and t_next - 1."""
-    return sorted({0, t_next - 2, t_next - 1} & set(range(t_next)))
+    """How many timesteps are finished in ts_dir: T of the unbroken run of files 0..T-1 (a file
+    after a missing one is stale: it was trained from a timestep that is gone)."""
+    names = set(os.listdir(ts_dir)) if os.path.isdir(ts_dir) else set()
+    count = 0
+    while os.path.basename(timestep_path(ts_dir, count)) in names:
+        count += 1
+    return count
 
 
 def save_timestep(ts_dir, t, params, record):
@@ -339,20 +338,70 @@ def save_timestep(ts_dir, t, params, record):
     helpers.save_npz(timestep_path(ts_dir, t), {**arrays, "record": np.array(json.dumps(record))})
 
 
+def check_run(run_path, run, kept):
+    """Raise UserError, saying which, when the finished timesteps 0..kept-1 that a run keeps were
+    made from another sequence (or this one before it changed), other train cameras or another
+    --downscale than `run` (what run.json will say) holds."""
+    old = helpers.read_json(run_path)
+    finished = f"{os.path.dirname(run_path)}: timesteps 0..{kept - 1}"
+    again = "use another -e, or train them all again with -f 0"
+    if not isinstance(old, dict):
+        raise helpers.UserError(f"{finished} have no readable {os.path.basename(run_path)} saying what they were made "
+                                f"from; {again}")
+    why = helpers.sequence_mismatch({"path": old.get("seq"), "content": old.get("content")},
+                                    {"path": run["seq"], "content": run["content"]})
+    if why:
+        raise helpers.UserError(f"{finished} {why}; {again}")
+    if old.get("train_cameras") != run["train_cameras"]:
+        raise helpers.UserError(f"{finished} were trained with train cameras {old.get('train_cameras')}, the "
+                                f"sequence lists {run['train_cameras']}; {again}")
+    if old.get("downscale") != run["downscale"]:
+        raise helpers.UserError(f"{finished} were trained with --downscale {old.get('downscale')}: resume with "
+                                f"--downscale {old.get('downscale')}, or {again}")
+
+
+def replaced_path(ts_dir, t):
+    """Where set_aside keeps the file of a stale timestep t until t is trained again."""
+    return timestep_path(os.path.join(ts_dir, "replaced"), t)
+
+
+def set_aside(ts_dir, first, num_t):
+    """Move the timestep files from `first` on (stale: they follow a timestep trained again, or a
+    missing one) to ts_dir/replaced/: out of the finished run, but kept until their replacement is
+    written (drop_replaced), so that a run stopped early destroys nothing finished."""
+    stale = [t for t in range(first, num_t) if os.path.isfile(timestep_path(ts_dir, t))]
+    for t in stale:
+        os.makedirs(os.path.dirname(replaced_path(ts_dir, t)), exist_ok=True)
+        os.replace(timestep_path(ts_dir, t), replaced_path(ts_dir, t))
+    if stale:
+        helpers.fsync(ts_dir)
+        tqdm.write(f"{len(stale)} finished timestep(s) from {stale[0]} on follow the timesteps trained now: kept in "
+                   f"{os.path.dirname(replaced_path(ts_dir, 0))}/ until each is trained again")
+
+
+def drop_replaced(ts_dir, t):
+    """Delete the set-aside file of timestep t, now that t is trained again (and the folder once empty)."""
+    path = replaced_path(ts_dir, t)
+    if os.path.isfile(path):
+        os.remove(path)
+        if not os.listdir(os.path.dirname(path)):
+            os.rmdir(os.path.dirname(path))
+
+
+def read_timestep_file(ts_dir, t):
+    """The arrays of a finished timestep's file (numpy; 'record' its JSON), checked by helpers.read_npz."""
+    return helpers.read_npz(timestep_path(ts_dir, t), f"train it again: -f {t}")
+
+
 def load_timestep_file(ts_dir, t, device):
-    path = timestep_path(ts_dir, t)
-    try:
-        with np.load(path) as f:
-            arrays = {k: f[k] for k in f.files}
-    except (OSError, ValueError) as e:
-        raise helpers.UserError(f"{path} cannot be read ({e}); delete it (and later timesteps) to retrain them")
+    arrays = read_timestep_file(ts_dir, t)
     record = json.loads(str(arrays.pop("record")))
     return {k: torch.as_tensor(v, device=device) for k, v in arrays.items()}, record
 
 
 def restore(ts_dir, t_next, device):
     """params of timestep t_next - 1 and the variables that timestep t_next starts from; reads
-    only the files of restore_needs(t_next)."""
+    only the files of timesteps 0, t_next - 2 and t_next - 1."""
     first, _ = load_timestep_file(ts_dir, 0, device)
     variables = initialize_post_first_timestep(first)
     if t_next >= 2:
@@ -365,28 +414,24 @@ def restore(ts_dir, t_next, device):
 
 
 def assemble(ts_dir, out_dir, lpips_missing, resolution):
-    """From the finished timesteps (atomically): params.npz of the first unbroken run 0..T-1 (its
-    index is the timestep) and metrics.json of every finished timestep, listing the missing ones
-    below the last. Returns (params path, T, metrics)."""
-    present = finished_timesteps(ts_dir)
-    num_t = next((i for i, t in enumerate(present) if i != t), len(present))
+    """From the finished timesteps 0..T-1 (atomically): params.npz (its index is the timestep) and
+    metrics.json. Returns (params path, T, metrics)."""
+    num_t = finished_timesteps(ts_dir)
     arrays, records = {k: [] for k in helpers.D3DGS_PER_TIMESTEP}, []
-    for t in present:
-        with np.load(timestep_path(ts_dir, t)) as f:
-            if t < num_t:
-                for k in helpers.D3DGS_PER_TIMESTEP:
-                    arrays[k].append(f[k])
-            if t == 0:
-                shared = {k: f[k] for k in helpers.D3DGS_SHARED}
-            records.append(json.loads(str(f["record"])))
+    for t in range(num_t):
+        f = read_timestep_file(ts_dir, t)
+        for k in helpers.D3DGS_PER_TIMESTEP:
+            arrays[k].append(f[k])
+        if t == 0:
+            shared = {k: f[k] for k in helpers.D3DGS_SHARED}
+        records.append(json.loads(str(f["record"])))
     params_path = os.path.join(out_dir, "params.npz")
     helpers.save_npz(params_path, {**{k: np.stack(v) for k, v in arrays.items()}, **shared})
     per_t = [{"t": t, **{k: r["test"][k] for k in ("psnr", "ssim", "lpips")}, "cameras": r["test"]["cameras"],
               "iterations": r["iterations"], "seconds": r["seconds"], "gaussians": r["gaussians"]}
-             for t, r in zip(present, records)]
+             for t, r in enumerate(records)]
     lpips_values = [r["lpips"] for r in per_t if r["lpips"] is not None]
-    metrics = {"timesteps": len(present), "missing_timesteps": sorted(set(range(present[-1])) - set(present)),
-               "test_cameras": list(per_t[0]["cameras"]), "resolution": list(resolution),
+    metrics = {"timesteps": num_t, "test_cameras": list(per_t[0]["cameras"]), "resolution": list(resolution),
                "psnr": float(np.mean([r["psnr"] for r in per_t])), "ssim": float(np.mean([r["ssim"] for r in per_t])),
                "lpips": float(np.mean(lpips_values)) if len(lpips_values) == len(per_t) else None,
                "lpips_missing": (None if len(lpips_values) == len(per_t)
@@ -400,15 +445,14 @@ def assemble(ts_dir, out_dir, lpips_missing, resolution):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
-        description="Stage 1: Dynamic 3D Gaussians. Trains timestep after timestep; each finished timestep is "
-                    "saved, so running the same command again continues where it stopped.",
+        description=helpers.stage_description("train_d3dgs.py") + " Trains timestep after timestep; each "
+                    "finished timestep is saved, so running the same command again continues where it stopped.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("-s", "--seq", required=True, help="sequence folder (ims/, seg/, train_meta.json, test_meta.json)")
+    helpers.add_sequence_option(parser)
     parser.add_argument("-e", "--exp", default="exp1", help="experiment name: outputs go to output/<exp>/<seq>/")
     parser.add_argument("-f", "--first", type=int, default=None,
-                        help="(re)train from this timestep on (timesteps 0, FIRST-2 and FIRST-1 must be finished: "
-                             "what it starts from; later finished ones are discarded); default: continue after "
-                             "the last finished timestep")
+                        help="(re)train from this timestep on (timesteps 0..FIRST-1 must be finished; later "
+                             "finished ones are discarded); default: continue after the last finished timestep")
     parser.add_argument("-l", "--last", type=int, default=None, help="stop after this timestep (default: the last)")
     parser.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
     parser.add_argument("--iters-first", type=int, default=10_000, help="iterations at timestep 0 (densification "
@@ -427,11 +471,13 @@ def parse_args(argv=None):
                         help="densification stops cloning and splitting at this many Gaussians (memory guard)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (camera order, splits)")
     parser.add_argument("--no-compile", action="store_true",
-                        help="on CUDA, run the losses of timesteps > 0 eagerly instead of compiling them with torch.compile "
-                             "(compiling takes 21-27 s once on an H100, then saves about 5 ms per iteration)")
+                        help="on CUDA, run the losses of timesteps > 0 eagerly instead of compiling them with "
+                             "torch.compile (compiling takes 21-27 s once on an H100, then saves about 5 ms per "
+                             "iteration)")
     args = helpers.parse_with_demo(parser, argv, DEMO)
-    if args.iters_first < 1 or args.iters < 1 or args.downscale < 1:
-        raise helpers.UserError("--iters-first, --iters and --downscale must be at least 1")
+    for option in ("iters_first", "iters", "downscale", "max_gaussians"):
+        helpers.check_option(args, option, at_least=1)
+    helpers.check_option(args, "motion_lr_scale", above=0)
     return args
 
 
@@ -439,76 +485,82 @@ def main(argv=None):
     args = parse_args(argv)
     device = helpers.pick_device(args.device)
     torch.backends.cudnn.benchmark = True  # SSIM's convolutions keep one shape for the whole run
-    seq_dir = os.path.normpath(args.seq)
-    seq = os.path.basename(seq_dir)
+    seq_dir = helpers.find_sequence(args.seq)
+    out_dir = helpers.stage_dir("output", args.exp, seq_dir)
+    with helpers.stage_lock(out_dir, "train_d3dgs"):
+        train(args, device, seq_dir, out_dir)
+
+
+def train(args, device, seq_dir, out_dir):
+    """Stage 1 into out_dir (this run holds its lock). Every argument and input of the timesteps to
+    train is checked, and what the first of them starts from is read, before the finished timesteps
+    it makes stale are set aside."""
     full_meta, full_test_meta = helpers.load_meta(seq_dir, "train"), helpers.load_meta(seq_dir, "test")
     meta, test_meta = helpers.scale_meta(full_meta, args.downscale), helpers.scale_meta(full_test_meta, args.downscale)
     sizes = (full_meta["w"], full_meta["h"]), (full_test_meta["w"], full_test_meta["h"])
     num_t = len(meta["fn"])
     if len(test_meta["fn"]) < num_t:
         raise helpers.UserError(f"{test_meta['path']} has {len(test_meta['fn'])} timesteps, {meta['path']} {num_t}")
-    out_dir = os.path.join("output", args.exp, seq)
     ts_dir = os.path.join(out_dir, "timesteps")
     os.makedirs(ts_dir, exist_ok=True)
     run_path = os.path.join(ts_dir, "run.json")
-    run = {"seq": os.path.abspath(seq_dir), "train_cameras": meta["cam_id"], "test_cameras": test_meta["cam_id"],
-           "downscale": args.downscale}
-    present = finished_timesteps(ts_dir)
-    if os.path.isfile(run_path) and present:
-        with open(run_path) as f:
-            old = json.load(f)
-        if old["train_cameras"] != run["train_cameras"]:
-            raise helpers.UserError(f"{ts_dir} was trained with train cameras {old['train_cameras']}, {meta['path']} "
-                                    f"lists {run['train_cameras']}; use another --exp")
-    helpers.save_json(run_path, run)
+    sequence = helpers.sequence_identity(seq_dir, [full_meta, full_test_meta])
+    run = {"seq": sequence["path"], "content": sequence["content"], "train_cameras": meta["cam_id"],
+           "test_cameras": test_meta["cam_id"], "downscale": args.downscale}
+    done = finished_timesteps(ts_dir)
 
-    start = (present[-1] + 1 if present else 0) if args.first is None else args.first
-    if start < 0:
-        raise helpers.UserError(f"-f {args.first}: timesteps start at 0")
+    start = done if args.first is None else args.first
     last = num_t - 1 if args.last is None else args.last
     if not 0 <= last < num_t:
         raise helpers.UserError(f"-l {args.last}: the sequence has timesteps 0..{num_t - 1}")
-    missing = [t for t in restore_needs(start) if t not in present]
-    if start <= last and missing:  # only the files restore reads matter, so a gap further back is fine
-        raise helpers.UserError(f"{ts_dir}: training timestep {start} starts from timesteps {restore_needs(start)}, "
-                                f"but {missing} are not finished there (finished: {spans(present) or 'none'}); "
-                                f"pick -f right after finished timesteps")
-    for t in range(start, num_t):  # -f: what follows a retrained timestep is stale
-        if os.path.isfile(timestep_path(ts_dir, t)):
-            os.remove(timestep_path(ts_dir, t))
+    if args.first is not None and not 0 <= args.first <= last:
+        raise helpers.UserError(f"-f {args.first} -l {last}: the sequence has timesteps 0..{num_t - 1}; "
+                                f"need 0 <= -f <= -l")
+    finished = f"timesteps 0..{done - 1} are finished" if done else "no timestep is finished"
+    if start <= last and start > done:
+        raise helpers.UserError(f"-f {start}: timestep {start} starts from timestep {start - 1}, but {finished} "
+                                f"in {ts_dir}; pick -f {done} or lower")
+    if min(start, done):
+        check_run(run_path, run, min(start, done))
     if start <= last:
         helpers.check_sequence(seq_dir, meta, start, last, masks=True)
         helpers.check_sequence(seq_dir, test_meta, start, last)
+        if start > 0:
+            params, variables = restore(ts_dir, start, device)
+        else:
+            init_pt_cld = initial_point_cloud(seq_dir, full_meta, out_dir, args)
+    set_aside(ts_dir, start, num_t)
+    helpers.save_json(run_path, run)
     lpips_net, lpips_missing = load_lpips(device)
 
     loss_fn = pick_loss(device, not args.no_compile)
     if start > last:
-        tqdm.write(f"timesteps {spans(present)} are finished in {ts_dir}: nothing to train")
+        tqdm.write(f"{finished} in {ts_dir}: nothing to train")
     elif start > 0:
-        params, variables = restore(ts_dir, start, device)
-        tqdm.write(f"resuming at timestep {start} from timesteps {restore_needs(start)} in {ts_dir}")
+        tqdm.write(f"resuming at timestep {start} in {ts_dir}")
     total = sum(args.iters_first if t == 0 else args.iters for t in range(start, last + 1))
-    bar = tqdm(total=total, unit="it", dynamic_ncols=True)
+    bar = helpers.progress(total=total, unit="it")
     with concurrent.futures.ThreadPoolExecutor(1) as pool:  # the next timestep's images load while this one trains
         upcoming = pool.submit(load_timestep, seq_dir, meta, test_meta, start, *sizes) if start <= last else None
         for t in range(start, last + 1):
             dataset, test_views = get_dataset(upcoming.result(), meta, test_meta, t, device)
             upcoming = pool.submit(load_timestep, seq_dir, meta, test_meta, t + 1, *sizes) if t < last else None
-            torch.manual_seed(args.seed * 1_000_003 + t)
+            torch.manual_seed(args.seed * SEED_STRIDE + t)
             rng = np.random.default_rng([args.seed, t])
             bar.set_description(f"t {t}/{last}")
             started = time.time()
             if t == 0:
-                init_pt_cld = initial_point_cloud(seq_dir, full_meta, out_dir, args)
                 radius = scene_radius(meta)
                 params = initialize_params(init_pt_cld, len(meta["cam_id"]), device)
                 variables = {"scene_radius": radius,
+                             "scene_center": torch.tensor(camera_centers(meta).mean(0), dtype=torch.float32,
+                                                          device=device),
                              "means2D_gradient_accum": torch.zeros(len(init_pt_cld), device=device),
                              "denom": torch.zeros(len(init_pt_cld), device=device)}
                 optimizer = initialize_optimizer(params, radius, LEARNING_RATES)
+                schedule = external.densify_schedule(args.iters_first, max_gaussians=args.max_gaussians)
                 params, variables = train_timestep(params, variables, optimizer, dataset, t, args.iters_first,
-                                                   external.densify_schedule(args.iters_first, max_gaussians=args.max_gaussians),
-                                                   get_loss, rng, bar)
+                                                   schedule, get_loss, rng, bar)
                 iters = args.iters_first
             else:
                 params, variables = initialize_per_timestep(params, variables)
@@ -520,9 +572,10 @@ def main(argv=None):
             metrics = evaluate(params, test_views, lpips_net)
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            record = {"iterations": iters, "seconds": time.time() - started,
+            record = {"iterations": iters, "seconds": time.time() - started, "seed": args.seed,
                       "gaussians": int(params["means3D"].shape[0]), "test": metrics}
             save_timestep(ts_dir, t, params, record)
+            drop_replaced(ts_dir, t)
             tqdm.write(f"timestep {t}: {record['seconds']:.1f} s, {record['gaussians']} Gaussians, "
                        f"test PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f}")
             if t == 0:
@@ -534,25 +587,23 @@ def main(argv=None):
     params_path, num_done, metrics = assemble(ts_dir, out_dir, lpips_missing, (test_meta["w"], test_meta["h"]))
     lpips_text = (f"LPIPS {metrics['lpips']:.4f}" if metrics["lpips"] is not None
                   else f"LPIPS missing ({metrics['lpips_missing']})")
-    gap = (f"; timesteps {spans(metrics['missing_timesteps'])} are missing from {ts_dir} (trained "
-           f"elsewhere?): params.npz stops before the first, the metrics cover the {metrics['timesteps']} present"
-           if metrics["missing_timesteps"] else "")
-    print(f"stage 1 done: {num_done} timesteps of {num_t} in {params_path}; test cameras "
-          f"{', '.join(metrics['test_cameras'])}: PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f}, "
-          f"{lpips_text} (per timestep: {os.path.join(out_dir, 'metrics.json')}){gap}")
+    print(f"{helpers.stage_name('train_d3dgs.py')} done: {num_done} timesteps of {num_t} in {params_path}; test "
+          f"cameras {', '.join(metrics['test_cameras'])}: PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f}, "
+          f"{lpips_text} (per timestep: {os.path.join(out_dir, 'metrics.json')})")
 
 
 def initial_point_cloud(seq_dir, meta, out_dir, args):
     """The sequence's init_pt_cld.npz, or one built from its masks and images (saved beside the outputs)."""
     path = os.path.join(seq_dir, "init_pt_cld.npz")
     if os.path.isfile(path):
-        try:
-            with np.load(path) as f:
-                data = f["data"]
-        except (OSError, ValueError, KeyError) as e:
-            raise helpers.UserError(f"{path} cannot be read ({e}); it must hold 'data' [N, 7]")
-        if data.ndim != 2 or data.shape[1] != 7 or len(data) < 4:
-            raise helpers.UserError(f"{path}: 'data' has shape {list(data.shape)}, expected [N >= 4, 7] (xyz, rgb, seg)")
+        data = helpers.read_npz(path, "it must hold 'data' [N, 7] (xyz, rgb, seg), finite; fix it, or delete it to "
+                                      "build one from the masks").get("data")
+        if data is None or data.ndim != 2 or data.shape[1] != 7 or len(data) < 4:
+            raise helpers.UserError(f"{path}: 'data' is {'missing' if data is None else list(data.shape)}, expected "
+                                    f"[N >= 4, 7] (xyz, rgb, seg)")
+        if not np.isin(data[:, 6], (0, 1)).all():
+            raise helpers.UserError(f"{path}: seg (column 6 of 'data') holds {np.setdiff1d(data[:, 6], (0, 1))[:3]}, "
+                                    f"not only 0 (background) and 1 (foreground)")
         return data.astype(np.float32)
     tqdm.write(f"no {path}: building the initial point cloud from the masks and images of timestep 0")
     started = time.time()

@@ -1,4 +1,4 @@
-"""Stage 5 of 4-LEGS: where and when is "the prompt"? Relevancy videos and a temporal timeline.
+"""Stage 6 of 4-LEGS: where and when is "the prompt"? Relevancy videos and a temporal timeline.
 
 For each prompt and each view (every test camera, every train camera, or one orbit around the
 scene), the language features are rendered at every timestep, decoded by the autoencoder and
@@ -13,16 +13,16 @@ under `results/<exp>/<seq>/<prompt_dir>/`:
     python visualize_4legs.py -s data/synthetic -e exp1 --encoder color -p "a red ball flying in the air"
 """
 import argparse
-import math
 import os
 
 import numpy as np
 import torch
 
 import helpers
-from feature_extraction.relevancy import (TOP_FRACTION, Stages, add_prompt_options, check_prompt_options,
-                                          detect_spans, encode_prompts, frame_scores, heat, overlay,
-                                          prompt_dir, render_relevance_video)
+from feature_extraction.cache import add_cache_dir_option
+from feature_extraction.relevancy import (ENCODER_OF_STAGES, TOP_FRACTION, Stages, add_prompt_options,
+                                          check_prompt_options, detect_spans, encode_prompts, frame_scores, heat,
+                                          overlay, prompt_dir, render_relevance_video)
 
 
 def meta_views(seq_dir, split, num_t, device):
@@ -36,21 +36,10 @@ def meta_views(seq_dir, split, num_t, device):
 
 
 def orbit_view(seq_dir, stages, device):
-    """One camera circling the foreground once over the video, at the train cameras' mean distance
-    and height, with the intrinsics of train camera 0."""
-    meta = helpers.load_meta(seq_dir, "train")
-    g = helpers.load_d3dgs_params(stages.params_path, 0, "cpu")
-    fg = g["seg_colors"][:, 0] > 0.5
-    center = g["means3D"][fg if fg.any() else slice(None)].mean(0).numpy()
-    up = np.array([0.0, -1.0, 0.0])  # PanopticSports: the floor is +y
-    w2c = np.asarray(meta["w2c"][0])
-    cam_pos = np.einsum("cji,cj->ci", w2c[:, :3, :3], -w2c[:, :3, 3]) - center  # -R^T t, from the centre
-    height = float(np.median(cam_pos @ up))
-    radius = float(np.median(np.linalg.norm(cam_pos - np.outer(cam_pos @ up, up), axis=1)))
-    cams = [helpers.setup_camera(meta["w"], meta["h"], meta["k"][0][0],
-                                 helpers.orbit_w2c(center, radius, height, 2 * math.pi * t / stages.num_t),
-                                 device=device) for t in range(stages.num_t)]
-    return [("orbit", cams)]
+    """The orbit of helpers.orbit_cameras, as visualize_d3dgs.py shows it: [("orbit", cameras)]."""
+    arrays = helpers.read_d3dgs_params(stages.params_path)
+    return [("orbit", helpers.orbit_cameras(helpers.load_meta(seq_dir, "train"), arrays["means3D"][0],
+                                            arrays["seg_colors"][:, 0] > 0.5, stages.num_t, device))]
 
 
 def plot_timeline(path, prompt, scores, per_view, spans, threshold):
@@ -78,10 +67,11 @@ def plot_timeline(path, prompt, scores, per_view, spans, threshold):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-s", "--seq", required=True, help="sequence folder, e.g. data/basketball")
+    p = argparse.ArgumentParser(description=helpers.stage_help("visualize_4legs.py", __doc__),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    helpers.add_sequence_option(p)
     p.add_argument("-e", "--exp", default="exp1", help="experiment name (default: %(default)s)")
-    p.add_argument("--encoder", required=True, help="the --encoder of stages 2-4: viclip, color, openclip:<arch>:<ckpt>")
+    p.add_argument("--encoder", required=True, help=ENCODER_OF_STAGES)
     p.add_argument("-p", "--prompt", action="append", required=True,
                    help="text to localise; repeat -p for several prompts (the text encoder runs once)")
     p.add_argument("--cams", choices=("test", "train", "orbit"), default="test",
@@ -90,23 +80,44 @@ def parse_args(argv=None):
                    "render (stage-1 segmentation colours)")
     p.add_argument("--fps", type=int, default=15, help="frames per second of the videos (default: %(default)s)")
     add_prompt_options(p)
+    add_cache_dir_option(p)
     args = p.parse_args(argv)
+    args.seq = helpers.find_sequence(args.seq)
     check_prompt_options(args)
-    if any(not prompt.strip() for prompt in args.prompt):
-        raise helpers.UserError("-p: empty prompt; give the text to look for, e.g. -p \"a man throwing a ball\"")
+    helpers.check_option(args, "fps", at_least=1)
+    check_prompts(args.prompt)
     return args
+
+
+def check_prompts(prompts):
+    """Before any rendering: every prompt has text, and a folder of its own (prompt_dir; folder names
+    that differ only in case would share a folder on some file systems)."""
+    seen = {}
+    for prompt in prompts:
+        if not prompt.strip():
+            raise helpers.UserError("-p: empty prompt; give the text to look for, e.g. -p \"a man throwing a ball\"")
+        if prompt_dir(prompt).casefold() in seen:
+            raise helpers.UserError(f"-p {prompt!r} and -p {seen[prompt_dir(prompt).casefold()]!r} would share the "
+                                    f"folder {prompt_dir(prompt)}: give each prompt once")
+        seen[prompt_dir(prompt).casefold()] = prompt
 
 
 def main(argv=None):
     args = parse_args(argv)
     device = helpers.pick_device(args.device)
-    stages = Stages(args.seq, args.exp, args.encoder, device)
+    stages = Stages(args.seq, args.exp, args.encoder, device, args.cache_dir)
     from feature_extraction import load_encoder
     positives, negatives = encode_prompts(load_encoder(args.encoder, device, args.viclip_ckpt), args.prompt, device)
     views = orbit_view(args.seq, stages, device) if args.cams == "orbit" else meta_views(
         args.seq, args.cams, stages.num_t, device)
-    out_dirs = [os.path.join("results", args.exp, os.path.basename(os.path.normpath(args.seq)), prompt_dir(p))
-                for p in args.prompt]
+    results = helpers.stage_dir("results", args.exp, args.seq)
+    with helpers.stage_lock(results, "visualize_4legs"):
+        render_prompts(args, stages, views, positives, negatives, [os.path.join(results, prompt_dir(p))
+                                                                     for p in args.prompt])
+
+
+def render_prompts(args, stages, views, positives, negatives, out_dirs):
+    """Per prompt (out_dirs: its folder) the relevance videos of the views and the timeline."""
     per_view = [{} for _ in args.prompt]
     for name, cams in views:
         rgb, relevance = render_relevance_video(stages, cams, positives, negatives, args.fg_only,
@@ -123,7 +134,7 @@ def main(argv=None):
         scores = np.mean([v["scores"] for v in per_view[q].values()], axis=0)
         spans = detect_spans(torch.from_numpy(scores), args.threshold)
         helpers.save_json(os.path.join(out_dirs[q], "timeline.json"), {
-            "prompt": prompt, "encoder": args.encoder, "views": list(per_view[q]), "fg_only": args.fg_only,
+            "prompt": prompt, "made_from": stages.provenance(), "views": list(per_view[q]), "fg_only": args.fg_only,
             "score": f"per timestep: mean relevance (probability - 0.5, clipped at 0) of the top "
                      f"{TOP_FRACTION:.1%} pixels, averaged over the views",
             "threshold": args.threshold, "scores": [round(float(s), 5) for s in scores], "spans": spans,
@@ -134,4 +145,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    helpers.run_main(main)
+    helpers.run_main(main, resumes=False)

@@ -1,4 +1,4 @@
-"""Stage 2: video-language features of tile clips, their cache, and per-pixel feature maps.
+"""Stage 3 (extract_features.py): video-language features of tile clips, their cache, and per-pixel feature maps.
 
     enc = load_encoder("viclip" | "color" | "openclip:<arch>:<ckpt-or-tag>", device, viclip_ckpt)
     enc.name, enc.dim                               # "viclip", 768

@@ -1,4 +1,5 @@
-"""Stage 3: the 768 -> 128 autoencoder that compresses video-language embeddings for the Gaussians.
+"""Stage 4 (train_autoencoder.py): the 768 -> 128 autoencoder that compresses video-language
+embeddings for the Gaussians.
 
 Layout of 4-LEGS: encoder 768 -> 512 -> 256 -> 128, decoder 128 -> 256 -> 512 -> 768, Linear +
 BatchNorm + ReLU between layers, latent and output L2-normalised (embeddings live on the unit
@@ -15,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import helpers
+from feature_extraction.relevancy import encoder_name
 
 ENCODER_DIMS = (768, 512, 256, 128)
 DECODER_DIMS = (128, 256, 512, 768)
@@ -69,28 +71,30 @@ def ae_ckpt_path(seq_dir):
     return os.path.join(seq_dir, "ae", "best_ckpt.pth")
 
 
-def save_autoencoder(path, model, encoder_name, **info):
-    """Atomic checkpoint with everything needed to rebuild and check the model. `info` (epoch,
-    validation cosine, ...) is stored beside; a fresh `run_id` lets stage 4 notice a retrained AE."""
+def save_autoencoder(path, model, encoder_spec, **info):
+    """Atomic checkpoint with everything needed to rebuild and check the model, trained on the
+    features of --encoder `encoder_spec`. `info` (epoch, validation cosine, what it was made from,
+    ...) is stored beside; a fresh `run_id` lets stage 5 notice a retrained AE."""
     encoder_dims = [m.in_features for m in model.encoder if isinstance(m, nn.Linear)] + [model.latent_dim]
     decoder_dims = [m.in_features for m in model.decoder if isinstance(m, nn.Linear)] + [
         model.decoder[-1].out_features]
     helpers.save_torch(path, {
-        "format": CKPT_FORMAT, "encoder": encoder_name, "encoder_dims": encoder_dims,
+        "format": CKPT_FORMAT, "encoder": encoder_name(encoder_spec), "encoder_spec": encoder_spec,
+        "encoder_dims": encoder_dims,
         "decoder_dims": decoder_dims, "run_id": uuid.uuid4().hex,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, **info})
 
 
-def load_autoencoder(path, encoder_name, device="cpu"):
+def load_autoencoder(path, encoder_spec, device="cpu"):
     """The trained autoencoder in eval mode, plus its checkpoint dict (without the weights).
 
-    Raises UserError when the file is missing, is not ours, or was trained on another encoder's
-    features.
+    Raises UserError when the file is missing, is not ours, holds NaN/Inf, or was trained on the
+    features of another encoder than --encoder `encoder_spec`.
     """
     seq_dir = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-    train_cmd = f"python train_autoencoder.py -s {os.path.relpath(seq_dir)} --encoder {encoder_name}"
+    train_cmd = f"python train_autoencoder.py -s {os.path.relpath(seq_dir)} --encoder {encoder_spec}"
     if not os.path.isfile(path):
-        raise helpers.UserError(f"{path} not found: train the autoencoder (stage 3) first: {train_cmd}")
+        raise helpers.UserError(f"{path} not found: {helpers.run_first('train_autoencoder.py', train_cmd)}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file: any unpickling error
@@ -98,10 +102,12 @@ def load_autoencoder(path, encoder_name, device="cpu"):
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise helpers.UserError(f"{path} is not an autoencoder checkpoint of this project "
                                 f"(format {CKPT_FORMAT}); retrain it: {train_cmd}")
-    if ckpt["encoder"] != encoder_name:
+    if ckpt["encoder"] != encoder_name(encoder_spec):
         raise helpers.UserError(
-            f"{path} was trained on '{ckpt['encoder']}' features, not '{encoder_name}': pass "
-            f"--encoder {ckpt['encoder']}, or retrain it: {train_cmd}")
+            f"{path} was trained on '{ckpt['encoder']}' features, not '{encoder_name(encoder_spec)}': pass "
+            f"--encoder {ckpt.get('encoder_spec', ckpt['encoder'])}, or retrain it: {train_cmd}")
+    if not all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point()):
+        raise helpers.UserError(f"{path}: its weights hold NaN/Inf; retrain it: {train_cmd}")
     model = Autoencoder(tuple(ckpt["encoder_dims"]), tuple(ckpt["decoder_dims"]))
     model.load_state_dict(ckpt.pop("state_dict"))
     return model.to(device).eval(), ckpt

@@ -1,4 +1,5 @@
-"""The Stage-2 cache: tile embeddings per timestep, float16, with the configuration beside them.
+"""The stage-3 cache (extract_features.py): tile embeddings per timestep, float16, with the
+configuration beside them.
 
 Layout (one folder per encoder and timestep; t not zero-padded, as in the original):
     <seq>/interpolators/<encoder>/timestep_<t>/config.json
@@ -6,11 +7,11 @@ Layout (one folder per encoder and timestep; t not zero-padded, as in the origin
 for the 5 levels i of tiles.tile_levels and the C train cameras in train_meta.json's order.
 config.json holds everything the embeddings depend on (encoder and weights, image size, cameras,
 tile geometry, the clip's frame indices, the sizes of its image files); a timestep counts as done
-only when its folder exists and its config equals the one a new run would write, so any change
-recomputes it. A timestep is written into a temporary folder and renamed into place, so a
-half-written timestep is never seen.
+only when its folder exists, its config equals the one a new run would write and its level files
+are whole, so any change or damage recomputes it. A timestep is written into a temporary folder and
+renamed into place, so a half-written timestep is never seen. With --cache-dir DIR, DIR takes the
+place of <seq>; <cache>/sequence.json says which sequence the features are of.
 """
-import glob
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ import shutil
 import numpy as np
 import torch
 
+import helpers
 from feature_extraction import tiles
 from helpers import UserError
 
@@ -27,6 +29,14 @@ FORMAT = 1
 def cache_dir(seq_dir, encoder_name):
     """<seq_dir>/interpolators/<encoder_name>."""
     return os.path.join(seq_dir, "interpolators", encoder_name)
+
+
+def add_cache_dir_option(parser):
+    """--cache-dir of the stages that write (3, 4) or read (5, 6) the tile features and the autoencoder."""
+    parser.add_argument("--cache-dir", default=None,
+                        help="folder for the tile features (interpolators/<encoder>/) and the autoencoder (ae/) "
+                             "instead of the sequence folder, e.g. when that cannot be written; give every stage "
+                             "from 3 on the same (default: the sequence folder)")
 
 
 def timestep_dir(cache, t):
@@ -47,6 +57,19 @@ def make_config(encoder, seq_dir, meta, t):
             "image_bytes": sizes, "levels": tiles.tile_levels(h, w)}
 
 
+def claim_for_sequence(cache, seq_dir, meta):
+    """Refuse a cache folder that holds the features of another sequence (a --cache-dir shared by two),
+    and record in <cache>/sequence.json which sequence (helpers.sequence_identity) it is of. The same
+    sequence moved, or changed in place, passes: each timestep's config decides what is computed again."""
+    path = os.path.join(cache, "sequence.json")
+    recorded, current = helpers.read_json(path), helpers.sequence_identity(seq_dir, [meta])
+    if recorded and recorded.get("path") != current["path"] and helpers.sequence_mismatch(recorded, current):
+        raise UserError(f"{cache}: its features {helpers.sequence_mismatch(recorded, current)}; give each sequence "
+                        f"its own --cache-dir")
+    if recorded != current:
+        helpers.save_json(path, current)
+
+
 def read_config(cache, t):
     """config.json of a finished timestep, or None."""
     path = os.path.join(timestep_dir(cache, t), "config.json")
@@ -57,9 +80,37 @@ def read_config(cache, t):
         return None
 
 
-def is_done(cache, t, config):
-    """Whether timestep t is cached with exactly this configuration."""
-    return read_config(cache, t) == json.loads(json.dumps(config))  # JSON round trip: tuples -> lists
+def is_done(cache, t, config, log=print):
+    """Whether timestep t is cached with exactly this configuration and whole level files (a
+    damaged one is reported through log and counts as not done)."""
+    if read_config(cache, t) != json.loads(json.dumps(config)):  # JSON round trip: tuples -> lists
+        return False
+    damage = damaged_level(cache, t, config)
+    if damage:
+        log(f"{damage}: computing timestep {t} again")
+    return not damage
+
+
+def damaged_level(cache, t, config):
+    """What is wrong with the level files of timestep t ('' when each has the header of float16
+    [C, rows, cols, D] of `config` and all its bytes; the values are checked where they are read)."""
+    cams = len(config["cam_id"])
+    for i, lv in enumerate(config["levels"]):
+        path = os.path.join(timestep_dir(cache, t), f"level_{i}.npy")
+        want = (cams, lv["rows"], lv["cols"], config["dim"])
+        try:
+            level = np.load(path, mmap_mode="r")
+        except (OSError, ValueError, EOFError) as e:
+            return f"{path} is damaged ({type(e).__name__}: {e})"
+        if level.dtype != np.float16 or level.shape != want:
+            return f"{path} is damaged (it holds {level.dtype} {list(level.shape)}, not float16 {list(want)})"
+    return ""
+
+
+def cache_identity(cache, timesteps):
+    """What the cached features of `timesteps` are, for the provenance of what is trained on them:
+    {'path': absolute, 'fingerprint': of their config.json files}."""
+    return {"path": os.path.abspath(cache), "fingerprint": helpers.fingerprint(*(read_config(cache, t) for t in timesteps))}
 
 
 def write_timestep(cache, t, config, embeddings):
@@ -67,9 +118,8 @@ def write_timestep(cache, t, config, embeddings):
     (level, camera, row, col)."""
     emb = np.asarray(embeddings, dtype=np.float16)
     final = timestep_dir(cache, t)
-    for stale in glob.glob(os.path.join(cache, f".tmp_timestep_{t}_*")):  # left by a killed run
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = os.path.join(cache, f".tmp_timestep_{t}_{os.getpid()}")
+    helpers.clean_stale_tmp(cache)  # what killed runs left; a live run's folders stay
+    tmp = helpers.tmp_path(cache, f"_timestep_{t}")
     os.makedirs(tmp)
     try:
         start, cams = 0, len(config["cam_id"])
@@ -81,9 +131,15 @@ def write_timestep(cache, t, config, embeddings):
             raise ValueError(f"{len(emb)} embeddings for {start} tiles")
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f, indent=1)
-        if os.path.exists(final):
-            shutil.rmtree(final)
+        for name in os.listdir(tmp):  # on the disk before the rename, which a power cut must not undo
+            helpers.fsync(os.path.join(tmp, name))
+        helpers.fsync(tmp)
+        old = helpers.tmp_path(cache, f"_timestep_{t}_replaced")
+        if os.path.exists(final):  # a folder cannot be renamed onto another: the old one steps aside first
+            os.replace(final, old)
         os.replace(tmp, final)
+        helpers.fsync(cache)
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -97,14 +153,29 @@ def _checked_config(cache, t):
 
 
 def load_level(cache, t, i, mmap_mode=None):
-    """float16 [C, rows, cols, D] of level i of timestep t."""
-    return np.load(os.path.join(timestep_dir(cache, t), f"level_{i}.npy"), mmap_mode=mmap_mode)
+    """float16 [C, rows, cols, D] of level i of timestep t; UserError for a damaged file."""
+    path = os.path.join(timestep_dir(cache, t), f"level_{i}.npy")
+    try:
+        return np.load(path, mmap_mode=mmap_mode)
+    except (OSError, ValueError, EOFError) as e:
+        raise UserError(f"{path} cannot be read ({type(e).__name__}: {e}); run extract_features.py again "
+                        f"(it recomputes damaged timesteps)") from None
+
+
+def check_finite(values, cache, t):
+    """Raise UserError when tile embeddings read from timestep t hold NaN/Inf (a damaged cache)."""
+    if not np.isfinite(values).all():
+        raise UserError(f"{timestep_dir(cache, t)}: the cached embeddings hold NaN/Inf; delete the folder and run "
+                        f"extract_features.py again")
 
 
 def load_tile_embeddings(cache, t):
     """All tile embeddings of timestep t (every camera and level): float16 tensor [M, D]."""
     config = _checked_config(cache, t)
-    return torch.cat([torch.from_numpy(load_level(cache, t, i)).flatten(0, 2) for i in range(len(config["levels"]))])
+    levels = [load_level(cache, t, i) for i in range(len(config["levels"]))]
+    for level in levels:
+        check_finite(level, cache, t)
+    return torch.cat([torch.from_numpy(level).flatten(0, 2) for level in levels])
 
 
 def dense_feature_map(cache, t, cam_index, height, width, device="cpu"):
@@ -116,5 +187,7 @@ def dense_feature_map(cache, t, cam_index, height, width, device="cpu"):
     if not 0 <= cam_index < cams:
         raise UserError(f"{timestep_dir(cache, t)}: camera index {cam_index} asked for, the cache holds {cams} cameras")
     grids = [load_level(cache, t, i, mmap_mode="r")[cam_index] for i in range(len(config["levels"]))]
+    for grid in grids:
+        check_finite(grid, cache, t)
     return tiles.dense_from_grids(grids, config["levels"], (config["height"], config["width"]), (height, width),
                                   torch.device(device))

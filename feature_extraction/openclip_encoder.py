@@ -21,7 +21,8 @@ class OpenCLIPEncoder:
         if arch not in open_clip.list_models():
             raise UserError(f"--encoder openclip:{arch}:...: unknown open_clip architecture; "
                             f"choose one of open_clip.list_models(), e.g. ViT-L-14, ViT-B-16")
-        looks_like_file = os.sep in pretrained or os.path.splitext(pretrained)[1] in (".pt", ".pth", ".bin", ".safetensors")
+        looks_like_file = (os.sep in pretrained
+                           or os.path.splitext(pretrained)[1] in (".pt", ".pth", ".bin", ".safetensors"))
         if looks_like_file and not os.path.isfile(pretrained):
             raise UserError(f"{pretrained}: open_clip checkpoint not found; give a file, an open_clip "
                             f"pretrained tag (open_clip.list_pretrained()) or 'random'")
@@ -29,8 +30,10 @@ class OpenCLIPEncoder:
         try:
             self.model = open_clip.create_model(arch, pretrained=None if pretrained == "random" else pretrained,
                                                 device=self.device)
-        except RuntimeError as e:
-            raise UserError(f"--encoder openclip:{arch}:{pretrained}: open_clip could not load it ({e})")
+        except Exception as e:  # a file that is no checkpoint fails in torch.load's unpickler in many ways
+            raise UserError(f"--encoder openclip:{arch}:{pretrained}: open_clip could not load it "
+                            f"({type(e).__name__}: {str(e)[:200]}); give an open_clip checkpoint of {arch}, "
+                            f"a tag of open_clip.list_pretrained() or 'random'") from None
         self.model.eval().requires_grad_(False)
         self.tokenizer = open_clip.get_tokenizer(arch)
         cfg = self.model.visual.preprocess_cfg
@@ -53,7 +56,8 @@ class OpenCLIPEncoder:
         b, t = frames.shape[:2]
         clip_mean = torch.tensor(CLIP_MEAN, device=self.device).view(3, 1, 1)
         clip_std = torch.tensor(CLIP_STD, device=self.device).view(3, 1, 1)
-        x = ((frames.to(self.device, torch.float32) * clip_std + clip_mean) - self.mean) / self.std  # this model's normalisation
+        # from CLIP's normalisation to this model's
+        x = ((frames.to(self.device, torch.float32) * clip_std + clip_mean) - self.mean) / self.std
         with self._autocast():
             per_frame = self.model.encode_image(x.flatten(0, 1))
         per_frame = F.normalize(per_frame.float(), dim=-1).view(b, t, -1)

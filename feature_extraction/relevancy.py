@@ -8,13 +8,14 @@ probability) decides. We call `relevance` = max(relevancy - 0.5, 0) in [0, 0.5]:
 the prompt than a generic thing". It stays ABSOLUTE for detection (timeline, masks): a prompt that
 matches nothing gives zeros, never a blob stretched to 1 by normalisation.
 """
+import hashlib
 import math
 import os
+import re
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import helpers
 from feature_extraction.viclip import DEFAULT_CKPT
@@ -28,6 +29,8 @@ MASK_FRACTION = 0.5  # mask = relevance > half the video's peak (never below the
 # the scale of the smallest tile (0.15 x the height: 54 px at 640x360), and the per-pixel decoder is
 # most of the CPU's time. One block per 180 rows of height: 2 at 360, every pixel at 180 and below.
 STRIDE_ROWS = 180
+ENCODER_OF_STAGES = ("the --encoder of " + ", ".join(helpers.stage_name(script) for script in (
+    "extract_features.py", "train_autoencoder.py", "train_4legs.py")) + ": viclip, color, openclip:<arch>:<ckpt>")
 
 
 # ---------------------------------------------------------------- where stage outputs live
@@ -40,89 +43,117 @@ def encoder_name(spec):
     return spec
 
 
-def seq_name(seq_dir):
-    return os.path.basename(os.path.normpath(seq_dir))
-
-
 def d3dgs_params_path(exp, seq_dir):
     """Stage-1 output, checked: raises UserError naming the command to run first."""
-    path = os.path.join("output", exp, seq_name(seq_dir), "params.npz")
+    path = os.path.join(helpers.stage_dir("output", exp, seq_dir), "params.npz")
     if not os.path.isfile(path):
-        raise helpers.UserError(f"{path} not found: run stage 1 first: python train_d3dgs.py -s {seq_dir} -e {exp}")
+        raise helpers.UserError(f"{path} not found: "
+                                + helpers.run_first("train_d3dgs.py", f"python train_d3dgs.py -s {seq_dir} -e {exp}"))
     return path
 
 
 def legs_dir(exp, seq_dir):
-    return os.path.join("output", exp, seq_name(seq_dir), "legs")
+    return os.path.join(helpers.stage_dir("output", exp, seq_dir), "legs")
 
 
 def legs_path(out_dir, t):
     return os.path.join(out_dir, f"{t:06d}.pt")
 
 
-def feature_cache(seq_dir, encoder_name):
-    """Stage-2 cache folder of `encoder_name`, checked: raises UserError naming the command."""
+def feature_cache(root, encoder_spec, seq_dir=None):
+    """Stage-3 cache folder of the encoder `encoder_spec` (--encoder) under `root` (the sequence
+    folder or --cache-dir), checked: raises UserError naming the command."""
     from feature_extraction import cache_dir
-    path = cache_dir(seq_dir, encoder_name)
+    path = cache_dir(root, encoder_name(encoder_spec))
     if not os.path.isdir(path):
-        raise helpers.UserError(f"{path} not found: extract the '{encoder_name}' features (stage 2) first: "
-                                f"python extract_features.py -s {seq_dir} --encoder {encoder_name}")
+        where = "" if seq_dir in (None, root) else f" --cache-dir {root}"
+        raise helpers.UserError(f"{path} not found: " + helpers.run_first(
+            "extract_features.py", f"python extract_features.py -s {seq_dir or root} --encoder {encoder_spec}{where}"))
     return path
 
 
-def check_legs(record, path, encoder_name, ae_info, num_gaussians):
-    """Raise UserError when a stage-4 output does not belong to the current encoder, autoencoder
-    and stage-1 Gaussians (one of them was retrained after it)."""
-    why = None
-    if record.get("encoder") != encoder_name:
-        why = f"was trained on '{record.get('encoder')}' features, not '{encoder_name}'"
-    elif record.get("ae_run_id") != ae_info["run_id"]:
-        why = "was trained with another autoencoder checkpoint (the autoencoder was retrained since)"
-    elif record["features"].shape[0] != num_gaussians:
-        why = (f"holds {record['features'].shape[0]} Gaussians, stage 1 now has {num_gaussians} "
-               f"(stage 1 was retrained since)")
-    if why:
-        raise helpers.UserError(f"{path} {why}: train stage 4 again with train_4legs.py --restart")
+# What a stage-5 record must match (train_4legs.py writes these keys) and what it says when it does not.
+LEGS_MADE_FROM = {"encoder": "was trained on '{old}' features, not '{new}'",
+                  "ae_run_id": "was trained with another autoencoder (stage 4 was retrained since)",
+                  "params": "was trained on other stage-1 Gaussians (stage 1 was retrained since: params.npz changed)",
+                  "downscale": "was trained with --downscale {old}, not {new}"}
 
 
-def load_legs(path, t, device, encoder_name, ae_info, num_gaussians, train_cmd):
-    """Stage-4 output of one timestep: dict with features [N, 128] float32 (what is rendered),
-    latents, attention state dict, loss, iterations, warm_start; checked against the current stages."""
-    if not os.path.isfile(path):
-        raise helpers.UserError(f"{path} (timestep {t}) not found: run stage 4 first: {train_cmd}")
+def check_legs(record, path, made_from):
+    """Raise UserError when a stage-5 record was not made from `made_from` (keys of LEGS_MADE_FROM:
+    the current encoder, autoencoder run, stage-1 params fingerprint, settings), saying which."""
+    for key, new in made_from.items():
+        if record.get(key) != new:
+            why = LEGS_MADE_FROM[key].format(old=record.get(key), new=new)
+            raise helpers.UserError(f"{path} {why}: run {helpers.stage_name('train_4legs.py')} again with --restart")
+
+
+def read_legs(path, train_cmd):
+    """A stage-5 record as saved, its tensors memory-mapped (reading what check_legs compares costs
+    next to nothing); UserError for a truncated or foreign file."""
+    again = f"run {helpers.stage_name('train_4legs.py')} again: {train_cmd} --restart"
     try:
-        record = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated or foreign file
-        raise helpers.UserError(f"{path} cannot be read ({e}): run stage 4 again: {train_cmd} --restart")
-    check_legs(record, path, encoder_name, ae_info, num_gaussians)
+        record = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # truncated or foreign file: any unpickling error
+        raise helpers.UserError(f"{path} cannot be read ({type(e).__name__}: {e}); {again}") from None
+    if not isinstance(record, dict) or not all(torch.is_tensor(record.get(k)) for k in ("features", "latents")):
+        raise helpers.UserError(f"{path} is not a stage-5 record (features, latents, ...); {again}")
+    return record
+
+
+def load_legs(path, t, device, made_from, train_cmd):
+    """Stage-5 output of one timestep, checked against `made_from` (check_legs) and for NaN/Inf:
+    dict with features [N, 128] float32 on `device` (what is rendered), latents [N, 128], attention
+    state dict, loss, iterations, warm_start, run_id."""
+    if not os.path.isfile(path):
+        raise helpers.UserError(f"{path} (timestep {t}) not found: {helpers.run_first('train_4legs.py', train_cmd)}")
+    record = read_legs(path, train_cmd)
+    check_legs(record, path, made_from)
+    if not (torch.isfinite(record["features"]).all() and torch.isfinite(record["latents"]).all()):
+        raise helpers.UserError(f"{path}: features or latents hold NaN/Inf; run "
+                                f"{helpers.stage_name('train_4legs.py')} again: {train_cmd} --restart")
     record["features"] = record["features"].to(device=device, dtype=torch.float32)
     return record
 
 
 class Stages:
-    """Everything visualize/evaluate read from stages 1-4, checked once at start-up: each missing
-    piece raises UserError naming the stage and the command to run first."""
+    """Everything visualize/evaluate read from stages 1, 4 and 5, checked once at start-up: each
+    missing piece raises UserError naming the stage and the command to run first."""
 
-    def __init__(self, seq_dir, exp, encoder_spec, device):
+    def __init__(self, seq_dir, exp, encoder_spec, device, cache_root=None):
         from feature_extraction.autoencoder import ae_ckpt_path, load_autoencoder
         self.seq_dir, self.exp, self.device = seq_dir, exp, device
-        self.encoder_name = encoder_name(encoder_spec)
+        self.encoder_spec, self.encoder_name = encoder_spec, encoder_name(encoder_spec)
         self.params_path = d3dgs_params_path(exp, seq_dir)
         arrays = helpers.read_d3dgs_params(self.params_path)
         self.num_t, self.num_gaussians = arrays["means3D"].shape[:2]
-        self.ae, self.ae_info = load_autoencoder(ae_ckpt_path(seq_dir), self.encoder_name, device)
+        self.ae_path = ae_ckpt_path(cache_root or seq_dir)
+        self.ae, self.ae_info = load_autoencoder(self.ae_path, encoder_spec, device)
         self.legs_dir = legs_dir(exp, seq_dir)
         self.train_cmd = f"python train_4legs.py -s {seq_dir} -e {exp} --encoder {encoder_spec}"
+        self.made_from = {"encoder": self.encoder_name, "ae_run_id": self.ae_info["run_id"],
+                          "params": helpers.d3dgs_identity(self.params_path)["fingerprint"]}
+        self.legs_run_ids = []
         for t in range(self.num_t):  # fail now rather than after minutes of rendering
-            if not os.path.isfile(legs_path(self.legs_dir, t)):
-                raise helpers.UserError(f"{legs_path(self.legs_dir, t)} (timestep {t}) not found: "
-                                        f"run stage 4 first: {self.train_cmd}")
+            path = legs_path(self.legs_dir, t)
+            if not os.path.isfile(path):
+                raise helpers.UserError(f"{path} (timestep {t}) not found: "
+                                        + helpers.run_first("train_4legs.py", self.train_cmd))
+            record = read_legs(path, self.train_cmd)
+            check_legs(record, path, self.made_from)
+            self.legs_run_ids.append(record.get("run_id"))
+
+    def provenance(self):
+        """The provenance of what is rendered from these stages (for timeline.json, grounding.json)."""
+        return {"sequence": os.path.abspath(self.seq_dir), "encoder": self.encoder_spec,
+                "params": helpers.d3dgs_identity(self.params_path),
+                "autoencoder": {"path": os.path.abspath(self.ae_path), "run_id": self.ae_info["run_id"]},
+                "legs": {"path": os.path.abspath(self.legs_dir), "fingerprint": helpers.fingerprint(self.legs_run_ids)}}
 
     def gaussians(self, t):
         """Rasterizer inputs of timestep t (load_d3dgs_params) plus legs_features [N, 128]."""
         rendervar = helpers.load_d3dgs_params(self.params_path, t, self.device)
-        record = load_legs(legs_path(self.legs_dir, t), t, self.device, self.encoder_name, self.ae_info,
-                           self.num_gaussians, self.train_cmd)
+        record = load_legs(legs_path(self.legs_dir, t), t, self.device, self.made_from, self.train_cmd)
         rendervar["legs_features"] = record["features"]
         return rendervar
 
@@ -183,8 +214,9 @@ def add_prompt_options(parser):
 
 
 def check_prompt_options(args):
-    if args.relevancy_stride is not None and args.relevancy_stride < 1:
-        raise helpers.UserError(f"--relevancy-stride {args.relevancy_stride}: must be at least 1")
+    helpers.check_option(args, "relevancy_stride", at_least=1)
+    # relevance lies in [0, 0.5]: a threshold at or below 0 "finds" every frame, at 0.5 or above none
+    helpers.check_option(args, "threshold", above=0, below=0.5)
 
 
 def relevance_map(features, ae, positives, negatives, stride=None, chunk=65536):
@@ -224,7 +256,7 @@ def render_relevance_video(stages, cams, positives, negatives, fg_only=False, st
     cams: rasterizer settings per timestep (len T). Returns rgb uint8 [T, H, W, 3] and relevance
     [Q, T, H, W] float16 on the CPU (restricted to the foreground render with fg_only)."""
     rgbs, rel = [], []
-    for t, cam in enumerate(tqdm(cams, desc=desc, leave=False)):
+    for t, cam in enumerate(helpers.progress(cams, desc=desc, leave=False)):
         rendervar = stages.gaussians(t)
         with torch.no_grad():
             rgb, feats, fg = render_features(cam, rendervar, rendervar["legs_features"], with_fg=fg_only)
@@ -272,6 +304,18 @@ def overlay(heat_frame, rgb):
     return (0.5 * colour * 255 + 0.5 * rgb + 0.5).astype(np.uint8)
 
 
+PROMPT_DIR_CHARS = 80  # a prompt's folder name at most, before its hash: far below the file systems' 255
+_PLAIN_WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
+
+
 def prompt_dir(prompt):
-    """Folder name of a prompt, as the original and its benchmark spell it: words joined by '_'."""
-    return "_".join(prompt.split())
+    """A safe folder name, one per prompt. As the original and its benchmark spell it, words joined
+    by '_' ('a red ball' -> 'a_red_ball'), where that gives the prompt back and is short; else the
+    letters and digits of the prompt joined by '_', cut at PROMPT_DIR_CHARS, then '__' and 8 hex
+    digits of its hash: '../x' -> 'x__<hash>', 'a_red_ball' -> 'a_red_ball__<hash>' ('__' never
+    occurs in a plain name). Never a path: no '/', '.', '..' or leading '-'."""
+    words = prompt.split(" ")
+    if all(_PLAIN_WORD.fullmatch(w) for w in words) and len(prompt) <= PROMPT_DIR_CHARS:
+        return "_".join(words)
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", prompt)[:PROMPT_DIR_CHARS].strip("_") or "prompt"
+    return f"{slug}__{hashlib.sha256(prompt.encode()).hexdigest()[:8]}"

@@ -1,4 +1,4 @@
-"""The spatio-temporal tile pyramid of 4-LEGS (method.md, Stage 2), as index arithmetic.
+"""The spatio-temporal tile pyramid of 4-LEGS (stage 3, extract_features.py), as index arithmetic.
 
 Per timestep t and camera: the 8-frame clip t-4 .. t+3 (frames outside the sequence dropped, then
 the clip padded by repeating its last frame). Per level: square tiles of side k = int(H * ratio)

@@ -1,7 +1,7 @@
 """ViCLIP (InternVid), inference only: a ViT-L/14 video encoder and CLIP's text encoder.
 
 Parameter names and shapes are those of the official `ViClip-InternVid-10M-FLT.pth` (its "model"
-entry loads strictly into `ViCLIP()`; the list is method.md's "ViCLIP, exactly"). The computation is
+entry loads strictly into `ViCLIP()`; tests/test_viclip.py lists them). The computation is
 the original's: pre-norm residual blocks with a packed q/k/v in-projection, QuickGELU MLPs,
 LayerNorm eps 1e-5; a video's patch tokens of all 8 frames and ONE class token attend jointly.
 The speed-up is in how it is computed: one fused attention call (scaled_dot_product_attention,

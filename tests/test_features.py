@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import extract_features
+import helpers
 from feature_extraction import (ColorEncoder, ViCLIP, cache_dir, dense_feature_map, load_encoder,
                                 load_tile_embeddings, tiles)
 from feature_extraction import cache as feature_cache
@@ -172,8 +173,9 @@ def test_extract_caches_reuses_and_invalidates(seq):
     assert again["done"] == 0 and again["skipped"] == 6
     # a new image of frame 5 of camera 0 touches the clips of timesteps 2..5 (t-4 .. t+3 holds 5) only
     Image.new("RGB", (64, 36), (200, 30, 30)).save(os.path.join(seq, "ims", "0", "000005.jpg"))
-    # a killed run's half-written timestep is no cache and is cleaned up; a config mismatch recomputes
-    os.makedirs(os.path.join(cache, ".tmp_timestep_0_12345"))
+    # a killed run's half-written timestep is no cache and is cleaned up (its writer: this pid with
+    # another start time, a process that is gone); a config mismatch recomputes
+    os.makedirs(os.path.join(cache, f".tmp_{helpers.host_tag()}-{os.getpid()}-1-0000_timestep_0"))
     with open(os.path.join(cache, "timestep_0", "config.json"), "w") as f:
         json.dump({"format": 0}, f)
     third = extract_features.extract(seq, enc, range(6), 64, torch.device("cpu"), progress=False)
@@ -251,6 +253,7 @@ def test_shard_covers_timesteps_once():
 
 def test_rank_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     assert extract_features.rank_device(None, 1, 0) == torch.device("cuda", 0)
     assert extract_features.rank_device("cuda:3", 1, 0) == torch.device("cuda", 3)
     assert extract_features.rank_device("cuda", 4, 2) == torch.device("cuda", 2)  # torchrun: LOCAL_RANK
@@ -285,7 +288,7 @@ def test_main_and_bad_inputs(seq, monkeypatch, capsys):
 def test_missing_viclip_checkpoint_is_one_line(seq, tmp_path):
     result = subprocess.run([sys.executable, os.path.join(ROOT, "extract_features.py"), "-s", seq,
                              "--viclip-ckpt", str(tmp_path / "none.pth")], capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 2 and result.stdout == ""
+    assert result.returncode == 2 and result.stdout == f"sequence folder: {os.path.normpath(seq)}\n"
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "none.pth" in lines[0] and "huggingface.co/OpenGVLab/ViCLIP" in lines[0]
 

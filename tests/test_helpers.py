@@ -210,3 +210,82 @@ def test_orbit_w2c_looks_at_the_centre_upright():
         np.testing.assert_allclose(look[:2], 0, atol=1e-12)  # the centre is straight ahead
         above = w2c[:3, :3] @ (centre + [0, -1.0, 0]) + w2c[:3, 3]
         assert above[1] / above[2] < 0  # a point above the centre is higher in the image (row < cy)
+
+
+def test_orbit_cameras_circle_the_foreground_at_the_cameras_median_distance():
+    centre = np.array([0.5, -0.3, 0.2])
+    distances = (3.0, 4.0, 9.0)  # the median, not the mean: one far camera does not move the orbit
+    meta = {"w": W, "h": H, "k": [[[[20.0, 0.0, W / 2], [0.0, 20.0, H / 2], [0.0, 0.0, 1.0]]] * 3],
+            "w2c": [[helpers.orbit_w2c(centre, d, 1.5, a).tolist() for d, a in zip(distances, (0.0, 2.0, 4.0))]]}
+    means3D = np.concatenate([centre + 0.01 * np.eye(3), centre - 0.01 * np.eye(3), [[9.0, 9.0, 9.0]]])
+    cams = helpers.orbit_cameras(meta, means3D, np.arange(7) < 6, 8)  # the far point is background
+    assert len(cams) == 8
+    for cam in cams:
+        w2c = cam.viewmatrix.T.numpy().astype(np.float64)
+        position = np.linalg.inv(w2c)[:3, 3]
+        assert math.isclose(np.hypot(*(position - centre)[[0, 2]]), 4.0, rel_tol=1e-5)
+        assert math.isclose(centre[1] - position[1], 1.5, rel_tol=1e-5)
+        np.testing.assert_allclose((w2c[:3, :3] @ centre + w2c[:3, 3])[:2], 0, atol=1e-5)
+
+
+def test_scale_intrinsics_keeps_pixel_centres():
+    """Pixel centre i of the large image covers [i - 0.5, i + 0.5]; with factor f, the small image's
+    pixel j covers large pixels f j .. f j + f - 1, whose centre is f j + (f - 1) / 2."""
+    k = np.array([[50.0, 0.0, 31.0], [0.0, 55.0, 22.0], [0.0, 0.0, 1.0]])
+    point = np.array([0.3, -0.2, 2.0])
+    large = (k @ point)[:2] / point[2]
+    small = (helpers.scale_intrinsics(k, 4) @ point)[:2] / point[2]
+    np.testing.assert_allclose(4 * small + 1.5, large, atol=1e-12)
+    meta = {"w": 64, "h": 48, "k": [[k.tolist()]]}
+    scaled = helpers.scale_meta(meta, 4)
+    assert (scaled["w"], scaled["h"]) == (16, 12)
+    np.testing.assert_allclose(scaled["k"][0][0], helpers.scale_intrinsics(k, 4))
+
+
+# ---------------------------------------------------------------- command line
+
+def test_sequence_by_name_under_data(tmp_path, monkeypatch, capsys):
+    (tmp_path / "data" / "basketball").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert helpers.find_sequence("basketball") == os.path.join("data", "basketball")
+    assert helpers.find_sequence("data/basketball/") == os.path.join("data", "basketball")
+    assert capsys.readouterr().out.splitlines() == ["sequence folder: data/basketball"] * 2
+    with pytest.raises(helpers.UserError, match="-s football: neither football nor data/football is a folder"):
+        helpers.find_sequence("football")
+
+
+def test_progress_off_a_terminal_is_plain_lines(capsys, monkeypatch):
+    monkeypatch.setattr(helpers, "PLAIN_PROGRESS_SECONDS", 0)
+    for _ in helpers.progress(range(3), desc="work"):
+        pass
+    err = capsys.readouterr().err
+    assert "\r" not in err and err.count("\n") >= 2 and err.splitlines()[-1].startswith("work: 100% 3/3")
+
+
+SCRIPTS = {"train_d3dgs.py", "visualize_d3dgs.py", "extract_features.py", "train_autoencoder.py", "train_4legs.py",
+           "visualize_4legs.py"}
+
+
+def test_one_stage_table_for_readme_docstrings_and_help():
+    assert set(helpers.STAGES) == SCRIPTS
+    assert [s.number for s in helpers.STAGES.values()] == list(range(1, 7))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "README.md")) as f:
+        assert helpers.stages_table() in f.read()
+    for script, stage in helpers.STAGES.items():
+        with open(os.path.join(root, script)) as f:
+            source = f.read()
+        assert source.startswith(f'"""Stage {stage.number} of 4-LEGS: '), script
+        assert f'helpers.stage_description("{script}")' in source or f'helpers.stage_help("{script}", __doc__)' in source
+    assert helpers.run_first("train_4legs.py", "python train_4legs.py") == (
+        "run stage 5 (train_4legs.py) first: python train_4legs.py")
+
+
+@pytest.mark.realdata
+def test_the_real_capture_passes_the_checks(basketball):
+    """The PanopticSports basketball capture as the Dynamic 3D Gaussians release packages it."""
+    meta, test_meta = helpers.load_meta(basketball, "train"), helpers.load_meta(basketball, "test")
+    assert (meta["w"], meta["h"]) == (640, 360) and len(meta["cam_id"]) == 27
+    assert test_meta["cam_id"] == [0, 10, 15, 30] and len(test_meta["fn"]) == len(meta["fn"]) == 150
+    helpers.check_sequence(basketball, meta, 0, 0, masks=True)
+    helpers.check_sequence(basketball, test_meta, 0, 0)

@@ -84,7 +84,7 @@ def test_missing_triton_is_one_line(monkeypatch):
     train_4legs.gpu_attend.cache_clear()
     monkeypatch.setitem(sys.modules, "legs_attention", None)  # import legs_attention -> ImportError
     try:
-        with pytest.raises(helpers.UserError, match="stage 4 on a GPU needs Triton .*--device cpu"):
+        with pytest.raises(helpers.UserError, match=r"stage 5 \(train_4legs.py\) on a GPU needs Triton .*--device cpu"):
             train_4legs.gpu_attend()
     finally:
         train_4legs.gpu_attend.cache_clear()

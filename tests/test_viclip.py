@@ -1,6 +1,6 @@
-"""ViCLIP: the module against an independent float64 re-computation (written here from method.md,
-not calling the module's blocks), nn.MultiheadAttention, the released checkpoint's key list,
-checkpoint errors, and the CLIP tokeniser."""
+"""ViCLIP: the module against an independent float64 re-computation (written here from the original
+ViCLIP's description, not calling the module's blocks), nn.MultiheadAttention, the released
+checkpoint's key list, checkpoint errors, and the CLIP tokeniser."""
 import math
 
 import pytest
@@ -131,7 +131,7 @@ def test_attention_matches_nn_multihead_attention(tiny):
 
 
 def release_key_shapes():
-    """The official checkpoint's 'model' keys and shapes, from method.md."""
+    """The official checkpoint's 'model' keys and shapes (ViClip-InternVid-10M-FLT.pth)."""
     shapes = {"temp": ()}
     v, t = "vision_encoder.", "text_encoder."
     shapes.update({v + "conv1.weight": (1024, 3, 1, 14, 14), v + "class_embedding": (1024,),

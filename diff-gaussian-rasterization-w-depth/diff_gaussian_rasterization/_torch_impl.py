@@ -20,7 +20,7 @@ Conventions are those of 3D Gaussian Splatting (Kerbl et al. 2023) as used by Dy
 
 The steps: project_gaussians (autograd), select_fragments (no gradient: which (pixel, Gaussian)
 pairs blend, in which order), Blend (what they contribute; an autograd Function whose backward
-is written out). docs/perf-reference.md has its speed on CPU.
+is written out). docs/performance.md has its speed on CPU.
 """
 import math
 import warnings
