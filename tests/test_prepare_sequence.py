@@ -82,13 +82,13 @@ def test_temporal_median_masks(scene, tmp_path):
     """Without a clean plate the median of 8 frames holds what rests for about half of them: the
     ball and the box at their start (a ghost appears there once they leave) and, as they move
     slowly, part of their own path. Bounds a little below what was measured (ghosts left out:
-    0.86, 0.88, 0.95, 0.99 at t = 3..6; with them 0.80, 0.59, 0.63, 0.46)."""
+    0.85, 0.89, 0.96, 0.99 at t = 3..6; with them 0.79, 0.60, 0.63, 0.47)."""
     cameras_file = export_capture(scene["seq"], str(tmp_path), "frames")
     out = tmp_path / "out"
     prepare("--videos", tmp_path / "videos", "--cameras", cameras_file, "-o", out, "--test-cams", scene["test_cams"])
     without_ghosts = mask_iou(scene["seq"], str(out), ignore_ghosts=True)
     assert min(without_ghosts.values()) >= 0.83, without_ghosts
-    assert min(mask_iou(scene["seq"], str(out)).values()) >= 0.4
+    assert min(mask_iou(scene["seq"], str(out)).values()) >= 0.42
 
 
 def quaternion_wxyz(w2c):
