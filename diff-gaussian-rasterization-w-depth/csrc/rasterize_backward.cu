@@ -72,15 +72,7 @@ render_backward_kernel(Camera cam, const int2* __restrict__ ranges, const int32_
   __shared__ float4 s_co[BLOCK];
   __shared__ float4 s_val[BLOCK];
   __shared__ float4 s_feat[FEATURES == SMALL_FEATURES ? BLOCK : 1];
-  const int tile = blockIdx.x;
-  const int px = (tile % cam.grid_x) * TILE + threadIdx.x % TILE;
-  const int py = (tile / cam.grid_x) * TILE + threadIdx.x / TILE;
-  const bool inside = px < cam.width && py < cam.height;
-  const int pix = py * cam.width + px;
-  const int start = ranges[tile].x;
-  const int count = tile_last[tile];
-  const int mine = inside ? n_contrib[pix] : 0;
-  const float col = static_cast<float>(px), row = static_cast<float>(py);
+  const auto [px, py, pix, inside, col, row, start, count, mine] = tile_pixel(cam, ranges, n_contrib, tile_last);
   const int lane = threadIdx.x % 32;
 
   float T = inside ? final_T[pix] : 1.f;
@@ -177,16 +169,8 @@ render_backward_values_kernel(Camera cam, const int2* __restrict__ ranges, const
   float2* s_xy = reinterpret_cast<float2*>(s_co + KB);
   int* s_id = reinterpret_cast<int*>(s_xy + KB);
 
-  const int tile = blockIdx.x;
   const int c0 = blockIdx.y * CHB;
-  const int px = (tile % cam.grid_x) * TILE + threadIdx.x % TILE;
-  const int py = (tile / cam.grid_x) * TILE + threadIdx.x / TILE;
-  const bool inside = px < cam.width && py < cam.height;
-  const int pix = py * cam.width + px;
-  const int start = ranges[tile].x;
-  const int count = tile_last[tile];
-  const int mine = inside ? n_contrib[pix] : 0;
-  const float col = static_cast<float>(px), row = static_cast<float>(py);
+  const auto [px, py, pix, inside, col, row, start, count, mine] = tile_pixel(cam, ranges, n_contrib, tile_last);
 
   for (int c = 0; c < CHB; c += 4) {
     float g[4];

@@ -88,16 +88,8 @@ render_features_kernel(Camera cam, const int2* __restrict__ ranges, const int32_
   __shared__ float2 s_xy[BLOCK];
   __shared__ float4 s_co[BLOCK];
   __shared__ __align__(16) float s_f[BLOCK * ROW];
-  const int tile = blockIdx.x;
   const int c0 = blockIdx.y * CH;
-  const int px = (tile % cam.grid_x) * TILE + threadIdx.x % TILE;
-  const int py = (tile / cam.grid_x) * TILE + threadIdx.x / TILE;
-  const bool inside = px < cam.width && py < cam.height;
-  const int pix = py * cam.width + px;
-  const int start = ranges[tile].x;
-  const int count = tile_last[tile];
-  const int mine = inside ? n_contrib[pix] : 0;
-  const float col = static_cast<float>(px), row = static_cast<float>(py);
+  const auto [px, py, pix, inside, col, row, start, count, mine] = tile_pixel(cam, ranges, n_contrib, tile_last);
   const bool vec4 = (channels % 4) == 0 && (reinterpret_cast<uintptr_t>(features) % 16) == 0;
 
   float T = 1.f;

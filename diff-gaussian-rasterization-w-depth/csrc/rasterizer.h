@@ -163,6 +163,34 @@ __device__ __forceinline__ float next_transmittance(float T, float alpha) {
   return __fmul_rn(T, __fsub_rn(1.f, alpha));
 }
 
+// Where a thread of the passes after the colour forward (feature forward, both backwards) starts:
+// its pixel of the block's tile (one block per tile, one thread per pixel) and, of the tile's
+// entries in point_ids, where they start, how many any pixel of the tile blends (tile_last) and
+// how many this pixel blends (n_contrib; both written by the colour forward).
+struct TilePixel {
+  int px, py, pix;         // column, row and index in an [H, W] image
+  bool inside;             // false for the threads of a border tile that lie beyond the image
+  float col, row;          // px, py as eval_fragment takes them
+  int start, count, mine;  // first entry, entries walked by the tile, by this pixel
+};
+
+__device__ __forceinline__ TilePixel tile_pixel(const Camera& cam, const int2* __restrict__ ranges,
+                                                const int32_t* __restrict__ n_contrib,
+                                                const int32_t* __restrict__ tile_last) {
+  const int tile = blockIdx.x;
+  TilePixel p;
+  p.px = (tile % cam.grid_x) * TILE + threadIdx.x % TILE;
+  p.py = (tile / cam.grid_x) * TILE + threadIdx.x / TILE;
+  p.inside = p.px < cam.width && p.py < cam.height;
+  p.pix = p.py * cam.width + p.px;
+  p.col = static_cast<float>(p.px);
+  p.row = static_cast<float>(p.py);
+  p.start = ranges[tile].x;
+  p.count = tile_last[tile];
+  p.mine = p.inside ? n_contrib[p.pix] : 0;
+  return p;
+}
+
 #endif  // __CUDACC__
 
 // ---- projection.cu
