@@ -322,7 +322,8 @@ def test_color_encoder_formula():
     # "a blue box sliding" = normalize(d_blue + 2 m_blue): a moving blue square beats a standing one,
     # and a moving red square is no answer at all (coloured motion, not motion anywhere)
     grey, blue, other = (0.5, 0.5, 0.5), (0.1, 0.2, 0.85), (0.85, 0.1, 0.1)
-    moving, standing = enc.encode_video(clip_of(grey, square=blue)), enc.encode_video(clip_of(grey, square=blue, speed=0))
+    moving = enc.encode_video(clip_of(grey, square=blue))
+    standing = enc.encode_video(clip_of(grey, square=blue, speed=0))
     moving_red = enc.encode_video(clip_of(grey, square=other))
     assert (moving @ text[5]) > 2 * (standing @ text[5]) > 0.05 and abs((moving_red @ text[5]).item()) < 1e-3
     # padding at a sequence's end repeats the last frame: the motion before the centre still counts
@@ -333,7 +334,8 @@ def test_color_encoder_formula():
 
 def test_openclip_encoder_averages_frames(tmp_path):
     import open_clip
-    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
+    cfg = {"embed_dim": 16,
+           "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}}
     (tmp_path / "Tiny-Test-4legs.json").write_text(json.dumps(cfg))
     open_clip.add_model_config(str(tmp_path / "Tiny-Test-4legs.json"))

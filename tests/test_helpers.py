@@ -276,7 +276,8 @@ def test_one_stage_table_for_readme_docstrings_and_help():
         with open(os.path.join(root, script)) as f:
             source = f.read()
         assert source.startswith(f'"""Stage {stage.number} of 4-LEGS: '), script
-        assert f'helpers.stage_description("{script}")' in source or f'helpers.stage_help("{script}", __doc__)' in source
+        assert (f'helpers.stage_description("{script}")' in source
+                or f'helpers.stage_help("{script}", __doc__)' in source), script
     assert helpers.run_first("train_4legs.py", "python train_4legs.py") == (
         "run stage 5 (train_4legs.py) first: python train_4legs.py")
 

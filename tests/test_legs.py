@@ -162,7 +162,8 @@ def test_benchmark_reader_messages(tmp_path):
     torch.save({"boxes": {}}, tmp_path / "a_red_ball" / "cam3.pt")
     with pytest.raises(helpers.UserError, match="'masks'"):
         read_benchmark(tmp_path)
-    torch.save({"masks": {4: np.ones((1, 5, 6), bool)}, "boxes": {4: [0, 0, 5, 4]}}, tmp_path / "a_red_ball" / "cam3.pt")
+    torch.save({"masks": {4: np.ones((1, 5, 6), bool)}, "boxes": {4: [0, 0, 5, 4]}},
+               tmp_path / "a_red_ball" / "cam3.pt")
     bench = read_benchmark(tmp_path)
     assert list(bench) == ["a red ball"] and bench["a red ball"][3][4].shape == (5, 6)
 

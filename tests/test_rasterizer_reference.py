@@ -42,6 +42,16 @@ def ahead_w2c():
     return np.eye(4)
 
 
+def as_float64(a, requires_grad=False):
+    """A float64 tensor of `a` (anything np.asarray takes)."""
+    return torch.tensor(np.asarray(a), dtype=torch.float64).requires_grad_(requires_grad)
+
+
+def one_gaussian(a):
+    """A float64 tensor [1, ...]: the attribute `a` of a scene of one Gaussian."""
+    return as_float64(a)[None]
+
+
 def render(settings, features=None, **inputs):
     """Public API call; returns (color, radii, depth, features or None)."""
     inputs.setdefault("means2D", torch.zeros_like(inputs["means3D"]))
@@ -241,7 +251,7 @@ def test_single_gaussian_closed_form(opacity, scales, size):
     bg = settings.bg.numpy()
     want_color = alpha[None] * colour[:, None, None] + (1 - alpha[None]) * bg[:, None, None]
 
-    t = lambda a: torch.tensor(np.asarray(a)[None], dtype=torch.float64)
+    t = one_gaussian
     color, radii, depth, _ = render(settings, means3D=t(mean), opacities=t([opacity]), colors_precomp=t(colour),
                                     scales=t(scales), rotations=t(quat))
     assert (alpha.max() == 0.99) == (opacity > 0.99)
@@ -255,7 +265,7 @@ def test_tiles_cut_the_tail():
     """A bright Gaussian's alpha >= 1/255 region (3.3 sigma) reaches past the tiles of its 3-sigma
     rectangle: those pixels stay background (the original's behaviour), its tiles' pixels do not."""
     settings, k = camera(64, 48, ahead_w2c(), focal=50.0)
-    t = lambda a: torch.tensor(np.asarray(a)[None], dtype=torch.float64)
+    t = one_gaussian
     # ~10 px sigma centred at column 0.5: the 3-sigma rectangle ends with tile 1 (column 31), the
     # alpha >= 1/255 tail reaches column 33
     mean, scales = np.array([-2.48, 0.0, 4.0]), np.array([0.8, 0.8, 0.01])  # flat: facing the camera
@@ -281,7 +291,7 @@ def test_two_gaussians_depth_order(red_in_front):
     scale = np.array([[0.08], [0.12]]) * means[:, 2:] / 3.0  # the same screen sizes in both orders
     opac = np.array([0.8, 0.9])
     colours = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
-    t = lambda a: torch.tensor(np.asarray(a), dtype=torch.float64)
+    t = as_float64
     color, radii, depth, _ = render(settings, means3D=t(means), opacities=t(opac[:, None]),
                                     colors_precomp=t(colours), scales=t(np.repeat(scale, 3, 1)),
                                     rotations=t([[1.0, 0, 0, 0]] * 2))
@@ -426,7 +436,8 @@ def stacked_scene():
     float64 leaf tensors)."""
     settings, k = camera(32, 32, ahead_w2c(), focal=30.0)
     zs = np.array([2.0, 3.0, 4.0, 5.0, 6.0])
-    t = lambda a: torch.tensor(np.asarray(a), dtype=torch.float64).requires_grad_(True)
+    def t(a):
+        return as_float64(a, requires_grad=True)
     inputs = {"means3D": t(np.array([0.5 / 30, 0.5 / 31.5, 1.0])[None] * zs[:, None]),
               "opacities": t(np.full((5, 1), 0.97)),
               "colors_precomp": t(np.eye(3)[[0, 1, 2, 0, 1]] * np.array([1.0, 1.0, 1.0, 0.5, 0.5])[:, None]),

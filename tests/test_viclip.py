@@ -34,7 +34,8 @@ def ref_layer_norm(x, w, b):
 
 def ref_block(x, sd, prefix, heads, causal):
     """One pre-norm block on one sequence x [N, D], weights read from state dict `sd`, heads looped."""
-    p = lambda name: sd[prefix + name]
+    def p(name):
+        return sd[prefix + name]
     n, d = x.shape
     hd = d // heads
     h = ref_layer_norm(x, p("ln_1.weight"), p("ln_1.bias"))
@@ -56,7 +57,8 @@ def ref_block(x, sd, prefix, heads, causal):
 
 def ref_video(video, sd, layers, heads, patch):
     """One video [T, 3, S, S] -> unit [E], tokens in the original's patch-major / frame-minor order."""
-    v = lambda name: sd["vision_encoder." + name]
+    def v(name):
+        return sd["vision_encoder." + name]
     t, _, s, _ = video.shape
     g = s // patch
     # patch (i, j) of frame f: flattened (c, y, x) times the Conv3d kernel
@@ -74,7 +76,8 @@ def ref_video(video, sd, layers, heads, patch):
 
 def ref_text(tokens, sd, layers, heads):
     """Token ids [L] -> unit [E]."""
-    p = lambda name: sd["text_encoder." + name]
+    def p(name):
+        return sd["text_encoder." + name]
     x = p("token_embedding.weight")[tokens] + p("positional_embedding")[:len(tokens)]
     for i in range(layers):
         x = ref_block(x, sd, f"text_encoder.transformer.resblocks.{i}.", heads, causal=True)
@@ -93,8 +96,8 @@ def test_block_matches_reference(tiny):
         torch.testing.assert_close(ours[b], ref, rtol=1e-10, atol=1e-10)
     tb = tiny.text_encoder.transformer.resblocks[0]
     xt = torch.randn(1, 9, TINY["text_width"], dtype=torch.float64)
-    torch.testing.assert_close(tb(xt, causal=True)[0], ref_block(xt[0], sd, "text_encoder.transformer.resblocks.0.",
-                                                                  TINY["text_heads"], causal=True), rtol=1e-10, atol=1e-10)
+    want = ref_block(xt[0], sd, "text_encoder.transformer.resblocks.0.", TINY["text_heads"], causal=True)
+    torch.testing.assert_close(tb(xt, causal=True)[0], want, rtol=1e-10, atol=1e-10)
 
 
 def test_video_matches_reference(tiny):
@@ -187,7 +190,8 @@ def test_wrong_checkpoints_say_which_keys_differ(tmp_path, tiny):
     with pytest.raises(UserError) as e:
         load_viclip(tmp_path / "bad.pth", arch=TINY)
     msg = str(e.value)
-    assert "1 missing (vision_encoder.proj)" in msg and "visual.extra" in msg and "text_encoder.ln_final.weight [5]" in msg
+    assert "1 missing (vision_encoder.proj)" in msg and "visual.extra" in msg
+    assert "text_encoder.ln_final.weight [5]" in msg
     torch.save({"state_dict": sd}, tmp_path / "nomodel.pth")
     with pytest.raises(UserError, match="'model'"):
         load_viclip(tmp_path / "nomodel.pth", arch=TINY)
@@ -243,4 +247,5 @@ def test_gpu_bf16_and_compiled_paths_match_float32(tmp_path, tiny):
     for out in (eager, compiled):
         assert out.dtype == torch.float32
         assert torch.nn.functional.cosine_similarity(out, ref).min() > 0.995
-    assert torch.nn.functional.cosine_similarity(bf16.encode_text(["a red ball"]), fp32.encode_text(["a red ball"])).min() > 0.995
+    text_bf16, text_fp32 = (model.encode_text(["a red ball"]) for model in (bf16, fp32))
+    assert torch.nn.functional.cosine_similarity(text_bf16, text_fp32).min() > 0.995
