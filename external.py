@@ -112,6 +112,18 @@ def accumulate_mean2d_gradient(variables, means2D_grad, radii):
     return variables
 
 
+def apparent_size(params, variables):
+    """Largest scale of each Gaussian [N], divided by its distance from variables['scene_center']
+    in scene radii where that is more than one: beyond the cameras (a far wall, the sky) a
+    Gaussian is judged by the angle it covers from the rig, as near ones are by their size."""
+    scale = torch.exp(params["log_scales"].detach()).max(dim=1).values
+    center = variables.get("scene_center")
+    if center is None:
+        return scale
+    reach = (params["means3D"].detach() - center).norm(dim=1) / variables["scene_radius"]
+    return scale / reach.clamp(min=1.0)
+
+
 def densify(params, variables, optimizer, i, schedule, means2D_grad, radii):
     """One iteration of adaptive density control (call after the optimiser step of iteration i).
 
@@ -119,8 +131,9 @@ def densify(params, variables, optimizer, i, schedule, means2D_grad, radii):
     schedule['start']: clone small (<= 1% of the scene radius) and split large Gaussians in two
     (scale / 1.6, positions sampled from the parent) where the mean gradient >= grad_thresh, then
     prune opacity < 0.005 (0.25 at 'stop') and, from 'big_from', Gaussians larger than 10% of the
-    scene radius; reset all opacities to 0.01 at 'reset' (if any). variables: scene_radius (float),
-    means2D_gradient_accum [N], denom [N]. Returns params, variables.
+    scene radius (sizes as apparent_size); reset all opacities to 0.01 at 'reset' (if any).
+    variables: scene_radius (float), scene_center [3] (optional), means2D_gradient_accum [N],
+    denom [N]. Returns params, variables.
     """
     if i > schedule["stop"]:
         return params, variables
@@ -129,7 +142,8 @@ def densify(params, variables, optimizer, i, schedule, means2D_grad, radii):
     if i >= schedule["start"] and i % schedule["every"] == 0:
         accum, denom = variables["means2D_gradient_accum"], variables["denom"]
         grads = torch.where(denom > 0, accum / denom.clamp(min=1), 0.0)
-        big = torch.exp(params["log_scales"]).max(dim=1).values > 0.01 * radius
+        size = apparent_size(params, variables)
+        big = size > 0.01 * radius
         to_clone = (grads >= schedule["grad_thresh"]) & ~big
         to_split = (grads >= schedule["grad_thresh"]) & big
         cap = schedule.get("max_gaussians")
@@ -153,7 +167,7 @@ def densify(params, variables, optimizer, i, schedule, means2D_grad, radii):
         to_remove = torch.cat([to_split, torch.zeros(num_new, dtype=torch.bool, device=accum.device)])
         to_remove |= torch.sigmoid(params["logit_opacities"][:, 0]) < remove_threshold
         if i >= schedule["big_from"]:
-            to_remove |= torch.exp(params["log_scales"]).max(dim=1).values > 0.1 * radius
+            to_remove |= apparent_size(params, variables) > 0.1 * radius
         params, variables = remove_points(to_remove, params, variables, optimizer)
     if schedule["reset"] and i > 0 and i % schedule["reset"] == 0:
         reset = torch.full_like(params["logit_opacities"], math.log(0.01 / 0.99))

@@ -177,15 +177,15 @@ def background_points(views, num_rays, multipliers=BEYOND_CAMERAS, far_field=FAR
 
     Rays from the centre of camera_shell. The candidates are spheres of `multipliers` times the
     distance of the farthest camera from that centre and the far field's sphere (`far_field` times
-    it, at most `far_max`): none lies between a camera and the scene, where a background point
-    would cover the scene from every view off the cameras' own surface. The rays that meet no
-    floor choose: the sphere chosen is the one that most textured rays (the 20% whose
-    photo-consistency varies most over the candidates) find most photo-consistent, after
-    equalising the cameras' exposures; with no texture at all, the far field. Textureless walls
-    cannot tell depths apart; a single sphere chosen by the textured ones keeps them on a
-    plausible surface instead of scattering them through the room. Returns xyz [M, 3], rgb [M, 3] (mean over the cameras that see the point on
-    background; points no camera sees are dropped, except on the far field) and the chosen
-    sphere's radius.
+    it, at most `far_max`), each cut by the floor: none lies between a camera and the scene, where
+    a background point would cover the scene from every view off the cameras' own surface. The
+    sphere chosen is the one that most textured rays (the 20% whose photo-consistency varies most
+    over the candidates) find (nearly) most photo-consistent, after equalising the cameras'
+    exposures; with no texture at all, the far field. Textureless walls cannot tell depths apart;
+    a single sphere chosen by the textured ones keeps them on a plausible surface instead of
+    scattering them through the room. Returns xyz [M, 3], rgb [M, 3] (mean over the cameras that
+    see the point on background; points no camera sees are dropped, except on the far field) and
+    the chosen sphere's radius.
     """
     num_cams, _, h, w = views["ims"].shape
     center, _ = camera_shell(views["centers"])
@@ -205,29 +205,30 @@ def background_points(views, num_rays, multipliers=BEYOND_CAMERAS, far_field=FAR
     floor = torch.full((num_rays,), torch.inf)
     if bool((views["centers"][:, 1] < 0).all()):  # the PanopticSports floor: y = 0, below the cameras (+y is down)
         floor = torch.where(dirs[:, 1] > 1e-6, -center[1] / dirs[:, 1].clamp(min=1e-6), torch.inf)
-    # The rays that meet no floor before the far field choose the sphere; the floor is where it is.
-    skyward = torch.nonzero(floor > far_radius)[:, 0]
-    cost = torch.stack([torch.cat([photo_consistency(center + r * dirs[part], views, small_ims, bg_ok, min_views)[0]
-                                   for part in skyward.split(chunk)] or [torch.zeros(0)]) for r in radii], 1)
+    depths = torch.minimum(torch.tensor(radii)[None], floor[:, None])  # [rays, candidates]
+    parts = torch.arange(num_rays).split(chunk)
+    cost = torch.stack([torch.cat([photo_consistency(center + depths[part, k, None] * dirs[part], views, small_ims,
+                                                     bg_ok, min_views)[0] for part in parts])
+                        for k in range(len(radii))], 1)
     seen = torch.isfinite(cost).all(1)
     choice = len(radii) - 1  # the far field, when nothing tells the candidates apart: parallax needs texture
     if seen.sum() >= 10:
-        spread = cost[seen].max(1).values - cost[seen].min(1).values
-        textured = cost[seen][spread >= spread.quantile(0.8)]
-        if float(spread.quantile(0.8)) > 0:
-            choice = int(torch.bincount(textured.argmin(1), minlength=len(radii)).argmax())
-    # Per ray: the chosen sphere where the ray meets it before the floor, the floor where the ray
-    # meets it within the far field (both where the floor lies beyond the sphere: beyond a wall,
-    # or a floor reaching out under a sky; training makes the wrong one transparent), and behind a
-    # nearer sphere one ray in FAR_FIELD_SHARE a far-field point (far Gaussians are large).
-    on_sphere = floor > radii[choice]
-    on_floor = floor <= far_radius
+        cost = cost[seen]
+        spread = cost.max(1).values - cost.min(1).values
+        textured = spread >= spread.quantile(0.8)
+        if bool((spread[textured] > 0).any()):
+            # each textured ray backs every candidate within 5% of its spread of its best one: a ray
+            # that meets the floor before several spheres backs them all alike, not the first
+            best = cost[textured] <= cost[textured].min(1, keepdim=True).values + 0.05 * spread[textured, None]
+            backing = best.sum(0)
+            choice = int(torch.nonzero(backing == backing.max())[-1, 0])  # ties: the farthest
     far_chosen = choice == len(radii) - 1
-    behind = on_sphere & (floor > far_radius) & (torch.arange(num_rays) % FAR_FIELD_SHARE == 0) & (not far_chosen)
-    points = torch.cat([center + radii[choice] * dirs[on_sphere], center + floor[on_floor, None] * dirs[on_floor],
-                        center + far_radius * dirs[behind]])
-    far = torch.cat([torch.full((int(on_sphere.sum()),), far_chosen), torch.zeros(int(on_floor.sum()), dtype=torch.bool),
-                     torch.ones(int(behind.sum()), dtype=torch.bool)])
+    # Per ray: the nearer of the chosen sphere and the floor, and behind a nearer sphere (a wall),
+    # for one ray in FAR_FIELD_SHARE, a far-field point for what lies beyond it (a sky above the
+    # wall: training makes the wrong one transparent; far Gaussians are large, so few do).
+    behind = (floor > far_radius) & (torch.arange(num_rays) % FAR_FIELD_SHARE == 0) & (not far_chosen)
+    points = torch.cat([center + depths[:, choice, None] * dirs, center + far_radius * dirs[behind]])
+    far = torch.cat([(floor > far_radius) & far_chosen, torch.ones(int(behind.sum()), dtype=torch.bool)])
     bg_full = F.max_pool2d(views["fg"].float()[:, None], 5, 1, 2)[:, 0] < 0.5
     visible, rgb = zip(*[photo_consistency(part, views, views["ims"], bg_full, 1) for part in points.split(chunk)])
     visible, rgb = torch.isfinite(torch.cat(visible)), torch.cat(rgb)
