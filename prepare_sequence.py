@@ -356,11 +356,11 @@ def world_frame_warnings(cameras):
 
 # ---------------------------------------------------------------- videos and frame folders
 
-def find_inputs(folder, names, what):
-    """{name: video file or frame folder} in `folder` for each camera name; UserError when the two
-    disagree. `what` names where the names come from."""
+def find_inputs(folder, names, what, option="--videos"):
+    """{name: video file or frame folder} in `folder` (given as `option`) for each camera name;
+    UserError when the two disagree. `what` names where the names come from."""
     if not os.path.isdir(folder):
-        raise helpers.UserError(f"--videos {folder}: not a folder")
+        raise helpers.UserError(f"{option} {folder}: not a folder")
     entries = {}
     for entry in sorted(os.listdir(folder)):
         stem, ext = os.path.splitext(entry)
@@ -833,67 +833,41 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    started = time.time()
-    out = os.path.normpath(args.out)
-    cameras, sources, what = read_input(args)
-    cameras = scale_world(cameras, args.world_scale)
-    names = [c["name"] for c in cameras]
-    if len(cameras) < 2:
-        raise helpers.UserError(f"{what}: {len(cameras)} camera; at least two are needed (one to train, one to test)")
-    test_ids = test_camera_ids(cameras, args.test_cams)
-    offsets = camera_offsets(cameras, args.offsets)
-    mask_files = None
-    if args.masks:
-        mask_files = numbered_folders(find_inputs(args.masks, names, what))
+def find_plates(folder, names):
+    """{name: clean plate file or None} for --background: <folder>/<name>.jpg, .jpeg or .png."""
     plates = {}
-    if args.background:
-        for name in names:
-            found = [os.path.join(args.background, name + ext) for ext in FRAME_EXTS
-                     if os.path.isfile(os.path.join(args.background, name + ext))]
-            plates[name] = found[0] if found else None
-    with ThreadPoolExecutor(args.workers) as pool:  # counting a video's frames decodes it: in parallel
-        probes = list(pool.map(lambda name: probe(sources[name], args.last is None), names))
+    for name in names:
+        found = [path for path in (os.path.join(folder, name + ext) for ext in FRAME_EXTS) if os.path.isfile(path)]
+        plates[name] = found[0] if found else None
+    return plates
+
+
+def check_sizes(cameras, sources, probes, what, downscale):
+    """UserError unless each camera's frames have the size its calibration says and all cameras give
+    images of one size after --downscale. -> that size (w, h)."""
     for camera, probe_ in zip(cameras, probes):
         if probe_["size"] != camera["size"]:
             raise helpers.UserError(f"camera {camera['name']}: the frames of {sources[camera['name']]['path']} are "
                                     f"{probe_['size'][0]}x{probe_['size'][1]}, {what} says "
                                     f"{camera['size'][0]}x{camera['size'][1]}")
-    sizes = {c["name"]: output_geometry(c, args.downscale)[0] for c in cameras}
+    sizes = {c["name"]: output_geometry(c, downscale)[0] for c in cameras}
     if len(set(sizes.values())) > 1:
         listed = ", ".join(f"{n} {w}x{h}" for n, (w, h) in sizes.items())
         raise helpers.UserError(f"the cameras' images differ in size ({listed}): a sequence has one image size; "
                                 f"resize the videos (and their intrinsics) to one")
-    frames = timeline(args, cameras, [sources[n] for n in names], probes, offsets)
-    num_t = len(frames[0])
-    check_record(os.path.join(out, "prepare_sequence.json"), {
-        "input": {key: os.path.abspath(value) for key, value in vars(args).items()
-                  if key in ("videos", "cameras", "colmap", "dynerf", "masks", "background") and value},
-        "cameras": names, "test_cameras": [names[c] for c in test_ids],
-        "frames": dict(zip(names, frames)), "downscale": args.downscale, "world_scale": args.world_scale,
-        "masks": "yours" if args.masks else {"threshold": args.threshold, "mask_radius": args.mask_radius}},
-        args.overwrite)
-    tqdm.write(f"{len(cameras)} cameras ({', '.join(names[c] for c in test_ids)} for testing) x {num_t} timesteps "
-               f"(frames {frames[0][0]}..{frames[0][-1]}, step {args.every if not args.fps else f'{args.fps:g} fps'}) "
-               f"from {what} -> {out}")
-    for warning in world_frame_warnings(cameras):
-        tqdm.write(f"warning: {warning}", file=sys.stderr)
+    return next(iter(sizes.values()))
 
+
+def prepare_all(cameras, sources, frames, mask_files, plates, out, args):
+    """prepare_camera for every camera, one thread each (at most --workers at once), with one
+    progress bar; the first failure stops the others and is raised."""
     stop = threading.Event()
     lock = threading.Lock()
-    total = 2 * len(cameras) * num_t  # frames and masks
-    bar = tqdm(total=total, unit="image", desc="preparing", disable=not sys.stderr.isatty())
-    counted = [0]  # images written or skipped so far, over all threads
+    bar = helpers.progress(total=2 * len(cameras) * len(frames[0]), unit="image", desc="preparing")  # ims + seg
 
     def advance(n=1):
-        """Count n images written or skipped: the bar on a terminal, else a plain line every tenth."""
-        with lock:
+        with lock:  # the cameras' threads share the bar
             bar.update(n)
-            before, counted[0] = counted[0], counted[0] + n
-            if bar.disable and before * 10 // total < counted[0] * 10 // total:
-                print(f"{counted[0]}/{total} images ({counted[0] / total:.0%}) in {time.time() - started:.0f} s",
-                      file=sys.stderr, flush=True)
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one camera per thread; grid_sample's own threads would only compete
@@ -916,8 +890,40 @@ def main(argv=None):
     finally:
         torch.set_num_threads(threads)
         bar.close()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    started = time.time()
+    out = os.path.normpath(args.out)
+    cameras, sources, what = read_input(args)
+    cameras = scale_world(cameras, args.world_scale)
+    names = [c["name"] for c in cameras]
+    if len(cameras) < 2:
+        raise helpers.UserError(f"{what}: {len(cameras)} camera; at least two are needed (one to train, one to test)")
+    test_ids = test_camera_ids(cameras, args.test_cams)
+    offsets = camera_offsets(cameras, args.offsets)
+    mask_files = numbered_folders(find_inputs(args.masks, names, what, "--masks")) if args.masks else None
+    plates = find_plates(args.background, names) if args.background else {}
+    with ThreadPoolExecutor(args.workers) as pool:  # counting a video's frames decodes it: in parallel
+        probes = list(pool.map(lambda name: probe(sources[name], args.last is None), names))
+    size = check_sizes(cameras, sources, probes, what, args.downscale)
+    frames = timeline(args, cameras, [sources[n] for n in names], probes, offsets)
+    num_t = len(frames[0])
+    check_record(os.path.join(out, "prepare_sequence.json"), {
+        "input": {key: os.path.abspath(value) for key, value in vars(args).items()
+                  if key in ("videos", "cameras", "colmap", "dynerf", "masks", "background") and value},
+        "cameras": names, "test_cameras": [names[c] for c in test_ids],
+        "frames": dict(zip(names, frames)), "downscale": args.downscale, "world_scale": args.world_scale,
+        "masks": "yours" if args.masks else {"threshold": args.threshold, "mask_radius": args.mask_radius}},
+        args.overwrite)
+    tqdm.write(f"{len(cameras)} cameras ({', '.join(names[c] for c in test_ids)} for testing) x {num_t} timesteps "
+               f"(frames {frames[0][0]}..{frames[0][-1]}, step {args.every if not args.fps else f'{args.fps:g} fps'}) "
+               f"from {what} -> {out}")
+    for warning in world_frame_warnings(cameras):
+        tqdm.write(f"warning: {warning}", file=sys.stderr)
+    prepare_all(cameras, sources, frames, mask_files, plates, out, args)
     write_metas(out, cameras, test_ids, num_t, args)
-    size = sizes[names[0]]
     print(f"wrote {out}: {len(cameras) - len(test_ids)} train + {len(test_ids)} test cameras, {num_t} timesteps, "
           f"{size[0]}x{size[1]}, in {time.time() - started:.0f} s; next: python train_d3dgs.py -s {out}")
 

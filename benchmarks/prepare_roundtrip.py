@@ -17,7 +17,8 @@ direct also holds what the true point cloud is worth, which no capture has. Exit
 first gap exceeds --tolerance dB. Also prints how well the computed masks match the true ones.
 
 Everything goes under --workdir (stage 1's outputs in <workdir>/output/<arm>/); a rerun continues
-where stage 1 stopped.
+where stage 1 stopped, and other variants (--form, --crf, --clean-plate) reuse the direct arms. Other
+scene settings (size, timesteps, cameras) need another --workdir.
 """
 import argparse
 import json
@@ -35,6 +36,7 @@ from scipy import ndimage
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import helpers  # noqa: E402
+import prepare_sequence  # noqa: E402
 import synthetic_sequence  # noqa: E402
 
 
@@ -187,15 +189,15 @@ def main():
     parser.add_argument("--train-args", default="", help="more options for train_d3dgs.py, e.g. \"--demo\"")
     parser.add_argument("--tolerance", type=float, default=0.5, help="allowed PSNR gap in dB (default: %(default)s)")
     args = parser.parse_args()
-    import prepare_sequence
-
     direct = os.path.join(args.workdir, "direct", "synthetic")
     if not os.path.isfile(os.path.join(direct, "test_meta.json")):
         synthetic_sequence.generate(direct, None, args.width, args.height, args.timesteps, args.train_cams,
                                     args.test_cams, seed=0)
-    capture = os.path.join(args.workdir, "capture")
+    # one capture and one prepared sequence per variant, so that variants share the direct arms
+    variant = (f"mp4_crf{args.crf}" if args.form == "mp4" else "frames") + ("_plate" if args.clean_plate else "_median")
+    capture = os.path.join(args.workdir, f"capture_{variant}")
     cameras_file = export_capture(direct, capture, args.form, args.crf)
-    prepared = os.path.join(args.workdir, "prepared", "synthetic")
+    prepared = os.path.join(args.workdir, f"prepared_{variant}", "synthetic")
     test_names = ",".join(camera_name(c) for c in helpers.load_meta(direct, "test")["cam_id"])
     prepare_sequence.main(["--videos", os.path.join(capture, "videos"), "--cameras", cameras_file, "-o", prepared,
                            "--test-cams", test_names]
@@ -207,7 +209,7 @@ def main():
     psnr = {"direct": train(direct, "direct", args.workdir, train_args),
             "direct, no init": train(without_init(direct, os.path.join(args.workdir, "direct_no_init")),
                                      "direct_no_init", args.workdir, train_args),
-            "prepared": train(prepared, "prepared", args.workdir, train_args)}
+            "prepared": train(prepared, f"prepared_{variant}", args.workdir, train_args)}
     gap = psnr["direct, no init"] - psnr["prepared"]
     print(f"masks: IoU against the moving objects {min(ious.values()):.3f}..{max(ious.values()):.3f} over "
           f"timesteps {min(ious)}..{max(ious)} (ghosts left out: {min(without_ghosts.values()):.3f}.."

@@ -215,6 +215,19 @@ def test_frame_range_offsets_downscale(scene, tmp_path):
     assert int(np.argmin(errors)) + 2 == 4 and min(errors) < 3, errors
 
 
+def test_fps_from_videos(scene, tmp_path):
+    cameras_file = export_capture(scene["seq"], str(tmp_path), "mp4")  # 30 frames per second
+    out = tmp_path / "out"
+    prepare("--videos", tmp_path / "videos", "--cameras", cameras_file, "-o", out, "--fps", 10, "--offsets", "cam01=-1",
+            "--first", 1)
+    with open(out / "prepare_sequence.json") as f:
+        frames = json.load(f)["frames"]
+    assert frames["cam00"] == [1, 4, 7] and frames["cam01"] == [0, 3, 6]
+    with pytest.raises(helpers.UserError, match="frames missing: camera cam01 .* has no frame -1"):
+        prepare("--videos", tmp_path / "videos", "--cameras", cameras_file, "-o", tmp_path / "out2", "--fps", 10,
+                "--offsets", "cam01=-1")
+
+
 def test_warnings(scene, tmp_path, capsys):
     cameras_file = export_capture(scene["seq"], str(tmp_path), "frames")
     out = tmp_path / "out"
