@@ -154,7 +154,7 @@ def test_colmap_round_trip(scene, tmp_path):
     got = np.stack([helpers.load_image(os.path.join(out, "ims", str(DISTORTED_CAM), f"{t:06d}.jpg")) for t in range(T)])
     want = np.stack([helpers.load_image(os.path.join(scene["seq"], "ims", str(DISTORTED_CAM), f"{t:06d}.jpg"))
                      for t in range(T)])
-    assert helpers.psnr(torch.from_numpy(got), torch.from_numpy(want)) > 27  # two resamplings of a sharp scene
+    assert helpers.psnr(torch.from_numpy(got), torch.from_numpy(want)) > 35  # measured 38.5 dB: two resamplings
 
 
 def test_dynerf_round_trip(scene, tmp_path):
@@ -192,7 +192,7 @@ def test_distortion_model_and_undistortion():
     filmed = pattern(*undistorted_coordinates(*np.meshgrid(xs, ys), dist))
     grid = prepare_sequence.undistortion_grid(k, dist, (w, h))
     back = prepare_sequence.transform(filmed.round().astype(np.uint8), grid, (w, h)).astype(float)
-    assert np.abs(back - pattern(*np.meshgrid(xs, ys))).max() < 3
+    assert np.abs(back - pattern(*np.meshgrid(xs, ys))).max() < 1.5  # measured 0.96 of 255
 
 
 def test_frame_range_offsets_downscale(scene, tmp_path):
