@@ -98,8 +98,9 @@ def remove_points(to_remove, params, variables, optimizer):
     keep = ~to_remove
     for name in [k for k in params if k not in NOT_PER_GAUSSIAN]:
         _replace_param(params, optimizer, name, params[name][keep], lambda m: m[keep])
-    for name in ("means2D_gradient_accum", "denom"):
-        variables[name] = variables[name][keep]
+    for name in ("means2D_gradient_accum", "denom", "seen"):
+        if name in variables:
+            variables[name] = variables[name][keep]
     return params, variables
 
 
@@ -109,6 +110,8 @@ def accumulate_mean2d_gradient(variables, means2D_grad, radii):
     seen = radii > 0
     variables["means2D_gradient_accum"] += torch.where(seen, means2D_grad[:, :2].norm(dim=-1), 0.0)
     variables["denom"] += seen
+    if "seen" in variables:
+        variables["seen"] |= seen
     return variables
 
 
@@ -132,8 +135,11 @@ def densify(params, variables, optimizer, i, schedule, means2D_grad, radii):
     (scale / 1.6, positions sampled from the parent) where the mean gradient >= grad_thresh, then
     prune opacity < 0.005 (0.25 at 'stop') and, from 'big_from', Gaussians larger than 10% of the
     scene radius (sizes as apparent_size); reset all opacities to 0.01 at 'reset' (if any).
-    variables: scene_radius (float), scene_center [3] (optional), means2D_gradient_accum [N],
-    denom [N]. Returns params, variables.
+    Gaussians that no train view has shown yet (variables['seen'], where given: the far field
+    above every camera's view, say) keep their opacity through resets and opacity pruning, since
+    nothing could fit them: a test view off the rig still finds them there. variables:
+    scene_radius (float), scene_center [3] and seen [N] bool (optional), means2D_gradient_accum
+    [N], denom [N]. Returns params, variables.
     """
     if i > schedule["stop"]:
         return params, variables
@@ -162,15 +168,21 @@ def densify(params, variables, optimizer, i, schedule, means2D_grad, radii):
         n = params["means3D"].shape[0]
         variables["means2D_gradient_accum"] = torch.zeros(n, device=accum.device)
         variables["denom"] = torch.zeros(n, device=accum.device)
+        if "seen" in variables:  # clones and children were seen: they had gradients
+            new_seen = torch.ones(num_new, dtype=torch.bool, device=accum.device)
+            variables["seen"] = torch.cat([variables["seen"], new_seen])
         # the split parents go, and with them (one reallocation instead of two) the pruned ones
         remove_threshold = 0.25 if i == schedule["stop"] and schedule["reset"] else 0.005
         to_remove = torch.cat([to_split, torch.zeros(num_new, dtype=torch.bool, device=accum.device)])
-        to_remove |= torch.sigmoid(params["logit_opacities"][:, 0]) < remove_threshold
+        faint = torch.sigmoid(params["logit_opacities"][:, 0]) < remove_threshold
+        to_remove |= faint & variables["seen"] if "seen" in variables else faint
         if i >= schedule["big_from"]:
             to_remove |= apparent_size(params, variables) > 0.1 * radius
         params, variables = remove_points(to_remove, params, variables, optimizer)
     if schedule["reset"] and i > 0 and i % schedule["reset"] == 0:
         reset = torch.full_like(params["logit_opacities"], math.log(0.01 / 0.99))
+        if "seen" in variables:
+            reset = torch.where(variables["seen"][:, None], reset, params["logit_opacities"].detach())
         update_params_and_optimizer({"logit_opacities": reset}, params, optimizer)
     return params, variables
 

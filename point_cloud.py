@@ -189,6 +189,9 @@ def background_points(views, num_rays, multipliers=BEYOND_CAMERAS, far_field=FAR
     """
     num_cams, _, h, w = views["ims"].shape
     center, _ = camera_shell(views["centers"])
+    has_floor = bool((views["centers"][:, 1] < 0).all())  # the PanopticSports floor: y = 0, below the cameras
+    if has_floor:  # rays start at least half the cameras' mean height above it (a dome's centre is on it)
+        center[1] = min(float(center[1]), 0.5 * float(views["centers"][:, 1].mean()))
     reach = float((views["centers"] - center).norm(dim=1).max())
     far_radius = min(far_field * reach, far_max)
     radii = [m * reach for m in multipliers if m * reach < far_radius] + [far_radius]
@@ -203,7 +206,7 @@ def background_points(views, num_rays, multipliers=BEYOND_CAMERAS, far_field=FAR
     y = 1 - 2 * (i + 0.5) / num_rays
     dirs = torch.stack([torch.cos(golden * i) * (1 - y * y).sqrt(), y, torch.sin(golden * i) * (1 - y * y).sqrt()], 1)
     floor = torch.full((num_rays,), torch.inf)
-    if bool((views["centers"][:, 1] < 0).all()):  # the PanopticSports floor: y = 0, below the cameras (+y is down)
+    if has_floor:  # +y is down
         floor = torch.where(dirs[:, 1] > 1e-6, -center[1] / dirs[:, 1].clamp(min=1e-6), torch.inf)
     depths = torch.minimum(torch.tensor(radii)[None], floor[:, None])  # [rays, candidates]
     parts = torch.arange(num_rays).split(chunk)

@@ -556,7 +556,8 @@ def train(args, device, seq_dir, out_dir):
                              "scene_center": torch.tensor(camera_centers(meta).mean(0), dtype=torch.float32,
                                                           device=device),
                              "means2D_gradient_accum": torch.zeros(len(init_pt_cld), device=device),
-                             "denom": torch.zeros(len(init_pt_cld), device=device)}
+                             "denom": torch.zeros(len(init_pt_cld), device=device),
+                             "seen": torch.zeros(len(init_pt_cld), dtype=torch.bool, device=device)}
                 optimizer = initialize_optimizer(params, radius, LEARNING_RATES)
                 schedule = external.densify_schedule(args.iters_first, max_gaussians=args.max_gaussians)
                 params, variables = train_timestep(params, variables, optimizer, dataset, t, args.iters_first,
