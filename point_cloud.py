@@ -170,12 +170,24 @@ def camera_shell(centers):
     return mean.float(), float((centers - mean).norm(dim=1).max())
 
 
+def ray_origin(centers):
+    """Where the background rays start, for cameras at centers [C, 3]: the centre of camera_shell,
+    at least half the cameras' mean height above the floor y = 0 when they are all above it (a
+    dome's fitted centre lies on the floor, where every floor point would collapse onto it).
+    Returns (origin [3], the largest distance of a camera from it, whether there is a floor)."""
+    center, _ = camera_shell(centers)
+    has_floor = bool((centers[:, 1] < 0).all())  # the PanopticSports floor: y = 0, below the cameras (+y down)
+    if has_floor:
+        center[1] = min(float(center[1]), 0.5 * float(centers[:, 1].mean()))
+    return center, float((centers - center).norm(dim=1).max()), has_floor
+
+
 def background_points(views, num_rays, multipliers=BEYOND_CAMERAS, far_field=FAR_FIELD, far_max=FAR_FIELD_MAX,
                       chunk=8192):
     """Points on the background: a sphere around the cameras, beyond every one of them, cut by the
     floor plane y = 0, and a far field for what lies at infinity (a sky).
 
-    Rays from the centre of camera_shell. The candidates are spheres of `multipliers` times the
+    Rays from ray_origin. The candidates are spheres of `multipliers` times the
     distance of the farthest camera from that centre and the far field's sphere (`far_field` times
     it, at most `far_max`), each cut by the floor: none lies between a camera and the scene, where
     a background point would cover the scene from every view off the cameras' own surface. The
@@ -188,11 +200,7 @@ def background_points(views, num_rays, multipliers=BEYOND_CAMERAS, far_field=FAR
     the chosen sphere's radius.
     """
     num_cams, _, h, w = views["ims"].shape
-    center, _ = camera_shell(views["centers"])
-    has_floor = bool((views["centers"][:, 1] < 0).all())  # the PanopticSports floor: y = 0, below the cameras
-    if has_floor:  # rays start at least half the cameras' mean height above it (a dome's centre is on it)
-        center[1] = min(float(center[1]), 0.5 * float(views["centers"][:, 1].mean()))
-    reach = float((views["centers"] - center).norm(dim=1).max())
+    center, reach, has_floor = ray_origin(views["centers"])
     far_radius = min(far_field * reach, far_max)
     radii = [m * reach for m in multipliers if m * reach < far_radius] + [far_radius]
     factor = max(1, round(max(h, w) / 320))  # compare low-pass colours at ~320 px: robust to small errors

@@ -191,7 +191,8 @@ def draw_scene(seed, num_train=None, num_test=None):
     shape = str(rng.choice(["ring", "dome"]))
     rig = {"shape": shape, "radius": radius, "look_at": [0.0, -float(rng.uniform(0.2, 0.5)), 0.0],
            "focal": float(rng.uniform(0.7, 1.0)), "azimuth0": float(rng.uniform(0, 2 * math.pi)),
-           "num_train": int(rng.integers(6, 31)) if num_train is None else num_train}
+           "num_train": int(rng.integers(6, 31))}
+    rig["num_train"] = rig["num_train"] if num_train is None else num_train  # drawn all the same: the rest stays
     if shape == "ring":
         low = float(rng.uniform(1.2, 1.9))
         rig["heights"] = [low, low + float(rng.uniform(0.0, 0.7))]

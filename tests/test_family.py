@@ -1,0 +1,108 @@
+"""The scene family of synthetic_sequence.py --seed and what a new rig needs from stage 1 (issue 13).
+
+The description of a member is drawn from its seed alone; tiny members are written and the initial
+point cloud of stage 1 is built on them: no background point may lie between a camera and the
+scene, whatever the rig."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import helpers
+import point_cloud
+import synthetic_sequence
+
+SEEDS = (1, 2, 3, 4, 5)
+
+
+def test_members_vary_what_rigs_vary_and_repeat_for_a_seed():
+    scenes = [synthetic_sequence.draw_scene(seed) for seed in range(1, 41)]
+    assert synthetic_sequence.draw_scene(7) == scenes[6]
+    rigs = [s["rig"] for s in scenes]
+    assert all(6 <= r["num_train"] <= 30 for r in rigs) and len({r["num_train"] for r in rigs}) > 10
+    assert {r["shape"] for r in rigs} == {"ring", "dome"}
+    assert {s["background"]["kind"] for s in scenes} == {"sky", "room"}
+    assert {k for r in rigs for k in r["test"]} == {"on", "above", "below", "closer"}
+    assert all(r["test"][0] == "on" and len(r["test"]) >= 2 for r in rigs)  # always one on the rig, one off it
+    assert {s["floor"]["pattern"] for s in scenes} == {"chequer", "stripes", "blotches"}
+    for s in scenes:
+        objects = s["objects"]
+        assert 3 <= len(objects) <= 5
+        assert any(o["motion"] == "static" for o in objects)
+        assert any(o["motion"] in ("thrown", "sliding") for o in objects)
+        assert len({o["colour"] for o in objects}) == len(objects)
+    assert {o["motion"] for s in scenes for o in s["objects"]} == {"thrown", "sliding", "spinning", "static"}
+    assert {o["shape"] for s in scenes for o in s["objects"]} == set(synthetic_sequence.SHAPES)
+    sizes = [synthetic_sequence.draw_image_size(seed) for seed in range(1, 41)]
+    assert all(w % 16 and h % 16 and 300 <= w <= 400 for w, h in sizes)
+
+
+def test_every_action_starts_after_the_first_clips_and_static_objects_stand_still():
+    for seed in SEEDS:
+        scene = synthetic_sequence.draw_scene(seed)
+        params, _, objects = synthetic_sequence.build_scene(12, 0, coarse=4.0, scene=scene)
+        for o in objects:
+            centre = params["means3D"][:, slice(*o["gaussians"])].mean(1)
+            if o["motion"] == "static":
+                assert o["prompt_timesteps"] == list(range(12)) and not o["moving_timesteps"]
+                assert np.abs(centre - centre[0]).max() < 1e-6
+            elif o["motion"] in ("thrown", "sliding"):
+                assert min(o["moving_timesteps"]) >= synthetic_sequence.FIRST_ACTION and len(o["moving_timesteps"]) >= 2
+                step = np.linalg.norm(np.diff(centre, axis=0), axis=1)
+                assert (step[[t - 1 for t in o["moving_timesteps"]]] > 1e-3).all()
+
+
+@pytest.fixture(scope="module")
+def members(tmp_path_factory):
+    """Seeds 1-3 written tiny (96 pixels wide, 3 timesteps, 8 train cameras), benchmark included."""
+    root = tmp_path_factory.mktemp("family")
+    out = {}
+    for seed in SEEDS[:3]:
+        scene = synthetic_sequence.draw_scene(seed, num_train=8)
+        width, height = synthetic_sequence.draw_image_size(seed)
+        seq = str(root / f"fam{seed}")
+        objects = synthetic_sequence.generate(seq, str(root / "grounding"), 96, round(96 * height / width), 3, 8,
+                                              len(scene["rig"]["test"]), scene=scene)
+        out[seed] = {"seq": seq, "objects": objects, "scene": scene,
+                     "benchmark": str(root / "grounding" / f"fam{seed}")}
+    return out
+
+
+def test_members_are_written_with_a_benchmark_of_every_prompt(members):
+    for seed, m in members.items():
+        seq = m["seq"]
+        assert not os.path.exists(os.path.join(seq, "init_pt_cld.npz"))  # as a user's own capture
+        test = helpers.load_meta(seq, "test")
+        assert len(test["cam_id"]) == len(m["scene"]["rig"]["test"])
+        with open(os.path.join(seq, "gt", "scene.json")) as f:
+            assert json.load(f)["seed"] == seed
+        for o in m["objects"]:
+            for cam in test["cam_id"]:
+                truth = torch.load(os.path.join(m["benchmark"], o["prompt_dir"], f"cam{cam}.pt"))
+                assert set(truth["masks"]) <= set(o["prompt_timesteps"])
+        static = [o for o in m["objects"] if o["motion"] == "static"]
+        assert any(torch.load(os.path.join(m["benchmark"], o["prompt_dir"], f"cam{c}.pt"))["masks"]
+                   for o in static for c in test["cam_id"])  # a static object is a prompt like the others
+
+
+def camera_positions(meta):
+    return np.linalg.inv(np.asarray(meta["w2c"][0]))[:, :3, 3]
+
+
+def test_no_background_point_starts_between_a_camera_and_the_scene(members):
+    """Each background point of the built cloud lies on the floor or farther from where its rays
+    start (inside the rig) than every camera: a point nearer than a camera, off the floor, can sit
+    in front of the scene in a view off the rig. The cloud before issue 13 put a sky on 0.8x the
+    cameras' sphere."""
+    for seed, m in members.items():
+        meta = helpers.load_meta(m["seq"], "train")
+        cloud = point_cloud.build_init_point_cloud(m["seq"], meta, 0, num_fg=500, num_bg=2000, log=lambda *_: None)
+        bg = cloud[cloud[:, 6] == 0, :3]
+        centre, reach, _ = point_cloud.ray_origin(point_cloud.load_views(m["seq"], meta, 0)["centers"])
+        on_floor = np.abs(bg[:, 1]) < 1e-3
+        beyond = np.linalg.norm(bg - centre.numpy(), axis=1) > reach
+        assert len(bg) > 500 and (on_floor | beyond).all(), (seed, int((~(on_floor | beyond)).sum()))
+        all_cams = np.concatenate([camera_positions(meta), camera_positions(helpers.load_meta(m["seq"], "test"))])
+        assert (all_cams[:, 1] < -0.3).all()  # every camera, test ones too, above the floor
