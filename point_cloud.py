@@ -106,7 +106,10 @@ def carve_visual_hull(views, center, half_size, voxel_size, base_res=32, chunk=2
 def surface_voxels(ijk):
     """The voxels of ijk [V, 3] (int) with at least one empty face neighbour."""
     span = int(ijk.max()) + 3
-    key = lambda v: ((v[:, 0] + 1) * span + v[:, 1] + 1) * span + v[:, 2] + 1  # noqa: E731
+
+    def key(v):  # one integer per voxel, with a free layer around the grid for the neighbours
+        return ((v[:, 0] + 1) * span + v[:, 1] + 1) * span + v[:, 2] + 1
+
     occupied = torch.sort(key(ijk)).values
     on_surface = torch.zeros(len(ijk), dtype=torch.bool)
     for step in torch.cat([torch.eye(3, dtype=torch.long), -torch.eye(3, dtype=torch.long)]):

@@ -127,7 +127,7 @@ def initialize_optimizer(params, radius, names, no_bias_correction=(), lr_scale=
 
 def initialize_post_first_timestep(params):
     """What the later timesteps hold on to, from timestep 0: foreground / background indices, the 20
-    nearest foreground neighbours with weights exp(-2000 d^2) and distances, the background's
+    nearest foreground neighbours with weights exp(-NEIGHBOUR_FALLOFF d^2) and distances, the background's
     positions and rotations. The returned variables also seed the velocity (zero at t=1)."""
     device = params["means3D"].device
     is_fg = params["seg_colors"][:, 0] > 0.5
@@ -136,7 +136,10 @@ def initialize_post_first_timestep(params):
     fg_idx, bg_idx = torch.nonzero(is_fg)[:, 0], torch.nonzero(~is_fg)[:, 0]
     sq_dist, nbr = (helpers.knn(pts[fg_idx].cpu().numpy(), NUM_KNN_RIGID) if len(fg_idx)
                     else (np.zeros((0, NUM_KNN_RIGID)), np.zeros((0, NUM_KNN_RIGID), int)))
-    as_tensor = lambda x, dtype=torch.float32: torch.as_tensor(x, dtype=dtype, device=device).contiguous()  # noqa: E731
+
+    def as_tensor(x, dtype=torch.float32):
+        return torch.as_tensor(x, dtype=dtype, device=device).contiguous()
+
     return {"fg_idx": fg_idx, "bg_idx": bg_idx,
             "neighbor_indices": as_tensor(nbr, torch.long),
             "neighbor_weight": as_tensor(np.exp(-NEIGHBOUR_FALLOFF * sq_dist)),

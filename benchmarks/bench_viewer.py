@@ -18,18 +18,15 @@ import argparse
 import io
 import json
 import math
-import os
 import statistics
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # viewer.py, a top-level script
-import helpers  # noqa: E402
-import viewer  # noqa: E402
-from feature_extraction.autoencoder import Autoencoder  # noqa: E402
+import helpers
+import viewer
+from feature_extraction.autoencoder import Autoencoder
 
 
 def random_frames(n, channels, num_t, device, seed=0):

@@ -33,11 +33,11 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
+import helpers
+import prepare_sequence
+import synthetic_sequence
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import helpers  # noqa: E402
-import prepare_sequence  # noqa: E402
-import synthetic_sequence  # noqa: E402
 
 
 def sequence_cameras(seq):

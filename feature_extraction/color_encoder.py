@@ -87,7 +87,8 @@ class ColorEncoder:
         dirs = torch.tensor(directions(), dtype=torch.float32, device=self.device)
         self.colour_dirs, self.motion_dirs, self.generic = dirs[:len(COLORS)], dirs[len(COLORS):-1], dirs[-1]
         entries = [(i, rgb) for i, rgb in enumerate(PALETTE_RGB)]
-        entries += [(i, tuple(SHADE * v for v in rgb)) for i, rgb in enumerate(PALETTE_RGB) if COLORS[i] not in ACHROMATIC]
+        entries += [(i, tuple(SHADE * v for v in rgb)) for i, rgb in enumerate(PALETTE_RGB)
+                    if COLORS[i] not in ACHROMATIC]
         self.palette = torch.tensor([rgb for _, rgb in entries], dtype=torch.float32, device=self.device)  # [E, 3]
         # [E, 10]: which colour each palette entry counts for
         self.entry_colour = F.one_hot(torch.tensor([i for i, _ in entries]), len(COLORS)).float().to(self.device)
@@ -126,7 +127,8 @@ class ColorEncoder:
             colours = [i for i, c in enumerate(COLORS) if c in words]
             moving = bool(words & MOTION_WORDS)
             if colours:
-                emb = self.colour_dirs[colours].sum(0) + (ACTION_WEIGHT * self.motion_dirs[colours].sum(0) if moving else 0)
+                action = ACTION_WEIGHT * self.motion_dirs[colours].sum(0) if moving else 0
+                emb = self.colour_dirs[colours].sum(0) + action
             elif moving:
                 emb = self.motion_dirs.sum(0)
             else:

@@ -1,7 +1,6 @@
 """synthetic_sequence.py: the PanopticSports layout, ground truth consistent with the images,
 the grounding benchmark, determinism. On a tiny sequence (64x36, 6 timesteps)."""
 import json
-import math
 import os
 import sys
 
