@@ -856,10 +856,10 @@ def read_d3dgs_params(path):
     modification time), so asking for one timestep after another reads the file once."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise UserError(f"{path} not found: train stage 1 first (python train_d3dgs.py -s <seq> -e <exp>)")
+        raise UserError(f"{path} not found: " + run_first("train_d3dgs.py", "python train_d3dgs.py -s <seq> -e <exp>"))
     key = (os.path.abspath(path), os.stat(path).st_mtime_ns)
     if key not in _D3DGS_CACHE:
-        arrays = read_npz(path, "train stage 1 again (python train_d3dgs.py -s <seq> -e <exp>)")
+        arrays = read_npz(path, f"run {stage_name('train_d3dgs.py')} again: python train_d3dgs.py -s <seq> -e <exp>")
         missing = [k for k in D3DGS_PER_TIMESTEP + D3DGS_SHARED if k not in arrays]
         if missing:
             raise UserError(f"{path} lacks {', '.join(missing)}: not a Dynamic 3D Gaussians params.npz")
