@@ -110,7 +110,8 @@ def damaged_level(cache, t, config):
 def cache_identity(cache, timesteps):
     """What the cached features of `timesteps` are, for the provenance of what is trained on them:
     {'path': absolute, 'fingerprint': of their config.json files}."""
-    return {"path": os.path.abspath(cache), "fingerprint": helpers.fingerprint(*(read_config(cache, t) for t in timesteps))}
+    configs = [read_config(cache, t) for t in timesteps]
+    return {"path": os.path.abspath(cache), "fingerprint": helpers.fingerprint(*configs)}
 
 
 def write_timestep(cache, t, config, embeddings):

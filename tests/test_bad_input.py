@@ -1,0 +1,468 @@
+"""Issue 19: bad inputs as a new user gives them, on a tiny synthetic sequence, stage by stage. Each
+case asserts a one-line UserError naming the file or value, and that nothing finished was lost
+(every file under output/, results/ and the sequence folder as it was, unless the case is about
+what a run may change). Stages run in-process (their main(argv)) in a copy of a trained folder."""
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate_grounding
+import extract_features
+import helpers
+import synthetic_sequence
+import train_4legs
+import train_autoencoder
+import train_d3dgs
+import visualize_4legs
+import visualize_d3dgs
+from feature_extraction.relevancy import prompt_dir
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEQ, EXP = "data/syn", "x"
+TINY = {"width": 32, "height": 18, "num_timesteps": 4, "num_train": 2, "num_test": 1}
+STAGE1 = ["-s", SEQ, "-e", EXP, "--device", "cpu", "--iters-first", "3", "--iters", "1", "--max-gaussians", "2000"]
+STAGE2 = ["-s", SEQ, "-e", EXP, "--device", "cpu", "--train-cams", "0"]
+STAGE3 = ["-s", SEQ, "--encoder", "color", "--device", "cpu"]
+STAGE4 = ["-s", SEQ, "--encoder", "color", "--device", "cpu", "--epochs", "1", "--tiles-per-epoch", "256",
+          "--batch-size", "128", "--val-tiles", "256"]
+STAGE5 = ["-s", SEQ, "-e", EXP, "--encoder", "color", "--device", "cpu", "--iters", "2", "--warm-iters", "1"]
+STAGE6 = ["-s", SEQ, "-e", EXP, "--encoder", "color", "--device", "cpu", "--cams", "test"]
+OUT = f"output/{EXP}/syn"
+
+
+# ---------------------------------------------------------------- tools
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A folder with the tiny sequence in data/syn (4 timesteps, 2 train and 1 test camera) and its
+    stage 1 in output/x/syn."""
+    root = tmp_path_factory.mktemp("trained")
+    with contextlib.chdir(root):
+        synthetic_sequence.generate(SEQ, **TINY)
+        train_d3dgs.main(STAGE1)
+    return root
+
+
+@pytest.fixture(scope="module")
+def chained(trained, tmp_path_factory):
+    """`trained` plus stages 3-5 (colour encoder, a one-epoch autoencoder, a few iterations each)."""
+    root = tmp_path_factory.mktemp("chained")
+    shutil.copytree(trained, root, dirs_exist_ok=True)
+    with contextlib.chdir(root):
+        extract_features.main(STAGE3)
+        train_autoencoder.main(STAGE4)
+        train_4legs.main(STAGE5)
+    return root
+
+
+@pytest.fixture
+def work(trained, tmp_path, monkeypatch):
+    """A copy of `trained`, the working directory of the test."""
+    shutil.copytree(trained, tmp_path / "work")
+    monkeypatch.chdir(tmp_path / "work")
+    return tmp_path / "work"
+
+
+@pytest.fixture
+def chain(chained, tmp_path, monkeypatch):
+    shutil.copytree(chained, tmp_path / "chain")
+    monkeypatch.chdir(tmp_path / "chain")
+    return tmp_path / "chain"
+
+
+def snapshot():
+    """{path: sha256} of every file under the working directory (outputs, results, the sequence)."""
+    files = {}
+    for folder, _, names in os.walk("."):
+        for name in names:
+            with open(os.path.join(folder, name), "rb") as f:
+                files[os.path.join(folder, name)] = hashlib.sha256(f.read()).hexdigest()
+    return files
+
+
+def refused(fn, argv, *names, may_change=()):
+    """fn(argv) raises a one-line UserError naming each of `names`, and changes no file (but those of
+    may_change). -> the message."""
+    before = snapshot()
+    with pytest.raises(helpers.UserError) as caught:
+        fn(argv)
+    message = str(caught.value)
+    assert "\n" not in message and all(n in message for n in names), message
+    after = snapshot()
+    for path in may_change:
+        before.pop(path, None), after.pop(path, None)
+    assert after == before, "a refused run changed files"
+    return message
+
+
+def train_image(t):
+    """The image file of train camera 0 at timestep t."""
+    return os.path.join(SEQ, "ims", helpers.load_meta(SEQ, "train")["fn"][t][0])
+
+
+def dead_pid():
+    """The pid of a process that has ended (it is not reused this soon)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def truncate(path, keep=0.5):
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data[:int(len(data) * keep)])
+
+
+def put_nan(path, key):
+    with np.load(path) as f:
+        arrays = {k: f[k] for k in f.files}
+    arrays[key] = arrays[key].copy()
+    arrays[key].flat[0] = np.nan
+    np.savez(path, **arrays)
+
+
+# ---------------------------------------------------------------- 1. -f never destroys finished timesteps
+
+def test_first_after_last_is_refused_before_anything(work):
+    refused(train_d3dgs.main, STAGE1 + ["-f", "3", "-l", "1"], "-f 3 -l 1")
+    refused(train_d3dgs.main, STAGE1 + ["-f", "9"], "-f 9")
+    refused(train_d3dgs.main, STAGE1 + ["-f", "-1"], "-f -1")
+    refused(train_d3dgs.main, STAGE1 + ["-l", "9"], "-l 9")
+
+
+def test_first_and_last_on_a_new_experiment(work):
+    refused(train_d3dgs.main, [*STAGE1[:2], "-e", "new", *STAGE1[4:], "-f", "3", "-l", "1"], "-f 3 -l 1")
+
+
+def test_missing_image_of_the_range_stops_before_discarding(work):
+    missing = train_image(3)
+    os.remove(missing)
+    refused(train_d3dgs.main, STAGE1 + ["-f", "2"], missing)
+
+
+def test_unreadable_resume_file_stops_before_discarding(work):
+    truncate(f"{OUT}/timesteps/000001.npz")
+    refused(train_d3dgs.main, STAGE1 + ["-f", "2"], "000001.npz", "BadZipFile", "-f 1")
+
+
+def test_retrained_timestep_keeps_the_later_ones_until_replaced(work, monkeypatch):
+    """-f 2 sets timesteps 2-3 aside (not in params.npz: they followed the old 2); a run that stops
+    at timestep 3 (a NaN, here) has replaced 2 and kept 3; the next run replaces it."""
+    old = {t: open(f"{OUT}/timesteps/{t:06d}.npz", "rb").read() for t in range(4)}
+    real = train_d3dgs.train_timestep
+
+    def nan_at_3(params, variables, optimizer, dataset, t, *rest):
+        if t == 3:
+            raise train_d3dgs.NonFiniteLoss("timestep 3, iteration 0: loss im is NaN/Inf")
+        return real(params, variables, optimizer, dataset, t, *rest)
+
+    monkeypatch.setattr(train_d3dgs, "train_timestep", nan_at_3)
+    with pytest.raises(helpers.UserError, match="timestep 3"):
+        train_d3dgs.main(STAGE1 + ["-f", "2"])
+    replaced = f"{OUT}/timesteps/replaced"
+    assert os.listdir(replaced) == ["000003.npz"] and open(f"{replaced}/000003.npz", "rb").read() == old[3]
+    assert [open(f"{OUT}/timesteps/{t:06d}.npz", "rb").read() == old[t] for t in range(3)] == [True, True, False]
+    monkeypatch.setattr(train_d3dgs, "train_timestep", real)
+    train_d3dgs.main(STAGE1)
+    assert not os.path.exists(replaced)
+    with np.load(f"{OUT}/params.npz") as f:
+        assert f["means3D"].shape[0] == 4
+
+
+# ---------------------------------------------------------------- 2. provenance
+
+def test_another_sequence_of_the_same_name_is_refused(work):
+    synthetic_sequence.generate("data/alt/syn", **TINY, seed=1)
+    trained_on = json.load(open(f"{OUT}/timesteps/run.json"))["seq"]
+    refused(train_d3dgs.main, ["-s", "data/alt/syn", *STAGE1[2:]], "another sequence", trained_on)
+    # the same sequence moved elsewhere is the same: it resumes (nothing to train)
+    shutil.move(SEQ, "data/moved/syn")
+    train_d3dgs.main(["-s", "data/moved/syn", *STAGE1[2:]])
+
+
+def test_resume_with_another_downscale_is_refused(work):
+    os.remove(f"{OUT}/timesteps/000003.npz")
+    refused(train_d3dgs.main, STAGE1 + ["--downscale", "2"], "--downscale 1")
+
+
+def test_missing_run_json_is_refused(work):
+    os.remove(f"{OUT}/timesteps/000003.npz")
+    os.remove(f"{OUT}/timesteps/run.json")
+    refused(train_d3dgs.main, STAGE1, "run.json")
+
+
+def test_stage5_after_stage1_retrained_and_resume_with_another_downscale(chain):
+    refused(train_4legs.main, STAGE5 + ["--downscale", "2"], "000000.pt", "--downscale 1")
+    train_d3dgs.main(STAGE1 + ["-f", "3", "--seed", "7"])
+    refused(train_4legs.main, STAGE5, "000000.pt", "stage 1 was retrained", "--restart")
+    refused(visualize_4legs.main, STAGE6 + ["-p", "a red ball"], "000000.pt", "stage 1 was retrained")
+
+
+def test_stage5_after_stage3_recomputed_is_refused(chain):
+    from PIL import Image
+    Image.new("RGB", (32, 18), (200, 30, 30)).save(train_image(3))
+    extract_features.main(STAGE3 + ["-f", "3"])  # timestep 3 of the features computed again
+    refused(train_4legs.main, STAGE5, f"{SEQ}/ae/best_ckpt.pth", "run stage 4")
+
+
+def test_shared_cache_dir_of_another_sequence_is_refused(chain):
+    shutil.copytree(f"{SEQ}/interpolators", "data/cache/interpolators")  # as if extracted with --cache-dir
+    features_of = json.load(open("data/cache/interpolators/color/sequence.json"))["path"]
+    synthetic_sequence.generate("data/other", **TINY, seed=2)
+    refused(extract_features.main, ["-s", "data/other", *STAGE3[2:], "--cache-dir", "data/cache"],
+            "data/cache/interpolators/color", "another sequence", features_of)
+
+
+def test_stage2_records_what_its_videos_were_made_from(work):
+    visualize_d3dgs.main(STAGE2)
+    videos = json.load(open(f"results/{EXP}/syn/videos.json"))
+    assert set(videos) == {"test_cam0.mp4", "orbit.mp4"}
+    assert videos["orbit.mp4"]["params"] == helpers.d3dgs_identity(f"{OUT}/params.npz")
+    assert videos["orbit.mp4"]["downscale"] == 1 and videos["orbit.mp4"]["sequence"] == os.path.abspath(SEQ)
+
+
+# ---------------------------------------------------------------- 3. one run per experiment and stage
+
+def test_second_run_names_the_holder_and_exits(work):
+    with helpers.stage_lock(OUT, "train_d3dgs"):
+        message = refused(train_d3dgs.main, STAGE1, OUT, "in use", f"pid {os.getpid()}", socket.gethostname())
+    assert "since" in message
+    # as a new user sees it: one line on stderr, exit code 2
+    with helpers.stage_lock(OUT, "train_d3dgs"):
+        result = subprocess.run([sys.executable, os.path.join(ROOT, "train_d3dgs.py"), *STAGE1], capture_output=True,
+                                text=True, env={**os.environ, "PYTHONPATH": ROOT})
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and f"pid {os.getpid()}" in result.stderr
+
+
+def test_lock_of_a_dead_run_is_taken_over(work, capsys):
+    with open(f"{OUT}/.lock_train_d3dgs", "w") as f:
+        json.dump({"pid": dead_pid(), "process_start": 1, "host": socket.gethostname(), "started": "then"}, f)
+    train_d3dgs.main(STAGE1)  # nothing to train: it reassembles
+    assert "taking over" in capsys.readouterr().err
+    assert not os.path.exists(f"{OUT}/.lock_train_d3dgs")
+    with open(f"{OUT}/.lock_train_d3dgs", "w") as f:
+        json.dump({"pid": 1, "host": "elsewhere", "started": "then"}, f)
+    refused(train_d3dgs.main, STAGE1, "another host", f"{OUT}/.lock_train_d3dgs")
+
+
+def test_stage3_lock_and_temporary_folders_of_a_live_run(chain):
+    cache = f"{SEQ}/interpolators/color"
+    with helpers.stage_lock(cache, "extract_features"):
+        refused(extract_features.main, STAGE3, cache, "in use")
+    live = helpers.tmp_path(cache, "_timestep_0")  # this process: a live run
+    dead = os.path.join(cache, f".tmp_{helpers.host_tag()}-{dead_pid()}-1-0000_timestep_0")
+    os.makedirs(live)
+    os.makedirs(dead)
+    shutil.rmtree(f"{cache}/timestep_1")
+    extract_features.main(STAGE3)
+    assert os.path.isdir(live) and not os.path.exists(dead)
+
+
+# ---------------------------------------------------------------- 4. prompts
+
+BAD_PROMPTS = ["/tmp/x", "../../../x", ".", "a green top", "a_green_top", "-rf", " ".join(["word"] * 70)]
+
+
+def test_prompt_folders_are_safe_and_unique():
+    names = [prompt_dir(p) for p in BAD_PROMPTS]
+    assert len(set(names)) == len(names)
+    for name in names:
+        assert "/" not in name and name not in (".", "..") and not name.startswith(("-", ".")) and len(name) <= 100
+    assert prompt_dir("a green top") == "a_green_top"  # as the original and the benchmark spell it
+    assert len({prompt_dir(p) for p in ("..", "../..", "a  green top", "a green top ")}) == 4
+
+
+def test_prompts_stay_under_results_with_their_exact_text(chain, tmp_path):
+    os.makedirs(f"results/{EXP}/syn", exist_ok=True)
+    with open(f"results/{EXP}/syn/orbit.mp4", "wb") as f:  # stage 2's video, which -p . must not touch
+        f.write(b"stage 2")
+    prompts = [str(tmp_path / "absolute")] + BAD_PROMPTS[1:]  # an absolute path that the test can watch
+    outside, here = sorted(os.listdir(tmp_path)), sorted(os.listdir("."))
+    visualize_4legs.main(STAGE6 + [f"--prompt={p}" for p in prompts])  # -p -rf would be an option
+    assert sorted(os.listdir(tmp_path)) == outside and sorted(os.listdir(".")) == here
+    assert open(f"results/{EXP}/syn/orbit.mp4", "rb").read() == b"stage 2"
+    assert len(os.listdir(f"results/{EXP}/syn")) == len(prompts) + 1
+    for prompt in prompts:
+        timeline = json.load(open(f"results/{EXP}/syn/{prompt_dir(prompt)}/timeline.json"))
+        assert timeline["prompt"] == prompt
+    made_from = timeline["made_from"]  # what the timelines were made from
+    assert made_from["params"] == helpers.d3dgs_identity(f"{OUT}/params.npz")
+    assert made_from["autoencoder"]["run_id"] and made_from["legs"]["fingerprint"]
+
+
+def test_prompts_are_checked_before_rendering(chain):
+    refused(visualize_4legs.main, STAGE6 + ["-p", "a ball", "-p", "a ball"], "'a ball'", "a_ball")
+    refused(visualize_4legs.main, STAGE6 + ["-p", "a ball", "-p", " "], "empty prompt")
+    refused(visualize_4legs.main, STAGE6 + ["-p", "a ball", "-e", "../../x"], "-e '../../x'")
+    refused(visualize_4legs.main, STAGE6 + ["-p", "a ball", "-e", "/tmp/x"], "-e '/tmp/x'")
+
+
+# ---------------------------------------------------------------- 5. non-finite data
+
+def test_params_with_nan(chain):
+    put_nan(f"{OUT}/params.npz", "means3D")
+    refused(visualize_d3dgs.main, STAGE2, f"{OUT}/params.npz", "means3D", "NaN")
+    refused(train_4legs.main, STAGE5 + ["--restart"], f"{OUT}/params.npz", "means3D", "NaN")
+    refused(visualize_4legs.main, STAGE6 + ["-p", "a ball"], f"{OUT}/params.npz", "NaN")
+
+
+def test_damaged_cached_level_is_computed_again(chain, capsys):
+    level = f"{SEQ}/interpolators/color/timestep_2/level_2.npy"
+    truncate(level)
+    extract_features.main(STAGE3)
+    out = capsys.readouterr().out
+    assert f"{level} is damaged" in out and "embedded 1 timestep(s)" in out
+    np.load(level)  # whole again
+    with open(level, "r+b") as f:  # right size, but NaN values: found where the features are read
+        f.seek(-2, os.SEEK_END)
+        f.write(np.array([np.nan], dtype=np.float16).tobytes())
+    refused(train_autoencoder.main, STAGE4, f"{SEQ}/interpolators/color/timestep_2", "NaN")
+
+
+def test_init_point_cloud_with_bad_seg_nan_or_truncated(work):
+    cloud = f"{SEQ}/init_pt_cld.npz"
+    with np.load(cloud) as f:
+        data = f["data"]
+    np.savez(cloud, data=np.concatenate([data[:, :6], np.full((len(data), 1), 5.0)], 1))
+    refused(train_d3dgs.main, STAGE1 + ["-f", "0"], cloud, "seg", "5")
+    np.savez(cloud, data=np.where(np.arange(data.size).reshape(data.shape) == 0, np.nan, data))
+    refused(train_d3dgs.main, STAGE1 + ["-f", "0"], cloud, "NaN")
+    np.savez(cloud, data=data)
+    truncate(cloud)
+    refused(train_d3dgs.main, STAGE1 + ["-f", "0"], cloud, "BadZipFile")
+    np.savez(cloud, points=data)
+    refused(train_d3dgs.main, STAGE1 + ["-f", "0"], cloud, "'data' is missing")
+
+
+# ---------------------------------------------------------------- 6. tracebacks that became one line
+
+def test_truncated_outputs(chain):
+    truncate(f"{OUT}/legs/000001.pt")
+    refused(train_4legs.main, STAGE5, f"{OUT}/legs/000001.pt", "--restart")
+    refused(visualize_4legs.main, STAGE6 + ["-p", "a ball"], f"{OUT}/legs/000001.pt")
+    truncate(f"{OUT}/params.npz")
+    refused(visualize_d3dgs.main, STAGE2, f"{OUT}/params.npz", "BadZipFile")
+    refused(train_4legs.main, STAGE5, f"{OUT}/params.npz", "BadZipFile")
+
+
+def test_truncated_timestep_file_at_reassembly(work):
+    truncate(f"{OUT}/timesteps/000002.npz")
+    refused(train_d3dgs.main, STAGE1 + ["-l", "1"], "000002.npz", "-f 2", may_change=[f"./{OUT}/timesteps/run.json"])
+
+
+@pytest.mark.parametrize("script, argv, option", [
+    (train_d3dgs, STAGE1 + ["--downscale", "1000"], "--downscale 1000"),
+    (train_d3dgs, STAGE1 + ["--downscale", "0"], "--downscale 0"),
+    (train_d3dgs, STAGE1 + ["--motion-lr-scale", "nan"], "--motion-lr-scale nan"),
+    (train_d3dgs, STAGE1 + ["--device", "tpu"], "--device tpu"),
+    (train_d3dgs, STAGE1 + ["--device", "meta"], "--device meta"),
+    (train_d3dgs, STAGE1 + ["-e", "../x"], "-e '../x'"),
+    (visualize_d3dgs, STAGE2 + ["--downscale", "0"], "--downscale 0"),
+    (visualize_d3dgs, STAGE2 + ["--downscale", "-2"], "--downscale -2"),
+    (visualize_d3dgs, STAGE2 + ["--downscale", "1000"], "--downscale 1000"),
+    (visualize_d3dgs, STAGE2 + ["--train-cams", "-1"], "--train-cams -1"),
+    (visualize_d3dgs, STAGE2 + ["--fps", "-5"], "--fps -5"),
+    (visualize_d3dgs, STAGE2 + ["--fps", "0"], "--fps 0"),
+    (visualize_d3dgs, STAGE2 + ["--device", "tpu"], "--device tpu"),
+    (extract_features, STAGE3 + ["--batch-size", "0"], "--batch-size 0"),
+    (train_4legs, STAGE5 + ["--downscale", "1000"], "--downscale 1000"),
+    (train_4legs, STAGE5 + ["--lr-features", "nan"], "--lr-features nan"),
+    (visualize_4legs, STAGE6 + ["-p", "a ball", "--threshold", "-1"], "--threshold -1"),
+    (visualize_4legs, STAGE6 + ["-p", "a ball", "--threshold", "0.5"], "--threshold 0.5"),
+    (visualize_4legs, STAGE6 + ["-p", "a ball", "--fps", "0"], "--fps 0"),
+    (visualize_4legs, STAGE6 + ["-p", "a ball", "--relevancy-stride", "0"], "--relevancy-stride 0"),
+    (evaluate_grounding, STAGE6[:-2] + ["--benchmark", "data/none", "--threshold", "-1"], "--threshold -1"),
+])
+def test_bad_values_are_one_line(chain, script, argv, option):
+    refused(script.main, argv, option)
+
+
+def test_open_clip_checkpoint_that_is_not_one(chain):
+    pytest.importorskip("open_clip")
+    with open("not_a_checkpoint.pt", "wb") as f:
+        f.write(b"hello")
+    refused(extract_features.main, STAGE3[:2] + ["--encoder", "openclip:ViT-B-32:not_a_checkpoint.pt", "--device",
+                                                 "cpu"], "not_a_checkpoint.pt", "open_clip could not load it")
+
+
+def test_unwritable_sequence_folder_and_cache_dir(chain):
+    # the tests run as root, who may write anywhere: a file where the cache folder goes stands in
+    shutil.copytree(f"{SEQ}/interpolators", "data/cache/interpolators")  # stage 3 finds them done there
+    shutil.rmtree(f"{SEQ}/interpolators")
+    with open(f"{SEQ}/interpolators", "w") as f:
+        f.write("in the way")
+    refused(extract_features.main, STAGE3, f"{SEQ}/interpolators/color", "--cache-dir")
+    shutil.rmtree(f"{SEQ}/ae")
+    with open(f"{SEQ}/ae", "w") as f:
+        f.write("in the way")
+    elsewhere = ["--cache-dir", "data/cache"]
+    extract_features.main(STAGE3 + elsewhere)
+    train_autoencoder.main(STAGE4 + elsewhere)
+    assert os.path.isfile("data/cache/ae/best_ckpt.pth")
+    # stage 5 reads the autoencoder there: its finished timesteps were made with the other one
+    refused(train_4legs.main, STAGE5 + elsewhere, "000000.pt", "another autoencoder")
+
+
+def test_encoder_suggestions_are_what_stage3_takes(chain):
+    spec = "openclip:ViT-B-32:random"
+    message = refused(train_autoencoder.main, STAGE4[:2] + ["--encoder", spec], f"--encoder {spec}")
+    assert "--encoder openclip-ViT-B-32" not in message
+    ckpt = torch.load(f"{SEQ}/ae/best_ckpt.pth", weights_only=True)
+    ckpt.update(encoder="openclip-ViT-B-32", encoder_spec=spec)
+    torch.save(ckpt, f"{SEQ}/ae/best_ckpt.pth")
+    refused(train_4legs.main, STAGE5, f"pass --encoder {spec}")
+
+
+def test_visualisers_do_not_claim_to_resume(capsys):
+    def interrupted():
+        raise KeyboardInterrupt
+    for resumes, says in ((False, "renders all of them"), (True, "to resume")):
+        with pytest.raises(SystemExit) as code:
+            helpers.run_main(interrupted, resumes=resumes)
+        assert code.value.code == 130 and says in capsys.readouterr().err
+    for script in ("visualize_d3dgs.py", "visualize_4legs.py"):
+        assert "helpers.run_main(main, resumes=False)" in open(os.path.join(ROOT, script)).read()
+
+
+# ---------------------------------------------------------------- 7. writing
+
+def test_atomic_write_flushes_file_then_folder(tmp_path, monkeypatch):
+    flushed = []
+    real = helpers.fsync
+    monkeypatch.setattr(helpers, "fsync", lambda path: (flushed.append(os.path.basename(path)), real(path)))
+    helpers.save_json(tmp_path / "out" / "a.json", {"a": 1})
+    assert flushed[0].startswith(".tmp_") and flushed[1:] == ["out"]
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_outputs_get_the_umask_mode(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        helpers.save_npz(tmp_path / "a.npz", {"x": np.zeros(2)})
+        helpers.write_video(tmp_path / "a.mp4", [np.zeros((4, 4, 3), np.uint8)] * 2)
+    finally:
+        os.umask(old)
+    assert {os.stat(tmp_path / n).st_mode & 0o777 for n in ("a.npz", "a.mp4")} == {mode}
+
+
+def test_stale_temporary_files_are_cleaned_safely(tmp_path):
+    dead = tmp_path / f".tmp_{helpers.host_tag()}-{dead_pid()}-1-0000.npz"  # a SIGKILLed run's
+    live = tmp_path / os.path.basename(helpers.tmp_path(tmp_path, ".npz"))  # this live process's
+    old_foreign, new_foreign = tmp_path / ".tmp_ffffff-1-1-0000.npz", tmp_path / ".tmp_ffffff-2-1-0000.npz"
+    for path in (dead, live, old_foreign, new_foreign):
+        path.write_bytes(b"half")
+    day_ago = time.time() - helpers.STALE_TMP_SECONDS - 60
+    os.utime(old_foreign, (day_ago, day_ago))
+    helpers.save_json(tmp_path / "a.json", {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["a.json", live.name, new_foreign.name])
