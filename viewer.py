@@ -269,7 +269,7 @@ def hex_colour(colour):
 def add_client(client, scene, shared, args):
     """The panel, the camera and the render thread of one browser; returns its state dict."""
     gui, num_t = client.gui, scene["num_t"]
-    state = {"t": 0, "t_play": 0.0, "playing": False, "prompts": [], "plot": None, "colours_used": 0,
+    state = {"t": 0, "stepped": 0.0, "playing": False, "prompts": [], "plot": None, "colours_used": 0,
              "rate_shown": 0.0, "failed": False, "adding": threading.Lock(), "wake": threading.Event(),
              "stop": threading.Event()}
     status = gui.add_markdown("Type a prompt under Prompts.", order=0)
@@ -297,13 +297,11 @@ def add_client(client, scene, shared, args):
 
     def go_to(t):
         state["t"] = min(max(int(t), 0), num_t - 1)
-        if int(state["t_play"]) != state["t"]:  # the user moved it, not the playback
-            state["t_play"] = float(state["t"])
         time_slider.value = state["t"]
         wake()
 
     def set_playing(on):
-        state["playing"] = on
+        state["playing"], state["stepped"] = on, time.perf_counter()
         play.label = "pause" if on else "play"
         wake()
 
@@ -350,6 +348,9 @@ def add_client(client, scene, shared, args):
                                progress=lambda t: say(f'"{prompt}": timeline {t + 1}/{num_t}'))
         except helpers.UserError as e:
             return say(f"cannot show prompts yet: {e}", error=True)
+        except Exception as e:  # keep serving, as for a render that fails
+            traceback.print_exc()
+            return say(f'"{prompt}" failed: {type(e).__name__}: {e}', error=True)
         show_prompt(entry)
         spans = entry["timeline"]["spans"]
         say(f'"{prompt}": ' + (", ".join(f"timesteps {a}-{b}" for a, b in spans) if spans else "not found"))
@@ -381,8 +382,10 @@ def add_client(client, scene, shared, args):
         say("exporting the current view over every timestep ...")
         try:
             out = export_view(scene, current_camera(), shown, args, shared["negatives"])
-        except helpers.UserError as e:
-            return say(f"export failed: {e}", error=True)
+        except Exception as e:  # keep serving, as for a render that fails
+            if not isinstance(e, helpers.UserError):
+                traceback.print_exc()
+            return say(f"export failed: {type(e).__name__}: {e}", error=True)
         say(f"exported to {out}/ (per prompt: viewer.mp4, timeline.json, timeline.png)")
 
     def current_camera():
@@ -412,28 +415,25 @@ def add_client(client, scene, shared, args):
         client.scene.set_background_image(image, format="jpeg", jpeg_quality=JPEG_QUALITY)
         return cam.image_width, cam.image_height, time.perf_counter() - started
 
-    def advance(elapsed):
-        """Move the playback on by `elapsed` seconds; True when the timestep changed."""
-        state["t_play"] += elapsed * speed.value
-        if state["t_play"] >= num_t:
-            if not loop.value:
-                set_playing(False)
-                state["t_play"] = num_t - 1
-            else:
-                state["t_play"] %= num_t
-        if int(state["t_play"]) == state["t"]:
+    def advance(now):
+        """The next timestep once 1 / speed seconds have passed since the last step; never two at
+        once, so that a slow render (the CPU) slows the playback down rather than skipping timesteps.
+        True when the timestep changed."""
+        if now - state["stepped"] < 1 / speed.value:
             return False
-        go_to(int(state["t_play"]))
-        return True
+        state["stepped"] = now
+        if state["t"] + 1 < num_t or loop.value:
+            go_to((state["t"] + 1) % num_t)
+            return True
+        set_playing(False)
+        return False
 
     def render_loop():
-        last = time.perf_counter()
         while not state["stop"].is_set():
             woke = state["wake"].wait(PLAY_WAIT_S if state["playing"] else IDLE_WAIT_S)
             state["wake"].clear()
             now = time.perf_counter()
-            changed = (advance(now - last) if state["playing"] else False) or woke
-            last = now
+            changed = (state["playing"] and advance(now)) or woke
             if not changed or state["stop"].is_set():
                 continue
             try:

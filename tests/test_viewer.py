@@ -1,7 +1,7 @@
 """viewer.py: the frame and timeline functions on the CPU, then the viewer itself in headless Chromium.
 
-The scene is test_legs.py's `chain` (stages 2-5 on a small synthetic sequence, colour encoder,
-ground-truth Gaussians as stage 1)."""
+The scene is test_legs.py's `chain`: stages 3-5 on a small synthetic sequence (96x54, 12 timesteps),
+colour encoder, ground-truth Gaussians as stage 1."""
 import json
 import math
 import os
@@ -20,9 +20,6 @@ from feature_extraction.autoencoder import Autoencoder
 from feature_extraction.relevancy import overlay, relevance_map, render_features
 import test_legs
 from test_legs import BALL, EXP, SEQ, random_scene
-
-# test_legs.py's module fixture, which pytest registers here under its own name, `chain`
-the_chain_fixture = test_legs.chain
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
@@ -109,73 +106,75 @@ def test_render_frame_modes():
     assert np.abs(frame_in("foreground only") - on_fg).max() <= 1 and (fg < 0.5).any()
 
 
-# ---------------------------------------------------------------- timelines on the synthetic chain
+# ---------------------------------------------------------------- timelines on a small lifted scene
+
+# test_legs.py's module fixture (stages 3-5 on its small synthetic sequence), registered here by this name
+lifted_chain = test_legs.chain
+
+
+@pytest.fixture(scope="module")
+def lifted(lifted_chain):
+    """The chain's folder and the timesteps its ball flies (gt/objects.json)."""
+    with open(os.path.join(lifted_chain, SEQ, "gt", "objects.json")) as f:
+        objects = json.load(f)["objects"]
+    return lifted_chain, next(o["moving_timesteps"] for o in objects if o["name"] == "ball")
+
 
 def viewer_args(*extra):
     return viewer.parse_args(["-s", SEQ, "-e", EXP, "--encoder", "color", *extra])
 
 
-def test_timeline_is_visualize_4legs_timeline(chain):
-    """A prompt's timeline in the viewer is timeline.json of visualize_4legs.py for the same views,
-    and its text is encoded once."""
-    import visualize_4legs
-    os.chdir(chain)
-    visualize_4legs.main(["-s", SEQ, "-e", EXP, "--encoder", "color", "-p", BALL])
-    with open(f"results/{EXP}/synthetic/a_red_ball_flying_in_the_air/timeline.json") as f:
-        expected = json.load(f)
+def new_shared():
+    """start_viewer's shared state without its turbo table."""
+    return {"prompts": {}, "encoder": None, "negatives": None, "render_lock": viewer.threading.Lock(),
+            "prompts_lock": viewer.threading.Lock()}
+
+
+def test_timeline_and_export_are_visualize_4legs(lifted):
+    """A prompt's timeline in the viewer is visualize_4legs.py's timeline of the same views (here the
+    test camera): the export of that camera held still, written by visualize_4legs.py's own
+    render_prompts, has the same scores and spans. The text is encoded once."""
+    root, flight = lifted
+    os.chdir(root)
     args = viewer_args()
     scene = viewer.load_scene(args.seq, args.exp, args.encoder, torch.device("cpu"))
-    shared = {"prompts": {}, "encoder": None, "negatives": None, "render_lock": viewer.threading.Lock(),
-              "prompts_lock": viewer.threading.Lock()}
-    steps = []
+    shared, steps = new_shared(), []
     entry = viewer.get_prompt(scene, shared, BALL, args, progress=steps.append)
     timeline = entry["timeline"]
-    assert steps == list(range(12))
-    assert timeline["spans"] == expected["spans"] and timeline["spans"]
-    assert np.allclose(timeline["scores"], expected["scores"], atol=2e-5)
-    assert list(timeline["per_view"]) == list(expected["per_view"]) == ["cam0"]
-    assert timeline["per_view"]["cam0"]["spans"] == expected["per_view"]["cam0"]["spans"]
-    assert timeline["peak"] == pytest.approx(expected["per_view"]["cam0"]["peak_relevance"], abs=1e-4)
+    assert steps == list(range(scene["num_t"])) and list(timeline["per_view"]) == ["cam0"]
+    found = {t for a, b in timeline["spans"] for t in range(a, b + 1)}
+    assert found >= set(flight) and min(found) >= min(flight) - 1, (timeline["spans"], flight)
     encoder = shared["encoder"]
     assert viewer.get_prompt(scene, shared, BALL, args) is entry and shared["encoder"] is encoder
+    w, h, k, w2c = scene["presets"][f"test cam{helpers.load_meta(SEQ, 'test')['cam_id'][0]}"]
+    out = viewer.export_view(scene, helpers.setup_camera(w, h, k, w2c), [entry], args, shared["negatives"])
+    assert out.startswith(f"results/{EXP}/synthetic/viewer-")
+    with open(f"{out}/a_red_ball_flying_in_the_air/timeline.json") as f:
+        exported = json.load(f)
+    assert exported["views"] == ["viewer"] and exported["spans"] == timeline["spans"]
+    assert np.allclose(exported["scores"], timeline["scores"], atol=2e-5)
+    assert exported["per_view"]["viewer"]["peak_relevance"] == pytest.approx(timeline["peak"], abs=1e-4)
+    for name in ("viewer.mp4", "timeline.png"):
+        assert os.path.getsize(f"{out}/a_red_ball_flying_in_the_air/{name}") > 0
 
 
-def test_prompt_before_lifting_names_the_stage(chain):
+def test_prompt_before_lifting_names_the_stage(lifted):
     """With stage 1 only, the viewer shows the scene; a prompt says to run stage 5 first."""
-    os.chdir(chain)
+    os.chdir(lifted[0])
     os.makedirs("output/nolegs/synthetic", exist_ok=True)
     shutil.copy(f"output/{EXP}/synthetic/params.npz", "output/nolegs/synthetic/params.npz")
     args = viewer.parse_args(["-s", SEQ, "-e", "nolegs", "--encoder", "color"])
     scene = viewer.load_scene(args.seq, args.exp, args.encoder, torch.device("cpu"))
-    shared = {"prompts": {}, "encoder": None, "render_lock": viewer.threading.Lock(),
-              "prompts_lock": viewer.threading.Lock()}
+    shared = new_shared()
     with pytest.raises(helpers.UserError, match=r"train_4legs\.py -s data/synthetic -e nolegs"):
         viewer.get_prompt(scene, shared, BALL, args)
     with pytest.raises(helpers.UserError, match="--camera 'nowhere': no such camera"):
         viewer.main(["-s", SEQ, "-e", "nolegs", "--encoder", "color", "--camera", "nowhere"])
 
 
-def test_export_writes_a_view_as_visualize_4legs(chain):
-    os.chdir(chain)
-    args = viewer_args()
-    scene = viewer.load_scene(args.seq, args.exp, args.encoder, torch.device("cpu"))
-    shared = {"prompts": {}, "encoder": None, "render_lock": viewer.threading.Lock(),
-              "prompts_lock": viewer.threading.Lock()}
-    entry = viewer.get_prompt(scene, shared, BALL, args)
-    w, h, k, w2c = scene["presets"]["test cam" + str(helpers.load_meta(SEQ, "test")["cam_id"][0])]
-    out = viewer.export_view(scene, helpers.setup_camera(w, h, k, w2c), [entry], args, shared["negatives"])
-    assert out.startswith(f"results/{EXP}/synthetic/viewer-")
-    with open(f"{out}/a_red_ball_flying_in_the_air/timeline.json") as f:
-        exported = json.load(f)
-    # the test camera held still is visualize_4legs.py's view cam0
-    assert exported["views"] == ["viewer"] and exported["spans"] == entry["timeline"]["spans"]
-    assert os.path.getsize(f"{out}/a_red_ball_flying_in_the_air/viewer.mp4") > 0
-    assert os.path.getsize(f"{out}/a_red_ball_flying_in_the_air/timeline.png") > 0
-
-
 # ---------------------------------------------------------------- the viewer in a real browser
 
-VIEWPORT = (1280, 720)  # 16:9, as the synthetic cameras: the browser's image is the camera's image
+VIEWPORT = (960, 540)  # 16:9, as the synthetic cameras: the browser's image is the camera's image
 WAIT_S = 90  # longest wait for the viewer or the browser, each time (a loaded 2-core machine)
 
 
@@ -192,9 +191,9 @@ def wait_for(what, check, seconds=WAIT_S):
 
 
 @pytest.fixture
-def served(chain):
-    """The viewer on the chain's scene, on the CPU, on 127.0.0.1, in this process: yields its URL."""
-    os.chdir(chain)
+def served(lifted):
+    """The viewer on the lifted scene, on the CPU, on 127.0.0.1, in this process: yields its URL."""
+    os.chdir(lifted[0])
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -266,17 +265,17 @@ def next_image(driver, before):
 
 
 def turbo_heat(colour):
-    """Heat in [0, 1] of turbo colours [..., 3] (0..255): the nearest entry of the table."""
-    table = viewer.turbo_table("cpu").numpy()
-    return ((colour[..., None, :] - table) ** 2).sum(-1).argmin(-1) / 255.0
+    """Heat in [0, 1] of turbo colours [P, 3] (0..255): the nearest entry of the table."""
+    table = viewer.turbo_table("cpu")
+    return torch.cdist(torch.as_tensor(colour, dtype=torch.float32), table).argmin(1).numpy() / 255.0
 
 
-def test_browser_prompt_heatmap_lands_on_the_object(chain, served, browser, monkeypatch):
+def test_browser_prompt_heatmap_lands_on_the_object(lifted, served, browser, monkeypatch):
     """Type a prompt in headless Chromium: the image changes, the timeline's span button jumps to the
     ball's flight, the heatmap's peak falls on the ball (ground-truth ids); a render that fails is
     reported in the panel and the viewer goes on; a second browser moves its own camera, not the
-    first one's."""
-    driver = browser
+    first one's; play and pause."""
+    (root, flight), driver = lifted, browser
 
     def panel_text():
         return driver.find_element("tag name", "body").text
@@ -288,7 +287,7 @@ def test_browser_prompt_heatmap_lands_on_the_object(chain, served, browser, monk
         "xpath", "//button[starts-with(normalize-space(.), 'go to ')]") or None)[0]
     next_image(driver, rgb_t0)  # the heatmap is drawn over the render
     first = int(re.search(r"go to (\d+)-", span.text)[1])
-    assert 4 <= first <= 6, span.text  # the ball leaves the floor at timestep 5 of 12
+    assert min(flight) - 1 <= first <= min(flight), (span.text, flight)  # when the ball leaves the floor
     before = screenshot(driver)
     span.click()
     wait_for("the jump", lambda: labelled(driver, "timestep").get_attribute("value") == str(first))
@@ -299,10 +298,11 @@ def test_browser_prompt_heatmap_lands_on_the_object(chain, served, browser, monk
     changed = np.abs(blend - rgb).sum(-1) > 12
     panel = driver.find_element("css selector", "[data-testid=floating-panel-handle]").rect
     changed[:, int(panel["x"]) - 10:] = False
-    heat = np.where(changed, turbo_heat(np.clip(2 * blend - rgb, 0, 255)), 0.0)
+    heat = np.zeros(changed.shape)
+    heat[changed] = turbo_heat(np.clip(2 * blend - rgb, 0, 255)[changed])
     from PIL import Image
-    cam_id = helpers.load_meta(os.path.join(chain, SEQ), "train")["cam_id"][0]
-    ids = Image.open(os.path.join(chain, SEQ, "gt", "ids", str(cam_id), f"{first:06d}.png"))
+    cam_id = helpers.load_meta(os.path.join(root, SEQ), "train")["cam_id"][0]
+    ids = Image.open(os.path.join(root, SEQ, "gt", "ids", str(cam_id), f"{first:06d}.png"))
     ids = np.asarray(ids.resize(VIEWPORT, Image.NEAREST))
     # the peak of the heat averaged over a render pixel (13 screen pixels): edges are not trusted
     from scipy.ndimage import uniform_filter
@@ -330,3 +330,8 @@ def test_browser_prompt_heatmap_lands_on_the_object(chain, served, browser, monk
     driver.switch_to.window(first_tab)
     time.sleep(1.0)
     assert np.abs(screenshot(driver) - rgb)[:, :int(panel["x"]) - 10].mean() < 2
+    # playback moves the time on, pause stops it
+    button(driver, "play").click()
+    wait_for("the playback", lambda: labelled(driver, "timestep").get_attribute("value") != str(first))
+    button(driver, "pause").click()
+    wait_for("the pause", lambda: driver.find_elements("xpath", "//button[normalize-space(.)='play']") or None)
