@@ -528,8 +528,8 @@ def parse_args(argv=None):
     helpers.check_option(args, "fps", at_least=1)
     helpers.check_option(args, "height", at_least=8)
     helpers.check_option(args, "port", at_least=1, below=65536)
-    if any(not prompt.strip() for prompt in args.prompt or ()):
-        raise helpers.UserError("-p: empty prompt; give the text to look for, e.g. -p \"a man throwing a ball\"")
+    from visualize_4legs import check_prompts
+    check_prompts(args.prompt or [])  # as visualize_4legs.py: text in each, a folder of its own for the export
     return args
 
 
