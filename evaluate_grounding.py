@@ -109,13 +109,27 @@ def parse_args(argv=None):
     p.add_argument("--encoder", required=True, help=ENCODER_OF_STAGES)
     p.add_argument("--benchmark", required=True, help="benchmark folder of this sequence, e.g. "
                    "data/grounding/synthetic (<prompt_dir>/cam<N>.pt)")
-    p.add_argument("--out", default=None, help="json report (default: results/<exp>/<seq>/grounding.json)")
+    p.add_argument("--out", default=None, help="json report, a file under results/ or output/ (default: "
+                   "results/<exp>/<seq>/grounding.json)")
     add_prompt_options(p)
     add_cache_dir_option(p)
     args = p.parse_args(argv)
     args.seq = helpers.find_sequence(args.seq)
     check_prompt_options(args)
+    if args.out is not None:
+        check_out(args.out)
     return args
+
+
+def check_out(path):
+    """Raise UserError unless --out `path` is a file under results/ or output/ of the working
+    directory (after symbolic links and '..': nothing is written anywhere else)."""
+    target = os.path.realpath(path)
+    roots = [os.path.realpath(folder) for folder in ("results", "output")]
+    inside = any(target != root and os.path.commonpath([target, root]) == root for root in roots)
+    if not inside or os.path.isdir(target):
+        raise helpers.UserError(f"--out {path}: the report is a file under results/ or output/ of the working "
+                                f"directory {os.getcwd()}, e.g. --out results/exp1/synthetic/grounding.json")
 
 
 def main(argv=None):

@@ -572,33 +572,31 @@ def load_meta(seq_dir, split):
     return meta
 
 
-def load_image(path, size=None):
-    """RGB image as float32 [3, H, W] in [0, 1]; size (w, h) is checked when given."""
+def read_image_file(path, what, size=None, mode=None):
+    """uint8 [H, W, channels of `mode`] of an image file (mode 'RGB' or 'L'); with mode None only its
+    header is read (nothing decoded) and None returned. size (w, h) is checked when given; UserError
+    naming the file (as `what`: 'image', 'mask') when it is missing, unreadable or of another size."""
     from PIL import Image
     if not os.path.isfile(path):
-        raise UserError(f"image {path} not found")
+        raise UserError(f"{what} {path} not found")
     try:
         with Image.open(path) as f:
-            im = np.asarray(f.convert("RGB"), dtype=np.float32) / 255.0
-    except OSError as e:
-        raise UserError(f"image {path} cannot be read ({e}); replace the file")
-    if size is not None and (im.shape[1], im.shape[0]) != tuple(size):
-        raise UserError(f"image {path} is {im.shape[1]}x{im.shape[0]}, the meta file says {size[0]}x{size[1]}")
+            if size is not None and f.size != tuple(size):
+                raise UserError(f"{what} {path} is {f.size[0]}x{f.size[1]}, the meta file says {size[0]}x{size[1]}")
+            return None if mode is None else np.asarray(f.convert(mode))
+    except OSError as e:  # PIL's UnidentifiedImageError and truncated data included
+        raise UserError(f"{what} {path} cannot be read ({e}); replace the file")
+
+
+def load_image(path, size=None):
+    """RGB image as float32 [3, H, W] in [0, 1]; size (w, h) is checked when given."""
+    im = read_image_file(path, "image", size, "RGB").astype(np.float32) / 255.0
     return torch.from_numpy(im).permute(2, 0, 1).contiguous()
 
 
 def load_mask(path, size=None):
     """Foreground mask as float32 [H, W] in {0, 1} (from a 1-bit or 8-bit PNG)."""
-    from PIL import Image
-    if not os.path.isfile(path):
-        raise UserError(f"mask {path} not found")
-    try:
-        with Image.open(path) as f:
-            m = np.asarray(f.convert("L"), dtype=np.float32)
-    except OSError as e:
-        raise UserError(f"mask {path} cannot be read ({e}); replace the file")
-    if size is not None and (m.shape[1], m.shape[0]) != tuple(size):
-        raise UserError(f"mask {path} is {m.shape[1]}x{m.shape[0]}, the meta file says {size[0]}x{size[1]}")
+    m = read_image_file(path, "mask", size, "L").astype(np.float32)
     return torch.from_numpy((m > 127).astype(np.float32) if m.max() > 1 else m)
 
 
@@ -607,13 +605,16 @@ def seg_path(seq_dir, fn):
     return os.path.join(seq_dir, "seg", os.path.splitext(fn)[0] + ".png")
 
 
-def check_sequence(seq_dir, meta, t_first=0, t_last=None, masks=False):
+def check_sequence(seq_dir, meta, t_first=0, t_last=None, masks=False, headers=False):
     """Check, before hours of work, that timesteps t_first..t_last exist in `meta` (load_meta's)
-    and that every image of them (and with masks=True every foreground mask) is on disk."""
+    and that every image of them (and with masks=True every foreground mask) is on disk; with
+    headers=True also that each opens as an image of the meta's size (headers only: a file whose
+    pixel data is cut short passes, and fails where it is loaded)."""
     num_t = len(meta["fn"])
     t_last = num_t - 1 if t_last is None else t_last
     if not 0 <= t_first <= t_last < num_t:
         raise UserError(f"timesteps {t_first}..{t_last} asked for, but {meta['path']} has timesteps 0..{num_t - 1}")
+    size = (meta["w"], meta["h"]) if headers else None
     for t in range(t_first, t_last + 1):
         for fn in meta["fn"][t]:
             image = os.path.join(seq_dir, "ims", fn)
@@ -622,6 +623,10 @@ def check_sequence(seq_dir, meta, t_first=0, t_last=None, masks=False):
             if masks and not os.path.isfile(seg_path(seq_dir, fn)):
                 raise UserError(f"mask {seg_path(seq_dir, fn)} of image {image} not found (foreground masks "
                                 f"live in <seq>/seg/<cam>/<t>.png)")
+            if headers:
+                read_image_file(image, "image", size)
+                if masks:
+                    read_image_file(seg_path(seq_dir, fn), "mask", size)
 
 
 def setup_camera(w, h, k, w2c, near=0.01, far=100.0, bg=(0.0, 0.0, 0.0), device="cpu", dtype=torch.float32):

@@ -526,8 +526,8 @@ def train(args, device, seq_dir, out_dir):
     if min(start, done):
         check_run(run_path, run, min(start, done))
     if start <= last:
-        helpers.check_sequence(seq_dir, meta, start, last, masks=True)
-        helpers.check_sequence(seq_dir, test_meta, start, last)
+        helpers.check_sequence(seq_dir, full_meta, start, last, masks=True, headers=True)
+        helpers.check_sequence(seq_dir, full_test_meta, start, last, headers=True)
         if start > 0:
             params, variables = restore(ts_dir, start, device)
         else:

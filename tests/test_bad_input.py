@@ -151,6 +151,19 @@ def test_missing_image_of_the_range_stops_before_discarding(work):
     refused(train_d3dgs.main, STAGE1 + ["-f", "2"], missing)
 
 
+def test_unreadable_or_resized_image_of_the_range_stops_before_discarding(work):
+    from PIL import Image
+    image, mask = train_image(3), helpers.seg_path(SEQ, helpers.load_meta(SEQ, "train")["fn"][2][0])
+    with open(image, "wb") as f:
+        f.write(b"not a JPEG")
+    refused(train_d3dgs.main, STAGE1 + ["-f", "2"], image, "cannot be read")
+    Image.new("RGB", (TINY["width"] + 1, TINY["height"])).save(image)
+    refused(train_d3dgs.main, STAGE1 + ["-f", "2"], image, "is 33x18, the meta file says 32x18")
+    Image.new("RGB", (TINY["width"], TINY["height"])).save(image)
+    truncate(mask, keep=0.3)  # the PNG signature survives, its header does not
+    refused(train_d3dgs.main, STAGE1 + ["-f", "2"], mask, "cannot be read")
+
+
 def test_unreadable_resume_file_stops_before_discarding(work):
     truncate(f"{OUT}/timesteps/000001.npz")
     refused(train_d3dgs.main, STAGE1 + ["-f", "2"], "000001.npz", "BadZipFile", "-f 1")
@@ -386,6 +399,20 @@ def test_truncated_timestep_file_at_reassembly(work):
 ])
 def test_bad_values_are_one_line(chain, script, argv, option):
     refused(script.main, argv, option)
+
+
+def test_grounding_report_stays_under_results_or_output(tmp_path, monkeypatch):
+    """--out is checked with the other options, before any stage's output is read."""
+    monkeypatch.chdir(tmp_path)
+    os.makedirs(SEQ)
+    os.makedirs("results")
+    os.symlink(tmp_path.parent, "results/link")
+    argv = STAGE6[:-2] + ["--benchmark", "data/none", "--out"]
+    for out in (str(tmp_path.parent / "x.json"), "../x.json", "results/../x.json", "data/x.json", "results",
+                "results/link/x.json", "output"):
+        refused(evaluate_grounding.parse_args, argv + [out], f"--out {out}", "under results/ or output/")
+    for out in ("results/x/grounding.json", "output/x.json", str(tmp_path / "results" / "x.json")):
+        assert evaluate_grounding.parse_args(argv + [out]).out == out
 
 
 def test_open_clip_checkpoint_that_is_not_one(chain):
