@@ -8,9 +8,15 @@ for the 5 levels i of tiles.tile_levels and the C train cameras in train_meta.js
 config.json holds everything the embeddings depend on (encoder and weights, image size, cameras,
 tile geometry, the clip's frame indices, the sizes of its image files); a timestep counts as done
 only when its folder exists, its config equals the one a new run would write and its level files
-are whole, so any change or damage recomputes it. A timestep is written into a temporary folder and
-renamed into place, so a half-written timestep is never seen. With --cache-dir DIR, DIR takes the
-place of <seq>; <cache>/sequence.json says which sequence the features are of.
+are whole, so any change or damage recomputes it. Its `reuse` entry says how the embeddings were
+made: null when every clip was encoded (--exact, and caches written before reuse existed), else
+{"tolerance", "grid"} of extract_features.py's reuse of unchanged clips. That entry alone need not
+be equal: a timestep serves a run that asks for at most its exactness (reuse_serves: exact ones
+serve every run, reused ones a run reusing with the same grid and at least their tolerance), so
+--exact recomputes what a reusing run wrote and a reusing run keeps exact timesteps. A timestep is
+written into a temporary folder and renamed into place, so a half-written timestep is never seen.
+With --cache-dir DIR, DIR takes the place of <seq>; <cache>/sequence.json says which sequence the
+features are of.
 """
 import json
 import os
@@ -43,8 +49,9 @@ def timestep_dir(cache, t):
     return os.path.join(cache, f"timestep_{t}")
 
 
-def make_config(encoder, seq_dir, meta, t):
-    """The configuration timestep t of this sequence gets with this encoder (a JSON-able dict)."""
+def make_config(encoder, seq_dir, meta, t, reuse_tolerance=None):
+    """The configuration timestep t of this sequence gets with this encoder (a JSON-able dict);
+    reuse_tolerance: that of extract_features.py's reuse of unchanged clips, None for --exact."""
     h, w = meta["h"], meta["w"]
     frames = tiles.clip_frames(t, len(meta["fn"]))
     files = [[meta["fn"][f][c] for f in frames] for c in range(len(meta["cam_id"]))]
@@ -54,7 +61,8 @@ def make_config(encoder, seq_dir, meta, t):
             "width": w, "height": h, "cam_id": list(meta["cam_id"]), "timestep": t, "clip_frames": frames,
             # Sizes (not times) of the clip's images: a regenerated or edited sequence almost always
             # changes them, while copying the data elsewhere keeps them.
-            "image_bytes": sizes, "levels": tiles.tile_levels(h, w)}
+            "image_bytes": sizes, "levels": tiles.tile_levels(h, w),
+            "reuse": None if reuse_tolerance is None else {"tolerance": reuse_tolerance, "grid": tiles.REUSE_GRID}}
 
 
 def claim_for_sequence(cache, seq_dir, meta):
@@ -81,14 +89,25 @@ def read_config(cache, t):
 
 
 def is_done(cache, t, config, log=print):
-    """Whether timestep t is cached with exactly this configuration and whole level files (a
-    damaged one is reported through log and counts as not done)."""
-    if read_config(cache, t) != json.loads(json.dumps(config)):  # JSON round trip: tuples -> lists
+    """Whether timestep t is cached with this configuration (its `reuse` at most as lax, see
+    reuse_serves) and whole level files (a damaged one is reported through log and counts as not done)."""
+    recorded, wanted = read_config(cache, t), json.loads(json.dumps(config))  # JSON round trip: tuples -> lists
+    if recorded is None or not reuse_serves(recorded.pop("reuse", None), wanted.pop("reuse", None)):
+        return False
+    if recorded != wanted:
         return False
     damage = damaged_level(cache, t, config)
     if damage:
         log(f"{damage}: computing timestep {t} again")
     return not damage
+
+
+def reuse_serves(cached, wanted):
+    """Whether embeddings made with the `reuse` entry `cached` may stand for those a run with `wanted`
+    would make (None: every clip encoded): exact ones always, reused ones only for a run that reuses
+    with the same grid and a tolerance at least theirs."""
+    return cached is None or (wanted is not None and cached["grid"] == wanted["grid"]
+                              and cached["tolerance"] <= wanted["tolerance"])
 
 
 def damaged_level(cache, t, config):

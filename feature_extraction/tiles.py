@@ -8,6 +8,11 @@ s*i - k//2 .. s*i - k//2 + k - 1 and its centre is at (k-1)/2 - k//2 + s*i (like
 A pixel's feature at one level is the bilinear interpolation of the four surrounding tile-centre
 embeddings, the grid extended by repeating its last row and column; the dense map is the mean of
 the levels. Pixel (row y, column x) sits at integer coordinates, as in the original.
+
+Reuse (extract_features.py): a tile's clip is compared with another clip of the same tile through
+their shrunken images, REUSE_GRID x REUSE_GRID cells per frame (crop_tiles at that size, so each
+cell is the antialiased mean of its patch of the tile); clip_change is the largest change of one
+cell in one frame, the mean over RGB of |difference| (values in [0, 1]).
 """
 import numpy as np
 import torch
@@ -19,6 +24,7 @@ TILE_RATIO_RANGE = (0.15, 0.6)
 NUM_LEVELS = 5
 STRIDE_SCALER = 0.5
 CLIP_OFFSETS = tuple(range(-4, 4))  # frames t-4 .. t+3
+REUSE_GRID = 8  # cells per side of the shrunken tile images that clip_change compares
 
 
 def tile_ratios():
@@ -89,6 +95,31 @@ def crop_tiles(padded, pad, level, cam, row, col, size):
         x = x.float()
     x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=k > size)
     return x.float().reshape(n, frames, 3, size, size).div_(255.0)
+
+
+def crop_batches(padded, pad, levels, index, batch_size, size):
+    """The tiles of `index` (tile_index tensors, or a subset of them kept in that order, so sorted by
+    level), cut from pad_frames' output by crop_tiles at size x size, in batches of at most batch_size:
+    yields (start, stop, float32 [stop - start, T, 3, size, size] in [0, 1]) for index[start:stop]. A
+    batch may span two levels (tile sizes): each level's share is cut at its own size."""
+    level, cam, row, col = index
+    ends = torch.bincount(level, minlength=len(levels)).cumsum(0).tolist()
+    for start in range(0, len(level), batch_size):
+        stop = min(start + batch_size, len(level))
+        parts = []
+        for lv, first, end in zip(levels, [0] + ends[:-1], ends):
+            a, b = max(first, start), min(end, stop)
+            if a < b:
+                parts.append(crop_tiles(padded, pad, lv, cam[a:b], row[a:b], col[a:b], size))
+        yield start, stop, torch.cat(parts)
+
+
+def clip_change(shrunk, reference):
+    """shrunk, reference: float [M, T, 3, G, G], two clips of each of M tiles at size G = REUSE_GRID
+    (crop_batches) -> float32 [M]: per tile the largest, over frames and cells, of the mean over RGB of
+    |shrunk - reference|. One cell of one frame decides, so a small object that moves in a large
+    tile is not averaged away."""
+    return (shrunk.float() - reference.float()).abs_().mean(2).amax((1, 2, 3))
 
 
 def interp_matrix(level, n, out_size, src_size, device):

@@ -1,6 +1,7 @@
 """Stage 2: tile pyramid geometry, clips, crops and resizing against torch.nn.Unfold and
 torchvision, the cache (reuse, invalidation, atomicity), dense maps against a per-pixel reference,
-sharding, the colour and open_clip encoders, and extraction end to end on a tiny sequence."""
+sharding, the colour and open_clip encoders, extraction end to end on a tiny sequence, and the reuse
+of unchanged clips' embeddings against recomputing them."""
 import json
 import os
 import subprocess
@@ -39,6 +40,13 @@ def make_sequence(out, w=64, h=36, num_t=6, num_cams=1, seed=0):
     with open(os.path.join(out, "train_meta.json"), "w") as f:
         json.dump(meta, f)
     return str(out)
+
+
+def write_frames(seq, frames):
+    """Replace the images of make_sequence's `seq` with frames uint8 [T, C, H, W, 3] (JPEG, as there)."""
+    for t, row in enumerate(frames):
+        for c, image in enumerate(row):
+            Image.fromarray(image).save(os.path.join(seq, "ims", str(c), f"{t:06d}.jpg"))
 
 
 @pytest.fixture()
@@ -239,6 +247,118 @@ def test_nan_embeddings_are_never_cached(seq):
         extract_features.extract(seq, Broken(), [0], 64, torch.device("cpu"), progress=False)
     assert not feature_cache.is_done(cache_dir(seq, "color"), 0, feature_cache.make_config(
         ColorEncoder(), seq, load_meta(seq, "train"), 0))
+
+
+# ---------------------------------------------------------------- reuse of unchanged clips
+
+def cosines(seq, runs, t):
+    """float32 [M]: cosine of each tile embedding of timestep t between the caches of runs[0] and runs[1]
+    (cache roots under seq)."""
+    a, b = (load_tile_embeddings(cache_dir(os.path.join(seq, run), "color"), t).float() for run in runs)
+    return torch.nn.functional.cosine_similarity(a, b)
+
+
+def extract_run(seq, run, timesteps, tolerance):
+    return extract_features.extract(seq, ColorEncoder(), timesteps, 512, torch.device("cpu"), progress=False,
+                                    cache_root=os.path.join(seq, run), reuse_tolerance=tolerance)
+
+
+def test_reused_embeddings_match_recomputed_ones_on_a_moving_scene(tmp_path):
+    """The synthetic scene (a ball thrown, a box sliding, a top spinning; 2 still cameras): about half
+    of the clips keep an earlier embedding, and those are within cosine 0.999 (mean) and 0.99 (each)
+    of what encoding them gives; the others are what encoding them gives."""
+    from synthetic_sequence import generate
+    seq = str(tmp_path / "syn")
+    generate(seq, width=96, height=54, num_timesteps=12, num_train=2, num_test=0)
+    exact = extract_run(seq, "exact", range(12), None)
+    reuse = extract_run(seq, "reuse", range(12), extract_features.REUSE_TOLERANCE)
+    assert not np.concatenate(list(exact["reused"].values())).any() and not reuse["reused"][0].any()
+    reused = np.concatenate([reuse["reused"][t] for t in range(12)])
+    assert 0.3 < reused.mean() < 0.8, reused.mean()  # the scene moves, its background does not
+    cos = torch.cat([cosines(seq, ("exact", "reuse"), t) for t in range(12)])
+    assert cos[reused].mean() >= 0.999 and cos[reused].min() >= 0.99, (cos[reused].mean(), cos[reused].min())
+    assert cos[~reused].min() > 0.9999
+    config = feature_cache.read_config(cache_dir(os.path.join(seq, "reuse"), "color"), 5)
+    assert config["reuse"] == {"tolerance": extract_features.REUSE_TOLERANCE, "grid": tiles.REUSE_GRID}
+    assert feature_cache.read_config(cache_dir(os.path.join(seq, "exact"), "color"), 5)["reuse"] is None
+
+
+def test_a_still_scene_reuses_almost_everything(tmp_path):
+    """A still 640x360 camera whose frames differ by sensor-like noise only (+-1 grey level, then JPEG):
+    after the run's first timestep almost every clip keeps its embedding."""
+    rng = np.random.default_rng(1)
+    y, x = np.mgrid[0:360, 0:640] / 4.0
+    still = np.stack([128 + 60 * np.sin(x / 9.0), 128 + 60 * np.cos(y / 7.0), 100 + 0 * x], -1)
+    frames = (still + rng.integers(-1, 2, (6, 1, 360, 640, 3))).clip(0, 255).astype(np.uint8)
+    seq = make_sequence(tmp_path / "seq", w=640, h=360, num_t=6)
+    write_frames(seq, frames)
+    stats = extract_run(seq, "reuse", range(6), extract_features.REUSE_TOLERANCE)
+    assert not stats["reused"][0].any() and len(stats["reused"][1]) == 572
+    shares = [stats["reused"][t].mean() for t in range(1, 6)]
+    assert min(shares) >= 0.95, shares
+    assert extract_features.reused_share(stats["reused"], [0]) == "0/572 (0.0%)"
+
+
+def overlapping_tiles(levels, num_cams, cam_index, rows, cols):
+    """bool [M] in tiles.tile_index order: the tiles of camera cam_index whose window covers a pixel of
+    rows x cols (ranges)."""
+    level, cam, row, col = tiles.tile_index(levels, num_cams)
+    k, s, p = (torch.tensor([lv[key] for lv in levels])[level] for key in ("kernel", "stride", "padding"))
+    top, left = s * row - p, s * col - p
+    inside = (top < rows.stop) & (top + k > rows.start) & (left < cols.stop) & (left + k > cols.start)
+    return (inside & (cam == cam_index)).numpy()
+
+
+def test_a_changed_tile_is_encoded_again(tmp_path):
+    """A still scene in which a red square appears at frame 8 and stays: the tiles whose window holds a
+    pixel of it are reused up to timestep 4 (clip 0..7) and encoded again at each of 5..11 (clip t-4 ..
+    t+3 holds the square in one more frame each time), although the colour encoder, which looks at the
+    clip's centre frame t, embeds them as before until 8; from 8 on it embeds them differently (cosine
+    < 0.9 to timestep 7), and the reusing run agrees with the exact one."""
+    rng = np.random.default_rng(2)
+    frames = np.repeat(rng.integers(0, 256, (1, 2, 36, 64, 3), dtype=np.uint8), 12, axis=0)
+    rows, cols = range(10, 20), range(30, 42)
+    frames[8:, 1, rows.start:rows.stop, cols.start:cols.stop] = (220, 20, 20)
+    seq = make_sequence(tmp_path / "seq", num_t=12, num_cams=2)
+    write_frames(seq, frames)
+    extract_run(seq, "exact", range(12), None)
+    reuse = extract_run(seq, "reuse", range(12), extract_features.REUSE_TOLERANCE)
+    square = overlapping_tiles(tiles.tile_levels(36, 64), 2, 1, rows, cols)
+    other_camera = (tiles.tile_index(tiles.tile_levels(36, 64), 2)[1] == 0).numpy()
+    assert square.sum() > 10
+    for t in range(1, 12):
+        assert reuse["reused"][t][square].all() if t <= 4 else not reuse["reused"][t][square].any(), t
+        assert reuse["reused"][t][other_camera].all(), t  # (camera 1's JPEG blocks around the square change too)
+        assert cosines(seq, ("exact", "reuse"), t).min() > 0.999, t
+    a, b = (load_tile_embeddings(cache_dir(os.path.join(seq, "exact"), "color"), t).float() for t in (7, 8))
+    assert torch.nn.functional.cosine_similarity(a, b)[torch.from_numpy(square)].min() < 0.9
+
+
+def test_exact_reuses_nothing_and_settings_resume(seq, monkeypatch, capsys):
+    """--exact encodes every clip and recomputes what a reusing run cached; a reusing run keeps exact
+    timesteps and those of a tolerance at most its own; a resumed run starts with a full timestep."""
+    meta, enc = load_meta(seq, "train"), ColorEncoder()
+    extract_features.main(["-s", seq, "--encoder", "color", "-l", "2"])
+    assert "reused" in capsys.readouterr().out
+    cache = cache_dir(seq, "color")
+    assert feature_cache.read_config(cache, 2)["reuse"]["tolerance"] == extract_features.REUSE_TOLERANCE
+    extract_features.main(["-s", seq, "--encoder", "color", "--exact"])
+    out = capsys.readouterr().out
+    assert "embedded 6 timestep(s)" in out and "reused" not in out
+    assert all(feature_cache.read_config(cache, t)["reuse"] is None for t in range(6))
+    wider = extract_features.extract(seq, enc, range(6), 512, torch.device("cpu"), progress=False, reuse_tolerance=0.05)
+    assert wider["done"] == 0  # exact timesteps serve a reusing run
+    for t in (3, 4, 5):  # as if cached with tolerance 0.02: a run with 0.05 keeps them, one with 0.01 does not
+        feature_cache.write_timestep(cache, t, feature_cache.make_config(enc, seq, meta, t, 0.02),
+                                     load_tile_embeddings(cache, t).numpy())
+    assert feature_cache.is_done(cache, 3, feature_cache.make_config(enc, seq, meta, 3, 0.05))
+    assert not feature_cache.is_done(cache, 3, feature_cache.make_config(enc, seq, meta, 3, 0.01))
+    assert not feature_cache.is_done(cache, 3, feature_cache.make_config(enc, seq, meta, 3))
+    resumed = extract_features.extract(seq, enc, range(6), 512, torch.device("cpu"), progress=False,
+                                       reuse_tolerance=0.01)
+    assert list(resumed["reused"]) == [3, 4, 5] and not resumed["reused"][3].any()  # first: nothing to compare with
+    with pytest.raises(UserError, match="--reuse-tolerance -0.1"):
+        extract_features.main(["-s", seq, "--encoder", "color", "--reuse-tolerance", "-0.1"])
 
 
 def test_shard_covers_timesteps_once():

@@ -1,0 +1,201 @@
+"""Stage 3 (extract_features.py) reusing the embeddings of unchanged tile clips, against encoding every clip.
+
+    python benchmarks/bench_extract_reuse.py --seq data/basketball -f 0 -l 9 --encoder viclip-random
+    python benchmarks/bench_extract_reuse.py --seq data/basketball -f 0 -l 9 --viclip-ckpt PATH
+    python benchmarks/bench_extract_reuse.py --seq data/synthetic --encoder color --device cpu -l 7
+
+Extracts timesteps first..last twice, into fresh cache folders under --work: exact (every clip
+encoded, as --exact) and reusing (--reuse-tolerance, as a plain run), and reports:
+  reused   the share of clips that kept an earlier embedding, per timestep, per tile level and
+           overall (also without the run's first timestep, which has nothing to compare with)
+  cosine   of each reused embedding against the exact run's (mean, min, 0.1% quantile), and the
+           min over the re-encoded ones (equal up to the order of floating-point sums)
+  time     of each run (CUDA events on a GPU, the wall clock on a CPU; the encoder warmed up and
+           compiled before either), per timestep, and the speed-up
+  sweep    per --sweep tolerance the same share and cosines, replayed from the exact run's
+           embeddings and the tiles' shrunken clips (what a run with that tolerance keeps, without
+           encoding anything again; its row at --reuse-tolerance repeats the measured run's)
+Prints a table and writes every figure to --json (after each step, so a cut-off run keeps them).
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import extract_features
+import helpers
+from feature_extraction import DEFAULT_CKPT, ENCODER_HELP, ViCLIP, cache_dir, load_encoder, load_tile_embeddings, tiles
+
+
+def build_encoder(spec, device, ckpt, compile):
+    """load_encoder's encoder, or with spec 'viclip-random' ViCLIP of the real size with random weights
+    (bfloat16 on CUDA), as the other stage-3 benchmarks use it without the checkpoint."""
+    if spec != "viclip-random":
+        return load_encoder(spec, device, ckpt, compile=compile)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = ViCLIP().reset_parameters().eval().requires_grad_(False)
+    if device.type == "cuda":
+        model.to(torch.bfloat16)
+    return model.compile_video() if compile else model
+
+
+def timed(fn, device):
+    """(fn(), seconds): CUDA events on a GPU, else the wall clock."""
+    if device.type != "cuda":
+        start = time.perf_counter()
+        return fn(), time.perf_counter() - start
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize(device)
+    start.record()
+    out = fn()
+    end.record()
+    end.synchronize()
+    return out, start.elapsed_time(end) / 1000
+
+
+def cosine_summary(cos):
+    """{'n', 'mean', 'min', 'q001'} of a float32 tensor of cosines (None for none)."""
+    if not len(cos):
+        return {"n": 0, "mean": None, "min": None, "q001": None}
+    return {"n": len(cos), "mean": cos.mean().item(), "min": cos.min().item(),
+            "q001": torch.quantile(cos[:2 ** 24].double(), 0.001).item()}
+
+
+def replay(seq, meta, timesteps, exact, tolerances, batch_size, device):
+    """Per tolerance, what a reusing run keeps: the rule of extract_features.encode_timestep (a tile
+    keeps the embedding of the clip it was last encoded from while its clip stays within the
+    tolerance of that one) applied to the shrunken clips, the embeddings taken from the exact run.
+    Returns {tolerance: (reused bool [T, M], cosine to the exact embedding [T, M])}."""
+    levels = tiles.tile_levels(meta["h"], meta["w"])
+    index = [x.to(device) for x in tiles.tile_index(levels, len(meta["cam_id"]))]
+    reader = extract_features.FrameReader(seq, meta)
+    state = {tol: None for tol in tolerances}  # tolerance -> (reference clips, reference embeddings)
+    out = {tol: ([], []) for tol in tolerances}
+    for t in timesteps:
+        padded, pad = tiles.pad_frames(reader(t).to(device), levels)
+        shrunk = extract_features.shrunk_clips(padded, pad, levels, index, batch_size)
+        emb = load_tile_embeddings(exact, t).to(device).float()
+        for tol in tolerances:
+            if state[tol] is None:  # the run's first timestep encodes every clip
+                state[tol] = (shrunk.clone(), emb.clone())
+            ref_clips, ref_emb = state[tol]
+            reused = (tiles.clip_change(shrunk, ref_clips) <= tol) & (t != timesteps[0])
+            ref_clips[~reused], ref_emb[~reused] = shrunk[~reused], emb[~reused]
+            out[tol][0].append(reused.cpu())
+            out[tol][1].append(F.cosine_similarity(ref_emb, emb).cpu())
+    return {tol: (torch.stack(r), torch.stack(c)) for tol, (r, c) in out.items()}
+
+
+def percent(share):
+    return "-" if share is None else f"{share:.1%}"
+
+
+def cosines(summary):
+    """'mean 0.99990, min 0.99500, 0.1% quantile 0.99700 (1234 clips)' of cosine_summary's dict."""
+    if not summary["n"]:
+        return "no clips"
+    return (f"mean {summary['mean']:.5f}, min {summary['min']:.5f}, 0.1% quantile {summary['q001']:.5f} "
+            f"({summary['n']} clips)")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seq", required=True, help="a sequence folder (PanopticSports layout)")
+    parser.add_argument("-f", "--first", type=int, default=0, help="first timestep (default: %(default)s)")
+    parser.add_argument("-l", "--last", type=int, default=9, help="last timestep, inclusive (default: %(default)s)")
+    parser.add_argument("--encoder", default="viclip-random",
+                        help=f"viclip-random (the real size, random weights) or {ENCODER_HELP} (default: %(default)s)")
+    parser.add_argument("--viclip-ckpt", default=DEFAULT_CKPT, help="with --encoder viclip (default: %(default)s)")
+    parser.add_argument("--reuse-tolerance", type=float, default=extract_features.REUSE_TOLERANCE,
+                        help="the reusing run's (default: extract_features.REUSE_TOLERANCE = %(default)s)")
+    parser.add_argument("--sweep", type=float, nargs="*", default=[0.0, 0.005, 0.01, 0.02, 0.04],
+                        help="tolerances replayed from the exact run (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=None, help="clips per encoder call (default: the encoder's)")
+    parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile of ViCLIP on CUDA")
+    parser.add_argument("--work", default=None, help="folder for the two caches (default: a temporary one, removed)")
+    parser.add_argument("--json", default="bench_extract_reuse.json", help="where all figures go")
+    args = parser.parse_args()
+    device = helpers.pick_device(args.device)
+    meta = helpers.load_meta(args.seq, "train")
+    timesteps = list(range(args.first, args.last + 1))
+    encoder = build_encoder(args.encoder, device, args.viclip_ckpt, device.type == "cuda" and not args.no_compile)
+    batch = args.batch_size or encoder.batch_size
+    work = args.work or tempfile.mkdtemp(prefix="bench_extract_reuse_")
+    res = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__,
+           "encoder": encoder.identity, "seq": os.path.abspath(args.seq), "timesteps": timesteps, "batch_size": batch,
+           "cameras": len(meta["cam_id"]), "reuse_tolerance": args.reuse_tolerance, "reuse_grid": tiles.REUSE_GRID,
+           "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
+
+    def save():
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+
+    # warm up (and compile) on one full batch, the shape every later call has on CUDA
+    zeros = torch.zeros(batch, 8, 3, encoder.input_size, encoder.input_size, device=device)
+    _, res["warmup_s"] = timed(lambda: encoder.encode_video(zeros), device)
+    runs = {}
+    for name, tol in (("exact", None), ("reuse", args.reuse_tolerance)):
+        root = os.path.join(work, name)
+        shutil.rmtree(root, ignore_errors=True)  # timed from scratch
+        runs[name], sec = timed(lambda: extract_features.extract(args.seq, encoder, timesteps, batch, device,
+                                                                  progress=True, cache_root=root, reuse_tolerance=tol),
+                                device)
+        res[name] = {"seconds": sec, "timestep_seconds": runs[name]["timestep_seconds"],
+                     "clips_per_s": runs[name]["clips"] / sec}
+        print(f"{name}: {sec:.1f} s for {len(timesteps)} timestep(s) ({runs[name]['clips'] / sec:.1f} clips/s)",
+              flush=True)
+        save()
+    exact, reuse = (cache_dir(os.path.join(work, name), encoder.name) for name in ("exact", "reuse"))
+
+    levels = tiles.tile_levels(meta["h"], meta["w"])
+    level = tiles.tile_index(levels, len(meta["cam_id"]))[0].numpy()
+    reused = np.stack([runs["reuse"]["reused"][t] for t in timesteps])  # [T, M]
+    cos = torch.stack([F.cosine_similarity(*(load_tile_embeddings(c, t).float() for c in (exact, reuse)))
+                       for t in timesteps])
+    mask = torch.from_numpy(reused)
+    res["reused"] = {"per_timestep": dict(zip(timesteps, reused.mean(1).tolist())), "overall": reused.mean().item(),
+                     "after_first": reused[1:].mean().item() if len(timesteps) > 1 else None,
+                     "per_level_after_first": [reused[1:, level == i].mean().item() if len(timesteps) > 1 else None
+                                               for i in range(len(levels))]}
+    res["cosine_reused"] = cosine_summary(cos[mask])
+    res["cosine_encoded"] = cosine_summary(cos[~mask])
+    res["speedup"] = res["exact"]["seconds"] / res["reuse"]["seconds"]
+    save()
+
+    tolerances = sorted(set(args.sweep) | {args.reuse_tolerance})
+    replayed = replay(args.seq, meta, timesteps, exact, tolerances, batch, device)
+    res["sweep"] = {}
+    for tol, (kept, kept_cos) in replayed.items():
+        res["sweep"][tol] = {"reused": kept.float().mean().item(),
+                             "reused_after_first": kept[1:].float().mean().item() if len(timesteps) > 1 else None,
+                             "cosine_reused": cosine_summary(kept_cos[kept])}
+    save()
+
+    print(f"\n{res['device']}, {res['cameras']} cameras, timesteps {args.first}..{args.last}, {args.encoder}, "
+          f"tolerance {args.reuse_tolerance}")
+    print(f"reused: {percent(res['reused']['overall'])} of the clips, {percent(res['reused']['after_first'])} after "
+          f"the first timestep (per level: {', '.join(percent(x) for x in res['reused']['per_level_after_first'])})")
+    print(f"cosine of reused against recomputed: {cosines(res['cosine_reused'])}; of the re-encoded: "
+          f"{cosines(res['cosine_encoded'])}")
+    print(f"time: exact {res['exact']['seconds']:.1f} s, reusing {res['reuse']['seconds']:.1f} s "
+          f"(x{res['speedup']:.2f})")
+    print("\n| tolerance | reused | after the first timestep | cosine of the reused |\n|---|---|---|---|")
+    for tol, row in res["sweep"].items():
+        print(f"| {tol} | {percent(row['reused'])} | {percent(row['reused_after_first'])} | "
+              f"{cosines(row['cosine_reused'])} |")
+    print(f"figures -> {args.json}")
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
