@@ -51,13 +51,13 @@ bounds (unused). The principal point is the image centre. cam00 is the usual tes
 Time: timestep t is frame first + t * every (with --fps: the frame nearest to t / fps seconds after
 `first`) of a camera with offset 0; a camera with offset K shows the same instant K frames later.
 
-Masks without --masks: per camera, the background is the clean plate (--background) or the median
-over time of the prepared frames; a pixel is foreground where some channel differs from it by more
-than --threshold; an opening removes specks, a closing fills cracks, small blobs go. What moves is
-found; what stays put (or spins in place) is background, as stage 1 wants it. The median holds
-whatever rests in one place for about half of the frames or more: it stays background there, and
-where it rested a ghost (false foreground) appears once it has left. Shoot a clean plate for such
-captures (or give your own masks).
+Masks without --masks: per camera, the background is the clean plate (--background) or estimated
+from up to 25 of the prepared frames: per pixel the value it holds most often, and where something
+rested for a while (another value lasts too) the one whose colour the surroundings show. A pixel
+is foreground where some channel differs from it by more than --threshold; an opening removes
+specks, a closing fills cracks, small blobs go. What moves is found; what stays put (or spins in
+place) is background, as stage 1 wants it. Where something rests for most of the frames and the
+empty scene shows only briefly, shoot a clean plate (or give your own masks).
 
 A rerun with the same command skips the frames and masks already written; interrupted runs leave no
 half-written file.
@@ -95,7 +95,10 @@ COLMAP_MODELS = {  # parameters in the order of cameras.txt (COLMAP's sensor/mod
     "OPENCV": ("fx", "fy", "cx", "cy", "k1", "k2", "p1", "p2"),
     "FULL_OPENCV": ("fx", "fy", "cx", "cy", "k1", "k2", "p1", "p2", "k3", "k4", "k5", "k6"),
 }
-MEDIAN_FRAMES = 25  # frames the temporal median looks at: enough to outvote a passing object, bounded memory
+BACKGROUND_FRAMES = 25  # frames the background is estimated from: enough to outvote a passing object, bounded memory
+BACKGROUND_VALUES = 3  # values per pixel the background is chosen from (it, what rested there, what passed by)
+BACKGROUND_SHARE = 0.2  # a value held by this share of the frames lasted: something rested there, or the background
+SURROUNDING_RAYS, SURROUNDING_REACH = 16, (1.0, 1.5, 2.0, 3.0)  # rays out of a spot, radii in its half width
 MIN_BLOB_FRACTION = 1e-4  # foreground blobs smaller than this part of the image are noise
 EMPTY_FRACTION, FULL_FRACTION = 0.001, 0.9  # a camera's mean foreground outside these gets a warning
 JPEG_QUALITY = 95
@@ -509,11 +512,7 @@ def output_geometry(camera, downscale):
     """(size (w, h) of the written images, their intrinsics k [3, 3]) for a camera and --downscale."""
     w, h = camera["size"]
     size = (max(1, round(w / downscale)), max(1, round(h / downscale)))
-    # pixel edges scale with the image, and k counts from the corner: fx and cx scale alike
-    k = camera["k"].copy()
-    k[0] *= size[0] / w
-    k[1] *= size[1] / h
-    return size, k
+    return size, helpers.scale_intrinsics(camera["k"], (w, h), size)
 
 
 def transform(image, grid, size, nearest=False):
@@ -532,17 +531,65 @@ def transform(image, grid, size, nearest=False):
 
 # ---------------------------------------------------------------- masks
 
-def temporal_median(paths):
-    """Per-pixel median uint8 [H, W, 3] over up to MEDIAN_FRAMES of the image files `paths`, spread
-    evenly: the background wherever the scene shows it in most of them. Read from the written
-    frames, so that a rerun that only adds masks gets the same background."""
-    picks = np.unique(np.linspace(0, len(paths) - 1, min(len(paths), MEDIAN_FRAMES)).round().astype(int))
-    chosen = [paths[i] for i in picks]
-    stack = np.stack([read_image(p) for p in chosen])
-    median = np.empty(stack.shape[1:], np.uint8)
-    for row in range(0, stack.shape[1], 64):  # in bands: np.median's float copy of the whole stack is large
-        median[row:row + 64] = np.median(stack[:, row:row + 64], axis=0).round()
-    return median
+def background_frames(paths):
+    """uint8 [N, H, W, 3]: up to BACKGROUND_FRAMES of the image files `paths`, spread evenly. Read
+    from the written frames, so that a rerun that only adds masks gets the same background."""
+    picks = np.unique(np.linspace(0, len(paths) - 1, min(len(paths), BACKGROUND_FRAMES)).round().astype(int))
+    return np.stack([read_image(paths[i]) for i in picks])
+
+
+def stable_values(stack, threshold, count=BACKGROUND_VALUES):
+    """The `count` values each pixel holds most often over the frames stack [N, H, W, 3] uint8:
+    frames within `threshold` (in every channel) of one another hold one value; the most frequent
+    value's frames are set aside, then the next one's among the others, and so on. -> (values
+    [count, H, W, 3] float32, each the mean of its frames; frames [count, H, W] int, how many hold it)."""
+    values = np.zeros((count, *stack.shape[1:]), np.float32)
+    frames = np.zeros((count, *stack.shape[1:3]), int)
+    for row in range(0, stack.shape[1], 32):  # in bands: the frame-to-frame comparisons are [N, N, band, W]
+        x = stack[:, row:row + 32].astype(np.int16)
+        near = np.stack([np.abs(x - x[i]).max(-1) <= threshold for i in range(len(x))])  # [N, N, band, W]
+        taken = np.zeros(x.shape[:3], bool)
+        for k in range(count):
+            support = np.where(taken, -1, (near & ~taken[None]).sum(1))  # [N, band, W]
+            mine = np.take_along_axis(near, support.argmax(0)[None, None], 0)[0] & ~taken
+            values[k, row:row + 32] = (x * mine[..., None]).sum(0) / np.maximum(mine.sum(0), 1)[..., None]
+            frames[k, row:row + 32] = mine.sum(0)
+            taken |= mine
+    return values, frames
+
+
+def estimate_background(stack, threshold):
+    """Background uint8 [H, W, 3] of a camera from its frames stack [N, H, W, 3] uint8, without a
+    clean plate. A pixel's background is the value it holds most often (stable_values), unless
+    another value lasts too (at least BACKGROUND_SHARE of the frames): something rested there for a
+    while and then left, or came and stayed. Which one is the background, time alone cannot tell;
+    the surroundings can: it is the one whose colour the pixels around show (those that hold one
+    value only, sampled on rays out of the spot), the most frequent one where none is nearer."""
+    values, frames = stable_values(stack, threshold)
+    lasting = frames >= max(2, BACKGROUND_SHARE * len(stack))
+    lasting[0] = True
+    several = lasting[1:].any(0)
+    reference = ~ndimage.binary_dilation(several, iterations=2)  # a spot's edge holds part of what rested there
+    background = values[0].copy()
+    if not several.any() or not reference.any():
+        return background.round().astype(np.uint8)
+    ys, xs = np.nonzero(several)
+    reach = ndimage.distance_transform_edt(~reference)[ys, xs]  # to the nearest pixel of one value
+    angles = np.linspace(0, 2 * np.pi, SURROUNDING_RAYS, endpoint=False)
+    radii = reach[:, None] * np.array(SURROUNDING_REACH)  # [M, radii]
+    height, width = several.shape
+    for start in range(0, len(ys), 16384):  # in chunks: the distances are [K, chunk, samples]
+        y, x, r = ys[start:start + 16384], xs[start:start + 16384], radii[start:start + 16384]
+        sy = np.round(y[:, None, None] + r[..., None] * np.sin(angles)).astype(int).reshape(len(y), -1)
+        sx = np.round(x[:, None, None] + r[..., None] * np.cos(angles)).astype(int).reshape(len(y), -1)
+        inside = (sy >= 0) & (sy < height) & (sx >= 0) & (sx < width)
+        sy, sx = np.where(inside, sy, 0), np.where(inside, sx, 0)
+        usable = inside & reference[sy, sx]  # [chunk, samples]
+        gaps = np.abs(values[:, y, x, None] - values[0][sy, sx][None]).sum(-1)  # [K, chunk, samples]
+        nearest = np.where(usable[None], gaps, np.inf).min(-1)
+        nearest[~lasting[:, y, x]] = np.inf
+        background[y, x] = values[nearest.argmin(0), y, x]  # ties (and no usable sample): the most frequent
+    return background.round().astype(np.uint8)
 
 
 def foreground_mask(frame, background, threshold, radius):
@@ -619,8 +666,8 @@ def write_masks(camera, todo, im_paths, seg_paths, mask_files, frames, plate, gr
                                     f"{camera['name']}'s frames are {camera['size'][0]}x{camera['size'][1]}")
         background, how = transform(plate_image, grid, size), f"subtraction of the clean plate {plate}"
     else:
-        background = temporal_median(im_paths)
-        how = f"subtraction of the temporal median of {min(len(im_paths), MEDIAN_FRAMES)} frames"
+        background = estimate_background(background_frames(im_paths), args.threshold)
+        how = f"subtraction of the background of {min(len(im_paths), BACKGROUND_FRAMES)} frames"
     radius = args.mask_radius if args.mask_radius is not None else max(1, round(min(size) / 256))
     for t in todo:
         if stop.is_set():
@@ -807,7 +854,7 @@ def parse_args(argv=None):
                        "numbered like its frames (white or 1 = foreground)")
     masks.add_argument("--background", metavar="DIR",
                        help="clean plates: DIR/<name>.jpg or .png, one frame of the empty scene per camera (a "
-                            "camera without one gets the temporal median)")
+                            "camera without one gets a background estimated from its frames)")
     masks.add_argument("--threshold", type=float, default=40.0, metavar="T",
                        help="foreground where a channel differs from the background by more than this, 0-255 "
                             "(default: %(default)s)")
@@ -815,7 +862,8 @@ def parse_args(argv=None):
                        help="radius in pixels of the opening and closing (default: image height or width / 256)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, metavar="N",
                         help="cameras prepared at once, in threads (ffmpeg, JPEG coding and numpy release Python's "
-                             f"lock); each holds up to {MEDIAN_FRAMES} frames for its median (default: %(default)s)")
+                             f"lock); each holds up to {BACKGROUND_FRAMES} frames for its background "
+                             "(default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true",
                         help="write every file again, even where the folder was prepared with other settings")
     args = parser.parse_args(argv)

@@ -119,8 +119,8 @@ def mask_iou(seq, prepared, ignore_ghosts=False):
     edge is neither right nor wrong): objects at rest, and objects that move at every timestep (the
     top spins in place: its outline never changes, so a subtraction sees only its stripes). With
     ignore_ghosts, foreground found where an object rests at some other timestep does not count
-    against the masks: a temporal median holds an object that rests somewhere for half the
-    sequence, and shows a ghost there once it has left."""
+    against the masks: a background estimated from the frames may hold an object that rests
+    somewhere for half the sequence, and show a ghost there once it has left."""
     with open(os.path.join(seq, "gt", "objects.json")) as f:
         gt = json.load(f)
     cam_ids = sorted(int(c) for c in os.listdir(os.path.join(seq, "gt", "ids")))
@@ -185,7 +185,7 @@ def main():
                         help="the capture as JPEG frame folders or H.264 videos (default: %(default)s)")
     parser.add_argument("--crf", type=int, default=0, help="with --form mp4: x264's quality, 0 = lossless YUV")
     parser.add_argument("--clean-plate", action="store_true",
-                        help="give prepare_sequence.py an empty-room render per camera (else: temporal median)")
+                        help="give prepare_sequence.py an empty-room render per camera (else: estimated)")
     parser.add_argument("--train-args", default="", help="more options for train_d3dgs.py, e.g. \"--demo\"")
     parser.add_argument("--tolerance", type=float, default=0.5, help="allowed PSNR gap in dB (default: %(default)s)")
     args = parser.parse_args()
@@ -194,7 +194,7 @@ def main():
         synthetic_sequence.generate(direct, None, args.width, args.height, args.timesteps, args.train_cams,
                                     args.test_cams, seed=0)
     # one capture and one prepared sequence per variant, so that variants share the direct arms
-    variant = (f"mp4_crf{args.crf}" if args.form == "mp4" else "frames") + ("_plate" if args.clean_plate else "_median")
+    variant = (f"mp4_crf{args.crf}" if args.form == "mp4" else "frames") + ("_plate" if args.clean_plate else "_est")
     capture = os.path.join(args.workdir, f"capture_{variant}")
     cameras_file = export_capture(direct, capture, args.form, args.crf)
     prepared = os.path.join(args.workdir, f"prepared_{variant}", "synthetic")
@@ -214,7 +214,7 @@ def main():
     print(f"masks: IoU against the moving objects {min(ious.values()):.3f}..{max(ious.values()):.3f} over "
           f"timesteps {min(ious)}..{max(ious)} (ghosts left out: {min(without_ghosts.values()):.3f}.."
           f"{max(without_ghosts.values()):.3f}); {args.form}, "
-          f"{'clean plate' if args.clean_plate else 'temporal median'}")
+          f"{'clean plate' if args.clean_plate else 'estimated background'}")
     print("stage 1 test PSNR: " + ", ".join(f"{arm} {value:.2f} dB" for arm, value in psnr.items())
           + f"; prepared vs direct-no-init {-gap:+.2f} dB (tolerance {args.tolerance} dB): "
           + ("PASS" if gap <= args.tolerance else "FAIL") + f", vs direct {psnr['prepared'] - psnr['direct']:+.2f} dB")

@@ -78,17 +78,26 @@ def test_cameras_file_round_trip_and_rerun(scene, tmp_path, capsys):
         prepare(*argv, "--downscale", 2)
 
 
-def test_temporal_median_masks(scene, tmp_path):
-    """Without a clean plate the median of 8 frames holds what rests for about half of them: the
-    ball and the box at their start (a ghost appears there once they leave) and, as they move
-    slowly, part of their own path. Bounds a little below what was measured (ghosts left out:
-    0.85, 0.89, 0.96, 0.99 at t = 3..6; with them 0.79, 0.60, 0.63, 0.47)."""
+def test_background_masks_without_clean_plate(scene, tmp_path):
+    """Without a clean plate the ball and the box rest for about half of the 8 frames where they
+    start or stop: the background is the value their surroundings show, so no ghost is left where
+    they rested (a temporal median left one: IoU 0.47-0.79). Measured 0.96-0.97 at t = 3..6, as with
+    the clean plate."""
     cameras_file = export_capture(scene["seq"], str(tmp_path), "frames")
     out = tmp_path / "out"
     prepare("--videos", tmp_path / "videos", "--cameras", cameras_file, "-o", out, "--test-cams", scene["test_cams"])
-    without_ghosts = mask_iou(scene["seq"], str(out), ignore_ghosts=True)
-    assert min(without_ghosts.values()) >= 0.83, without_ghosts
-    assert min(mask_iou(scene["seq"], str(out)).values()) >= 0.42
+    assert_masks_match(scene["seq"], out, minimum=0.93)
+
+
+def test_background_of_what_rests_half_the_time():
+    """A grey chequered floor [8 frames]; a red square rests on it for 4 frames (then leaves), a
+    blue one comes and stays for 5: both are told from the floor by the floor around them."""
+    floor = np.where((np.arange(40)[:, None] // 5 + np.arange(60) // 5) % 2 == 0, 90, 170).astype(np.uint8)
+    stack = np.repeat(floor[None, ..., None], 3, -1).repeat(8, 0)
+    stack[:4, 5:20, 5:25] = (200, 30, 30)
+    stack[3:, 20:35, 35:55] = (30, 30, 200)
+    background = prepare_sequence.estimate_background(stack, 40)
+    np.testing.assert_array_equal(background, np.repeat(floor[..., None], 3, -1))
 
 
 def quaternion_wxyz(w2c):
