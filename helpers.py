@@ -791,13 +791,13 @@ def cameras_at(meta, t, near=0.01, far=100.0, device="cpu"):
 
 
 def scale_meta(meta, factor):
-    """load_meta's dict for images `factor` times smaller (w, h rounded down, intrinsics scaled so
-    that pixel centres stay put), and the images to match: resize_images(ims [.., H, W], meta)."""
+    """load_meta's dict for images `factor` times smaller (w, h rounded down, intrinsics scaled to
+    the new size, scale_intrinsics), and the images to match: resize_images(ims [.., H, W], meta)."""
     check_downscale(meta, factor)
     if factor == 1:
         return meta
-    k = scale_intrinsics(meta["k"], factor)
-    return {**meta, "w": meta["w"] // factor, "h": meta["h"] // factor, "k": k.tolist()}
+    size = (meta["w"] // factor, meta["h"] // factor)
+    return {**meta, "w": size[0], "h": size[1], "k": scale_intrinsics(meta["k"], (meta["w"], meta["h"]), size).tolist()}
 
 
 def check_downscale(meta, factor):
@@ -809,12 +809,13 @@ def check_downscale(meta, factor):
                         f"{most} (at least {MIN_DOWNSCALED_SIDE} pixels a side)")
 
 
-def scale_intrinsics(k, factor):
-    """Intrinsics [..., 3, 3] for images `factor` times smaller: focal lengths divided, principal
-    points moved so that pixel centres stay put (c -> (c + 0.5) / factor - 0.5). float64 numpy."""
+def scale_intrinsics(k, size, new_size):
+    """Intrinsics [..., 3, 3] for images of size (w, h) resized to new_size by area averaging.
+    float64 numpy. k counts from the image's corner (the top-left pixel's centre is (0.5, 0.5);
+    setup_camera), and pixel edges scale with the image: fx and cx scale alike, as fy and cy."""
     k = np.array(k, dtype=np.float64)
-    k[..., :2, :2] /= factor
-    k[..., :2, 2] = (k[..., :2, 2] + 0.5) / factor - 0.5
+    k[..., 0, :] *= new_size[0] / size[0]
+    k[..., 1, :] *= new_size[1] / size[1]
     return k
 
 

@@ -228,18 +228,27 @@ def test_orbit_cameras_circle_the_foreground_at_the_cameras_median_distance():
         np.testing.assert_allclose((w2c[:3, :3] @ centre + w2c[:3, 3])[:2], 0, atol=1e-5)
 
 
-def test_scale_intrinsics_keeps_pixel_centres():
-    """Pixel centre i of the large image covers [i - 0.5, i + 0.5]; with factor f, the small image's
-    pixel j covers large pixels f j .. f j + f - 1, whose centre is f j + (f - 1) / 2."""
+def test_scale_intrinsics_matches_the_rasterizer_on_downscaled_images():
+    """A small Gaussian rendered at 64x48 and area-averaged to 16x12 lies where it renders at 16x12
+    with the scaled intrinsics (k counts from the corner: c -> c / 4, not (c + 0.5) / 4 - 0.5)."""
     k = np.array([[50.0, 0.0, 31.0], [0.0, 55.0, 22.0], [0.0, 0.0, 1.0]])
-    point = np.array([0.3, -0.2, 2.0])
-    large = (k @ point)[:2] / point[2]
-    small = (helpers.scale_intrinsics(k, 4) @ point)[:2] / point[2]
-    np.testing.assert_allclose(4 * small + 1.5, large, atol=1e-12)
-    meta = {"w": 64, "h": 48, "k": [[k.tolist()]]}
-    scaled = helpers.scale_meta(meta, 4)
-    assert (scaled["w"], scaled["h"]) == (16, 12)
-    np.testing.assert_allclose(scaled["k"][0][0], helpers.scale_intrinsics(k, 4))
+    gaussian = {"means3D": torch.tensor([[0.3, -0.2, 2.0]]), "rotations": torch.tensor([[1.0, 0, 0, 0]]),
+                "opacities": torch.ones(1, 1), "scales": torch.full((1, 3), 0.02),
+                "colors_precomp": torch.ones(1, 3), "seg_colors": torch.ones(1, 3), "means2D": torch.zeros(1, 3)}
+
+    def centre(w, h, k):
+        with torch.no_grad():
+            im = helpers.render_d3dgs(helpers.setup_camera(w, h, k, np.eye(4), dtype=torch.float64),
+                                      {key: v.double() for key, v in gaussian.items()})[0][0]
+        ys, xs = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
+        return float((im * xs).sum() / im.sum()), float((im * ys).sum() / im.sum())
+
+    meta = {"w": 64, "h": 48, "k": [[k.tolist()]], "path": "meta"}
+    small = helpers.scale_meta(meta, 4)
+    assert (small["w"], small["h"]) == (16, 12)
+    np.testing.assert_allclose(small["k"][0][0], k * [[0.25], [0.25], [1]])
+    large = np.array(centre(64, 48, k)) / 4  # the area-averaged image's centroid, in its own pixels
+    np.testing.assert_allclose(centre(16, 12, small["k"][0][0]), large, atol=0.05)
 
 
 # ---------------------------------------------------------------- command line
