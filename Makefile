@@ -13,7 +13,8 @@ ENCODER ?= $(if $(wildcard $(VICLIP_CKPT)),viclip,color)
 SEQ := data/synthetic
 EXP := demo
 
-.PHONY: demo test setup clean-demo demo-reconstruction demo-videos demo-features demo-autoencoder demo-lifting \
+.PHONY: demo test run setup clean-demo demo-reconstruction demo-videos demo-features demo-autoencoder demo-lifting \
+	demo-lifting-0 demo-lifting-1 \
 	demo-prompts demo-grounding
 setup: $(STAMP)
 
@@ -30,6 +31,12 @@ $(STAMP): requirements.txt pyproject.toml $(RASTER_SOURCES)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q tests
+
+# The whole pipeline on your own sequence, resumable, with per-stage time and disk at the end (run_all.sh):
+#   make run SEQ=data/basketball EXP=exp1 PROMPT="a man throwing the ball"
+run: $(STAMP)
+	bash run_all.sh -s $(SEQ) -e $(EXP) --encoder $(ENCODER) --viclip-ckpt $(VICLIP_CKPT) --python $(PY) \
+		$(if $(PROMPT),-p "$(PROMPT)")
 
 # The demo's stages that do not depend on each other run side by side, one torch thread each: on 2
 # cores shared with other jobs, torch's two threads wait for each other whenever a job takes one of
@@ -60,9 +67,13 @@ demo-autoencoder: demo-features
 	@echo "== [4/6] autoencoder 768 -> 128 -> $(SEQ)/ae/best_ckpt.pth"
 	$(PY) train_autoencoder.py -s $(SEQ) --encoder $(ENCODER) --demo
 
-demo-lifting: demo-reconstruction demo-autoencoder
-	@echo "== [5/6] 4-LEGS features on the Gaussians -> output/$(EXP)/synthetic/legs/"
-	$(PY) train_4legs.py -s $(SEQ) -e $(EXP) --encoder $(ENCODER) --demo
+# Stage 5 as two processes, each a contiguous half of the timesteps (as two torchrun ranks split
+# them), one core each: the second half starts cold at its first timestep.
+demo-lifting: demo-lifting-0 demo-lifting-1
+
+demo-lifting-0 demo-lifting-1: demo-lifting-%: demo-reconstruction demo-autoencoder
+	@echo "== [5/6] 4-LEGS features on the Gaussians, half $* of the timesteps -> output/$(EXP)/synthetic/legs/"
+	RANK=$* WORLD_SIZE=2 $(PY) train_4legs.py -s $(SEQ) -e $(EXP) --encoder $(ENCODER) --demo
 
 demo-prompts: demo-lifting
 	@echo "== [6/6] prompts -> results/$(EXP)/synthetic/<prompt>/"

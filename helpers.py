@@ -27,6 +27,7 @@ DATA_DIR = "data"  # where `-s <name>` looks when <name> is no folder
 PLAIN_PROGRESS_SECONDS = 30  # off a terminal: at most one progress line this often per loop
 ORBIT_UP = (0.0, -1.0, 0.0)  # PanopticSports: +y points down, to the floor
 MIN_DOWNSCALED_SIDE = 8  # pixels: the least --downscale may leave of an image's width or height
+OUTPUT_ROOTS = (DATA_DIR, "output", "results")  # the only folders of the working directory written to
 
 
 class UserError(Exception):
@@ -88,6 +89,20 @@ def check_experiment(exp):
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", exp):
         raise UserError(f"-e {exp!r}: an experiment name is a plain folder name (letters, digits, '.', '_', '-', "
                         f"up to 100, no '/'), e.g. -e exp1")
+
+
+def check_output(option, path, example, roots=OUTPUT_ROOTS, folder=False):
+    """Raise UserError unless `path`, the value of `option`, lies under one of the folders `roots`
+    of the working directory once symbolic links and '..' are resolved (nothing is written anywhere
+    else; a root itself is no output), and, for a file (folder=False), is no existing folder.
+    `example` is a value that passes, for the message."""
+    target = os.path.realpath(path)
+    inside = any(target != root and os.path.commonpath([target, root]) == root
+                 for root in map(os.path.realpath, roots))
+    if not inside or (not folder and os.path.isdir(target)):
+        places = ", ".join(f"{root}/" for root in roots[:-1]) + f" or {roots[-1]}/"
+        raise UserError(f"{option} {path}: {'a folder' if folder else 'a file'} under {places} of the working "
+                        f"directory {os.getcwd()} is wanted, e.g. {option} {example}")
 
 
 def stage_dir(kind, exp, seq_dir):
@@ -189,15 +204,18 @@ def find_sequence(arg):
 
 # ---------------------------------------------------------------- progress
 
+_TERMINAL_CONTROL = re.compile(r"\r|\x1b\[[0-9;]*[A-Za-z]")  # carriage returns, cursor moves of nested bars
+
+
 class _PlainLines:
     """What tqdm writes to off a terminal: each redraw ('\\r' + bar) becomes one line, where the
-    redraws would otherwise pile up as thousands of '\\r' in a log file."""
+    redraws would otherwise pile up as thousands of '\\r' (and nested bars' cursor moves) in a log file."""
 
     def __init__(self, stream):
         self.stream = stream
 
     def write(self, text):
-        line = text.replace("\r", "").rstrip()
+        line = _TERMINAL_CONTROL.sub("", text).rstrip()
         if line:
             self.stream.write(line + "\n")
 
@@ -212,8 +230,19 @@ def progress(iterable=None, **options):
     from tqdm import tqdm
     if sys.stderr.isatty():
         return tqdm(iterable, dynamic_ncols=True, **options)
+
+    class PlainTqdm(tqdm):
+        """Postfix changes wait for the next line: tqdm updates its count only when it prints, so a
+        line printed for a postfix alone would show a stale count (epoch 0/10 at the seventh)."""
+
+        def set_postfix(self, ordered_dict=None, refresh=True, **kwargs):
+            super().set_postfix(ordered_dict, refresh=False, **kwargs)
+
+        def set_postfix_str(self, s="", refresh=True):
+            super().set_postfix_str(s, refresh=False)
+
     # ncols=0: counts and rates without the bar; maxinterval too, else tqdm's monitor redraws every 10 s
-    return tqdm(iterable, file=_PlainLines(sys.stderr), ncols=0, delay=PLAIN_PROGRESS_SECONDS,
+    return PlainTqdm(iterable, file=_PlainLines(sys.stderr), ncols=0, delay=PLAIN_PROGRESS_SECONDS,
                 mininterval=PLAIN_PROGRESS_SECONDS, maxinterval=PLAIN_PROGRESS_SECONDS, **options)
 
 

@@ -39,7 +39,7 @@ NUM_NEIGHBOURS = 20
 LEGS_DIM = 128
 KNN_BLOCK_ELEMENTS = 2 ** 28  # the GPU's brute-force k-NN: at most this many distances (1 GiB) at once
 ENCODE_ROWS = 65536  # pixels through the autoencoder's encoder per call (bounded memory at any size)
-TAIL_FRACTION = 0.1  # a timestep's reported loss: the mean over its last 10% iterations
+TAIL_FRACTION = 0.1  # a timestep's reported loss: the mean over its last 10% iterations (tail_loss)
 DEMO = {"iters": 60, "warm_iters": 15, "downscale": 4}  # make demo on 2 CPU cores
 
 
@@ -242,15 +242,17 @@ def get_loss(params, attention, variables, renderer, target):
     return helpers.l1_loss(renderer(features), target)
 
 
-def train_timestep(t, setup, previous, num_iters, show_progress=True, on_iter=None):
-    """Train one timestep; returns (params, attention, mean loss of the last 10% iterations).
-    setup: dict with rendervar, neighbours, renderers, targets, lrs, device, seed. on_iter(i,
-    params, attention) is called after each step (used by the warm-start benchmark)."""
+def train_timestep(t, setup, previous, num_iters, stop=None, show_progress=True, on_iter=None):
+    """Train one timestep for num_iters iterations, or fewer where `stop` (a dict of converged's
+    min_iters, window, tol) says the loss has converged; returns (params, attention, losses [iterations
+    run] float32, one per iteration). setup: dict with rendervar, neighbours, renderers, targets,
+    lrs, device, seed. on_iter(i, params, attention) is called after each step (used by the
+    warm-start benchmark)."""
     params, attention, optimizer = initialize(setup["rendervar"]["means3D"].shape[0], previous,
                                               setup["lrs"], setup["device"], setup["seed"] + t)
     variables = {"neighbours": setup["neighbours"]}
     order = camera_order(len(setup["renderers"]), torch.Generator().manual_seed(setup["seed"] + t))
-    tail = []
+    losses = torch.zeros(num_iters, device=setup["device"])  # on the device: no host sync per iteration
     bar = helpers.progress(range(num_iters), desc=f"t={t}", leave=False, disable=not show_progress)
     for i in bar:
         c = next(order)
@@ -258,13 +260,40 @@ def train_timestep(t, setup, previous, num_iters, show_progress=True, on_iter=No
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if i >= num_iters - max(1, int(TAIL_FRACTION * num_iters)):
-            tail.append(float(loss.detach()))
+        losses[i] = loss.detach()
         if i % 20 == 0:
             bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
         if on_iter is not None:
             on_iter(i, params, attention)
-    return params, attention, float(np.mean(tail)) if tail else float("nan")
+        if stop is not None and converged(losses[:i + 1], **stop):
+            break
+    return params, attention, losses[:i + 1]
+
+
+def tail_loss(losses):
+    """A timestep's reported loss: the mean of losses [n] over its last 10% iterations."""
+    return float(losses[-max(1, int(TAIL_FRACTION * losses.shape[0])):].mean())
+
+
+def converged(losses, min_iters, window, tol):
+    """Whether the loss has converged after len(losses) iterations: at the end of each window of
+    `window` iterations (whole rounds of the cameras, so that every window sees each camera as
+    often), from min_iters on, when the window's mean loss is less than `tol` (relative) below the
+    previous window's. losses [n] float32, one per iteration."""
+    n = losses.shape[0]
+    if n < max(min_iters, 2 * window) or n % window:
+        return False
+    before, now = losses[n - 2 * window:n - window].mean(), losses[n - window:].mean()
+    return bool(before - now < tol * before)
+
+
+def stop_rule(args, previous, num_cams):
+    """The `stop` of train_timestep for a timestep: None (its fixed count) for a cold start or under
+    --fixed-iters, else converged's arguments, the window rounded up to whole rounds of the cameras."""
+    if previous is None or args.fixed_iters:
+        return None
+    return {"min_iters": min(args.warm_min_iters, args.warm_iters), "tol": args.converge_tol,
+            "window": math.ceil(args.converge_window / num_cams) * num_cams}
 
 
 def prepare_timestep(t, args, meta, params_path, ae, cache, device, use_rasterizer):
@@ -308,8 +337,18 @@ def parse_args(argv=None):
     p.add_argument("-l", "--last", type=int, default=None, help="last timestep, inclusive (default: the last one)")
     p.add_argument("--iters", type=int, default=2000, help="iterations of a cold-started timestep "
                    "(no previous timestep to start from), as the original (default: %(default)s)")
-    p.add_argument("--warm-iters", type=int, default=500, help="iterations of a timestep warm-started "
-                   "from the previous one (default: %(default)s; docs/performance.md)")
+    p.add_argument("--warm-iters", type=int, default=500, help="at most this many iterations of a timestep "
+                   "warm-started from the previous one; it stops earlier when the loss has converged (see "
+                   "--converge-tol) (default: %(default)s; docs/performance.md)")
+    p.add_argument("--warm-min-iters", type=int, default=100, help="at least this many iterations of a "
+                   "warm-started timestep, at most --warm-iters (default: %(default)s)")
+    p.add_argument("--converge-window", type=int, default=50, help="a warm-started timestep compares the mean "
+                   "loss of consecutive windows of this many iterations, rounded up to whole rounds of the train "
+                   "cameras (default: %(default)s)")
+    p.add_argument("--converge-tol", type=float, default=0.01, help="... and stops when a window's mean is less "
+                   "than this fraction below the previous window's (default: %(default)s)")
+    p.add_argument("--fixed-iters", action="store_true", help="train every warm-started timestep for "
+                   "--warm-iters iterations, without the convergence test")
     p.add_argument("--lr-features", type=float, default=0.0025, help="Adam lr of the latents (default: %(default)s)")
     p.add_argument("--lr-attention", type=float, default=0.00016,
                    help="Adam lr of the attention (default: %(default)s)")
@@ -323,8 +362,9 @@ def parse_args(argv=None):
     add_cache_dir_option(p)
     args = helpers.parse_with_demo(p, argv, DEMO)
     args.seq = helpers.find_sequence(args.seq)
-    for option in ("iters", "warm_iters", "downscale"):
+    for option in ("iters", "warm_iters", "warm_min_iters", "converge_window", "downscale"):
         helpers.check_option(args, option, at_least=1)
+    helpers.check_option(args, "converge_tol", at_least=0)
     helpers.check_option(args, "lr_features", above=0)
     helpers.check_option(args, "lr_attention", above=0)
     return args
@@ -343,8 +383,10 @@ def main(argv=None):
     ae_path = ae_ckpt_path(root)
     ae, ae_info = load_autoencoder(ae_path, args.encoder, device)
     cache = feature_cache(root, args.encoder, args.seq)
-    trained_on = ae_info.get("made_from", {}).get("cache", {}).get("fingerprint")
-    if trained_on != cache_identity(cache, range(len(meta["fn"])))["fingerprint"]:
+    # the features of the timesteps stage 4 used (older checkpoints: of all timesteps) must be those now cached
+    trained_on = ae_info.get("made_from", {})
+    used = trained_on.get("timesteps", range(len(meta["fn"])))
+    if trained_on.get("cache", {}).get("fingerprint") != cache_identity(cache, used)["fingerprint"]:
         raise helpers.UserError(f"{ae_path} was not trained on the features now in {cache} (stage 3 computed some "
                                 f"again since, or the autoencoder is older): run "
                                 f"{helpers.stage_name('train_autoencoder.py')} again")
@@ -375,7 +417,9 @@ def main(argv=None):
             previous = load_previous(legs_path(out_dir, t - 1), made_from, train_cmd) if t > 0 else None
             setup = prepare_timestep(t, args, meta, params_path, ae, cache, device, use_rasterizer)
             num_iters = args.iters if previous is None else args.warm_iters
-            params, attention, loss = train_timestep(t, setup, previous, num_iters)
+            params, attention, losses = train_timestep(t, setup, previous, num_iters,
+                                                       stop_rule(args, previous, len(setup["renderers"])))
+            loss = tail_loss(losses)
             with torch.no_grad():
                 features = attention(params["latents"], setup["neighbours"])
             if not torch.isfinite(features).all():
@@ -386,10 +430,10 @@ def main(argv=None):
                 "t": t, "features": features.to(torch.float16).cpu(),
                 "latents": params["latents"].detach().to(torch.float16).cpu(),
                 "attention": {k: v.cpu() for k, v in attention.state_dict().items()},
-                "loss": loss, "iterations": num_iters, "warm_start": previous is not None, "seed": args.seed,
+                "loss": loss, "iterations": losses.shape[0], "warm_start": previous is not None, "seed": args.seed,
                 "run_id": uuid.uuid4().hex, "seconds": time.time() - t0, **made_from})
             trained += 1
-            bar.set_postfix(loss=f"{loss:.4f}", warm=previous is not None)
+            bar.set_postfix(loss=f"{loss:.4f}", warm=previous is not None, iters=losses.shape[0])
     print(f"4-LEGS features: {trained} timesteps trained, {done} already done, in {time.time() - start:.0f} s "
           f"-> {out_dir}/ ({'rasterizer' if use_rasterizer else 'precomputed blend matrices'}, {device})")
 

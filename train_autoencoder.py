@@ -2,37 +2,65 @@
 
 Trains on the tile-centre embeddings themselves (every tile of every camera and level), not on
 interpolated full-resolution maps: those are bilinear blends of the same tiles, 400x more rows for
-no new information. Every --val-every-th timestep is held out for validation; the checkpoint with
-the lowest validation loss is kept at `<seq>/ae/best_ckpt.pth` (written atomically, with the
-encoder name and layer sizes inside).
+no new information. Trains on the timesteps stage 3 has cached (all of them, or --max-timesteps of
+them evenly spaced) and says which it used and which are missing. Every --val-every-th of those is
+held out for validation; the checkpoint with the lowest validation loss is kept at
+`<seq>/ae/best_ckpt.pth` (written atomically, with the encoder name, layer sizes and the timesteps
+used inside). --resume keeps a checkpoint trained on the same features with the same settings.
 
     python train_autoencoder.py -s data/basketball --encoder viclip
+    python train_autoencoder.py -s data/basketball --encoder viclip --max-timesteps 30
 """
 import argparse
 import math
 import os
 import time
 
+import numpy as np
 import torch
 
 import helpers
 from feature_extraction.autoencoder import Autoencoder, ae_ckpt_path, ae_loss, save_autoencoder
-from feature_extraction.cache import add_cache_dir_option, cache_identity
+from feature_extraction.cache import add_cache_dir_option, cache_identity, read_config
 from feature_extraction.relevancy import feature_cache
 
 # make demo on 2 CPU cores; fewer steps lose the colour encoder's small motion components
 DEMO = {"epochs": 10, "tiles_per_epoch": 32768, "val_tiles": 4096}
 EVAL_BATCH = 4096  # validation tiles per forward pass (no gradients: memory is the only limit)
+# the options the checkpoint depends on: --resume keeps it only when these are the same
+SETTINGS = ("epochs", "batch_size", "lr", "tiles_per_epoch", "val_every", "val_tiles", "max_timesteps", "seed")
 
 
-def split_timesteps(num_t, val_every):
-    """(train, validation) timestep lists: every val_every-th timestep (t % val_every == val_every-1)
-    is held out; with one timestep there is nothing to hold out and validation reuses it."""
-    val = [t for t in range(num_t) if t % val_every == val_every - 1]
-    train = [t for t in range(num_t) if t not in val]
-    if not train or not val:
-        return list(range(num_t)), list(range(num_t))
-    return train, val
+def cached_timesteps(cache, num_t, max_timesteps=0):
+    """(used, missing): the timesteps in 0..num_t-1 whose tile embeddings stage 3 has cached, at most
+    max_timesteps of them (> 0) evenly spaced from the first to the last, and those not cached."""
+    cached = [t for t in range(num_t) if read_config(cache, t) is not None]
+    missing = [t for t in range(num_t) if t not in cached]
+    if 0 < max_timesteps < len(cached):
+        cached = [cached[i] for i in np.linspace(0, len(cached) - 1, max_timesteps).round().astype(int)]
+    return cached, missing
+
+
+def split_timesteps(timesteps, val_every):
+    """(train, validation) lists of `timesteps`: every val_every-th of them is held out; fewer than
+    val_every hold out the middle one when there are 3 or more, else validation reuses them all."""
+    val = timesteps[val_every - 1::val_every]
+    if not val and len(timesteps) >= 3:
+        val = [timesteps[len(timesteps) // 2]]
+    if not val:  # one or two timesteps: none to spare
+        return list(timesteps), list(timesteps)
+    return [t for t in timesteps if t not in val], val
+
+
+def spans(timesteps):
+    """'0-2, 5, 7-9' for [0, 1, 2, 5, 7, 8, 9]; 'none' for []."""
+    runs = []
+    for t in timesteps:
+        if runs and t == runs[-1][1] + 1:
+            runs[-1][1] = t
+        else:
+            runs.append([t, t])
+    return ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs) or "none"
 
 
 def load_tiles(cache, timesteps, device):
@@ -94,14 +122,20 @@ def parse_args(argv=None):
                    "(default: %(default)s)")
     p.add_argument("--val-tiles", type=int, default=50000, help="validate on a fixed random subset of at "
                    "most this many held-out tiles (default: %(default)s)")
+    p.add_argument("--max-timesteps", type=int, default=0, help="train and validate on at most this many of the "
+                   "cached timesteps, evenly spaced (default: %(default)s = all cached ones)")
+    p.add_argument("--resume", action="store_true", help="keep the checkpoint when it was trained on the same "
+                   "cached timesteps with the same settings (retraining it makes stage 5's finished timesteps "
+                   "stale); run_all.sh passes it")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--device", default=None, help="cuda, cpu (default: cuda if available)")
     add_cache_dir_option(p)
     args = helpers.parse_with_demo(p, argv, DEMO)
     args.seq = helpers.find_sequence(args.seq)
-    if args.epochs < 1 or args.batch_size < 2 or args.val_every < 2 or args.val_tiles < 1 or args.tiles_per_epoch < 0:
+    if (args.epochs < 1 or args.batch_size < 2 or args.val_every < 2 or args.val_tiles < 1 or args.tiles_per_epoch < 0
+            or args.max_timesteps < 0):
         raise helpers.UserError("--epochs and --val-tiles must be >= 1, --batch-size and --val-every >= 2, "
-                                "--tiles-per-epoch >= 0")
+                                "--tiles-per-epoch and --max-timesteps >= 0")
     helpers.check_option(args, "lr", above=0)
     return args
 
@@ -114,13 +148,35 @@ def main(argv=None):
     path = ae_ckpt_path(args.cache_dir or args.seq)
     with helpers.stage_lock(os.path.dirname(path), "train_autoencoder",
                             "; pass --cache-dir DIR (the one of stage 3) to keep the autoencoder elsewhere"):
-        train(args, meta, cache, path, device)
+        used, missing = cached_timesteps(cache, len(meta["fn"]), args.max_timesteps)
+        if not used:
+            raise helpers.UserError(f"{cache}: no cached tile embeddings for any of the {len(meta['fn'])} timesteps: "
+                                    + helpers.run_first("extract_features.py", f"python extract_features.py -s "
+                                                        f"{args.seq} --encoder {args.encoder}"))
+        made_from = {"sequence": os.path.abspath(args.seq), "timesteps": used, "cache": cache_identity(cache, used),
+                     "settings": {k: getattr(args, k) for k in SETTINGS}}
+        cached = len(meta["fn"]) - len(missing)
+        sample = f" ({len(used)} of the {cached} cached: --max-timesteps)" if len(used) < cached else ""
+        print(f"autoencoder: timesteps {spans(used)}{sample}; not cached by {helpers.stage_name('extract_features.py')}"
+              f": {spans(missing)}")
+        if args.resume and trained_on(path) == made_from:
+            print(f"autoencoder: {path} is trained on these features with these settings, kept (--resume)")
+            return
+        train(args, used, cache, path, device, made_from)
 
 
-def train(args, meta, cache, path, device):
-    """Train on the tiles of `cache` and save the checkpoint of the best epoch at `path` once
-    training ends: an interrupted run leaves the finished checkpoint of an earlier run in place."""
-    train_t, val_t = split_timesteps(len(meta["fn"]), args.val_every)
+def trained_on(path):
+    """What the checkpoint at `path` was made from, or None (no checkpoint, or not readable)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True).get("made_from")
+    except Exception:  # missing, truncated or foreign: trained again
+        return None
+
+
+def train(args, timesteps, cache, path, device, made_from):
+    """Train on the tiles of `timesteps` in `cache` and save the checkpoint of the best epoch at `path`
+    once training ends: an interrupted run leaves the finished checkpoint of an earlier run in place."""
+    train_t, val_t = split_timesteps(timesteps, args.val_every)
     train_tiles, val_tiles = load_tiles(cache, train_t, device), load_tiles(cache, val_t, device)
     if train_tiles.shape[1] != 768:
         raise helpers.UserError(f"{cache}: tile embeddings are {train_tiles.shape[1]}-d, the autoencoder takes 768")
@@ -145,10 +201,9 @@ def train(args, meta, cache, path, device):
         bar.set_postfix(train_loss=f"{train_loss:.4f}", val_loss=f"{val_loss:.4f}", val_cos=f"{val_cos:.4f}")
     model.load_state_dict(best_state)
     save_autoencoder(path, model, args.encoder, train_timesteps=train_t, val_timesteps=val_t, seed=args.seed,
-                     made_from={"sequence": os.path.abspath(args.seq),
-                                "cache": cache_identity(cache, range(len(meta["fn"])))}, **best)
-    held_out = "held-out timesteps" if val_t != train_t else "the training timestep (only one)"
-    print(f"autoencoder: {train_tiles.shape[0]} training tiles ({len(train_t)} timesteps), reconstruction cosine "
+                     made_from=made_from, **best)
+    held_out = f"held-out timesteps {spans(val_t)}" if val_t != train_t else "the training timesteps (too few to spare)"
+    print(f"autoencoder: {train_tiles.shape[0]} training tiles (timesteps {spans(train_t)}), reconstruction cosine "
           f"{best['val_cosine']:.4f} on {val_tiles.shape[0]} tiles of {held_out} (best epoch {best['epoch']} of "
           f"{args.epochs}), {time.time() - start:.0f} s -> {path}")
 

@@ -493,3 +493,15 @@ def test_stale_temporary_files_are_cleaned_safely(tmp_path):
     os.utime(old_foreign, (day_ago, day_ago))
     helpers.save_json(tmp_path / "a.json", {})
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["a.json", live.name, new_foreign.name])
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "-s SEQ is required"),
+    (["-s", "no_such_sequence"], "-s no_such_sequence: neither no_such_sequence nor data/no_such_sequence is a folder"),
+    (["-s", "x", "--frobnicate"], "unknown option --frobnicate"),
+])
+def test_run_all_refuses_bad_options_in_one_line(tmp_path, args, message):
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "run_all.sh")
+    run = subprocess.run(["bash", script, *args], cwd=tmp_path, capture_output=True, text=True)
+    assert run.returncode == 2 and run.stderr.strip().count("\n") == 0 and message in run.stderr, run.stderr
+    assert not os.listdir(tmp_path)  # nothing written

@@ -12,7 +12,8 @@ import torch
 
 import helpers
 from feature_extraction.autoencoder import Autoencoder, ae_loss, load_autoencoder, save_autoencoder
-from feature_extraction.relevancy import detect_spans, frame_scores, heat, relevance_map, relevancy
+from feature_extraction.relevancy import (DETECT_THRESHOLD, detect_spans, frame_scores, heat, relevance_map,
+                                          relevancy)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,6 +45,61 @@ def test_autoencoder_checkpoint_roundtrip_and_mismatch(tmp_path):
         load_autoencoder(path, "viclip")
     with pytest.raises(helpers.UserError, match="train_autoencoder.py"):
         load_autoencoder(tmp_path / "other" / "ae" / "best_ckpt.pth", "color")
+
+
+def test_stage4_timesteps_cached_sampled_and_held_out(tmp_path):
+    from train_autoencoder import cached_timesteps, spans, split_timesteps
+    for t in (0, 1, 2, 4, 5, 6, 7, 8, 9):
+        os.makedirs(tmp_path / f"timestep_{t}")
+        (tmp_path / f"timestep_{t}" / "config.json").write_text("{}")
+    assert cached_timesteps(str(tmp_path), 12) == ([0, 1, 2, 4, 5, 6, 7, 8, 9], [3, 10, 11])
+    assert cached_timesteps(str(tmp_path), 12, max_timesteps=3) == ([0, 5, 9], [3, 10, 11])  # evenly spaced
+    assert split_timesteps(list(range(12)), 5) == ([0, 1, 2, 3, 5, 6, 7, 8, 10, 11], [4, 9])  # as before
+    assert split_timesteps([0, 1, 2, 4, 5, 6, 7, 8, 9], 5) == ([0, 1, 2, 4, 6, 7, 8, 9], [5])  # among the cached
+    assert split_timesteps([0, 1, 2], 5) == ([0, 2], [1])  # fewer than --val-every: the middle one
+    assert split_timesteps([3, 4], 5) == ([3, 4], [3, 4])  # two: none to spare
+    assert spans([0, 1, 2, 4, 6, 7]) == "0-2, 4, 6-7" and spans([]) == "none"
+
+
+def test_stage4_trains_on_the_extracted_timesteps_only(tmp_path, monkeypatch, capsys):
+    """A user extracted timesteps 0-2 of 8: stage 4 trains on those, says which are missing, and
+    stage 5 takes the autoencoder for those timesteps; --resume keeps it until the features change."""
+    import extract_features
+    import synthetic_sequence
+    import train_4legs
+    import train_autoencoder
+    monkeypatch.chdir(tmp_path)
+    seq = "data/tiny"
+    synthetic_sequence.generate(seq, width=32, height=18, num_timesteps=8, num_train=2, num_test=1)
+    stage4 = ["-s", seq, "--encoder", "color", "--device", "cpu", "--epochs", "1", "--tiles-per-epoch", "256",
+              "--batch-size", "128"]
+    os.makedirs(f"{seq}/interpolators/color")  # stage 3 stopped before its first timestep
+    with pytest.raises(helpers.UserError, match=f"{seq}/interpolators/color: no cached tile embeddings .* "
+                                                "extract_features.py"):
+        train_autoencoder.main(stage4)
+    extract_features.main(["-s", seq, "--encoder", "color", "--device", "cpu", "-l", "2"])
+    capsys.readouterr()
+    train_autoencoder.main(stage4)
+    out = capsys.readouterr().out
+    assert "timesteps 0-2; not cached by stage 3 (extract_features.py): 3-7" in out, out
+    assert "held-out timesteps 1" in out, out
+    ckpt = torch.load(f"{seq}/ae/best_ckpt.pth", weights_only=True)
+    assert ckpt["train_timesteps"] == [0, 2] and ckpt["val_timesteps"] == [1]
+    assert ckpt["made_from"]["timesteps"] == [0, 1, 2]
+    os.makedirs("output/x/tiny")
+    shutil.copy(f"{seq}/gt/params.npz", "output/x/tiny/params.npz")
+    stage5 = ["-s", seq, "-e", "x", "--encoder", "color", "--device", "cpu", "--iters", "2", "--warm-iters", "1"]
+    train_4legs.main(stage5 + ["-l", "1"])
+    train_autoencoder.main(stage4 + ["--resume"])  # same features, same settings: kept
+    assert "kept (--resume)" in capsys.readouterr().out
+    assert torch.load(f"{seq}/ae/best_ckpt.pth", weights_only=True)["run_id"] == ckpt["run_id"]
+    extract_features.main(["-s", seq, "--encoder", "color", "--device", "cpu", "-f", "3", "-l", "4"])
+    train_4legs.main(stage5 + ["-l", "2"])  # more features cached: the autoencoder still fits its timesteps
+    train_autoencoder.main(stage4 + ["--resume", "--max-timesteps", "3"])  # another sample: trained again
+    out = capsys.readouterr().out
+    assert "timesteps 0, 2, 4 (3 of the 5 cached: --max-timesteps)" in out and "kept" not in out, out
+    with pytest.raises(helpers.UserError, match="another autoencoder"):
+        train_4legs.main(stage5 + ["-l", "2"])
 
 
 # ---------------------------------------------------------------- relevancy
@@ -219,8 +275,8 @@ def test_whole_chain_on_the_synthetic_sequence(chain, capsys):
     import evaluate_grounding
     os.chdir(chain)
     evaluate_grounding.main(["-s", SEQ, "-e", EXP, "--encoder", "color", "--benchmark", "data/grounding/synthetic",
-                             "--out", "grounding.json"])
-    with open("grounding.json") as f:
+                             "--out", "results/grounding.json"])
+    with open("results/grounding.json") as f:
         report = json.load(f)
     print(capsys.readouterr().out)
     assert set(report["per_prompt"]) == {BALL, "a blue box sliding on the floor", "a green top spinning"}
@@ -288,3 +344,41 @@ def test_resume_and_stale_outputs(chain, capsys):
     # another encoder's outputs are refused, with the way out
     with pytest.raises(helpers.UserError, match="trained on 'color' features"):
         train_4legs.main(["-s", SEQ, "-e", EXP, "--encoder", "viclip"])
+
+
+def test_converged_warm_start_stops_early_with_the_same_relevance(chain, capsys):
+    """Timestep 1 warm-started from the chain's timestep 0: stopped by the convergence test
+    (train_4legs.converged) it gives the relevance maps and masks of --fixed-iters 150 in fewer
+    iterations (tolerances: relevance correlation > 0.98, the same prompts detected, each detected
+    prompt's mask IoU >= 0.8)."""
+    import train_4legs
+    from feature_extraction import load_encoder
+    from feature_extraction.autoencoder import ae_ckpt_path
+    from feature_extraction.relevancy import encode_prompts, render_features
+    os.chdir(chain)
+    runs = {"fixed": ["--fixed-iters"], "converged": ["--warm-min-iters", "48", "--converge-window", "24"]}
+    for exp, options in runs.items():
+        os.makedirs(f"output/{exp}/synthetic/legs")
+        shutil.copy(f"output/{EXP}/synthetic/params.npz", f"output/{exp}/synthetic/params.npz")
+        shutil.copy(f"output/{EXP}/synthetic/legs/000000.pt", f"output/{exp}/synthetic/legs/000000.pt")
+        train_4legs.main(["-s", SEQ, "-e", exp, "--encoder", "color", "-l", "1", "--warm-iters", "150", *options])
+    records = [torch.load(f"output/{exp}/synthetic/legs/000001.pt", weights_only=True) for exp in runs]
+    ae, _ = load_autoencoder(ae_ckpt_path(SEQ), "color")
+    prompts = [BALL, "a blue box sliding on the floor", "a green top spinning"]
+    positives, negatives = encode_prompts(load_encoder("color"), prompts, "cpu")
+    rendervar = helpers.load_d3dgs_params(f"output/{EXP}/synthetic/params.npz", 1)
+    cam = helpers.cameras_at(helpers.load_meta(SEQ, "test"), 1)[0]
+    with torch.no_grad():
+        fixed, converged = (relevance_map(render_features(cam, rendervar, r["features"].float())[1], ae, positives,
+                                          negatives, stride=1) for r in records)
+    corr = float(np.corrcoef(fixed.flatten().numpy(), converged.flatten().numpy())[0, 1])
+    scores = [frame_scores(maps) for maps in (fixed, converged)]  # [3] per prompt
+    detected = [sorted(p for p, score in zip(prompts, run) if score > DETECT_THRESHOLD) for run in scores]
+    masks = [[heat(r) > 0.5 for r in maps] for maps in (fixed, converged)]
+    mask_iou = {p: float((a & b).sum() / (a | b).sum()) for p, a, b in zip(prompts, *masks) if p in detected[0]}
+    print(f"{records[1]['iterations']} iterations (fixed: {records[0]['iterations']}), relevance correlation "
+          f"{corr:.4f}, frame scores {[[round(float(v), 3) for v in run] for run in scores]}, mask IoU {mask_iou}")
+    assert all(r["warm_start"] for r in records) and records[0]["iterations"] == 150
+    assert 48 <= records[1]["iterations"] < 150 and records[1]["iterations"] % 24 == 0, records[1]["iterations"]
+    assert corr > 0.98 and detected[0] == detected[1] and detected[0], (corr, detected)
+    assert min(mask_iou.values()) >= 0.8, mask_iou
