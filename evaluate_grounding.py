@@ -117,19 +117,9 @@ def parse_args(argv=None):
     args.seq = helpers.find_sequence(args.seq)
     check_prompt_options(args)
     if args.out is not None:
-        check_out(args.out)
+        helpers.check_output("--out", args.out, "--out results/exp1/synthetic/grounding.json",
+                             roots=("results", "output"))
     return args
-
-
-def check_out(path):
-    """Raise UserError unless --out `path` is a file under results/ or output/ of the working
-    directory (after symbolic links and '..': nothing is written anywhere else)."""
-    target = os.path.realpath(path)
-    roots = [os.path.realpath(folder) for folder in ("results", "output")]
-    inside = any(target != root and os.path.commonpath([target, root]) == root for root in roots)
-    if not inside or os.path.isdir(target):
-        raise helpers.UserError(f"--out {path}: the report is a file under results/ or output/ of the working "
-                                f"directory {os.getcwd()}, e.g. --out results/exp1/synthetic/grounding.json")
 
 
 def main(argv=None):

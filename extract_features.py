@@ -252,6 +252,8 @@ def main(argv=None):
     feature_cache.add_cache_dir_option(parser)
     args = parser.parse_args(argv)
     args.seq = helpers.find_sequence(args.seq)
+    if args.cache_dir is not None:
+        helpers.check_output("--cache-dir", args.cache_dir, "--cache-dir data/cache", folder=True)
 
     rank, world, local_rank = dist_rank()
     device = rank_device(args.device, world, local_rank)

@@ -95,14 +95,14 @@ def check_output(option, path, example, roots=OUTPUT_ROOTS, folder=False):
     """Raise UserError unless `path`, the value of `option`, lies under one of the folders `roots`
     of the working directory once symbolic links and '..' are resolved (nothing is written anywhere
     else; a root itself is no output), and, for a file (folder=False), is no existing folder.
-    `example` is a value that passes, for the message."""
+    `example` ends the message: what to give instead, e.g. '-o data/seq'."""
     target = os.path.realpath(path)
     inside = any(target != root and os.path.commonpath([target, root]) == root
                  for root in map(os.path.realpath, roots))
     if not inside or (not folder and os.path.isdir(target)):
         places = ", ".join(f"{root}/" for root in roots[:-1]) + f" or {roots[-1]}/"
-        raise UserError(f"{option} {path}: {'a folder' if folder else 'a file'} under {places} of the working "
-                        f"directory {os.getcwd()} is wanted, e.g. {option} {example}")
+        raise UserError(f"{option} {path}: must be a {'folder' if folder else 'file'} under {places} of the "
+                        f"working directory {os.getcwd()} (links and '..' followed), e.g. {example}")
 
 
 def stage_dir(kind, exp, seq_dir):

@@ -287,7 +287,7 @@ def build_init_point_cloud(seq_dir, meta, t=0, num_fg=100_000, num_bg=60_000, se
     return torch.cat([torch.cat([fg, bg]), torch.cat([fg_rgb, bg_rgb]).clamp(0, 1), seg], 1).numpy().astype(np.float32)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(
         description="Build init_pt_cld.npz for a PanopticSports-format sequence that has none: visual "
                     "hull of the foreground masks + photo-consistent background points.",
@@ -296,14 +296,17 @@ def main():
     parser.add_argument("-t", "--timestep", type=int, default=0, help="timestep whose masks are carved")
     parser.add_argument("--fg-points", type=int, default=100_000, help="at most this many foreground points")
     parser.add_argument("--bg-points", type=int, default=60_000, help="background rays (at most one point each)")
-    parser.add_argument("-o", "--out", help="output .npz (default: <seq>/init_pt_cld.npz)")
-    args = parser.parse_args()
+    parser.add_argument("-o", "--out", help="output .npz under data/, output/ or results/ (default: "
+                        "<seq>/init_pt_cld.npz)")
+    args = parser.parse_args(argv)
     args.seq = helpers.find_sequence(args.seq)
+    out = args.out or os.path.join(args.seq, "init_pt_cld.npz")
+    helpers.check_output("-o" if args.out else "-o (default <seq>/init_pt_cld.npz)", out,
+                         f"-o {helpers.DATA_DIR}/{os.path.basename(os.path.abspath(args.seq))}/init_pt_cld.npz")
     meta = helpers.load_meta(args.seq, "train")
     if not 0 <= args.timestep < len(meta["fn"]):
         raise helpers.UserError(f"--timestep {args.timestep}: {meta['path']} has timesteps 0..{len(meta['fn']) - 1}")
     data = build_init_point_cloud(args.seq, meta, args.timestep, args.fg_points, args.bg_points)
-    out = args.out or os.path.join(args.seq, "init_pt_cld.npz")
     helpers.save_npz(out, {"data": data})
     print(f"wrote {len(data)} points ({int(data[:, 6].sum())} foreground) to {out}")
 

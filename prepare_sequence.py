@@ -829,7 +829,8 @@ def parse_args(argv=None):
     given.add_argument("--cameras", metavar="FILE", help="cameras file, JSON or YAML (format above)")
     given.add_argument("--colmap", metavar="SPARSE_DIR", help="COLMAP text model: cameras.txt, images.txt")
     given.add_argument("--dynerf", metavar="SCENE_DIR", help="DyNeRF scene: cam00.mp4 ... camNN.mp4, poses_bounds.npy")
-    given.add_argument("-o", "--out", required=True, metavar="DIR", help="sequence folder to write, e.g. data/<seq>")
+    given.add_argument("-o", "--out", required=True, metavar="DIR",
+                       help="sequence folder to write, under data/, output/ or results/, e.g. data/<seq>")
     given.add_argument("--test-cams", metavar="NAME,NAME",
                         help="cameras held out for evaluation (default: the first camera, cam00 in DyNeRF)")
     timing = parser.add_argument_group("time")
@@ -878,6 +879,8 @@ def parse_args(argv=None):
         raise helpers.UserError(f"--first {args.first} / --last {args.last}: frames count from 0 and last >= first")
     if args.mask_radius is not None and args.mask_radius < 1:
         raise helpers.UserError("--mask-radius must be at least 1 pixel")
+    helpers.check_output("-o", args.out, f"-o {helpers.DATA_DIR}/{os.path.basename(os.path.abspath(args.out))}",
+                         folder=True)
     return args
 
 

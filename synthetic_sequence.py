@@ -715,10 +715,10 @@ def generate(out, benchmark=None, width=320, height=180, num_timesteps=24, num_t
     return objects
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=None, help="sequence folder to write (default: data/synthetic for the demo, "
-                        "data/family<seed> for --seed)")
+    parser.add_argument("--out", default=None, help="sequence folder to write, under data/, output/ or results/ "
+                        "(default: data/synthetic for the demo, data/family<seed> for --seed)")
     parser.add_argument("--seed", type=int, default=None,
                         help="draw member SEED (>= 1) of the scene family instead of the demo sequence")
     parser.add_argument("--benchmark", default="data/grounding",
@@ -741,7 +741,7 @@ def main():
                         help="seed of the texture noise and the point-cloud noise (default: %(default)s)")
     parser.add_argument("--point-cloud", action="store_true",
                         help="also write init_pt_cld.npz from the true Gaussians (the demo always has one)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.seed is not None and args.seed < 1:
         raise helpers.UserError(f"--seed {args.seed}: family members are numbered from 1 (no --seed: the demo)")
     start = time.perf_counter()
@@ -755,6 +755,10 @@ def main():
     width, height = args.width or size[0], args.height or size[1]
     num_t = args.timesteps or num_t
     out = args.out or out
+    for option, folder, example in (("--out", out, "data/synthetic"), ("--benchmark", args.benchmark, "data/grounding"),
+                                    ("--video-dir", args.video_dir, "results/ground_truth")):
+        if folder:
+            helpers.check_output(option, folder, f"{option} {example}", folder=True)
     rig = scene["rig"]
     objects = generate(out, args.benchmark or None, width, height, num_t, rig["num_train"], rig["num_test"],
                        args.noise_seed, args.video_dir or None, scene=scene, point_cloud=args.point_cloud or None)

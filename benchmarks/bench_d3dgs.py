@@ -181,7 +181,7 @@ def main():
         params = {k: v.clone().requires_grad_(k != "seg_colors") for k, v in state.items()}
         source = f"timestep 0 of {args.state}"
     else:
-        params = td.initialize_params(td.initial_point_cloud(args.seq, meta, "/tmp", argparse.Namespace(
+        params = td.initialize_params(td.initial_point_cloud(args.seq, meta, "results/bench_d3dgs", argparse.Namespace(
             fg_points=100_000, bg_points=60_000, seed=0)), len(meta["cam_id"]), device)
         source = "the initial point cloud"
     n = params["means3D"].shape[0]

@@ -18,7 +18,6 @@ encoded, as --exact) and reusing (--reuse-tolerance, as a plain run), and report
 Prints a table and writes every figure to --json (after each step, so a cut-off run keeps them).
 """
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -121,23 +120,25 @@ def main():
     parser.add_argument("--batch-size", type=int, default=None, help="clips per encoder call (default: the encoder's)")
     parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile of ViCLIP on CUDA")
-    parser.add_argument("--work", default=None, help="folder for the two caches (default: a temporary one, removed)")
-    parser.add_argument("--json", default="bench_extract_reuse.json", help="where all figures go")
+    parser.add_argument("--work", default=None,
+                        help="folder for the two caches (default: a temporary one in results/, removed)")
+    parser.add_argument("--json", default="results/bench_extract_reuse.json",
+                        help="where all figures go (default: %(default)s)")
     args = parser.parse_args()
     device = helpers.pick_device(args.device)
     meta = helpers.load_meta(args.seq, "train")
     timesteps = list(range(args.first, args.last + 1))
     encoder = build_encoder(args.encoder, device, args.viclip_ckpt, device.type == "cuda" and not args.no_compile)
     batch = args.batch_size or encoder.batch_size
-    work = args.work or tempfile.mkdtemp(prefix="bench_extract_reuse_")
+    os.makedirs("results", exist_ok=True)
+    work = args.work or tempfile.mkdtemp(prefix="bench_extract_reuse_", dir="results")
     res = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__,
            "encoder": encoder.identity, "seq": os.path.abspath(args.seq), "timesteps": timesteps, "batch_size": batch,
            "cameras": len(meta["cam_id"]), "reuse_tolerance": args.reuse_tolerance, "reuse_grid": tiles.REUSE_GRID,
            "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
 
     def save():
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+        helpers.save_json(args.json, res)
 
     # warm up (and compile) on one full batch, the shape every later call has on CUDA
     zeros = torch.zeros(batch, 8, 3, encoder.input_size, encoder.input_size, device=device)

@@ -63,7 +63,8 @@ def speed(args):
     # exactly as train_4legs.py makes them: dense_feature_map, then the autoencoder's encoder
     from feature_extraction import cache as feature_cache, tiles
     levels = tiles.tile_levels(h, w)
-    cache = os.path.join(tempfile.mkdtemp(prefix="bench_legs_"), "color")
+    os.makedirs("results", exist_ok=True)
+    cache = os.path.join(tempfile.mkdtemp(prefix="bench_legs_", dir="results"), "color")
     os.makedirs(cache)
     num_tiles = sum(args.cams * lv["rows"] * lv["cols"] for lv in levels)
     emb = torch.nn.functional.normalize(torch.randn(num_tiles, 768), dim=1).numpy()

@@ -14,12 +14,10 @@ In one run, on the same weights:
 Prints a table and writes every figure to --json (after each stage, so a cut-off run keeps them).
 """
 import argparse
-import json
 import os
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -121,14 +119,14 @@ def synthetic_sequence(out, num_t, num_cams=27, w=640, h=360):
     meta = {"w": w, "h": h, "fn": fns, "cam_id": list(range(num_cams)),
             "k": [[[[500, 0, w / 2], [0, 500, h / 2], [0, 0, 1]]] * num_cams] * num_t,
             "w2c": [[np.eye(4).tolist()] * num_cams] * num_t}
-    with open(os.path.join(out, "train_meta.json"), "w") as f:
-        json.dump(meta, f)
+    helpers.save_json(os.path.join(out, "train_meta.json"), meta)
     return out
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seq", help="a sequence folder with 640x360 images (default: synthetic frames)")
+    parser.add_argument("--seq", help="a sequence folder with 640x360 images (default: synthetic frames in "
+                        "results/bench_viclip/synthetic)")
     parser.add_argument("--timesteps", type=int, nargs="+", default=[4, 5], help="timesteps timed end to end")
     parser.add_argument("--batch-size", type=int, default=64, help="clips per call of our network")
     parser.add_argument("--repeats", type=int, default=8, help="timed calls per variant (median)")
@@ -138,7 +136,8 @@ def main():
     parser.add_argument("--eager-batches", type=int, nargs="*", default=[32, 64, 128],
                         help="batch sizes timed in eager mode (default backend)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
-    parser.add_argument("--json", default="bench_viclip.json", help="where all figures go")
+    parser.add_argument("--json", default="results/bench_viclip.json",
+                        help="where all figures go (default: %(default)s)")
     parser.add_argument("--device", default="cuda", help="a CUDA device")
     args = parser.parse_args()
     from torch.nn.attention import SDPBackend
@@ -149,8 +148,7 @@ def main():
            "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
 
     def save():
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+        helpers.save_json(args.json, res)
 
     def log(msg):
         print(msg, flush=True)
@@ -215,7 +213,7 @@ def main():
         save()
 
     # -- end to end on whole timesteps
-    seq = args.seq or synthetic_sequence(tempfile.mkdtemp(prefix="bench_viclip_"), max(args.timesteps) + 4)
+    seq = args.seq or synthetic_sequence("results/bench_viclip/synthetic", max(args.timesteps) + 4)
     meta = helpers.load_meta(seq, "train")
     cache = os.path.join(seq, "interpolators", model.name)
     for t in args.timesteps:  # timed from scratch

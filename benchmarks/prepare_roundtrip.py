@@ -16,11 +16,13 @@ The gap prepared vs direct-no-init is what the preparation costs (masks, frames)
 direct also holds what the true point cloud is worth, which no capture has. Exit code 1 when the
 first gap exceeds --tolerance dB. Also prints how well the computed masks match the true ones.
 
-Everything goes under --workdir (stage 1's outputs in <workdir>/output/<arm>/); a rerun continues
+Everything goes under --workdir (stage 1's outputs in <workdir>/output/<arm>/, the prepared sequences in
+<workdir>/data/: prepare_sequence.py runs there, as it writes under data/ only); a rerun continues
 where stage 1 stopped, and other variants (--form, --crf, --clean-plate) reuse the direct arms. Other
 scene settings (size, timesteps, cameras) need another --workdir.
 """
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -174,7 +176,7 @@ def train(seq, exp, workdir, train_args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", default="/tmp/prepare_roundtrip",
+    parser.add_argument("--workdir", default="results/prepare_roundtrip",
                         help="where everything goes (default: %(default)s)")
     parser.add_argument("--width", type=int, default=320)
     parser.add_argument("--height", type=int, default=180)
@@ -189,6 +191,7 @@ def main():
     parser.add_argument("--train-args", default="", help="more options for train_d3dgs.py, e.g. \"--demo\"")
     parser.add_argument("--tolerance", type=float, default=0.5, help="allowed PSNR gap in dB (default: %(default)s)")
     args = parser.parse_args()
+    args.workdir = os.path.abspath(args.workdir)
     direct = os.path.join(args.workdir, "direct", "synthetic")
     if not os.path.isfile(os.path.join(direct, "test_meta.json")):
         synthetic_sequence.generate(direct, None, args.width, args.height, args.timesteps, args.train_cams,
@@ -197,12 +200,12 @@ def main():
     variant = (f"mp4_crf{args.crf}" if args.form == "mp4" else "frames") + ("_plate" if args.clean_plate else "_est")
     capture = os.path.join(args.workdir, f"capture_{variant}")
     cameras_file = export_capture(direct, capture, args.form, args.crf)
-    prepared = os.path.join(args.workdir, f"prepared_{variant}", "synthetic")
+    prepared = os.path.join(args.workdir, "data", f"prepared_{variant}", "synthetic")
     test_names = ",".join(camera_name(c) for c in helpers.load_meta(direct, "test")["cam_id"])
-    prepare_sequence.main(["--videos", os.path.join(capture, "videos"), "--cameras", cameras_file, "-o", prepared,
-                           "--test-cams", test_names]
-                          + (["--background", render_clean_plates(direct, os.path.join(capture, "plates"))]
-                             if args.clean_plate else []))
+    plates = ["--background", render_clean_plates(direct, os.path.join(capture, "plates"))] if args.clean_plate else []
+    with contextlib.chdir(args.workdir):
+        prepare_sequence.main(["--videos", os.path.join(capture, "videos"), "--cameras", cameras_file, "-o", prepared,
+                               "--test-cams", test_names] + plates)
     ious = mask_iou(direct, prepared)
     without_ghosts = mask_iou(direct, prepared, ignore_ghosts=True)
     train_args = shlex.split(args.train_args)

@@ -19,6 +19,8 @@ import torch
 import evaluate_grounding
 import extract_features
 import helpers
+import point_cloud
+import prepare_sequence
 import synthetic_sequence
 import train_4legs
 import train_autoencoder
@@ -413,6 +415,35 @@ def test_grounding_report_stays_under_results_or_output(tmp_path, monkeypatch):
         refused(evaluate_grounding.parse_args, argv + [out], f"--out {out}", "under results/ or output/")
     for out in ("results/x/grounding.json", "output/x.json", str(tmp_path / "results" / "x.json")):
         assert evaluate_grounding.parse_args(argv + [out]).out == out
+
+
+@pytest.mark.parametrize("script, argv", [
+    (point_cloud, ["-s", SEQ, "-o"]),
+    (prepare_sequence, ["--videos", "videos", "--cameras", "cameras.json", "-o"]),
+    (synthetic_sequence, ["--out"]),
+    (synthetic_sequence, ["--benchmark"]),
+    (synthetic_sequence, ["--video-dir"]),
+    (extract_features, STAGE3 + ["--cache-dir"]),
+])
+def test_outputs_stay_under_data_output_or_results(tmp_path, monkeypatch, script, argv):
+    """Every output path a user gives is checked before anything is read or written."""
+    monkeypatch.chdir(tmp_path)
+    os.makedirs(SEQ)
+    os.symlink(tmp_path.parent, "data/link")
+    option = argv[-1]
+    for out in (str(tmp_path.parent / "x"), "../x", "data/../x", "x", "data", "results", "data/link/x"):
+        refused(script.main, argv + [out], f"{option} {out}", "under data/, output/ or results/")
+
+
+def test_point_cloud_of_a_sequence_outside_data_needs_an_output(tmp_path, monkeypatch):
+    os.makedirs(tmp_path / "seq")
+    os.makedirs(tmp_path / "work")
+    monkeypatch.chdir(tmp_path / "work")
+    refused(point_cloud.main, ["-s", str(tmp_path / "seq")], "-o (default <seq>/init_pt_cld.npz)",
+            f"{tmp_path / 'seq' / 'init_pt_cld.npz'}", "e.g. -o data/seq/init_pt_cld.npz")
+    refused(point_cloud.main, ["-s", str(tmp_path / "seq"), "-o", "data/seq/init_pt_cld.npz"], "train_meta.json")
+    for folder in ("data/x", "output/x/y", "results/x"):
+        helpers.check_output("-o", folder, "-o data/x", folder=True)
 
 
 def test_open_clip_checkpoint_that_is_not_one(chain):

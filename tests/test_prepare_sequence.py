@@ -37,6 +37,12 @@ def scene(tmp_path_factory):
             "test_cams": ",".join(camera_name(c) for c in test_ids)}
 
 
+@pytest.fixture(autouse=True)
+def in_tmp_path(tmp_path, monkeypatch):
+    """prepare_sequence.py writes under data/ of the working directory: each test runs in its tmp_path."""
+    monkeypatch.chdir(tmp_path)
+
+
 def prepare(*argv):
     prepare_sequence.main([str(a) for a in argv])
 
@@ -59,7 +65,7 @@ def assert_masks_match(seq, out, minimum=0.9):
 
 def test_cameras_file_round_trip_and_rerun(scene, tmp_path, capsys):
     cameras_file = export_capture(scene["seq"], str(tmp_path), "frames")
-    out = tmp_path / "out"
+    out = tmp_path / "data" / "out"
     argv = ["--videos", tmp_path / "videos", "--cameras", cameras_file, "-o", out, "--test-cams", scene["test_cams"],
             "--background", scene["plates"]]
     prepare(*argv)
@@ -84,7 +90,7 @@ def test_background_masks_without_clean_plate(scene, tmp_path):
     they rested (a temporal median left one: IoU 0.47-0.79). Measured 0.96-0.97 at t = 3..6, as with
     the clean plate."""
     cameras_file = export_capture(scene["seq"], str(tmp_path), "frames")
-    out = tmp_path / "out"
+    out = tmp_path / "data" / "out"
     prepare("--videos", tmp_path / "videos", "--cameras", cameras_file, "-o", out, "--test-cams", scene["test_cams"])
     assert_masks_match(scene["seq"], out, minimum=0.93)
 
@@ -154,7 +160,7 @@ def test_colmap_round_trip(scene, tmp_path):
     (sparse / "cameras.txt").write_text("# CAMERA_ID, MODEL, WIDTH, HEIGHT, PARAMS[]\n" + "\n".join(cam_lines) + "\n")
     (sparse / "images.txt").write_text("# IMAGE_ID, QW, QX, QY, QZ, TX, TY, TZ, CAMERA_ID, NAME\n"
                                        + "\n".join(image_lines) + "\n")
-    out = tmp_path / "out"
+    out = tmp_path / "data" / "out"
     prepare("--videos", videos, "--colmap", sparse, "-o", out, "--test-cams", scene["test_cams"],
             "--background", plates)
     assert_metas_equal(out, scene["seq"], atol=1e-12)
@@ -177,7 +183,7 @@ def test_dynerf_round_trip(scene, tmp_path):
         pose = np.stack([c2w[:3, 1], c2w[:3, 0], -c2w[:3, 2], c2w[:3, 3], [H, W, k[0][0]]], 1)
         rows.append(np.concatenate([pose.ravel(), [0.5, 20.0]]))
     np.save(tmp_path / "poses_bounds.npy", np.stack(rows))
-    out = tmp_path / "out"
+    out = tmp_path / "data" / "out"
     prepare("--dynerf", tmp_path, "-o", out, "--test-cams", scene["test_cams"], "--background", plates)
     assert_metas_equal(out, scene["seq"])
     assert_masks_match(scene["seq"], out)
@@ -206,7 +212,7 @@ def test_distortion_model_and_undistortion():
 
 def test_frame_range_offsets_downscale(scene, tmp_path):
     cameras_file = export_capture(scene["seq"], str(tmp_path), "frames")
-    out = tmp_path / "out"
+    out = tmp_path / "data" / "out"
     prepare("--videos", tmp_path / "videos", "--cameras", cameras_file, "-o", out, "--first", 1, "--last", 6,
             "--every", 2, "--offsets", "cam03=1", "--downscale", 2)
     with open(out / "prepare_sequence.json") as f:
@@ -226,20 +232,20 @@ def test_frame_range_offsets_downscale(scene, tmp_path):
 
 def test_fps_from_videos(scene, tmp_path):
     cameras_file = export_capture(scene["seq"], str(tmp_path), "mp4")  # 30 frames per second
-    out = tmp_path / "out"
+    out = tmp_path / "data" / "out"
     prepare("--videos", tmp_path / "videos", "--cameras", cameras_file, "-o", out, "--fps", 10, "--offsets", "cam01=-1",
             "--first", 1)
     with open(out / "prepare_sequence.json") as f:
         frames = json.load(f)["frames"]
     assert frames["cam00"] == [1, 4, 7] and frames["cam01"] == [0, 3, 6]
     with pytest.raises(helpers.UserError, match="frames missing: camera cam01 .* has no frame -1"):
-        prepare("--videos", tmp_path / "videos", "--cameras", cameras_file, "-o", tmp_path / "out2", "--fps", 10,
-                "--offsets", "cam01=-1")
+        prepare("--videos", tmp_path / "videos", "--cameras", cameras_file, "-o", tmp_path / "data" / "out2",
+                "--fps", 10, "--offsets", "cam01=-1")
 
 
 def test_warnings(scene, tmp_path, capsys):
     cameras_file = export_capture(scene["seq"], str(tmp_path), "frames")
-    out = tmp_path / "out"
+    out = tmp_path / "data" / "out"
     prepare("--videos", tmp_path / "videos", "--cameras", cameras_file, "-o", out, "--threshold", 255,
             "--world-scale", 0.25)
     err = capsys.readouterr().err
@@ -254,7 +260,7 @@ def test_masks_given_are_used_as_they_are(scene, tmp_path):
     cameras_file = export_capture(scene["seq"], str(tmp_path), "frames")
     for c in scene["cameras"]:
         shutil.copytree(os.path.join(scene["seq"], "seg", str(c)), tmp_path / "masks" / camera_name(c))
-    out = tmp_path / "out"
+    out = tmp_path / "data" / "out"
     prepare("--videos", tmp_path / "videos", "--cameras", cameras_file, "-o", out, "--masks", tmp_path / "masks",
             "--test-cams", scene["test_cams"])
     for c in scene["cameras"]:
@@ -268,7 +274,7 @@ def test_yaml_cameras_file(scene, tmp_path):
     with open(export_capture(scene["seq"], str(tmp_path), "frames")) as f:
         cameras = json.load(f)
     (tmp_path / "cameras.yaml").write_text(yaml.safe_dump(cameras))
-    out = tmp_path / "out"
+    out = tmp_path / "data" / "out"
     prepare("--videos", tmp_path / "videos", "--cameras", tmp_path / "cameras.yaml", "-o", out,
             "--test-cams", scene["test_cams"])
     assert_metas_equal(out, scene["seq"])
@@ -287,7 +293,7 @@ def test_help_teaches(capsys):
 @pytest.fixture
 def capture(scene, tmp_path):
     """A frame-folder capture of the scene: (videos folder, cameras file, output folder)."""
-    return tmp_path / "videos", export_capture(scene["seq"], str(tmp_path), "frames"), tmp_path / "out"
+    return tmp_path / "videos", export_capture(scene["seq"], str(tmp_path), "frames"), tmp_path / "data" / "out"
 
 
 def test_cameras_and_videos_that_disagree(capture):
@@ -330,7 +336,7 @@ def test_unsupported_colmap_model(scene, tmp_path):
     (tmp_path / "images.txt").write_text("1 1 0 0 0 0 0 4 1 cam00.png\n\n")
     with pytest.raises(helpers.UserError, match=r"cameras.txt:1: camera 1 has the OPENCV_FISHEYE model; supported: "
                                                 r"SIMPLE_PINHOLE, PINHOLE"):
-        prepare("--videos", tmp_path, "--colmap", tmp_path, "-o", tmp_path / "out")
+        prepare("--videos", tmp_path, "--colmap", tmp_path, "-o", tmp_path / "data" / "out")
 
 
 def test_command_line_error_is_one_line(capture):

@@ -228,7 +228,8 @@ def test_deterministic_for_a_seed(seq, tmp_path):
 
 
 def test_cli(tmp_path, monkeypatch, capsys):
-    out = tmp_path / "seq"
+    monkeypatch.chdir(tmp_path)  # the sequence goes under data/ of the working directory
+    out = tmp_path / "data" / "seq"
     monkeypatch.setattr(sys, "argv", ["synthetic_sequence.py", "--out", str(out), "--benchmark", "",
                                       "--video-dir", "", "--width", "32", "--height", "18", "--timesteps", "3",
                                       "--train-cams", "3", "--test-cams", "1"])
