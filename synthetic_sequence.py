@@ -594,6 +594,23 @@ def sky_colour(directions, sky):
     return np.clip(np.where(elevation[..., None] > 0, colour, ground), 0, 1)
 
 
+def sky_image(width, height, k, w2c, sky):
+    """The sky [3, H, W] float32 a camera sees behind the Gaussians (None when the scene has none)."""
+    if sky is None:
+        return None
+    return torch.from_numpy(sky_colour(ray_directions(width, height, k, w2c), sky)).permute(2, 0, 1).float()
+
+
+def rasterizer_inputs(params, t):
+    """The rasterizer's inputs (tensors [N, ...]) for timestep t of build_scene's params."""
+    means = torch.from_numpy(params["means3D"][t])
+    return {"means3D": means, "means2D": torch.zeros_like(means),
+            "colors_precomp": torch.from_numpy(params["rgb_colors"][t]),
+            "rotations": torch.from_numpy(params["unnorm_rotations"][t]),
+            "opacities": torch.sigmoid(torch.from_numpy(params["logit_opacities"])),
+            "scales": torch.exp(torch.from_numpy(params["log_scales"]))}
+
+
 def render(cam, scene_t, one_hot, sky_image=None):
     """Image [3, H, W] in [0, 1] and object id per pixel [H, W] (the object with the largest
     rendered weight; 0 where the room or the sky dominates) of one camera at one timestep; the
@@ -638,13 +655,8 @@ def generate(out, benchmark=None, width=320, height=180, num_timesteps=24, num_t
     params, object_id, objects = build_scene(num_timesteps, seed, coarse=max(1.0, 160.0 / width), scene=scene)
     cams, test_ids = scene_cameras(scene, width, height)
     num_cams = len(cams)
-    sky = scene["background"]["sky"]
-    skies = [None if sky is None else
-             torch.from_numpy(sky_colour(ray_directions(width, height, k, w2c), sky)).permute(2, 0, 1).float()
-             for k, w2c in cams]
+    skies = [sky_image(width, height, k, w2c, scene["background"]["sky"]) for k, w2c in cams]
     one_hot = torch.nn.functional.one_hot(torch.from_numpy(object_id), len(objects) + 1).float()
-    shared = {"opacities": torch.sigmoid(torch.from_numpy(params["logit_opacities"])),
-              "scales": torch.exp(torch.from_numpy(params["log_scales"]))}
 
     def render_and_save(t, c, scene_t):
         """Render camera c at timestep t, write its image, mask and ids; -> (uint8 image, ids)."""
@@ -667,10 +679,7 @@ def generate(out, benchmark=None, width=320, height=180, num_timesteps=24, num_t
         with ThreadPoolExecutor(min(threads, 8)) as pool:
             for t in helpers.progress(range(num_timesteps), desc=f"rendering {seq} ({num_cams} cameras)",
                                       unit="timestep"):
-                means = torch.from_numpy(params["means3D"][t])
-                scene_t = dict(shared, means3D=means, means2D=torch.zeros_like(means),
-                               colors_precomp=torch.from_numpy(params["rgb_colors"][t]),
-                               rotations=torch.from_numpy(params["unnorm_rotations"][t]))
+                scene_t = rasterizer_inputs(params, t)
                 results = list(pool.map(lambda c: render_and_save(t, c, scene_t), range(num_cams)))
                 for c in test_ids:
                     rgb, ids = results[c]
@@ -715,6 +724,18 @@ def generate(out, benchmark=None, width=320, height=180, num_timesteps=24, num_t
     return objects
 
 
+def scene_settings(seed=None, width=None, height=None, num_timesteps=None, num_train=None, num_test=None):
+    """(scene description, width, height, timesteps) of the demo (seed None) or of family member
+    `seed`, each setting given (not None) taking the place of the scene's own."""
+    if seed is None:
+        scene = demo_scene(12 if num_train is None else num_train, 2 if num_test is None else num_test)
+        size, num_t = (320, 180), 24
+    else:
+        scene = draw_scene(seed, num_train, num_test)
+        size, num_t = draw_image_size(seed), 12
+    return scene, width or size[0], height or size[1], num_timesteps or num_t
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None, help="sequence folder to write, under data/, output/ or results/ "
@@ -745,16 +766,9 @@ def main(argv=None):
     if args.seed is not None and args.seed < 1:
         raise helpers.UserError(f"--seed {args.seed}: family members are numbered from 1 (no --seed: the demo)")
     start = time.perf_counter()
-    if args.seed is None:
-        scene = demo_scene(12 if args.train_cams is None else args.train_cams,
-                           2 if args.test_cams is None else args.test_cams)
-        size, num_t, out = (320, 180), 24, "data/synthetic"
-    else:
-        scene = draw_scene(args.seed, args.train_cams, args.test_cams)
-        size, num_t, out = draw_image_size(args.seed), 12, f"data/family{args.seed}"
-    width, height = args.width or size[0], args.height or size[1]
-    num_t = args.timesteps or num_t
-    out = args.out or out
+    scene, width, height, num_t = scene_settings(args.seed, args.width, args.height, args.timesteps, args.train_cams,
+                                                 args.test_cams)
+    out = args.out or ("data/synthetic" if args.seed is None else f"data/family{args.seed}")
     for option, folder, example in (("--out", out, "data/synthetic"), ("--benchmark", args.benchmark, "data/grounding"),
                                     ("--video-dir", args.video_dir, "results/ground_truth")):
         if folder:

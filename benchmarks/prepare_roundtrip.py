@@ -3,10 +3,12 @@
     python benchmarks/prepare_roundtrip.py                                   # GPU: full stage 1, 320x180
     python benchmarks/prepare_roundtrip.py --width 96 --height 64 --timesteps 8 --train-cams 6 \
         --train-args "--demo --downscale 1"                                  # CPU, about 6 minutes on 2 cores
+    python benchmarks/prepare_roundtrip.py --seed 3 --width 128 --height 80 --masks-only   # family member 3
 
-Writes a synthetic sequence (synthetic_sequence.py), exports it as a capture a user would have:
-one frame folder (or, with --form mp4, one H.264 video) per camera plus a cameras file, and no
-masks (with --clean-plate also a render of the empty room per camera); prepares that capture with
+Writes a synthetic sequence (synthetic_sequence.py: the demo scene, or with --seed S member S of
+its family), exports it as a capture a user would have: one frame folder (or, with --form mp4, one
+H.264 video) per camera plus a cameras file, and no masks (with --clean-plate also a render of the
+empty scene per camera: the room, or the floor under the sky); prepares that capture with
 prepare_sequence.py, then runs train_d3dgs.py on three sequences and prints their test PSNRs:
   direct           as synthetic_sequence.py wrote it, with init_pt_cld.npz from the true Gaussians
   direct, no init  the same without init_pt_cld.npz: stage 1 builds its point cloud from the masks,
@@ -14,7 +16,8 @@ prepare_sequence.py, then runs train_d3dgs.py on three sequences and prints thei
   prepared         what prepare_sequence.py made of the capture (no init_pt_cld.npz either)
 The gap prepared vs direct-no-init is what the preparation costs (masks, frames); the gap to
 direct also holds what the true point cloud is worth, which no capture has. Exit code 1 when the
-first gap exceeds --tolerance dB. Also prints how well the computed masks match the true ones.
+first gap exceeds --tolerance dB. Also prints how well the computed masks match the true ones
+(--masks-only: only that, no stage 1).
 
 Everything goes under --workdir (stage 1's outputs in <workdir>/output/<arm>/, the prepared sequences in
 <workdir>/data/: prepare_sequence.py runs there, as it writes under data/ only); a rerun continues
@@ -97,19 +100,23 @@ def export_capture(seq, dest, form="frames", crf=0):
 
 
 def render_clean_plates(seq, dest):
-    """<dest>/cam<id>.png: each camera's view of the room without the objects (what a user shoots
-    before the action), rendered from the ground-truth Gaussians of gt/params.npz."""
+    """<dest>/cam<id>.png: each camera's view of the scene without the objects (what a user shoots
+    before the action), rendered as synthetic_sequence.py renders a frame: the ground-truth
+    Gaussians of the floor and walls (gt/params.npz), and where they leave the view transparent
+    the sky at infinity of gt/scene.json (above a room's walls too; black without one)."""
     with open(os.path.join(seq, "gt", "objects.json")) as f:
         first_room_gaussian = json.load(f)["background_gaussians"][0]
-    params = dict(np.load(os.path.join(seq, "gt", "params.npz")))
-    room = {key: torch.from_numpy(value[0] if key in helpers.D3DGS_PER_TIMESTEP else value)[first_room_gaussian:]
-            for key, value in params.items() if key not in ("cam_m", "cam_c")}
-    rendervar = helpers.params2rendervar(room)
+    with open(os.path.join(seq, "gt", "scene.json")) as f:
+        sky = json.load(f)["background"]["sky"]
+    with np.load(os.path.join(seq, "gt", "params.npz")) as params:
+        inputs = synthetic_sequence.rasterizer_inputs(params, 0)
+    room = {key: value[first_room_gaussian:] for key, value in inputs.items()}
     meta = helpers.load_meta(seq, "train")
     os.makedirs(dest, exist_ok=True)
     for c, (k, w2c) in sequence_cameras(seq).items():
-        with torch.no_grad():
-            im = helpers.render_d3dgs(helpers.setup_camera(meta["w"], meta["h"], k, w2c), rendervar)[0]
+        im, _ = synthetic_sequence.render(helpers.setup_camera(meta["w"], meta["h"], k, w2c), room,
+                                          torch.ones(len(room["means3D"]), 1),
+                                          synthetic_sequence.sky_image(meta["w"], meta["h"], k, w2c, sky))
         Image.fromarray(helpers.to_uint8(im)).save(os.path.join(dest, camera_name(c) + ".png"))
     return dest
 
@@ -178,29 +185,38 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="results/prepare_roundtrip",
                         help="where everything goes (default: %(default)s)")
-    parser.add_argument("--width", type=int, default=320)
-    parser.add_argument("--height", type=int, default=180)
-    parser.add_argument("--timesteps", type=int, default=24)
-    parser.add_argument("--train-cams", type=int, default=12)
-    parser.add_argument("--test-cams", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=None,
+                        help="round-trip member SEED (>= 1) of synthetic_sequence.py's scene family (default: the "
+                             "demo scene)")
+    parser.add_argument("--width", type=int, default=None, help="default: 320 for the demo, drawn for --seed")
+    parser.add_argument("--height", type=int, default=None, help="default: 180 for the demo, drawn for --seed")
+    parser.add_argument("--timesteps", type=int, default=None, help="default: 24 for the demo, 12 for --seed")
+    parser.add_argument("--train-cams", type=int, default=None, help="default: 12 for the demo, drawn for --seed")
+    parser.add_argument("--test-cams", type=int, default=None, help="default: 2 for the demo, drawn for --seed")
     parser.add_argument("--form", choices=("frames", "mp4"), default="frames",
                         help="the capture as JPEG frame folders or H.264 videos (default: %(default)s)")
     parser.add_argument("--crf", type=int, default=0, help="with --form mp4: x264's quality, 0 = lossless YUV")
     parser.add_argument("--clean-plate", action="store_true",
                         help="give prepare_sequence.py an empty-room render per camera (else: estimated)")
+    parser.add_argument("--masks-only", action="store_true", help="print the masks' IoU and stop (no stage 1)")
     parser.add_argument("--train-args", default="", help="more options for train_d3dgs.py, e.g. \"--demo\"")
     parser.add_argument("--tolerance", type=float, default=0.5, help="allowed PSNR gap in dB (default: %(default)s)")
     args = parser.parse_args()
+    if args.seed is not None and args.seed < 1:
+        raise helpers.UserError(f"--seed {args.seed}: family members are numbered from 1 (no --seed: the demo)")
     args.workdir = os.path.abspath(args.workdir)
-    direct = os.path.join(args.workdir, "direct", "synthetic")
+    name = "synthetic" if args.seed is None else f"family{args.seed}"
+    direct = os.path.join(args.workdir, "direct", name)
     if not os.path.isfile(os.path.join(direct, "test_meta.json")):
-        synthetic_sequence.generate(direct, None, args.width, args.height, args.timesteps, args.train_cams,
-                                    args.test_cams, seed=0)
+        scene, width, height, num_t = synthetic_sequence.scene_settings(args.seed, args.width, args.height,
+                                                                        args.timesteps, args.train_cams, args.test_cams)
+        synthetic_sequence.generate(direct, None, width, height, num_t, scene["rig"]["num_train"],
+                                    scene["rig"]["num_test"], seed=0, scene=scene, point_cloud=True)
     # one capture and one prepared sequence per variant, so that variants share the direct arms
     variant = (f"mp4_crf{args.crf}" if args.form == "mp4" else "frames") + ("_plate" if args.clean_plate else "_est")
-    capture = os.path.join(args.workdir, f"capture_{variant}")
+    capture = os.path.join(args.workdir, f"capture_{variant}", name)
     cameras_file = export_capture(direct, capture, args.form, args.crf)
-    prepared = os.path.join(args.workdir, "data", f"prepared_{variant}", "synthetic")
+    prepared = os.path.join(args.workdir, "data", f"prepared_{variant}", name)
     test_names = ",".join(camera_name(c) for c in helpers.load_meta(direct, "test")["cam_id"])
     plates = ["--background", render_clean_plates(direct, os.path.join(capture, "plates"))] if args.clean_plate else []
     with contextlib.chdir(args.workdir):
@@ -208,16 +224,18 @@ def main():
                                "--test-cams", test_names] + plates)
     ious = mask_iou(direct, prepared)
     without_ghosts = mask_iou(direct, prepared, ignore_ghosts=True)
+    print(f"masks of {name}: IoU against the moving objects {min(ious.values()):.3f}..{max(ious.values()):.3f} over "
+          f"timesteps {min(ious)}..{max(ious)} (ghosts left out: {min(without_ghosts.values()):.3f}.."
+          f"{max(without_ghosts.values()):.3f}); {args.form}, "
+          f"{'clean plate' if args.clean_plate else 'estimated background'}")
+    if args.masks_only:
+        return
     train_args = shlex.split(args.train_args)
     psnr = {"direct": train(direct, "direct", args.workdir, train_args),
             "direct, no init": train(without_init(direct, os.path.join(args.workdir, "direct_no_init")),
                                      "direct_no_init", args.workdir, train_args),
             "prepared": train(prepared, f"prepared_{variant}", args.workdir, train_args)}
     gap = psnr["direct, no init"] - psnr["prepared"]
-    print(f"masks: IoU against the moving objects {min(ious.values()):.3f}..{max(ious.values()):.3f} over "
-          f"timesteps {min(ious)}..{max(ious)} (ghosts left out: {min(without_ghosts.values()):.3f}.."
-          f"{max(without_ghosts.values()):.3f}); {args.form}, "
-          f"{'clean plate' if args.clean_plate else 'estimated background'}")
     print("stage 1 test PSNR: " + ", ".join(f"{arm} {value:.2f} dB" for arm, value in psnr.items())
           + f"; prepared vs direct-no-init {-gap:+.2f} dB (tolerance {args.tolerance} dB): "
           + ("PASS" if gap <= args.tolerance else "FAIL") + f", vs direct {psnr['prepared'] - psnr['direct']:+.2f} dB")
