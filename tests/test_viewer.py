@@ -272,7 +272,8 @@ def turbo_heat(colour):
 
 def test_browser_prompt_heatmap_lands_on_the_object(lifted, served, browser, monkeypatch):
     """Type a prompt in headless Chromium: the image changes, the timeline's span button jumps to the
-    ball's flight, the heatmap's peak falls on the ball (ground-truth ids); a render that fails is
+    ball's flight, the keyboard steps the time slider, the heatmap's peak falls on the ball
+    (ground-truth ids) in mid-flight; a render that fails is
     reported in the panel and the viewer goes on; a second browser moves its own camera, not the
     first one's; play and pause."""
     (root, flight), driver = lifted, browser
@@ -291,6 +292,13 @@ def test_browser_prompt_heatmap_lands_on_the_object(lifted, served, browser, mon
     before = screenshot(driver)
     span.click()
     wait_for("the jump", lambda: labelled(driver, "timestep").get_attribute("value") == str(first))
+    # then step the slider with the keyboard to the middle of the flight: the span may start a
+    # timestep early, where the ball's relevance is faint and the frame's hottest pixel means little
+    middle = flight[len(flight) // 2]
+    thumb = driver.find_element("xpath", "//label[text()='timestep']/following::*[@role='slider'][1]")
+    from selenium.webdriver.common.keys import Keys
+    thumb.send_keys(*[Keys.ARROW_RIGHT] * (middle - first))
+    wait_for("the step", lambda: labelled(driver, "timestep").get_attribute("value") == str(middle))
     blend = next_image(driver, before)
     driver.execute_script("arguments[0].click()", labelled(driver, "shown"))  # hide the prompt: the render
     rgb = next_image(driver, blend)
@@ -302,7 +310,7 @@ def test_browser_prompt_heatmap_lands_on_the_object(lifted, served, browser, mon
     heat[changed] = turbo_heat(np.clip(2 * blend - rgb, 0, 255)[changed])
     from PIL import Image
     cam_id = helpers.load_meta(os.path.join(root, SEQ), "train")["cam_id"][0]
-    ids = Image.open(os.path.join(root, SEQ, "gt", "ids", str(cam_id), f"{first:06d}.png"))
+    ids = Image.open(os.path.join(root, SEQ, "gt", "ids", str(cam_id), f"{middle:06d}.png"))
     ids = np.asarray(ids.resize(VIEWPORT, Image.NEAREST))
     # the peak of the heat averaged over a render pixel (13 screen pixels): edges are not trusted
     from scipy.ndimage import uniform_filter
