@@ -128,7 +128,10 @@ def main(argv=None):
     print(f"\n{len(reports)} members in {time.perf_counter() - start:.0f} s; per member and stage (s):")
     for r in reports:
         print(f"  seed {r['seed']}: {r['seconds']}")
-    helpers.atomic_write(os.path.join("results", args.exp, "family.md"), lambda f: f.write(text + "\n"))
+    def write(path):
+        with open(path, "w") as f:
+            f.write(text + "\n")
+    helpers.atomic_write(os.path.join("results", args.exp, "family.md"), write)
     helpers.save_json(os.path.join("results", args.exp, "family.json"), {"members": reports, "targets": met})
 
 
