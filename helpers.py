@@ -490,6 +490,20 @@ def sequence_mismatch(recorded, current):
     return f"were made from {current['path']} before it changed (its metas, init_pt_cld.npz or images of timestep 0)"
 
 
+def check_stage1_sequence(params_path, seq_dir):
+    """Raise UserError when the stage-1 outputs at params_path were made from another sequence than
+    seq_dir, or from it before it changed, as stage 1's timesteps/run.json records (a params.npz
+    without one, written elsewhere, is taken as it is): the later stages read both."""
+    run = read_json(os.path.join(os.path.dirname(params_path), "timesteps", "run.json"))
+    if not isinstance(run, dict) or "content" not in run:
+        return
+    current = sequence_identity(seq_dir, [load_meta(seq_dir, "train"), load_meta(seq_dir, "test")])
+    why = sequence_mismatch({"path": run.get("seq"), "content": run["content"]}, current)
+    if why:
+        raise UserError(f"{params_path} and the stage-1 outputs beside it {why}: give -s the sequence stage 1 was "
+                        f"trained on, or run {stage_name('train_d3dgs.py')} on {seq_dir} with another -e")
+
+
 # ---------------------------------------------------------------- data
 
 def read_npz(path, fix):

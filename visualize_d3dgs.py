@@ -62,6 +62,7 @@ def main(argv=None):
     seq_dir = helpers.find_sequence(args.seq)
     params_path = os.path.join(helpers.stage_dir("output", args.exp, seq_dir), "params.npz")
     num_t = helpers.read_d3dgs_params(params_path)["means3D"].shape[0]
+    helpers.check_stage1_sequence(params_path, seq_dir)
     last = num_t - 1 if args.last is None else args.last
     if not 0 <= args.first <= last < num_t:
         raise helpers.UserError(f"-f {args.first} -l {last}: {params_path} holds timesteps 0..{num_t - 1}")

@@ -44,11 +44,13 @@ def encoder_name(spec):
 
 
 def d3dgs_params_path(exp, seq_dir):
-    """Stage-1 output, checked: raises UserError naming the command to run first."""
+    """Stage-1 output, checked: raises UserError naming the command to run first, or saying that it
+    was made from another sequence (helpers.check_stage1_sequence)."""
     path = os.path.join(helpers.stage_dir("output", exp, seq_dir), "params.npz")
     if not os.path.isfile(path):
         raise helpers.UserError(f"{path} not found: "
                                 + helpers.run_first("train_d3dgs.py", f"python train_d3dgs.py -s {seq_dir} -e {exp}"))
+    helpers.check_stage1_sequence(path, seq_dir)
     return path
 
 

@@ -206,6 +206,17 @@ def test_another_sequence_of_the_same_name_is_refused(work):
     train_d3dgs.main(["-s", "data/moved/syn", *STAGE1[2:]])
 
 
+def test_later_stages_on_another_sequence_of_the_same_name_are_refused(chain):
+    """Stages 2, 5 and 6 read stage 1's params.npz by the sequence folder's name: another sequence in
+    a folder of that name is refused, naming the one stage 1 was trained on."""
+    synthetic_sequence.generate("data/alt/syn", **TINY, seed=1)
+    trained_on = json.load(open(f"{OUT}/timesteps/run.json"))["seq"]
+    other = ["-s", "data/alt/syn"]
+    refused(visualize_d3dgs.main, other + STAGE2[2:], "params.npz", "another sequence", trained_on)
+    refused(train_4legs.main, other + STAGE5[2:], "params.npz", "another sequence", trained_on)
+    refused(visualize_4legs.main, other + STAGE6[2:] + ["-p", "a red ball"], "params.npz", "another sequence")
+
+
 def test_resume_with_another_downscale_is_refused(work):
     os.remove(f"{OUT}/timesteps/000003.npz")
     refused(train_d3dgs.main, STAGE1 + ["--downscale", "2"], "--downscale 1")
