@@ -40,6 +40,7 @@ LEGS_DIM = 128
 KNN_BLOCK_ELEMENTS = 2 ** 28  # the GPU's brute-force k-NN: at most this many distances (1 GiB) at once
 ENCODE_ROWS = 65536  # pixels through the autoencoder's encoder per call (bounded memory at any size)
 TAIL_FRACTION = 0.1  # a timestep's reported loss: the mean over its last 10% iterations (tail_loss)
+PROGRESS_EVERY = 20  # iterations between loss readings on a timestep's progress bar (each one a host sync)
 DEMO = {"iters": 60, "warm_iters": 15, "downscale": 4}  # make demo on 2 CPU cores
 
 
@@ -132,7 +133,7 @@ def knn_brute_force(points, k):
 
 
 def encode_targets(cache, t, ae, cams, device):
-    """Per train camera the AE-encoded per-pixel feature map [128, h, w] float32 (stage-2 dense map
+    """Per train camera the AE-encoded per-pixel feature map [128, h, w] float32 (stage-3 dense map
     -> encoder), computed once per camera and timestep, on first use, on `device`."""
     from feature_extraction import dense_feature_map
 
@@ -215,7 +216,7 @@ def make_renderers(cams, rendervar, use_rasterizer):
 
 def initialize(num_gaussians, previous, lrs, device, seed):
     """params {'latents' [N, 128]}, a new attention module and Adam over both. With `previous` (the
-    stage-4 record of t-1) latents and attention start from there (warm start); else latents start
+    stage-5 record of t-1) latents and attention start from there (warm start); else latents start
     at zero as in the original."""
     torch.manual_seed(seed)
     attention = NeighbourAttention().to(device)
@@ -261,7 +262,7 @@ def train_timestep(t, setup, previous, num_iters, stop=None, show_progress=True,
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses[i] = loss.detach()
-        if i % 20 == 0:
+        if i % PROGRESS_EVERY == 0:
             bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
         if on_iter is not None:
             on_iter(i, params, attention)
@@ -387,14 +388,17 @@ def main(argv=None):
     trained_on = ae_info.get("made_from", {})
     used = trained_on.get("timesteps", range(len(meta["fn"])))
     if trained_on.get("cache", {}).get("fingerprint") != cache_identity(cache, used)["fingerprint"]:
-        raise helpers.UserError(f"{ae_path} was not trained on the features now in {cache} (stage 3 computed some "
-                                f"again since, or the autoencoder is older): run "
+        raise helpers.UserError(f"{ae_path} was not trained on the features now in {cache} "
+                                f"({helpers.stage_name('extract_features.py')} computed some again since, or the "
+                                f"autoencoder is older): run "
                                 f"{helpers.stage_name('train_autoencoder.py')} again")
     last = num_t - 1 if args.last is None else args.last
     if not 0 <= args.first <= last < num_t:
-        raise helpers.UserError(f"-f {args.first} -l {last}: stage 1 ({params_path}) holds timesteps 0..{num_t - 1}")
+        raise helpers.UserError(f"-f {args.first} -l {last}: {params_path} of "
+                                f"{helpers.stage_name('train_d3dgs.py')} holds timesteps 0..{num_t - 1}")
     if len(meta["fn"]) < num_t:
-        raise helpers.UserError(f"{meta['path']} has {len(meta['fn'])} timesteps, stage 1 has {num_t}")
+        raise helpers.UserError(f"{meta['path']} has {len(meta['fn'])} timesteps, "
+                                f"{helpers.stage_name('train_d3dgs.py')} has {num_t}")
     timesteps, rank, world = shard(list(range(args.first, last + 1)))
     out_dir = legs_dir(args.exp, args.seq)
     # what every record must have been made from: a finished timestep made from anything else is refused

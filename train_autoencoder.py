@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 import helpers
-from feature_extraction.autoencoder import Autoencoder, ae_ckpt_path, ae_loss, save_autoencoder
+from feature_extraction.autoencoder import ENCODER_DIMS, Autoencoder, ae_ckpt_path, ae_loss, save_autoencoder
 from feature_extraction.cache import add_cache_dir_option, cache_identity, read_config
 from feature_extraction.relevancy import feature_cache
 
@@ -178,8 +178,9 @@ def train(args, timesteps, cache, path, device, made_from):
     once training ends: an interrupted run leaves the finished checkpoint of an earlier run in place."""
     train_t, val_t = split_timesteps(timesteps, args.val_every)
     train_tiles, val_tiles = load_tiles(cache, train_t, device), load_tiles(cache, val_t, device)
-    if train_tiles.shape[1] != 768:
-        raise helpers.UserError(f"{cache}: tile embeddings are {train_tiles.shape[1]}-d, the autoencoder takes 768")
+    if train_tiles.shape[1] != ENCODER_DIMS[0]:
+        raise helpers.UserError(f"{cache}: tile embeddings are {train_tiles.shape[1]}-d, the autoencoder takes "
+                                f"{ENCODER_DIMS[0]}")
     torch.manual_seed(args.seed)
     if val_tiles.shape[0] > args.val_tiles:
         val_tiles = val_tiles[torch.randperm(val_tiles.shape[0])[:args.val_tiles].to(device)]

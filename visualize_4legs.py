@@ -24,12 +24,20 @@ from feature_extraction.relevancy import (ENCODER_OF_STAGES, TOP_FRACTION, Stage
                                           check_prompt_options, detect_spans, encode_prompts, frame_scores, heat,
                                           overlay, prompt_dir, render_relevance_video)
 
+# timeline.png
+TIMELINE_INCHES = (8, 3)  # figure width, height
+TIMELINE_DPI = 100  # -> 800 x 300 pixels
+LEGEND_MAX_VIEWS = 6  # more views than this plot unlabelled (only mean and threshold in the legend)
+RELEVANCE_MAX = 0.5  # relevance lies in [0, 0.5] (relevancy.py): the y axis shows at least all of it
+Y_HEADROOM = 1.05  # the y axis reaches 5% above RELEVANCE_MAX or the highest score
+
 
 def meta_views(seq_dir, split, num_t, device):
     """One view per camera of <split>_meta.json: [(name, [camera settings per timestep])]."""
     meta = helpers.load_meta(seq_dir, split)
     if len(meta["fn"]) < num_t:
-        raise helpers.UserError(f"{meta['path']} has {len(meta['fn'])} timesteps, stage 1 has {num_t}")
+        raise helpers.UserError(f"{meta['path']} has {len(meta['fn'])} timesteps, "
+                                f"{helpers.stage_name('train_d3dgs.py')} has {num_t}")
     return [(f"cam{cam_id}", [helpers.setup_camera(meta["w"], meta["h"], meta["k"][t][c], meta["w2c"][t][c],
                                                    device=device) for t in range(num_t)])
             for c, cam_id in enumerate(meta["cam_id"])]
@@ -47,16 +55,16 @@ def plot_timeline(path, prompt, scores, per_view, spans, threshold):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 3), dpi=100)
+    fig, ax = plt.subplots(figsize=TIMELINE_INCHES, dpi=TIMELINE_DPI)
     t = np.arange(len(scores))
     for name, view in per_view.items():
-        ax.plot(t, view["scores"], lw=0.8, alpha=0.5, label=name if len(per_view) <= 6 else None)
+        ax.plot(t, view["scores"], lw=0.8, alpha=0.5, label=name if len(per_view) <= LEGEND_MAX_VIEWS else None)
     ax.plot(t, scores, color="k", lw=2, label="mean")
     ax.axhline(threshold, color="r", ls="--", lw=1, label="threshold")
     for first, last in spans:
         ax.axvspan(first - 0.5, last + 0.5, color="orange", alpha=0.25)
     ax.set_xlim(-0.5, len(scores) - 0.5)
-    ax.set_ylim(0, max(0.5 * 1.05, 1.05 * max(scores, default=0)))
+    ax.set_ylim(0, Y_HEADROOM * max(RELEVANCE_MAX, max(scores, default=0)))
     ax.set_xlabel("timestep")
     ax.set_ylabel("relevance score")
     ax.set_title(f'"{prompt}": {", ".join(f"{a}-{b}" for a, b in spans) if spans else "not found"}')

@@ -161,7 +161,8 @@ def profile(params, variables, optimizer, dataset, num_iters, loss_fn, name, rng
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("-s", "--seq", required=True, help="sequence folder")
+    parser.add_argument("-s", "--seq", required=True,
+                        help=f"sequence folder, or its name under {helpers.DATA_DIR}/ (as the stage scripts' -s)")
     parser.add_argument("--state", help="timesteps/ folder of a finished run: its timestep 0 is the scene")
     parser.add_argument("--iters", type=int, default=500, help="timed iterations per setting")
     parser.add_argument("--no-compile", action="store_true", help="time t > 0 with eager losses only")
@@ -169,6 +170,7 @@ def main():
                         help="then profile N t > 0 iterations (compiled unless --no-compile): top kernels, GPU busy "
                              "vs wall time; 0: no profile")
     args = parser.parse_args()
+    args.seq = helpers.find_sequence(args.seq)
     if not torch.cuda.is_available():
         raise helpers.UserError("this benchmark times CUDA kernels: it needs a GPU")
     device = torch.device("cuda")

@@ -107,7 +107,8 @@ def cosines(summary):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seq", required=True, help="a sequence folder (PanopticSports layout)")
+    parser.add_argument("--seq", required=True, help="a sequence folder (PanopticSports layout), or its name "
+                        f"under {helpers.DATA_DIR}/ (as the stage scripts' -s)")
     parser.add_argument("-f", "--first", type=int, default=0, help="first timestep (default: %(default)s)")
     parser.add_argument("-l", "--last", type=int, default=9, help="last timestep, inclusive (default: %(default)s)")
     parser.add_argument("--encoder", default="viclip-random",
@@ -125,6 +126,10 @@ def main():
     parser.add_argument("--json", default="results/bench_extract_reuse.json",
                         help="where all figures go (default: %(default)s)")
     args = parser.parse_args()
+    try:
+        args.seq = helpers.find_sequence(args.seq)
+    except helpers.UserError as e:
+        parser.error(str(e))
     device = helpers.pick_device(args.device)
     meta = helpers.load_meta(args.seq, "train")
     timesteps = list(range(args.first, args.last + 1))

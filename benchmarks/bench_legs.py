@@ -217,7 +217,8 @@ def main():
     p.add_argument("--block", type=int, default=100, help="iterations per timed block (default: %(default)s)")
     p.add_argument("--device", default=None)
     p = sub.add_parser("warmstart", help="cold against warm start on a real sequence")
-    p.add_argument("-s", "--seq", required=True)
+    p.add_argument("-s", "--seq", required=True,
+                   help=f"sequence folder, or its name under {helpers.DATA_DIR}/ (as the stage scripts' -s)")
     p.add_argument("-e", "--exp", default="exp1")
     p.add_argument("--encoder", required=True)
     p.add_argument("-t", type=int, default=1, help="timestep to compare (t-1 is trained first; default: %(default)s)")
@@ -226,6 +227,8 @@ def main():
     p.add_argument("--downscale", type=int, default=2, help="(default: %(default)s)")
     p.add_argument("--device", default=None)
     args = parser.parse_args()
+    if args.mode == "warmstart":
+        args.seq = helpers.find_sequence(args.seq)
     if args.mode == "warmstart" and args.t < 1:
         raise helpers.UserError("-t must be >= 1 (timestep t-1 is the warm start's source)")
     speed(args) if args.mode == "speed" else warmstart(args)

@@ -125,8 +125,8 @@ def synthetic_sequence(out, num_t, num_cams=27, w=640, h=360):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seq", help="a sequence folder with 640x360 images (default: synthetic frames in "
-                        "results/bench_viclip/synthetic)")
+    parser.add_argument("--seq", help=f"a sequence folder with 640x360 images, or its name under {helpers.DATA_DIR}/ "
+                        "(default: synthetic frames in results/bench_viclip/synthetic)")
     parser.add_argument("--timesteps", type=int, nargs="+", default=[4, 5], help="timesteps timed end to end")
     parser.add_argument("--batch-size", type=int, default=64, help="clips per call of our network")
     parser.add_argument("--repeats", type=int, default=8, help="timed calls per variant (median)")
@@ -140,6 +140,11 @@ def main():
                         help="where all figures go (default: %(default)s)")
     parser.add_argument("--device", default="cuda", help="a CUDA device")
     args = parser.parse_args()
+    if args.seq is not None:
+        try:
+            args.seq = helpers.find_sequence(args.seq)
+        except helpers.UserError as e:
+            parser.error(str(e))
     from torch.nn.attention import SDPBackend
     backends = {"default": None, "flash": [SDPBackend.FLASH_ATTENTION], "cudnn": [SDPBackend.CUDNN_ATTENTION],
                 "efficient": [SDPBackend.EFFICIENT_ATTENTION]}

@@ -1,4 +1,4 @@
-"""Stage 2: tile pyramid geometry, clips, crops and resizing against torch.nn.Unfold and
+"""Stage 3 (extract_features.py): tile pyramid geometry, clips, crops and resizing against torch.nn.Unfold and
 torchvision, the cache (reuse, invalidation, atomicity), dense maps against a per-pixel reference,
 sharding, the colour and open_clip encoders, extraction end to end on a tiny sequence, and the reuse
 of unchanged clips' embeddings against recomputing them."""

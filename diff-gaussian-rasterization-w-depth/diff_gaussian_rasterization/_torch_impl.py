@@ -264,7 +264,7 @@ def csr(rows, cols, values, shape):
 
 # Up to this many channels the backward splats channel by channel; beyond, sparse matrix products
 # (on CPU, per channel is several times faster for the 4 to 7 channels of stage 1 and several
-# times slower for the 132 of stage 4).
+# times slower for the 132 of stage 5).
 FEW_CHANNELS = 16
 
 
