@@ -3,6 +3,7 @@
 Conventions: cameras in the OpenCV convention of the PanopticSports data (+x right, +y down, +z
 forward); quaternions (w, x, y, z); images float32 [3, H, W] in [0, 1].
 """
+import argparse
 import contextlib
 import errno
 import hashlib
@@ -181,6 +182,14 @@ def stages_table():
     """The README's table of the stages (markdown)."""
     rows = [f"| {s.number} | `{s.script}` | {s.title} | {s.reads} | {s.writes} |" for s in STAGES.values()]
     return "\n".join(["| # | script | does | reads | writes |", "|---|---|---|---|---|", *rows])
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default, except where it has none: a required option (-s)
+    or a default of None, whose help says what happens without it."""
+
+    def _get_help_string(self, action):
+        return action.help if action.required or action.default is None else super()._get_help_string(action)
 
 
 def add_sequence_option(parser):

@@ -291,7 +291,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         description="Build init_pt_cld.npz for a PanopticSports-format sequence that has none: visual "
                     "hull of the foreground masks + photo-consistent background points.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=helpers.HelpFormatter)
     helpers.add_sequence_option(parser)
     parser.add_argument("-t", "--timestep", type=int, default=0, help="timestep whose masks are carved")
     parser.add_argument("--fg-points", type=int, default=100_000, help="at most this many foreground points")

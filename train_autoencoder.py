@@ -159,9 +159,15 @@ def main(argv=None):
         sample = f" ({len(used)} of the {cached} cached: --max-timesteps)" if len(used) < cached else ""
         print(f"autoencoder: timesteps {spans(used)}{sample}; not cached by {helpers.stage_name('extract_features.py')}"
               f": {spans(missing)}")
-        if args.resume and trained_on(path) == made_from:
-            print(f"autoencoder: {path} is trained on these features with these settings, kept (--resume)")
-            return
+        if args.resume:
+            before = trained_on(path)
+            if before == made_from:
+                print(f"autoencoder: {path} is trained on these features with these settings, kept (--resume)")
+                return
+            if before is not None:
+                changed = ", ".join(k for k in made_from if before.get(k) != made_from[k])
+                print(f"autoencoder: {path} was trained on other {changed}: trained again (--resume keeps only a "
+                      "checkpoint of the same features and settings)")
         train(args, used, cache, path, device, made_from)
 
 

@@ -446,18 +446,11 @@ def assemble(ts_dir, out_dir, lpips_missing, resolution):
 
 # ---------------------------------------------------------------- main
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Every option's help ends with its default, except a required option's (-s), which has none."""
-
-    def _get_help_string(self, action):
-        return action.help if action.required else super()._get_help_string(action)
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=helpers.stage_description("train_d3dgs.py") + " Trains timestep after timestep; each "
                     "finished timestep is saved, so running the same command again continues where it stopped.",
-        formatter_class=HelpFormatter)
+        formatter_class=helpers.HelpFormatter)
     helpers.add_sequence_option(parser)
     parser.add_argument("-e", "--exp", default="exp1", help="experiment name: outputs go to output/<exp>/<seq>/")
     parser.add_argument("-f", "--first", type=int, default=None,

@@ -97,7 +97,8 @@ def test_stage4_trains_on_the_extracted_timesteps_only(tmp_path, monkeypatch, ca
     train_4legs.main(stage5 + ["-l", "2"])  # more features cached: the autoencoder still fits its timesteps
     train_autoencoder.main(stage4 + ["--resume", "--max-timesteps", "3"])  # another sample: trained again
     out = capsys.readouterr().out
-    assert "timesteps 0, 2, 4 (3 of the 5 cached: --max-timesteps)" in out and "kept" not in out, out
+    assert "timesteps 0, 2, 4 (3 of the 5 cached: --max-timesteps)" in out and "kept (--resume)" not in out, out
+    assert "was trained on other timesteps, cache, settings: trained again" in out, out
     with pytest.raises(helpers.UserError, match="another autoencoder"):
         train_4legs.main(stage5 + ["-l", "2"])
 
