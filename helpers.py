@@ -29,6 +29,7 @@ PLAIN_PROGRESS_SECONDS = 30  # off a terminal: at most one progress line this of
 ORBIT_UP = (0.0, -1.0, 0.0)  # PanopticSports: +y points down, to the floor
 MIN_DOWNSCALED_SIDE = 8  # pixels: the least --downscale may leave of an image's width or height
 OUTPUT_ROOTS = (DATA_DIR, "output", "results")  # the only folders of the working directory written to
+FOREGROUND_THRESHOLD = 0.5  # a Gaussian whose seg colour's first channel (foreground) is above this is foreground
 
 
 class UserError(Exception):
@@ -738,6 +739,11 @@ def orbit_cameras(meta, means3D, is_fg, num_t, device="cpu"):
 
 
 # ---------------------------------------------------------------- geometry
+
+def is_foreground(seg_colors):
+    """seg_colors [N, 3] (fg, 0, 1 - fg), numpy or torch -> bool [N]: the foreground Gaussians."""
+    return seg_colors[:, 0] > FOREGROUND_THRESHOLD
+
 
 def knn(points, k):
     """points [N, 3] numpy -> (squared distances [N, k], indices [N, k]) of the k nearest other

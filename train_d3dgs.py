@@ -130,7 +130,7 @@ def initialize_post_first_timestep(params):
     nearest foreground neighbours with weights exp(-NEIGHBOUR_FALLOFF d^2) and distances, the background's
     positions and rotations. The returned variables also seed the velocity (zero at t=1)."""
     device = params["means3D"].device
-    is_fg = params["seg_colors"][:, 0] > 0.5
+    is_fg = helpers.is_foreground(params["seg_colors"])
     pts = params["means3D"].detach()
     rot = F.normalize(params["unnorm_rotations"].detach())
     fg_idx, bg_idx = torch.nonzero(is_fg)[:, 0], torch.nonzero(~is_fg)[:, 0]

@@ -61,7 +61,7 @@ def load_scene(seq_dir, exp, encoder_spec, device, cache_root=None):
         for c, cam_id in enumerate(meta["cam_id"]):
             presets[f"{split} cam{cam_id}"] = (meta["w"], meta["h"], np.asarray(meta["k"][0][c]),
                                                np.asarray(meta["w2c"][0][c]))
-    fg = frames[0]["seg_colors"][:, 0] > 0.5
+    fg = helpers.is_foreground(frames[0]["seg_colors"])
     center = frames[0]["means3D"][fg if fg.any() else slice(None)].mean(0).cpu().numpy()
     return {"seq_dir": seq_dir, "exp": exp, "encoder_spec": encoder_spec, "cache_root": cache_root,
             "device": device, "params_path": params_path, "num_t": num_t, "frames": frames,

@@ -47,7 +47,7 @@ def orbit_view(seq_dir, stages, device):
     """The orbit of helpers.orbit_cameras, as visualize_d3dgs.py shows it: [("orbit", cameras)]."""
     arrays = helpers.read_d3dgs_params(stages.params_path)
     return [("orbit", helpers.orbit_cameras(helpers.load_meta(seq_dir, "train"), arrays["means3D"][0],
-                                            arrays["seg_colors"][:, 0] > 0.5, stages.num_t, device))]
+                                            helpers.is_foreground(arrays["seg_colors"]), stages.num_t, device))]
 
 
 def plot_timeline(path, prompt, scores, per_view, spans, threshold):

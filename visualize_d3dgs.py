@@ -24,7 +24,7 @@ def render_frames(params_path, views, timesteps, fg_only, device, bar):
         cam, correction, gt_path, size = views[t]
         gaussians = helpers.load_d3dgs_params(params_path, t, device)
         if fg_only:
-            keep = gaussians["seg_colors"][:, 0] > 0.5
+            keep = helpers.is_foreground(gaussians["seg_colors"])
             gaussians = {k: v[keep] for k, v in gaussians.items()}
         with torch.no_grad():
             im, _, _, _ = helpers.render_d3dgs(cam, gaussians)
@@ -84,7 +84,8 @@ def main(argv=None):
 
     videos = {f"test_cam{cam_id}": camera_views("test", c) for c, cam_id in enumerate(metas["test"]["cam_id"])}
     videos.update({f"train_cam{metas['train']['cam_id'][c]}": camera_views("train", c) for c in train_idx})
-    orbit = helpers.orbit_cameras(metas["train"], arrays["means3D"][0], arrays["seg_colors"][:, 0] > 0.5, num_t, device)
+    is_fg = helpers.is_foreground(arrays["seg_colors"])
+    orbit = helpers.orbit_cameras(metas["train"], arrays["means3D"][0], is_fg, num_t, device)
     videos["orbit"] = {t: (orbit[t], None, None, None) for t in timesteps}
     jobs = [(name, False) for name in videos] + ([(name, True) for name in videos] if args.fg_only else [])
     out_dir = helpers.stage_dir("results", args.exp, seq_dir)
