@@ -126,10 +126,7 @@ def main():
     parser.add_argument("--json", default="results/bench_extract_reuse.json",
                         help="where all figures go (default: %(default)s)")
     args = parser.parse_args()
-    try:
-        args.seq = helpers.find_sequence(args.seq)
-    except helpers.UserError as e:
-        parser.error(str(e))
+    args.seq = helpers.find_sequence(args.seq)
     device = helpers.pick_device(args.device)
     meta = helpers.load_meta(args.seq, "train")
     timesteps = list(range(args.first, args.last + 1))
@@ -204,4 +201,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    helpers.run_main(main)

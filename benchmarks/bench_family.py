@@ -24,6 +24,7 @@ import numpy as np
 
 import helpers
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the stage scripts' folder
 TARGETS = {"mean_psnr": 26.0, "min_camera_psnr": 22.0, "mean_mask_iou": 0.5, "mean_temporal_iou": 0.7,
            "min_prompt_mask_iou": 0.3}
 
@@ -31,16 +32,17 @@ TARGETS = {"mean_psnr": 26.0, "min_camera_psnr": 22.0, "mean_mask_iou": 0.5, "me
 def run_member(seed, args, stage1_extra):
     """Draw member `seed` and run stages 1, 3, 4, 5 and the grounding on it -> {stage: seconds}."""
     seq, name = f"data/family{seed}", f"family{seed}"
-    py = [sys.executable]
-    draw = [*py, "synthetic_sequence.py", "--seed", str(seed), "--out", seq, "--benchmark", "data/grounding",
+    def script(name):
+        return [sys.executable, os.path.join(REPO, name)]
+    draw = [*script("synthetic_sequence.py"), "--seed", str(seed), "--out", seq, "--benchmark", "data/grounding",
             "--video-dir", "", *args.draw]
     steps = {
         "draw": draw,
-        "1 train_d3dgs": [*py, "train_d3dgs.py", "-s", seq, "-e", args.exp, *stage1_extra],
-        "3 extract_features": [*py, "extract_features.py", "-s", seq, "--encoder", "color"],
-        "4 train_autoencoder": [*py, "train_autoencoder.py", "-s", seq, "--encoder", "color", "--resume"],
-        "5 train_4legs": [*py, "train_4legs.py", "-s", seq, "-e", args.exp, "--encoder", "color"],
-        "grounding": [*py, "evaluate_grounding.py", "-s", seq, "-e", args.exp, "--encoder", "color",
+        "1 train_d3dgs": [*script("train_d3dgs.py"), "-s", seq, "-e", args.exp, *stage1_extra],
+        "3 extract_features": [*script("extract_features.py"), "-s", seq, "--encoder", "color"],
+        "4 train_autoencoder": [*script("train_autoencoder.py"), "-s", seq, "--encoder", "color", "--resume"],
+        "5 train_4legs": [*script("train_4legs.py"), "-s", seq, "-e", args.exp, "--encoder", "color"],
+        "grounding": [*script("evaluate_grounding.py"), "-s", seq, "-e", args.exp, "--encoder", "color",
                       "--benchmark", f"data/grounding/{name}"],
     }
     if os.path.exists(os.path.join(seq, "train_meta.json")):
@@ -56,7 +58,7 @@ def run_member(seed, args, stage1_extra):
             done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env)
             seconds[stage] = round(time.perf_counter() - start, 1)
             if done.returncode:
-                raise RuntimeError(f"seed {seed}: {stage} exited {done.returncode}; see {log_path}")
+                raise helpers.UserError(f"seed {seed}: {stage} exited {done.returncode}; its output: {log_path}")
     return seconds
 
 
@@ -105,6 +107,7 @@ def markdown(reports, met, command):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    command = "python benchmarks/bench_family.py " + " ".join(argv)
     stage1_extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -116,13 +119,16 @@ def main(argv=None):
                    help="options for synthetic_sequence.py (e.g. --draw --width 128 --timesteps 8); last")
     args = p.parse_args(argv)
     helpers.check_experiment(args.exp)
+    for option in ("jobs", "threads"):
+        helpers.check_option(args, option, at_least=1)
+    if min(args.seeds) < 1:
+        raise helpers.UserError(f"--seeds {min(args.seeds)}: family members are 1, 2, 3, ...")
     os.makedirs(os.path.join("results", args.exp), exist_ok=True)
     start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         seconds = dict(zip(args.seeds, pool.map(lambda s: run_member(s, args, stage1_extra), args.seeds)))
     reports = [{**member_report(s, args.exp), "seconds": seconds[s]} for s in args.seeds]
     met = summary(reports)
-    command = "python benchmarks/bench_family.py " + " ".join(sys.argv[1:] if argv is None else argv)
     text = markdown(reports, met, command)
     print(text)
     print(f"\n{len(reports)} members in {time.perf_counter() - start:.0f} s; per member and stage (s):")
@@ -136,4 +142,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    helpers.run_main(main)

@@ -141,10 +141,7 @@ def main():
     parser.add_argument("--device", default="cuda", help="a CUDA device")
     args = parser.parse_args()
     if args.seq is not None:
-        try:
-            args.seq = helpers.find_sequence(args.seq)
-        except helpers.UserError as e:
-            parser.error(str(e))
+        args.seq = helpers.find_sequence(args.seq)
     from torch.nn.attention import SDPBackend
     backends = {"default": None, "flash": [SDPBackend.FLASH_ATTENTION], "cudnn": [SDPBackend.CUDNN_ATTENTION],
                 "efficient": [SDPBackend.EFFICIENT_ATTENTION]}
@@ -278,4 +275,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    helpers.run_main(main)
