@@ -277,10 +277,9 @@ def turbo_heat(colour):
 
 def test_browser_prompt_heatmap_lands_on_the_object(lifted, served, browser, monkeypatch):
     """Type a prompt in headless Chromium: the image changes, the timeline's span button jumps to the
-    ball's flight, the keyboard steps the time slider, the heatmap's peak falls on the ball
-    (ground-truth ids) in mid-flight; a render that fails is
-    reported in the panel and the viewer goes on; a second browser moves its own camera, not the
-    first one's; play and pause."""
+    ball's flight, the keyboard steps the time slider, the heat lies on the ball (ground-truth ids)
+    in mid-flight; a render that fails is reported in the panel and the viewer goes on; a second
+    browser moves its own camera, not the first one's; play and pause."""
     (root, flight), driver = lifted, browser
 
     def panel_text():
