@@ -34,6 +34,7 @@ from feature_extraction.autoencoder import ae_ckpt_path, load_autoencoder
 from feature_extraction.cache import add_cache_dir_option, cache_identity
 from feature_extraction.relevancy import (check_legs, d3dgs_params_path, encoder_name, feature_cache, legs_dir,
                                           legs_path, load_legs, read_legs, render_features)
+from feature_extraction.tiles import TILE_MIXES
 
 NUM_NEIGHBOURS = 20
 LEGS_DIM = 128
@@ -132,14 +133,17 @@ def knn_brute_force(points, k):
     return idx
 
 
-def encode_targets(cache, t, ae, cams, device):
+def encode_targets(cache, t, ae, cams, device, guides=None):
     """Per train camera the AE-encoded per-pixel feature map [128, h, w] float32 (stage-3 dense map
-    -> encoder), computed once per camera and timestep, on first use, on `device`."""
+    -> encoder), computed once per camera and timestep, on first use, on `device`. guides: None for
+    the mean over the tile levels (--tile-mix mean), else a function camera index -> its image at
+    timestep t (float [3, H, W] at the cached size), whose purest tiles give each pixel's feature."""
     from feature_extraction import dense_feature_map
 
     def make(c):
         h, w = cams[c].image_height, cams[c].image_width
-        flat = dense_feature_map(cache, t, c, h, w, device).reshape(-1, h * w).T
+        guide = None if guides is None else guides(c)
+        flat = dense_feature_map(cache, t, c, h, w, device, guide).reshape(-1, h * w).T
         with torch.no_grad():
             z = torch.cat([ae.encode(flat[i:i + ENCODE_ROWS]) for i in range(0, flat.shape[0], ENCODE_ROWS)])
         return z.T.reshape(-1, h, w)
@@ -301,9 +305,13 @@ def prepare_timestep(t, args, meta, params_path, ae, cache, device, use_rasteriz
     """Everything a timestep's training needs that does not change while it trains."""
     rendervar = helpers.load_d3dgs_params(params_path, t, device)
     cams = helpers.cameras_at(helpers.scale_meta(meta, args.downscale), t, device=device)
+    guides = None
+    if args.tile_mix == "purest":
+        def guides(c):
+            return helpers.load_image(os.path.join(args.seq, "ims", meta["fn"][t][c]), (meta["w"], meta["h"]))
     return {"rendervar": rendervar, "neighbours": neighbour_indices(rendervar["means3D"]),
             "renderers": make_renderers(cams, rendervar, use_rasterizer),
-            "targets": encode_targets(cache, t, ae, cams, device),
+            "targets": encode_targets(cache, t, ae, cams, device, guides),
             "lrs": {"latents": args.lr_features, "attention": args.lr_attention},
             "device": device, "seed": args.seed}
 
@@ -353,6 +361,11 @@ def parse_args(argv=None):
     p.add_argument("--lr-features", type=float, default=0.0025, help="Adam lr of the latents (default: %(default)s)")
     p.add_argument("--lr-attention", type=float, default=0.00016,
                    help="Adam lr of the attention (default: %(default)s)")
+    p.add_argument("--tile-mix", choices=TILE_MIXES, default="purest", help="how a pixel's target feature comes "
+                   "from the stage-3 tiles: 'purest', the embedding of the surrounding tile (any level) whose pixels "
+                   "most look like it, which finds objects of one small tile's size; 'mean', the original's mean "
+                   "over the levels of the bilinear blend of tile centres (default: %(default)s; "
+                   "feature_extraction/tiles.py)")
     p.add_argument("--downscale", type=int, default=1, help="train on images downscaled by this integer "
                    "factor (default: %(default)s = full resolution)")
     p.add_argument("--restart", action="store_true", help="train the timesteps of the range again even "
@@ -403,7 +416,8 @@ def main(argv=None):
     out_dir = legs_dir(args.exp, args.seq)
     # what every record must have been made from: a finished timestep made from anything else is refused
     made_from = {"encoder": encoder_name(args.encoder), "ae_run_id": ae_info["run_id"],
-                 "params": helpers.d3dgs_identity(params_path)["fingerprint"], "downscale": args.downscale}
+                 "params": helpers.d3dgs_identity(params_path)["fingerprint"], "downscale": args.downscale,
+                 "tile_mix": args.tile_mix}
     import diff_gaussian_rasterization_feat as dgrf
     use_rasterizer = device.type == "cuda" and dgrf.cuda_available()
     train_cmd = f"python train_4legs.py -s {args.seq} -e {args.exp} --encoder {args.encoder}"

@@ -60,7 +60,7 @@ def speed(args):
     timings["neighbours_s"] = time.perf_counter() - t0
 
     # a stage-3 cache of random tile embeddings (the real layout), so that the targets are made
-    # exactly as train_4legs.py makes them: dense_feature_map, then the autoencoder's encoder
+    # exactly as train_4legs.py makes them: dense_feature_map (purest tiles), then the autoencoder's encoder
     from feature_extraction import cache as feature_cache, tiles
     levels = tiles.tile_levels(h, w)
     os.makedirs("results", exist_ok=True)
@@ -73,7 +73,8 @@ def speed(args):
     ae = Autoencoder().to(device).eval()
     sync(device)
     t0 = time.perf_counter()
-    targets = train_4legs.encode_targets(cache, 0, ae, cams, device)
+    guides = torch.rand(args.cams, 3, h, w, generator=torch.Generator().manual_seed(0))  # the default --tile-mix
+    targets = train_4legs.encode_targets(cache, 0, ae, cams, device, lambda c: guides[c])
     for c in range(args.cams):
         targets[c]
     sync(device)

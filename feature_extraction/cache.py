@@ -198,10 +198,12 @@ def load_tile_embeddings(cache, t):
     return torch.cat([torch.from_numpy(level).flatten(0, 2) for level in levels])
 
 
-def dense_feature_map(cache, t, cam_index, height, width, device="cpu"):
+def dense_feature_map(cache, t, cam_index, height, width, device="cpu", guide=None):
     """Per-pixel features of camera cam_index (train_meta's order) at timestep t: float32
-    [D, height, width] on `device`, the mean over levels of the bilinear interpolation of the tile
-    centres (height x width other than the cached image size maps pixel centres onto it)."""
+    [D, height, width] on `device` (height x width other than the cached image size maps pixel
+    centres onto it). guide None: the mean over levels of the bilinear interpolation of the tile
+    centres (the original's); guide float [3, H, W] in [0, 1], the camera's image at timestep t at the
+    cached size: each pixel's purest tile (tiles.dense_purest)."""
     config = _checked_config(cache, t)
     cams = len(config["cam_id"])
     if not 0 <= cam_index < cams:
@@ -209,5 +211,10 @@ def dense_feature_map(cache, t, cam_index, height, width, device="cpu"):
     grids = [load_level(cache, t, i, mmap_mode="r")[cam_index] for i in range(len(config["levels"]))]
     for grid in grids:
         check_finite(grid, cache, t)
-    return tiles.dense_from_grids(grids, config["levels"], (config["height"], config["width"]), (height, width),
-                                  torch.device(device))
+    if guide is None:
+        return tiles.dense_from_grids(grids, config["levels"], (config["height"], config["width"]), (height, width),
+                                      torch.device(device))
+    if tuple(guide.shape) != (3, config["height"], config["width"]):
+        raise UserError(f"{timestep_dir(cache, t)}: guide image of shape {tuple(guide.shape)}, the tiles were cut "
+                        f"from {config['width']}x{config['height']} images")
+    return tiles.dense_purest(grids, config["levels"], guide, (height, width), torch.device(device))

@@ -78,7 +78,8 @@ def feature_cache(root, encoder_spec, seq_dir=None):
 LEGS_MADE_FROM = {"encoder": "was trained on '{old}' features, not '{new}'",
                   "ae_run_id": "was trained with another autoencoder (stage 4 was retrained since)",
                   "params": "was trained on other stage-1 Gaussians (stage 1 was retrained since: params.npz changed)",
-                  "downscale": "was trained with --downscale {old}, not {new}"}
+                  "downscale": "was trained with --downscale {old}, not {new}",
+                  "tile_mix": "was trained with --tile-mix {old}, not {new}"}
 
 
 def check_legs(record, path, made_from):

@@ -9,6 +9,16 @@ A pixel's feature at one level is the bilinear interpolation of the four surroun
 embeddings, the grid extended by repeating its last row and column; the dense map is the mean of
 the levels. Pixel (row y, column x) sits at integer coordinates, as in the original.
 
+The purest tile (train_4legs.py's default --tile-mix, ours): the mean over levels drowns an object
+that fills about one tile of the finest level, since the larger levels see it as a few percent of
+their pixels (docs/benchmark.md measures it), and the bilinear blend spreads it over its
+neighbours. Instead each pixel takes the embedding of one tile: among the tiles whose centres
+surround it (the four of the bilinear interpolation, on every level) the one whose pixels most
+look like it, i.e. the largest share of the tile's pixels in the pixel's colour bin (COLOUR_BINS
+per channel, trilinear soft binning, the clip's frame t as the guide); between equally pure tiles
+the larger one, so that a uniform region keeps the most context. The embeddings are then the
+encoder's own, never blends.
+
 Reuse (extract_features.py): a tile's clip is compared with another clip of the same tile through
 their shrunken images, REUSE_GRID x REUSE_GRID cells per frame (crop_tiles at that size, so each
 cell is the antialiased mean of its patch of the tile); clip_change is the largest change of one
@@ -25,6 +35,8 @@ NUM_LEVELS = 5
 STRIDE_SCALER = 0.5
 CLIP_OFFSETS = tuple(range(-4, 4))  # frames t-4 .. t+3
 REUSE_GRID = 8  # cells per side of the shrunken tile images that clip_change compares
+COLOUR_BINS = 6  # bins per RGB channel of the purest tile's colour histograms
+TILE_MIXES = ("purest", "mean")  # train_4legs.py's --tile-mix: ours, the original's
 
 
 def tile_ratios():
@@ -155,3 +167,76 @@ def dense_from_grids(grids, levels, src_hw, out_hw, device):
         r_cols = interp_matrix(lv, g.shape[2], w, src_hw[1], device)
         out.baddbmm_(r_rows.expand(dim, -1, -1), g @ r_cols.T)
     return out.div_(len(levels))
+
+
+def soft_colour_bins(image):
+    """image float [3, ...] in [0, 1] -> (bins int64 [8, ...], weights [8, ...]): trilinear soft
+    assignment of every pixel to the COLOUR_BINS^3 bins of the RGB cube (weights sum to 1)."""
+    x = image.clamp(0, 1) * (COLOUR_BINS - 1)
+    lo = x.floor().clamp(max=COLOUR_BINS - 2)
+    frac = x - lo
+    lo = lo.long()
+    bins, weights = [], []
+    for corner in range(8):
+        up = [(corner >> axis) & 1 for axis in range(3)]
+        bins.append(((lo[0] + up[0]) * COLOUR_BINS + lo[1] + up[1]) * COLOUR_BINS + lo[2] + up[2])
+        weights.append(torch.stack([frac[a] if up[a] else 1 - frac[a] for a in range(3)]).prod(0))
+    return torch.stack(bins), torch.stack(weights)
+
+
+def tile_histograms(guide, levels, chunk=27):
+    """guide float [3, H, W] in [0, 1] -> per level float32 [COLOUR_BINS^3, rows * cols]: the share of
+    each tile's pixels in each colour bin (soft), zero padding counted as no colour, as the tiles
+    hold it. Bins are pooled `chunk` at a time, so memory stays at chunk x H x W."""
+    bins, weights = soft_colour_bins(guide)
+    out = [[] for _ in levels]
+    for first in range(0, COLOUR_BINS ** 3, chunk):
+        onehot = torch.zeros(chunk + 1, *guide.shape[1:], device=guide.device)  # last row: other bins
+        onehot.scatter_add_(0, torch.where((bins >= first) & (bins < first + chunk), bins - first, chunk), weights)
+        for hist, lv in zip(out, levels):
+            pooled = F.avg_pool2d(onehot[None, :chunk], lv["kernel"], lv["stride"], lv["padding"],
+                                  count_include_pad=True)[0]
+            hist.append(pooled[:, :lv["rows"], :lv["cols"]].flatten(1))
+    return [torch.cat(hist) for hist in out]
+
+
+def purest_tiles(levels, guide, out_hw):
+    """For every pixel of an out_hw image, the index of its purest tile (module docstring) into the
+    levels' tiles concatenated in cache order (level, row, col) of one camera: int64 [height * width].
+
+    guide float [3, H, W] in [0, 1] at the tiles' image size (the clip's frame t); other out_hw map
+    pixel centres onto it (the pixels' colours from the guide resized, antialiased)."""
+    (h, w), (src_h, src_w) = out_hw, guide.shape[1:]
+    device = guide.device
+    pixels = guide if (h, w) == (src_h, src_w) else F.interpolate(
+        guide[None], size=(h, w), mode="bilinear", align_corners=False, antialias=True)[0]
+    bins, weights = soft_colour_bins(pixels.reshape(3, -1))  # [8, P]
+    self_share = (weights ** 2).sum(0)  # the share a tile all of this colour scores
+    best = torch.full((h * w,), -1.0, device=device)
+    choice = torch.zeros(h * w, dtype=torch.long, device=device)
+    offsets = np.cumsum([0] + [lv["rows"] * lv["cols"] for lv in levels])
+    hists = tile_histograms(guide, levels)
+    for li in reversed(range(len(levels))):  # coarse to fine: a finer tile wins only when purer
+        lv, hist = levels[li], hists[li]
+        rows = interp_matrix(lv, lv["rows"], h, src_h, device)
+        cols = interp_matrix(lv, lv["cols"], w, src_w, device)
+        row_w, row_i = rows.topk(min(2, lv["rows"]), dim=1)  # the (at most) two centres around each pixel
+        col_w, col_i = cols.topk(min(2, lv["cols"]), dim=1)
+        for a in range(row_w.shape[1]):
+            for b in range(col_w.shape[1]):
+                surrounds = (row_w[:, a, None] > 0) & (col_w[None, :, b] > 0)  # [h, w]
+                tile = (row_i[:, a, None] * lv["cols"] + col_i[None, :, b]).reshape(-1)
+                share = (hist[bins, tile] * weights).sum(0) / self_share
+                better = surrounds.reshape(-1) & (share > best)
+                best = torch.where(better, share, best)
+                choice = torch.where(better, tile + int(offsets[li]), choice)
+    return choice
+
+
+def dense_purest(grids, levels, guide, out_hw, device):
+    """grids: per level [rows, cols, D] (one camera); guide float [3, H, W] in [0, 1] (the clip's
+    frame t at the tiles' image size) -> float32 [D, height, width] on `device`: each pixel's purest
+    tile's embedding (purest_tiles)."""
+    flat = torch.cat([torch.from_numpy(np.array(g, dtype=np.float32)).flatten(0, 1) for g in grids]).to(device)
+    choice = purest_tiles(levels, guide.to(device, torch.float32), out_hw)
+    return flat[choice].T.reshape(-1, *out_hw).contiguous()
