@@ -14,6 +14,11 @@ timestep; a rerun resumes. Under torchrun each rank trains a contiguous block of
 warm start then chains within a block (each block's first timestep starts cold unless the
 previous timestep's file already exists).
 
+One difference is for small objects, not speed: a pixel's target is the embedding of its purest
+tile (the surrounding tile, on any level, whose pixels most look like it), not the mean over the
+tile levels, which drowns an object of about one tile of the finest level (--tile-mix;
+feature_extraction/tiles.py; docs/benchmark.md measures both on the scene family).
+
     python train_4legs.py -s data/synthetic -e exp1 --encoder viclip
     torchrun --nproc_per_node 4 train_4legs.py -s data/basketball -e exp1 --encoder viclip
 """
