@@ -30,6 +30,7 @@ $(STAMP): requirements.txt pyproject.toml $(RASTER_SOURCES)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q tests
 
 # The whole pipeline on your own sequence, resumable, with per-stage time and disk at the end (run_all.sh):

@@ -13,6 +13,7 @@ cameras) and averaged over prompts:
 
     python evaluate_grounding.py -s data/synthetic -e exp1 --encoder color --benchmark data/grounding/synthetic
 """
+
 import argparse
 import glob
 import os
@@ -24,9 +25,19 @@ import torch.nn.functional as F
 
 import helpers
 from feature_extraction.cache import add_cache_dir_option
-from feature_extraction.relevancy import (DETECT_THRESHOLD, ENCODER_OF_STAGES, MASK_FRACTION, Stages,
-                                          add_prompt_options, check_prompt_options, detect_spans, encode_prompts,
-                                          frame_scores, heat, render_relevance_video)
+from feature_extraction.relevancy import (
+    DETECT_THRESHOLD,
+    ENCODER_OF_STAGES,
+    MASK_FRACTION,
+    Stages,
+    add_prompt_options,
+    check_prompt_options,
+    detect_spans,
+    encode_prompts,
+    frame_scores,
+    heat,
+    render_relevance_video,
+)
 
 
 def read_benchmark(folder):
@@ -84,10 +95,13 @@ def grounding_metrics(relevance, gt_masks, threshold=DETECT_THRESHOLD):
 
     ious = {t: mask_iou(pred_mask(t, m.shape), m) for t, m in gt_masks.items()}
     union = pred_frames | gt_frames
-    return {"temporal_iou": len(pred_frames & gt_frames) / len(union) if union else 1.0,
-            "mask_iou": float(np.mean(list(ious.values()))) if ious else 0.0,
-            "viou": sum(ious[t] for t in pred_frames & gt_frames) / len(union) if union else 1.0,
-            "pred_spans": spans, "gt_frames": sorted(gt_frames)}
+    return {
+        "temporal_iou": len(pred_frames & gt_frames) / len(union) if union else 1.0,
+        "mask_iou": float(np.mean(list(ious.values()))) if ious else 0.0,
+        "viou": sum(ious[t] for t in pred_frames & gt_frames) / len(union) if union else 1.0,
+        "pred_spans": spans,
+        "gt_frames": sorted(gt_frames),
+    }
 
 
 def find_camera(seq_dir, cam_id, num_t, device):
@@ -96,10 +110,13 @@ def find_camera(seq_dir, cam_id, num_t, device):
         meta = helpers.load_meta(seq_dir, split)
         if cam_id in meta["cam_id"]:
             c = meta["cam_id"].index(cam_id)
-            return [helpers.setup_camera(meta["w"], meta["h"], meta["k"][t][c], meta["w2c"][t][c], device=device)
-                    for t in range(num_t)]
-    raise helpers.UserError(f"benchmark camera cam{cam_id}: no camera with cam_id {cam_id} in "
-                            f"{seq_dir}/test_meta.json or train_meta.json")
+            return [
+                helpers.setup_camera(meta["w"], meta["h"], meta["k"][t][c], meta["w2c"][t][c], device=device)
+                for t in range(num_t)
+            ]
+    raise helpers.UserError(
+        f"benchmark camera cam{cam_id}: no camera with cam_id {cam_id} in {seq_dir}/test_meta.json or train_meta.json"
+    )
 
 
 def parse_args(argv=None):
@@ -107,18 +124,25 @@ def parse_args(argv=None):
     helpers.add_sequence_option(p)
     p.add_argument("-e", "--exp", default="exp1", help="experiment name (default: %(default)s)")
     p.add_argument("--encoder", required=True, help=ENCODER_OF_STAGES)
-    p.add_argument("--benchmark", required=True, help="benchmark folder of this sequence, e.g. "
-                   "data/grounding/synthetic (<prompt_dir>/cam<N>.pt)")
-    p.add_argument("--out", default=None, help="json report, a file under results/ or output/ (default: "
-                   "results/<exp>/<seq>/grounding.json)")
+    p.add_argument(
+        "--benchmark",
+        required=True,
+        help="benchmark folder of this sequence, e.g. data/grounding/synthetic (<prompt_dir>/cam<N>.pt)",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="json report, a file under results/ or output/ (default: results/<exp>/<seq>/grounding.json)",
+    )
     add_prompt_options(p)
     add_cache_dir_option(p)
     args = p.parse_args(argv)
     args.seq = helpers.find_sequence(args.seq)
     check_prompt_options(args)
     if args.out is not None:
-        helpers.check_output("--out", args.out, "--out results/exp1/synthetic/grounding.json",
-                             roots=("results", "output"))
+        helpers.check_output(
+            "--out", args.out, "--out results/exp1/synthetic/grounding.json", roots=("results", "output")
+        )
     return args
 
 
@@ -128,25 +152,36 @@ def main(argv=None):
     benchmark = read_benchmark(args.benchmark)
     stages = Stages(args.seq, args.exp, args.encoder, device, args.cache_dir)
     from feature_extraction import load_encoder
+
     prompts = list(benchmark)
     positives, negatives = encode_prompts(load_encoder(args.encoder, device, args.viclip_ckpt), prompts, device)
     results = {p: {} for p in prompts}
     for cam_id in sorted({c for cams in benchmark.values() for c in cams}):
         on_cam = [q for q, p in enumerate(prompts) if cam_id in benchmark[p]]
         cams = find_camera(args.seq, cam_id, stages.num_t, device)
-        _, relevance = render_relevance_video(stages, cams, positives[on_cam], negatives,
-                                             stride=args.relevancy_stride, desc=f"cam{cam_id}")
+        _, relevance = render_relevance_video(
+            stages, cams, positives[on_cam], negatives, stride=args.relevancy_stride, desc=f"cam{cam_id}"
+        )
         for i, q in enumerate(on_cam):
-            results[prompts[q]][f"cam{cam_id}"] = grounding_metrics(relevance[i], benchmark[prompts[q]][cam_id],
-                                                                    args.threshold)
+            results[prompts[q]][f"cam{cam_id}"] = grounding_metrics(
+                relevance[i], benchmark[prompts[q]][cam_id], args.threshold
+            )
     keys = ("temporal_iou", "mask_iou", "viou")
     per_prompt = {p: {k: float(np.mean([r[k] for r in results[p].values()])) for k in keys} for p in prompts}
     mean = {k: float(np.mean([m[k] for m in per_prompt.values()])) for k in keys}
     out = args.out or os.path.join(helpers.stage_dir("results", args.exp, args.seq), "grounding.json")
-    helpers.save_json(out, {"benchmark": os.path.abspath(args.benchmark), "made_from": stages.provenance(),
-                            "threshold": args.threshold,
-                            "mask": f"relevance > {MASK_FRACTION} x max(video peak, threshold)",
-                            "mean": mean, "per_prompt": per_prompt, "per_camera": results})
+    helpers.save_json(
+        out,
+        {
+            "benchmark": os.path.abspath(args.benchmark),
+            "made_from": stages.provenance(),
+            "threshold": args.threshold,
+            "mask": f"relevance > {MASK_FRACTION} x max(video peak, threshold)",
+            "mean": mean,
+            "per_prompt": per_prompt,
+            "per_camera": results,
+        },
+    )
     width = max(len(p) for p in prompts + ["mean"])
     print(f"{'prompt':<{width}}  tIoU   mIoU   vIoU")
     for p in prompts + ["mean"]:

@@ -1,5 +1,6 @@
 """Image-quality functions shared by training and evaluation: SSIM (Wang et al. 2004) with the
 11x11 Gaussian window (sigma 1.5) used by 3D Gaussian Splatting and Dynamic 3D Gaussians."""
+
 import math
 
 import torch
@@ -14,10 +15,12 @@ def _window(channels, device, dtype, size=11, sigma=1.5):
     key = (channels, device, dtype)
     if key not in _WINDOWS:
         x = torch.arange(size, dtype=torch.float64) - size // 2
-        g = torch.exp(-x ** 2 / (2 * sigma ** 2))
+        g = torch.exp(-(x**2) / (2 * sigma**2))
         g = (g / g.sum()).to(device, dtype)
-        _WINDOWS[key] = (g.view(1, 1, size, 1).expand(channels, 1, size, 1).contiguous(),
-                         g.view(1, 1, 1, size).expand(channels, 1, 1, size).contiguous())
+        _WINDOWS[key] = (
+            g.view(1, 1, size, 1).expand(channels, 1, size, 1).contiguous(),
+            g.view(1, 1, 1, size).expand(channels, 1, 1, size).contiguous(),
+        )
     return _WINDOWS[key]
 
 
@@ -31,12 +34,13 @@ def calc_ssim(img1, img2, per_image=False):
     col, row = _window(5 * channels, img1.device, img1.dtype)
     pad = col.shape[2] // 2
     stack = torch.cat([img1, img2, img1 * img1, img2 * img2, img1 * img2], 1)
-    blurred = F.conv2d(F.conv2d(stack, col, padding=(pad, 0), groups=5 * channels), row, padding=(0, pad),
-                       groups=5 * channels)
+    blurred = F.conv2d(
+        F.conv2d(stack, col, padding=(pad, 0), groups=5 * channels), row, padding=(0, pad), groups=5 * channels
+    )
     mu1, mu2, mean11, mean22, mean12 = blurred.split(channels, 1)
     mu1_sq, mu2_sq, mu12 = mu1 * mu1, mu2 * mu2, mu1 * mu2
     sigma1_sq, sigma2_sq, sigma12 = mean11 - mu1_sq, mean22 - mu2_sq, mean12 - mu12
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    c1, c2 = 0.01**2, 0.03**2
     ssim_map = ((2 * mu12 + c1) * (2 * sigma12 + c2)) / ((mu1_sq + mu2_sq + c1) * (sigma1_sq + sigma2_sq + c2))
     return ssim_map.flatten(1).mean(1) if per_image else ssim_map.mean()
 
@@ -57,9 +61,15 @@ def densify_schedule(num_iters, grad_thresh=0.0002, max_gaussians=None):
     ~70 steps to climb back from 0.01 to 0.25, and a short run would prune everything.
     max_gaussians: no cloning or splitting that would pass this count (pruning goes on)."""
     every = max(10, round(0.01 * num_iters))  # average the gradient over some views, even in short runs
-    return {"start": every * max(1, round(0.05 * num_iters / every)), "stop": every * round(0.5 * num_iters / every),
-            "every": every, "reset": round(0.3 * num_iters) if num_iters >= 2000 else None,
-            "big_from": round(0.3 * num_iters), "grad_thresh": grad_thresh, "max_gaussians": max_gaussians}
+    return {
+        "start": every * max(1, round(0.05 * num_iters / every)),
+        "stop": every * round(0.5 * num_iters / every),
+        "every": every,
+        "reset": round(0.3 * num_iters) if num_iters >= 2000 else None,
+        "big_from": round(0.3 * num_iters),
+        "grad_thresh": grad_thresh,
+        "max_gaussians": max_gaussians,
+    }
 
 
 def _replace_param(params, optimizer, name, value, moments):
@@ -88,8 +98,13 @@ def update_params_and_optimizer(new_values, params, optimizer):
 def cat_params_to_optimizer(new_rows, params, optimizer):
     """Append rows to per-Gaussian tensors; their Adam moments start at zero."""
     for name, rows in new_rows.items():
-        _replace_param(params, optimizer, name, torch.cat([params[name].detach(), rows]),
-                       lambda m, rows=rows: torch.cat([m, torch.zeros_like(rows)]))
+        _replace_param(
+            params,
+            optimizer,
+            name,
+            torch.cat([params[name].detach(), rows]),
+            lambda m, rows=rows: torch.cat([m, torch.zeros_like(rows)]),
+        )
     return params
 
 
@@ -163,8 +178,9 @@ def densify(params, variables, optimizer, i, schedule, means2D_grad, radii):
         children["means3D"] = children["means3D"] + (rot @ torch.normal(0.0, stds)[:, :, None])[:, :, 0]
         children["log_scales"] = children["log_scales"] - math.log(0.8 * 2)
         num_new = int(to_clone.sum()) + 2 * int(to_split.sum())
-        params = cat_params_to_optimizer({k: torch.cat([clones[k], children[k]]) for k in per_gaussian},
-                                         params, optimizer)
+        params = cat_params_to_optimizer(
+            {k: torch.cat([clones[k], children[k]]) for k in per_gaussian}, params, optimizer
+        )
         n = params["means3D"].shape[0]
         variables["means2D_gradient_accum"] = torch.zeros(n, device=accum.device)
         variables["denom"] = torch.zeros(n, device=accum.device)
@@ -189,4 +205,5 @@ def densify(params, variables, optimizer, i, schedule, means2D_grad, radii):
 
 def _build_rotation(q):
     from diff_gaussian_rasterization._torch_impl import quat_to_rotmat
+
     return quat_to_rotmat(q)

@@ -22,6 +22,7 @@ CUDA); the next timestep's images are decoded in a background thread while the G
 Several GPUs: `torchrun --nproc_per_node=K extract_features.py -s SEQ` gives each rank a contiguous
 block of the timesteps (across nodes the same way, by global rank); a plain run uses one device.
 """
+
 import argparse
 import concurrent.futures
 import os
@@ -55,7 +56,7 @@ def shard(timesteps, rank, world):
     """Rank `rank`'s contiguous block of `timesteps` (blocks differ in length by at most one):
     neighbouring timesteps share 7 of their 8 frames, so a block decodes each image once."""
     bounds = np.linspace(0, len(timesteps), world + 1).round().astype(int)
-    return list(timesteps[bounds[rank]:bounds[rank + 1]])
+    return list(timesteps[bounds[rank] : bounds[rank + 1]])
 
 
 class FrameReader:
@@ -69,6 +70,7 @@ class FrameReader:
 
     def __call__(self, t):
         from PIL import Image
+
         frames = tiles.clip_frames(t, len(self.meta["fn"]))
         decoded = {}
         for f in sorted(set(frames)):
@@ -80,8 +82,10 @@ class FrameReader:
                     except OSError as e:
                         raise UserError(f"image {path} cannot be read ({e})")
                     if self.decoded[fn].shape[:2] != (self.meta["h"], self.meta["w"]):
-                        raise UserError(f"image {path} is {self.decoded[fn].shape[1]}x{self.decoded[fn].shape[0]}, "
-                                        f"{self.meta['path']} says {self.meta['w']}x{self.meta['h']}")
+                        raise UserError(
+                            f"image {path} is {self.decoded[fn].shape[1]}x{self.decoded[fn].shape[0]}, "
+                            f"{self.meta['path']} says {self.meta['w']}x{self.meta['h']}"
+                        )
                 decoded[fn] = self.decoded[fn]
         self.decoded = decoded
         cams = range(len(self.meta["cam_id"]))
@@ -110,7 +114,7 @@ def encode_tiles(encoder, padded, pad, levels, index, batch_size, fixed_batch, o
         clips = clips.sub_(mean).div_(std)
         if fixed_batch and len(clips) < batch_size:
             clips = torch.cat([clips, clips.new_zeros((batch_size - len(clips),) + clips.shape[1:])])
-        out[start:stop] = encoder.encode_video(clips)[:stop - start].to(torch.float16)
+        out[start:stop] = encoder.encode_video(clips)[: stop - start].to(torch.float16)
         if on_batch:
             on_batch(stop - start)
     return out
@@ -126,8 +130,18 @@ def shrunk_clips(padded, pad, levels, index, batch_size):
 
 
 @torch.inference_mode()
-def encode_timestep(encoder, frames, levels, index, batch_size, device, fixed_batch, on_batch=None,
-                    reference=None, tolerance=REUSE_TOLERANCE):
+def encode_timestep(
+    encoder,
+    frames,
+    levels,
+    index,
+    batch_size,
+    device,
+    fixed_batch,
+    on_batch=None,
+    reference=None,
+    tolerance=REUSE_TOLERANCE,
+):
     """All tile clips of one timestep through the encoder, or the embeddings of those that did not change.
 
     frames uint8 [C, 8, H, W, 3] (FrameReader's); index: tiles.tile_index tensors on `device`;
@@ -147,14 +161,16 @@ def encode_timestep(encoder, frames, levels, index, batch_size, device, fixed_ba
         reused = tiles.clip_change(shrunk, reference["clips"]) <= tolerance
     else:  # the run's first timestep: nothing to compare with
         reused = torch.zeros(len(shrunk), dtype=torch.bool, device=device)
-        reference.update(clips=shrunk, embeddings=torch.empty(len(shrunk), encoder.dim, dtype=torch.float16,
-                                                              device=device))
+        reference.update(
+            clips=shrunk, embeddings=torch.empty(len(shrunk), encoder.dim, dtype=torch.float16, device=device)
+        )
     changed = (~reused).nonzero()[:, 0]
     if on_batch:
         on_batch(len(shrunk) - len(changed))
     reference["clips"][changed] = shrunk[changed]
-    reference["embeddings"][changed] = encode_tiles(encoder, padded, pad, levels, [x[changed] for x in index],
-                                                    batch_size, fixed_batch, on_batch)
+    reference["embeddings"][changed] = encode_tiles(
+        encoder, padded, pad, levels, [x[changed] for x in index], batch_size, fixed_batch, on_batch
+    )
     return reference["embeddings"].clone(), reused
 
 
@@ -168,8 +184,11 @@ def extract(seq_dir, encoder, timesteps, batch_size, device, progress=True, cach
     meta = helpers.load_meta(seq_dir, "train")
     cache = cache_dir(cache_root or seq_dir, encoder.name)
     rank, world, _ = dist_rank()
-    with helpers.stage_lock(cache, "extract_features" + (f".rank{rank}of{world}" if world > 1 else ""),
-                            "; pass --cache-dir DIR to keep the features elsewhere"):
+    with helpers.stage_lock(
+        cache,
+        "extract_features" + (f".rank{rank}of{world}" if world > 1 else ""),
+        "; pass --cache-dir DIR to keep the features elsewhere",
+    ):
         feature_cache.claim_for_sequence(cache, seq_dir, meta)
         return extract_into(cache, seq_dir, meta, encoder, timesteps, batch_size, device, progress, reuse_tolerance)
 
@@ -180,8 +199,15 @@ def extract_into(cache, seq_dir, meta, encoder, timesteps, batch_size, device, p
     index = [x.to(device) for x in tiles.tile_index(levels, len(meta["cam_id"]))]
     configs = {t: feature_cache.make_config(encoder, seq_dir, meta, t, reuse_tolerance) for t in timesteps}
     todo = [t for t in timesteps if not feature_cache.is_done(cache, t, configs[t])]
-    stats = {"clips": 0, "seconds": 0.0, "timestep_seconds": [], "done": len(todo),
-             "skipped": len(timesteps) - len(todo), "cache": cache, "reused": {}}
+    stats = {
+        "clips": 0,
+        "seconds": 0.0,
+        "timestep_seconds": [],
+        "done": len(todo),
+        "skipped": len(timesteps) - len(todo),
+        "cache": cache,
+        "reused": {},
+    }
     if not todo:
         return stats
     reader = FrameReader(seq_dir, meta, pin=device.type == "cuda")
@@ -196,12 +222,23 @@ def extract_into(cache, seq_dir, meta, encoder, timesteps, batch_size, device, p
             frames = pending.result()
             if i + 1 < len(todo):  # decode the next timestep's images while this one computes
                 pending = decoder.submit(reader, todo[i + 1])
-            emb, reused = encode_timestep(encoder, frames, levels, index, batch_size, device,
-                                          fixed_batch=device.type == "cuda", on_batch=bar.update,
-                                          reference=reference, tolerance=reuse_tolerance)
+            emb, reused = encode_timestep(
+                encoder,
+                frames,
+                levels,
+                index,
+                batch_size,
+                device,
+                fixed_batch=device.type == "cuda",
+                on_batch=bar.update,
+                reference=reference,
+                tolerance=reuse_tolerance,
+            )
             if not torch.isfinite(emb).all():  # never cache what would poison every later stage
-                raise UserError(f"timestep {t}: the {encoder.name} encoder returned NaN/Inf embeddings; nothing "
-                                f"cached for it. Check the encoder's weights (--viclip-ckpt) and the images")
+                raise UserError(
+                    f"timestep {t}: the {encoder.name} encoder returned NaN/Inf embeddings; nothing "
+                    f"cached for it. Check the encoder's weights (--viclip-ckpt) and the images"
+                )
             feature_cache.write_timestep(cache, t, configs[t], emb.cpu().numpy())
             stats["timestep_seconds"].append(time.perf_counter() - t_start)
             stats["clips"] += len(index[0])
@@ -222,33 +259,53 @@ def reused_share(reused, timesteps):
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description=helpers.stage_description("extract_features.py") + " Embeds the multi-scale tile clips "
-                    "of every train camera and timestep with a video-language encoder and caches them (float16) "
-                    "under <seq>/interpolators/<encoder>/timestep_<t>/. Finished timesteps are skipped, so an "
-                    "interrupted run resumes. Several GPUs: torchrun --nproc_per_node=K extract_features.py -s SEQ "
-                    "(each rank takes a contiguous block of the timesteps).")
+        "of every train camera and timestep with a video-language encoder and caches them (float16) "
+        "under <seq>/interpolators/<encoder>/timestep_<t>/. Finished timesteps are skipped, so an "
+        "interrupted run resumes. Several GPUs: torchrun --nproc_per_node=K extract_features.py -s SEQ "
+        "(each rank takes a contiguous block of the timesteps)."
+    )
     helpers.add_sequence_option(parser)
     parser.add_argument("-f", "--first", type=int, default=0, help="first timestep to embed (default: %(default)s)")
-    parser.add_argument("-l", "--last", type=int, default=None,
-                        help="last timestep to embed, inclusive (default: the sequence's last)")
+    parser.add_argument(
+        "-l", "--last", type=int, default=None, help="last timestep to embed, inclusive (default: the sequence's last)"
+    )
     parser.add_argument("--encoder", default="viclip", help=f"{ENCODER_HELP} (default: %(default)s)")
-    parser.add_argument("--viclip-ckpt", default=DEFAULT_CKPT,
-                        help="ViCLIP weights, ViClip-InternVid-10M-FLT.pth from huggingface.co/OpenGVLab/ViCLIP "
-                             "(default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help="tile clips per encoder call (default: the encoder's own: 64 for viclip and openclip, "
-                             "which keeps an H100 busy; 512 for color); lower it if GPU memory runs out")
-    parser.add_argument("--device", default=None,
-                        help="cuda, cuda:N or cpu (default: cuda if available; under torchrun cuda:LOCAL_RANK)")
-    parser.add_argument("--no-compile", action="store_true",
-                        help="skip torch.compile of ViCLIP on CUDA: ~25 s less start-up, ~15%% slower encoding")
-    parser.add_argument("--reuse-tolerance", type=float, default=REUSE_TOLERANCE,
-                        help="keep a tile's embedding while its clip differs from the clip that embedding was "
-                             "encoded from by at most this: the largest change of one cell of one frame of the "
-                             f"tile shrunk to {tiles.REUSE_GRID}x{tiles.REUSE_GRID} cells, mean over RGB, pixel "
-                             "values in [0, 1] (default: %(default)s, 2.55 grey levels; 0: identical clips only)")
-    parser.add_argument("--exact", action="store_true",
-                        help="encode every clip of every timestep, no reuse; timesteps a reusing run cached are "
-                             "computed again")
+    parser.add_argument(
+        "--viclip-ckpt",
+        default=DEFAULT_CKPT,
+        help="ViCLIP weights, ViClip-InternVid-10M-FLT.pth from huggingface.co/OpenGVLab/ViCLIP (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="tile clips per encoder call (default: the encoder's own: 64 for viclip and openclip, "
+        "which keeps an H100 busy; 512 for color); lower it if GPU memory runs out",
+    )
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="cuda, cuda:N or cpu (default: cuda if available; under torchrun cuda:LOCAL_RANK)",
+    )
+    parser.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="skip torch.compile of ViCLIP on CUDA: ~25 s less start-up, ~15%% slower encoding",
+    )
+    parser.add_argument(
+        "--reuse-tolerance",
+        type=float,
+        default=REUSE_TOLERANCE,
+        help="keep a tile's embedding while its clip differs from the clip that embedding was "
+        "encoded from by at most this: the largest change of one cell of one frame of the "
+        f"tile shrunk to {tiles.REUSE_GRID}x{tiles.REUSE_GRID} cells, mean over RGB, pixel "
+        "values in [0, 1] (default: %(default)s, 2.55 grey levels; 0: identical clips only)",
+    )
+    parser.add_argument(
+        "--exact",
+        action="store_true",
+        help="encode every clip of every timestep, no reuse; timesteps a reusing run cached are computed again",
+    )
     feature_cache.add_cache_dir_option(parser)
     args = parser.parse_args(argv)
     args.seq = helpers.find_sequence(args.seq)
@@ -265,22 +322,40 @@ def main(argv=None):
     num_t = len(meta["fn"])
     last = num_t - 1 if args.last is None else args.last
     if not 0 <= args.first <= last < num_t:
-        raise UserError(f"-f {args.first} -l {last}: {meta['path']} has timesteps 0..{num_t - 1}; "
-                        f"need 0 <= first <= last <= {num_t - 1}")
+        raise UserError(
+            f"-f {args.first} -l {last}: {meta['path']} has timesteps 0..{num_t - 1}; "
+            f"need 0 <= first <= last <= {num_t - 1}"
+        )
     mine = shard(list(range(args.first, last + 1)), rank, world)
     if mine:  # every image the clips of these timesteps read, before hours of work
-        helpers.check_sequence(args.seq, meta, max(0, mine[0] + tiles.CLIP_OFFSETS[0]),
-                               min(num_t - 1, mine[-1] + tiles.CLIP_OFFSETS[-1]))
-    encoder = load_encoder(args.encoder, device, args.viclip_ckpt,
-                           compile=device.type == "cuda" and not args.no_compile)
-    stats = extract(args.seq, encoder, mine, args.batch_size or encoder.batch_size, device, progress=rank == 0,
-                    cache_root=args.cache_dir, reuse_tolerance=None if args.exact else args.reuse_tolerance)
+        helpers.check_sequence(
+            args.seq, meta, max(0, mine[0] + tiles.CLIP_OFFSETS[0]), min(num_t - 1, mine[-1] + tiles.CLIP_OFFSETS[-1])
+        )
+    encoder = load_encoder(
+        args.encoder, device, args.viclip_ckpt, compile=device.type == "cuda" and not args.no_compile
+    )
+    stats = extract(
+        args.seq,
+        encoder,
+        mine,
+        args.batch_size or encoder.batch_size,
+        device,
+        progress=rank == 0,
+        cache_root=args.cache_dir,
+        reuse_tolerance=None if args.exact else args.reuse_tolerance,
+    )
     reused = f", {reused_share(stats['reused'], stats['reused'])} reused" if stats["done"] and not args.exact else ""
-    rate = (f", {stats['clips'] / stats['seconds']:.1f} clips/s, median "
-            f"{np.median(stats['timestep_seconds']):.1f} s/timestep" if stats["seconds"] else "")
+    rate = (
+        f", {stats['clips'] / stats['seconds']:.1f} clips/s, median "
+        f"{np.median(stats['timestep_seconds']):.1f} s/timestep"
+        if stats["seconds"]
+        else ""
+    )
     who = f"rank {rank}/{world}: " if world > 1 else ""
-    print(f"{who}embedded {stats['done']} timestep(s) ({stats['clips']} clips{reused}{rate}), {stats['skipped']} "
-          f"already cached -> {stats['cache']}/timestep_<t>/")
+    print(
+        f"{who}embedded {stats['done']} timestep(s) ({stats['clips']} clips{reused}{rate}), {stats['skipped']} "
+        f"already cached -> {stats['cache']}/timestep_<t>/"
+    )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 Conventions: cameras in the OpenCV convention of the PanopticSports data (+x right, +y down, +z
 forward); quaternions (w, x, y, z); images float32 [3, H, W] in [0, 1].
 """
+
 import argparse
 import contextlib
 import errno
@@ -46,9 +47,12 @@ def run_main(main, resumes=True):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted: finished steps are saved; run the same command again to resume" if resumes else
-              "interrupted: the videos finished before are kept; running the command again renders all of them",
-              file=sys.stderr)
+        print(
+            "interrupted: finished steps are saved; run the same command again to resume"
+            if resumes
+            else "interrupted: the videos finished before are kept; running the command again renders all of them",
+            file=sys.stderr,
+        )
         sys.exit(130)
 
 
@@ -66,8 +70,9 @@ def pick_device(name=None):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name} asked for, but no CUDA GPU is visible")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise UserError(f"--device {name}: {torch.cuda.device_count()} CUDA GPU(s) visible, "
-                        f"cuda:0..{torch.cuda.device_count() - 1}")
+        raise UserError(
+            f"--device {name}: {torch.cuda.device_count()} CUDA GPU(s) visible, cuda:0..{torch.cuda.device_count() - 1}"
+        )
     return device
 
 
@@ -77,11 +82,18 @@ def check_option(args, dest, at_least=None, above=None, below=None):
     value = getattr(args, dest)
     if value is None:
         return
-    fits = (math.isfinite(value) and (at_least is None or value >= at_least)
-            and (above is None or value > above) and (below is None or value < below))
+    fits = (
+        math.isfinite(value)
+        and (at_least is None or value >= at_least)
+        and (above is None or value > above)
+        and (below is None or value < below)
+    )
     if not fits:
-        wanted = [f"at least {at_least}" if at_least is not None else "", f"above {above}" if above is not None else "",
-                  f"below {below}" if below is not None else ""]
+        wanted = [
+            f"at least {at_least}" if at_least is not None else "",
+            f"above {above}" if above is not None else "",
+            f"below {below}" if below is not None else "",
+        ]
         raise UserError(f"--{dest.replace('_', '-')} {value}: must be a number {' and '.join(w for w in wanted if w)}")
 
 
@@ -89,8 +101,10 @@ def check_experiment(exp):
     """Raise UserError unless `exp` (-e) is a plain folder name: it becomes output/<exp>/ and
     results/<exp>/, and must not lead elsewhere ('../x', '/tmp/x', '.')."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", exp):
-        raise UserError(f"-e {exp!r}: an experiment name is a plain folder name (letters, digits, '.', '_', '-', "
-                        f"up to 100, no '/'), e.g. -e exp1")
+        raise UserError(
+            f"-e {exp!r}: an experiment name is a plain folder name (letters, digits, '.', '_', '-', "
+            f"up to 100, no '/'), e.g. -e exp1"
+        )
 
 
 def check_output(option, path, example, roots=OUTPUT_ROOTS, folder=False):
@@ -99,12 +113,13 @@ def check_output(option, path, example, roots=OUTPUT_ROOTS, folder=False):
     else; a root itself is no output), and, for a file (folder=False), is no existing folder.
     `example` ends the message: what to give instead, e.g. '-o data/seq'."""
     target = os.path.realpath(path)
-    inside = any(target != root and os.path.commonpath([target, root]) == root
-                 for root in map(os.path.realpath, roots))
+    inside = any(target != root and os.path.commonpath([target, root]) == root for root in map(os.path.realpath, roots))
     if not inside or (not folder and os.path.isdir(target)):
         places = ", ".join(f"{root}/" for root in roots[:-1]) + f" or {roots[-1]}/"
-        raise UserError(f"{option} {path}: must be a {'folder' if folder else 'file'} under {places} of the "
-                        f"working directory {os.getcwd()} (links and '..' followed), e.g. {example}")
+        raise UserError(
+            f"{option} {path}: must be a {'folder' if folder else 'file'} under {places} of the "
+            f"working directory {os.getcwd()} (links and '..' followed), e.g. {example}"
+        )
 
 
 def stage_dir(kind, exp, seq_dir):
@@ -117,8 +132,11 @@ def stage_dir(kind, exp, seq_dir):
 def parse_with_demo(parser, argv, demo):
     """parser.parse_args(argv) with a --demo flag: `demo` ({dest: value}, the small settings `make
     demo` uses on 2 CPU cores) become the defaults; options given explicitly still win."""
-    parser.add_argument("--demo", action="store_true", help="small settings for `make demo` on 2 CPU cores: "
-                        + ", ".join(f"{k}={v}" for k, v in demo.items()))
+    parser.add_argument(
+        "--demo",
+        action="store_true",
+        help="small settings for `make demo` on 2 CPU cores: " + ", ".join(f"{k}={v}" for k, v in demo.items()),
+    )
     args = parser.parse_args(argv)
     if args.demo:
         parser.set_defaults(**demo)
@@ -130,6 +148,7 @@ def parse_with_demo(parser, argv, demo):
 # The one table of the six stages: README's table (stages_table), each script's --help
 # (stage_description) and the errors that name a stage to run first (run_first) come from here.
 
+
 class Stage(NamedTuple):
     number: int
     script: str
@@ -138,22 +157,53 @@ class Stage(NamedTuple):
     writes: str
 
 
-STAGES = {stage.script: stage for stage in (
-    Stage(1, "train_d3dgs.py", "Dynamic 3D Gaussians",
-          "`<seq>/ims/`, `seg/`, `train_meta.json`, `test_meta.json`",
-          "`output/<exp>/<seq>/params.npz`, `metrics.json`"),
-    Stage(2, "visualize_d3dgs.py", "videos of the reconstruction",
-          "`output/<exp>/<seq>/params.npz`", "`results/<exp>/<seq>/*.mp4`"),
-    Stage(3, "extract_features.py", "video-language features of tile clips",
-          "`<seq>/ims/`, `train_meta.json`", "`<seq>/interpolators/<encoder>/`"),
-    Stage(4, "train_autoencoder.py", "the 768 -> 128 autoencoder",
-          "`<seq>/interpolators/<encoder>/`", "`<seq>/ae/best_ckpt.pth`"),
-    Stage(5, "train_4legs.py", "4-LEGS features on the Gaussians",
-          "`params.npz`, `interpolators/<encoder>/`, `best_ckpt.pth`", "`output/<exp>/<seq>/legs/`"),
-    Stage(6, "visualize_4legs.py", "where and when a prompt happens",
-          "`params.npz`, `legs/`, `best_ckpt.pth`",
-          "`results/<exp>/<seq>/<prompt>/` (videos, `timeline.json`, `timeline.png`)"),
-)}
+STAGES = {
+    stage.script: stage
+    for stage in (
+        Stage(
+            1,
+            "train_d3dgs.py",
+            "Dynamic 3D Gaussians",
+            "`<seq>/ims/`, `seg/`, `train_meta.json`, `test_meta.json`",
+            "`output/<exp>/<seq>/params.npz`, `metrics.json`",
+        ),
+        Stage(
+            2,
+            "visualize_d3dgs.py",
+            "videos of the reconstruction",
+            "`output/<exp>/<seq>/params.npz`",
+            "`results/<exp>/<seq>/*.mp4`",
+        ),
+        Stage(
+            3,
+            "extract_features.py",
+            "video-language features of tile clips",
+            "`<seq>/ims/`, `train_meta.json`",
+            "`<seq>/interpolators/<encoder>/`",
+        ),
+        Stage(
+            4,
+            "train_autoencoder.py",
+            "the 768 -> 128 autoencoder",
+            "`<seq>/interpolators/<encoder>/`",
+            "`<seq>/ae/best_ckpt.pth`",
+        ),
+        Stage(
+            5,
+            "train_4legs.py",
+            "4-LEGS features on the Gaussians",
+            "`params.npz`, `interpolators/<encoder>/`, `best_ckpt.pth`",
+            "`output/<exp>/<seq>/legs/`",
+        ),
+        Stage(
+            6,
+            "visualize_4legs.py",
+            "where and when a prompt happens",
+            "`params.npz`, `legs/`, `best_ckpt.pth`",
+            "`results/<exp>/<seq>/<prompt>/` (videos, `timeline.json`, `timeline.png`)",
+        ),
+    )
+}
 
 
 def stage_name(script):
@@ -164,8 +214,9 @@ def stage_name(script):
 def stage_description(script):
     """The opening of a stage script's --help: its number, what it does, what it reads and writes."""
     stage = STAGES[script]
-    return (f"Stage {stage.number} of {len(STAGES)}, {stage.title}. Reads {stage.reads}; "
-            f"writes {stage.writes}.").replace("`", "")
+    return (
+        f"Stage {stage.number} of {len(STAGES)}, {stage.title}. Reads {stage.reads}; writes {stage.writes}."
+    ).replace("`", "")
 
 
 def stage_help(script, doc):
@@ -195,9 +246,13 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def add_sequence_option(parser):
     """-s/--seq of every script; main() turns it into the folder with find_sequence."""
-    parser.add_argument("-s", "--seq", required=True,
-                        help=f"sequence folder (ims/, seg/, train_meta.json, test_meta.json), or its name under "
-                             f"{DATA_DIR}/: -s basketball reads {DATA_DIR}/basketball")
+    parser.add_argument(
+        "-s",
+        "--seq",
+        required=True,
+        help=f"sequence folder (ims/, seg/, train_meta.json, test_meta.json), or its name under "
+        f"{DATA_DIR}/: -s basketball reads {DATA_DIR}/basketball",
+    )
 
 
 def find_sequence(arg):
@@ -208,8 +263,10 @@ def find_sequence(arg):
             folder = os.path.normpath(folder)
             print(f"sequence folder: {folder}")
             return folder
-    raise UserError(f"-s {arg}: neither {arg} nor {os.path.join(DATA_DIR, arg)} is a folder; give the sequence "
-                    f"folder (ims/, seg/, train_meta.json, test_meta.json), e.g. -s data/basketball")
+    raise UserError(
+        f"-s {arg}: neither {arg} nor {os.path.join(DATA_DIR, arg)} is a folder; give the sequence "
+        f"folder (ims/, seg/, train_meta.json, test_meta.json), e.g. -s data/basketball"
+    )
 
 
 # ---------------------------------------------------------------- progress
@@ -238,6 +295,7 @@ def progress(iterable=None, **options):
     CI) plain lines, the first after PLAIN_PROGRESS_SECONDS and then at most one that often (a
     loop shorter than that prints none)."""
     from tqdm import tqdm
+
     if sys.stderr.isatty():
         return tqdm(iterable, dynamic_ncols=True, **options)
 
@@ -252,8 +310,15 @@ def progress(iterable=None, **options):
             super().set_postfix_str(s, refresh=False)
 
     # ncols=0: counts and rates without the bar; maxinterval too, else tqdm's monitor redraws every 10 s
-    return PlainTqdm(iterable, file=_PlainLines(sys.stderr), ncols=0, delay=PLAIN_PROGRESS_SECONDS,
-                mininterval=PLAIN_PROGRESS_SECONDS, maxinterval=PLAIN_PROGRESS_SECONDS, **options)
+    return PlainTqdm(
+        iterable,
+        file=_PlainLines(sys.stderr),
+        ncols=0,
+        delay=PLAIN_PROGRESS_SECONDS,
+        mininterval=PLAIN_PROGRESS_SECONDS,
+        maxinterval=PLAIN_PROGRESS_SECONDS,
+        **options,
+    )
 
 
 # ---------------------------------------------------------------- atomic output
@@ -369,6 +434,7 @@ def save_json(path, obj):
     def write(tmp):
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=1)
+
     atomic_write(path, write)
 
 
@@ -394,8 +460,13 @@ def stage_lock(folder, name, unwritable_hint=""):
     holder is dead (SIGKILL, power cut) is taken over. Raises UserError, with unwritable_hint,
     when the folder cannot be written: before any work."""
     path = os.path.join(folder, f".lock_{name}")
-    me = {"pid": os.getpid(), "process_start": process_start(os.getpid()), "host": socket.gethostname(),
-          "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)[:200]}
+    me = {
+        "pid": os.getpid(),
+        "process_start": process_start(os.getpid()),
+        "host": socket.gethostname(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "command": " ".join(sys.argv)[:200],
+    }
     try:
         os.makedirs(folder, exist_ok=True)
         while not _create_lock(path, me):
@@ -424,6 +495,7 @@ def _remove_dead_lock(path, name):
     """Remove the lock file at `path` if its holder is dead; UserError naming the holder when it runs
     (or may: another host's cannot be asked)."""
     import fcntl
+
     guard = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
     try:
         # With the folder locked, of two runs that find one dead lock only one removes it, and neither
@@ -440,11 +512,14 @@ def _remove_dead_lock(path, name):
         else:
             who = f"pid {holder['pid']} on {holder['host']} since {holder['started']}: {holder.get('command', '?')}"
             if holder["host"] != socket.gethostname():
-                raise UserError(f"{os.path.dirname(path)} is in use by a {name} run on another host ({who}); wait "
-                                f"for it to finish, or delete {path} if that run is gone")
+                raise UserError(
+                    f"{os.path.dirname(path)} is in use by a {name} run on another host ({who}); wait "
+                    f"for it to finish, or delete {path} if that run is gone"
+                )
             if process_alive(holder["pid"], holder.get("process_start")):
-                raise UserError(f"{os.path.dirname(path)} is in use by another {name} run ({who}); wait for it "
-                                f"to finish")
+                raise UserError(
+                    f"{os.path.dirname(path)} is in use by another {name} run ({who}); wait for it to finish"
+                )
             print(f"taking over {path}: the run that held it is gone ({who})", file=sys.stderr)
         os.remove(path)
     finally:
@@ -465,7 +540,7 @@ def fingerprint(*items):
     for item in items:
         if isinstance(item, np.ndarray):
             flat = item.reshape(-1)
-            data = f"{item.dtype} {item.shape}".encode() + flat[::max(1, flat.size // FINGERPRINT_SAMPLES)].tobytes()
+            data = f"{item.dtype} {item.shape}".encode() + flat[:: max(1, flat.size // FINGERPRINT_SAMPLES)].tobytes()
         else:
             data = item if isinstance(item, bytes) else json.dumps(item, sort_keys=True).encode()
         digest.update(len(data).to_bytes(8, "little") + data)
@@ -485,8 +560,12 @@ def sequence_identity(seq_dir, metas):
         else:
             items.append(None)
     for meta in metas:
-        items.append([os.path.getsize(p) if os.path.isfile(p) else None
-                      for p in (os.path.join(seq_dir, "ims", fn) for fn in meta["fn"][0])])
+        items.append(
+            [
+                os.path.getsize(p) if os.path.isfile(p) else None
+                for p in (os.path.join(seq_dir, "ims", fn) for fn in meta["fn"][0])
+            ]
+        )
     return {"path": os.path.abspath(seq_dir), "content": fingerprint(*items)}
 
 
@@ -510,11 +589,14 @@ def check_stage1_sequence(params_path, seq_dir):
     current = sequence_identity(seq_dir, [load_meta(seq_dir, "train"), load_meta(seq_dir, "test")])
     why = sequence_mismatch({"path": run.get("seq"), "content": run["content"]}, current)
     if why:
-        raise UserError(f"{params_path} and the stage-1 outputs beside it {why}: give -s the sequence stage 1 was "
-                        f"trained on, or run {stage_name('train_d3dgs.py')} on {seq_dir} with another -e")
+        raise UserError(
+            f"{params_path} and the stage-1 outputs beside it {why}: give -s the sequence stage 1 was "
+            f"trained on, or run {stage_name('train_d3dgs.py')} on {seq_dir} with another -e"
+        )
 
 
 # ---------------------------------------------------------------- data
+
 
 def read_npz(path, fix):
     """All arrays of an .npz file (numpy). Raises UserError naming the file and `fix` (what to do)
@@ -547,12 +629,16 @@ def load_meta(seq_dir, split):
     path = os.path.join(seq_dir, f"{split}_meta.json")
 
     def bad(problem):
-        return UserError(f"{path}: {problem}; fix or re-export the file (PanopticSports format: "
-                         f"w, h and per timestep lists over cameras of k, w2c, fn, cam_id)")
+        return UserError(
+            f"{path}: {problem}; fix or re-export the file (PanopticSports format: "
+            f"w, h and per timestep lists over cameras of k, w2c, fn, cam_id)"
+        )
 
     if not os.path.isfile(path):
-        raise UserError(f"{path} not found: a sequence folder needs train_meta.json and test_meta.json "
-                        f"(PanopticSports format, see README)")
+        raise UserError(
+            f"{path} not found: a sequence folder needs train_meta.json and test_meta.json "
+            f"(PanopticSports format, see README)"
+        )
     try:
         with open(path) as f:
             meta = json.load(f)
@@ -582,11 +668,16 @@ def load_meta(seq_dir, split):
             raise bad(f"'cam_id' lists {len(cam_ids)} timesteps, 'fn' {num_t}")
         for t, ids in enumerate(cam_ids):
             if ids != cam_ids[0]:
-                raise bad(f"the cameras differ between timesteps (cam_id at timestep {t} is {ids}, at 0 "
-                          f"{cam_ids[0]}); every timestep must show the same cameras in the same order")
+                raise bad(
+                    f"the cameras differ between timesteps (cam_id at timestep {t} is {ids}, at 0 "
+                    f"{cam_ids[0]}); every timestep must show the same cameras in the same order"
+                )
         cam_ids = cam_ids[0]
-    if not isinstance(cam_ids, list) or not cam_ids or not all(
-            isinstance(c, int) and not isinstance(c, bool) for c in cam_ids):
+    if (
+        not isinstance(cam_ids, list)
+        or not cam_ids
+        or not all(isinstance(c, int) and not isinstance(c, bool) for c in cam_ids)
+    ):
         raise bad(f"'cam_id' must be a non-empty list of integer camera ids, is {str(meta['cam_id'])[:60]}")
     num_c = len(cam_ids)
     for t in range(num_t):
@@ -599,8 +690,10 @@ def load_meta(seq_dir, split):
             if not isinstance(name, str) or name.count("/") != 1:
                 raise bad(f"fn[{t}][{c}] is {name!r}, not '<camera>/<image file>'")
             if name.split("/")[0] != str(cam_ids[c]):
-                raise bad(f"fn[{t}][{c}] is {name!r} but cam_id[{c}] is {cam_ids[c]}: the cameras differ "
-                          f"between timesteps or between fn and cam_id")
+                raise bad(
+                    f"fn[{t}][{c}] is {name!r} but cam_id[{c}] is {cam_ids[c]}: the cameras differ "
+                    f"between timesteps or between fn and cam_id"
+                )
     arrays = {}
     for key, size in (("k", 3), ("w2c", 4)):
         try:
@@ -613,12 +706,15 @@ def load_meta(seq_dir, split):
             raise bad(f"'{key}' holds NaN or Inf")
     k, w2c = arrays["k"], arrays["w2c"]
     if (k[..., 0, 0] <= 0).any() or (k[..., 1, 1] <= 0).any() or np.abs(k[..., 2, :] - [0, 0, 1]).max() > 1e-6:
-        raise bad("'k' holds a matrix that is not an intrinsics matrix [[fx, 0, cx], [0, fy, cy], [0, 0, 1]] "
-                  "with fx, fy > 0")
+        raise bad(
+            "'k' holds a matrix that is not an intrinsics matrix [[fx, 0, cx], [0, fy, cy], [0, 0, 1]] with fx, fy > 0"
+        )
     rot = w2c[..., :3, :3]
-    if (np.abs(w2c[..., 3, :] - [0, 0, 0, 1]).max() > 1e-6
-            or np.abs(rot @ np.swapaxes(rot, -1, -2) - np.eye(3)).max() > 1e-3
-            or (np.linalg.det(rot) <= 0).any()):
+    if (
+        np.abs(w2c[..., 3, :] - [0, 0, 0, 1]).max() > 1e-6
+        or np.abs(rot @ np.swapaxes(rot, -1, -2) - np.eye(3)).max() > 1e-3
+        or (np.linalg.det(rot) <= 0).any()
+    ):
         raise bad("'w2c' holds a matrix that is not a rigid world-to-camera transform [[R, t], [0, 0, 0, 1]]")
     meta["w"], meta["h"], meta["cam_id"] = int(meta["w"]), int(meta["h"]), list(cam_ids)
     meta["path"] = path
@@ -630,6 +726,7 @@ def read_image_file(path, what, size=None, mode=None):
     header is read (nothing decoded) and None returned. size (w, h) is checked when given; UserError
     naming the file (as `what`: 'image', 'mask') when it is missing, unreadable or of another size."""
     from PIL import Image
+
     if not os.path.isfile(path):
         raise UserError(f"{what} {path} not found")
     try:
@@ -674,8 +771,10 @@ def check_sequence(seq_dir, meta, t_first=0, t_last=None, masks=False, headers=F
             if not os.path.isfile(image):
                 raise UserError(f"image {image} listed in {meta['path']} not found")
             if masks and not os.path.isfile(seg_path(seq_dir, fn)):
-                raise UserError(f"mask {seg_path(seq_dir, fn)} of image {image} not found (foreground masks "
-                                f"live in <seq>/seg/<cam>/<t>.png)")
+                raise UserError(
+                    f"mask {seg_path(seq_dir, fn)} of image {image} not found (foreground masks "
+                    f"live in <seq>/seg/<cam>/<t>.png)"
+                )
             if headers:
                 read_image_file(image, "image", size)
                 if masks:
@@ -690,15 +789,29 @@ def setup_camera(w, h, k, w2c, near=0.01, far=100.0, bg=(0.0, 0.0, 0.0), device=
     w2c = torch.as_tensor(np.asarray(w2c, dtype=np.float64), device=device).to(dtype)
     campos = torch.inverse(w2c)[:3, 3]
     view = w2c.T.contiguous()
-    opengl_proj = torch.tensor([
-        [2 * fx / w, 0.0, -(w - 2 * cx) / w, 0.0],
-        [0.0, 2 * fy / h, -(h - 2 * cy) / h, 0.0],
-        [0.0, 0.0, far / (far - near), -(far * near) / (far - near)],
-        [0.0, 0.0, 1.0, 0.0]], dtype=dtype, device=device).T
-    return Camera(image_height=int(h), image_width=int(w), tanfovx=w / (2 * fx), tanfovy=h / (2 * fy),
-                  bg=torch.tensor(bg, dtype=dtype, device=device), scale_modifier=1.0,
-                  viewmatrix=view, projmatrix=view @ opengl_proj, sh_degree=0, campos=campos,
-                  prefiltered=False)
+    opengl_proj = torch.tensor(
+        [
+            [2 * fx / w, 0.0, -(w - 2 * cx) / w, 0.0],
+            [0.0, 2 * fy / h, -(h - 2 * cy) / h, 0.0],
+            [0.0, 0.0, far / (far - near), -(far * near) / (far - near)],
+            [0.0, 0.0, 1.0, 0.0],
+        ],
+        dtype=dtype,
+        device=device,
+    ).T
+    return Camera(
+        image_height=int(h),
+        image_width=int(w),
+        tanfovx=w / (2 * fx),
+        tanfovy=h / (2 * fy),
+        bg=torch.tensor(bg, dtype=dtype, device=device),
+        scale_modifier=1.0,
+        viewmatrix=view,
+        projmatrix=view @ opengl_proj,
+        sh_degree=0,
+        campos=campos,
+        prefiltered=False,
+    )
 
 
 def orbit_w2c(center, radius, height, angle, up=ORBIT_UP):
@@ -733,12 +846,20 @@ def orbit_cameras(meta, means3D, is_fg, num_t, device="cpu"):
     up = np.array(ORBIT_UP)
     height = float(np.median(offsets @ up))
     radius = float(np.median(np.linalg.norm(offsets - np.outer(offsets @ up, up), axis=1)))
-    return [setup_camera(meta["w"], meta["h"], meta["k"][0][0],
-                         orbit_w2c(center, radius, height, 2 * math.pi * t / num_t), device=device)
-            for t in range(num_t)]
+    return [
+        setup_camera(
+            meta["w"],
+            meta["h"],
+            meta["k"][0][0],
+            orbit_w2c(center, radius, height, 2 * math.pi * t / num_t),
+            device=device,
+        )
+        for t in range(num_t)
+    ]
 
 
 # ---------------------------------------------------------------- geometry
+
 
 def is_foreground(seg_colors):
     """seg_colors [N, 3] (fg, 0, 1 - fg), numpy or torch -> bool [N]: the foreground Gaussians."""
@@ -749,6 +870,7 @@ def knn(points, k):
     """points [N, 3] numpy -> (squared distances [N, k], indices [N, k]) of the k nearest other
     points (scipy's KD-tree; no open3d)."""
     from scipy.spatial import cKDTree
+
     points = np.asarray(points, dtype=np.float64)
     k_eff = min(k + 1, len(points))
     dist, idx = cKDTree(points).query(points, k=k_eff)
@@ -760,12 +882,13 @@ def knn(points, k):
             idx = np.concatenate([idx, np.repeat(idx[:, -1:], pad, 1)], 1)
         else:  # a single point: no neighbour at all
             dist, idx = np.zeros((len(points), k)), np.zeros((len(points), k), int)
-    return dist ** 2, idx
+    return dist**2, idx
 
 
 def build_rotation(q):
     """q [N, 4] (w, x, y, z), any norm -> rotation matrices [N, 3, 3]."""
     from diff_gaussian_rasterization._torch_impl import quat_to_rotmat
+
     return quat_to_rotmat(q)
 
 
@@ -773,11 +896,15 @@ def quat_mult(q1, q2):
     """Hamilton product of [N, 4] (w, x, y, z) quaternions."""
     w1, x1, y1, z1 = q1.unbind(-1)
     w2, x2, y2, z2 = q2.unbind(-1)
-    return torch.stack([
-        w1 * w2 - x1 * x2 - y1 * y2 - z1 * z2,
-        w1 * x2 + x1 * w2 + y1 * z2 - z1 * y2,
-        w1 * y2 - x1 * z2 + y1 * w2 + z1 * x2,
-        w1 * z2 + x1 * y2 - y1 * x2 + z1 * w2], -1)
+    return torch.stack(
+        [
+            w1 * w2 - x1 * x2 - y1 * y2 - z1 * z2,
+            w1 * x2 + x1 * w2 + y1 * z2 - z1 * y2,
+            w1 * y2 - x1 * z2 + y1 * w2 + z1 * x2,
+            w1 * z2 + x1 * y2 - y1 * x2 + z1 * w2,
+        ],
+        -1,
+    )
 
 
 def quat_conj(q):
@@ -785,6 +912,7 @@ def quat_conj(q):
 
 
 # ---------------------------------------------------------------- losses
+
 
 def l1_loss(x, y):
     return torch.abs(x - y).mean()
@@ -803,17 +931,20 @@ def psnr(img, gt):
 
 # ---------------------------------------------------------------- video
 
+
 def write_video(path, frames, fps=15):
     """frames: iterable of uint8 [H, W, 3] numpy arrays -> mp4 (H.264) at `path`, atomically."""
     import imageio.v2 as imageio
 
     def write(tmp):
-        with imageio.get_writer(tmp, format="FFMPEG", fps=fps, codec="libx264", quality=8,
-                                macro_block_size=1, ffmpeg_log_level="error") as writer:
+        with imageio.get_writer(
+            tmp, format="FFMPEG", fps=fps, codec="libx264", quality=8, macro_block_size=1, ffmpeg_log_level="error"
+        ) as writer:
             for frame in frames:
                 # H.264 in yuv420p needs even sizes: repeat the last row / column where odd
                 frame = np.pad(frame, ((0, frame.shape[0] % 2), (0, frame.shape[1] % 2), (0, 0)), mode="edge")
                 writer.append_data(np.ascontiguousarray(frame))
+
     atomic_write(path, write)
 
 
@@ -827,8 +958,16 @@ def to_uint8(img):
 
 D3DGS_PER_TIMESTEP = ("means3D", "rgb_colors", "unnorm_rotations")  # [T, N, .] in params.npz
 D3DGS_SHARED = ("seg_colors", "logit_opacities", "log_scales", "cam_m", "cam_c")  # one for all t
-_D3DGS_WIDTHS = {"means3D": 3, "rgb_colors": 3, "unnorm_rotations": 4, "seg_colors": 3,
-                 "logit_opacities": 1, "log_scales": 3, "cam_m": 3, "cam_c": 3}
+_D3DGS_WIDTHS = {
+    "means3D": 3,
+    "rgb_colors": 3,
+    "unnorm_rotations": 4,
+    "seg_colors": 3,
+    "logit_opacities": 1,
+    "log_scales": 3,
+    "cam_m": 3,
+    "cam_c": 3,
+}
 _D3DGS_CACHE = {}
 
 
@@ -844,8 +983,10 @@ def color_correct(im, cam_m, cam_c):
 
 def cameras_at(meta, t, near=0.01, far=100.0, device="cpu"):
     """Rasterizer settings of every camera of `meta` (load_meta's dict) at timestep t."""
-    return [setup_camera(meta["w"], meta["h"], meta["k"][t][c], meta["w2c"][t][c], near, far, device=device)
-            for c in range(len(meta["cam_id"]))]
+    return [
+        setup_camera(meta["w"], meta["h"], meta["k"][t][c], meta["w2c"][t][c], near, far, device=device)
+        for c in range(len(meta["cam_id"]))
+    ]
 
 
 def scale_meta(meta, factor):
@@ -863,8 +1004,10 @@ def check_downscale(meta, factor):
     `meta` (load_meta's) at least MIN_DOWNSCALED_SIDE pixels a side."""
     most = max(1, min(meta["w"], meta["h"]) // MIN_DOWNSCALED_SIDE)
     if not 1 <= factor <= most:
-        raise UserError(f"--downscale {factor}: the {meta['w']}x{meta['h']} images of {meta['path']} take 1 to "
-                        f"{most} (at least {MIN_DOWNSCALED_SIDE} pixels a side)")
+        raise UserError(
+            f"--downscale {factor}: the {meta['w']}x{meta['h']} images of {meta['path']} take 1 to "
+            f"{most} (at least {MIN_DOWNSCALED_SIDE} pixels a side)"
+        )
 
 
 def scale_intrinsics(k, size, new_size):
@@ -889,13 +1032,15 @@ def params2rendervar(params):
     means3D [N, 3] world, rotations [N, 4] unit wxyz, opacities [N, 1] in (0, 1), scales [N, 3]
     world units, colors_precomp [N, 3], seg_colors [N, 3], and means2D [N, 3] zeros whose .grad
     becomes the screen-space (NDC) gradient that densification reads."""
-    return {"means3D": params["means3D"],
-            "rotations": torch.nn.functional.normalize(params["unnorm_rotations"]),
-            "opacities": torch.sigmoid(params["logit_opacities"]),
-            "scales": torch.exp(params["log_scales"]),
-            "colors_precomp": params["rgb_colors"],
-            "seg_colors": params["seg_colors"],
-            "means2D": torch.zeros_like(params["means3D"], requires_grad=True)}
+    return {
+        "means3D": params["means3D"],
+        "rotations": torch.nn.functional.normalize(params["unnorm_rotations"]),
+        "opacities": torch.sigmoid(params["logit_opacities"]),
+        "scales": torch.exp(params["log_scales"]),
+        "colors_precomp": params["rgb_colors"],
+        "seg_colors": params["seg_colors"],
+        "means2D": torch.zeros_like(params["means3D"], requires_grad=True),
+    }
 
 
 def render_d3dgs(cam, rendervar):
@@ -906,6 +1051,7 @@ def render_d3dgs(cam, rendervar):
     seg [3, H, W] (over black), radii [N] int32 (0 = not on screen), depth [1, H, W].
     """
     import diff_gaussian_rasterization_feat as dgrf
+
     inputs = {k: v for k, v in rendervar.items() if k != "seg_colors"}
     if "means2D" not in inputs:
         inputs["means2D"] = torch.zeros_like(rendervar["means3D"])
@@ -931,8 +1077,13 @@ def read_d3dgs_params(path):
             raise UserError(f"{path}: 'means3D' has shape {list(arrays['means3D'].shape)}, expected [T, N, 3]")
         num_t, n = arrays["means3D"].shape[:2]
         for k, width in _D3DGS_WIDTHS.items():
-            want = ((num_t, n, width) if k in D3DGS_PER_TIMESTEP else
-                    (arrays[k].shape[0], width) if k in ("cam_m", "cam_c") else (n, width))
+            want = (
+                (num_t, n, width)
+                if k in D3DGS_PER_TIMESTEP
+                else (arrays[k].shape[0], width)
+                if k in ("cam_m", "cam_c")
+                else (n, width)
+            )
             if arrays[k].shape != want:
                 raise UserError(f"{path}: '{k}' has shape {list(arrays[k].shape)}, expected {list(want)}")
         _D3DGS_CACHE.clear()
@@ -957,8 +1108,10 @@ def load_d3dgs_params(path, t, device="cpu"):
     num_t = arrays["means3D"].shape[0]
     if not -num_t <= t < num_t:
         raise UserError(f"{path} holds timesteps 0..{num_t - 1}; timestep {t} asked for")
-    params = {k: torch.as_tensor(arrays[k][t] if k in D3DGS_PER_TIMESTEP else arrays[k],
-                                 dtype=torch.float32, device=device) for k in _D3DGS_WIDTHS}
+    params = {
+        k: torch.as_tensor(arrays[k][t] if k in D3DGS_PER_TIMESTEP else arrays[k], dtype=torch.float32, device=device)
+        for k in _D3DGS_WIDTHS
+    }
     rendervar = params2rendervar(params)
     del rendervar["means2D"]
     return rendervar

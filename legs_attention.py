@@ -26,6 +26,7 @@ order of additions, and so its last bits, vary from run to run.
 On a machine without a GPU the kernels run on CPU tensors under Triton's interpreter
 (TRITON_INTERPRET=1 set before triton is imported), which is how the tests check them there.
 """
+
 import torch
 import triton
 import triton.language as tl
@@ -40,8 +41,17 @@ NUM_WARPS = 8
 
 
 @triton.jit
-def _attend_fwd_kernel(latents_ptr, neighbours_ptr, q_k_ptr, mixed_ptr, lse_ptr, n,
-                       NUM_SLOTS: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
+def _attend_fwd_kernel(
+    latents_ptr,
+    neighbours_ptr,
+    q_k_ptr,
+    mixed_ptr,
+    lse_ptr,
+    n,
+    NUM_SLOTS: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """One block of BLOCK Gaussians: mixed [BLOCK, D] and lse [BLOCK] (online softmax over the slots)."""
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     row_ok = rows < n
@@ -66,10 +76,22 @@ def _attend_fwd_kernel(latents_ptr, neighbours_ptr, q_k_ptr, mixed_ptr, lse_ptr,
 
 
 @triton.jit
-def _attend_bwd_kernel(latents_ptr, neighbours_ptr, q_k_ptr, mixed_ptr, lse_ptr, dmixed_ptr,
-                       dlatents_ptr, dq_k_ptr, n,
-                       NUM_SLOTS: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
-                       NEED_DLATENTS: tl.constexpr, NEED_DQ_K: tl.constexpr):
+def _attend_bwd_kernel(
+    latents_ptr,
+    neighbours_ptr,
+    q_k_ptr,
+    mixed_ptr,
+    lse_ptr,
+    dmixed_ptr,
+    dlatents_ptr,
+    dq_k_ptr,
+    n,
+    NUM_SLOTS: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK: tl.constexpr,
+    NEED_DLATENTS: tl.constexpr,
+    NEED_DQ_K: tl.constexpr,
+):
     """One block of BLOCK Gaussians: dq_k [BLOCK, D] stored, their share of dlatents scattered."""
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     row_ok = rows < n
@@ -90,8 +112,7 @@ def _attend_bwd_kernel(latents_ptr, neighbours_ptr, q_k_ptr, mixed_ptr, lse_ptr,
         if NEED_DQ_K:
             dq += ds[:, None] * near
         if NEED_DLATENTS:
-            tl.atomic_add(dlatents_ptr + near_tile, a[:, None] * dmixed + ds[:, None] * q, mask=tile_ok,
-                          sem="relaxed")
+            tl.atomic_add(dlatents_ptr + near_tile, a[:, None] * dmixed + ds[:, None] * q, mask=tile_ok, sem="relaxed")
     if NEED_DQ_K:
         tl.store(dq_k_ptr + tile, dq, mask=tile_ok)
 
@@ -99,13 +120,16 @@ def _attend_bwd_kernel(latents_ptr, neighbours_ptr, q_k_ptr, mixed_ptr, lse_ptr,
 def _check_inputs(latents, neighbours, q_k):
     n, d = latents.shape
     if d & (d - 1) or not 16 <= d <= 256:
-        raise ValueError(f"attend_fused: latent size D = {d} must be a power of two in [16, 256] "
-                         f"(the kernels hold [BLOCK_N, D] tiles); use train_4legs.attend_batched otherwise")
+        raise ValueError(
+            f"attend_fused: latent size D = {d} must be a power of two in [16, 256] "
+            f"(the kernels hold [BLOCK_N, D] tiles); use train_4legs.attend_batched otherwise"
+        )
     if latents.dtype != torch.float32 or q_k.dtype != torch.float32:
         raise ValueError(f"attend_fused: latents and q_k must be float32, got {latents.dtype} and {q_k.dtype}")
     if neighbours.dtype != torch.int64 or neighbours.dim() != 2 or neighbours.shape[0] != n:
-        raise ValueError(f"attend_fused: neighbours must be int64 [N={n}, K+1], got {neighbours.dtype} "
-                         f"{list(neighbours.shape)}")
+        raise ValueError(
+            f"attend_fused: neighbours must be int64 [N={n}, K+1], got {neighbours.dtype} {list(neighbours.shape)}"
+        )
     if q_k.shape != latents.shape:
         raise ValueError(f"attend_fused: q_k {list(q_k.shape)} must have the shape of latents {[n, d]}")
     if not (latents.device == neighbours.device == q_k.device):
@@ -123,8 +147,18 @@ class AttendFused(torch.autograd.Function):
         mixed = torch.empty_like(latents)
         lse = torch.empty(n, dtype=torch.float32, device=latents.device)
         grid = (triton.cdiv(n, block_n),)
-        _attend_fwd_kernel[grid](latents, neighbours, q_k, mixed, lse, n, NUM_SLOTS=neighbours.shape[1], D=d,
-                                 BLOCK=block_n, num_warps=num_warps)
+        _attend_fwd_kernel[grid](
+            latents,
+            neighbours,
+            q_k,
+            mixed,
+            lse,
+            n,
+            NUM_SLOTS=neighbours.shape[1],
+            D=d,
+            BLOCK=block_n,
+            num_warps=num_warps,
+        )
         ctx.save_for_backward(latents, neighbours, q_k, mixed, lse)
         ctx.launch = (block_n, num_warps)
         return mixed
@@ -140,11 +174,23 @@ class AttendFused(torch.autograd.Function):
         dlatents = torch.zeros_like(latents) if need_dlatents else None
         dq_k = torch.empty_like(q_k) if need_dq_k else None
         grid = (triton.cdiv(n, block_n),)
-        _attend_bwd_kernel[grid](latents, neighbours, q_k, mixed, lse, dmixed.contiguous(),
-                                 dlatents if need_dlatents else latents,  # an unused pointer when not needed
-                                 dq_k if need_dq_k else q_k, n,
-                                 NUM_SLOTS=neighbours.shape[1], D=d, BLOCK=block_n,
-                                 NEED_DLATENTS=need_dlatents, NEED_DQ_K=need_dq_k, num_warps=num_warps)
+        _attend_bwd_kernel[grid](
+            latents,
+            neighbours,
+            q_k,
+            mixed,
+            lse,
+            dmixed.contiguous(),
+            dlatents if need_dlatents else latents,  # an unused pointer when not needed
+            dq_k if need_dq_k else q_k,
+            n,
+            NUM_SLOTS=neighbours.shape[1],
+            D=d,
+            BLOCK=block_n,
+            NEED_DLATENTS=need_dlatents,
+            NEED_DQ_K=need_dq_k,
+            num_warps=num_warps,
+        )
         return dlatents, None, dq_k, None, None
 
 

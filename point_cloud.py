@@ -15,6 +15,7 @@ of the original's init_pt_cld.npz (key 'data').
 
     python point_cloud.py -s data/synthetic     # writes data/synthetic/init_pt_cld.npz
 """
+
 import argparse
 import math
 import os
@@ -42,9 +43,13 @@ def load_views(seq_dir, meta, t):
         ims.append(helpers.load_image(os.path.join(seq_dir, "ims", fn), size))
         fg.append(helpers.load_mask(helpers.seg_path(seq_dir, fn), size) > 0.5)
     w2c = torch.tensor(np.asarray(meta["w2c"][t]), dtype=torch.float32)
-    return {"ims": torch.stack(ims), "fg": torch.stack(fg), "w2c": w2c,
-            "K": torch.tensor(np.asarray(meta["k"][t]), dtype=torch.float32),
-            "centers": torch.inverse(w2c)[:, :3, 3]}
+    return {
+        "ims": torch.stack(ims),
+        "fg": torch.stack(fg),
+        "w2c": w2c,
+        "K": torch.tensor(np.asarray(meta["k"][t]), dtype=torch.float32),
+        "centers": torch.inverse(w2c)[:, :3, 3],
+    }
 
 
 def project(points, views):
@@ -78,9 +83,11 @@ def carve_visual_hull(views, center, half_size, voxel_size, base_res=32, chunk=2
     and that level's voxel size; voxel (i, j, k) has its centre at origin + (ijk + 0.5) * size.
     """
     from scipy.ndimage import distance_transform_edt
+
     num_cams, h, w = views["fg"].shape
-    dist_to_fg = torch.stack([torch.from_numpy(distance_transform_edt(~m.numpy()).astype(np.float32))
-                              for m in views["fg"]]).reshape(num_cams, -1)
+    dist_to_fg = torch.stack(
+        [torch.from_numpy(distance_transform_edt(~m.numpy()).astype(np.float32)) for m in views["fg"]]
+    ).reshape(num_cams, -1)
     focal = views["K"][:, 0, 0][:, None]
     tolerance, min_views = num_cams // 20, max(3, num_cams // 4)
     origin = center - half_size
@@ -88,7 +95,7 @@ def carve_visual_hull(views, center, half_size, voxel_size, base_res=32, chunk=2
     grid = torch.arange(base_res)
     ijk = torch.stack(torch.meshgrid(grid, grid, grid, indexing="ij"), -1).reshape(-1, 3)
     for level in range(levels + 1):
-        size = 2 * half_size / (base_res * 2 ** level)
+        size = 2 * half_size / (base_res * 2**level)
         keep = []
         for part in ijk.split(chunk):
             uv, z = project(origin + (part.float() + 0.5) * size, views)
@@ -166,7 +173,7 @@ def camera_shell(centers):
     spread = torch.linalg.svdvals(centers - mean)
     if len(centers) >= 4 and spread[-1] > 0.1 * spread[0]:
         design = torch.cat([2 * centers, torch.ones(len(centers), 1, dtype=torch.float64)], 1)
-        x = torch.linalg.lstsq(design, (centers ** 2).sum(1, keepdim=True)).solution[:, 0]
+        x = torch.linalg.lstsq(design, (centers**2).sum(1, keepdim=True)).solution[:, 0]
         center, radius = x[:3], float(torch.sqrt(x[3] + x[:3] @ x[:3]))
         if float(((centers - center).norm(dim=1) - radius).abs().max()) < 0.05 * radius:
             return center.float(), radius
@@ -185,8 +192,9 @@ def ray_origin(centers):
     return center, float((centers - center).norm(dim=1).max()), has_floor
 
 
-def background_points(views, num_rays, multipliers=BEYOND_CAMERAS, far_field=FAR_FIELD, far_max=FAR_FIELD_MAX,
-                      chunk=8192):
+def background_points(
+    views, num_rays, multipliers=BEYOND_CAMERAS, far_field=FAR_FIELD, far_max=FAR_FIELD_MAX, chunk=8192
+):
     """Points on the background: a sphere around the cameras, beyond every one of them, cut by the
     floor plane y = 0, and a far field for what lies at infinity (a sky).
 
@@ -221,9 +229,20 @@ def background_points(views, num_rays, multipliers=BEYOND_CAMERAS, far_field=FAR
         floor = torch.where(dirs[:, 1] > 1e-6, -center[1] / dirs[:, 1].clamp(min=1e-6), torch.inf)
     depths = torch.minimum(torch.tensor(radii)[None], floor[:, None])  # [rays, candidates]
     parts = torch.arange(num_rays).split(chunk)
-    cost = torch.stack([torch.cat([photo_consistency(center + depths[part, k, None] * dirs[part], views, small_ims,
-                                                     bg_ok, min_views)[0] for part in parts])
-                        for k in range(len(radii))], 1)
+    cost = torch.stack(
+        [
+            torch.cat(
+                [
+                    photo_consistency(center + depths[part, k, None] * dirs[part], views, small_ims, bg_ok, min_views)[
+                        0
+                    ]
+                    for part in parts
+                ]
+            )
+            for k in range(len(radii))
+        ],
+        1,
+    )
     seen = torch.isfinite(cost).all(1)
     choice = len(radii) - 1  # the far field, when nothing tells the candidates apart: parallax needs texture
     if seen.sum() >= 10:
@@ -264,15 +283,19 @@ def build_init_point_cloud(seq_dir, meta, t=0, num_fg=100_000, num_bg=60_000, se
     generator = torch.Generator().manual_seed(seed)
     views = load_views(seq_dir, meta, t)
     if not views["fg"].any():
-        raise helpers.UserError(f"{seq_dir}/seg: the masks of timestep {t} show no foreground; the visual "
-                                f"hull needs foreground masks (white = foreground), or give init_pt_cld.npz")
+        raise helpers.UserError(
+            f"{seq_dir}/seg: the masks of timestep {t} show no foreground; the visual "
+            f"hull needs foreground masks (white = foreground), or give init_pt_cld.npz"
+        )
     center = scene_center(views)
     radius = 1.1 * float((views["centers"] - views["centers"].mean(0)).norm(dim=1).max())
     # finest voxel: about as many surface voxels as points wanted, on a hull of a few m^2
     ijk, origin, size = carve_visual_hull(views, center, radius, voxel_size=radius / 250)
     if len(ijk) == 0:
-        raise helpers.UserError(f"{seq_dir}: no voxel lies inside the foreground masks of all cameras at "
-                                f"timestep {t}; check seg/ and the cameras, or give init_pt_cld.npz")
+        raise helpers.UserError(
+            f"{seq_dir}: no voxel lies inside the foreground masks of all cameras at "
+            f"timestep {t}; check seg/ and the cameras, or give init_pt_cld.npz"
+        )
     surface = surface_voxels(ijk)
     jitter = torch.rand(len(surface), 3, generator=generator) - 0.5
     fg = origin + (surface.float() + 0.5 + jitter) * size
@@ -280,9 +303,11 @@ def build_init_point_cloud(seq_dir, meta, t=0, num_fg=100_000, num_bg=60_000, se
         fg = fg[torch.randperm(len(fg), generator=generator)[:num_fg]]
     fg_rgb = visible_colors(fg, origin + (surface.float() + 0.5) * size, views, depth_tolerance=3 * size)
     bg, bg_rgb, shell = background_points(views, num_bg)
-    log(f"point cloud: visual hull of {len(ijk)} voxels ({size:.3g} world units each) -> {len(fg)} "
+    log(
+        f"point cloud: visual hull of {len(ijk)} voxels ({size:.3g} world units each) -> {len(fg)} "
         f"foreground points; {len(bg)} background points on a sphere of radius {shell:.3g} around the "
-        f"cameras (beyond every camera), the far field beyond it and the floor y = 0")
+        f"cameras (beyond every camera), the far field beyond it and the floor y = 0"
+    )
     seg = torch.cat([torch.ones(len(fg)), torch.zeros(len(bg))])[:, None]
     return torch.cat([torch.cat([fg, bg]), torch.cat([fg_rgb, bg_rgb]).clamp(0, 1), seg], 1).numpy().astype(np.float32)
 
@@ -290,19 +315,24 @@ def build_init_point_cloud(seq_dir, meta, t=0, num_fg=100_000, num_bg=60_000, se
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description="Build init_pt_cld.npz for a PanopticSports-format sequence that has none: visual "
-                    "hull of the foreground masks + photo-consistent background points.",
-        formatter_class=helpers.HelpFormatter)
+        "hull of the foreground masks + photo-consistent background points.",
+        formatter_class=helpers.HelpFormatter,
+    )
     helpers.add_sequence_option(parser)
     parser.add_argument("-t", "--timestep", type=int, default=0, help="timestep whose masks are carved")
     parser.add_argument("--fg-points", type=int, default=100_000, help="at most this many foreground points")
     parser.add_argument("--bg-points", type=int, default=60_000, help="background rays (at most one point each)")
-    parser.add_argument("-o", "--out", help="output .npz under data/, output/ or results/ (default: "
-                        "<seq>/init_pt_cld.npz)")
+    parser.add_argument(
+        "-o", "--out", help="output .npz under data/, output/ or results/ (default: <seq>/init_pt_cld.npz)"
+    )
     args = parser.parse_args(argv)
     args.seq = helpers.find_sequence(args.seq)
     out = args.out or os.path.join(args.seq, "init_pt_cld.npz")
-    helpers.check_output("-o" if args.out else "-o (default <seq>/init_pt_cld.npz)", out,
-                         f"-o {helpers.DATA_DIR}/{os.path.basename(os.path.abspath(args.seq))}/init_pt_cld.npz")
+    helpers.check_output(
+        "-o" if args.out else "-o (default <seq>/init_pt_cld.npz)",
+        out,
+        f"-o {helpers.DATA_DIR}/{os.path.basename(os.path.abspath(args.seq))}/init_pt_cld.npz",
+    )
     meta = helpers.load_meta(args.seq, "train")
     if not 0 <= args.timestep < len(meta["fn"]):
         raise helpers.UserError(f"--timestep {args.timestep}: {meta['path']} has timesteps 0..{len(meta['fn']) - 1}")

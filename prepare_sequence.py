@@ -62,6 +62,7 @@ empty scene shows only briefly, shoot a clean plate (or give your own masks).
 A rerun with the same command skips the frames and masks already written; interrupted runs leave no
 half-written file.
 """
+
 import argparse
 import json
 import math
@@ -106,6 +107,7 @@ JPEG_QUALITY = 95
 
 # ---------------------------------------------------------------- cameras
 
+
 def as_matrix(value, shapes, what):
     """Nested lists -> float64 array of one of `shapes` (tuples), all finite; else UserError naming `what`."""
     try:
@@ -122,15 +124,21 @@ def make_camera(name, k, w2c, size, dist, offset, where):
     """A camera as the rest of this script reads it, checked: {'name', 'k' [3, 3], 'w2c' [4, 4] OpenCV
     world-to-camera, 'size' (w, h) of its frames, 'dist' [8] OpenCV coefficients or None, 'offset'
     frames or None (not given)}. `where` names the source in errors."""
-    if (k[0, 0] <= 0 or k[1, 1] <= 0 or np.abs(k[[0, 1, 2, 2], [1, 0, 0, 1]]).max() > 1e-9
-            or abs(k[2, 2] - 1) > 1e-9):
-        raise helpers.UserError(f"{where}: camera {name}: K is not [[fx, 0, cx], [0, fy, cy], [0, 0, 1]] with "
-                                f"fx, fy > 0 (no skew): {k.tolist()}")
+    if k[0, 0] <= 0 or k[1, 1] <= 0 or np.abs(k[[0, 1, 2, 2], [1, 0, 0, 1]]).max() > 1e-9 or abs(k[2, 2] - 1) > 1e-9:
+        raise helpers.UserError(
+            f"{where}: camera {name}: K is not [[fx, 0, cx], [0, fy, cy], [0, 0, 1]] with "
+            f"fx, fy > 0 (no skew): {k.tolist()}"
+        )
     rot = w2c[:3, :3]
-    if (np.abs(w2c[3] - [0, 0, 0, 1]).max() > 1e-9 or np.abs(rot @ rot.T - np.eye(3)).max() > 1e-3
-            or np.linalg.det(rot) <= 0):
-        raise helpers.UserError(f"{where}: camera {name}: w2c is not a rigid world-to-camera transform [[R, t], "
-                                f"[0, 0, 0, 1]] with R a rotation")
+    if (
+        np.abs(w2c[3] - [0, 0, 0, 1]).max() > 1e-9
+        or np.abs(rot @ rot.T - np.eye(3)).max() > 1e-3
+        or np.linalg.det(rot) <= 0
+    ):
+        raise helpers.UserError(
+            f"{where}: camera {name}: w2c is not a rigid world-to-camera transform [[R, t], "
+            f"[0, 0, 0, 1]] with R a rotation"
+        )
     if not all(isinstance(s, int) and s > 0 for s in size):
         raise helpers.UserError(f"{where}: camera {name}: width and height must be positive whole numbers, are {size}")
     dist = None if dist is None or not np.any(dist) else np.asarray(dist, dtype=np.float64)
@@ -154,8 +162,9 @@ def load_structured(path):
         try:
             import yaml
         except ImportError:
-            raise helpers.UserError(f"{path}: reading YAML needs pyyaml (pip install pyyaml); or write the cameras "
-                                    f"as JSON")
+            raise helpers.UserError(
+                f"{path}: reading YAML needs pyyaml (pip install pyyaml); or write the cameras as JSON"
+            )
         try:
             return yaml.safe_load(text)
         except yaml.YAMLError as e:
@@ -170,8 +179,9 @@ def read_cameras_file(path):
     """Cameras of a cameras file (format in the module docstring), in the file's order."""
     data = load_structured(path)
     if not isinstance(data, dict) or not isinstance(data.get("cameras"), list) or not data["cameras"]:
-        raise helpers.UserError(f"{path}: expected an object with a non-empty list 'cameras' (example: "
-                                f"python prepare_sequence.py --help)")
+        raise helpers.UserError(
+            f"{path}: expected an object with a non-empty list 'cameras' (example: python prepare_sequence.py --help)"
+        )
     cameras = []
     for i, entry in enumerate(data["cameras"]):
         if not isinstance(entry, dict) or "name" not in entry:
@@ -219,9 +229,14 @@ def read_colmap(sparse_dir):
         if not os.path.isfile(path):
             binary = os.path.isfile(os.path.splitext(path)[0] + ".bin")
             raise helpers.UserError(
-                f"{path} not found" + (f": the model is binary; convert it with `colmap model_converter --input_path "
-                                       f"{sparse_dir} --output_path {sparse_dir} --output_type TXT`" if binary else
-                                       " (--colmap takes the folder of a text model: cameras.txt, images.txt)"))
+                f"{path} not found"
+                + (
+                    f": the model is binary; convert it with `colmap model_converter --input_path "
+                    f"{sparse_dir} --output_path {sparse_dir} --output_type TXT`"
+                    if binary
+                    else " (--colmap takes the folder of a text model: cameras.txt, images.txt)"
+                )
+            )
     intrinsics = {}
     for n, line in data_lines(cams_path):
         if not line:
@@ -231,8 +246,9 @@ def read_colmap(sparse_dir):
             cam_id, model, size, params = int(tokens[0]), tokens[1], (int(tokens[2]), int(tokens[3])), tokens[4:]
             params = [float(p) for p in params]
         except (IndexError, ValueError):
-            raise helpers.UserError(f"{cams_path}:{n}: expected CAMERA_ID MODEL WIDTH HEIGHT PARAMS..., got "
-                                    f"{line[:80]!r}")
+            raise helpers.UserError(
+                f"{cams_path}:{n}: expected CAMERA_ID MODEL WIDTH HEIGHT PARAMS..., got {line[:80]!r}"
+            )
         intrinsics[cam_id] = (model, size, params, f"{cams_path}:{n}")
     cameras = []
     for n, line in data_lines(ims_path):
@@ -244,18 +260,23 @@ def read_colmap(sparse_dir):
         try:
             qvec, tvec, cam_id = [float(x) for x in tokens[1:5]], [float(x) for x in tokens[5:8]], int(tokens[8])
         except ValueError:
-            raise helpers.UserError(f"{where}: expected IMAGE_ID QW QX QY QZ TX TY TZ CAMERA_ID NAME, got "
-                                    f"{line[:80]!r}")
+            raise helpers.UserError(
+                f"{where}: expected IMAGE_ID QW QX QY QZ TX TY TZ CAMERA_ID NAME, got {line[:80]!r}"
+            )
         if cam_id not in intrinsics:
             raise helpers.UserError(f"{where}: image {tokens[9]} uses camera {cam_id}, which {cams_path} does not list")
         model, size, params, cam_where = intrinsics[cam_id]
         if model not in COLMAP_MODELS:
-            raise helpers.UserError(f"{cam_where}: camera {cam_id} has the {model} model; supported: "
-                                    f"{', '.join(COLMAP_MODELS)} (reconstruct with e.g. --ImageReader.camera_model "
-                                    f"OPENCV, or undistort the videos and give a PINHOLE model)")
+            raise helpers.UserError(
+                f"{cam_where}: camera {cam_id} has the {model} model; supported: "
+                f"{', '.join(COLMAP_MODELS)} (reconstruct with e.g. --ImageReader.camera_model "
+                f"OPENCV, or undistort the videos and give a PINHOLE model)"
+            )
         if len(params) != len(COLMAP_MODELS[model]):
-            raise helpers.UserError(f"{cam_where}: the {model} model has {len(COLMAP_MODELS[model])} parameters "
-                                    f"({' '.join(COLMAP_MODELS[model])}), the line {len(params)}")
+            raise helpers.UserError(
+                f"{cam_where}: the {model} model has {len(COLMAP_MODELS[model])} parameters "
+                f"({' '.join(COLMAP_MODELS[model])}), the line {len(params)}"
+            )
         p = dict(zip(COLMAP_MODELS[model], params))
         k = np.array([[p.get("fx", p.get("f")), 0.0, p["cx"]], [0.0, p.get("fy", p.get("f")), p["cy"]], [0, 0, 1.0]])
         w2c = np.eye(4)
@@ -297,25 +318,31 @@ def read_dynerf(scene_dir):
     poses_path = os.path.join(scene_dir, "poses_bounds.npy")
     if not videos or not os.path.isfile(poses_path):
         state = "present" if os.path.isfile(poses_path) else "missing"
-        raise helpers.UserError(f"{scene_dir}: a DyNeRF scene holds cam00.mp4 ... camNN.mp4 and poses_bounds.npy "
-                                f"({len(videos)} videos, poses_bounds.npy {state})")
+        raise helpers.UserError(
+            f"{scene_dir}: a DyNeRF scene holds cam00.mp4 ... camNN.mp4 and poses_bounds.npy "
+            f"({len(videos)} videos, poses_bounds.npy {state})"
+        )
     try:
         poses_bounds = np.load(poses_path)
     except (OSError, ValueError) as e:
         raise helpers.UserError(f"{poses_path} cannot be read ({e})")
     if poses_bounds.ndim != 2 or poses_bounds.shape[1] != 17 or not np.isfinite(poses_bounds).all():
-        raise helpers.UserError(f"{poses_path}: expected [cameras, 17] finite numbers (LLFF), got "
-                                f"{list(poses_bounds.shape)}")
+        raise helpers.UserError(
+            f"{poses_path}: expected [cameras, 17] finite numbers (LLFF), got {list(poses_bounds.shape)}"
+        )
     if len(poses_bounds) != len(videos):
-        raise helpers.UserError(f"{poses_path} holds {len(poses_bounds)} cameras, {scene_dir} {len(videos)} camXX.mp4 "
-                                f"videos ({', '.join(videos)}): one row per video, in name order")
+        raise helpers.UserError(
+            f"{poses_path} holds {len(poses_bounds)} cameras, {scene_dir} {len(videos)} camXX.mp4 "
+            f"videos ({', '.join(videos)}): one row per video, in name order"
+        )
     cameras = []
     for row, (name, path) in zip(poses_bounds.astype(np.float64), videos.items()):
         w2c, (height, width, focal) = llff_to_w2c(row[:15].reshape(3, 5))
         video_w, video_h = probe_video(path, count=False)["size"]
         if abs(video_w / width - video_h / height) > 0.01 * video_w / width:
-            raise helpers.UserError(f"{path} is {video_w}x{video_h}, {poses_path} says {width:g}x{height:g} for "
-                                    f"{name}: not the same shape")
+            raise helpers.UserError(
+                f"{path} is {video_w}x{video_h}, {poses_path} says {width:g}x{height:g} for {name}: not the same shape"
+            )
         k = np.array([[focal * video_w / width, 0, video_w / 2], [0, focal * video_h / height, video_h / 2], [0, 0, 1]])
         cameras.append(make_camera(name, k, w2c, (video_w, video_h), None, None, poses_path))
     return cameras, videos
@@ -339,10 +366,12 @@ def world_frame_warnings(cameras):
     down = rotations[:, 1].mean(0)  # a camera's +y (image down) in world coordinates
     if down[1] < 0.85 * np.linalg.norm(down) or (centres[:, 1] >= 0).any():
         down = np.round(down / np.linalg.norm(down), 2).tolist()
-        warnings.append(f"the cameras' mean image-down direction is {down} "
-                        f"in world coordinates and {(centres[:, 1] >= 0).sum()} of them are at y >= 0: stage 1 "
-                        f"expects PanopticSports' world frame (+y down, the floor y = 0 below every camera; its floor "
-                        f"loss keeps the foreground at y <= 0); transform the extrinsics to that frame")
+        warnings.append(
+            f"the cameras' mean image-down direction is {down} "
+            f"in world coordinates and {(centres[:, 1] >= 0).sum()} of them are at y >= 0: stage 1 "
+            f"expects PanopticSports' world frame (+y down, the floor y = 0 below every camera; its floor "
+            f"loss keeps the foreground at y <= 0); transform the extrinsics to that frame"
+        )
     # the point nearest to all optical axes (least squares): where the cameras look
     axes = rotations[:, 2]
     projectors = np.eye(3)[None] - axes[:, :, None] * axes[:, None, :]
@@ -351,13 +380,16 @@ def world_frame_warnings(cameras):
         target = np.linalg.solve(normal, np.einsum("cij,cj->i", projectors, centres))
         distance = float(np.median(np.linalg.norm(centres - target, axis=1)))
         if distance < 2.0:
-            warnings.append(f"the cameras are about {distance:.2g} world units from what they look at; stage 1 "
-                            f"clips everything nearer than 1 unit to a camera: --world-scale {4 / distance:.2g} "
-                            f"brings them about 4 units away")
+            warnings.append(
+                f"the cameras are about {distance:.2g} world units from what they look at; stage 1 "
+                f"clips everything nearer than 1 unit to a camera: --world-scale {4 / distance:.2g} "
+                f"brings them about 4 units away"
+            )
     return warnings
 
 
 # ---------------------------------------------------------------- videos and frame folders
+
 
 def find_inputs(folder, names, what, option="--videos"):
     """{name: video file or frame folder} in `folder` (given as `option`) for each camera name;
@@ -372,16 +404,20 @@ def find_inputs(folder, names, what, option="--videos"):
             entries.setdefault(entry, []).append(path)
         elif ext.lower() in VIDEO_EXTS:
             entries.setdefault(stem, []).append(path)
-    doubled = [f"{name} ({', '.join(os.path.basename(p) for p in paths)})" for name, paths in entries.items()
-               if len(paths) > 1]
+    doubled = [
+        f"{name} ({', '.join(os.path.basename(p) for p in paths)})" for name, paths in entries.items() if len(paths) > 1
+    ]
     if doubled:
         raise helpers.UserError(f"{folder}: more than one video or frame folder for camera {'; '.join(doubled)}")
     missing, extra = [n for n in names if n not in entries], [n for n in entries if n not in names]
     if missing or extra:
         problems = ([f"no video or frame folder for {', '.join(missing)}"] if missing else []) + (
-            [f"{', '.join(extra)} {'is' if len(extra) == 1 else 'are'} not in {what}"] if extra else [])
-        raise helpers.UserError(f"{what} lists {len(names)} cameras, {folder} holds {len(entries)} videos or frame "
-                                f"folders: {'; '.join(problems)} (a camera's video is <name>.mp4 or a folder <name>/)")
+            [f"{', '.join(extra)} {'is' if len(extra) == 1 else 'are'} not in {what}"] if extra else []
+        )
+        raise helpers.UserError(
+            f"{what} lists {len(names)} cameras, {folder} holds {len(entries)} videos or frame "
+            f"folders: {'; '.join(problems)} (a camera's video is <name>.mp4 or a folder <name>/)"
+        )
     return {name: entries[name][0] for name in names}
 
 
@@ -394,12 +430,14 @@ def list_frames(folder):
             continue
         digits = re.findall(r"\d+", stem)
         if not digits:
-            raise helpers.UserError(f"{os.path.join(folder, entry)}: a frame's file name must hold its number "
-                                    f"(e.g. 000012.jpg)")
+            raise helpers.UserError(
+                f"{os.path.join(folder, entry)}: a frame's file name must hold its number (e.g. 000012.jpg)"
+            )
         number = int(digits[-1])
         if number in files:
-            raise helpers.UserError(f"{folder}: {os.path.basename(files[number])} and {entry} have the same "
-                                    f"number {number}")
+            raise helpers.UserError(
+                f"{folder}: {os.path.basename(files[number])} and {entry} have the same number {number}"
+            )
         files[number] = os.path.join(folder, entry)
     if not files:
         raise helpers.UserError(f"{folder} holds no .jpg or .png frames")
@@ -479,11 +517,14 @@ def video_frames(path, wanted, stop):
     finally:
         reader.close()
     if pending and not stop.is_set():
-        raise helpers.UserError(f"frames missing: video {path} ends after frame {index}, frame {pending[0]} was "
-                                f"asked for; lower --last or the camera's offset")
+        raise helpers.UserError(
+            f"frames missing: video {path} ends after frame {index}, frame {pending[0]} was "
+            f"asked for; lower --last or the camera's offset"
+        )
 
 
 # ---------------------------------------------------------------- lens and size
+
 
 def distort(x, y, dist):
     """Where the lens puts normalised pinhole coordinates x, y (arrays of one shape): OpenCV's model
@@ -492,8 +533,7 @@ def distort(x, y, dist):
     k1, k2, p1, p2, k3, k4, k5, k6 = dist
     r2 = x * x + y * y
     radial = (1 + r2 * (k1 + r2 * (k2 + r2 * k3))) / (1 + r2 * (k4 + r2 * (k5 + r2 * k6)))
-    return (x * radial + 2 * p1 * x * y + p2 * (r2 + 2 * x * x),
-            y * radial + p1 * (r2 + 2 * y * y) + 2 * p2 * x * y)
+    return (x * radial + 2 * p1 * x * y + p2 * (r2 + 2 * x * x), y * radial + p1 * (r2 + 2 * y * y) + 2 * p2 * x * y)
 
 
 def undistortion_grid(k, dist, size):
@@ -521,8 +561,9 @@ def transform(image, grid, size, nearest=False):
     if grid is not None:
         # torch.tensor copies: decoded frames are read-only buffers
         x = torch.tensor(image, dtype=torch.float32).reshape(*image.shape[:2], -1).permute(2, 0, 1)
-        x = F.grid_sample(x[None], grid, mode="nearest" if nearest else "bilinear", padding_mode="border",
-                          align_corners=False)
+        x = F.grid_sample(
+            x[None], grid, mode="nearest" if nearest else "bilinear", padding_mode="border", align_corners=False
+        )
         image = x[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy().reshape(image.shape)
     if (image.shape[1], image.shape[0]) != size:
         image = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BOX))
@@ -530,6 +571,7 @@ def transform(image, grid, size, nearest=False):
 
 
 # ---------------------------------------------------------------- masks
+
 
 def background_frames(paths):
     """uint8 [N, H, W, 3]: up to BACKGROUND_FRAMES of the image files `paths`, spread evenly. Read
@@ -546,14 +588,14 @@ def stable_values(stack, threshold, count=BACKGROUND_VALUES):
     values = np.zeros((count, *stack.shape[1:]), np.float32)
     frames = np.zeros((count, *stack.shape[1:3]), int)
     for row in range(0, stack.shape[1], 32):  # in bands: the frame-to-frame comparisons are [N, N, band, W]
-        x = stack[:, row:row + 32].astype(np.int16)
+        x = stack[:, row : row + 32].astype(np.int16)
         near = np.stack([np.abs(x - x[i]).max(-1) <= threshold for i in range(len(x))])  # [N, N, band, W]
         taken = np.zeros(x.shape[:3], bool)
         for k in range(count):
             support = np.where(taken, -1, (near & ~taken[None]).sum(1))  # [N, band, W]
             mine = np.take_along_axis(near, support.argmax(0)[None, None], 0)[0] & ~taken
-            values[k, row:row + 32] = (x * mine[..., None]).sum(0) / np.maximum(mine.sum(0), 1)[..., None]
-            frames[k, row:row + 32] = mine.sum(0)
+            values[k, row : row + 32] = (x * mine[..., None]).sum(0) / np.maximum(mine.sum(0), 1)[..., None]
+            frames[k, row : row + 32] = mine.sum(0)
             taken |= mine
     return values, frames
 
@@ -579,7 +621,7 @@ def estimate_background(stack, threshold):
     radii = reach[:, None] * np.array(SURROUNDING_REACH)  # [M, radii]
     height, width = several.shape
     for start in range(0, len(ys), 16384):  # in chunks: the distances are [K, chunk, samples]
-        y, x, r = ys[start:start + 16384], xs[start:start + 16384], radii[start:start + 16384]
+        y, x, r = ys[start : start + 16384], xs[start : start + 16384], radii[start : start + 16384]
         sy = np.round(y[:, None, None] + r[..., None] * np.sin(angles)).astype(int).reshape(len(y), -1)
         sx = np.round(x[:, None, None] + r[..., None] * np.cos(angles)).astype(int).reshape(len(y), -1)
         inside = (sy >= 0) & (sy < height) & (sx >= 0) & (sx < width)
@@ -615,6 +657,7 @@ def save_mask(path, mask):
 
 # ---------------------------------------------------------------- one camera
 
+
 def write_frames(source, frames, todo, paths, camera, grid, size, stop, advance):
     """Write the images of timesteps `todo` (frame indices `frames` [T] of the source) to `paths` [T]."""
     if source["files"] is None:
@@ -628,8 +671,10 @@ def write_frames(source, frames, todo, paths, camera, grid, size, stop, advance)
             return
         file = source["files"][frames[t]]
         if image_size(file) != camera["size"]:
-            raise helpers.UserError(f"{file} is {'x'.join(map(str, image_size(file)))}, camera {camera['name']}'s "
-                                    f"frames are {camera['size'][0]}x{camera['size'][1]}")
+            raise helpers.UserError(
+                f"{file} is {'x'.join(map(str, image_size(file)))}, camera {camera['name']}'s "
+                f"frames are {camera['size'][0]}x{camera['size'][1]}"
+            )
         if grid is None and size == camera["size"] and os.path.splitext(file)[1].lower() in (".jpg", ".jpeg"):
             helpers.atomic_write(paths[t], lambda tmp: shutil.copyfile(file, tmp))  # no second JPEG loss
         else:
@@ -649,12 +694,15 @@ def write_masks(camera, todo, im_paths, seg_paths, mask_files, frames, plate, gr
             if stop.is_set():
                 return ""
             if frames[t] not in mask_files:
-                raise helpers.UserError(f"--masks: no mask for frame {frames[t]} of camera {camera['name']} "
-                                        f"(timestep {t})")
+                raise helpers.UserError(
+                    f"--masks: no mask for frame {frames[t]} of camera {camera['name']} (timestep {t})"
+                )
             mask = read_image(mask_files[frames[t]], "L")
             if (mask.shape[1], mask.shape[0]) != camera["size"]:
-                raise helpers.UserError(f"mask {mask_files[frames[t]]} is {mask.shape[1]}x{mask.shape[0]}, camera "
-                                        f"{camera['name']}'s frames are {camera['size'][0]}x{camera['size'][1]}")
+                raise helpers.UserError(
+                    f"mask {mask_files[frames[t]]} is {mask.shape[1]}x{mask.shape[0]}, camera "
+                    f"{camera['name']}'s frames are {camera['size'][0]}x{camera['size'][1]}"
+                )
             fg = mask > (127 if mask.max() > 1 else 0)  # 8-bit masks and 0/1 masks alike
             save_mask(seg_paths[t], transform(fg.astype(np.uint8) * 255, grid, size, nearest=True) > 127)
             advance()
@@ -662,8 +710,10 @@ def write_masks(camera, todo, im_paths, seg_paths, mask_files, frames, plate, gr
     if plate is not None:
         plate_image = read_image(plate)
         if (plate_image.shape[1], plate_image.shape[0]) != camera["size"]:
-            raise helpers.UserError(f"clean plate {plate} is {plate_image.shape[1]}x{plate_image.shape[0]}, camera "
-                                    f"{camera['name']}'s frames are {camera['size'][0]}x{camera['size'][1]}")
+            raise helpers.UserError(
+                f"clean plate {plate} is {plate_image.shape[1]}x{plate_image.shape[0]}, camera "
+                f"{camera['name']}'s frames are {camera['size'][0]}x{camera['size'][1]}"
+            )
         background, how = transform(plate_image, grid, size), f"subtraction of the clean plate {plate}"
     else:
         background = estimate_background(background_frames(im_paths), args.threshold)
@@ -691,26 +741,35 @@ def prepare_camera(cam_id, camera, source, frames, mask_files, plate, out, args,
     write_frames(source, frames, todo, im_paths, camera, grid, size, stop, advance)
     seg_todo = [t for t, p in enumerate(seg_paths) if args.overwrite or t in todo or not os.path.isfile(p)]
     advance(len(frames) - len(seg_todo))
-    how = write_masks(camera, seg_todo, im_paths, seg_paths, mask_files, frames, plate, grid, size, args, stop,
-                      advance) if seg_todo else "masks already there"
+    how = (
+        write_masks(camera, seg_todo, im_paths, seg_paths, mask_files, frames, plate, grid, size, args, stop, advance)
+        if seg_todo
+        else "masks already there"
+    )
     if stop.is_set():
         return None, []
     fractions = np.array([float(helpers.load_mask(p).mean()) for p in seg_paths])
     name = camera["name"]
-    line = (f"{name} -> id {cam_id}: {len(todo)} frames written, {len(frames) - len(todo)} already there; "
-            f"foreground {fractions.mean():.1%} of the image (per frame {fractions.min():.1%}..{fractions.max():.1%}), "
-            f"{how}")
+    line = (
+        f"{name} -> id {cam_id}: {len(todo)} frames written, {len(frames) - len(todo)} already there; "
+        f"foreground {fractions.mean():.1%} of the image (per frame {fractions.min():.1%}..{fractions.max():.1%}), "
+        f"{how}"
+    )
     warnings = []
     if fractions.mean() < EMPTY_FRACTION:
-        warnings.append(f"camera {name}: the masks are (almost) empty: does it see what moves? (lower --threshold, "
-                        f"or give --masks)")
+        warnings.append(
+            f"camera {name}: the masks are (almost) empty: does it see what moves? (lower --threshold, or give --masks)"
+        )
     elif fractions.mean() > FULL_FRACTION:
-        warnings.append(f"camera {name}: the masks cover almost everything: did the camera or the light move? "
-                        f"(give a clean plate with --background, raise --threshold, or give --masks)")
+        warnings.append(
+            f"camera {name}: the masks cover almost everything: did the camera or the light move? "
+            f"(give a clean plate with --background, raise --threshold, or give --masks)"
+        )
     return line, warnings
 
 
 # ---------------------------------------------------------------- the whole capture
+
 
 def read_input(args):
     """(cameras in the input's order, {name: {'path', 'files'}} their frame sources, where the
@@ -748,12 +807,15 @@ def timeline(args, cameras, sources, probes, offsets):
             raise helpers.UserError(f"--fps needs videos (frame folders carry no frame rate: {folders}); use --every")
         if max(rates.values()) > 1.01 * min(rates.values()):
             listed = ", ".join(f"{n} {r:g}" for n, r in rates.items())
-            raise helpers.UserError(f"the videos differ in frame rate ({listed}): --fps and --offsets count frames "
-                                    f"of one rate; re-encode them first")
+            raise helpers.UserError(
+                f"the videos differ in frame rate ({listed}): --fps and --offsets count frames "
+                f"of one rate; re-encode them first"
+            )
         step = min(rates.values()) / args.fps
         if step < 1:
-            raise helpers.UserError(f"--fps {args.fps:g} is above the videos' {min(rates.values()):g} frames per "
-                                    f"second")
+            raise helpers.UserError(
+                f"--fps {args.fps:g} is above the videos' {min(rates.values()):g} frames per second"
+            )
     else:
         step = args.every
     last = args.last
@@ -763,22 +825,30 @@ def timeline(args, cameras, sources, probes, offsets):
     while (frame := args.first + math.floor(len(reference) * step + 0.5)) <= last:
         reference.append(frame)
     if not reference:
-        raise helpers.UserError(f"frames {args.first}..{last} hold no timestep (the shortest camera, offsets "
-                                f"included, ends at frame {last}); lower --first")
+        raise helpers.UserError(
+            f"frames {args.first}..{last} hold no timestep (the shortest camera, offsets "
+            f"included, ends at frame {last}); lower --first"
+        )
     frames = [[f + off for f in reference] for off in offsets]
     for camera, source, probe_, own in zip(cameras, sources, probes, frames):
         if own[0] < 0:
-            raise helpers.UserError(f"frames missing: camera {camera['name']} (offset {own[0] - reference[0]}) has no "
-                                    f"frame {own[0]}; raise --first")
+            raise helpers.UserError(
+                f"frames missing: camera {camera['name']} (offset {own[0] - reference[0]}) has no "
+                f"frame {own[0]}; raise --first"
+            )
         if source["files"] is not None:
             missing = [f for f in own if f not in source["files"]]
             if missing:
-                raise helpers.UserError(f"frames missing in camera {camera['name']}: {source['path']} has no frame "
-                                        f"{', '.join(map(str, missing[:5]))}{' ...' if len(missing) > 5 else ''} "
-                                        f"(frames are numbered from the smallest number in any folder)")
+                raise helpers.UserError(
+                    f"frames missing in camera {camera['name']}: {source['path']} has no frame "
+                    f"{', '.join(map(str, missing[:5]))}{' ...' if len(missing) > 5 else ''} "
+                    f"(frames are numbered from the smallest number in any folder)"
+                )
         elif probe_["count"] is not None and own[-1] >= probe_["count"]:
-            raise helpers.UserError(f"frames missing: video {source['path']} has {probe_['count']} frames, timestep "
-                                    f"{len(own) - 1} needs frame {own[-1]}; lower --last")
+            raise helpers.UserError(
+                f"frames missing: video {source['path']} has {probe_['count']} frames, timestep "
+                f"{len(own) - 1} needs frame {own[-1]}; lower --last"
+            )
     return frames
 
 
@@ -788,8 +858,9 @@ def test_camera_ids(cameras, spec):
     wanted = [s.strip() for s in (spec or names[0]).split(",") if s.strip()]
     unknown = [w for w in wanted if w not in names]
     if unknown or not wanted:
-        raise helpers.UserError(f"--test-cams: {', '.join(unknown) or 'no camera'} not among the cameras "
-                                f"{', '.join(names)}")
+        raise helpers.UserError(
+            f"--test-cams: {', '.join(unknown) or 'no camera'} not among the cameras {', '.join(names)}"
+        )
     ids = sorted({names.index(w) for w in wanted})
     if len(ids) == len(names):
         raise helpers.UserError(f"--test-cams takes all {len(names)} cameras: leave at least one to train on")
@@ -801,12 +872,17 @@ def write_metas(out, cameras, test_ids, num_t, args):
     size, _ = output_geometry(cameras[0], args.downscale)
     ks = [output_geometry(c, args.downscale)[1].tolist() for c in cameras]
     for split, ids in (("train", [c for c in range(len(cameras)) if c not in test_ids]), ("test", test_ids)):
-        helpers.save_json(os.path.join(out, f"{split}_meta.json"), {
-            "w": size[0], "h": size[1],
-            "k": [[ks[c] for c in ids]] * num_t,
-            "w2c": [[cameras[c]["w2c"].tolist() for c in ids]] * num_t,
-            "fn": [[f"{c}/{t:06d}.jpg" for c in ids] for t in range(num_t)],
-            "cam_id": [ids] * num_t})
+        helpers.save_json(
+            os.path.join(out, f"{split}_meta.json"),
+            {
+                "w": size[0],
+                "h": size[1],
+                "k": [[ks[c] for c in ids]] * num_t,
+                "w2c": [[cameras[c]["w2c"].tolist() for c in ids]] * num_t,
+                "fn": [[f"{c}/{t:06d}.jpg" for c in ids] for t in range(num_t)],
+                "cam_id": [ids] * num_t,
+            },
+        )
 
 
 def check_record(path, record, overwrite):
@@ -816,9 +892,11 @@ def check_record(path, record, overwrite):
             old = json.load(f)
         changed = [key for key in record if old.get(key) != record[key]]
         if changed:
-            raise helpers.UserError(f"{os.path.dirname(path)} was prepared with other {', '.join(changed)} (see "
-                                    f"{path}); write to another -o folder, or pass --overwrite to write everything "
-                                    f"again")
+            raise helpers.UserError(
+                f"{os.path.dirname(path)} was prepared with other {', '.join(changed)} (see "
+                f"{path}); write to another -o folder, or pass --overwrite to write everything "
+                f"again"
+            )
     helpers.save_json(path, record)
 
 
@@ -829,58 +907,117 @@ def parse_args(argv=None):
     given.add_argument("--cameras", metavar="FILE", help="cameras file, JSON or YAML (format above)")
     given.add_argument("--colmap", metavar="SPARSE_DIR", help="COLMAP text model: cameras.txt, images.txt")
     given.add_argument("--dynerf", metavar="SCENE_DIR", help="DyNeRF scene: cam00.mp4 ... camNN.mp4, poses_bounds.npy")
-    given.add_argument("-o", "--out", required=True, metavar="DIR",
-                       help="sequence folder to write, under data/, output/ or results/, e.g. data/<seq>")
-    given.add_argument("--test-cams", metavar="NAME,NAME",
-                        help="cameras held out for evaluation (default: the first camera, cam00 in DyNeRF)")
+    given.add_argument(
+        "-o",
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="sequence folder to write, under data/, output/ or results/, e.g. data/<seq>",
+    )
+    given.add_argument(
+        "--test-cams",
+        metavar="NAME,NAME",
+        help="cameras held out for evaluation (default: the first camera, cam00 in DyNeRF)",
+    )
     timing = parser.add_argument_group("time")
     timing.add_argument("--first", type=int, default=0, help="first frame (default: %(default)s)")
-    timing.add_argument("--last", type=int, default=None,
-                        help="last frame, included (default: the last that every camera has; giving it saves "
-                             "counting the frames of each video)")
+    timing.add_argument(
+        "--last",
+        type=int,
+        default=None,
+        help="last frame, included (default: the last that every camera has; giving it saves "
+        "counting the frames of each video)",
+    )
     step = timing.add_mutually_exclusive_group()
     step.add_argument("--every", type=int, default=1, metavar="N", help="take every N-th frame (default: %(default)s)")
-    step.add_argument("--fps", type=float, default=None,
-                      help="timesteps per second instead of --every (videos only: the nearest frame)")
-    timing.add_argument("--offsets", metavar="NAME=K,...",
-                        help="time alignment: camera NAME's frame K+j shows the instant of frame j of a camera "
-                             "with offset 0 (overrides the cameras file's 'offset'; default 0)")
-    parser.add_argument("--world-scale", type=float, default=1.0, metavar="S",
-                        help="multiply world units by S (a COLMAP model's scale is arbitrary; stage 1 clips what is "
-                             "nearer than 1 unit to a camera; default: %(default)s)")
-    parser.add_argument("--downscale", type=float, default=1.0, metavar="F",
-                        help="write images this many times smaller, by area averaging (default: %(default)s)")
+    step.add_argument(
+        "--fps",
+        type=float,
+        default=None,
+        help="timesteps per second instead of --every (videos only: the nearest frame)",
+    )
+    timing.add_argument(
+        "--offsets",
+        metavar="NAME=K,...",
+        help="time alignment: camera NAME's frame K+j shows the instant of frame j of a camera "
+        "with offset 0 (overrides the cameras file's 'offset'; default 0)",
+    )
+    parser.add_argument(
+        "--world-scale",
+        type=float,
+        default=1.0,
+        metavar="S",
+        help="multiply world units by S (a COLMAP model's scale is arbitrary; stage 1 clips what is "
+        "nearer than 1 unit to a camera; default: %(default)s)",
+    )
+    parser.add_argument(
+        "--downscale",
+        type=float,
+        default=1.0,
+        metavar="F",
+        help="write images this many times smaller, by area averaging (default: %(default)s)",
+    )
     masks = parser.add_argument_group("masks")
-    masks.add_argument("--masks", metavar="DIR", help="your masks, used as they are: DIR/<name>/ per camera, "
-                       "numbered like its frames (white or 1 = foreground)")
-    masks.add_argument("--background", metavar="DIR",
-                       help="clean plates: DIR/<name>.jpg or .png, one frame of the empty scene per camera (a "
-                            "camera without one gets a background estimated from its frames)")
-    masks.add_argument("--threshold", type=float, default=40.0, metavar="T",
-                       help="foreground where a channel differs from the background by more than this, 0-255 "
-                            "(default: %(default)s)")
-    masks.add_argument("--mask-radius", type=int, default=None, metavar="R",
-                       help="radius in pixels of the opening and closing (default: image height or width / 256)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, metavar="N",
-                        help="cameras prepared at once, in threads (ffmpeg, JPEG coding and numpy release Python's "
-                             f"lock); each holds up to {BACKGROUND_FRAMES} frames for its background "
-                             "(default: %(default)s)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="write every file again, even where the folder was prepared with other settings")
+    masks.add_argument(
+        "--masks",
+        metavar="DIR",
+        help="your masks, used as they are: DIR/<name>/ per camera, numbered like its frames (white or 1 = foreground)",
+    )
+    masks.add_argument(
+        "--background",
+        metavar="DIR",
+        help="clean plates: DIR/<name>.jpg or .png, one frame of the empty scene per camera (a "
+        "camera without one gets a background estimated from its frames)",
+    )
+    masks.add_argument(
+        "--threshold",
+        type=float,
+        default=40.0,
+        metavar="T",
+        help="foreground where a channel differs from the background by more than this, 0-255 (default: %(default)s)",
+    )
+    masks.add_argument(
+        "--mask-radius",
+        type=int,
+        default=None,
+        metavar="R",
+        help="radius in pixels of the opening and closing (default: image height or width / 256)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        metavar="N",
+        help="cameras prepared at once, in threads (ffmpeg, JPEG coding and numpy release Python's "
+        f"lock); each holds up to {BACKGROUND_FRAMES} frames for its background "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write every file again, even where the folder was prepared with other settings",
+    )
     args = parser.parse_args(argv)
-    if bool(args.dynerf) == bool(args.videos) or (args.videos and bool(args.cameras) == bool(args.colmap)) or (
-            args.dynerf and (args.cameras or args.colmap)):
-        raise helpers.UserError("give --videos DIR with one of --cameras FILE or --colmap SPARSE_DIR, or --dynerf "
-                                "SCENE_DIR alone (python prepare_sequence.py --help)")
+    if (
+        bool(args.dynerf) == bool(args.videos)
+        or (args.videos and bool(args.cameras) == bool(args.colmap))
+        or (args.dynerf and (args.cameras or args.colmap))
+    ):
+        raise helpers.UserError(
+            "give --videos DIR with one of --cameras FILE or --colmap SPARSE_DIR, or --dynerf "
+            "SCENE_DIR alone (python prepare_sequence.py --help)"
+        )
     if args.every < 1 or args.downscale < 1 or args.workers < 1 or (args.fps or 1) <= 0 or args.world_scale <= 0:
-        raise helpers.UserError("--every, --downscale and --workers must be at least 1, --fps and --world-scale "
-                                "above 0")
+        raise helpers.UserError(
+            "--every, --downscale and --workers must be at least 1, --fps and --world-scale above 0"
+        )
     if args.first < 0 or (args.last is not None and args.last < args.first):
         raise helpers.UserError(f"--first {args.first} / --last {args.last}: frames count from 0 and last >= first")
     if args.mask_radius is not None and args.mask_radius < 1:
         raise helpers.UserError("--mask-radius must be at least 1 pixel")
-    helpers.check_output("-o", args.out, f"-o {helpers.DATA_DIR}/{os.path.basename(os.path.abspath(args.out))}",
-                         folder=True)
+    helpers.check_output(
+        "-o", args.out, f"-o {helpers.DATA_DIR}/{os.path.basename(os.path.abspath(args.out))}", folder=True
+    )
     return args
 
 
@@ -898,14 +1035,18 @@ def check_sizes(cameras, sources, probes, what, downscale):
     images of one size after --downscale. -> that size (w, h)."""
     for camera, probe_ in zip(cameras, probes):
         if probe_["size"] != camera["size"]:
-            raise helpers.UserError(f"camera {camera['name']}: the frames of {sources[camera['name']]['path']} are "
-                                    f"{probe_['size'][0]}x{probe_['size'][1]}, {what} says "
-                                    f"{camera['size'][0]}x{camera['size'][1]}")
+            raise helpers.UserError(
+                f"camera {camera['name']}: the frames of {sources[camera['name']]['path']} are "
+                f"{probe_['size'][0]}x{probe_['size'][1]}, {what} says "
+                f"{camera['size'][0]}x{camera['size'][1]}"
+            )
     sizes = {c["name"]: output_geometry(c, downscale)[0] for c in cameras}
     if len(set(sizes.values())) > 1:
         listed = ", ".join(f"{n} {w}x{h}" for n, (w, h) in sizes.items())
-        raise helpers.UserError(f"the cameras' images differ in size ({listed}): a sequence has one image size; "
-                                f"resize the videos (and their intrinsics) to one")
+        raise helpers.UserError(
+            f"the cameras' images differ in size ({listed}): a sequence has one image size; "
+            f"resize the videos (and their intrinsics) to one"
+        )
     return next(iter(sizes.values()))
 
 
@@ -924,10 +1065,22 @@ def prepare_all(cameras, sources, frames, mask_files, plates, out, args):
     torch.set_num_threads(1)  # one camera per thread; grid_sample's own threads would only compete
     try:
         with ThreadPoolExecutor(min(args.workers, len(cameras))) as pool:
-            jobs = [pool.submit(prepare_camera, c, camera, sources[camera["name"]], frames[c],
-                                None if mask_files is None else mask_files[camera["name"]],
-                                plates.get(camera["name"]), out, args, stop, advance)
-                    for c, camera in enumerate(cameras)]
+            jobs = [
+                pool.submit(
+                    prepare_camera,
+                    c,
+                    camera,
+                    sources[camera["name"]],
+                    frames[c],
+                    None if mask_files is None else mask_files[camera["name"]],
+                    plates.get(camera["name"]),
+                    out,
+                    args,
+                    stop,
+                    advance,
+                )
+                for c, camera in enumerate(cameras)
+            ]
             try:
                 for done, job in enumerate(as_completed(jobs), 1):
                     line, warnings = job.result()
@@ -961,22 +1114,36 @@ def main(argv=None):
     size = check_sizes(cameras, sources, probes, what, args.downscale)
     frames = timeline(args, cameras, [sources[n] for n in names], probes, offsets)
     num_t = len(frames[0])
-    check_record(os.path.join(out, "prepare_sequence.json"), {
-        "input": {key: os.path.abspath(value) for key, value in vars(args).items()
-                  if key in ("videos", "cameras", "colmap", "dynerf", "masks", "background") and value},
-        "cameras": names, "test_cameras": [names[c] for c in test_ids],
-        "frames": dict(zip(names, frames)), "downscale": args.downscale, "world_scale": args.world_scale,
-        "masks": "yours" if args.masks else {"threshold": args.threshold, "mask_radius": args.mask_radius}},
-        args.overwrite)
-    tqdm.write(f"{len(cameras)} cameras ({', '.join(names[c] for c in test_ids)} for testing) x {num_t} timesteps "
-               f"(frames {frames[0][0]}..{frames[0][-1]}, step {args.every if not args.fps else f'{args.fps:g} fps'}) "
-               f"from {what} -> {out}")
+    check_record(
+        os.path.join(out, "prepare_sequence.json"),
+        {
+            "input": {
+                key: os.path.abspath(value)
+                for key, value in vars(args).items()
+                if key in ("videos", "cameras", "colmap", "dynerf", "masks", "background") and value
+            },
+            "cameras": names,
+            "test_cameras": [names[c] for c in test_ids],
+            "frames": dict(zip(names, frames)),
+            "downscale": args.downscale,
+            "world_scale": args.world_scale,
+            "masks": "yours" if args.masks else {"threshold": args.threshold, "mask_radius": args.mask_radius},
+        },
+        args.overwrite,
+    )
+    tqdm.write(
+        f"{len(cameras)} cameras ({', '.join(names[c] for c in test_ids)} for testing) x {num_t} timesteps "
+        f"(frames {frames[0][0]}..{frames[0][-1]}, step {args.every if not args.fps else f'{args.fps:g} fps'}) "
+        f"from {what} -> {out}"
+    )
     for warning in world_frame_warnings(cameras):
         tqdm.write(f"warning: {warning}", file=sys.stderr)
     prepare_all(cameras, sources, frames, mask_files, plates, out, args)
     write_metas(out, cameras, test_ids, num_t, args)
-    print(f"wrote {out}: {len(cameras) - len(test_ids)} train + {len(test_ids)} test cameras, {num_t} timesteps, "
-          f"{size[0]}x{size[1]}, in {time.time() - started:.0f} s; next: python train_d3dgs.py -s {out}")
+    print(
+        f"wrote {out}: {len(cameras) - len(test_ids)} train + {len(test_ids)} test cameras, {num_t} timesteps, "
+        f"{size[0]}x{size[1]}, in {time.time() - started:.0f} s; next: python train_d3dgs.py -s {out}"
+    )
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ The family has no init_pt_cld.npz (as a user's own capture): stage 1 builds its 
 (--point-cloud writes one from the true Gaussians). Deterministic for a seed; the demo's --noise-seed
 moves its texture noise and point cloud only.
 """
+
 import argparse
 import math
 import os
@@ -67,40 +68,106 @@ TOP_RADIUS, TOP_HEIGHT = 0.4, 0.55
 RING_RADIUS, RING_HEIGHTS, LOOK_AT, FOCAL = 4.4, (1.7, 2.3), (0.0, -0.3, 0.0), 0.8
 
 # Colours objects are drawn in (none of them is a floor's, a wall's or the sky's).
-OBJECT_RGB = {"red": (0.86, 0.1, 0.08), "green": (0.15, 0.72, 0.2), "blue": (0.12, 0.3, 0.9),
-              "yellow": (0.93, 0.83, 0.12), "orange": (0.95, 0.5, 0.06), "purple": (0.52, 0.14, 0.62)}
-FLOOR_TONES = ((0.56, 0.56, 0.56), (0.42, 0.42, 0.42), (0.62, 0.58, 0.5), (0.46, 0.4, 0.33),
-               (0.35, 0.35, 0.37), (0.7, 0.68, 0.64))
-WALL_PALETTES = (((0.82, 0.76, 0.62), (0.70, 0.71, 0.73), (0.58, 0.47, 0.36)),
-                 ((0.78, 0.78, 0.76), (0.6, 0.6, 0.62), (0.45, 0.45, 0.47)),
-                 ((0.74, 0.66, 0.55), (0.85, 0.82, 0.75), (0.5, 0.42, 0.35)))
+OBJECT_RGB = {
+    "red": (0.86, 0.1, 0.08),
+    "green": (0.15, 0.72, 0.2),
+    "blue": (0.12, 0.3, 0.9),
+    "yellow": (0.93, 0.83, 0.12),
+    "orange": (0.95, 0.5, 0.06),
+    "purple": (0.52, 0.14, 0.62),
+}
+FLOOR_TONES = (
+    (0.56, 0.56, 0.56),
+    (0.42, 0.42, 0.42),
+    (0.62, 0.58, 0.5),
+    (0.46, 0.4, 0.33),
+    (0.35, 0.35, 0.37),
+    (0.7, 0.68, 0.64),
+)
+WALL_PALETTES = (
+    ((0.82, 0.76, 0.62), (0.70, 0.71, 0.73), (0.58, 0.47, 0.36)),
+    ((0.78, 0.78, 0.76), (0.6, 0.6, 0.62), (0.45, 0.45, 0.47)),
+    ((0.74, 0.66, 0.55), (0.85, 0.82, 0.75), (0.5, 0.42, 0.35)),
+)
 SHAPES = ("ball", "box", "top", "cylinder")
-PROMPTS = {"thrown": "a {colour} {shape} flying in the air", "sliding": "a {colour} {shape} sliding on the floor",
-           "spinning": "a {colour} {shape} spinning", "static": "a {colour} {shape} standing still"}
+PROMPTS = {
+    "thrown": "a {colour} {shape} flying in the air",
+    "sliding": "a {colour} {shape} sliding on the floor",
+    "spinning": "a {colour} {shape} spinning",
+    "static": "a {colour} {shape} standing still",
+}
 FIRST_ACTION = 4  # earliest timestep an action may start in (clips of t < 4 drop frames before 0)
 
 
 # ---------------------------------------------------------------- scene descriptions
 
+
 def demo_scene(num_train=12, num_test=2):
     """The demo sequence as a scene description (the dict draw_scene returns)."""
-    return {"kind": "demo", "rig": {"shape": "ring", "radius": RING_RADIUS, "heights": list(RING_HEIGHTS),
-                                    "look_at": list(LOOK_AT), "focal": FOCAL, "num_train": num_train,
-                                    "num_test": num_test},
-            "background": {"kind": "room", "wall_radius": WALL_RADIUS, "wall_height": WALL_HEIGHT,
-                           "wall_palette": WALL_PALETTES[0], "sky": None},
-            "floor": {"radius": FLOOR_RADIUS, "pattern": "chequer", "tile": FLOOR_TILE,
-                      "tones": [FLOOR_TONES[1], FLOOR_TONES[0]]},
-            "objects": [
-                {"id": 1, "shape": "ball", "colour": "red", "size": [BALL_RADIUS], "motion": "thrown",
-                 "start": [-1.3, 0.8], "end": [1.2, 0.95], "apex": 1.0, "times": [9 / 23, 20 / 23], "turn": 0.0,
-                 "prompt": "a red ball flying in the air"},
-                {"id": 2, "shape": "box", "colour": "blue", "size": list(BOX_SIZE), "motion": "sliding",
-                 "start": [-1.2, -0.8], "end": [1.0, -0.7], "times": [8 / 23, 19 / 23], "turn": 0.35,
-                 "prompt": "a blue box sliding on the floor"},
-                {"id": 3, "shape": "top", "colour": "green", "size": [TOP_RADIUS, TOP_HEIGHT], "motion": "spinning",
-                 "start": [0.1, 0.05], "end": [0.1, 0.05], "times": [0.0, 1.0], "turn": math.radians(575.0),
-                 "prompt": "a green top spinning"}]}
+    return {
+        "kind": "demo",
+        "rig": {
+            "shape": "ring",
+            "radius": RING_RADIUS,
+            "heights": list(RING_HEIGHTS),
+            "look_at": list(LOOK_AT),
+            "focal": FOCAL,
+            "num_train": num_train,
+            "num_test": num_test,
+        },
+        "background": {
+            "kind": "room",
+            "wall_radius": WALL_RADIUS,
+            "wall_height": WALL_HEIGHT,
+            "wall_palette": WALL_PALETTES[0],
+            "sky": None,
+        },
+        "floor": {
+            "radius": FLOOR_RADIUS,
+            "pattern": "chequer",
+            "tile": FLOOR_TILE,
+            "tones": [FLOOR_TONES[1], FLOOR_TONES[0]],
+        },
+        "objects": [
+            {
+                "id": 1,
+                "shape": "ball",
+                "colour": "red",
+                "size": [BALL_RADIUS],
+                "motion": "thrown",
+                "start": [-1.3, 0.8],
+                "end": [1.2, 0.95],
+                "apex": 1.0,
+                "times": [9 / 23, 20 / 23],
+                "turn": 0.0,
+                "prompt": "a red ball flying in the air",
+            },
+            {
+                "id": 2,
+                "shape": "box",
+                "colour": "blue",
+                "size": list(BOX_SIZE),
+                "motion": "sliding",
+                "start": [-1.2, -0.8],
+                "end": [1.0, -0.7],
+                "times": [8 / 23, 19 / 23],
+                "turn": 0.35,
+                "prompt": "a blue box sliding on the floor",
+            },
+            {
+                "id": 3,
+                "shape": "top",
+                "colour": "green",
+                "size": [TOP_RADIUS, TOP_HEIGHT],
+                "motion": "spinning",
+                "start": [0.1, 0.05],
+                "end": [0.1, 0.05],
+                "times": [0.0, 1.0],
+                "turn": math.radians(575.0),
+                "prompt": "a green top spinning",
+            },
+        ],
+    }
 
 
 def draw_object_size(rng, shape):
@@ -143,8 +210,11 @@ def place(rng, obj, placed, area):
         if max(np.linalg.norm(start), np.linalg.norm(end)) > area:
             continue
         # two movers' paths may cross (at different times); no path runs through a resting place
-        if all(min(path_clearance(start, end, [s, e]).min(), path_clearance(s, e, [start, end]).min())
-               > footprint(obj) + r + 0.05 for s, e, r in placed):
+        if all(
+            min(path_clearance(start, end, [s, e]).min(), path_clearance(s, e, [start, end]).min())
+            > footprint(obj) + r + 0.05
+            for s, e, r in placed
+        ):
             return start, end
     return None
 
@@ -160,9 +230,17 @@ def draw_objects(rng, area):
         placed, objects = [], []
         for i, (motion, colour) in enumerate(zip(motions, colours)):
             shape = str(rng.choice(SHAPES if motion != "spinning" else ("top", "cylinder", "box")))
-            obj = {"id": i + 1, "shape": shape, "colour": colour, "size": draw_object_size(rng, shape),
-                   "motion": motion, "apex": 0.0, "turn": 0.0, "times": [0.0, 1.0],
-                   "prompt": PROMPTS[motion].format(colour=colour, shape=shape)}
+            obj = {
+                "id": i + 1,
+                "shape": shape,
+                "colour": colour,
+                "size": draw_object_size(rng, shape),
+                "motion": motion,
+                "apex": 0.0,
+                "turn": 0.0,
+                "times": [0.0, 1.0],
+                "prompt": PROMPTS[motion].format(colour=colour, shape=shape),
+            }
             where = place(rng, obj, placed, area)
             if where is None:
                 break
@@ -189,9 +267,14 @@ def draw_scene(seed, num_train=None, num_test=None):
     rng = np.random.default_rng([4102, seed])
     radius = float(rng.uniform(3.5, 6.0))
     shape = str(rng.choice(["ring", "dome"]))
-    rig = {"shape": shape, "radius": radius, "look_at": [0.0, -float(rng.uniform(0.2, 0.5)), 0.0],
-           "focal": float(rng.uniform(0.7, 1.0)), "azimuth0": float(rng.uniform(0, 2 * math.pi)),
-           "num_train": int(rng.integers(6, 31))}
+    rig = {
+        "shape": shape,
+        "radius": radius,
+        "look_at": [0.0, -float(rng.uniform(0.2, 0.5)), 0.0],
+        "focal": float(rng.uniform(0.7, 1.0)),
+        "azimuth0": float(rng.uniform(0, 2 * math.pi)),
+        "num_train": int(rng.integers(6, 31)),
+    }
     rig["num_train"] = rig["num_train"] if num_train is None else num_train  # drawn all the same: the rest stays
     if shape == "ring":
         low = float(rng.uniform(1.2, 1.9))
@@ -201,27 +284,49 @@ def draw_scene(seed, num_train=None, num_test=None):
         rig["elevations"] = [low, float(rng.uniform(max(low + 15, 35), 55))]
     offsets = [str(k) for k in rng.choice(["above", "below", "closer"], int(rng.integers(1, 3)), replace=False)]
     rig["test"] = ["on"] + offsets if num_test is None else (["on"] + offsets * num_test)[:num_test]
-    rig["test_offsets"] = {"above": float(rng.uniform(0.7, 1.2)), "below": float(rng.uniform(0.5, 0.8)),
-                           "closer": float(rng.uniform(0.6, 0.75))}
+    rig["test_offsets"] = {
+        "above": float(rng.uniform(0.7, 1.2)),
+        "below": float(rng.uniform(0.5, 0.8)),
+        "closer": float(rng.uniform(0.6, 0.75)),
+    }
     rig["num_test"] = len(rig["test"])
-    sky = {"horizon": [float(v) for v in rng.uniform([0.86, 0.86, 0.84], [0.95, 0.94, 0.92])],
-           "zenith": [float(v) for v in rng.uniform([0.5, 0.62, 0.82], [0.62, 0.75, 0.95])],
-           "ground": [float(v) for v in rng.uniform([0.36, 0.33, 0.28], [0.46, 0.43, 0.38])],
-           "waves": [[float(v) for v in np.append(d / np.linalg.norm(d), [rng.uniform(4, 12), rng.uniform(0, 6.3)])]
-                     for d in rng.normal(size=(6, 3))]}
+    sky = {
+        "horizon": [float(v) for v in rng.uniform([0.86, 0.86, 0.84], [0.95, 0.94, 0.92])],
+        "zenith": [float(v) for v in rng.uniform([0.5, 0.62, 0.82], [0.62, 0.75, 0.95])],
+        "ground": [float(v) for v in rng.uniform([0.36, 0.33, 0.28], [0.46, 0.43, 0.38])],
+        "waves": [
+            [float(v) for v in np.append(d / np.linalg.norm(d), [rng.uniform(4, 12), rng.uniform(0, 6.3)])]
+            for d in rng.normal(size=(6, 3))
+        ],
+    }
     if rng.random() < 0.5:
         background = {"kind": "sky", "sky": sky}
         floor_radius = radius * float(rng.uniform(2.0, 3.0))
     else:
         wall_radius = radius * float(rng.uniform(1.3, 1.8))
-        background = {"kind": "room", "wall_radius": wall_radius, "wall_height": float(rng.uniform(3.0, 4.5)),
-                      "wall_palette": WALL_PALETTES[int(rng.integers(len(WALL_PALETTES)))], "sky": sky}
+        background = {
+            "kind": "room",
+            "wall_radius": wall_radius,
+            "wall_height": float(rng.uniform(3.0, 4.5)),
+            "wall_palette": WALL_PALETTES[int(rng.integers(len(WALL_PALETTES)))],
+            "sky": sky,
+        }
         floor_radius = wall_radius + 0.2
     tones = rng.choice(len(FLOOR_TONES), 2, replace=False)
-    floor = {"radius": floor_radius, "pattern": str(rng.choice(["chequer", "stripes", "blotches"])),
-             "tile": float(rng.uniform(0.3, 0.9)), "tones": [FLOOR_TONES[int(i)] for i in tones]}
-    return {"kind": "family", "seed": seed, "rig": rig, "background": background, "floor": floor,
-            "objects": draw_objects(rng, area=min(2.0, 0.4 * radius))}
+    floor = {
+        "radius": floor_radius,
+        "pattern": str(rng.choice(["chequer", "stripes", "blotches"])),
+        "tile": float(rng.uniform(0.3, 0.9)),
+        "tones": [FLOOR_TONES[int(i)] for i in tones],
+    }
+    return {
+        "kind": "family",
+        "seed": seed,
+        "rig": rig,
+        "background": background,
+        "floor": floor,
+        "objects": draw_objects(rng, area=min(2.0, 0.4 * radius)),
+    }
 
 
 def draw_image_size(seed):
@@ -235,6 +340,7 @@ def draw_image_size(seed):
 
 
 # ---------------------------------------------------------------- Gaussians of the room and objects
+
 
 def quat_z_to(normals):
     """Unit quaternions [N, 4] (w, x, y, z) turning the local z axis onto `normals` [N, 3]: the thin
@@ -262,9 +368,13 @@ def flat_gaussians(points, normals, colours, spacing, opacity=0.98):
     pixel, which is what rendering costs. Returns the per-Gaussian arrays of params.npz."""
     n = len(points)
     sigma = np.array([0.55 * spacing, 0.55 * spacing, 0.002])
-    return {"means3D": points, "rgb_colors": np.clip(colours, 0, 1), "unnorm_rotations": quat_z_to(normals),
-            "log_scales": np.tile(np.log(sigma), (n, 1)),
-            "logit_opacities": np.full((n, 1), math.log(opacity / (1 - opacity)))}
+    return {
+        "means3D": points,
+        "rgb_colors": np.clip(colours, 0, 1),
+        "unnorm_rotations": quat_z_to(normals),
+        "log_scales": np.tile(np.log(sigma), (n, 1)),
+        "logit_opacities": np.full((n, 1), math.log(opacity / (1 - opacity))),
+    }
 
 
 def shade(normals, colours):
@@ -291,7 +401,7 @@ def floor_gaussians(rng, spacing, floor):
     """Textured disc of `floor["radius"]` at y = 0."""
     radius = floor["radius"]
     x, z = hex_grid(2 * radius, 2 * radius, spacing).T
-    keep = x ** 2 + z ** 2 <= radius ** 2
+    keep = x**2 + z**2 <= radius**2
     x, z = x[keep], z[keep]
     tone = floor_pattern(x, z, floor, rng)
     tones = np.array(floor["tones"])
@@ -316,7 +426,7 @@ def fibonacci_sphere(n):
     """n nearly evenly spread unit vectors [n, 3]."""
     i = np.arange(n) + 0.5
     polar = np.arccos(1 - 2 * i / n)
-    azimuth = math.pi * (1 + 5 ** 0.5) * i
+    azimuth = math.pi * (1 + 5**0.5) * i
     return np.stack([np.cos(azimuth) * np.sin(polar), np.cos(polar), np.sin(azimuth) * np.sin(polar)], 1)
 
 
@@ -332,7 +442,7 @@ def two_tone(points, rgb, striped):
 
 def ball(rng, spacing, radius, rgb, striped=False):
     """Sphere around its centre (local frame)."""
-    normals = fibonacci_sphere(int(4 * math.pi * radius ** 2 / spacing ** 2))
+    normals = fibonacci_sphere(int(4 * math.pi * radius**2 / spacing**2))
     colours = two_tone(normals, rgb, striped) + rng.normal(0, 0.02, (len(normals), 1))
     return flat_gaussians(radius * normals, normals, shade(normals, colours), spacing)
 
@@ -344,7 +454,7 @@ def box(rng, spacing, size, rgb):
     for axis in range(3):
         u, v = [a for a in range(3) if a != axis]
         gu, gv = hex_grid(size[u], size[v], spacing).T
-        for sign in ((-1.0,) if axis == 1 else (-1.0, 1.0)):  # no bottom face: it is never seen
+        for sign in (-1.0,) if axis == 1 else (-1.0, 1.0):  # no bottom face: it is never seen
             p = np.zeros((len(gu), 3))
             p[:, u], p[:, v], p[:, axis] = gu, gv, sign * size[axis] / 2
             nrm = np.zeros_like(p)
@@ -365,20 +475,21 @@ def top(rng, spacing, radius, height, light, dark):
     slant = math.hypot(radius, height)
     pieces = []
     # cone: area pi r l, points spread over it with density ~ radius
-    n_cone = int(math.pi * radius * slant / spacing ** 2)
+    n_cone = int(math.pi * radius * slant / spacing**2)
     s = np.sqrt((np.arange(n_cone) + 0.5) / n_cone)  # fraction of the way up, area-uniform
-    azimuth = math.pi * (1 + 5 ** 0.5) * np.arange(n_cone)
+    azimuth = math.pi * (1 + 5**0.5) * np.arange(n_cone)
     r = s * radius
     cone = np.stack([r * np.cos(azimuth), -s * height, r * np.sin(azimuth)], 1)
     cone_n = np.stack([np.cos(azimuth) * height, np.full(n_cone, radius), np.sin(azimuth) * height], 1)
     pieces.append((cone, cone_n / slant, azimuth))
-    n_lid = int(math.pi * radius ** 2 / spacing ** 2)
+    n_lid = int(math.pi * radius**2 / spacing**2)
     s = np.sqrt((np.arange(n_lid) + 0.5) / n_lid)
-    azimuth = math.pi * (1 + 5 ** 0.5) * np.arange(n_lid)
+    azimuth = math.pi * (1 + 5**0.5) * np.arange(n_lid)
     lid = np.stack([s * radius * np.cos(azimuth), np.full(n_lid, -height), s * radius * np.sin(azimuth)], 1)
     pieces.append((lid, np.tile([0.0, -1.0, 0.0], (n_lid, 1)), azimuth))
-    azimuth, up = (a.ravel() for a in np.meshgrid(np.linspace(0, 2 * math.pi, 8, endpoint=False),
-                                                   np.arange(0.0, 0.13, spacing)))
+    azimuth, up = (
+        a.ravel() for a in np.meshgrid(np.linspace(0, 2 * math.pi, 8, endpoint=False), np.arange(0.0, 0.13, spacing))
+    )
     stem_n = np.stack([np.cos(azimuth), np.zeros_like(azimuth), np.sin(azimuth)], 1)
     stem = 0.045 * stem_n - (height + up)[:, None] * np.array([0.0, 1.0, 0.0])
     pieces.append((stem, stem_n, azimuth))
@@ -391,14 +502,14 @@ def top(rng, spacing, radius, height, light, dark):
 
 def cylinder(rng, spacing, radius, height, rgb):
     """Upright cylinder with a lid, striped; local origin at the centre of its bottom."""
-    n_side = int(2 * math.pi * radius * height / spacing ** 2)
-    azimuth = math.pi * (1 + 5 ** 0.5) * np.arange(n_side)
+    n_side = int(2 * math.pi * radius * height / spacing**2)
+    azimuth = math.pi * (1 + 5**0.5) * np.arange(n_side)
     up = (np.arange(n_side) + 0.5) / n_side * height
     side_n = np.stack([np.cos(azimuth), np.zeros(n_side), np.sin(azimuth)], 1)
     side = radius * side_n - up[:, None] * np.array([0.0, 1.0, 0.0])
-    n_lid = int(math.pi * radius ** 2 / spacing ** 2)
+    n_lid = int(math.pi * radius**2 / spacing**2)
     s = np.sqrt((np.arange(n_lid) + 0.5) / n_lid)
-    lid_az = math.pi * (1 + 5 ** 0.5) * np.arange(n_lid)
+    lid_az = math.pi * (1 + 5**0.5) * np.arange(n_lid)
     lid = np.stack([s * radius * np.cos(lid_az), np.full(n_lid, -height), s * radius * np.sin(lid_az)], 1)
     points = np.concatenate([side, lid])
     normals = np.concatenate([side_n, np.tile([0.0, -1.0, 0.0], (n_lid, 1))])
@@ -421,6 +532,7 @@ def object_gaussians(rng, spacing, obj, demo):
 
 
 # ---------------------------------------------------------------- motion
+
 
 def object_motion(obj, num_timesteps):
     """Pose of an object at each timestep and the timesteps of its action.
@@ -469,8 +581,9 @@ def build_scene(num_timesteps, seed, coarse=1.0, scene=None):
     room = [floor_gaussians(rng, coarse * FLOOR_SPACING, scene["floor"])]
     back = scene["background"]
     if back["kind"] == "room":
-        room.append(wall_gaussians(rng, coarse * WALL_SPACING, back["wall_radius"], back["wall_height"],
-                                   back["wall_palette"]))
+        room.append(
+            wall_gaussians(rng, coarse * WALL_SPACING, back["wall_radius"], back["wall_height"], back["wall_palette"])
+        )
     parts += [(None, g) for g in room]
     means, rotations, objects, object_id, start = [], [], [], [], 0
     for obj, g in parts:
@@ -488,28 +601,41 @@ def build_scene(num_timesteps, seed, coarse=1.0, scene=None):
             means.append(np.einsum("tij,nj->tni", rot, g["means3D"]) + centre[:, None, :])
             q_yaw = np.stack([np.cos(yaw / 2), np.zeros_like(yaw), np.sin(yaw / 2), np.zeros_like(yaw)], 1)
             q_local = torch.from_numpy(g["unnorm_rotations"])[None].expand(num_timesteps, -1, -1)
-            q = helpers.quat_mult(torch.from_numpy(q_yaw)[:, None].expand(-1, n, -1).reshape(-1, 4),
-                                  q_local.reshape(-1, 4))
+            q = helpers.quat_mult(
+                torch.from_numpy(q_yaw)[:, None].expand(-1, n, -1).reshape(-1, 4), q_local.reshape(-1, 4)
+            )
             rotations.append(q.reshape(num_timesteps, n, 4).numpy())
             name = obj["shape"] if demo else f"{obj['colour']}_{obj['shape']}"
-            objects.append({"id": obj["id"], "name": name, "colour": obj["colour"], "prompt": obj["prompt"],
-                            "prompt_dir": obj["prompt"].replace(" ", "_"), "motion": obj["motion"],
-                            "moving_timesteps": moving,
-                            "static_timesteps": [t for t in range(num_timesteps) if t not in moving],
-                            "prompt_timesteps": prompted, "gaussians": [start, start + n]})
+            objects.append(
+                {
+                    "id": obj["id"],
+                    "name": name,
+                    "colour": obj["colour"],
+                    "prompt": obj["prompt"],
+                    "prompt_dir": obj["prompt"].replace(" ", "_"),
+                    "motion": obj["motion"],
+                    "moving_timesteps": moving,
+                    "static_timesteps": [t for t in range(num_timesteps) if t not in moving],
+                    "prompt_timesteps": prompted,
+                    "gaussians": [start, start + n],
+                }
+            )
         start += n
     object_id = np.concatenate(object_id)
     fg = (object_id > 0).astype(np.float64)[:, None]
-    params = {"means3D": np.concatenate(means, 1),
-              "rgb_colors": np.repeat(np.concatenate([g["rgb_colors"] for _, g in parts])[None], num_timesteps, 0),
-              "unnorm_rotations": np.concatenate(rotations, 1),
-              "seg_colors": np.concatenate([fg, np.zeros_like(fg), 1 - fg], 1),
-              "logit_opacities": np.concatenate([g["logit_opacities"] for _, g in parts]),
-              "log_scales": np.concatenate([g["log_scales"] for _, g in parts])}
+    params = {
+        "means3D": np.concatenate(means, 1),
+        "rgb_colors": np.repeat(np.concatenate([g["rgb_colors"] for _, g in parts])[None], num_timesteps, 0),
+        "unnorm_rotations": np.concatenate(rotations, 1),
+        "seg_colors": np.concatenate([fg, np.zeros_like(fg), 1 - fg], 1),
+        "logit_opacities": np.concatenate([g["logit_opacities"] for _, g in parts]),
+        "log_scales": np.concatenate([g["log_scales"] for _, g in parts]),
+    }
     return {k: v.astype(np.float32) for k, v in params.items()}, object_id, objects
 
 
 # ---------------------------------------------------------------- cameras, sky and rendering
+
 
 def ring_cameras(width, height, num_cams):
     """(k [3, 3], w2c [4, 4] OpenCV) of the demo's num_cams cameras evenly on a ring around the
@@ -566,8 +692,10 @@ def scene_cameras(scene, width, height):
     look_at = np.array(rig["look_at"])
     places = [rig_position(rig, c, rig["num_train"], "train") for c in range(rig["num_train"])]
     count = len(rig["test"])
-    places += [rig_position(rig, (2 * i + 1) * rig["num_train"] / (2 * count) + 0.5, rig["num_train"], kind)
-               for i, kind in enumerate(rig["test"])]
+    places += [
+        rig_position(rig, (2 * i + 1) * rig["num_train"] / (2 * count) + 0.5, rig["num_train"], kind)
+        for i, kind in enumerate(rig["test"])
+    ]
     cams = [(k, helpers.orbit_w2c(look_at, d, h + look_at[1], a).tolist()) for d, h, a in places]
     return cams, list(range(rig["num_train"], rig["num_train"] + count))
 
@@ -604,11 +732,14 @@ def sky_image(width, height, k, w2c, sky):
 def rasterizer_inputs(params, t):
     """The rasterizer's inputs (tensors [N, ...]) for timestep t of build_scene's params."""
     means = torch.from_numpy(params["means3D"][t])
-    return {"means3D": means, "means2D": torch.zeros_like(means),
-            "colors_precomp": torch.from_numpy(params["rgb_colors"][t]),
-            "rotations": torch.from_numpy(params["unnorm_rotations"][t]),
-            "opacities": torch.sigmoid(torch.from_numpy(params["logit_opacities"])),
-            "scales": torch.exp(torch.from_numpy(params["log_scales"]))}
+    return {
+        "means3D": means,
+        "means2D": torch.zeros_like(means),
+        "colors_precomp": torch.from_numpy(params["rgb_colors"][t]),
+        "rotations": torch.from_numpy(params["unnorm_rotations"][t]),
+        "opacities": torch.sigmoid(torch.from_numpy(params["logit_opacities"])),
+        "scales": torch.exp(torch.from_numpy(params["log_scales"])),
+    }
 
 
 def render(cam, scene_t, one_hot, sky_image=None):
@@ -636,8 +767,19 @@ def bounding_box(mask):
     return [int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1]
 
 
-def generate(out, benchmark=None, width=320, height=180, num_timesteps=24, num_train=12, num_test=2, seed=0,
-             video_dir=None, scene=None, point_cloud=None):
+def generate(
+    out,
+    benchmark=None,
+    width=320,
+    height=180,
+    num_timesteps=24,
+    num_train=12,
+    num_test=2,
+    seed=0,
+    video_dir=None,
+    scene=None,
+    point_cloud=None,
+):
     """Write a synthetic sequence to `out` (see the module docstring), its grounding benchmark to
     `<benchmark>/<basename(out)>/` and test-camera videos to `<video_dir>/<basename(out)>/` when
     those are given. `scene`: a description (draw_scene) or None for the demo's, whose rig then
@@ -646,8 +788,10 @@ def generate(out, benchmark=None, width=320, height=180, num_timesteps=24, num_t
     if width < 16 or height < 16:
         raise helpers.UserError(f"image size {width}x{height}: at least 16x16 pixels, please")
     if num_timesteps < 2 or num_train < 1 or num_test < 0:
-        raise helpers.UserError(f"{num_timesteps} timesteps, {num_train} train and {num_test} test cameras: "
-                                f"need at least 2 timesteps and 1 train camera")
+        raise helpers.UserError(
+            f"{num_timesteps} timesteps, {num_train} train and {num_test} test cameras: "
+            f"need at least 2 timesteps and 1 train camera"
+        )
     scene = demo_scene(num_train, num_test) if scene is None else scene
     point_cloud = scene["kind"] == "demo" if point_cloud is None else point_cloud
     seq = os.path.basename(os.path.normpath(out))
@@ -677,8 +821,9 @@ def generate(out, benchmark=None, width=320, height=180, num_timesteps=24, num_t
     torch.set_num_threads(1)
     try:
         with ThreadPoolExecutor(min(threads, 8)) as pool:
-            for t in helpers.progress(range(num_timesteps), desc=f"rendering {seq} ({num_cams} cameras)",
-                                      unit="timestep"):
+            for t in helpers.progress(
+                range(num_timesteps), desc=f"rendering {seq} ({num_cams} cameras)", unit="timestep"
+            ):
                 scene_t = rasterizer_inputs(params, t)
                 results = list(pool.map(lambda c: render_and_save(t, c, scene_t), range(num_cams)))
                 for c in test_ids:
@@ -692,32 +837,51 @@ def generate(out, benchmark=None, width=320, height=180, num_timesteps=24, num_t
 
     train_ids = [c for c in range(num_cams) if c not in test_ids]
     for split, cam_ids in (("train", train_ids), ("test", test_ids)):
-        helpers.save_json(os.path.join(out, f"{split}_meta.json"), {
-            "w": width, "h": height,
-            "k": [[cams[c][0] for c in cam_ids]] * num_timesteps,
-            "w2c": [[cams[c][1] for c in cam_ids]] * num_timesteps,
-            "fn": [[f"{c}/{t:06d}.jpg" for c in cam_ids] for t in range(num_timesteps)],
-            "cam_id": [cam_ids] * num_timesteps})
+        helpers.save_json(
+            os.path.join(out, f"{split}_meta.json"),
+            {
+                "w": width,
+                "h": height,
+                "k": [[cams[c][0] for c in cam_ids]] * num_timesteps,
+                "w2c": [[cams[c][1] for c in cam_ids]] * num_timesteps,
+                "fn": [[f"{c}/{t:06d}.jpg" for c in cam_ids] for t in range(num_timesteps)],
+                "cam_id": [cam_ids] * num_timesteps,
+            },
+        )
     if point_cloud:  # the Gaussians' centres at t = 0 with 1 cm of noise, like a depth sensor's
         rng = np.random.default_rng(seed + 1)
         xyz = params["means3D"][0] + rng.normal(0, 0.01, params["means3D"][0].shape)
-        helpers.save_npz(os.path.join(out, "init_pt_cld.npz"),
-                         {"data": np.concatenate([xyz, params["rgb_colors"][0], (object_id > 0)[:, None]], 1)})
+        helpers.save_npz(
+            os.path.join(out, "init_pt_cld.npz"),
+            {"data": np.concatenate([xyz, params["rgb_colors"][0], (object_id > 0)[:, None]], 1)},
+        )
     elif os.path.isfile(os.path.join(out, "init_pt_cld.npz")):
         os.remove(os.path.join(out, "init_pt_cld.npz"))  # a cloud of an earlier scene in this folder
-    helpers.save_npz(os.path.join(out, "gt", "params.npz"), dict(
-        params, cam_m=np.zeros((len(train_ids), 3), np.float32), cam_c=np.zeros((len(train_ids), 3), np.float32)))
-    helpers.save_json(os.path.join(out, "gt", "objects.json"), {
-        "num_timesteps": num_timesteps, "none_id": 0, "objects": objects,
-        "background_gaussians": [objects[-1]["gaussians"][1], len(object_id)]})
+    helpers.save_npz(
+        os.path.join(out, "gt", "params.npz"),
+        dict(params, cam_m=np.zeros((len(train_ids), 3), np.float32), cam_c=np.zeros((len(train_ids), 3), np.float32)),
+    )
+    helpers.save_json(
+        os.path.join(out, "gt", "objects.json"),
+        {
+            "num_timesteps": num_timesteps,
+            "none_id": 0,
+            "objects": objects,
+            "background_gaussians": [objects[-1]["gaussians"][1], len(object_id)],
+        },
+    )
     helpers.save_json(os.path.join(out, "gt", "scene.json"), scene)
     if benchmark:
         for o in objects:
             for c in test_ids:
                 found = masks[(o["id"], c)]
-                helpers.save_torch(os.path.join(benchmark, seq, o["prompt_dir"], f"cam{c}.pt"), {
-                    "masks": {t: torch.from_numpy(m) for t, m in found.items()},
-                    "boxes": {t: bounding_box(m) for t, m in found.items()}})
+                helpers.save_torch(
+                    os.path.join(benchmark, seq, o["prompt_dir"], f"cam{c}.pt"),
+                    {
+                        "masks": {t: torch.from_numpy(m) for t, m in found.items()},
+                        "boxes": {t: bounding_box(m) for t, m in found.items()},
+                    },
+                )
     if video_dir:
         for c in test_ids:
             helpers.write_video(os.path.join(video_dir, seq, f"cam{c}.mp4"), frames[c], fps=8)
@@ -738,51 +902,97 @@ def scene_settings(seed=None, width=None, height=None, num_timesteps=None, num_t
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=None, help="sequence folder to write, under data/, output/ or results/ "
-                        "(default: data/synthetic for the demo, data/family<seed> for --seed)")
-    parser.add_argument("--seed", type=int, default=None,
-                        help="draw member SEED (>= 1) of the scene family instead of the demo sequence")
-    parser.add_argument("--benchmark", default="data/grounding",
-                        help="grounding benchmark root; the sequence's prompts go to <benchmark>/<sequence name>/ "
-                             "('' to skip; default: %(default)s)")
-    parser.add_argument("--video-dir", default="results/ground_truth",
-                        help="ground-truth videos of the test cameras go to <video-dir>/<sequence name>/ "
-                             "('' to skip; default: %(default)s)")
-    parser.add_argument("--width", type=int, default=None,
-                        help="image width in pixels (default: 320 for the demo, drawn for --seed)")
-    parser.add_argument("--height", type=int, default=None,
-                        help="image height in pixels (default: 180 for the demo, drawn for --seed)")
-    parser.add_argument("--timesteps", type=int, default=None,
-                        help="number of timesteps (default: 24 for the demo, 12 for --seed)")
-    parser.add_argument("--train-cams", type=int, default=None,
-                        help="train cameras (default: 12 for the demo, drawn for --seed)")
-    parser.add_argument("--test-cams", type=int, default=None,
-                        help="test cameras (default: 2 for the demo, on its ring; drawn for --seed)")
-    parser.add_argument("--noise-seed", type=int, default=0,
-                        help="seed of the texture noise and the point-cloud noise (default: %(default)s)")
-    parser.add_argument("--point-cloud", action="store_true",
-                        help="also write init_pt_cld.npz from the true Gaussians (the demo always has one)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="sequence folder to write, under data/, output/ or results/ "
+        "(default: data/synthetic for the demo, data/family<seed> for --seed)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="draw member SEED (>= 1) of the scene family instead of the demo sequence",
+    )
+    parser.add_argument(
+        "--benchmark",
+        default="data/grounding",
+        help="grounding benchmark root; the sequence's prompts go to <benchmark>/<sequence name>/ "
+        "('' to skip; default: %(default)s)",
+    )
+    parser.add_argument(
+        "--video-dir",
+        default="results/ground_truth",
+        help="ground-truth videos of the test cameras go to <video-dir>/<sequence name>/ "
+        "('' to skip; default: %(default)s)",
+    )
+    parser.add_argument(
+        "--width", type=int, default=None, help="image width in pixels (default: 320 for the demo, drawn for --seed)"
+    )
+    parser.add_argument(
+        "--height", type=int, default=None, help="image height in pixels (default: 180 for the demo, drawn for --seed)"
+    )
+    parser.add_argument(
+        "--timesteps", type=int, default=None, help="number of timesteps (default: 24 for the demo, 12 for --seed)"
+    )
+    parser.add_argument(
+        "--train-cams", type=int, default=None, help="train cameras (default: 12 for the demo, drawn for --seed)"
+    )
+    parser.add_argument(
+        "--test-cams",
+        type=int,
+        default=None,
+        help="test cameras (default: 2 for the demo, on its ring; drawn for --seed)",
+    )
+    parser.add_argument(
+        "--noise-seed",
+        type=int,
+        default=0,
+        help="seed of the texture noise and the point-cloud noise (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--point-cloud",
+        action="store_true",
+        help="also write init_pt_cld.npz from the true Gaussians (the demo always has one)",
+    )
     args = parser.parse_args(argv)
     if args.seed is not None and args.seed < 1:
         raise helpers.UserError(f"--seed {args.seed}: family members are numbered from 1 (no --seed: the demo)")
     start = time.perf_counter()
-    scene, width, height, num_t = scene_settings(args.seed, args.width, args.height, args.timesteps, args.train_cams,
-                                                 args.test_cams)
+    scene, width, height, num_t = scene_settings(
+        args.seed, args.width, args.height, args.timesteps, args.train_cams, args.test_cams
+    )
     out = args.out or ("data/synthetic" if args.seed is None else f"data/family{args.seed}")
-    for option, folder, example in (("--out", out, "data/synthetic"), ("--benchmark", args.benchmark, "data/grounding"),
-                                    ("--video-dir", args.video_dir, "results/ground_truth")):
+    for option, folder, example in (
+        ("--out", out, "data/synthetic"),
+        ("--benchmark", args.benchmark, "data/grounding"),
+        ("--video-dir", args.video_dir, "results/ground_truth"),
+    ):
         if folder:
             helpers.check_output(option, folder, f"{option} {example}", folder=True)
     rig = scene["rig"]
-    objects = generate(out, args.benchmark or None, width, height, num_t, rig["num_train"], rig["num_test"],
-                       args.noise_seed, args.video_dir or None, scene=scene, point_cloud=args.point_cloud or None)
+    objects = generate(
+        out,
+        args.benchmark or None,
+        width,
+        height,
+        num_t,
+        rig["num_train"],
+        rig["num_test"],
+        args.noise_seed,
+        args.video_dir or None,
+        scene=scene,
+        point_cloud=args.point_cloud or None,
+    )
     seq = os.path.basename(os.path.normpath(out))
-    print(f"wrote {out} ({width}x{height}, {num_t} timesteps, {rig['num_train']} train + "
-          f"{rig['num_test']} test cameras on a {rig['shape']}, {scene['background']['kind']} background; "
-          f"ground truth in {os.path.join(out, 'gt')})"
-          + (f", benchmark {os.path.join(args.benchmark, seq)} ({len(objects)} prompts)" if args.benchmark else "")
-          + (f", videos {os.path.join(args.video_dir, seq)}" if args.video_dir else "")
-          + f" in {time.perf_counter() - start:.0f} s")
+    print(
+        f"wrote {out} ({width}x{height}, {num_t} timesteps, {rig['num_train']} train + "
+        f"{rig['num_test']} test cameras on a {rig['shape']}, {scene['background']['kind']} background; "
+        f"ground truth in {os.path.join(out, 'gt')})"
+        + (f", benchmark {os.path.join(args.benchmark, seq)} ({len(objects)} prompts)" if args.benchmark else "")
+        + (f", videos {os.path.join(args.video_dir, seq)}" if args.video_dir else "")
+        + f" in {time.perf_counter() - start:.0f} s"
+    )
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ feature_extraction/tiles.py; docs/benchmark.md measures both on the scene family
     python train_4legs.py -s data/synthetic -e exp1 --encoder viclip
     torchrun --nproc_per_node 4 train_4legs.py -s data/basketball -e exp1 --encoder viclip
 """
+
 import argparse
 import functools
 import math
@@ -37,13 +38,22 @@ import torch.nn.functional as F
 import helpers
 from feature_extraction.autoencoder import ae_ckpt_path, load_autoencoder
 from feature_extraction.cache import add_cache_dir_option, cache_identity
-from feature_extraction.relevancy import (check_legs, d3dgs_params_path, encoder_name, feature_cache, legs_dir,
-                                          legs_path, load_legs, read_legs, render_features)
+from feature_extraction.relevancy import (
+    check_legs,
+    d3dgs_params_path,
+    encoder_name,
+    feature_cache,
+    legs_dir,
+    legs_path,
+    load_legs,
+    read_legs,
+    render_features,
+)
 from feature_extraction.tiles import TILE_MIXES
 
 NUM_NEIGHBOURS = 20
 LEGS_DIM = 128
-KNN_BLOCK_ELEMENTS = 2 ** 28  # the GPU's brute-force k-NN: at most this many distances (1 GiB) at once
+KNN_BLOCK_ELEMENTS = 2**28  # the GPU's brute-force k-NN: at most this many distances (1 GiB) at once
 ENCODE_ROWS = 65536  # pixels through the autoencoder's encoder per call (bounded memory at any size)
 TAIL_FRACTION = 0.1  # a timestep's reported loss: the mean over its last 10% iterations (tail_loss)
 PROGRESS_EVERY = 20  # iterations between loss readings on a timestep's progress bar (each one a host sync)
@@ -62,8 +72,15 @@ class NeighbourAttention(nn.Module):
 
     def forward(self, latents, neighbours):
         """latents [N, D]; neighbours [N, K+1] int64 (itself first) -> features [N, out_dim]."""
-        weights = (self.query.weight, self.query.bias, self.key.weight, self.value.weight, self.value.bias,
-                   self.out.weight, self.out.bias)
+        weights = (
+            self.query.weight,
+            self.query.bias,
+            self.key.weight,
+            self.value.weight,
+            self.value.bias,
+            self.out.weight,
+            self.out.bias,
+        )
         attend = gpu_attend() if latents.is_cuda else attend_by_slot
         return attention_function(latents, neighbours, *weights, attend=attend)
 
@@ -74,9 +91,10 @@ def gpu_attend():
     try:
         from legs_attention import attend_fused
     except ImportError as e:
-        raise helpers.UserError(f"{helpers.stage_name('train_4legs.py')} on a GPU needs Triton ({e}); it comes "
-                                f"with torch's Linux wheels (pip install triton), or run on the CPU with --device cpu"
-                                ) from None
+        raise helpers.UserError(
+            f"{helpers.stage_name('train_4legs.py')} on a GPU needs Triton ({e}); it comes "
+            f"with torch's Linux wheels (pip install triton), or run on the CPU with --device cpu"
+        ) from None
     return attend_fused
 
 
@@ -108,7 +126,7 @@ def attend_by_slot(latents, neighbours, q_k):
     weights = torch.softmax(torch.stack([(f * q_k).sum(-1) for f in near], 1), dim=-1)
     mixed = near[0] * weights[:, :1]
     for j in range(1, len(near)):
-        mixed = mixed + near[j] * weights[:, j:j + 1]
+        mixed = mixed + near[j] * weights[:, j : j + 1]
     return mixed
 
 
@@ -128,7 +146,7 @@ def knn_brute_force(points, k):
     block = max(1, KNN_BLOCK_ELEMENTS // n)
     out = []
     for start in range(0, n, block):
-        dist2 = torch.cdist(points[start:start + block], points) ** 2
+        dist2 = torch.cdist(points[start : start + block], points) ** 2
         rows = torch.arange(dist2.shape[0], device=points.device)
         dist2[rows, rows + start] = -1.0  # itself first, even where two Gaussians coincide
         out.append(dist2.topk(min(k + 1, n), dim=1, largest=False).indices)
@@ -150,8 +168,9 @@ def encode_targets(cache, t, ae, cams, device, guides=None):
         guide = None if guides is None else guides(c)
         flat = dense_feature_map(cache, t, c, h, w, device, guide).reshape(-1, h * w).T
         with torch.no_grad():
-            z = torch.cat([ae.encode(flat[i:i + ENCODE_ROWS]) for i in range(0, flat.shape[0], ENCODE_ROWS)])
+            z = torch.cat([ae.encode(flat[i : i + ENCODE_ROWS]) for i in range(0, flat.shape[0], ENCODE_ROWS)])
         return z.T.reshape(-1, h, w)
+
     return PerCamera(len(cams), make)
 
 
@@ -178,20 +197,24 @@ def blend_matrix(cam, rendervar):
     alpha * T as its Blend computes them); tests hold the result equal to the rasterizer's.
     Returns ids [n] (the Gaussians on screen, front to back), S [H*W, n] and S^T, both CSR."""
     from diff_gaussian_rasterization_feat import _torch_impl as ref
+
     h, w = cam.image_height, cam.image_width
     means3D, opacities = rendervar["means3D"], rendervar["opacities"]
     with torch.no_grad():
         cov3D = ref.covariance_3d(rendervar["scales"], rendervar["rotations"], cam.scale_modifier)
         xy, z, conic, radii, rect = ref.project_gaussians(
-            means3D, torch.zeros_like(means3D), cov3D, cam.viewmatrix, cam.projmatrix, cam.tanfovx,
-            cam.tanfovy, h, w)
+            means3D, torch.zeros_like(means3D), cov3D, cam.viewmatrix, cam.projmatrix, cam.tanfovx, cam.tanfovy, h, w
+        )
         ids, pixel, rank, alpha = ref.select_fragments(xy, conic, opacities, z, radii, rect, h, w)
         log_t_before, _, _ = ref.log_transmittance(torch.log1p(-alpha).double(), pixel, h * w)
         weight = alpha * torch.exp(log_t_before).to(alpha.dtype)
         # fragments come sorted by pixel, front to back (increasing rank) within a pixel: CSR as is
         by_rank = ref.stable_argsort(rank, len(ids))
-        return (ids, ref.csr(pixel, rank, weight, (h * w, len(ids))),
-                ref.csr(rank[by_rank], pixel[by_rank], weight[by_rank], (len(ids), h * w)))
+        return (
+            ids,
+            ref.csr(pixel, rank, weight, (h * w, len(ids))),
+            ref.csr(rank[by_rank], pixel[by_rank], weight[by_rank], (len(ids), h * w)),
+        )
 
 
 class PerCamera:
@@ -220,6 +243,7 @@ def make_renderers(cams, rendervar, use_rasterizer):
         ids, s, s_t = blend_matrix(cams[c], rendervar)
         h, w = cams[c].image_height, cams[c].image_width
         return lambda f: _SparseRender.apply(s, s_t, f.index_select(0, ids)).T.reshape(-1, h, w)
+
     return PerCamera(len(cams), make)
 
 
@@ -235,9 +259,15 @@ def initialize(num_gaussians, previous, lrs, device, seed):
         latents = previous["latents"].to(device=device, dtype=torch.float32)
         attention.load_state_dict(previous["attention"])
     params = {"latents": nn.Parameter(latents.contiguous())}
-    optimizer = torch.optim.Adam([{"params": [params["latents"]], "lr": lrs["latents"]},
-                                  {"params": list(attention.parameters()), "lr": lrs["attention"]}],
-                                 lr=0.0, eps=1e-15, fused=torch.device(device).type == "cuda")
+    optimizer = torch.optim.Adam(
+        [
+            {"params": [params["latents"]], "lr": lrs["latents"]},
+            {"params": list(attention.parameters()), "lr": lrs["attention"]},
+        ],
+        lr=0.0,
+        eps=1e-15,
+        fused=torch.device(device).type == "cuda",
+    )
     return params, attention, optimizer
 
 
@@ -258,8 +288,9 @@ def train_timestep(t, setup, previous, num_iters, stop=None, show_progress=True,
     run] float32, one per iteration). setup: dict with rendervar, neighbours, renderers, targets,
     lrs, device, seed. on_iter(i, params, attention) is called after each step (used by the
     warm-start benchmark)."""
-    params, attention, optimizer = initialize(setup["rendervar"]["means3D"].shape[0], previous,
-                                              setup["lrs"], setup["device"], setup["seed"] + t)
+    params, attention, optimizer = initialize(
+        setup["rendervar"]["means3D"].shape[0], previous, setup["lrs"], setup["device"], setup["seed"] + t
+    )
     variables = {"neighbours": setup["neighbours"]}
     order = camera_order(len(setup["renderers"]), torch.Generator().manual_seed(setup["seed"] + t))
     losses = torch.zeros(num_iters, device=setup["device"])  # on the device: no host sync per iteration
@@ -275,14 +306,14 @@ def train_timestep(t, setup, previous, num_iters, stop=None, show_progress=True,
             bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
         if on_iter is not None:
             on_iter(i, params, attention)
-        if stop is not None and converged(losses[:i + 1], **stop):
+        if stop is not None and converged(losses[: i + 1], **stop):
             break
-    return params, attention, losses[:i + 1]
+    return params, attention, losses[: i + 1]
 
 
 def tail_loss(losses):
     """A timestep's reported loss: the mean of losses [n] over its last 10% iterations."""
-    return float(losses[-max(1, int(TAIL_FRACTION * losses.shape[0])):].mean())
+    return float(losses[-max(1, int(TAIL_FRACTION * losses.shape[0])) :].mean())
 
 
 def converged(losses, min_iters, window, tol):
@@ -293,7 +324,7 @@ def converged(losses, min_iters, window, tol):
     n = losses.shape[0]
     if n < max(min_iters, 2 * window) or n % window:
         return False
-    before, now = losses[n - 2 * window:n - window].mean(), losses[n - window:].mean()
+    before, now = losses[n - 2 * window : n - window].mean(), losses[n - window :].mean()
     return bool(before - now < tol * before)
 
 
@@ -302,8 +333,11 @@ def stop_rule(args, previous, num_cams):
     --fixed-iters, else converged's arguments, the window rounded up to whole rounds of the cameras."""
     if previous is None or args.fixed_iters:
         return None
-    return {"min_iters": min(args.warm_min_iters, args.warm_iters), "tol": args.converge_tol,
-            "window": math.ceil(args.converge_window / num_cams) * num_cams}
+    return {
+        "min_iters": min(args.warm_min_iters, args.warm_iters),
+        "tol": args.converge_tol,
+        "window": math.ceil(args.converge_window / num_cams) * num_cams,
+    }
 
 
 def prepare_timestep(t, args, meta, params_path, ae, cache, device, use_rasterizer):
@@ -312,13 +346,19 @@ def prepare_timestep(t, args, meta, params_path, ae, cache, device, use_rasteriz
     cams = helpers.cameras_at(helpers.scale_meta(meta, args.downscale), t, device=device)
     guides = None
     if args.tile_mix == "purest":
+
         def guides(c):
             return helpers.load_image(os.path.join(args.seq, "ims", meta["fn"][t][c]), (meta["w"], meta["h"]))
-    return {"rendervar": rendervar, "neighbours": neighbour_indices(rendervar["means3D"]),
-            "renderers": make_renderers(cams, rendervar, use_rasterizer),
-            "targets": encode_targets(cache, t, ae, cams, device, guides),
-            "lrs": {"latents": args.lr_features, "attention": args.lr_attention},
-            "device": device, "seed": args.seed}
+
+    return {
+        "rendervar": rendervar,
+        "neighbours": neighbour_indices(rendervar["means3D"]),
+        "renderers": make_renderers(cams, rendervar, use_rasterizer),
+        "targets": encode_targets(cache, t, ae, cams, device, guides),
+        "lrs": {"latents": args.lr_features, "attention": args.lr_attention},
+        "device": device,
+        "seed": args.seed,
+    }
 
 
 def load_previous(path, made_from, train_cmd):
@@ -336,48 +376,100 @@ def shard(timesteps):
     extract_features.py splits them (block lengths differ by at most one)."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     bounds = np.linspace(0, len(timesteps), world + 1).round().astype(int)
-    return timesteps[bounds[rank]:bounds[rank + 1]], rank, world
+    return timesteps[bounds[rank] : bounds[rank + 1]], rank, world
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=helpers.stage_help("train_4legs.py", __doc__),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=helpers.stage_help("train_4legs.py", __doc__), formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     helpers.add_sequence_option(p)
-    p.add_argument("-e", "--exp", default="exp1", help="experiment name: reads output/<exp>/<seq>/params.npz "
-                   "(stage 1), writes output/<exp>/<seq>/legs/ (default: %(default)s)")
-    p.add_argument("--encoder", required=True, help="the --encoder of stages 3 and 4 (extract_features.py, "
-                   "train_autoencoder.py; viclip, color, openclip:<arch>:<ckpt>): whose features and autoencoder")
+    p.add_argument(
+        "-e",
+        "--exp",
+        default="exp1",
+        help="experiment name: reads output/<exp>/<seq>/params.npz "
+        "(stage 1), writes output/<exp>/<seq>/legs/ (default: %(default)s)",
+    )
+    p.add_argument(
+        "--encoder",
+        required=True,
+        help="the --encoder of stages 3 and 4 (extract_features.py, "
+        "train_autoencoder.py; viclip, color, openclip:<arch>:<ckpt>): whose features and autoencoder",
+    )
     p.add_argument("-f", "--first", type=int, default=0, help="first timestep (default: %(default)s)")
     p.add_argument("-l", "--last", type=int, default=None, help="last timestep, inclusive (default: the last one)")
-    p.add_argument("--iters", type=int, default=2000, help="iterations of a cold-started timestep "
-                   "(no previous timestep to start from), as the original (default: %(default)s)")
-    p.add_argument("--warm-iters", type=int, default=500, help="at most this many iterations of a timestep "
-                   "warm-started from the previous one; it stops earlier when the loss has converged (see "
-                   "--converge-tol) (default: %(default)s; docs/performance.md)")
-    p.add_argument("--warm-min-iters", type=int, default=100, help="at least this many iterations of a "
-                   "warm-started timestep, at most --warm-iters (default: %(default)s)")
-    p.add_argument("--converge-window", type=int, default=50, help="a warm-started timestep compares the mean "
-                   "loss of consecutive windows of this many iterations, rounded up to whole rounds of the train "
-                   "cameras (default: %(default)s)")
-    p.add_argument("--converge-tol", type=float, default=0.01, help="... and stops when a window's mean is less "
-                   "than this fraction below the previous window's (default: %(default)s)")
-    p.add_argument("--fixed-iters", action="store_true", help="train every warm-started timestep for "
-                   "--warm-iters iterations, without the convergence test")
+    p.add_argument(
+        "--iters",
+        type=int,
+        default=2000,
+        help="iterations of a cold-started timestep "
+        "(no previous timestep to start from), as the original (default: %(default)s)",
+    )
+    p.add_argument(
+        "--warm-iters",
+        type=int,
+        default=500,
+        help="at most this many iterations of a timestep "
+        "warm-started from the previous one; it stops earlier when the loss has converged (see "
+        "--converge-tol) (default: %(default)s; docs/performance.md)",
+    )
+    p.add_argument(
+        "--warm-min-iters",
+        type=int,
+        default=100,
+        help="at least this many iterations of a warm-started timestep, at most --warm-iters (default: %(default)s)",
+    )
+    p.add_argument(
+        "--converge-window",
+        type=int,
+        default=50,
+        help="a warm-started timestep compares the mean "
+        "loss of consecutive windows of this many iterations, rounded up to whole rounds of the train "
+        "cameras (default: %(default)s)",
+    )
+    p.add_argument(
+        "--converge-tol",
+        type=float,
+        default=0.01,
+        help="... and stops when a window's mean is less "
+        "than this fraction below the previous window's (default: %(default)s)",
+    )
+    p.add_argument(
+        "--fixed-iters",
+        action="store_true",
+        help="train every warm-started timestep for --warm-iters iterations, without the convergence test",
+    )
     p.add_argument("--lr-features", type=float, default=0.0025, help="Adam lr of the latents (default: %(default)s)")
-    p.add_argument("--lr-attention", type=float, default=0.00016,
-                   help="Adam lr of the attention (default: %(default)s)")
-    p.add_argument("--tile-mix", choices=TILE_MIXES, default="purest", help="how a pixel's target feature comes "
-                   "from the stage-3 tiles: 'purest', the embedding of the surrounding tile (any level) whose pixels "
-                   "most look like it, which finds objects of one small tile's size; 'mean', the original's mean "
-                   "over the levels of the bilinear blend of tile centres (default: %(default)s; "
-                   "feature_extraction/tiles.py)")
-    p.add_argument("--downscale", type=int, default=1, help="train on images downscaled by this integer "
-                   "factor (default: %(default)s = full resolution)")
-    p.add_argument("--restart", action="store_true", help="train the timesteps of the range again even "
-                   "where outputs exist (needed after retraining stage 1, 3 or 4)")
+    p.add_argument(
+        "--lr-attention", type=float, default=0.00016, help="Adam lr of the attention (default: %(default)s)"
+    )
+    p.add_argument(
+        "--tile-mix",
+        choices=TILE_MIXES,
+        default="purest",
+        help="how a pixel's target feature comes "
+        "from the stage-3 tiles: 'purest', the embedding of the surrounding tile (any level) whose pixels "
+        "most look like it, which finds objects of one small tile's size; 'mean', the original's mean "
+        "over the levels of the bilinear blend of tile centres (default: %(default)s; "
+        "feature_extraction/tiles.py)",
+    )
+    p.add_argument(
+        "--downscale",
+        type=int,
+        default=1,
+        help="train on images downscaled by this integer factor (default: %(default)s = full resolution)",
+    )
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="train the timesteps of the range again even "
+        "where outputs exist (needed after retraining stage 1, 3 or 4)",
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available; under "
-                   "torchrun cuda:LOCAL_RANK)")
+    p.add_argument(
+        "--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available; under torchrun cuda:LOCAL_RANK)"
+    )
     add_cache_dir_option(p)
     args = helpers.parse_with_demo(p, argv, DEMO)
     args.seq = helpers.find_sequence(args.seq)
@@ -406,24 +498,34 @@ def main(argv=None):
     trained_on = ae_info.get("made_from", {})
     used = trained_on.get("timesteps", range(len(meta["fn"])))
     if trained_on.get("cache", {}).get("fingerprint") != cache_identity(cache, used)["fingerprint"]:
-        raise helpers.UserError(f"{ae_path} was not trained on the features now in {cache} "
-                                f"({helpers.stage_name('extract_features.py')} computed some again since, or the "
-                                f"autoencoder is older): run "
-                                f"{helpers.stage_name('train_autoencoder.py')} again")
+        raise helpers.UserError(
+            f"{ae_path} was not trained on the features now in {cache} "
+            f"({helpers.stage_name('extract_features.py')} computed some again since, or the "
+            f"autoencoder is older): run "
+            f"{helpers.stage_name('train_autoencoder.py')} again"
+        )
     last = num_t - 1 if args.last is None else args.last
     if not 0 <= args.first <= last < num_t:
-        raise helpers.UserError(f"-f {args.first} -l {last}: {params_path} of "
-                                f"{helpers.stage_name('train_d3dgs.py')} holds timesteps 0..{num_t - 1}")
+        raise helpers.UserError(
+            f"-f {args.first} -l {last}: {params_path} of "
+            f"{helpers.stage_name('train_d3dgs.py')} holds timesteps 0..{num_t - 1}"
+        )
     if len(meta["fn"]) < num_t:
-        raise helpers.UserError(f"{meta['path']} has {len(meta['fn'])} timesteps, "
-                                f"{helpers.stage_name('train_d3dgs.py')} has {num_t}")
+        raise helpers.UserError(
+            f"{meta['path']} has {len(meta['fn'])} timesteps, {helpers.stage_name('train_d3dgs.py')} has {num_t}"
+        )
     timesteps, rank, world = shard(list(range(args.first, last + 1)))
     out_dir = legs_dir(args.exp, args.seq)
     # what every record must have been made from: a finished timestep made from anything else is refused
-    made_from = {"encoder": encoder_name(args.encoder), "ae_run_id": ae_info["run_id"],
-                 "params": helpers.d3dgs_identity(params_path)["fingerprint"], "downscale": args.downscale,
-                 "tile_mix": args.tile_mix}
+    made_from = {
+        "encoder": encoder_name(args.encoder),
+        "ae_run_id": ae_info["run_id"],
+        "params": helpers.d3dgs_identity(params_path)["fingerprint"],
+        "downscale": args.downscale,
+        "tile_mix": args.tile_mix,
+    }
     import diff_gaussian_rasterization_feat as dgrf
+
     use_rasterizer = device.type == "cuda" and dgrf.cuda_available()
     train_cmd = f"python train_4legs.py -s {args.seq} -e {args.exp} --encoder {args.encoder}"
 
@@ -440,25 +542,40 @@ def main(argv=None):
             previous = load_previous(legs_path(out_dir, t - 1), made_from, train_cmd) if t > 0 else None
             setup = prepare_timestep(t, args, meta, params_path, ae, cache, device, use_rasterizer)
             num_iters = args.iters if previous is None else args.warm_iters
-            params, attention, losses = train_timestep(t, setup, previous, num_iters,
-                                                       stop_rule(args, previous, len(setup["renderers"])))
+            params, attention, losses = train_timestep(
+                t, setup, previous, num_iters, stop_rule(args, previous, len(setup["renderers"]))
+            )
             loss = tail_loss(losses)
             with torch.no_grad():
                 features = attention(params["latents"], setup["neighbours"])
             if not torch.isfinite(features).all():
-                raise helpers.UserError(f"timestep {t}: the features went NaN/Inf in training (--lr-features "
-                                        f"{args.lr_features}, --lr-attention {args.lr_attention}); not saved, the "
-                                        f"finished timesteps are kept")
-            helpers.save_torch(path, {
-                "t": t, "features": features.to(torch.float16).cpu(),
-                "latents": params["latents"].detach().to(torch.float16).cpu(),
-                "attention": {k: v.cpu() for k, v in attention.state_dict().items()},
-                "loss": loss, "iterations": losses.shape[0], "warm_start": previous is not None, "seed": args.seed,
-                "run_id": uuid.uuid4().hex, "seconds": time.time() - t0, **made_from})
+                raise helpers.UserError(
+                    f"timestep {t}: the features went NaN/Inf in training (--lr-features "
+                    f"{args.lr_features}, --lr-attention {args.lr_attention}); not saved, the "
+                    f"finished timesteps are kept"
+                )
+            helpers.save_torch(
+                path,
+                {
+                    "t": t,
+                    "features": features.to(torch.float16).cpu(),
+                    "latents": params["latents"].detach().to(torch.float16).cpu(),
+                    "attention": {k: v.cpu() for k, v in attention.state_dict().items()},
+                    "loss": loss,
+                    "iterations": losses.shape[0],
+                    "warm_start": previous is not None,
+                    "seed": args.seed,
+                    "run_id": uuid.uuid4().hex,
+                    "seconds": time.time() - t0,
+                    **made_from,
+                },
+            )
             trained += 1
             bar.set_postfix(loss=f"{loss:.4f}", warm=previous is not None, iters=losses.shape[0])
-    print(f"4-LEGS features: {trained} timesteps trained, {done} already done, in {time.time() - start:.0f} s "
-          f"-> {out_dir}/ ({'rasterizer' if use_rasterizer else 'precomputed blend matrices'}, {device})")
+    print(
+        f"4-LEGS features: {trained} timesteps trained, {done} already done, in {time.time() - start:.0f} s "
+        f"-> {out_dir}/ ({'rasterizer' if use_rasterizer else 'precomputed blend matrices'}, {device})"
+    )
 
 
 if __name__ == "__main__":

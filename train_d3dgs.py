@@ -13,6 +13,7 @@ Outputs, under output/<exp>/<seq>/:
   timesteps/     one file per finished timestep: a rerun continues after the last one
   init_pt_cld.npz  the point cloud built when the sequence has none
 """
+
 import argparse
 import concurrent.futures
 import json
@@ -35,18 +36,40 @@ NEIGHBOUR_FALLOFF = 2000.0  # neighbour weight exp(-falloff d^2), d in world uni
 SSIM_SHARE = 0.2  # image and segmentation losses: (1 - share) L1 + share (1 - SSIM), as the original
 FINITE_CHECK_EVERY = 100  # iterations between the NaN/Inf checks (each waits for the GPU once)
 SEED_STRIDE = 1_000_003  # torch seed of timestep t: seed * stride + t, distinct for every (seed, t < stride)
-LEARNING_RATES = {"means3D": 0.00016,  # times the scene radius
-                  "rgb_colors": 0.0025, "unnorm_rotations": 0.001, "logit_opacities": 0.05,
-                  "log_scales": 0.001, "cam_m": 1e-4, "cam_c": 1e-4}  # seg_colors: fixed
+LEARNING_RATES = {
+    "means3D": 0.00016,  # times the scene radius
+    "rgb_colors": 0.0025,
+    "unnorm_rotations": 0.001,
+    "logit_opacities": 0.05,
+    "log_scales": 0.001,
+    "cam_m": 1e-4,
+    "cam_c": 1e-4,
+}  # seg_colors: fixed
 MOVING = ("means3D", "rgb_colors", "unnorm_rotations")  # optimised after timestep 0
-LOSS_WEIGHTS = {"im": 1.0, "seg": 3.0, "rigid": 4.0, "rot": 4.0, "iso": 2.0, "floor": 2.0, "bg": 20.0,
-                "soft_col_cons": 0.01}
+LOSS_WEIGHTS = {
+    "im": 1.0,
+    "seg": 3.0,
+    "rigid": 4.0,
+    "rot": 4.0,
+    "iso": 2.0,
+    "floor": 2.0,
+    "bg": 20.0,
+    "soft_col_cons": 0.01,
+}
 # demo: few iterations per timestep, so positions and rotations take bigger steps to keep up with the motion
-DEMO = {"iters_first": 200, "iters": 40, "motion_lr_scale": 10.0, "downscale": 4, "max_gaussians": 16_000,
-        "fg_points": 3000, "bg_points": 4000}
+DEMO = {
+    "iters_first": 200,
+    "iters": 40,
+    "motion_lr_scale": 10.0,
+    "downscale": 4,
+    "max_gaussians": 16_000,
+    "fg_points": 3000,
+    "bg_points": 4000,
+}
 
 
 # ---------------------------------------------------------------- data
+
 
 def load_timestep(seq_dir, meta, test_meta, t, size, test_size):
     """Images of timestep t on the CPU (runs in a worker thread while the previous timestep trains),
@@ -54,21 +77,29 @@ def load_timestep(seq_dir, meta, test_meta, t, size, test_size):
     [C, 3, H, W], train seg colours [C, 3, H, W] = (fg, 0, 1 - fg), test ims [C', 3, H, W]."""
     ims = torch.stack([helpers.load_image(os.path.join(seq_dir, "ims", fn), size) for fn in meta["fn"][t]])
     fg = torch.stack([helpers.load_mask(helpers.seg_path(seq_dir, fn), size) for fn in meta["fn"][t]])
-    test_ims = torch.stack([helpers.load_image(os.path.join(seq_dir, "ims", fn), test_size)
-                            for fn in test_meta["fn"][t]])
+    test_ims = torch.stack(
+        [helpers.load_image(os.path.join(seq_dir, "ims", fn), test_size) for fn in test_meta["fn"][t]]
+    )
     segs = torch.stack([fg, torch.zeros_like(fg), 1 - fg], 1)
-    return (helpers.resize_images(ims, meta), helpers.resize_images(segs, meta),
-            helpers.resize_images(test_ims, test_meta))
+    return (
+        helpers.resize_images(ims, meta),
+        helpers.resize_images(segs, meta),
+        helpers.resize_images(test_ims, test_meta),
+    )
 
 
 def get_dataset(loaded, meta, test_meta, t, device):
     """Train views [{'cam', 'im', 'seg', 'id'}] and test views [{'cam', 'im', 'cam_id'}] of timestep t;
     a train view's id is its index in the metas as a [1] long tensor (what get_loss indexes with)."""
     ims, segs, test_ims = (x.to(device) for x in loaded)
-    train = [{"cam": cam, "im": ims[c], "seg": segs[c], "id": torch.tensor([c], device=device)}
-             for c, cam in enumerate(helpers.cameras_at(meta, t, NEAR, FAR, device))]
-    test = [{"cam": cam, "im": test_ims[c], "cam_id": test_meta["cam_id"][c]}
-            for c, cam in enumerate(helpers.cameras_at(test_meta, t, device=device))]
+    train = [
+        {"cam": cam, "im": ims[c], "seg": segs[c], "id": torch.tensor([c], device=device)}
+        for c, cam in enumerate(helpers.cameras_at(meta, t, NEAR, FAR, device))
+    ]
+    test = [
+        {"cam": cam, "im": test_ims[c], "cam_id": test_meta["cam_id"][c]}
+        for c, cam in enumerate(helpers.cameras_at(test_meta, t, device=device))
+    ]
     return train, test
 
 
@@ -80,6 +111,7 @@ def get_batch(todo, dataset, rng):
 
 
 # ---------------------------------------------------------------- state
+
 
 def camera_centers(meta):
     """Positions [C, 3] (world) of the cameras at timestep 0."""
@@ -98,16 +130,20 @@ def initialize_params(init_pt_cld, num_cams, device):
     start isotropic at the RMS distance to the 3 nearest neighbours, opacities at 0.5."""
     seg = init_pt_cld[:, 6]
     sq_dist, _ = helpers.knn(init_pt_cld[:, :3], 3)
-    params = {"means3D": init_pt_cld[:, :3],
-              "rgb_colors": init_pt_cld[:, 3:6],
-              "seg_colors": np.stack([seg, np.zeros_like(seg), 1 - seg], -1),
-              "unnorm_rotations": np.tile([1.0, 0.0, 0.0, 0.0], (len(seg), 1)),
-              "logit_opacities": np.zeros((len(seg), 1)),
-              "log_scales": np.tile(np.log(np.sqrt(sq_dist.mean(-1).clip(min=1e-7)))[:, None], (1, 3)),
-              "cam_m": np.zeros((num_cams, 3)),
-              "cam_c": np.zeros((num_cams, 3))}
-    return {k: torch.tensor(v, dtype=torch.float32, device=device).requires_grad_(k != "seg_colors")
-            for k, v in params.items()}
+    params = {
+        "means3D": init_pt_cld[:, :3],
+        "rgb_colors": init_pt_cld[:, 3:6],
+        "seg_colors": np.stack([seg, np.zeros_like(seg), 1 - seg], -1),
+        "unnorm_rotations": np.tile([1.0, 0.0, 0.0, 0.0], (len(seg), 1)),
+        "logit_opacities": np.zeros((len(seg), 1)),
+        "log_scales": np.tile(np.log(np.sqrt(sq_dist.mean(-1).clip(min=1e-7)))[:, None], (1, 3)),
+        "cam_m": np.zeros((num_cams, 3)),
+        "cam_c": np.zeros((num_cams, 3)),
+    }
+    return {
+        k: torch.tensor(v, dtype=torch.float32, device=device).requires_grad_(k != "seg_colors")
+        for k, v in params.items()
+    }
 
 
 def initialize_optimizer(params, radius, names, no_bias_correction=(), lr_scale=1.0):
@@ -115,13 +151,24 @@ def initialize_optimizer(params, radius, names, no_bias_correction=(), lr_scale=
     a huge step count, as in the original after timestep 0 (its step counter carries on while it
     resets the moments), which makes the first updates of each timestep several times lr; their
     learning rates are also multiplied by lr_scale."""
-    groups = [{"params": [params[k]], "name": k, "lr": LEARNING_RATES[k] * (radius if k == "means3D" else 1.0)
-               * (lr_scale if k in no_bias_correction else 1.0)} for k in names]
+    groups = [
+        {
+            "params": [params[k]],
+            "name": k,
+            "lr": LEARNING_RATES[k]
+            * (radius if k == "means3D" else 1.0)
+            * (lr_scale if k in no_bias_correction else 1.0),
+        }
+        for k in names
+    ]
     optimizer = torch.optim.Adam(groups, lr=0.0, eps=1e-15, fused=True)
     for k in no_bias_correction:
         p = params[k]
-        optimizer.state[p] = {"step": torch.tensor(1e7, dtype=torch.float32, device=p.device),
-                              "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+        optimizer.state[p] = {
+            "step": torch.tensor(1e7, dtype=torch.float32, device=p.device),
+            "exp_avg": torch.zeros_like(p),
+            "exp_avg_sq": torch.zeros_like(p),
+        }
     return optimizer
 
 
@@ -134,18 +181,26 @@ def initialize_post_first_timestep(params):
     pts = params["means3D"].detach()
     rot = F.normalize(params["unnorm_rotations"].detach())
     fg_idx, bg_idx = torch.nonzero(is_fg)[:, 0], torch.nonzero(~is_fg)[:, 0]
-    sq_dist, nbr = (helpers.knn(pts[fg_idx].cpu().numpy(), NUM_KNN_RIGID) if len(fg_idx)
-                    else (np.zeros((0, NUM_KNN_RIGID)), np.zeros((0, NUM_KNN_RIGID), int)))
+    sq_dist, nbr = (
+        helpers.knn(pts[fg_idx].cpu().numpy(), NUM_KNN_RIGID)
+        if len(fg_idx)
+        else (np.zeros((0, NUM_KNN_RIGID)), np.zeros((0, NUM_KNN_RIGID), int))
+    )
 
     def as_tensor(x, dtype=torch.float32):
         return torch.as_tensor(x, dtype=dtype, device=device).contiguous()
 
-    return {"fg_idx": fg_idx, "bg_idx": bg_idx,
-            "neighbor_indices": as_tensor(nbr, torch.long),
-            "neighbor_weight": as_tensor(np.exp(-NEIGHBOUR_FALLOFF * sq_dist)),
-            "neighbor_dist": as_tensor(np.sqrt(sq_dist)),
-            "init_bg_pts": pts[bg_idx], "init_bg_rot": rot[bg_idx],
-            "prev_pts": pts, "prev_rot": rot}
+    return {
+        "fg_idx": fg_idx,
+        "bg_idx": bg_idx,
+        "neighbor_indices": as_tensor(nbr, torch.long),
+        "neighbor_weight": as_tensor(np.exp(-NEIGHBOUR_FALLOFF * sq_dist)),
+        "neighbor_dist": as_tensor(np.sqrt(sq_dist)),
+        "init_bg_pts": pts[bg_idx],
+        "init_bg_rot": rot[bg_idx],
+        "prev_pts": pts,
+        "prev_rot": rot,
+    }
 
 
 def initialize_per_timestep(params, variables):
@@ -157,10 +212,13 @@ def initialize_per_timestep(params, variables):
     new_rot = F.normalize(rot + (rot - variables["prev_rot"]))
     fg_idx, nbr = variables["fg_idx"], variables["neighbor_indices"]
     fg_pts = pts[fg_idx]
-    variables.update(prev_inv_rot_fg=helpers.quat_conj(rot[fg_idx]),
-                     prev_offset=fg_pts[nbr] - fg_pts[:, None],
-                     prev_col=params["rgb_colors"].detach().clone(),
-                     prev_pts=pts, prev_rot=rot)
+    variables.update(
+        prev_inv_rot_fg=helpers.quat_conj(rot[fg_idx]),
+        prev_offset=fg_pts[nbr] - fg_pts[:, None],
+        prev_col=params["rgb_colors"].detach().clone(),
+        prev_pts=pts,
+        prev_rot=rot,
+    )
     new = {k: v.detach() for k, v in params.items()}
     new.update(means3D=new_pts, unnorm_rotations=new_rot)
     for k in MOVING:
@@ -169,6 +227,7 @@ def initialize_per_timestep(params, variables):
 
 
 # ---------------------------------------------------------------- losses
+
 
 def get_loss(params, rendervar, im, seg, data, variables, with_priors):
     """Loss of one train view: im [3, H, W] and seg [3, H, W] as render_d3dgs rendered them against
@@ -180,8 +239,10 @@ def get_loss(params, rendervar, im, seg, data, variables, with_priors):
     cam = data["id"]
     im = helpers.color_correct(im, params["cam_m"].index_select(0, cam)[0], params["cam_c"].index_select(0, cam)[0])
     ssim = external.calc_ssim(torch.stack([im, seg]), torch.stack([data["im"], data["seg"]]), per_image=True)
-    losses = {"im": (1 - SSIM_SHARE) * helpers.l1_loss(im, data["im"]) + SSIM_SHARE * (1.0 - ssim[0]),
-              "seg": (1 - SSIM_SHARE) * helpers.l1_loss(seg, data["seg"]) + SSIM_SHARE * (1.0 - ssim[1])}
+    losses = {
+        "im": (1 - SSIM_SHARE) * helpers.l1_loss(im, data["im"]) + SSIM_SHARE * (1.0 - ssim[0]),
+        "seg": (1 - SSIM_SHARE) * helpers.l1_loss(seg, data["seg"]) + SSIM_SHARE * (1.0 - ssim[1]),
+    }
     if with_priors:
         losses.update(prior_losses(params, rendervar, variables))
     loss = sum(LOSS_WEIGHTS[k] * v for k, v in losses.items())
@@ -205,15 +266,17 @@ def prior_losses(params, rendervar, variables):
         rot = helpers.build_rotation(rel_rot)  # [Nfg, 3, 3]
         offset_in_prev = (rot[:, None] * offset[..., None]).sum(-2)  # R^T offset, without a batched matmul
         losses["rigid"] = helpers.weighted_l2_loss(offset_in_prev, variables["prev_offset"], weight)
-        losses["rot"] = helpers.weighted_l2_loss(rel_rot.index_select(0, nbr.view(-1)).view(num_fg, k, 4),
-                                                 rel_rot[:, None], weight)
-        distance = torch.sqrt((offset ** 2).sum(-1) + 1e-20)
+        losses["rot"] = helpers.weighted_l2_loss(
+            rel_rot.index_select(0, nbr.view(-1)).view(num_fg, k, 4), rel_rot[:, None], weight
+        )
+        distance = torch.sqrt((offset**2).sum(-1) + 1e-20)
         losses["iso"] = helpers.weighted_l2_loss(distance[..., None], variables["neighbor_dist"][..., None], weight)
         losses["floor"] = torch.clamp(fg_pts[:, 1], min=0).mean()  # the floor is y = 0, +y down
     if len(bg_idx):
         bg_pts, bg_rot = (rendervar[k].index_select(0, bg_idx) for k in ("means3D", "rotations"))
-        losses["bg"] = (helpers.l1_loss_rows(bg_pts, variables["init_bg_pts"])
-                        + helpers.l1_loss_rows(bg_rot, variables["init_bg_rot"]))
+        losses["bg"] = helpers.l1_loss_rows(bg_pts, variables["init_bg_pts"]) + helpers.l1_loss_rows(
+            bg_rot, variables["init_bg_rot"]
+        )
     losses["soft_col_cons"] = helpers.l1_loss_rows(params["rgb_colors"], variables["prev_col"])
     return losses
 
@@ -247,12 +310,15 @@ def check_finite(first_bad, names, t):
     bad = [(i, n) for i, n in zip(first_bad, names) if i >= 0]
     if bad:
         i = min(b[0] for b in bad)
-        raise NonFiniteLoss(f"timestep {t}, iteration {i}: loss {', '.join(n for j, n in bad if j == i)} is NaN/Inf; "
-                            f"stopped, the finished timesteps before {t} are kept. Check the data (images, "
-                            f"cameras, init_pt_cld.npz) or lower the learning rates")
+        raise NonFiniteLoss(
+            f"timestep {t}, iteration {i}: loss {', '.join(n for j, n in bad if j == i)} is NaN/Inf; "
+            f"stopped, the finished timesteps before {t} are kept. Check the data (images, "
+            f"cameras, init_pt_cld.npz) or lower the learning rates"
+        )
 
 
 # ---------------------------------------------------------------- training
+
 
 def train_timestep(params, variables, optimizer, dataset, t, num_iters, schedule, loss_fn, rng, bar):
     """Optimise one timestep: num_iters iterations of one random train view each; with a
@@ -273,13 +339,16 @@ def train_timestep(params, variables, optimizer, dataset, t, num_iters, schedule
         optimizer.zero_grad(set_to_none=True)
         if schedule is not None:
             with torch.no_grad():
-                params, variables = external.densify(params, variables, optimizer, i, schedule,
-                                                     rendervar["means2D"].grad, radii)
+                params, variables = external.densify(
+                    params, variables, optimizer, i, schedule, rendervar["means2D"].grad, radii
+                )
         if i % FINITE_CHECK_EVERY == 0 or i == num_iters - 1:
             check_finite(first_bad, names, t)
-            bar.set_postfix_str(f"it {i} loss {float(loss.detach()):.4f} train PSNR "
-                                f"{helpers.psnr(im.detach(), data['im']):.2f} N {params['means3D'].shape[0]}",
-                                refresh=False)
+            bar.set_postfix_str(
+                f"it {i} loss {float(loss.detach()):.4f} train PSNR "
+                f"{helpers.psnr(im.detach(), data['im']):.2f} N {params['means3D'].shape[0]}",
+                refresh=False,
+            )
         bar.update(1)
     return params, variables
 
@@ -294,8 +363,10 @@ def evaluate(params, test_views, lpips_net):
             im, _, _, _ = helpers.render_d3dgs(view["cam"], rendervar)
             im = im.clamp(0, 1)
             cams[str(view["cam_id"])] = {
-                "psnr": helpers.psnr(im, view["im"]), "ssim": float(external.calc_ssim(im, view["im"])),
-                "lpips": None if lpips_net is None else float(lpips_net(im[None] * 2 - 1, view["im"][None] * 2 - 1))}
+                "psnr": helpers.psnr(im, view["im"]),
+                "ssim": float(external.calc_ssim(im, view["im"])),
+                "lpips": None if lpips_net is None else float(lpips_net(im[None] * 2 - 1, view["im"][None] * 2 - 1)),
+            }
     mean = {k: float(np.mean([c[k] for c in cams.values()])) for k in ("psnr", "ssim")}
     mean["lpips"] = None if lpips_net is None else float(np.mean([c["lpips"] for c in cams.values()]))
     return {**mean, "cameras": cams}
@@ -315,6 +386,7 @@ def load_lpips(device):
 
 
 # ---------------------------------------------------------------- output
+
 
 def timestep_path(ts_dir, t):
     return os.path.join(ts_dir, f"{t:06d}.npz")
@@ -336,8 +408,10 @@ def save_timestep(ts_dir, t, params, record):
     arrays = {k: params[k].detach().cpu().numpy().astype(np.float32) for k in keys}
     bad = [k for k, v in arrays.items() if not np.isfinite(v).all()]
     if bad:
-        raise NonFiniteLoss(f"timestep {t}: {', '.join(bad)} hold NaN/Inf after training; not saved, the "
-                            f"finished timesteps before {t} are kept")
+        raise NonFiniteLoss(
+            f"timestep {t}: {', '.join(bad)} hold NaN/Inf after training; not saved, the "
+            f"finished timesteps before {t} are kept"
+        )
     helpers.save_npz(timestep_path(ts_dir, t), {**arrays, "record": np.array(json.dumps(record))})
 
 
@@ -349,18 +423,24 @@ def check_run(run_path, run, kept):
     finished = f"{os.path.dirname(run_path)}: timesteps 0..{kept - 1}"
     again = "use another -e, or train them all again with -f 0"
     if not isinstance(old, dict):
-        raise helpers.UserError(f"{finished} have no readable {os.path.basename(run_path)} saying what they were made "
-                                f"from; {again}")
-    why = helpers.sequence_mismatch({"path": old.get("seq"), "content": old.get("content")},
-                                    {"path": run["seq"], "content": run["content"]})
+        raise helpers.UserError(
+            f"{finished} have no readable {os.path.basename(run_path)} saying what they were made from; {again}"
+        )
+    why = helpers.sequence_mismatch(
+        {"path": old.get("seq"), "content": old.get("content")}, {"path": run["seq"], "content": run["content"]}
+    )
     if why:
         raise helpers.UserError(f"{finished} {why}; {again}")
     if old.get("train_cameras") != run["train_cameras"]:
-        raise helpers.UserError(f"{finished} were trained with train cameras {old.get('train_cameras')}, the "
-                                f"sequence lists {run['train_cameras']}; {again}")
+        raise helpers.UserError(
+            f"{finished} were trained with train cameras {old.get('train_cameras')}, the "
+            f"sequence lists {run['train_cameras']}; {again}"
+        )
     if old.get("downscale") != run["downscale"]:
-        raise helpers.UserError(f"{finished} were trained with --downscale {old.get('downscale')}: resume with "
-                                f"--downscale {old.get('downscale')}, or {again}")
+        raise helpers.UserError(
+            f"{finished} were trained with --downscale {old.get('downscale')}: resume with "
+            f"--downscale {old.get('downscale')}, or {again}"
+        )
 
 
 def replaced_path(ts_dir, t):
@@ -378,8 +458,10 @@ def set_aside(ts_dir, first, num_t):
         os.replace(timestep_path(ts_dir, t), replaced_path(ts_dir, t))
     if stale:
         helpers.fsync(ts_dir)
-        tqdm.write(f"{len(stale)} finished timestep(s) from {stale[0]} on follow the timesteps trained now: kept in "
-                   f"{os.path.dirname(replaced_path(ts_dir, 0))}/ until each is trained again")
+        tqdm.write(
+            f"{len(stale)} finished timestep(s) from {stale[0]} on follow the timesteps trained now: kept in "
+            f"{os.path.dirname(replaced_path(ts_dir, 0))}/ until each is trained again"
+        )
 
 
 def drop_replaced(ts_dir, t):
@@ -411,8 +493,10 @@ def restore(ts_dir, t_next, device):
         before, _ = load_timestep_file(ts_dir, t_next - 2, device)
         variables.update(prev_pts=before["means3D"], prev_rot=F.normalize(before["unnorm_rotations"]))
     last, _ = load_timestep_file(ts_dir, t_next - 1, device) if t_next >= 2 else (first, None)
-    params = {k: (last[k] if k in helpers.D3DGS_PER_TIMESTEP else first[k]) for k in
-              helpers.D3DGS_PER_TIMESTEP + helpers.D3DGS_SHARED}
+    params = {
+        k: (last[k] if k in helpers.D3DGS_PER_TIMESTEP else first[k])
+        for k in helpers.D3DGS_PER_TIMESTEP + helpers.D3DGS_SHARED
+    }
     return params, variables
 
 
@@ -430,53 +514,102 @@ def assemble(ts_dir, out_dir, lpips_missing, resolution):
         records.append(json.loads(str(f["record"])))
     params_path = os.path.join(out_dir, "params.npz")
     helpers.save_npz(params_path, {**{k: np.stack(v) for k, v in arrays.items()}, **shared})
-    per_t = [{"t": t, **{k: r["test"][k] for k in ("psnr", "ssim", "lpips")}, "cameras": r["test"]["cameras"],
-              "iterations": r["iterations"], "seconds": r["seconds"], "gaussians": r["gaussians"]}
-             for t, r in enumerate(records)]
+    per_t = [
+        {
+            "t": t,
+            **{k: r["test"][k] for k in ("psnr", "ssim", "lpips")},
+            "cameras": r["test"]["cameras"],
+            "iterations": r["iterations"],
+            "seconds": r["seconds"],
+            "gaussians": r["gaussians"],
+        }
+        for t, r in enumerate(records)
+    ]
     lpips_values = [r["lpips"] for r in per_t if r["lpips"] is not None]
-    metrics = {"timesteps": num_t, "test_cameras": list(per_t[0]["cameras"]), "resolution": list(resolution),
-               "psnr": float(np.mean([r["psnr"] for r in per_t])), "ssim": float(np.mean([r["ssim"] for r in per_t])),
-               "lpips": float(np.mean(lpips_values)) if len(lpips_values) == len(per_t) else None,
-               "lpips_missing": (None if len(lpips_values) == len(per_t)
-                                 else lpips_missing or "not computed for every timestep"),
-               "per_timestep": per_t}
+    metrics = {
+        "timesteps": num_t,
+        "test_cameras": list(per_t[0]["cameras"]),
+        "resolution": list(resolution),
+        "psnr": float(np.mean([r["psnr"] for r in per_t])),
+        "ssim": float(np.mean([r["ssim"] for r in per_t])),
+        "lpips": float(np.mean(lpips_values)) if len(lpips_values) == len(per_t) else None,
+        "lpips_missing": (
+            None if len(lpips_values) == len(per_t) else lpips_missing or "not computed for every timestep"
+        ),
+        "per_timestep": per_t,
+    }
     helpers.save_json(os.path.join(out_dir, "metrics.json"), metrics)
     return params_path, num_t, metrics
 
 
 # ---------------------------------------------------------------- main
 
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=helpers.stage_description("train_d3dgs.py") + " Trains timestep after timestep; each "
-                    "finished timestep is saved, so running the same command again continues where it stopped.",
-        formatter_class=helpers.HelpFormatter)
+        "finished timestep is saved, so running the same command again continues where it stopped.",
+        formatter_class=helpers.HelpFormatter,
+    )
     helpers.add_sequence_option(parser)
     parser.add_argument("-e", "--exp", default="exp1", help="experiment name: outputs go to output/<exp>/<seq>/")
-    parser.add_argument("-f", "--first", type=int, default=None,
-                        help="(re)train from this timestep on (timesteps 0..FIRST-1 must be finished; later "
-                             "finished ones are discarded); default: continue after the last finished timestep")
+    parser.add_argument(
+        "-f",
+        "--first",
+        type=int,
+        default=None,
+        help="(re)train from this timestep on (timesteps 0..FIRST-1 must be finished; later "
+        "finished ones are discarded); default: continue after the last finished timestep",
+    )
     parser.add_argument("-l", "--last", type=int, default=None, help="stop after this timestep (default: the last)")
     parser.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
-    parser.add_argument("--iters-first", type=int, default=10_000, help="iterations at timestep 0 (densification "
-                        "runs over its first half, on the original's schedule scaled to this count)")
+    parser.add_argument(
+        "--iters-first",
+        type=int,
+        default=10_000,
+        help="iterations at timestep 0 (densification "
+        "runs over its first half, on the original's schedule scaled to this count)",
+    )
     parser.add_argument("--iters", type=int, default=2_000, help="iterations at every later timestep")
-    parser.add_argument("--fg-points", type=int, default=100_000,
-                        help="without init_pt_cld.npz: at most this many visual-hull (foreground) points")
-    parser.add_argument("--bg-points", type=int, default=60_000,
-                        help="without init_pt_cld.npz: rays for background points (at most one point each)")
-    parser.add_argument("--downscale", type=int, default=1,
-                        help="train and evaluate on images this many times smaller (faster, coarser)")
-    parser.add_argument("--motion-lr-scale", type=float, default=1.0,
-                        help="after timestep 0, multiply the position and rotation learning rates by this (for "
-                             "runs with few iterations per timestep, which must still keep up with the motion)")
-    parser.add_argument("--max-gaussians", type=int, default=3_000_000,
-                        help="densification stops cloning and splitting at this many Gaussians (memory guard)")
+    parser.add_argument(
+        "--fg-points",
+        type=int,
+        default=100_000,
+        help="without init_pt_cld.npz: at most this many visual-hull (foreground) points",
+    )
+    parser.add_argument(
+        "--bg-points",
+        type=int,
+        default=60_000,
+        help="without init_pt_cld.npz: rays for background points (at most one point each)",
+    )
+    parser.add_argument(
+        "--downscale",
+        type=int,
+        default=1,
+        help="train and evaluate on images this many times smaller (faster, coarser)",
+    )
+    parser.add_argument(
+        "--motion-lr-scale",
+        type=float,
+        default=1.0,
+        help="after timestep 0, multiply the position and rotation learning rates by this (for "
+        "runs with few iterations per timestep, which must still keep up with the motion)",
+    )
+    parser.add_argument(
+        "--max-gaussians",
+        type=int,
+        default=3_000_000,
+        help="densification stops cloning and splitting at this many Gaussians (memory guard)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed (camera order, splits)")
-    parser.add_argument("--no-compile", action="store_true",
-                        help="on CUDA, run the losses of timesteps > 0 eagerly instead of compiling them with "
-                             "torch.compile (compiling takes 21-27 s once on an H100, then saves about 5 ms per "
-                             "iteration)")
+    parser.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="on CUDA, run the losses of timesteps > 0 eagerly instead of compiling them with "
+        "torch.compile (compiling takes 21-27 s once on an H100, then saves about 5 ms per "
+        "iteration)",
+    )
     args = helpers.parse_with_demo(parser, argv, DEMO)
     for option in ("iters_first", "iters", "downscale", "max_gaussians"):
         helpers.check_option(args, option, at_least=1)
@@ -508,8 +641,13 @@ def train(args, device, seq_dir, out_dir):
     os.makedirs(ts_dir, exist_ok=True)
     run_path = os.path.join(ts_dir, "run.json")
     sequence = helpers.sequence_identity(seq_dir, [full_meta, full_test_meta])
-    run = {"seq": sequence["path"], "content": sequence["content"], "train_cameras": meta["cam_id"],
-           "test_cameras": test_meta["cam_id"], "downscale": args.downscale}
+    run = {
+        "seq": sequence["path"],
+        "content": sequence["content"],
+        "train_cameras": meta["cam_id"],
+        "test_cameras": test_meta["cam_id"],
+        "downscale": args.downscale,
+    }
     done = finished_timesteps(ts_dir)
 
     start = done if args.first is None else args.first
@@ -517,12 +655,15 @@ def train(args, device, seq_dir, out_dir):
     if not 0 <= last < num_t:
         raise helpers.UserError(f"-l {args.last}: the sequence has timesteps 0..{num_t - 1}")
     if args.first is not None and not 0 <= args.first <= last:
-        raise helpers.UserError(f"-f {args.first} -l {last}: the sequence has timesteps 0..{num_t - 1}; "
-                                f"need 0 <= -f <= -l")
+        raise helpers.UserError(
+            f"-f {args.first} -l {last}: the sequence has timesteps 0..{num_t - 1}; need 0 <= -f <= -l"
+        )
     finished = f"timesteps 0..{done - 1} are finished" if done else "no timestep is finished"
     if start <= last and start > done:
-        raise helpers.UserError(f"-f {start}: timestep {start} starts from timestep {start - 1}, but {finished} "
-                                f"in {ts_dir}; pick -f {done} or lower")
+        raise helpers.UserError(
+            f"-f {start}: timestep {start} starts from timestep {start - 1}, but {finished} "
+            f"in {ts_dir}; pick -f {done} or lower"
+        )
     if min(start, done):
         check_run(run_path, run, min(start, done))
     if start <= last:
@@ -555,33 +696,44 @@ def train(args, device, seq_dir, out_dir):
             if t == 0:
                 radius = scene_radius(meta)
                 params = initialize_params(init_pt_cld, len(meta["cam_id"]), device)
-                variables = {"scene_radius": radius,
-                             "scene_center": torch.tensor(camera_centers(meta).mean(0), dtype=torch.float32,
-                                                          device=device),
-                             "means2D_gradient_accum": torch.zeros(len(init_pt_cld), device=device),
-                             "denom": torch.zeros(len(init_pt_cld), device=device),
-                             "seen": torch.zeros(len(init_pt_cld), dtype=torch.bool, device=device)}
+                variables = {
+                    "scene_radius": radius,
+                    "scene_center": torch.tensor(camera_centers(meta).mean(0), dtype=torch.float32, device=device),
+                    "means2D_gradient_accum": torch.zeros(len(init_pt_cld), device=device),
+                    "denom": torch.zeros(len(init_pt_cld), device=device),
+                    "seen": torch.zeros(len(init_pt_cld), dtype=torch.bool, device=device),
+                }
                 optimizer = initialize_optimizer(params, radius, LEARNING_RATES)
                 schedule = external.densify_schedule(args.iters_first, max_gaussians=args.max_gaussians)
-                params, variables = train_timestep(params, variables, optimizer, dataset, t, args.iters_first,
-                                                   schedule, get_loss, rng, bar)
+                params, variables = train_timestep(
+                    params, variables, optimizer, dataset, t, args.iters_first, schedule, get_loss, rng, bar
+                )
                 iters = args.iters_first
             else:
                 params, variables = initialize_per_timestep(params, variables)
-                optimizer = initialize_optimizer(params, scene_radius(meta), MOVING, ("means3D", "unnorm_rotations"),
-                                                 args.motion_lr_scale)
-                params, variables = train_timestep(params, variables, optimizer, dataset, t, args.iters, None, loss_fn,
-                                                   rng, bar)
+                optimizer = initialize_optimizer(
+                    params, scene_radius(meta), MOVING, ("means3D", "unnorm_rotations"), args.motion_lr_scale
+                )
+                params, variables = train_timestep(
+                    params, variables, optimizer, dataset, t, args.iters, None, loss_fn, rng, bar
+                )
                 iters = args.iters
             metrics = evaluate(params, test_views, lpips_net)
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            record = {"iterations": iters, "seconds": time.time() - started, "seed": args.seed,
-                      "gaussians": int(params["means3D"].shape[0]), "test": metrics}
+            record = {
+                "iterations": iters,
+                "seconds": time.time() - started,
+                "seed": args.seed,
+                "gaussians": int(params["means3D"].shape[0]),
+                "test": metrics,
+            }
             save_timestep(ts_dir, t, params, record)
             drop_replaced(ts_dir, t)
-            tqdm.write(f"timestep {t}: {record['seconds']:.1f} s, {record['gaussians']} Gaussians, "
-                       f"test PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f}")
+            tqdm.write(
+                f"timestep {t}: {record['seconds']:.1f} s, {record['gaussians']} Gaussians, "
+                f"test PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f}"
+            )
             if t == 0:
                 params = {k: v.detach() for k, v in params.items()}
                 variables = initialize_post_first_timestep(params)
@@ -589,33 +741,45 @@ def train(args, device, seq_dir, out_dir):
     bar.close()
 
     params_path, num_done, metrics = assemble(ts_dir, out_dir, lpips_missing, (test_meta["w"], test_meta["h"]))
-    lpips_text = (f"LPIPS {metrics['lpips']:.4f}" if metrics["lpips"] is not None
-                  else f"LPIPS missing ({metrics['lpips_missing']})")
-    print(f"{helpers.stage_name('train_d3dgs.py')} done: {num_done} timesteps of {num_t} in {params_path}; test "
-          f"cameras {', '.join(metrics['test_cameras'])}: PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f}, "
-          f"{lpips_text} (per timestep: {os.path.join(out_dir, 'metrics.json')})")
+    lpips_text = (
+        f"LPIPS {metrics['lpips']:.4f}"
+        if metrics["lpips"] is not None
+        else f"LPIPS missing ({metrics['lpips_missing']})"
+    )
+    print(
+        f"{helpers.stage_name('train_d3dgs.py')} done: {num_done} timesteps of {num_t} in {params_path}; test "
+        f"cameras {', '.join(metrics['test_cameras'])}: PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f}, "
+        f"{lpips_text} (per timestep: {os.path.join(out_dir, 'metrics.json')})"
+    )
 
 
 def initial_point_cloud(seq_dir, meta, out_dir, args):
     """The sequence's init_pt_cld.npz, or one built from its masks and images (saved beside the outputs)."""
     path = os.path.join(seq_dir, "init_pt_cld.npz")
     if os.path.isfile(path):
-        data = helpers.read_npz(path, "it must hold 'data' [N, 7] (xyz, rgb, seg), finite; fix it, or delete it to "
-                                      "build one from the masks").get("data")
+        data = helpers.read_npz(
+            path, "it must hold 'data' [N, 7] (xyz, rgb, seg), finite; fix it, or delete it to build one from the masks"
+        ).get("data")
         if data is None or data.ndim != 2 or data.shape[1] != 7 or len(data) < 4:
-            raise helpers.UserError(f"{path}: 'data' is {'missing' if data is None else list(data.shape)}, expected "
-                                    f"[N >= 4, 7] (xyz, rgb, seg)")
+            raise helpers.UserError(
+                f"{path}: 'data' is {'missing' if data is None else list(data.shape)}, expected "
+                f"[N >= 4, 7] (xyz, rgb, seg)"
+            )
         if not np.isin(data[:, 6], (0, 1)).all():
-            raise helpers.UserError(f"{path}: seg (column 6 of 'data') holds {np.setdiff1d(data[:, 6], (0, 1))[:3]}, "
-                                    f"not only 0 (background) and 1 (foreground)")
+            raise helpers.UserError(
+                f"{path}: seg (column 6 of 'data') holds {np.setdiff1d(data[:, 6], (0, 1))[:3]}, "
+                f"not only 0 (background) and 1 (foreground)"
+            )
         return data.astype(np.float32)
     tqdm.write(f"no {path}: building the initial point cloud from the masks and images of timestep 0")
     started = time.time()
     data = build_init_point_cloud(seq_dir, meta, 0, args.fg_points, args.bg_points, args.seed, log=tqdm.write)
     saved = os.path.join(out_dir, "init_pt_cld.npz")
     helpers.save_npz(saved, {"data": data})
-    tqdm.write(f"initial point cloud: {len(data)} points ({int(data[:, 6].sum())} foreground) in "
-               f"{time.time() - started:.1f} s -> {saved}")
+    tqdm.write(
+        f"initial point cloud: {len(data)} points ({int(data[:, 6].sum())} foreground) in "
+        f"{time.time() - started:.1f} s -> {saved}"
+    )
     return data
 
 

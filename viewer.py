@@ -16,6 +16,7 @@ Stage 1 is enough to look around; prompts need stages 4 and 5 (the panel says wh
 Every browser keeps its own camera, time and prompts; prompts' text encodings and timelines are
 computed once per viewer.
 """
+
 import argparse
 import contextlib
 import math
@@ -29,9 +30,20 @@ import torch
 
 import helpers
 from feature_extraction.cache import add_cache_dir_option
-from feature_extraction.relevancy import (DETECT_THRESHOLD, ENCODER_OF_STAGES, Stages, add_prompt_options,
-                                          check_prompt_options, d3dgs_params_path, detect_spans, encode_prompts,
-                                          frame_scores, prompt_dir, relevance_map, render_features)
+from feature_extraction.relevancy import (
+    DETECT_THRESHOLD,
+    ENCODER_OF_STAGES,
+    Stages,
+    add_prompt_options,
+    check_prompt_options,
+    d3dgs_params_path,
+    detect_spans,
+    encode_prompts,
+    frame_scores,
+    prompt_dir,
+    relevance_map,
+    render_features,
+)
 
 VIEW_MODES = ("blend", "heatmap", "RGB", "foreground only")
 JPEG_QUALITY = 90
@@ -44,6 +56,7 @@ CPU_HEIGHT = 90
 
 # ---------------------------------------------------------------- the scene
 
+
 def load_scene(seq_dir, exp, encoder_spec, device, cache_root=None):
     """Stage 1's Gaussians of every timestep, on `device`, and what the viewer needs around them.
 
@@ -53,19 +66,35 @@ def load_scene(seq_dir, exp, encoder_spec, device, cache_root=None):
     (attach_language). Raises UserError naming stage 1 when its output is missing."""
     params_path = d3dgs_params_path(exp, seq_dir)
     num_t = helpers.read_d3dgs_params(params_path)["means3D"].shape[0]
-    frames = [helpers.load_d3dgs_params(params_path, t, device)
-              for t in helpers.progress(range(num_t), desc="stage-1 Gaussians", leave=False)]
+    frames = [
+        helpers.load_d3dgs_params(params_path, t, device)
+        for t in helpers.progress(range(num_t), desc="stage-1 Gaussians", leave=False)
+    ]
     presets = {}
     for split in ("train", "test"):
         meta = helpers.load_meta(seq_dir, split)
         for c, cam_id in enumerate(meta["cam_id"]):
-            presets[f"{split} cam{cam_id}"] = (meta["w"], meta["h"], np.asarray(meta["k"][0][c]),
-                                               np.asarray(meta["w2c"][0][c]))
+            presets[f"{split} cam{cam_id}"] = (
+                meta["w"],
+                meta["h"],
+                np.asarray(meta["k"][0][c]),
+                np.asarray(meta["w2c"][0][c]),
+            )
     fg = helpers.is_foreground(frames[0]["seg_colors"])
     center = frames[0]["means3D"][fg if fg.any() else slice(None)].mean(0).cpu().numpy()
-    return {"seq_dir": seq_dir, "exp": exp, "encoder_spec": encoder_spec, "cache_root": cache_root,
-            "device": device, "params_path": params_path, "num_t": num_t, "frames": frames,
-            "presets": presets, "center": center, "stages": None}
+    return {
+        "seq_dir": seq_dir,
+        "exp": exp,
+        "encoder_spec": encoder_spec,
+        "cache_root": cache_root,
+        "device": device,
+        "params_path": params_path,
+        "num_t": num_t,
+        "frames": frames,
+        "presets": presets,
+        "center": center,
+        "stages": None,
+    }
 
 
 def attach_language(scene, cams):
@@ -73,17 +102,22 @@ def attach_language(scene, cams):
     [N, 128] into scene["frames"]; also the timeline views: "test", "train" (every camera of that
     split) or "orbit", as visualize_4legs.py --cams. Raises UserError naming the stage to run first."""
     from visualize_4legs import meta_views, orbit_view
+
     if scene["stages"] is not None:
         return
     stages = Stages(scene["seq_dir"], scene["exp"], scene["encoder_spec"], scene["device"], scene["cache_root"])
     for t, frame in enumerate(helpers.progress(scene["frames"], desc="4-LEGS features", leave=False)):
         frame["legs_features"] = stages.gaussians(t)["legs_features"]
-    scene["views"] = (orbit_view(scene["seq_dir"], stages, scene["device"]) if cams == "orbit" else
-                      meta_views(scene["seq_dir"], cams, stages.num_t, scene["device"]))
+    scene["views"] = (
+        orbit_view(scene["seq_dir"], stages, scene["device"])
+        if cams == "orbit"
+        else meta_views(scene["seq_dir"], cams, stages.num_t, scene["device"])
+    )
     scene["stages"] = stages
 
 
 # ---------------------------------------------------------------- cameras
+
 
 def viewer_camera(wxyz, position, fov_y, width, height, device="cpu"):
     """Rasterizer settings of a pinhole camera with the browser's pose: wxyz, position [3] of the
@@ -117,9 +151,11 @@ def render_size(height, aspect):
 
 # ---------------------------------------------------------------- one frame
 
+
 def turbo_table(device):
     """matplotlib's turbo colormap as a table [256, 3] in 0..255 on `device` (float32)."""
     from matplotlib import colormaps
+
     return torch.tensor(colormaps["turbo"](np.arange(256))[:, :3] * 255, dtype=torch.float32, device=device)
 
 
@@ -146,15 +182,22 @@ def compose(mode, colour, rgb):
 def render_rgb(cam, frame):
     """Colour render [3, H, W] of one timestep's rendervar, without features."""
     import diff_gaussian_rasterization as dgr
+
     means3D = frame["means3D"]
     rgb, _, _ = dgr.GaussianRasterizer(cam)(
-        means3D=means3D, means2D=torch.zeros_like(means3D), opacities=frame["opacities"],
-        colors_precomp=frame["colors_precomp"], scales=frame["scales"], rotations=frame["rotations"])
+        means3D=means3D,
+        means2D=torch.zeros_like(means3D),
+        opacities=frame["opacities"],
+        colors_precomp=frame["colors_precomp"],
+        scales=frame["scales"],
+        rotations=frame["rotations"],
+    )
     return rgb
 
 
-def render_frame(cam, frame, mode, lights, ae=None, negatives=None, turbo=None, threshold=DETECT_THRESHOLD,
-                 stride=None):
+def render_frame(
+    cam, frame, mode, lights, ae=None, negatives=None, turbo=None, threshold=DETECT_THRESHOLD, stride=None
+):
     """One image of the viewer: uint8 [H, W, 3] numpy.
 
     frame: one timestep's rendervar (with legs_features [N, 128] once the lifting stages exist);
@@ -179,21 +222,41 @@ def render_frame(cam, frame, mode, lights, ae=None, negatives=None, turbo=None, 
 
 # ---------------------------------------------------------------- a prompt's timeline
 
+
 def summarise_views(per_view_scores, per_view_peaks, threshold):
     """The timeline of visualize_4legs.py from per-view scores {name: [T]} and peak relevances
     {name: float}: per view its scores (rounded to 5 digits, as timeline.json stores them), spans and
     peak; their mean over the views, whose spans are the prompt's. Returns {"scores": [T], "spans",
     "per_view", "peak": the highest peak}."""
-    per_view = {name: {"scores": [round(float(s), 5) for s in scores], "spans": detect_spans(scores, threshold),
-                       "peak_relevance": round(float(per_view_peaks[name]), 5)}
-                for name, scores in per_view_scores.items()}
+    per_view = {
+        name: {
+            "scores": [round(float(s), 5) for s in scores],
+            "spans": detect_spans(scores, threshold),
+            "peak_relevance": round(float(per_view_peaks[name]), 5),
+        }
+        for name, scores in per_view_scores.items()
+    }
     mean = np.mean([view["scores"] for view in per_view.values()], axis=0)
-    return {"scores": [round(float(s), 5) for s in mean], "spans": detect_spans(torch.from_numpy(mean), threshold),
-            "per_view": per_view, "peak": max(float(p) for p in per_view_peaks.values())}
+    return {
+        "scores": [round(float(s), 5) for s in mean],
+        "spans": detect_spans(torch.from_numpy(mean), threshold),
+        "per_view": per_view,
+        "peak": max(float(p) for p in per_view_peaks.values()),
+    }
 
 
-def prompt_timeline(frames, views, ae, positive, negatives, threshold=DETECT_THRESHOLD, stride=None,
-                    fg_only=False, lock=None, progress=None):
+def prompt_timeline(
+    frames,
+    views,
+    ae,
+    positive,
+    negatives,
+    threshold=DETECT_THRESHOLD,
+    stride=None,
+    fg_only=False,
+    lock=None,
+    progress=None,
+):
     """A prompt's timeline over every timestep, from the views of visualize_4legs.py.
 
     frames [T]: rendervars with legs_features; views: [(name, [camera per timestep])]; positive [D]
@@ -225,6 +288,7 @@ def get_prompt(scene, shared, text, args, progress=None):
     Loads the text encoder the first time and stages 4-5 while they are missing (UserError naming
     the stage to run first)."""
     from feature_extraction import load_encoder
+
     with shared["prompts_lock"]:  # one prompt at a time: two browsers asking for one text encode it once
         if text in shared["prompts"]:
             return shared["prompts"][text]
@@ -233,9 +297,18 @@ def get_prompt(scene, shared, text, args, progress=None):
             if shared["encoder"] is None:
                 shared["encoder"] = load_encoder(args.encoder, scene["device"], args.viclip_ckpt)
             positives, shared["negatives"] = encode_prompts(shared["encoder"], [text], scene["device"])
-        timeline = prompt_timeline(scene["frames"], scene["views"], scene["stages"].ae, positives[0],
-                                   shared["negatives"], args.threshold, args.relevancy_stride, args.fg_only,
-                                   shared["render_lock"], progress)
+        timeline = prompt_timeline(
+            scene["frames"],
+            scene["views"],
+            scene["stages"].ae,
+            positives[0],
+            shared["negatives"],
+            args.threshold,
+            args.relevancy_stride,
+            args.fg_only,
+            shared["render_lock"],
+            progress,
+        )
         shared["prompts"][text] = {"text": text, "positive": positives[0], "timeline": timeline}
         return shared["prompts"][text]
 
@@ -245,22 +318,37 @@ def export_view(scene, cam, prompts, args, negatives):
     per prompt (entries of get_prompt) <dir>/<prompt_dir>/viewer.mp4, timeline.json, timeline.png,
     <dir> = results/<exp>/<seq>/viewer-<date-time>/. Returns <dir>."""
     from visualize_4legs import render_prompts
-    out = os.path.join(helpers.stage_dir("results", scene["exp"], scene["seq_dir"]),
-                       time.strftime("viewer-%Y%m%d-%H%M%S"))
-    options = argparse.Namespace(prompt=[p["text"] for p in prompts], fg_only=args.fg_only, fps=args.fps,
-                                 relevancy_stride=args.relevancy_stride, threshold=args.threshold)
+
+    out = os.path.join(
+        helpers.stage_dir("results", scene["exp"], scene["seq_dir"]), time.strftime("viewer-%Y%m%d-%H%M%S")
+    )
+    options = argparse.Namespace(
+        prompt=[p["text"] for p in prompts],
+        fg_only=args.fg_only,
+        fps=args.fps,
+        relevancy_stride=args.relevancy_stride,
+        threshold=args.threshold,
+    )
     positives = torch.stack([p["positive"] for p in prompts])
-    render_prompts(options, scene["stages"], [("viewer", [cam] * scene["num_t"])], positives, negatives,
-                   [os.path.join(out, prompt_dir(p["text"])) for p in prompts])
+    render_prompts(
+        options,
+        scene["stages"],
+        [("viewer", [cam] * scene["num_t"])],
+        positives,
+        negatives,
+        [os.path.join(out, prompt_dir(p["text"])) for p in prompts],
+    )
     return out
 
 
 # ---------------------------------------------------------------- the browser's side (viser)
 
+
 def palette():
     """Prompt colours (r, g, b) in [0, 1]: matplotlib's tab10, red and blue last (the demo's
     objects are red and blue, and a heatmap in their colour would hide them)."""
     from matplotlib import colormaps
+
     colours = [tuple(float(c) for c in colormaps["tab10"](i)[:3]) for i in (1, 2, 4, 6, 8, 9, 5, 7, 3, 0)]
     return colours
 
@@ -272,9 +360,19 @@ def hex_colour(colour):
 def add_client(client, scene, shared, args):
     """The panel, the camera and the render thread of one browser; returns its state dict."""
     gui, num_t = client.gui, scene["num_t"]
-    state = {"t": 0, "stepped": 0.0, "playing": False, "prompts": [], "plot": None, "colours_used": 0,
-             "rate_shown": 0.0, "failed": False, "adding": threading.Lock(), "wake": threading.Event(),
-             "stop": threading.Event()}
+    state = {
+        "t": 0,
+        "stepped": 0.0,
+        "playing": False,
+        "prompts": [],
+        "plot": None,
+        "colours_used": 0,
+        "rate_shown": 0.0,
+        "failed": False,
+        "adding": threading.Lock(),
+        "wake": threading.Event(),
+        "stop": threading.Event(),
+    }
     status = gui.add_markdown("Type a prompt under Prompts.", order=0)
 
     def say(text, error=False):
@@ -324,17 +422,33 @@ def add_client(client, scene, shared, args):
         if not state["prompts"]:
             return
         import viser.uplot as uplot
+
         timelines = [p["entry"]["timeline"] for p in state["prompts"]]
         top = max(0.1, 1.05 * max(max(tl["scores"]) for tl in timelines))
-        data = (np.arange(num_t, dtype=np.float64), np.full(num_t, args.threshold),
-                *(np.asarray(tl["scores"], dtype=np.float64) for tl in timelines))
-        series = (uplot.Series(label="timestep"), uplot.Series(label="threshold", stroke="#888888", dash=(4, 4)),
-                  *(uplot.Series(label=p["entry"]["text"][:24], stroke=hex_colour(p["colour"]), width=2,
-                                 show=p["shown"].value) for p in state["prompts"]))
+        data = (
+            np.arange(num_t, dtype=np.float64),
+            np.full(num_t, args.threshold),
+            *(np.asarray(tl["scores"], dtype=np.float64) for tl in timelines),
+        )
+        series = (
+            uplot.Series(label="timestep"),
+            uplot.Series(label="threshold", stroke="#888888", dash=(4, 4)),
+            *(
+                uplot.Series(
+                    label=p["entry"]["text"][:24], stroke=hex_colour(p["colour"]), width=2, show=p["shown"].value
+                )
+                for p in state["prompts"]
+            ),
+        )
         with prompts_folder:
-            state["plot"] = gui.add_uplot(data, series, title="relevance score per timestep",
-                                          scales={"x": uplot.Scale(time=False), "y": uplot.Scale(range=(0, top))},
-                                          aspect=1.6, order=3)
+            state["plot"] = gui.add_uplot(
+                data,
+                series,
+                title="relevance score per timestep",
+                scales={"x": uplot.Scale(time=False), "y": uplot.Scale(range=(0, top))},
+                aspect=1.6,
+                order=3,
+            )
 
     def add_prompt(_=None):
         with state["adding"]:  # two clicks on "add prompt" add it once
@@ -347,8 +461,9 @@ def add_client(client, scene, shared, args):
             return say(f'"{prompt}" is shown already')
         say(f'"{prompt}": encoding and scoring every timestep ...')
         try:
-            entry = get_prompt(scene, shared, prompt, args,
-                               progress=lambda t: say(f'"{prompt}": timeline {t + 1}/{num_t}'))
+            entry = get_prompt(
+                scene, shared, prompt, args, progress=lambda t: say(f'"{prompt}": timeline {t + 1}/{num_t}')
+            )
         except helpers.UserError as e:
             return say(f"cannot show prompts yet: {e}", error=True)
         except Exception as e:  # keep serving, as for a render that fails
@@ -365,8 +480,10 @@ def add_client(client, scene, shared, args):
         timeline = entry["timeline"]
         with prompts_folder, gui.add_folder(entry["text"][:40], order=10 + len(state["prompts"])) as folder:
             spans = ", ".join(f"{a}-{b}" for a, b in timeline["spans"]) or "none"
-            gui.add_html(f'<span style="color:{hex_colour(colour)}">&#9632;</span> spans: {spans}; '
-                         f'peak relevance {timeline["peak"]:.3f}')
+            gui.add_html(
+                f'<span style="color:{hex_colour(colour)}">&#9632;</span> spans: {spans}; '
+                f"peak relevance {timeline['peak']:.3f}"
+            )
             shown = gui.add_checkbox("shown", True)
             for first, last in timeline["spans"]:
                 gui.add_button(f"go to {first}-{last}").on_click(lambda _, t=first: (set_playing(False), go_to(t)))
@@ -407,14 +524,25 @@ def add_client(client, scene, shared, args):
     apply_preset()
 
     def draw():
-        lights = [{"positive": p["entry"]["positive"], "colour": p["colour"], "peak": p["entry"]["timeline"]["peak"]}
-                  for p in state["prompts"] if p["shown"].value]
+        lights = [
+            {"positive": p["entry"]["positive"], "colour": p["colour"], "peak": p["entry"]["timeline"]["peak"]}
+            for p in state["prompts"]
+            if p["shown"].value
+        ]
         started = time.perf_counter()
         cam = current_camera()
         with shared["render_lock"]:  # lights exist only once the lifting stages do
-            image = render_frame(cam, scene["frames"][state["t"]], mode.value, lights,
-                                 scene["stages"].ae if lights else None, shared["negatives"], shared["turbo"],
-                                 args.threshold, args.relevancy_stride)
+            image = render_frame(
+                cam,
+                scene["frames"][state["t"]],
+                mode.value,
+                lights,
+                scene["stages"].ae if lights else None,
+                shared["negatives"],
+                shared["turbo"],
+                args.threshold,
+                args.relevancy_stride,
+            )
         client.scene.set_background_image(image, format="jpeg", jpeg_quality=JPEG_QUALITY)
         return cam.image_width, cam.image_height, time.perf_counter() - started
 
@@ -465,8 +593,15 @@ def start_viewer(scene, args):
     """Serve the viewer (viser's threads answer the browsers, one render thread each); returns the
     ViserServer (its get_port(): viser takes the next free port when args.port is taken)."""
     import viser
-    shared = {"prompts": {}, "encoder": None, "negatives": None, "turbo": turbo_table(scene["device"]),
-              "render_lock": threading.Lock(), "prompts_lock": threading.Lock()}
+
+    shared = {
+        "prompts": {},
+        "encoder": None,
+        "negatives": None,
+        "turbo": turbo_table(scene["device"]),
+        "render_lock": threading.Lock(),
+        "prompts_lock": threading.Lock(),
+    }
     for prompt in args.prompt or ():
         try:
             get_prompt(scene, shared, prompt, args)
@@ -496,8 +631,10 @@ def check_start(args, scene):
     args.height = args.height or (360 if scene["device"].type == "cuda" else CPU_HEIGHT)
     args.camera = args.camera or next(iter(scene["presets"]))
     if args.camera not in scene["presets"]:
-        raise helpers.UserError(f"--camera {args.camera!r}: no such camera; choose one of "
-                                + ", ".join(repr(name) for name in scene["presets"]))
+        raise helpers.UserError(
+            f"--camera {args.camera!r}: no such camera; choose one of "
+            + ", ".join(repr(name) for name in scene["presets"])
+        )
 
 
 def parse_args(argv=None):
@@ -506,19 +643,40 @@ def parse_args(argv=None):
     p.add_argument("-e", "--exp", default="exp1", help="experiment name (default: %(default)s)")
     p.add_argument("--encoder", required=True, help=ENCODER_OF_STAGES)
     p.add_argument("-p", "--prompt", action="append", help="prompt shown to every browser from the start (repeat -p)")
-    p.add_argument("--cams", choices=("test", "train", "orbit"), default="test",
-                   help="views of the timeline, as visualize_4legs.py --cams (default: %(default)s)")
-    p.add_argument("--fg-only", action="store_true",
-                   help="score the timeline only on the foreground render, as visualize_4legs.py --fg-only")
-    p.add_argument("--camera", default=None, help="camera preset a browser starts at, e.g. 'test cam3' "
-                   "(default: the first train camera)")
-    p.add_argument("--height", type=int, default=None,
-                   help=f"render height in pixels a browser starts at (default: 360 on CUDA, {CPU_HEIGHT} on the CPU)")
-    p.add_argument("--fps", type=int, default=15,
-                   help="playback speed a browser starts at, timesteps per second; also the exported videos' "
-                        "frame rate (default: %(default)s)")
-    p.add_argument("--host", default="localhost",
-                   help="address to serve on (default: %(default)s; 0.0.0.0 for every network interface)")
+    p.add_argument(
+        "--cams",
+        choices=("test", "train", "orbit"),
+        default="test",
+        help="views of the timeline, as visualize_4legs.py --cams (default: %(default)s)",
+    )
+    p.add_argument(
+        "--fg-only",
+        action="store_true",
+        help="score the timeline only on the foreground render, as visualize_4legs.py --fg-only",
+    )
+    p.add_argument(
+        "--camera",
+        default=None,
+        help="camera preset a browser starts at, e.g. 'test cam3' (default: the first train camera)",
+    )
+    p.add_argument(
+        "--height",
+        type=int,
+        default=None,
+        help=f"render height in pixels a browser starts at (default: 360 on CUDA, {CPU_HEIGHT} on the CPU)",
+    )
+    p.add_argument(
+        "--fps",
+        type=int,
+        default=15,
+        help="playback speed a browser starts at, timesteps per second; also the exported videos' "
+        "frame rate (default: %(default)s)",
+    )
+    p.add_argument(
+        "--host",
+        default="localhost",
+        help="address to serve on (default: %(default)s; 0.0.0.0 for every network interface)",
+    )
     p.add_argument("--port", type=int, default=8080, help="port (default: %(default)s)")
     add_prompt_options(p)
     add_cache_dir_option(p)
@@ -529,6 +687,7 @@ def parse_args(argv=None):
     helpers.check_option(args, "height", at_least=8)
     helpers.check_option(args, "port", at_least=1, below=65536)
     from visualize_4legs import check_prompts
+
     check_prompts(args.prompt or [])  # as visualize_4legs.py: text in each, a folder of its own for the export
     return args
 

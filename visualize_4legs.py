@@ -12,6 +12,7 @@ under `results/<exp>/<seq>/<prompt_dir>/`:
 
     python visualize_4legs.py -s data/synthetic -e exp1 --encoder color -p "a red ball flying in the air"
 """
+
 import argparse
 import os
 
@@ -20,9 +21,20 @@ import torch
 
 import helpers
 from feature_extraction.cache import add_cache_dir_option
-from feature_extraction.relevancy import (ENCODER_OF_STAGES, TOP_FRACTION, Stages, add_prompt_options,
-                                          check_prompt_options, detect_spans, encode_prompts, frame_scores, heat,
-                                          overlay, prompt_dir, render_relevance_video)
+from feature_extraction.relevancy import (
+    ENCODER_OF_STAGES,
+    TOP_FRACTION,
+    Stages,
+    add_prompt_options,
+    check_prompt_options,
+    detect_spans,
+    encode_prompts,
+    frame_scores,
+    heat,
+    overlay,
+    prompt_dir,
+    render_relevance_video,
+)
 
 # timeline.png
 TIMELINE_INCHES = (8, 3)  # figure width, height
@@ -36,22 +48,41 @@ def meta_views(seq_dir, split, num_t, device):
     """One view per camera of <split>_meta.json: [(name, [camera settings per timestep])]."""
     meta = helpers.load_meta(seq_dir, split)
     if len(meta["fn"]) < num_t:
-        raise helpers.UserError(f"{meta['path']} has {len(meta['fn'])} timesteps, "
-                                f"{helpers.stage_name('train_d3dgs.py')} has {num_t}")
-    return [(f"cam{cam_id}", [helpers.setup_camera(meta["w"], meta["h"], meta["k"][t][c], meta["w2c"][t][c],
-                                                   device=device) for t in range(num_t)])
-            for c, cam_id in enumerate(meta["cam_id"])]
+        raise helpers.UserError(
+            f"{meta['path']} has {len(meta['fn'])} timesteps, {helpers.stage_name('train_d3dgs.py')} has {num_t}"
+        )
+    return [
+        (
+            f"cam{cam_id}",
+            [
+                helpers.setup_camera(meta["w"], meta["h"], meta["k"][t][c], meta["w2c"][t][c], device=device)
+                for t in range(num_t)
+            ],
+        )
+        for c, cam_id in enumerate(meta["cam_id"])
+    ]
 
 
 def orbit_view(seq_dir, stages, device):
     """The orbit of helpers.orbit_cameras, as visualize_d3dgs.py shows it: [("orbit", cameras)]."""
     arrays = helpers.read_d3dgs_params(stages.params_path)
-    return [("orbit", helpers.orbit_cameras(helpers.load_meta(seq_dir, "train"), arrays["means3D"][0],
-                                            helpers.is_foreground(arrays["seg_colors"]), stages.num_t, device))]
+    return [
+        (
+            "orbit",
+            helpers.orbit_cameras(
+                helpers.load_meta(seq_dir, "train"),
+                arrays["means3D"][0],
+                helpers.is_foreground(arrays["seg_colors"]),
+                stages.num_t,
+                device,
+            ),
+        )
+    ]
 
 
 def plot_timeline(path, prompt, scores, per_view, spans, threshold):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -75,17 +106,31 @@ def plot_timeline(path, prompt, scores, per_view, spans, threshold):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=helpers.stage_help("visualize_4legs.py", __doc__),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=helpers.stage_help("visualize_4legs.py", __doc__),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     helpers.add_sequence_option(p)
     p.add_argument("-e", "--exp", default="exp1", help="experiment name (default: %(default)s)")
     p.add_argument("--encoder", required=True, help=ENCODER_OF_STAGES)
-    p.add_argument("-p", "--prompt", action="append", required=True,
-                   help="text to localise; repeat -p for several prompts (the text encoder runs once)")
-    p.add_argument("--cams", choices=("test", "train", "orbit"), default="test",
-                   help="views: every test camera, every train camera, or one orbit (default: %(default)s)")
-    p.add_argument("--fg-only", action="store_true", help="show and score relevance only on the foreground "
-                   "render (stage-1 segmentation colours)")
+    p.add_argument(
+        "-p",
+        "--prompt",
+        action="append",
+        required=True,
+        help="text to localise; repeat -p for several prompts (the text encoder runs once)",
+    )
+    p.add_argument(
+        "--cams",
+        choices=("test", "train", "orbit"),
+        default="test",
+        help="views: every test camera, every train camera, or one orbit (default: %(default)s)",
+    )
+    p.add_argument(
+        "--fg-only",
+        action="store_true",
+        help="show and score relevance only on the foreground render (stage-1 segmentation colours)",
+    )
     p.add_argument("--fps", type=int, default=15, help="frames per second of the videos (default: %(default)s)")
     add_prompt_options(p)
     add_cache_dir_option(p)
@@ -103,10 +148,12 @@ def check_prompts(prompts):
     seen = {}
     for prompt in prompts:
         if not prompt.strip():
-            raise helpers.UserError("-p: empty prompt; give the text to look for, e.g. -p \"a man throwing a ball\"")
+            raise helpers.UserError('-p: empty prompt; give the text to look for, e.g. -p "a man throwing a ball"')
         if prompt_dir(prompt).casefold() in seen:
-            raise helpers.UserError(f"-p {prompt!r} and -p {seen[prompt_dir(prompt).casefold()]!r} would share the "
-                                    f"folder {prompt_dir(prompt)}: give each prompt once")
+            raise helpers.UserError(
+                f"-p {prompt!r} and -p {seen[prompt_dir(prompt).casefold()]!r} would share the "
+                f"folder {prompt_dir(prompt)}: give each prompt once"
+            )
         seen[prompt_dir(prompt).casefold()] = prompt
 
 
@@ -115,38 +162,58 @@ def main(argv=None):
     device = helpers.pick_device(args.device)
     stages = Stages(args.seq, args.exp, args.encoder, device, args.cache_dir)
     from feature_extraction import load_encoder
+
     positives, negatives = encode_prompts(load_encoder(args.encoder, device, args.viclip_ckpt), args.prompt, device)
-    views = orbit_view(args.seq, stages, device) if args.cams == "orbit" else meta_views(
-        args.seq, args.cams, stages.num_t, device)
+    views = (
+        orbit_view(args.seq, stages, device)
+        if args.cams == "orbit"
+        else meta_views(args.seq, args.cams, stages.num_t, device)
+    )
     results = helpers.stage_dir("results", args.exp, args.seq)
     with helpers.stage_lock(results, "visualize_4legs"):
-        render_prompts(args, stages, views, positives, negatives, [os.path.join(results, prompt_dir(p))
-                                                                     for p in args.prompt])
+        render_prompts(
+            args, stages, views, positives, negatives, [os.path.join(results, prompt_dir(p)) for p in args.prompt]
+        )
 
 
 def render_prompts(args, stages, views, positives, negatives, out_dirs):
     """Per prompt (out_dirs: its folder) the relevance videos of the views and the timeline."""
     per_view = [{} for _ in args.prompt]
     for name, cams in views:
-        rgb, relevance = render_relevance_video(stages, cams, positives, negatives, args.fg_only,
-                                                 args.relevancy_stride, desc=name)
+        rgb, relevance = render_relevance_video(
+            stages, cams, positives, negatives, args.fg_only, args.relevancy_stride, desc=name
+        )
         for q, prompt in enumerate(args.prompt):
             video_heat = heat(relevance[q], args.threshold).numpy()
-            helpers.write_video(os.path.join(out_dirs[q], f"{name}.mp4"),
-                                (overlay(h, im) for h, im in zip(video_heat, rgb)), fps=args.fps)
+            helpers.write_video(
+                os.path.join(out_dirs[q], f"{name}.mp4"),
+                (overlay(h, im) for h, im in zip(video_heat, rgb)),
+                fps=args.fps,
+            )
             scores = frame_scores(relevance[q])
-            per_view[q][name] = {"scores": [round(float(s), 5) for s in scores],
-                                 "spans": detect_spans(scores, args.threshold),
-                                 "peak_relevance": round(float(relevance[q].max()), 5)}
+            per_view[q][name] = {
+                "scores": [round(float(s), 5) for s in scores],
+                "spans": detect_spans(scores, args.threshold),
+                "peak_relevance": round(float(relevance[q].max()), 5),
+            }
     for q, prompt in enumerate(args.prompt):
         scores = np.mean([v["scores"] for v in per_view[q].values()], axis=0)
         spans = detect_spans(torch.from_numpy(scores), args.threshold)
-        helpers.save_json(os.path.join(out_dirs[q], "timeline.json"), {
-            "prompt": prompt, "made_from": stages.provenance(), "views": list(per_view[q]), "fg_only": args.fg_only,
-            "score": f"per timestep: mean relevance (probability - 0.5, clipped at 0) of the top "
-                     f"{TOP_FRACTION:.1%} pixels, averaged over the views",
-            "threshold": args.threshold, "scores": [round(float(s), 5) for s in scores], "spans": spans,
-            "per_view": per_view[q]})
+        helpers.save_json(
+            os.path.join(out_dirs[q], "timeline.json"),
+            {
+                "prompt": prompt,
+                "made_from": stages.provenance(),
+                "views": list(per_view[q]),
+                "fg_only": args.fg_only,
+                "score": f"per timestep: mean relevance (probability - 0.5, clipped at 0) of the top "
+                f"{TOP_FRACTION:.1%} pixels, averaged over the views",
+                "threshold": args.threshold,
+                "scores": [round(float(s), 5) for s in scores],
+                "spans": spans,
+                "per_view": per_view[q],
+            },
+        )
         plot_timeline(os.path.join(out_dirs[q], "timeline.png"), prompt, scores, per_view[q], spans, args.threshold)
         found = ", ".join(f"{a}-{b}" for a, b in spans) if spans else "nowhere (empty timeline)"
         print(f'"{prompt}": timesteps {found} -> {out_dirs[q]}/ ({len(views)} videos, timeline.json, timeline.png)')

@@ -6,6 +6,7 @@ have none) and orbit.mp4 (a novel view circling the foreground once over the seq
 --fg-only, the same from the foreground Gaussians alone, named *_fg.mp4. videos.json says what
 each video was made from (params.npz and its fingerprint, the sequence, the settings).
 """
+
 import argparse
 import os
 
@@ -32,8 +33,9 @@ def render_frames(params_path, views, timesteps, fg_only, device, bar):
                 im = helpers.color_correct(im, *correction)
         frame = helpers.to_uint8(im)
         if gt_path is not None:
-            gt = helpers.resize_images(helpers.load_image(gt_path, size)[None],
-                                       {"w": frame.shape[1], "h": frame.shape[0]})
+            gt = helpers.resize_images(
+                helpers.load_image(gt_path, size)[None], {"w": frame.shape[1], "h": frame.shape[0]}
+            )
             frame = np.concatenate([frame, helpers.to_uint8(gt[0])], 1)
         bar.update(1)
         yield frame
@@ -42,15 +44,20 @@ def render_frames(params_path, views, timesteps, fg_only, device, bar):
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description=helpers.stage_description("visualize_d3dgs.py") + " Renders the reconstruction from the "
-                    "test and train cameras and an orbiting novel view, one mp4 per view.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        "test and train cameras and an orbiting novel view, one mp4 per view.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     helpers.add_sequence_option(parser)
     parser.add_argument("-e", "--exp", default="exp1", help="experiment: reads output/<exp>/<seq>/params.npz")
     parser.add_argument("-f", "--first", type=int, default=0, help="first timestep")
     parser.add_argument("-l", "--last", type=int, default=None, help="last timestep (default: the last trained)")
     parser.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
-    parser.add_argument("--train-cams", type=int, default=None,
-                        help="render only this many train cameras (evenly spread); default all, 0 for none")
+    parser.add_argument(
+        "--train-cams",
+        type=int,
+        default=None,
+        help="render only this many train cameras (evenly spread); default all, 0 for none",
+    )
     parser.add_argument("--downscale", type=int, default=1, help="render this many times smaller")
     parser.add_argument("--fg-only", action="store_true", help="also render the foreground alone (*_fg.mp4)")
     parser.add_argument("--fps", type=int, default=15, help="frames per second of the videos")
@@ -79,8 +86,15 @@ def main(argv=None):
         meta = metas[split]
         size = (full[split]["w"], full[split]["h"])
         correction = (cam_m[c], cam_c[c]) if split == "train" and c < len(cam_m) else None
-        return {t: (helpers.setup_camera(meta["w"], meta["h"], meta["k"][t][c], meta["w2c"][t][c], device=device),
-                    correction, os.path.join(seq_dir, "ims", meta["fn"][t][c]), size) for t in timesteps}
+        return {
+            t: (
+                helpers.setup_camera(meta["w"], meta["h"], meta["k"][t][c], meta["w2c"][t][c], device=device),
+                correction,
+                os.path.join(seq_dir, "ims", meta["fn"][t][c]),
+                size,
+            )
+            for t in timesteps
+        }
 
     videos = {f"test_cam{cam_id}": camera_views("test", c) for c, cam_id in enumerate(metas["test"]["cam_id"])}
     videos.update({f"train_cam{metas['train']['cam_id'][c]}": camera_views("train", c) for c in train_idx})
@@ -90,21 +104,31 @@ def main(argv=None):
     jobs = [(name, False) for name in videos] + ([(name, True) for name in videos] if args.fg_only else [])
     out_dir = helpers.stage_dir("results", args.exp, seq_dir)
     # what each video is made from, in videos.json beside them (updated as each one is written)
-    made_from = {"params": helpers.d3dgs_identity(params_path), "sequence": os.path.abspath(seq_dir),
-                 "downscale": args.downscale, "timesteps": [args.first, last], "fps": args.fps}
+    made_from = {
+        "params": helpers.d3dgs_identity(params_path),
+        "sequence": os.path.abspath(seq_dir),
+        "downscale": args.downscale,
+        "timesteps": [args.first, last],
+        "fps": args.fps,
+    }
     with helpers.stage_lock(out_dir, "visualize_d3dgs"):
         record = helpers.read_json(os.path.join(out_dir, "videos.json")) or {}
         bar = helpers.progress(total=len(jobs) * len(timesteps), unit="frame")
         for name, fg_only in jobs:
             video = f"{name}{'_fg' if fg_only else ''}.mp4"
             bar.set_description(video)
-            helpers.write_video(os.path.join(out_dir, video),
-                                render_frames(params_path, videos[name], timesteps, fg_only, device, bar), args.fps)
+            helpers.write_video(
+                os.path.join(out_dir, video),
+                render_frames(params_path, videos[name], timesteps, fg_only, device, bar),
+                args.fps,
+            )
             record[video] = made_from
             helpers.save_json(os.path.join(out_dir, "videos.json"), record)
         bar.close()
-    print(f"wrote {len(jobs)} videos of {len(timesteps)} frames to {out_dir}/ "
-          f"({', '.join(n + ('_fg' if f else '') for n, f in jobs[:4])}{', ...' if len(jobs) > 4 else ''})")
+    print(
+        f"wrote {len(jobs)} videos of {len(timesteps)} frames to {out_dir}/ "
+        f"({', '.join(n + ('_fg' if f else '') for n, f in jobs[:4])}{', ...' if len(jobs) > 4 else ''})"
+    )
 
 
 if __name__ == "__main__":

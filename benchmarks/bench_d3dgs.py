@@ -17,6 +17,7 @@ more t > 0 iterations as the loop runs them under torch.profiler: the CUDA kerne
 most GPU time, and the GPU's busy time against the wall time per iteration (a GPU idle much of
 the time means the host, Python and launches, is what limits the loop).
 """
+
 import argparse
 import collections
 import time
@@ -49,7 +50,7 @@ def timed_iterations(params, variables, optimizer, dataset, num_iters, loss_fn, 
     phases = ["render", "losses", "backward", "optimizer step"] + (["densify stats"] if first else [])
     events, densify_ms = [], []
     todo, first_bad = [], None
-    schedule = {"start": 0, "stop": 10 ** 9, "every": 100, "reset": None, "big_from": 10 ** 9, "grad_thresh": 0.0002}
+    schedule = {"start": 0, "stop": 10**9, "every": 100, "reset": None, "big_from": 10**9, "grad_thresh": 0.0002}
     for i in range(num_iters):
         data = td.get_batch(todo, dataset, rng)
         marks = [torch.cuda.Event(enable_timing=True) for _ in range(len(phases) + 1)]
@@ -72,8 +73,9 @@ def timed_iterations(params, variables, optimizer, dataset, num_iters, loss_fn, 
                 if i % 100 == 99:  # a clone / split / prune step, timed on its own
                     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                     start.record()
-                    params, variables = external.densify(params, variables, optimizer, 100, schedule,
-                                                         rendervar["means2D"].grad, radii)
+                    params, variables = external.densify(
+                        params, variables, optimizer, 100, schedule, rendervar["means2D"].grad, radii
+                    )
                     end.record()
                     densify_ms.append((start, end))
                 else:
@@ -81,7 +83,7 @@ def timed_iterations(params, variables, optimizer, dataset, num_iters, loss_fn, 
             marks[5].record()
         events.append(marks)
     torch.cuda.synchronize()
-    warm = events[len(events) // 10:]  # skip the first 10%: allocator and kernel warm-up
+    warm = events[len(events) // 10 :]  # skip the first 10%: allocator and kernel warm-up
     times = {name: [m[k].elapsed_time(m[k + 1]) for m in warm] for k, name in enumerate(phases)}
     return params, variables, times, [s.elapsed_time(e) for s, e in densify_ms]
 
@@ -142,33 +144,47 @@ def profile(params, variables, optimizer, dataset, num_iters, loss_fn, name, rng
             launch_us += e.time_range.elapsed_us()
             launches += 1
     print(f"\nprofile of {num_iters} t > 0 iterations, {name} losses, as the loop runs them")
-    print(f"wall {wall_ms:.3f} ms/iteration ({profiled_ms:.3f} under the profiler); GPU busy {busy_ms:.3f} "
-          f"ms/iteration ({100 * busy_ms / wall_ms:.0f}% of the unprofiled wall time); host blocked on the GPU (syncs, "
-          f"copies to the host) {waits_us / 1e3 / num_iters:.3f} ms/iteration; {launches / num_iters:.0f} kernel "
-          f"launches/iteration ({launch_us / 1e3 / num_iters:.3f} ms of host time)")
+    print(
+        f"wall {wall_ms:.3f} ms/iteration ({profiled_ms:.3f} under the profiler); GPU busy {busy_ms:.3f} "
+        f"ms/iteration ({100 * busy_ms / wall_ms:.0f}% of the unprofiled wall time); host blocked on the GPU (syncs, "
+        f"copies to the host) {waits_us / 1e3 / num_iters:.3f} ms/iteration; {launches / num_iters:.0f} kernel "
+        f"launches/iteration ({launch_us / 1e3 / num_iters:.3f} ms of host time)"
+    )
     print(f"\n| CUDA kernel (top {top} by GPU time) | calls/it | ms/it | % of busy |\n| --- | --- | --- | --- |")
     ranked = sorted(per_name.items(), key=lambda kv: -kv[1][1])
     for name, (calls, us) in ranked[:top]:
         ms = us / 1e3 / num_iters
         print(f"| {name[:90]} | {calls / num_iters:.1f} | {ms:.3f} | {100 * ms / busy_ms:.1f} |")
     rest = sum(us for _, (_, us) in ranked[top:])
-    print(f"| (the other {max(len(ranked) - top, 0)} kernels) | | {rest / 1e3 / num_iters:.3f} | "
-          f"{100 * rest / 1e3 / num_iters / busy_ms:.1f} |")
+    print(
+        f"| (the other {max(len(ranked) - top, 0)} kernels) | | {rest / 1e3 / num_iters:.3f} | "
+        f"{100 * rest / 1e3 / num_iters / busy_ms:.1f} |"
+    )
     print("\nhost (CPU) operators by self time, all iterations:")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("-s", "--seq", required=True,
-                        help=f"sequence folder, or its name under {helpers.DATA_DIR}/ (as the stage scripts' -s)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument(
+        "-s",
+        "--seq",
+        required=True,
+        help=f"sequence folder, or its name under {helpers.DATA_DIR}/ (as the stage scripts' -s)",
+    )
     parser.add_argument("--state", help="timesteps/ folder of a finished run: its timestep 0 is the scene")
     parser.add_argument("--iters", type=int, default=500, help="timed iterations per setting")
     parser.add_argument("--no-compile", action="store_true", help="time t > 0 with eager losses only")
-    parser.add_argument("--profile", type=int, default=0, metavar="N",
-                        help="then profile N t > 0 iterations (compiled unless --no-compile): top kernels, GPU busy "
-                             "vs wall time; 0: no profile")
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="then profile N t > 0 iterations (compiled unless --no-compile): top kernels, GPU busy "
+        "vs wall time; 0: no profile",
+    )
     args = parser.parse_args()
     args.seq = helpers.find_sequence(args.seq)
     if not torch.cuda.is_available():
@@ -183,32 +199,48 @@ def main():
         params = {k: v.clone().requires_grad_(k != "seg_colors") for k, v in state.items()}
         source = f"timestep 0 of {args.state}"
     else:
-        params = td.initialize_params(td.initial_point_cloud(args.seq, meta, "results/bench_d3dgs", argparse.Namespace(
-            fg_points=100_000, bg_points=60_000, seed=0)), len(meta["cam_id"]), device)
+        params = td.initialize_params(
+            td.initial_point_cloud(
+                args.seq, meta, "results/bench_d3dgs", argparse.Namespace(fg_points=100_000, bg_points=60_000, seed=0)
+            ),
+            len(meta["cam_id"]),
+            device,
+        )
         source = "the initial point cloud"
     n = params["means3D"].shape[0]
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA rasterizer: "
-          f"{__import__('diff_gaussian_rasterization_feat').cuda_available()}")
-    print(f"scene: {source}, {n} Gaussians ({int((params['seg_colors'][:, 0] > 0.5).sum())} foreground), "
-          f"{meta['w']}x{meta['h']}, {len(dataset)} train cameras")
+    print(
+        f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA rasterizer: "
+        f"{__import__('diff_gaussian_rasterization_feat').cuda_available()}"
+    )
+    print(
+        f"scene: {source}, {n} Gaussians ({int((params['seg_colors'][:, 0] > 0.5).sum())} foreground), "
+        f"{meta['w']}x{meta['h']}, {len(dataset)} train cameras"
+    )
     rng = np.random.default_rng(0)
     radius = td.scene_radius(meta)
-    variables = {"scene_radius": radius, "means2D_gradient_accum": torch.zeros(n, device=device),
-                 "denom": torch.zeros(n, device=device)}
+    variables = {
+        "scene_radius": radius,
+        "means2D_gradient_accum": torch.zeros(n, device=device),
+        "denom": torch.zeros(n, device=device),
+    }
     optimizer = td.initialize_optimizer(params, radius, td.LEARNING_RATES)
-    params, _, times, densify_ms = timed_iterations(params, variables, optimizer, dataset, args.iters, td.get_loss,
-                                                    False, rng)
+    params, _, times, densify_ms = timed_iterations(
+        params, variables, optimizer, dataset, args.iters, td.get_loss, False, rng
+    )
     table("t = 0 (densification statistics every iteration)", times)
-    print(f"clone/split/prune step (every 100 iterations up to 5,000): median {np.median(densify_ms):.2f} ms "
-          f"over {len(densify_ms)} steps, {params['means3D'].shape[0]} Gaussians after")
+    print(
+        f"clone/split/prune step (every 100 iterations up to 5,000): median {np.median(densify_ms):.2f} ms "
+        f"over {len(densify_ms)} steps, {params['means3D'].shape[0]} Gaussians after"
+    )
 
     scene = {k: v.detach() for k, v in params.items()}
     variants = [("eager", td.get_loss)] + ([] if args.no_compile else [("compiled", td.pick_loss(device))])
     medians = {}
     for name, loss_fn in variants:  # the same start and camera order for each
         params, variables = td.initialize_per_timestep(scene, td.initialize_post_first_timestep(scene))
-        optimizer = td.initialize_optimizer(params, radius, td.MOVING,
-                                            no_bias_correction=("means3D", "unnorm_rotations"))
+        optimizer = td.initialize_optimizer(
+            params, radius, td.MOVING, no_bias_correction=("means3D", "unnorm_rotations")
+        )
         if name == "compiled":  # compile (forward and backward) outside the timed iterations
             started = time.perf_counter()
             rendervar = helpers.params2rendervar(params)
@@ -217,8 +249,9 @@ def main():
             torch.cuda.synchronize()
             print(f"\ncompiling the losses (forward + backward): {time.perf_counter() - started:.1f} s")
             optimizer.zero_grad(set_to_none=True)
-        _, _, times, _ = timed_iterations(params, variables, optimizer, dataset, args.iters, loss_fn, True,
-                                          np.random.default_rng(1))
+        _, _, times, _ = timed_iterations(
+            params, variables, optimizer, dataset, args.iters, loss_fn, True, np.random.default_rng(1)
+        )
         table(f"t > 0, {name} losses (priors on the foreground's 20 neighbours)", times)
         medians[name] = {k: float(np.median(v)) for k, v in times.items()}
         medians[name]["iteration"] = float(np.median(np.sum(list(times.values()), 0)))

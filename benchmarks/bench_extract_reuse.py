@@ -17,6 +17,7 @@ encoded, as --exact) and reusing (--reuse-tolerance, as a plain run), and report
            encoding anything again; its row at --reuse-tolerance repeats the measured run's)
 Prints a table and writes every figure to --json (after each step, so a cut-off run keeps them).
 """
+
 import argparse
 import os
 import shutil
@@ -64,8 +65,12 @@ def cosine_summary(cos):
     """{'n', 'mean', 'min', 'q001'} of a float32 tensor of cosines (None for none)."""
     if not len(cos):
         return {"n": 0, "mean": None, "min": None, "q001": None}
-    return {"n": len(cos), "mean": cos.mean().item(), "min": cos.min().item(),
-            "q001": torch.quantile(cos[:2 ** 24].double(), 0.001).item()}
+    return {
+        "n": len(cos),
+        "mean": cos.mean().item(),
+        "min": cos.min().item(),
+        "q001": torch.quantile(cos[: 2**24].double(), 0.001).item(),
+    }
 
 
 def replay(seq, meta, timesteps, exact, tolerances, batch_size, device):
@@ -101,30 +106,50 @@ def cosines(summary):
     """'mean 0.99990, min 0.99500, 0.1% quantile 0.99700 (1234 clips)' of cosine_summary's dict."""
     if not summary["n"]:
         return "no clips"
-    return (f"mean {summary['mean']:.5f}, min {summary['min']:.5f}, 0.1% quantile {summary['q001']:.5f} "
-            f"({summary['n']} clips)")
+    return (
+        f"mean {summary['mean']:.5f}, min {summary['min']:.5f}, 0.1% quantile {summary['q001']:.5f} "
+        f"({summary['n']} clips)"
+    )
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seq", required=True, help="a sequence folder (PanopticSports layout), or its name "
-                        f"under {helpers.DATA_DIR}/ (as the stage scripts' -s)")
+    parser.add_argument(
+        "--seq",
+        required=True,
+        help="a sequence folder (PanopticSports layout), or its name "
+        f"under {helpers.DATA_DIR}/ (as the stage scripts' -s)",
+    )
     parser.add_argument("-f", "--first", type=int, default=0, help="first timestep (default: %(default)s)")
     parser.add_argument("-l", "--last", type=int, default=9, help="last timestep, inclusive (default: %(default)s)")
-    parser.add_argument("--encoder", default="viclip-random",
-                        help=f"viclip-random (the real size, random weights) or {ENCODER_HELP} (default: %(default)s)")
+    parser.add_argument(
+        "--encoder",
+        default="viclip-random",
+        help=f"viclip-random (the real size, random weights) or {ENCODER_HELP} (default: %(default)s)",
+    )
     parser.add_argument("--viclip-ckpt", default=DEFAULT_CKPT, help="with --encoder viclip (default: %(default)s)")
-    parser.add_argument("--reuse-tolerance", type=float, default=extract_features.REUSE_TOLERANCE,
-                        help="the reusing run's (default: extract_features.REUSE_TOLERANCE = %(default)s)")
-    parser.add_argument("--sweep", type=float, nargs="*", default=[0.0, 0.005, 0.01, 0.02, 0.04],
-                        help="tolerances replayed from the exact run (default: %(default)s)")
+    parser.add_argument(
+        "--reuse-tolerance",
+        type=float,
+        default=extract_features.REUSE_TOLERANCE,
+        help="the reusing run's (default: extract_features.REUSE_TOLERANCE = %(default)s)",
+    )
+    parser.add_argument(
+        "--sweep",
+        type=float,
+        nargs="*",
+        default=[0.0, 0.005, 0.01, 0.02, 0.04],
+        help="tolerances replayed from the exact run (default: %(default)s)",
+    )
     parser.add_argument("--batch-size", type=int, default=None, help="clips per encoder call (default: the encoder's)")
     parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile of ViCLIP on CUDA")
-    parser.add_argument("--work", default=None,
-                        help="folder for the two caches (default: a temporary one in results/, removed)")
-    parser.add_argument("--json", default="results/bench_extract_reuse.json",
-                        help="where all figures go (default: %(default)s)")
+    parser.add_argument(
+        "--work", default=None, help="folder for the two caches (default: a temporary one in results/, removed)"
+    )
+    parser.add_argument(
+        "--json", default="results/bench_extract_reuse.json", help="where all figures go (default: %(default)s)"
+    )
     args = parser.parse_args()
     args.seq = helpers.find_sequence(args.seq)
     device = helpers.pick_device(args.device)
@@ -134,10 +159,19 @@ def main():
     batch = args.batch_size or encoder.batch_size
     os.makedirs("results", exist_ok=True)
     work = args.work or tempfile.mkdtemp(prefix="bench_extract_reuse_", dir="results")
-    res = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__,
-           "encoder": encoder.identity, "seq": os.path.abspath(args.seq), "timesteps": timesteps, "batch_size": batch,
-           "cameras": len(meta["cam_id"]), "reuse_tolerance": args.reuse_tolerance, "reuse_grid": tiles.REUSE_GRID,
-           "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
+    res = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "encoder": encoder.identity,
+        "seq": os.path.abspath(args.seq),
+        "timesteps": timesteps,
+        "batch_size": batch,
+        "cameras": len(meta["cam_id"]),
+        "reuse_tolerance": args.reuse_tolerance,
+        "reuse_grid": tiles.REUSE_GRID,
+        "date": time.strftime("%Y-%m-%d"),
+        "command": " ".join(sys.argv),
+    }
 
     def save():
         helpers.save_json(args.json, res)
@@ -149,26 +183,39 @@ def main():
     for name, tol in (("exact", None), ("reuse", args.reuse_tolerance)):
         root = os.path.join(work, name)
         shutil.rmtree(root, ignore_errors=True)  # timed from scratch
-        runs[name], sec = timed(lambda: extract_features.extract(args.seq, encoder, timesteps, batch, device,
-                                                                  progress=True, cache_root=root, reuse_tolerance=tol),
-                                device)
-        res[name] = {"seconds": sec, "timestep_seconds": runs[name]["timestep_seconds"],
-                     "clips_per_s": runs[name]["clips"] / sec}
-        print(f"{name}: {sec:.1f} s for {len(timesteps)} timestep(s) ({runs[name]['clips'] / sec:.1f} clips/s)",
-              flush=True)
+        runs[name], sec = timed(
+            lambda: extract_features.extract(
+                args.seq, encoder, timesteps, batch, device, progress=True, cache_root=root, reuse_tolerance=tol
+            ),
+            device,
+        )
+        res[name] = {
+            "seconds": sec,
+            "timestep_seconds": runs[name]["timestep_seconds"],
+            "clips_per_s": runs[name]["clips"] / sec,
+        }
+        print(
+            f"{name}: {sec:.1f} s for {len(timesteps)} timestep(s) ({runs[name]['clips'] / sec:.1f} clips/s)",
+            flush=True,
+        )
         save()
     exact, reuse = (cache_dir(os.path.join(work, name), encoder.name) for name in ("exact", "reuse"))
 
     levels = tiles.tile_levels(meta["h"], meta["w"])
     level = tiles.tile_index(levels, len(meta["cam_id"]))[0].numpy()
     reused = np.stack([runs["reuse"]["reused"][t] for t in timesteps])  # [T, M]
-    cos = torch.stack([F.cosine_similarity(*(load_tile_embeddings(c, t).float() for c in (exact, reuse)))
-                       for t in timesteps])
+    cos = torch.stack(
+        [F.cosine_similarity(*(load_tile_embeddings(c, t).float() for c in (exact, reuse))) for t in timesteps]
+    )
     mask = torch.from_numpy(reused)
-    res["reused"] = {"per_timestep": dict(zip(timesteps, reused.mean(1).tolist())), "overall": reused.mean().item(),
-                     "after_first": reused[1:].mean().item() if len(timesteps) > 1 else None,
-                     "per_level_after_first": [reused[1:, level == i].mean().item() if len(timesteps) > 1 else None
-                                               for i in range(len(levels))]}
+    res["reused"] = {
+        "per_timestep": dict(zip(timesteps, reused.mean(1).tolist())),
+        "overall": reused.mean().item(),
+        "after_first": reused[1:].mean().item() if len(timesteps) > 1 else None,
+        "per_level_after_first": [
+            reused[1:, level == i].mean().item() if len(timesteps) > 1 else None for i in range(len(levels))
+        ],
+    }
     res["cosine_reused"] = cosine_summary(cos[mask])
     res["cosine_encoded"] = cosine_summary(cos[~mask])
     res["speedup"] = res["exact"]["seconds"] / res["reuse"]["seconds"]
@@ -178,23 +225,34 @@ def main():
     replayed = replay(args.seq, meta, timesteps, exact, tolerances, batch, device)
     res["sweep"] = {}
     for tol, (kept, kept_cos) in replayed.items():
-        res["sweep"][tol] = {"reused": kept.float().mean().item(),
-                             "reused_after_first": kept[1:].float().mean().item() if len(timesteps) > 1 else None,
-                             "cosine_reused": cosine_summary(kept_cos[kept])}
+        res["sweep"][tol] = {
+            "reused": kept.float().mean().item(),
+            "reused_after_first": kept[1:].float().mean().item() if len(timesteps) > 1 else None,
+            "cosine_reused": cosine_summary(kept_cos[kept]),
+        }
     save()
 
-    print(f"\n{res['device']}, {res['cameras']} cameras, timesteps {args.first}..{args.last}, {args.encoder}, "
-          f"tolerance {args.reuse_tolerance}")
-    print(f"reused: {percent(res['reused']['overall'])} of the clips, {percent(res['reused']['after_first'])} after "
-          f"the first timestep (per level: {', '.join(percent(x) for x in res['reused']['per_level_after_first'])})")
-    print(f"cosine of reused against recomputed: {cosines(res['cosine_reused'])}; of the re-encoded: "
-          f"{cosines(res['cosine_encoded'])}")
-    print(f"time: exact {res['exact']['seconds']:.1f} s, reusing {res['reuse']['seconds']:.1f} s "
-          f"(x{res['speedup']:.2f})")
+    print(
+        f"\n{res['device']}, {res['cameras']} cameras, timesteps {args.first}..{args.last}, {args.encoder}, "
+        f"tolerance {args.reuse_tolerance}"
+    )
+    print(
+        f"reused: {percent(res['reused']['overall'])} of the clips, {percent(res['reused']['after_first'])} after "
+        f"the first timestep (per level: {', '.join(percent(x) for x in res['reused']['per_level_after_first'])})"
+    )
+    print(
+        f"cosine of reused against recomputed: {cosines(res['cosine_reused'])}; of the re-encoded: "
+        f"{cosines(res['cosine_encoded'])}"
+    )
+    print(
+        f"time: exact {res['exact']['seconds']:.1f} s, reusing {res['reuse']['seconds']:.1f} s (x{res['speedup']:.2f})"
+    )
     print("\n| tolerance | reused | after the first timestep | cosine of the reused |\n|---|---|---|---|")
     for tol, row in res["sweep"].items():
-        print(f"| {tol} | {percent(row['reused'])} | {percent(row['reused_after_first'])} | "
-              f"{cosines(row['cosine_reused'])} |")
+        print(
+            f"| {tol} | {percent(row['reused'])} | {percent(row['reused_after_first'])} | "
+            f"{cosines(row['cosine_reused'])} |"
+        )
     print(f"figures -> {args.json}")
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)

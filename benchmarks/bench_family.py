@@ -13,6 +13,7 @@ camera (mean over timesteps) and per prompt temporal, mask and vIoU, with the ta
 (mean PSNR >= 26 dB, no camera below 22; mean mask IoU >= 0.5, mean temporal IoU >= 0.7, no prompt
 below 0.3 mask IoU) checked. Options after `--` go to stage 1 (e.g. `-- --demo` on a CPU).
 """
+
 import argparse
 import concurrent.futures
 import os
@@ -25,25 +26,51 @@ import numpy as np
 import helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the stage scripts' folder
-TARGETS = {"mean_psnr": 26.0, "min_camera_psnr": 22.0, "mean_mask_iou": 0.5, "mean_temporal_iou": 0.7,
-           "min_prompt_mask_iou": 0.3}
+TARGETS = {
+    "mean_psnr": 26.0,
+    "min_camera_psnr": 22.0,
+    "mean_mask_iou": 0.5,
+    "mean_temporal_iou": 0.7,
+    "min_prompt_mask_iou": 0.3,
+}
 
 
 def run_member(seed, args, stage1_extra):
     """Draw member `seed` and run stages 1, 3, 4, 5 and the grounding on it -> {stage: seconds}."""
     seq, name = f"data/family{seed}", f"family{seed}"
+
     def script(name):
         return [sys.executable, os.path.join(REPO, name)]
-    draw = [*script("synthetic_sequence.py"), "--seed", str(seed), "--out", seq, "--benchmark", "data/grounding",
-            "--video-dir", "", *args.draw]
+
+    draw = [
+        *script("synthetic_sequence.py"),
+        "--seed",
+        str(seed),
+        "--out",
+        seq,
+        "--benchmark",
+        "data/grounding",
+        "--video-dir",
+        "",
+        *args.draw,
+    ]
     steps = {
         "draw": draw,
         "1 train_d3dgs": [*script("train_d3dgs.py"), "-s", seq, "-e", args.exp, *stage1_extra],
         "3 extract_features": [*script("extract_features.py"), "-s", seq, "--encoder", "color"],
         "4 train_autoencoder": [*script("train_autoencoder.py"), "-s", seq, "--encoder", "color", "--resume"],
         "5 train_4legs": [*script("train_4legs.py"), "-s", seq, "-e", args.exp, "--encoder", "color"],
-        "grounding": [*script("evaluate_grounding.py"), "-s", seq, "-e", args.exp, "--encoder", "color",
-                      "--benchmark", f"data/grounding/{name}"],
+        "grounding": [
+            *script("evaluate_grounding.py"),
+            "-s",
+            seq,
+            "-e",
+            args.exp,
+            "--encoder",
+            "color",
+            "--benchmark",
+            f"data/grounding/{name}",
+        ],
     }
     if os.path.exists(os.path.join(seq, "train_meta.json")):
         del steps["draw"]  # drawn before: the member is deterministic, and its outputs build on this copy
@@ -72,19 +99,29 @@ def member_report(seed, exp):
     cams = metrics["per_timestep"][0]["cameras"]
     psnr = {cam: float(np.mean([r["cameras"][cam]["psnr"] for r in metrics["per_timestep"]])) for cam in cams}
     rig = f"{scene['rig']['shape']}, {scene['rig']['num_train']} cams"
-    return {"seed": seed, "rig": rig, "background": scene["background"]["kind"],
-            "timesteps": metrics["timesteps"], "resolution": metrics["resolution"], "psnr": psnr,
-            "grounding": grounding["per_prompt"], "grounding_mean": grounding["mean"]}
+    return {
+        "seed": seed,
+        "rig": rig,
+        "background": scene["background"]["kind"],
+        "timesteps": metrics["timesteps"],
+        "resolution": metrics["resolution"],
+        "psnr": psnr,
+        "grounding": grounding["per_prompt"],
+        "grounding_mean": grounding["mean"],
+    }
 
 
 def summary(reports):
     """Means over the members and which targets of issue 13 they meet."""
     camera_psnr = [v for r in reports for v in r["psnr"].values()]
     prompts = [m for r in reports for m in r["grounding"].values()]
-    figures = {"mean_psnr": float(np.mean(camera_psnr)), "min_camera_psnr": float(np.min(camera_psnr)),
-               "mean_mask_iou": float(np.mean([m["mask_iou"] for m in prompts])),
-               "mean_temporal_iou": float(np.mean([m["temporal_iou"] for m in prompts])),
-               "min_prompt_mask_iou": float(np.min([m["mask_iou"] for m in prompts]))}
+    figures = {
+        "mean_psnr": float(np.mean(camera_psnr)),
+        "min_camera_psnr": float(np.min(camera_psnr)),
+        "mean_mask_iou": float(np.mean([m["mask_iou"] for m in prompts])),
+        "mean_temporal_iou": float(np.mean([m["temporal_iou"] for m in prompts])),
+        "min_prompt_mask_iou": float(np.min([m["mask_iou"] for m in prompts])),
+    }
     return {k: {"value": v, "target": TARGETS[k], "met": bool(v >= TARGETS[k])} for k, v in figures.items()}
 
 
@@ -93,8 +130,10 @@ def markdown(reports, met, command):
     lines = [f"`{command}`", "", "| seed | rig | background | size | test camera PSNR (dB) |", "|---|---|---|---|---|"]
     for r in reports:
         cams = ", ".join(f"{cam} {v:.2f}" for cam, v in r["psnr"].items())
-        lines.append(f"| {r['seed']} | {r['rig']} | {r['background']} | "
-                     f"{r['resolution'][0]}x{r['resolution'][1]}, {r['timesteps']} t | {cams} |")
+        lines.append(
+            f"| {r['seed']} | {r['rig']} | {r['background']} | "
+            f"{r['resolution'][0]}x{r['resolution'][1]}, {r['timesteps']} t | {cams} |"
+        )
     lines += ["", "| seed | prompt | tIoU | mIoU | vIoU |", "|---|---|---|---|---|"]
     for r in reports:
         for prompt, m in r["grounding"].items():
@@ -108,15 +147,19 @@ def markdown(reports, met, command):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     command = "python benchmarks/bench_family.py " + " ".join(argv)
-    stage1_extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
+    stage1_extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5], help="family members (default: 1-5)")
     p.add_argument("--exp", default="fam", help="experiment name (default: %(default)s)")
     p.add_argument("--jobs", type=int, default=1, help="members run side by side (default: %(default)s)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads of each member (default: %(default)s)")
-    p.add_argument("--draw", nargs=argparse.REMAINDER, default=[],
-                   help="options for synthetic_sequence.py (e.g. --draw --width 128 --timesteps 8); last")
+    p.add_argument(
+        "--draw",
+        nargs=argparse.REMAINDER,
+        default=[],
+        help="options for synthetic_sequence.py (e.g. --draw --width 128 --timesteps 8); last",
+    )
     args = p.parse_args(argv)
     helpers.check_experiment(args.exp)
     for option in ("jobs", "threads"):
@@ -134,9 +177,11 @@ def main(argv=None):
     print(f"\n{len(reports)} members in {time.perf_counter() - start:.0f} s; per member and stage (s):")
     for r in reports:
         print(f"  seed {r['seed']}: {r['seconds']}")
+
     def write(path):
         with open(path, "w") as f:
             f.write(text + "\n")
+
     helpers.atomic_write(os.path.join("results", args.exp, "family.md"), write)
     helpers.save_json(os.path.join("results", args.exp, "family.json"), {"members": reports, "targets": met})
 

@@ -13,6 +13,7 @@ iterations the warm start needs to reach the cold run's final loss:
 
     python benchmarks/bench_legs.py warmstart -s data/synthetic -e demo --encoder color -t 12
 """
+
 import argparse
 import math
 import os
@@ -37,6 +38,7 @@ def sync(device):
 def random_scene(n, device):
     """bench_reference's scene (sizes as a trained scene) plus segmentation colours, on `device`."""
     from bench_reference import make_scene
+
     scene = make_scene(n)
     scene["seg_colors"] = torch.rand(n, 3, generator=torch.Generator().manual_seed(1))
     return {k: v.to(device) for k, v in scene.items()}
@@ -45,11 +47,16 @@ def random_scene(n, device):
 def speed(args):
     device = helpers.pick_device(args.device)
     import diff_gaussian_rasterization_feat as dgrf
+
     use_rasterizer = device.type == "cuda" and dgrf.cuda_available()
     w, h = args.width, args.height
     k = np.array([[0.9 * w, 0, w / 2], [0, 0.9 * w, h / 2], [0, 0, 1]])
-    cams = [helpers.setup_camera(w, h, k, helpers.orbit_w2c((0, 0, 0), 5.0, 1.5, 2 * math.pi * c / args.cams),
-                                 device=device) for c in range(args.cams)]
+    cams = [
+        helpers.setup_camera(
+            w, h, k, helpers.orbit_w2c((0, 0, 0), 5.0, 1.5, 2 * math.pi * c / args.cams), device=device
+        )
+        for c in range(args.cams)
+    ]
     rendervar = random_scene(args.gaussians, device)
     timings = {}
 
@@ -62,14 +69,16 @@ def speed(args):
     # a stage-3 cache of random tile embeddings (the real layout), so that the targets are made
     # exactly as train_4legs.py makes them: dense_feature_map (purest tiles), then the autoencoder's encoder
     from feature_extraction import cache as feature_cache, tiles
+
     levels = tiles.tile_levels(h, w)
     os.makedirs("results", exist_ok=True)
     cache = os.path.join(tempfile.mkdtemp(prefix="bench_legs_", dir="results"), "color")
     os.makedirs(cache)
     num_tiles = sum(args.cams * lv["rows"] * lv["cols"] for lv in levels)
     emb = torch.nn.functional.normalize(torch.randn(num_tiles, 768), dim=1).numpy()
-    feature_cache.write_timestep(cache, 0, {"cam_id": list(range(args.cams)), "levels": levels, "width": w,
-                                            "height": h}, emb)
+    feature_cache.write_timestep(
+        cache, 0, {"cam_id": list(range(args.cams)), "levels": levels, "width": w, "height": h}, emb
+    )
     ae = Autoencoder().to(device).eval()
     sync(device)
     t0 = time.perf_counter()
@@ -80,8 +89,15 @@ def speed(args):
     sync(device)
     timings["encode_targets_s"] = time.perf_counter() - t0
     renderers = train_4legs.make_renderers(cams, rendervar, use_rasterizer)
-    setup = {"rendervar": rendervar, "neighbours": neighbours, "renderers": renderers, "targets": targets,
-             "lrs": {"latents": 0.0025, "attention": 0.00016}, "device": device, "seed": 0}
+    setup = {
+        "rendervar": rendervar,
+        "neighbours": neighbours,
+        "renderers": renderers,
+        "targets": targets,
+        "lrs": {"latents": 0.0025, "attention": 0.00016},
+        "device": device,
+        "seed": 0,
+    }
 
     def median_ms(fn, reps=20):
         """Median wall time of fn() in ms (after two warm-up calls)."""
@@ -96,13 +112,24 @@ def speed(args):
 
     latents = torch.nn.Parameter(0.1 * torch.randn(args.gaussians, 128, device=device))
     attention = train_4legs.NeighbourAttention().to(device)
-    weights = [attention.query.weight, attention.query.bias, attention.key.weight, attention.value.weight,
-               attention.value.bias, attention.out.weight, attention.out.bias]
-    forms = {"by_slot": lambda: train_4legs.attention_function(latents, neighbours, *weights,
-                                                              attend=train_4legs.attend_by_slot),
-             "batched": lambda: train_4legs.attention_function(latents, neighbours, *weights)}
+    weights = [
+        attention.query.weight,
+        attention.query.bias,
+        attention.key.weight,
+        attention.value.weight,
+        attention.value.bias,
+        attention.out.weight,
+        attention.out.bias,
+    ]
+    forms = {
+        "by_slot": lambda: train_4legs.attention_function(
+            latents, neighbours, *weights, attend=train_4legs.attend_by_slot
+        ),
+        "batched": lambda: train_4legs.attention_function(latents, neighbours, *weights),
+    }
     if device.type == "cuda":  # the training path (fused Triton kernels) and torch.compile's best, beside it
         from legs_attention import attend_fused
+
         compiled = torch.compile(train_4legs.attention_function, dynamic=False)
         forms["compiled"] = lambda: compiled(latents, neighbours, *weights)
         forms["fused"] = lambda: train_4legs.attention_function(latents, neighbours, *weights, attend=attend_fused)
@@ -112,7 +139,8 @@ def speed(args):
         q_k = torch.randn_like(latents, requires_grad=True)  # the fused kernels alone, per launch shape
         for block_n, num_warps in ((8, 8), (16, 8), (16, 4), (32, 8), (4, 4)):
             timings[f"attend_fused_{block_n}x{num_warps}_ms"] = median_ms(
-                lambda: attend_fused(latents, neighbours, q_k, block_n, num_warps).sum().backward())
+                lambda: attend_fused(latents, neighbours, q_k, block_n, num_warps).sum().backward()
+            )
         outputs = []  # the training path computes the same function (forward and latents' gradient)
         for name in ("batched", "fused"):
             latents.grad = None
@@ -120,8 +148,10 @@ def speed(args):
             (out * torch.linspace(-1, 1, 128, device=device)).sum().backward()
             outputs.append((out.detach(), latents.grad.clone()))
         for what, a, b in zip(("forward", "gradient"), *outputs):
-            print(f"  fused vs eager attention, {what}: max relative difference "
-                  f"{float((a - b).abs().max() / b.abs().max()):.2e}")
+            print(
+                f"  fused vs eager attention, {what}: max relative difference "
+                f"{float((a - b).abs().max() / b.abs().max()):.2e}"
+            )
     renderers[0](latents)  # the first use builds what the renderer needs
     timings["render_fwd_bwd_ms"] = median_ms(lambda: helpers.l1_loss(renderers[0](latents), targets[0]).backward())
 
@@ -137,8 +167,9 @@ def speed(args):
         marks.clear()
         sync(device)
         t0 = time.perf_counter()
-        params, attention, _ = train_4legs.train_timestep(1, setup, previous, num_iters, show_progress=False,
-                                                          on_iter=on_iter)
+        params, attention, _ = train_4legs.train_timestep(
+            1, setup, previous, num_iters, show_progress=False, on_iter=on_iter
+        )
         sync(device)
         timings[f"{name}_train_s"] = time.perf_counter() - t0
         times = [t0] + [marks[i] for i in sorted(marks)]
@@ -148,16 +179,20 @@ def speed(args):
     timed_timestep("warm", timed_timestep("cold", None, args.iters), args.warm_iters)
     per_iter = statistics.median(block_times) if block_times else float("nan")
     fixed = timings["neighbours_s"] + timings["encode_targets_s"]
-    print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; "
-          f"render: {'CUDA rasterizer' if use_rasterizer else 'precomputed blend matrices'}")
+    print(
+        f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; "
+        f"render: {'CUDA rasterizer' if use_rasterizer else 'precomputed blend matrices'}"
+    )
     print(f"{args.gaussians} Gaussians, {args.cams} cameras {w}x{h}, 128 channels")
     for key, value in timings.items():
         print(f"  {key}: {value:.2f}")
     if device.type == "cuda":
-        print(f"  peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2 ** 30:.1f} GiB")
+        print(f"  peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
     print(f"  median per iteration: {1000 * per_iter:.2f} ms (blocks of {args.block})")
-    print(f"seconds per timestep: cold ({args.iters} it) {fixed + timings['cold_train_s']:.1f}, "
-          f"warm ({args.warm_iters} it) {fixed + timings['warm_train_s']:.1f}")
+    print(
+        f"seconds per timestep: cold ({args.iters} it) {fixed + timings['cold_train_s']:.1f}, "
+        f"warm ({args.warm_iters} it) {fixed + timings['warm_train_s']:.1f}"
+    )
 
 
 def warmstart(args):
@@ -173,8 +208,9 @@ def warmstart(args):
         """Mean L1 over all train cameras."""
         with torch.no_grad():
             feats = attention(params["latents"], setup["neighbours"])
-            return float(np.mean([float(helpers.l1_loss(r(feats), tgt))
-                                  for r, tgt in zip(setup["renderers"], setup["targets"])]))
+            return float(
+                np.mean([float(helpers.l1_loss(r(feats), tgt)) for r, tgt in zip(setup["renderers"], setup["targets"])])
+            )
 
     def curve(t, previous, setup):
         points = []
@@ -182,8 +218,10 @@ def warmstart(args):
         def on_iter(i, params, attention):
             if (i + 1) % args.eval_every == 0:
                 points.append((i + 1, full_loss(setup, params, attention)))
-        params, attention, _ = train_4legs.train_timestep(t, setup, previous, args.iters, show_progress=False,
-                                                          on_iter=on_iter)
+
+        params, attention, _ = train_4legs.train_timestep(
+            t, setup, previous, args.iters, show_progress=False, on_iter=on_iter
+        )
         return params, attention, points
 
     setup_prev = train_4legs.prepare_timestep(args.t - 1, run, meta, params_path, ae, cache, device, False)
@@ -194,15 +232,19 @@ def warmstart(args):
     p1, a1, _ = train_4legs.initialize(setup["rendervar"]["means3D"].shape[0], previous, setup["lrs"], device, 0)
     start = {"cold": full_loss(setup, p0, a0), "warm": full_loss(setup, p1, a1)}
     curves = {"cold": curve(args.t, None, setup)[2], "warm": curve(args.t, previous, setup)[2]}
-    print(f"timestep {args.t} of {args.seq} ({len(setup['renderers'])} cameras at 1/{args.downscale} resolution, "
-          f"{setup['rendervar']['means3D'].shape[0]} Gaussians), L1 over all cameras")
+    print(
+        f"timestep {args.t} of {args.seq} ({len(setup['renderers'])} cameras at 1/{args.downscale} resolution, "
+        f"{setup['rendervar']['means3D'].shape[0]} Gaussians), L1 over all cameras"
+    )
     print(f"  iteration 0: cold {start['cold']:.4f}, warm {start['warm']:.4f}")
     for (i, cold), (_, warm) in zip(curves["cold"], curves["warm"]):
         print(f"  iteration {i:5d}: cold {cold:.4f}  warm {warm:.4f}")
     final = curves["cold"][-1][1]
     reached = next((i for i, loss in [(0, start["warm"])] + curves["warm"] if loss <= final), None)
-    print(f"cold start after {args.iters} iterations: {final:.4f}; the warm start reaches it after "
-          f"{reached if reached is not None else f'more than {args.iters}'} iterations")
+    print(
+        f"cold start after {args.iters} iterations: {final:.4f}; the warm start reaches it after "
+        f"{reached if reached is not None else f'more than {args.iters}'} iterations"
+    )
 
 
 def main():
@@ -218,8 +260,12 @@ def main():
     p.add_argument("--block", type=int, default=100, help="iterations per timed block (default: %(default)s)")
     p.add_argument("--device", default=None)
     p = sub.add_parser("warmstart", help="cold against warm start on a real sequence")
-    p.add_argument("-s", "--seq", required=True,
-                   help=f"sequence folder, or its name under {helpers.DATA_DIR}/ (as the stage scripts' -s)")
+    p.add_argument(
+        "-s",
+        "--seq",
+        required=True,
+        help=f"sequence folder, or its name under {helpers.DATA_DIR}/ (as the stage scripts' -s)",
+    )
     p.add_argument("-e", "--exp", default="exp1")
     p.add_argument("--encoder", required=True)
     p.add_argument("-t", type=int, default=1, help="timestep to compare (t-1 is trained first; default: %(default)s)")

@@ -11,6 +11,7 @@ train_d3dgs.py renders; --feat 128 --frozen: what train_4legs.py does). Prints t
 and CPU times of --repeats runs and the load average (other processes on the cores inflate the
 wall time, with 2 threads far more than with 1).
 """
+
 import argparse
 import importlib.util
 import math
@@ -28,11 +29,13 @@ import helpers
 def make_scene(n, seed=0):
     """n Gaussians in a 4 m cube around the origin: means3D [n, 3], log scales ~ N(log 0.02, 0.6)."""
     g = torch.Generator().manual_seed(seed)
-    return {"means3D": (torch.rand(n, 3, generator=g) - 0.5) * 4.0,
-            "scales": torch.exp(math.log(0.02) + 0.6 * torch.randn(n, 3, generator=g)),
-            "rotations": torch.nn.functional.normalize(torch.randn(n, 4, generator=g), dim=1),
-            "opacities": torch.rand(n, 1, generator=g) * 0.9 + 0.05,
-            "colors_precomp": torch.rand(n, 3, generator=g)}
+    return {
+        "means3D": (torch.rand(n, 3, generator=g) - 0.5) * 4.0,
+        "scales": torch.exp(math.log(0.02) + 0.6 * torch.randn(n, 3, generator=g)),
+        "rotations": torch.nn.functional.normalize(torch.randn(n, 4, generator=g), dim=1),
+        "opacities": torch.rand(n, 1, generator=g) * 0.9 + 0.05,
+        "colors_precomp": torch.rand(n, 3, generator=g),
+    }
 
 
 def main():
@@ -41,15 +44,23 @@ def main():
     parser.add_argument("--width", type=int, default=320, help="image width in pixels (default: %(default)s)")
     parser.add_argument("--height", type=int, default=180, help="image height in pixels (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
-    parser.add_argument("--repeats", type=int, default=7,
-                        help="timed runs; the median is printed (default: %(default)s)")
-    parser.add_argument("--feat", type=int, default=0, metavar="C",
-                        help="feature rasterizer with C channels (3: train_d3dgs.py's colour + segmentation "
-                             "call; 128: train_4legs.py's); 0 = colour rasterizer (default: %(default)s)")
-    parser.add_argument("--frozen", action="store_true",
-                        help="only the features need gradients (train_4legs.py: geometry frozen)")
-    parser.add_argument("--impl", metavar="FILE",
-                        help="time this version of _torch_impl.py instead of the installed one")
+    parser.add_argument(
+        "--repeats", type=int, default=7, help="timed runs; the median is printed (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--feat",
+        type=int,
+        default=0,
+        metavar="C",
+        help="feature rasterizer with C channels (3: train_d3dgs.py's colour + segmentation "
+        "call; 128: train_4legs.py's); 0 = colour rasterizer (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--frozen", action="store_true", help="only the features need gradients (train_4legs.py: geometry frozen)"
+    )
+    parser.add_argument(
+        "--impl", metavar="FILE", help="time this version of _torch_impl.py instead of the installed one"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.impl:
@@ -87,10 +98,12 @@ def main():
     what = f"feat ({args.feat} ch{', frozen geometry' if args.frozen else ''})" if args.feat else "colour"
     # CPU time of all threads: with --threads 1 it is what the wall time would be on an idle
     # machine, which makes it the figure to compare on a shared one
-    print(f"{args.gaussians} Gaussians {w}x{h}, {args.threads} threads, {what}: "
-          f"forward {np.median(fwd[:, 0]):.0f} ms, forward + backward {np.median(both[:, 0]):.0f} ms "
-          f"(wall, median of {args.repeats}); CPU time {np.median(fwd[:, 1]):.0f} ms and "
-          f"{np.median(both[:, 1]):.0f} ms; load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"{args.gaussians} Gaussians {w}x{h}, {args.threads} threads, {what}: "
+        f"forward {np.median(fwd[:, 0]):.0f} ms, forward + backward {np.median(both[:, 0]):.0f} ms "
+        f"(wall, median of {args.repeats}); CPU time {np.median(fwd[:, 1]):.0f} ms and "
+        f"{np.median(both[:, 1]):.0f} ms; load average {os.getloadavg()[0]:.1f}"
+    )
 
 
 if __name__ == "__main__":

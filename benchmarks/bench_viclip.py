@@ -13,6 +13,7 @@ In one run, on the same weights:
              module) on real tile clips of the first timestep
 Prints a table and writes every figure to --json (after each stage, so a cut-off run keeps them).
 """
+
 import argparse
 import os
 import shutil
@@ -34,6 +35,7 @@ FLOP_PER_CLIP = 1.65e12
 
 
 # ---------------------------------------------------------------- the original's way
+
 
 class OriginalBlock(nn.Module):
     """The original ResidualAttentionBlock: nn.MultiheadAttention on [N, B, D], LayerNorm in fp32."""
@@ -84,6 +86,7 @@ class OriginalVision(nn.Module):
 
 # ---------------------------------------------------------------- timing
 
+
 def time_calls(fn, inputs, repeats, warmup=1):
     """Median seconds of fn(x) over `repeats` calls (after `warmup`), inputs cycled."""
     for i in range(warmup):
@@ -108,6 +111,7 @@ def random_clips(n, batch, device, seed):
 def synthetic_sequence(out, num_t, num_cams=27, w=640, h=360):
     """Random smooth 640x360 JPEGs of 27 cameras (when no real sequence is given)."""
     from PIL import Image
+
     rng = np.random.default_rng(0)
     fns = [[f"{c}/{t:06d}.jpg" for c in range(num_cams)] for t in range(num_t)]
     base = rng.integers(0, 256, (num_cams, h // 8, w // 8, 3), dtype=np.uint8)
@@ -116,38 +120,66 @@ def synthetic_sequence(out, num_t, num_cams=27, w=640, h=360):
             os.makedirs(os.path.join(out, "ims", str(c)), exist_ok=True)
             im = Image.fromarray(np.roll(base[c], t, axis=1)).resize((w, h), Image.BILINEAR)
             im.save(os.path.join(out, "ims", fn), quality=90)
-    meta = {"w": w, "h": h, "fn": fns, "cam_id": list(range(num_cams)),
-            "k": [[[[500, 0, w / 2], [0, 500, h / 2], [0, 0, 1]]] * num_cams] * num_t,
-            "w2c": [[np.eye(4).tolist()] * num_cams] * num_t}
+    meta = {
+        "w": w,
+        "h": h,
+        "fn": fns,
+        "cam_id": list(range(num_cams)),
+        "k": [[[[500, 0, w / 2], [0, 500, h / 2], [0, 0, 1]]] * num_cams] * num_t,
+        "w2c": [[np.eye(4).tolist()] * num_cams] * num_t,
+    }
     helpers.save_json(os.path.join(out, "train_meta.json"), meta)
     return out
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seq", help=f"a sequence folder with 640x360 images, or its name under {helpers.DATA_DIR}/ "
-                        "(default: synthetic frames in results/bench_viclip/synthetic)")
+    parser.add_argument(
+        "--seq",
+        help=f"a sequence folder with 640x360 images, or its name under {helpers.DATA_DIR}/ "
+        "(default: synthetic frames in results/bench_viclip/synthetic)",
+    )
     parser.add_argument("--timesteps", type=int, nargs="+", default=[4, 5], help="timesteps timed end to end")
     parser.add_argument("--batch-size", type=int, default=64, help="clips per call of our network")
     parser.add_argument("--repeats", type=int, default=8, help="timed calls per variant (median)")
     parser.add_argument("--original-calls", type=int, default=5, help="timed 20-clip calls of the original's way")
-    parser.add_argument("--backends", nargs="*", default=["default", "flash", "cudnn", "efficient"],
-                        help="SDPA backends timed in eager mode; the fastest is compiled")
-    parser.add_argument("--eager-batches", type=int, nargs="*", default=[32, 64, 128],
-                        help="batch sizes timed in eager mode (default backend)")
+    parser.add_argument(
+        "--backends",
+        nargs="*",
+        default=["default", "flash", "cudnn", "efficient"],
+        help="SDPA backends timed in eager mode; the fastest is compiled",
+    )
+    parser.add_argument(
+        "--eager-batches",
+        type=int,
+        nargs="*",
+        default=[32, 64, 128],
+        help="batch sizes timed in eager mode (default backend)",
+    )
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
-    parser.add_argument("--json", default="results/bench_viclip.json",
-                        help="where all figures go (default: %(default)s)")
+    parser.add_argument(
+        "--json", default="results/bench_viclip.json", help="where all figures go (default: %(default)s)"
+    )
     parser.add_argument("--device", default="cuda", help="a CUDA device")
     args = parser.parse_args()
     if args.seq is not None:
         args.seq = helpers.find_sequence(args.seq)
     from torch.nn.attention import SDPBackend
-    backends = {"default": None, "flash": [SDPBackend.FLASH_ATTENTION], "cudnn": [SDPBackend.CUDNN_ATTENTION],
-                "efficient": [SDPBackend.EFFICIENT_ATTENTION]}
+
+    backends = {
+        "default": None,
+        "flash": [SDPBackend.FLASH_ATTENTION],
+        "cudnn": [SDPBackend.CUDNN_ATTENTION],
+        "efficient": [SDPBackend.EFFICIENT_ATTENTION],
+    }
     device = torch.device(args.device)
-    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "batch_size": args.batch_size,
-           "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
+    res = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "batch_size": args.batch_size,
+        "date": time.strftime("%Y-%m-%d"),
+        "command": " ".join(sys.argv),
+    }
 
     def save():
         helpers.save_json(args.json, res)
@@ -165,8 +197,10 @@ def main():
     model.load_state_dict(ref32.state_dict())
     model.to(torch.bfloat16)
     original = OriginalVision().to(device).eval().requires_grad_(False)
-    original.load_state_dict({k[len("vision_encoder."):]: v for k, v in ref32.state_dict().items()
-                              if k.startswith("vision_encoder.")}, strict=True)
+    original.load_state_dict(
+        {k[len("vision_encoder.") :]: v for k, v in ref32.state_dict().items() if k.startswith("vision_encoder.")},
+        strict=True,
+    )
     log(f"models built in {time.perf_counter() - t0:.1f} s on {res['device']}")
 
     # -- the original's way: float32, nn.MultiheadAttention, 20 clips per call
@@ -210,8 +244,10 @@ def main():
         res["compile_s"] = time.perf_counter() - t0
         sec = time_calls(model.encode_video, inputs, args.repeats)
         res["bare"] = {"clips_per_s": args.batch_size / sec, "tflops": args.batch_size * FLOP_PER_CLIP / sec / 1e12}
-        log(f"bare compiled bf16 ({best}, batch {args.batch_size}): {args.batch_size / sec:.1f} clips/s, "
-            f"{res['bare']['tflops']:.0f} TFLOP/s (compile {res['compile_s']:.0f} s)")
+        log(
+            f"bare compiled bf16 ({best}, batch {args.batch_size}): {args.batch_size / sec:.1f} clips/s, "
+            f"{res['bare']['tflops']:.0f} TFLOP/s (compile {res['compile_s']:.0f} s)"
+        )
         save()
 
     # -- end to end on whole timesteps
@@ -222,12 +258,19 @@ def main():
         shutil.rmtree(os.path.join(cache, f"timestep_{t}"), ignore_errors=True)
     stats = extract_features.extract(seq, model, args.timesteps, args.batch_size, device, progress=False)
     per_t = stats["timestep_seconds"]
-    res["end2end"] = {"clips_per_timestep": stats["clips"] // max(1, stats["done"]), "timestep_s": per_t,
-                      "median_timestep_s": statistics.median(per_t), "clips_per_s": stats["clips"] / stats["seconds"],
-                      "cameras": len(meta["cam_id"]), "source": args.seq or "synthetic frames"}
-    log(f"end to end ({len(meta['cam_id'])} cameras, {res['end2end']['clips_per_timestep']} clips/timestep): "
+    res["end2end"] = {
+        "clips_per_timestep": stats["clips"] // max(1, stats["done"]),
+        "timestep_s": per_t,
+        "median_timestep_s": statistics.median(per_t),
+        "clips_per_s": stats["clips"] / stats["seconds"],
+        "cameras": len(meta["cam_id"]),
+        "source": args.seq or "synthetic frames",
+    }
+    log(
+        f"end to end ({len(meta['cam_id'])} cameras, {res['end2end']['clips_per_timestep']} clips/timestep): "
         f"{res['end2end']['clips_per_s']:.1f} clips/s, {res['end2end']['median_timestep_s']:.1f} s/timestep "
-        f"(each: {', '.join(f'{s:.1f}' for s in per_t)})")
+        f"(each: {', '.join(f'{s:.1f}' for s in per_t)})"
+    )
     save()
 
     # -- accuracy on real tile clips of the first timestep: bf16 (compiled) vs float32
@@ -236,32 +279,51 @@ def main():
     levels = tiles.tile_levels(meta["h"], meta["w"])
     padded, pad = tiles.pad_frames(frames.to(device), levels)
     level, cam, row, col = tiles.tile_index(levels, len(meta["cam_id"]))
-    pick = torch.randperm(len(level), generator=torch.Generator().manual_seed(0))[:args.batch_size].sort().values
-    clips = torch.cat([tiles.crop_tiles(padded, pad, levels[int(li)], *(x[pick][level[pick] == li].to(device)
-                                                                       for x in (cam, row, col)), 224)
-                       for li in level[pick].unique()])
+    pick = torch.randperm(len(level), generator=torch.Generator().manual_seed(0))[: args.batch_size].sort().values
+    clips = torch.cat(
+        [
+            tiles.crop_tiles(
+                padded, pad, levels[int(li)], *(x[pick][level[pick] == li].to(device) for x in (cam, row, col)), 224
+            )
+            for li in level[pick].unique()
+        ]
+    )
     mean, std = (torch.tensor(x, device=device).view(3, 1, 1) for x in (CLIP_MEAN, CLIP_STD))
     clips = (clips - mean) / std
     ours_bf16 = model.encode_video(clips)
     ours_fp32 = ref32.encode_video(clips)
     with torch.inference_mode():
         orig_fp32 = original(clips)
-    cached = torch.from_numpy(np.concatenate([
-        np.load(os.path.join(cache, f"timestep_{t}", f"level_{i}.npy")).reshape(-1, model.dim)
-        for i in range(len(levels))]))[pick].to(device).float()
+    cached = (
+        torch.from_numpy(
+            np.concatenate(
+                [
+                    np.load(os.path.join(cache, f"timestep_{t}", f"level_{i}.npy")).reshape(-1, model.dim)
+                    for i in range(len(levels))
+                ]
+            )
+        )[pick]
+        .to(device)
+        .float()
+    )
 
     def cos(a, b):
         return F.cosine_similarity(a, b, dim=-1)
-    res["accuracy"] = {"tiles": len(pick),
-                       "cos_bf16_vs_fp32_min": cos(ours_bf16, ours_fp32).min().item(),
-                       "cos_bf16_vs_fp32_mean": cos(ours_bf16, ours_fp32).mean().item(),
-                       "cos_cache_fp16_vs_fp32_min": cos(cached, ours_fp32).min().item(),
-                       "cos_ours_fp32_vs_original_fp32_min": cos(ours_fp32, orig_fp32).min().item(),
-                       "spread_of_embeddings_mean_cos": (ours_fp32 @ ours_fp32.T).mean().item()}
+
+    res["accuracy"] = {
+        "tiles": len(pick),
+        "cos_bf16_vs_fp32_min": cos(ours_bf16, ours_fp32).min().item(),
+        "cos_bf16_vs_fp32_mean": cos(ours_bf16, ours_fp32).mean().item(),
+        "cos_cache_fp16_vs_fp32_min": cos(cached, ours_fp32).min().item(),
+        "cos_ours_fp32_vs_original_fp32_min": cos(ours_fp32, orig_fp32).min().item(),
+        "spread_of_embeddings_mean_cos": (ours_fp32 @ ours_fp32.T).mean().item(),
+    }
     a = res["accuracy"]
-    log(f"accuracy on {len(pick)} real tiles: cos(bf16, fp32) min {a['cos_bf16_vs_fp32_min']:.5f} mean "
+    log(
+        f"accuracy on {len(pick)} real tiles: cos(bf16, fp32) min {a['cos_bf16_vs_fp32_min']:.5f} mean "
         f"{a['cos_bf16_vs_fp32_mean']:.5f}; cache (fp16) vs fp32 min {a['cos_cache_fp16_vs_fp32_min']:.5f}; "
-        f"ours fp32 vs original-style fp32 min {a['cos_ours_fp32_vs_original_fp32_min']:.7f}")
+        f"ours fp32 vs original-style fp32 min {a['cos_ours_fp32_vs_original_fp32_min']:.7f}"
+    )
     save()
 
     log("\n| variant | clips/s | s per basketball timestep (15,444 clips) |\n|---|---|---|")

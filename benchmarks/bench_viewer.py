@@ -14,6 +14,7 @@ original's train camera 0) and from 4 (basketball's test cameras, visualize_4leg
     python benchmarks/bench_viewer.py --device cpu --gaussians 20000 --width 160 --height 90 --timesteps 4 \\
         --frames 5 --repeats 1                              # a quick check on the CPU
 """
+
 import argparse
 import io
 import json
@@ -33,12 +34,19 @@ def random_frames(n, channels, num_t, device, seed=0):
     """num_t rendervars of n Gaussians in a 4 m cube (bench_reference's sizes), moving a little
     each timestep, with their own random unit features [n, channels] per timestep."""
     from bench_reference import make_scene
+
     g = torch.Generator().manual_seed(seed)
     scene = {k: v.to(device) for k, v in make_scene(n, seed).items()}
     scene["seg_colors"] = (torch.rand(n, 3, generator=g) > 0.5).float().to(device)
     drift = 0.01 * torch.randn(n, 3, generator=g).to(device)
-    return [{**scene, "means3D": scene["means3D"] + t * drift,
-             "legs_features": F.normalize(torch.randn(n, channels, device=device), dim=-1)} for t in range(num_t)]
+    return [
+        {
+            **scene,
+            "means3D": scene["means3D"] + t * drift,
+            "legs_features": F.normalize(torch.randn(n, channels, device=device), dim=-1),
+        }
+        for t in range(num_t)
+    ]
 
 
 def cuda_seconds(device, run):
@@ -73,15 +81,20 @@ def main():
     frames = random_frames(args.gaussians, args.channels, args.timesteps, device)
     w, h = args.width, args.height
     k = [[0.9 * w, 0, w / 2], [0, 0.9 * w, h / 2], [0, 0, 1]]
-    cams = [helpers.setup_camera(w, h, k, helpers.orbit_w2c((0, 0, 0), 5.0, 1.5, 2 * math.pi * c / 4), device=device)
-            for c in range(4)]
+    cams = [
+        helpers.setup_camera(w, h, k, helpers.orbit_w2c((0, 0, 0), 5.0, 1.5, 2 * math.pi * c / 4), device=device)
+        for c in range(4)
+    ]
     ae = Autoencoder().to(device).eval()
     positive, negatives = (F.normalize(torch.randn(q, 768, device=device), dim=-1) for q in (1, 4))
     lights = [{"positive": positive[0], "colour": (1.0, 0.5, 0.0), "peak": 0.3}]
     turbo = viewer.turbo_table(device)
     import diff_gaussian_rasterization as dgr
-    print(f"{args.gaussians} Gaussians, {args.channels} channels, {w}x{h}, {args.timesteps} timesteps, {device} "
-          f"({'CUDA kernels' if device.type == 'cuda' and dgr.cuda_available() else 'PyTorch reference'})")
+
+    print(
+        f"{args.gaussians} Gaussians, {args.channels} channels, {w}x{h}, {args.timesteps} timesteps, {device} "
+        f"({'CUDA kernels' if device.type == 'cuda' and dgr.cuda_available() else 'PyTorch reference'})"
+    )
 
     def frame(i):
         return viewer.render_frame(cams[0], frames[i % args.timesteps], "blend", lights, ae, negatives, turbo)
@@ -91,28 +104,41 @@ def main():
     frame_s = [cuda_seconds(device, lambda: frame(i)) for i in range(args.frames)]
     image = frame(0)
     import imageio.v3 as iio
+
     jpeg_s = []
     for _ in range(20):
         started = time.perf_counter()
         iio.imwrite(io.BytesIO(), image, extension=".jpeg", quality=viewer.JPEG_QUALITY)
         jpeg_s.append(time.perf_counter() - started)
     median_frame = statistics.median(frame_s)
-    print(f"frame: {1000 * median_frame:.2f} ms median over {args.frames} -> {1 / median_frame:.1f} frames/s "
-          f"(target >= 60); JPEG encoding on the host {1000 * statistics.median(jpeg_s):.2f} ms")
+    print(
+        f"frame: {1000 * median_frame:.2f} ms median over {args.frames} -> {1 / median_frame:.1f} frames/s "
+        f"(target >= 60); JPEG encoding on the host {1000 * statistics.median(jpeg_s):.2f} ms"
+    )
 
-    results = {"frame_ms": round(1000 * median_frame, 3), "frames_per_s": round(1 / median_frame, 1),
-               "jpeg_ms": round(1000 * statistics.median(jpeg_s), 3)}
+    results = {
+        "frame_ms": round(1000 * median_frame, 3),
+        "frames_per_s": round(1 / median_frame, 1),
+        "jpeg_ms": round(1000 * statistics.median(jpeg_s), 3),
+    }
     for num_views in (1, 4):
         views = [(f"cam{c}", [cams[c]] * args.timesteps) for c in range(num_views)]
-        seconds = [cuda_seconds(device, lambda: viewer.prompt_timeline(frames, views, ae, positive[0], negatives))
-                   for _ in range(args.repeats)]
+        seconds = [
+            cuda_seconds(device, lambda: viewer.prompt_timeline(frames, views, ae, positive[0], negatives))
+            for _ in range(args.repeats)
+        ]
         results[f"timeline_{num_views}_views_s"] = round(statistics.median(seconds), 3)
-        print(f"timeline, {num_views} view(s) x {args.timesteps} timesteps: {statistics.median(seconds):.3f} s "
-              f"median over {args.repeats} (target <= 3)")
+        print(
+            f"timeline, {num_views} view(s) x {args.timesteps} timesteps: {statistics.median(seconds):.3f} s "
+            f"median over {args.repeats} (target <= 3)"
+        )
     if device.type == "cuda":
         results["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 2)
-    print(json.dumps({"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                      **vars(args), **results}))
+    print(
+        json.dumps(
+            {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", **vars(args), **results}
+        )
+    )
 
 
 if __name__ == "__main__":

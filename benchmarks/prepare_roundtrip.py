@@ -24,6 +24,7 @@ Everything goes under --workdir (stage 1's outputs in <workdir>/output/<arm>/, t
 where stage 1 stopped, and other variants (--form, --crf, --clean-plate) reuse the direct arms. Other
 scene settings (size, timesteps, cameras) need another --workdir.
 """
+
 import argparse
 import contextlib
 import json
@@ -69,10 +70,18 @@ def write_video(path, frames, fps=30, crf=0):
     """uint8 [H, W, 3] frames -> H.264 in yuv444p at constant rate factor crf (0: lossless but for
     the RGB -> YUV rounding; a phone records at about 20-23 with yuv420p, which blurs colour edges)."""
     import imageio_ffmpeg
+
     h, w = frames[0].shape[:2]
-    writer = imageio_ffmpeg.write_frames(path, (w, h), fps=fps, codec="libx264", pix_fmt_out="yuv444p",
-                                         output_params=["-crf", str(crf)], macro_block_size=1,
-                                         ffmpeg_log_level="error")
+    writer = imageio_ffmpeg.write_frames(
+        path,
+        (w, h),
+        fps=fps,
+        codec="libx264",
+        pix_fmt_out="yuv444p",
+        output_params=["-crf", str(crf)],
+        macro_block_size=1,
+        ffmpeg_log_level="error",
+    )
     writer.send(None)
     for frame in frames:
         writer.send(np.ascontiguousarray(frame).tobytes())
@@ -94,8 +103,14 @@ def export_capture(seq, dest, form="frames", crf=0):
             for f in sorted(os.listdir(os.path.join(seq, "ims", str(c)))):
                 os.link(os.path.join(seq, "ims", str(c), f), os.path.join(target, f))
     path = os.path.join(dest, "cameras.json")
-    helpers.save_json(path, {"width": meta["w"], "height": meta["h"], "cameras": [
-        {"name": camera_name(c), "K": k, "w2c": w2c} for c, (k, w2c) in cameras.items()]})
+    helpers.save_json(
+        path,
+        {
+            "width": meta["w"],
+            "height": meta["h"],
+            "cameras": [{"name": camera_name(c), "K": k, "w2c": w2c} for c, (k, w2c) in cameras.items()],
+        },
+    )
     return path
 
 
@@ -114,9 +129,12 @@ def render_clean_plates(seq, dest):
     meta = helpers.load_meta(seq, "train")
     os.makedirs(dest, exist_ok=True)
     for c, (k, w2c) in sequence_cameras(seq).items():
-        im, _ = synthetic_sequence.render(helpers.setup_camera(meta["w"], meta["h"], k, w2c), room,
-                                          torch.ones(len(room["means3D"]), 1),
-                                          synthetic_sequence.sky_image(meta["w"], meta["h"], k, w2c, sky))
+        im, _ = synthetic_sequence.render(
+            helpers.setup_camera(meta["w"], meta["h"], k, w2c),
+            room,
+            torch.ones(len(room["means3D"]), 1),
+            synthetic_sequence.sky_image(meta["w"], meta["h"], k, w2c, sky),
+        )
         Image.fromarray(helpers.to_uint8(im)).save(os.path.join(dest, camera_name(c) + ".png"))
     return dest
 
@@ -133,8 +151,11 @@ def mask_iou(seq, prepared, ignore_ghosts=False):
     with open(os.path.join(seq, "gt", "objects.json")) as f:
         gt = json.load(f)
     cam_ids = sorted(int(c) for c in os.listdir(os.path.join(seq, "gt", "ids")))
-    ids = {(c, t): np.asarray(Image.open(os.path.join(seq, "gt", "ids", str(c), f"{t:06d}.png")))
-           for c in cam_ids for t in range(gt["num_timesteps"])}
+    ids = {
+        (c, t): np.asarray(Image.open(os.path.join(seq, "gt", "ids", str(c), f"{t:06d}.png")))
+        for c in cam_ids
+        for t in range(gt["num_timesteps"])
+    }
     rest = {c: np.zeros_like(ids[(c, 0)], bool) for c in cam_ids}
     if ignore_ghosts:
         for o in gt["objects"]:
@@ -151,7 +172,8 @@ def mask_iou(seq, prepared, ignore_ghosts=False):
             truth = np.isin(ids[(c, t)], moving)
             others = np.isin(ids[(c, t)], [o["id"] for o in gt["objects"] if o["id"] not in moving])
             counted = ~ndimage.binary_dilation(others, iterations=2) & (
-                truth | ~ndimage.binary_dilation(rest[c], iterations=2))
+                truth | ~ndimage.binary_dilation(rest[c], iterations=2)
+            )
             mask = helpers.load_mask(os.path.join(prepared, "seg", str(c), f"{t:06d}.png")).numpy() > 0.5
             inter += (truth & mask & counted).sum()
             union += ((truth | mask) & counted).sum()
@@ -175,31 +197,45 @@ def without_init(seq, dest):
 
 def train(seq, exp, workdir, train_args):
     """Run stage 1 on `seq` (outputs in <workdir>/output/<exp>/) -> its test PSNR."""
-    subprocess.run([sys.executable, os.path.join(ROOT, "train_d3dgs.py"), "-s", seq, "-e", exp] + train_args,
-                   cwd=workdir, check=True)
+    subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train_d3dgs.py"), "-s", seq, "-e", exp] + train_args,
+        cwd=workdir,
+        check=True,
+    )
     with open(os.path.join(workdir, "output", exp, os.path.basename(seq), "metrics.json")) as f:
         return json.load(f)["psnr"]
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", default="results/prepare_roundtrip",
-                        help="where everything goes (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=None,
-                        help="round-trip member SEED (>= 1) of synthetic_sequence.py's scene family (default: the "
-                             "demo scene)")
+    parser.add_argument(
+        "--workdir", default="results/prepare_roundtrip", help="where everything goes (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="round-trip member SEED (>= 1) of synthetic_sequence.py's scene family (default: the demo scene)",
+    )
     parser.add_argument("--width", type=int, default=None, help="default: 320 for the demo, drawn for --seed")
     parser.add_argument("--height", type=int, default=None, help="default: 180 for the demo, drawn for --seed")
     parser.add_argument("--timesteps", type=int, default=None, help="default: 24 for the demo, 12 for --seed")
     parser.add_argument("--train-cams", type=int, default=None, help="default: 12 for the demo, drawn for --seed")
     parser.add_argument("--test-cams", type=int, default=None, help="default: 2 for the demo, drawn for --seed")
-    parser.add_argument("--form", choices=("frames", "mp4"), default="frames",
-                        help="the capture as JPEG frame folders or H.264 videos (default: %(default)s)")
+    parser.add_argument(
+        "--form",
+        choices=("frames", "mp4"),
+        default="frames",
+        help="the capture as JPEG frame folders or H.264 videos (default: %(default)s)",
+    )
     parser.add_argument("--crf", type=int, default=0, help="with --form mp4: x264's quality, 0 = lossless YUV")
-    parser.add_argument("--clean-plate", action="store_true",
-                        help="give prepare_sequence.py an empty-room render per camera (else: estimated)")
+    parser.add_argument(
+        "--clean-plate",
+        action="store_true",
+        help="give prepare_sequence.py an empty-room render per camera (else: estimated)",
+    )
     parser.add_argument("--masks-only", action="store_true", help="print the masks' IoU and stop (no stage 1)")
-    parser.add_argument("--train-args", default="", help="more options for train_d3dgs.py, e.g. \"--demo\"")
+    parser.add_argument("--train-args", default="", help='more options for train_d3dgs.py, e.g. "--demo"')
     parser.add_argument("--tolerance", type=float, default=0.5, help="allowed PSNR gap in dB (default: %(default)s)")
     args = parser.parse_args()
     if args.seed is not None and args.seed < 1:
@@ -208,10 +244,21 @@ def main():
     name = "synthetic" if args.seed is None else f"family{args.seed}"
     direct = os.path.join(args.workdir, "direct", name)
     if not os.path.isfile(os.path.join(direct, "test_meta.json")):
-        scene, width, height, num_t = synthetic_sequence.scene_settings(args.seed, args.width, args.height,
-                                                                        args.timesteps, args.train_cams, args.test_cams)
-        synthetic_sequence.generate(direct, None, width, height, num_t, scene["rig"]["num_train"],
-                                    scene["rig"]["num_test"], seed=0, scene=scene, point_cloud=True)
+        scene, width, height, num_t = synthetic_sequence.scene_settings(
+            args.seed, args.width, args.height, args.timesteps, args.train_cams, args.test_cams
+        )
+        synthetic_sequence.generate(
+            direct,
+            None,
+            width,
+            height,
+            num_t,
+            scene["rig"]["num_train"],
+            scene["rig"]["num_test"],
+            seed=0,
+            scene=scene,
+            point_cloud=True,
+        )
     # one capture and one prepared sequence per variant, so that variants share the direct arms
     variant = (f"mp4_crf{args.crf}" if args.form == "mp4" else "frames") + ("_plate" if args.clean_plate else "_est")
     capture = os.path.join(args.workdir, f"capture_{variant}", name)
@@ -220,25 +267,48 @@ def main():
     test_names = ",".join(camera_name(c) for c in helpers.load_meta(direct, "test")["cam_id"])
     plates = ["--background", render_clean_plates(direct, os.path.join(capture, "plates"))] if args.clean_plate else []
     with contextlib.chdir(args.workdir):
-        prepare_sequence.main(["--videos", os.path.join(capture, "videos"), "--cameras", cameras_file, "-o", prepared,
-                               "--test-cams", test_names] + plates)
+        prepare_sequence.main(
+            [
+                "--videos",
+                os.path.join(capture, "videos"),
+                "--cameras",
+                cameras_file,
+                "-o",
+                prepared,
+                "--test-cams",
+                test_names,
+            ]
+            + plates
+        )
     ious = mask_iou(direct, prepared)
     without_ghosts = mask_iou(direct, prepared, ignore_ghosts=True)
-    print(f"masks of {name}: IoU against the moving objects {min(ious.values()):.3f}..{max(ious.values()):.3f} over "
-          f"timesteps {min(ious)}..{max(ious)} (ghosts left out: {min(without_ghosts.values()):.3f}.."
-          f"{max(without_ghosts.values()):.3f}); {args.form}, "
-          f"{'clean plate' if args.clean_plate else 'estimated background'}")
+    print(
+        f"masks of {name}: IoU against the moving objects {min(ious.values()):.3f}..{max(ious.values()):.3f} over "
+        f"timesteps {min(ious)}..{max(ious)} (ghosts left out: {min(without_ghosts.values()):.3f}.."
+        f"{max(without_ghosts.values()):.3f}); {args.form}, "
+        f"{'clean plate' if args.clean_plate else 'estimated background'}"
+    )
     if args.masks_only:
         return
     train_args = shlex.split(args.train_args)
-    psnr = {"direct": train(direct, "direct", args.workdir, train_args),
-            "direct, no init": train(without_init(direct, os.path.join(args.workdir, "direct_no_init")),
-                                     "direct_no_init", args.workdir, train_args),
-            "prepared": train(prepared, f"prepared_{variant}", args.workdir, train_args)}
+    psnr = {
+        "direct": train(direct, "direct", args.workdir, train_args),
+        "direct, no init": train(
+            without_init(direct, os.path.join(args.workdir, "direct_no_init")),
+            "direct_no_init",
+            args.workdir,
+            train_args,
+        ),
+        "prepared": train(prepared, f"prepared_{variant}", args.workdir, train_args),
+    }
     gap = psnr["direct, no init"] - psnr["prepared"]
-    print("stage 1 test PSNR: " + ", ".join(f"{arm} {value:.2f} dB" for arm, value in psnr.items())
-          + f"; prepared vs direct-no-init {-gap:+.2f} dB (tolerance {args.tolerance} dB): "
-          + ("PASS" if gap <= args.tolerance else "FAIL") + f", vs direct {psnr['prepared'] - psnr['direct']:+.2f} dB")
+    print(
+        "stage 1 test PSNR: "
+        + ", ".join(f"{arm} {value:.2f} dB" for arm, value in psnr.items())
+        + f"; prepared vs direct-no-init {-gap:+.2f} dB (tolerance {args.tolerance} dB): "
+        + ("PASS" if gap <= args.tolerance else "FAIL")
+        + f", vs direct {psnr['prepared'] - psnr['direct']:+.2f} dB"
+    )
     sys.exit(0 if gap <= args.tolerance else 1)
 
 

@@ -10,6 +10,7 @@ ball at the point closest to the optical axes of the cameras of train_meta.json 
 timestep), seen by its first camera.
 A gap between the event median and the summed kernel time is time the GPU waits for the host.
 """
+
 import argparse
 import json
 import math
@@ -40,25 +41,41 @@ def bench_scene(n, meta_path, device="cuda"):
     g = torch.Generator().manual_seed(0)
     u = torch.randn(n, 3, generator=g)
     u = u / u.norm(dim=1, keepdim=True) * torch.rand(n, 1, generator=g) ** (1 / 3) * radius
-    s0 = (4 / 3 * math.pi * radius ** 3 / n) ** (1 / 3) * 0.6
-    scene = {"means3D": u + torch.tensor(center, dtype=torch.float32),
-             "scales": s0 * torch.exp(0.5 * torch.randn(n, 3, generator=g)),
-             "rotations": torch.nn.functional.normalize(torch.randn(n, 4, generator=g)),
-             "opacities": torch.sigmoid(torch.randn(n, 1, generator=g)),
-             "colors": torch.rand(n, 3, generator=g), "features": torch.randn(n, 128, generator=g)}
+    s0 = (4 / 3 * math.pi * radius**3 / n) ** (1 / 3) * 0.6
+    scene = {
+        "means3D": u + torch.tensor(center, dtype=torch.float32),
+        "scales": s0 * torch.exp(0.5 * torch.randn(n, 3, generator=g)),
+        "rotations": torch.nn.functional.normalize(torch.randn(n, 4, generator=g)),
+        "opacities": torch.sigmoid(torch.randn(n, 1, generator=g)),
+        "colors": torch.rand(n, 3, generator=g),
+        "features": torch.randn(n, 128, generator=g),
+    }
     scene = {k: v.to(device).contiguous() for k, v in scene.items()}
     k, near, far = ks[0], 0.01, 100.0
     fx, fy, cx, cy = k[0][0], k[1][1], k[0][2], k[1][2]
     view = torch.tensor(w2cs[0], dtype=torch.float32).T.contiguous()
-    proj = torch.tensor([[2 * fx / width, 0.0, -(width - 2 * cx) / width, 0.0],
-                         [0.0, 2 * fy / height, -(height - 2 * cy) / height, 0.0],
-                         [0.0, 0.0, far / (far - near), -(far * near) / (far - near)],
-                         [0.0, 0.0, 1.0, 0.0]], dtype=torch.float32).T
+    proj = torch.tensor(
+        [
+            [2 * fx / width, 0.0, -(width - 2 * cx) / width, 0.0],
+            [0.0, 2 * fy / height, -(height - 2 * cy) / height, 0.0],
+            [0.0, 0.0, far / (far - near), -(far * near) / (far - near)],
+            [0.0, 0.0, 1.0, 0.0],
+        ],
+        dtype=torch.float32,
+    ).T
     settings = dgr.GaussianRasterizationSettings(
-        image_height=height, image_width=width, tanfovx=width / (2 * fx), tanfovy=height / (2 * fy),
-        bg=torch.zeros(3, device=device), scale_modifier=1.0, viewmatrix=view.to(device),
-        projmatrix=(view @ proj).to(device), sh_degree=0,
-        campos=torch.inverse(torch.tensor(w2cs[0], dtype=torch.float32))[:3, 3].to(device), prefiltered=False)
+        image_height=height,
+        image_width=width,
+        tanfovx=width / (2 * fx),
+        tanfovy=height / (2 * fy),
+        bg=torch.zeros(3, device=device),
+        scale_modifier=1.0,
+        viewmatrix=view.to(device),
+        projmatrix=(view @ proj).to(device),
+        sh_degree=0,
+        campos=torch.inverse(torch.tensor(w2cs[0], dtype=torch.float32))[:3, 3].to(device),
+        prefiltered=False,
+    )
     return scene, settings
 
 
@@ -69,25 +86,49 @@ def modes(scene, settings):
 
     def rgb_fwd():
         with torch.no_grad():
-            rgb(scene["means3D"], torch.zeros_like(scene["means3D"]), scene["opacities"],
-                colors_precomp=scene["colors"], scales=scene["scales"], rotations=scene["rotations"])
+            rgb(
+                scene["means3D"],
+                torch.zeros_like(scene["means3D"]),
+                scene["opacities"],
+                colors_precomp=scene["colors"],
+                scales=scene["scales"],
+                rotations=scene["rotations"],
+            )
 
     def rgb_fwd_bwd():
         means2D = torch.zeros_like(scene["means3D"], requires_grad=True)
-        image, _, depth = rgb(leaves["means3D"], means2D, leaves["opacities"], colors_precomp=leaves["colors"],
-                              scales=leaves["scales"], rotations=leaves["rotations"])
+        image, _, depth = rgb(
+            leaves["means3D"],
+            means2D,
+            leaves["opacities"],
+            colors_precomp=leaves["colors"],
+            scales=leaves["scales"],
+            rotations=leaves["rotations"],
+        )
         (image.sum() + depth.sum()).backward()
 
     def feat_fwd():
         with torch.no_grad():
-            feat(scene["means3D"], torch.zeros_like(scene["means3D"]), scene["opacities"],
-                 colors_precomp=scene["colors"], legs_features=scene["features"], scales=scene["scales"],
-                 rotations=scene["rotations"])
+            feat(
+                scene["means3D"],
+                torch.zeros_like(scene["means3D"]),
+                scene["opacities"],
+                colors_precomp=scene["colors"],
+                legs_features=scene["features"],
+                scales=scene["scales"],
+                rotations=scene["rotations"],
+            )
 
     def feat_fwd_bwd():  # frozen geometry: only the features need gradients
-        out = feat(scene["means3D"], torch.zeros_like(scene["means3D"]), scene["opacities"],
-                   colors_precomp=scene["colors"], legs_features=leaves["features"], scales=scene["scales"],
-                   rotations=scene["rotations"])
+        out = feat(
+            scene["means3D"],
+            torch.zeros_like(scene["means3D"]),
+            scene["opacities"],
+            colors_precomp=scene["colors"],
+            legs_features=leaves["features"],
+            scales=scene["scales"],
+            rotations=scene["rotations"],
+        )
         out[3].sum().backward()
 
     return {"rgb_fwd": rgb_fwd, "rgb_fwd_bwd": rgb_fwd_bwd, "feat128_fwd": feat_fwd, "feat128_fwd_bwd": feat_fwd_bwd}
@@ -141,16 +182,28 @@ def kernel_table(fn, iters=10):
 def gsplat_modes(scene, settings, meta_path):
     """The agreed benchmark's gsplat calls (rasterization, packed=False) for the same camera."""
     from gsplat import rasterization
+
     meta = json.load(open(meta_path))
     view = torch.tensor(meta["w2c"][0][0], dtype=torch.float32, device="cuda")[None]
     intrinsics = torch.tensor(meta["k"][0][0], dtype=torch.float32, device="cuda")[None]
     leaves = {k: v.clone().requires_grad_(True) for k, v in scene.items()}
 
     def run(inputs, colors, mode):
-        out, _, _ = rasterization(inputs["means3D"], inputs["rotations"], inputs["scales"],
-                                  inputs["opacities"].squeeze(-1), colors, view, intrinsics, settings.image_width,
-                                  settings.image_height, near_plane=0.01, far_plane=100, render_mode=mode,
-                                  packed=False)
+        out, _, _ = rasterization(
+            inputs["means3D"],
+            inputs["rotations"],
+            inputs["scales"],
+            inputs["opacities"].squeeze(-1),
+            colors,
+            view,
+            intrinsics,
+            settings.image_width,
+            settings.image_height,
+            near_plane=0.01,
+            far_plane=100,
+            render_mode=mode,
+            packed=False,
+        )
         return out
 
     def rgb_fwd():
@@ -188,8 +241,9 @@ def memory_at_peak(fn):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gaussians", type=int, default=300_000, help="number of Gaussians")
-    parser.add_argument("--meta", required=True,
-                        help="train_meta.json of PanopticSports basketball (the benchmark's cameras)")
+    parser.add_argument(
+        "--meta", required=True, help="train_meta.json of PanopticSports basketball (the benchmark's cameras)"
+    )
     parser.add_argument("--gsplat", action="store_true", help="also the memory of gsplat's RGB calls")
     args = parser.parse_args()
     if not dgr.cuda_available():
@@ -199,8 +253,10 @@ def main():
         median = event_median(fn)
         host = host_median(fn)
         gpu, runtime = kernel_table(fn)
-        print(f"\n{name}: event median {median:.3f} ms, host time per call {host:.3f} ms, "
-              f"kernels {sum(r[0] for r in gpu):.3f} ms")
+        print(
+            f"\n{name}: event median {median:.3f} ms, host time per call {host:.3f} ms, "
+            f"kernels {sum(r[0] for r in gpu):.3f} ms"
+        )
         for ms, count, key in gpu:
             print(f"  {ms:8.4f} ms  x{count:<3d} {key[:100]}")
         print("  host, CUDA runtime calls:")
@@ -211,8 +267,10 @@ def main():
         memory_modes.update(gsplat_modes(scene, settings, args.meta))
     for name, fn in memory_modes.items():
         peak, blocks = memory_at_peak(fn)
-        print(f"\n{name}: {peak:.1f} MB at the peak beyond the inputs, in {len(blocks)} blocks (MB):",
-              " ".join(f"{mb:.2f}" for mb in blocks))
+        print(
+            f"\n{name}: {peak:.1f} MB at the peak beyond the inputs, in {len(blocks)} blocks (MB):",
+            " ".join(f"{mb:.2f}" for mb in blocks),
+        )
 
 
 if __name__ == "__main__":

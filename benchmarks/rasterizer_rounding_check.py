@@ -11,6 +11,7 @@ intrinsics through CuPy). projection.cu uses the orders that match 100%:
 Measured 2026-11-24 on the device H100, torch 2.11 + CUDA 13: sequential fused multiply-adds for
 every matrix product, (w^2 + y^2) + (x^2 + z^2) for the norm; all at 1k, 100k and 1M rows.
 """
+
 import argparse
 import functools
 
@@ -18,7 +19,7 @@ import torch
 
 import diff_gaussian_rasterization._torch_impl as ti
 
-DOTS_SOURCE = r'''
+DOTS_SOURCE = r"""
 extern "C" __global__ void dots(const float* a, const float* b, int K, long long M, int mode, float* out) {
   long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
   if (i >= M) return;
@@ -43,7 +44,7 @@ extern "C" __global__ void dots(const float* a, const float* b, int K, long long
   }
   out[i] = acc;
 }
-'''
+"""
 ORDERS = ["sequential-fma", "reverse-fma", "sequential", "pairs (01)(23)", "pairs (02)(13)"]
 
 
@@ -51,19 +52,24 @@ ORDERS = ["sequential-fma", "reverse-fma", "sequential", "pairs (01)(23)", "pair
 def dots_kernel():
     """DOTS_SOURCE compiled by CuPy (imported here, so that --help works without it)."""
     import cupy as cp
+
     return cp.RawKernel(DOTS_SOURCE, "dots")
 
 
 def candidates(a, b, sqrt=False):
     """a, b [M, K] operand rows -> one [M] result per order."""
     import cupy as cp
+
     a, b = a.contiguous().float(), b.contiguous().float()
     m, k = a.shape
     results = []
     for mode in range(len(ORDERS)):
         out = torch.empty(m, device="cuda")
-        dots_kernel()(((m + 255) // 256,), (256,), (cp.asarray(a), cp.asarray(b), cp.int32(k), cp.int64(m),
-                                                     cp.int32(mode), cp.asarray(out)))
+        dots_kernel()(
+            ((m + 255) // 256,),
+            (256,),
+            (cp.asarray(a), cp.asarray(b), cp.int32(k), cp.int64(m), cp.int32(mode), cp.asarray(out)),
+        )
         results.append(out.sqrt() if sqrt else out)
     torch.cuda.synchronize()
     return results
@@ -73,8 +79,10 @@ def operand_rows(A, B):
     """C = A @ B, A [N, r, K], B [N, K, c] -> the operand rows of every output element [N r c, K]."""
     n, r, k = A.shape
     c = B.shape[2]
-    return (A[:, :, None, :].expand(n, r, c, k).reshape(-1, k),
-            B.transpose(1, 2)[:, None, :, :].expand(n, r, c, k).reshape(-1, k))
+    return (
+        A[:, :, None, :].expand(n, r, c, k).reshape(-1, k),
+        B.transpose(1, 2)[:, None, :, :].expand(n, r, c, k).reshape(-1, k),
+    )
 
 
 def report(name, torch_result, results):
@@ -85,8 +93,13 @@ def report(name, torch_result, results):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, nargs="+", default=[1_000, 100_000, 1_000_000],
-                        help="numbers of Gaussians to check (cuBLAS may pick other kernels for other sizes)")
+    parser.add_argument(
+        "--rows",
+        type=int,
+        nargs="+",
+        default=[1_000, 100_000, 1_000_000],
+        help="numbers of Gaussians to check (cuBLAS may pick other kernels for other sizes)",
+    )
     args = parser.parse_args()
     for n in args.rows:
         print(f"{n} rows: fraction bit-equal to torch per order")

@@ -4,6 +4,7 @@ Without them the package installs as pure Python and every call takes the PyTorc
 
 Shared, through a symbolic link, by diff-gaussian-rasterization-w-depth and -feat.
 """
+
 import glob
 import os
 import re
@@ -13,8 +14,11 @@ import subprocess
 from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PACKAGE = next(d for d in sorted(os.listdir(HERE))
-               if d.startswith("diff_gaussian_rasterization") and os.path.isdir(os.path.join(HERE, d)))
+PACKAGE = next(
+    d
+    for d in sorted(os.listdir(HERE))
+    if d.startswith("diff_gaussian_rasterization") and os.path.isdir(os.path.join(HERE, d))
+)
 SOURCES = sorted(glob.glob(os.path.join("csrc", "*.cu")) + glob.glob(os.path.join("csrc", "*.cpp")))
 
 
@@ -50,12 +54,17 @@ locate_cuda_home()
 ext_modules, cmdclass = [], {}
 if want_cuda():
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-    ext_modules = [CUDAExtension(
-        name=f"{PACKAGE}._C", sources=SOURCES,
-        # no --use_fast_math: the projection relies on IEEE division and square root to reproduce
-        # the reference's radii exactly; the blending kernels call the fast intrinsics themselves
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]})]
+    ext_modules = [
+        CUDAExtension(
+            name=f"{PACKAGE}._C",
+            sources=SOURCES,
+            # no --use_fast_math: the projection relies on IEEE division and square root to reproduce
+            # the reference's radii exactly; the blending kernels call the fast intrinsics themselves
+            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
+        )
+    ]
     cmdclass = {"build_ext": BuildExtension}
 
 setup(

@@ -10,16 +10,28 @@
 
 The cache is written by extract_features.py; its layout is described in feature_extraction/cache.py.
 """
+
 from feature_extraction.cache import cache_dir, dense_feature_map, load_tile_embeddings
 from feature_extraction.color_encoder import ColorEncoder
 from feature_extraction.viclip import DEFAULT_CKPT, ViCLIP, load_viclip
 from helpers import UserError
 
-__all__ = ["DEFAULT_CKPT", "ENCODER_HELP", "ColorEncoder", "ViCLIP", "cache_dir", "dense_feature_map", "load_encoder",
-           "load_tile_embeddings", "load_viclip"]
+__all__ = [
+    "DEFAULT_CKPT",
+    "ENCODER_HELP",
+    "ColorEncoder",
+    "ViCLIP",
+    "cache_dir",
+    "dense_feature_map",
+    "load_encoder",
+    "load_tile_embeddings",
+    "load_viclip",
+]
 
-ENCODER_HELP = ("viclip (needs --viclip-ckpt), color (deterministic stand-in, no weights), or "
-                "openclip:<arch>:<checkpoint file | open_clip tag | random>")
+ENCODER_HELP = (
+    "viclip (needs --viclip-ckpt), color (deterministic stand-in, no weights), or "
+    "openclip:<arch>:<checkpoint file | open_clip tag | random>"
+)
 
 
 def load_encoder(spec, device="cpu", viclip_ckpt=DEFAULT_CKPT, compile=False):
@@ -32,8 +44,11 @@ def load_encoder(spec, device="cpu", viclip_ckpt=DEFAULT_CKPT, compile=False):
     if spec.startswith("openclip:"):
         parts = spec.split(":", 2)
         if len(parts) != 3 or not parts[1] or not parts[2]:
-            raise UserError(f"--encoder {spec}: write openclip:<arch>:<checkpoint-or-tag>, e.g. "
-                            f"openclip:ViT-L-14:laion2b_s32b_b82k or openclip:ViT-B-16:/path/to/ckpt.pt")
+            raise UserError(
+                f"--encoder {spec}: write openclip:<arch>:<checkpoint-or-tag>, e.g. "
+                f"openclip:ViT-L-14:laion2b_s32b_b82k or openclip:ViT-B-16:/path/to/ckpt.pt"
+            )
         from feature_extraction.openclip_encoder import OpenCLIPEncoder
+
         return OpenCLIPEncoder(parts[1], parts[2], device)
     raise UserError(f"--encoder {spec}: unknown encoder; use {ENCODER_HELP}")

@@ -8,6 +8,7 @@ sphere, and relevancy compares them by cosine). Loss: L2 + 0.01 * (1 - cosine).
 The checkpoint (`<seq>/ae/best_ckpt.pth`) is a dict holding the state dict AND the encoder name and
 layer sizes, so that features of one encoder are never decoded with an autoencoder of another.
 """
+
 import os
 import uuid
 
@@ -76,13 +77,20 @@ def save_autoencoder(path, model, encoder_spec, **info):
     features of --encoder `encoder_spec`. `info` (epoch, validation cosine, what it was made from,
     ...) is stored beside; a fresh `run_id` lets stage 5 notice a retrained AE."""
     encoder_dims = [m.in_features for m in model.encoder if isinstance(m, nn.Linear)] + [model.latent_dim]
-    decoder_dims = [m.in_features for m in model.decoder if isinstance(m, nn.Linear)] + [
-        model.decoder[-1].out_features]
-    helpers.save_torch(path, {
-        "format": CKPT_FORMAT, "encoder": encoder_name(encoder_spec), "encoder_spec": encoder_spec,
-        "encoder_dims": encoder_dims,
-        "decoder_dims": decoder_dims, "run_id": uuid.uuid4().hex,
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, **info})
+    decoder_dims = [m.in_features for m in model.decoder if isinstance(m, nn.Linear)] + [model.decoder[-1].out_features]
+    helpers.save_torch(
+        path,
+        {
+            "format": CKPT_FORMAT,
+            "encoder": encoder_name(encoder_spec),
+            "encoder_spec": encoder_spec,
+            "encoder_dims": encoder_dims,
+            "decoder_dims": decoder_dims,
+            "run_id": uuid.uuid4().hex,
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            **info,
+        },
+    )
 
 
 def load_autoencoder(path, encoder_spec, device="cpu"):
@@ -100,12 +108,14 @@ def load_autoencoder(path, encoder_spec, device="cpu"):
     except Exception as e:  # a truncated or foreign file: any unpickling error
         raise helpers.UserError(f"{path} cannot be read ({e}); retrain it: {train_cmd}")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
-        raise helpers.UserError(f"{path} is not an autoencoder checkpoint of this project "
-                                f"(format {CKPT_FORMAT}); retrain it: {train_cmd}")
+        raise helpers.UserError(
+            f"{path} is not an autoencoder checkpoint of this project (format {CKPT_FORMAT}); retrain it: {train_cmd}"
+        )
     if ckpt["encoder"] != encoder_name(encoder_spec):
         raise helpers.UserError(
             f"{path} was trained on '{ckpt['encoder']}' features, not '{encoder_name(encoder_spec)}': pass "
-            f"--encoder {ckpt.get('encoder_spec', ckpt['encoder'])}, or retrain it: {train_cmd}")
+            f"--encoder {ckpt.get('encoder_spec', ckpt['encoder'])}, or retrain it: {train_cmd}"
+        )
     if not all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point()):
         raise helpers.UserError(f"{path}: its weights hold NaN/Inf; retrain it: {train_cmd}")
     model = Autoencoder(tuple(ckpt["encoder_dims"]), tuple(ckpt["decoder_dims"]))

@@ -18,6 +18,7 @@ written into a temporary folder and renamed into place, so a half-written timest
 With --cache-dir DIR, DIR takes the place of <seq>; <cache>/sequence.json says which sequence the
 features are of.
 """
+
 import json
 import os
 import shutil
@@ -39,10 +40,13 @@ def cache_dir(seq_dir, encoder_name):
 
 def add_cache_dir_option(parser):
     """--cache-dir of the stages that write (3, 4) or read (5, 6) the tile features and the autoencoder."""
-    parser.add_argument("--cache-dir", default=None,
-                        help="folder for the tile features (interpolators/<encoder>/) and the autoencoder (ae/) "
-                             "instead of the sequence folder, e.g. when that cannot be written; give every stage "
-                             "from 3 on the same (default: the sequence folder)")
+    parser.add_argument(
+        "--cache-dir",
+        default=None,
+        help="folder for the tile features (interpolators/<encoder>/) and the autoencoder (ae/) "
+        "instead of the sequence folder, e.g. when that cannot be written; give every stage "
+        "from 3 on the same (default: the sequence folder)",
+    )
 
 
 def timestep_dir(cache, t):
@@ -56,13 +60,24 @@ def make_config(encoder, seq_dir, meta, t, reuse_tolerance=None):
     frames = tiles.clip_frames(t, len(meta["fn"]))
     files = [[meta["fn"][f][c] for f in frames] for c in range(len(meta["cam_id"]))]
     sizes = [[os.path.getsize(os.path.join(seq_dir, "ims", fn)) for fn in row] for row in files]
-    return {"format": FORMAT, "encoder": encoder.name, "encoder_identity": encoder.identity,
-            "input_size": encoder.input_size, "dim": encoder.dim, "dtype": "float16",
-            "width": w, "height": h, "cam_id": list(meta["cam_id"]), "timestep": t, "clip_frames": frames,
-            # Sizes (not times) of the clip's images: a regenerated or edited sequence almost always
-            # changes them, while copying the data elsewhere keeps them.
-            "image_bytes": sizes, "levels": tiles.tile_levels(h, w),
-            "reuse": None if reuse_tolerance is None else {"tolerance": reuse_tolerance, "grid": tiles.REUSE_GRID}}
+    return {
+        "format": FORMAT,
+        "encoder": encoder.name,
+        "encoder_identity": encoder.identity,
+        "input_size": encoder.input_size,
+        "dim": encoder.dim,
+        "dtype": "float16",
+        "width": w,
+        "height": h,
+        "cam_id": list(meta["cam_id"]),
+        "timestep": t,
+        "clip_frames": frames,
+        # Sizes (not times) of the clip's images: a regenerated or edited sequence almost always
+        # changes them, while copying the data elsewhere keeps them.
+        "image_bytes": sizes,
+        "levels": tiles.tile_levels(h, w),
+        "reuse": None if reuse_tolerance is None else {"tolerance": reuse_tolerance, "grid": tiles.REUSE_GRID},
+    }
 
 
 def claim_for_sequence(cache, seq_dir, meta):
@@ -72,8 +87,10 @@ def claim_for_sequence(cache, seq_dir, meta):
     path = os.path.join(cache, "sequence.json")
     recorded, current = helpers.read_json(path), helpers.sequence_identity(seq_dir, [meta])
     if recorded and recorded.get("path") != current["path"] and helpers.sequence_mismatch(recorded, current):
-        raise UserError(f"{cache}: its features {helpers.sequence_mismatch(recorded, current)}; give each sequence "
-                        f"its own --cache-dir")
+        raise UserError(
+            f"{cache}: its features {helpers.sequence_mismatch(recorded, current)}; give each sequence "
+            f"its own --cache-dir"
+        )
     if recorded != current:
         helpers.save_json(path, current)
 
@@ -106,8 +123,9 @@ def reuse_serves(cached, wanted):
     """Whether embeddings made with the `reuse` entry `cached` may stand for those a run with `wanted`
     would make (None: every clip encoded): exact ones always, reused ones only for a run that reuses
     with the same grid and a tolerance at least theirs."""
-    return cached is None or (wanted is not None and cached["grid"] == wanted["grid"]
-                              and cached["tolerance"] <= wanted["tolerance"])
+    return cached is None or (
+        wanted is not None and cached["grid"] == wanted["grid"] and cached["tolerance"] <= wanted["tolerance"]
+    )
 
 
 def damaged_level(cache, t, config):
@@ -145,7 +163,9 @@ def write_timestep(cache, t, config, embeddings):
         start, cams = 0, len(config["cam_id"])
         for i, lv in enumerate(config["levels"]):
             n = cams * lv["rows"] * lv["cols"]
-            np.save(os.path.join(tmp, f"level_{i}.npy"), emb[start:start + n].reshape(cams, lv["rows"], lv["cols"], -1))
+            np.save(
+                os.path.join(tmp, f"level_{i}.npy"), emb[start : start + n].reshape(cams, lv["rows"], lv["cols"], -1)
+            )
             start += n
         if start != len(emb):
             raise ValueError(f"{len(emb)} embeddings for {start} tiles")
@@ -167,8 +187,10 @@ def write_timestep(cache, t, config, embeddings):
 def _checked_config(cache, t):
     config = read_config(cache, t)
     if config is None:
-        raise UserError(f"{timestep_dir(cache, t)}: no cached tile embeddings for timestep {t}; run "
-                        f"extract_features.py -s <seq> --encoder {os.path.basename(cache)} first")
+        raise UserError(
+            f"{timestep_dir(cache, t)}: no cached tile embeddings for timestep {t}; run "
+            f"extract_features.py -s <seq> --encoder {os.path.basename(cache)} first"
+        )
     return config
 
 
@@ -178,15 +200,19 @@ def load_level(cache, t, i, mmap_mode=None):
     try:
         return np.load(path, mmap_mode=mmap_mode)
     except (OSError, ValueError, EOFError) as e:
-        raise UserError(f"{path} cannot be read ({type(e).__name__}: {e}); run extract_features.py again "
-                        f"(it recomputes damaged timesteps)") from None
+        raise UserError(
+            f"{path} cannot be read ({type(e).__name__}: {e}); run extract_features.py again "
+            f"(it recomputes damaged timesteps)"
+        ) from None
 
 
 def check_finite(values, cache, t):
     """Raise UserError when tile embeddings read from timestep t hold NaN/Inf (a damaged cache)."""
     if not np.isfinite(values).all():
-        raise UserError(f"{timestep_dir(cache, t)}: the cached embeddings hold NaN/Inf; delete the folder and run "
-                        f"extract_features.py again")
+        raise UserError(
+            f"{timestep_dir(cache, t)}: the cached embeddings hold NaN/Inf; delete the folder and run "
+            f"extract_features.py again"
+        )
 
 
 def load_tile_embeddings(cache, t):
@@ -212,9 +238,12 @@ def dense_feature_map(cache, t, cam_index, height, width, device="cpu", guide=No
     for grid in grids:
         check_finite(grid, cache, t)
     if guide is None:
-        return tiles.dense_from_grids(grids, config["levels"], (config["height"], config["width"]), (height, width),
-                                      torch.device(device))
+        return tiles.dense_from_grids(
+            grids, config["levels"], (config["height"], config["width"]), (height, width), torch.device(device)
+        )
     if tuple(guide.shape) != (3, config["height"], config["width"]):
-        raise UserError(f"{timestep_dir(cache, t)}: guide image of shape {tuple(guide.shape)}, the tiles were cut "
-                        f"from {config['width']}x{config['height']} images")
+        raise UserError(
+            f"{timestep_dir(cache, t)}: guide image of shape {tuple(guide.shape)}, the tiles were cut "
+            f"from {config['width']}x{config['height']} images"
+        )
     return tiles.dense_purest(grids, config["levels"], guide, (height, width), torch.device(device))

@@ -42,6 +42,7 @@ weight sits between what a resting and what a moving red ball score against "a r
 the action weight and the motion window (c-1 .. c+1) on the scene family, where a tile can hold
 one object alone (tests/test_family.py, docs/benchmark.md).
 """
+
 import numpy as np
 import regex
 import torch
@@ -52,14 +53,41 @@ from feature_extraction.viclip import CLIP_MEAN, CLIP_STD
 SEED = 4100004
 DIM = 768
 COLORS = ("red", "green", "blue", "yellow", "orange", "purple", "white", "grey", "black", "brown")
-PALETTE_RGB = ((0.85, 0.10, 0.10), (0.10, 0.65, 0.15), (0.10, 0.20, 0.85), (0.95, 0.85, 0.10),
-               (0.95, 0.50, 0.05), (0.50, 0.10, 0.60), (0.95, 0.95, 0.95), (0.50, 0.50, 0.50),
-               (0.05, 0.05, 0.05), (0.45, 0.28, 0.12))
+PALETTE_RGB = (
+    (0.85, 0.10, 0.10),
+    (0.10, 0.65, 0.15),
+    (0.10, 0.20, 0.85),
+    (0.95, 0.85, 0.10),
+    (0.95, 0.50, 0.05),
+    (0.50, 0.10, 0.60),
+    (0.95, 0.95, 0.95),
+    (0.50, 0.50, 0.50),
+    (0.05, 0.05, 0.05),
+    (0.45, 0.28, 0.12),
+)
 ACHROMATIC = ("white", "grey", "black")  # no shaded entry: a shaded white is grey
 SHADE = 0.3
 SYNONYMS = {"gray": "grey"}
-MOTION_WORDS = frozenset(("moving", "flying", "flies", "fly", "sliding", "slides", "thrown", "throwing",
-                          "rolling", "spinning", "spins", "bouncing", "running", "jumping", "falling", "moves"))
+MOTION_WORDS = frozenset(
+    (
+        "moving",
+        "flying",
+        "flies",
+        "fly",
+        "sliding",
+        "slides",
+        "thrown",
+        "throwing",
+        "rolling",
+        "spinning",
+        "spins",
+        "bouncing",
+        "running",
+        "jumping",
+        "falling",
+        "moves",
+    )
+)
 SIGMA = 0.1
 MOTION_GAIN = 20.0
 GENERIC_WEIGHT = 0.3
@@ -78,6 +106,7 @@ class ColorEncoder:
     encode_text) of the formula in this module's docstring. Any clip resolution works; extraction
     resizes tiles to `input_size` = 8 px (antialiased, so each pixel averages a patch of the tile):
     enough for a colour histogram and frame differences, and it keeps the CPU demo fast."""
+
     name = "color"
     dim = DIM
     input_size = 8
@@ -86,23 +115,25 @@ class ColorEncoder:
     @property
     def identity(self):
         """What the cache records: every constant of the formula, so changing one recomputes."""
-        return (f"color-v4:seed={SEED}:sigma={SIGMA}:shade={SHADE}:motion={MOTION_GAIN}:generic={GENERIC_WEIGHT}:"
-                f"action={ACTION_WEIGHT}:palette={PALETTE_RGB}")
+        return (
+            f"color-v4:seed={SEED}:sigma={SIGMA}:shade={SHADE}:motion={MOTION_GAIN}:generic={GENERIC_WEIGHT}:"
+            f"action={ACTION_WEIGHT}:palette={PALETTE_RGB}"
+        )
 
     def __init__(self, device="cpu"):
         self.device = torch.device(device)
         dirs = torch.tensor(directions(), dtype=torch.float32, device=self.device)
-        self.colour_dirs, self.motion_dirs, self.generic = dirs[:len(COLORS)], dirs[len(COLORS):-1], dirs[-1]
+        self.colour_dirs, self.motion_dirs, self.generic = dirs[: len(COLORS)], dirs[len(COLORS) : -1], dirs[-1]
         self.palette = torch.tensor(PALETTE_RGB, dtype=torch.float32, device=self.device)  # [10, 3]
         # the darkest shade of each colour: itself for the achromatic ones (a shaded white is grey)
         self.darkest = torch.tensor([1.0 if c in ACHROMATIC else SHADE for c in COLORS], device=self.device)
 
     def assign(self, rgb):
         """rgb [..., 3] in [0, 1] -> soft colour assignment [..., 10] (sums to 1)."""
-        scale = (rgb @ self.palette.T) / (self.palette ** 2).sum(1)  # [..., 10]: the best shade of each colour
+        scale = (rgb @ self.palette.T) / (self.palette**2).sum(1)  # [..., 10]: the best shade of each colour
         nearest = torch.maximum(scale, self.darkest).clamp(max=1.0)[..., None] * self.palette  # [..., 10, 3]
         dist2 = ((rgb[..., None, :] - nearest) ** 2).sum(-1)
-        return torch.softmax(-dist2 / (2 * SIGMA ** 2), dim=-1)
+        return torch.softmax(-dist2 / (2 * SIGMA**2), dim=-1)
 
     @torch.inference_mode()
     def encode_video(self, frames):

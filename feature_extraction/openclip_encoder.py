@@ -1,5 +1,6 @@
 """An image CLIP from open_clip as a video encoder, for users without ViCLIP weights: each frame of
 a clip is embedded on its own, the unit frame embeddings are averaged and normalised again."""
+
 import os
 
 import torch
@@ -14,26 +15,39 @@ class OpenCLIPEncoder:
     downloads), or "random" (untrained weights, for tests and benchmarks). Same interface as
     ViCLIP: .name ("openclip-<arch>"), .dim, .identity, .input_size, .batch_size, encode_video,
     encode_text."""
+
     batch_size = 64
 
     def __init__(self, arch, pretrained, device="cpu"):
         import open_clip
+
         if arch not in open_clip.list_models():
-            raise UserError(f"--encoder openclip:{arch}:...: unknown open_clip architecture; "
-                            f"choose one of open_clip.list_models(), e.g. ViT-L-14, ViT-B-16")
-        looks_like_file = (os.sep in pretrained
-                           or os.path.splitext(pretrained)[1] in (".pt", ".pth", ".bin", ".safetensors"))
+            raise UserError(
+                f"--encoder openclip:{arch}:...: unknown open_clip architecture; "
+                f"choose one of open_clip.list_models(), e.g. ViT-L-14, ViT-B-16"
+            )
+        looks_like_file = os.sep in pretrained or os.path.splitext(pretrained)[1] in (
+            ".pt",
+            ".pth",
+            ".bin",
+            ".safetensors",
+        )
         if looks_like_file and not os.path.isfile(pretrained):
-            raise UserError(f"{pretrained}: open_clip checkpoint not found; give a file, an open_clip "
-                            f"pretrained tag (open_clip.list_pretrained()) or 'random'")
+            raise UserError(
+                f"{pretrained}: open_clip checkpoint not found; give a file, an open_clip "
+                f"pretrained tag (open_clip.list_pretrained()) or 'random'"
+            )
         self.device = torch.device(device)
         try:
-            self.model = open_clip.create_model(arch, pretrained=None if pretrained == "random" else pretrained,
-                                                device=self.device)
+            self.model = open_clip.create_model(
+                arch, pretrained=None if pretrained == "random" else pretrained, device=self.device
+            )
         except Exception as e:  # a file that is no checkpoint fails in torch.load's unpickler in many ways
-            raise UserError(f"--encoder openclip:{arch}:{pretrained}: open_clip could not load it "
-                            f"({type(e).__name__}: {str(e)[:200]}); give an open_clip checkpoint of {arch}, "
-                            f"a tag of open_clip.list_pretrained() or 'random'") from None
+            raise UserError(
+                f"--encoder openclip:{arch}:{pretrained}: open_clip could not load it "
+                f"({type(e).__name__}: {str(e)[:200]}); give an open_clip checkpoint of {arch}, "
+                f"a tag of open_clip.list_pretrained() or 'random'"
+            ) from None
         self.model.eval().requires_grad_(False)
         self.tokenizer = open_clip.get_tokenizer(arch)
         cfg = self.model.visual.preprocess_cfg

@@ -8,6 +8,7 @@ probability) decides. We call `relevance` = max(relevancy - 0.5, 0) in [0, 0.5]:
 the prompt than a generic thing". It stays ABSOLUTE for detection (timeline, masks): a prompt that
 matches nothing gives zeros, never a blob stretched to 1 by normalisation.
 """
+
 import hashlib
 import math
 import os
@@ -29,11 +30,17 @@ MASK_FRACTION = 0.5  # mask = relevance > half the video's peak (never below the
 # the scale of the smallest tile (0.15 x the height: 54 px at 640x360), and the per-pixel decoder is
 # most of the CPU's time. One block per 180 rows of height: 2 at 360, every pixel at 180 and below.
 STRIDE_ROWS = 180
-ENCODER_OF_STAGES = ("the --encoder of " + ", ".join(helpers.stage_name(script) for script in (
-    "extract_features.py", "train_autoencoder.py", "train_4legs.py")) + ": viclip, color, openclip:<arch>:<ckpt>")
+ENCODER_OF_STAGES = (
+    "the --encoder of "
+    + ", ".join(
+        helpers.stage_name(script) for script in ("extract_features.py", "train_autoencoder.py", "train_4legs.py")
+    )
+    + ": viclip, color, openclip:<arch>:<ckpt>"
+)
 
 
 # ---------------------------------------------------------------- where stage outputs live
+
 
 def encoder_name(spec):
     """Cache name of an --encoder spec as extract_features.py takes it: viclip, color, or
@@ -48,8 +55,9 @@ def d3dgs_params_path(exp, seq_dir):
     was made from another sequence (helpers.check_stage1_sequence)."""
     path = os.path.join(helpers.stage_dir("output", exp, seq_dir), "params.npz")
     if not os.path.isfile(path):
-        raise helpers.UserError(f"{path} not found: "
-                                + helpers.run_first("train_d3dgs.py", f"python train_d3dgs.py -s {seq_dir} -e {exp}"))
+        raise helpers.UserError(
+            f"{path} not found: " + helpers.run_first("train_d3dgs.py", f"python train_d3dgs.py -s {seq_dir} -e {exp}")
+        )
     helpers.check_stage1_sequence(path, seq_dir)
     return path
 
@@ -66,20 +74,28 @@ def feature_cache(root, encoder_spec, seq_dir=None):
     """Stage-3 cache folder of the encoder `encoder_spec` (--encoder) under `root` (the sequence
     folder or --cache-dir), checked: raises UserError naming the command."""
     from feature_extraction import cache_dir
+
     path = cache_dir(root, encoder_name(encoder_spec))
     if not os.path.isdir(path):
         where = "" if seq_dir in (None, root) else f" --cache-dir {root}"
-        raise helpers.UserError(f"{path} not found: " + helpers.run_first(
-            "extract_features.py", f"python extract_features.py -s {seq_dir or root} --encoder {encoder_spec}{where}"))
+        raise helpers.UserError(
+            f"{path} not found: "
+            + helpers.run_first(
+                "extract_features.py",
+                f"python extract_features.py -s {seq_dir or root} --encoder {encoder_spec}{where}",
+            )
+        )
     return path
 
 
 # What a stage-5 record must match (train_4legs.py writes these keys) and what it says when it does not.
-LEGS_MADE_FROM = {"encoder": "was trained on '{old}' features, not '{new}'",
-                  "ae_run_id": "was trained with another autoencoder (stage 4 was retrained since)",
-                  "params": "was trained on other stage-1 Gaussians (stage 1 was retrained since: params.npz changed)",
-                  "downscale": "was trained with --downscale {old}, not {new}",
-                  "tile_mix": "was trained with --tile-mix {old}, not {new}"}
+LEGS_MADE_FROM = {
+    "encoder": "was trained on '{old}' features, not '{new}'",
+    "ae_run_id": "was trained with another autoencoder (stage 4 was retrained since)",
+    "params": "was trained on other stage-1 Gaussians (stage 1 was retrained since: params.npz changed)",
+    "downscale": "was trained with --downscale {old}, not {new}",
+    "tile_mix": "was trained with --tile-mix {old}, not {new}",
+}
 
 
 def check_legs(record, path, made_from):
@@ -113,8 +129,10 @@ def load_legs(path, t, device, made_from, train_cmd):
     record = read_legs(path, train_cmd)
     check_legs(record, path, made_from)
     if not (torch.isfinite(record["features"]).all() and torch.isfinite(record["latents"]).all()):
-        raise helpers.UserError(f"{path}: features or latents hold NaN/Inf; run "
-                                f"{helpers.stage_name('train_4legs.py')} again: {train_cmd} --restart")
+        raise helpers.UserError(
+            f"{path}: features or latents hold NaN/Inf; run "
+            f"{helpers.stage_name('train_4legs.py')} again: {train_cmd} --restart"
+        )
     record["features"] = record["features"].to(device=device, dtype=torch.float32)
     return record
 
@@ -125,6 +143,7 @@ class Stages:
 
     def __init__(self, seq_dir, exp, encoder_spec, device, cache_root=None):
         from feature_extraction.autoencoder import ae_ckpt_path, load_autoencoder
+
         self.seq_dir, self.exp, self.device = seq_dir, exp, device
         self.encoder_spec, self.encoder_name = encoder_spec, encoder_name(encoder_spec)
         self.params_path = d3dgs_params_path(exp, seq_dir)
@@ -134,24 +153,31 @@ class Stages:
         self.ae, self.ae_info = load_autoencoder(self.ae_path, encoder_spec, device)
         self.legs_dir = legs_dir(exp, seq_dir)
         self.train_cmd = f"python train_4legs.py -s {seq_dir} -e {exp} --encoder {encoder_spec}"
-        self.made_from = {"encoder": self.encoder_name, "ae_run_id": self.ae_info["run_id"],
-                          "params": helpers.d3dgs_identity(self.params_path)["fingerprint"]}
+        self.made_from = {
+            "encoder": self.encoder_name,
+            "ae_run_id": self.ae_info["run_id"],
+            "params": helpers.d3dgs_identity(self.params_path)["fingerprint"],
+        }
         self.legs_run_ids = []
         for t in range(self.num_t):  # fail now rather than after minutes of rendering
             path = legs_path(self.legs_dir, t)
             if not os.path.isfile(path):
-                raise helpers.UserError(f"{path} (timestep {t}) not found: "
-                                        + helpers.run_first("train_4legs.py", self.train_cmd))
+                raise helpers.UserError(
+                    f"{path} (timestep {t}) not found: " + helpers.run_first("train_4legs.py", self.train_cmd)
+                )
             record = read_legs(path, self.train_cmd)
             check_legs(record, path, self.made_from)
             self.legs_run_ids.append(record.get("run_id"))
 
     def provenance(self):
         """The provenance of what is rendered from these stages (for timeline.json, grounding.json)."""
-        return {"sequence": os.path.abspath(self.seq_dir), "encoder": self.encoder_spec,
-                "params": helpers.d3dgs_identity(self.params_path),
-                "autoencoder": {"path": os.path.abspath(self.ae_path), "run_id": self.ae_info["run_id"]},
-                "legs": {"path": os.path.abspath(self.legs_dir), "fingerprint": helpers.fingerprint(self.legs_run_ids)}}
+        return {
+            "sequence": os.path.abspath(self.seq_dir),
+            "encoder": self.encoder_spec,
+            "params": helpers.d3dgs_identity(self.params_path),
+            "autoencoder": {"path": os.path.abspath(self.ae_path), "run_id": self.ae_info["run_id"]},
+            "legs": {"path": os.path.abspath(self.legs_dir), "fingerprint": helpers.fingerprint(self.legs_run_ids)},
+        }
 
     def gaussians(self, t):
         """Rasterizer inputs of timestep t (load_d3dgs_params) plus legs_features [N, 128]."""
@@ -163,6 +189,7 @@ class Stages:
 
 # ---------------------------------------------------------------- rendering
 
+
 def render_features(cam, rendervar, features, with_fg=False):
     """Render Gaussians with per-Gaussian features through the feature rasterizer.
 
@@ -172,18 +199,25 @@ def render_features(cam, rendervar, features, with_fg=False):
     [0, 1] or None.
     """
     import diff_gaussian_rasterization_feat as dgrf
+
     channels = features.shape[1]
     if with_fg:
         features = torch.cat([features, rendervar["seg_colors"][:, :1]], 1)
     means3D = rendervar["means3D"]
     rgb, _, _, out = dgrf.GaussianRasterizer(cam)(
-        means3D=means3D, means2D=torch.zeros_like(means3D), opacities=rendervar["opacities"],
-        colors_precomp=rendervar["colors_precomp"], legs_features=features, scales=rendervar["scales"],
-        rotations=rendervar["rotations"])
+        means3D=means3D,
+        means2D=torch.zeros_like(means3D),
+        opacities=rendervar["opacities"],
+        colors_precomp=rendervar["colors_precomp"],
+        legs_features=features,
+        scales=rendervar["scales"],
+        rotations=rendervar["rotations"],
+    )
     return rgb, out[:channels], (out[channels] if with_fg else None)
 
 
 # ---------------------------------------------------------------- relevancy
+
 
 def relevancy(embeds, positives, negatives):
     """Probability that each positive beats its hardest negative.
@@ -205,14 +239,22 @@ def relevancy_stride(height, stride=None):
 def add_prompt_options(parser):
     """Options visualize_4legs.py and evaluate_grounding.py share: --threshold, --relevancy-stride,
     --viclip-ckpt, --device."""
-    parser.add_argument("--threshold", type=float, default=DETECT_THRESHOLD,
-                        help="relevance score (probability - 0.5) above which a timestep holds the prompt "
-                        "(default: %(default)s)")
-    parser.add_argument("--relevancy-stride", type=int, default=None,
-                        help="decode the mean feature of stride x stride pixel blocks and upsample the relevance "
-                        f"(1 = every pixel; default: height // {STRIDE_ROWS}, at least 1)")
-    parser.add_argument("--viclip-ckpt", default=DEFAULT_CKPT,
-                        help="ViCLIP checkpoint for --encoder viclip (default: %(default)s)")
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=DETECT_THRESHOLD,
+        help="relevance score (probability - 0.5) above which a timestep holds the prompt (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--relevancy-stride",
+        type=int,
+        default=None,
+        help="decode the mean feature of stride x stride pixel blocks and upsample the relevance "
+        f"(1 = every pixel; default: height // {STRIDE_ROWS}, at least 1)",
+    )
+    parser.add_argument(
+        "--viclip-ckpt", default=DEFAULT_CKPT, help="ViCLIP checkpoint for --encoder viclip (default: %(default)s)"
+    )
     parser.add_argument("--device", default=None, help="cuda, cpu (default: cuda if available)")
 
 
@@ -237,7 +279,7 @@ def relevance_map(features, ae, positives, negatives, stride=None, chunk=65536):
     out = []
     with torch.no_grad():
         for start in range(0, flat.shape[0], chunk):
-            out.append(relevancy(ae.decode(flat[start:start + chunk]), positives, negatives))
+            out.append(relevancy(ae.decode(flat[start : start + chunk]), positives, negatives))
     rel = (torch.cat(out, 1) - 0.5).clamp(min=0).reshape(-1, *features.shape[1:])
     if stride > 1:
         rel = F.interpolate(rel[None], size=(h, w), mode="bilinear", align_corners=False)[0]
@@ -249,11 +291,10 @@ def encode_prompts(encoder, prompts, device):
     with torch.no_grad():
         emb = encoder.encode_text(list(prompts) + list(NEGATIVES)).to(device=device, dtype=torch.float32)
     emb = F.normalize(emb, dim=-1)
-    return emb[:len(prompts)], emb[len(prompts):]
+    return emb[: len(prompts)], emb[len(prompts) :]
 
 
-def render_relevance_video(stages, cams, positives, negatives, fg_only=False, stride=None,
-                           desc="rendering"):
+def render_relevance_video(stages, cams, positives, negatives, fg_only=False, stride=None, desc="rendering"):
     """Render one view over time and its relevance to every prompt.
 
     cams: rasterizer settings per timestep (len T). Returns rgb uint8 [T, H, W, 3] and relevance
@@ -272,6 +313,7 @@ def render_relevance_video(stages, cams, positives, negatives, fg_only=False, st
 
 
 # ---------------------------------------------------------------- time and space from relevance
+
 
 def frame_scores(relevance):
     """relevance [..., T, H, W] -> per-frame score [..., T]: mean of the top 0.1% pixels (a peak
@@ -303,6 +345,7 @@ def heat(relevance, threshold=DETECT_THRESHOLD):
 def overlay(heat_frame, rgb):
     """Turbo heatmap of heat_frame [H, W] in [0, 1] blended 50/50 with rgb uint8 [H, W, 3]."""
     from matplotlib import colormaps
+
     colour = colormaps["turbo"](np.asarray(heat_frame, dtype=np.float32))[..., :3]
     return (0.5 * colour * 255 + 0.5 * rgb + 0.5).astype(np.uint8)
 

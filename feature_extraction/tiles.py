@@ -24,6 +24,7 @@ their shrunken images, REUSE_GRID x REUSE_GRID cells per frame (crop_tiles at th
 cell is the antialiased mean of its patch of the tile); clip_change is the largest change of one
 cell in one frame, the mean over RGB of |difference| (values in [0, 1]).
 """
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -55,8 +56,16 @@ def tile_levels(height, width):
         if k < 1 or stride < 1:
             raise UserError(f"image height {height}: too small for tiles of {ratio:.3f} x the height")
         pad = k // 2
-        levels.append({"ratio": ratio, "kernel": k, "stride": stride, "padding": pad,
-                       "rows": (height + 2 * pad - k) // stride + 1, "cols": (width + 2 * pad - k) // stride + 1})
+        levels.append(
+            {
+                "ratio": ratio,
+                "kernel": k,
+                "stride": stride,
+                "padding": pad,
+                "rows": (height + 2 * pad - k) // stride + 1,
+                "cols": (width + 2 * pad - k) // stride + 1,
+            }
+        )
     return levels
 
 
@@ -77,8 +86,9 @@ def tile_index(levels, num_cams):
     level [M], cam [M], row [M], col [M]."""
     parts = []
     for li, lv in enumerate(levels):
-        cam, row, col = torch.meshgrid(torch.arange(num_cams), torch.arange(lv["rows"]), torch.arange(lv["cols"]),
-                                       indexing="ij")
+        cam, row, col = torch.meshgrid(
+            torch.arange(num_cams), torch.arange(lv["rows"]), torch.arange(lv["cols"]), indexing="ij"
+        )
         parts.append(torch.stack([torch.full_like(cam, li), cam, row, col]).flatten(1))
     return torch.cat(parts, 1).unbind(0)
 
@@ -190,13 +200,14 @@ def tile_histograms(guide, levels, chunk=27):
     hold it. Bins are pooled `chunk` at a time, so memory stays at chunk x H x W."""
     bins, weights = soft_colour_bins(guide)
     out = [[] for _ in levels]
-    for first in range(0, COLOUR_BINS ** 3, chunk):
+    for first in range(0, COLOUR_BINS**3, chunk):
         onehot = torch.zeros(chunk + 1, *guide.shape[1:], device=guide.device)  # last row: other bins
         onehot.scatter_add_(0, torch.where((bins >= first) & (bins < first + chunk), bins - first, chunk), weights)
         for hist, lv in zip(out, levels):
-            pooled = F.avg_pool2d(onehot[None, :chunk], lv["kernel"], lv["stride"], lv["padding"],
-                                  count_include_pad=True)[0]
-            hist.append(pooled[:, :lv["rows"], :lv["cols"]].flatten(1))
+            pooled = F.avg_pool2d(
+                onehot[None, :chunk], lv["kernel"], lv["stride"], lv["padding"], count_include_pad=True
+            )[0]
+            hist.append(pooled[:, : lv["rows"], : lv["cols"]].flatten(1))
     return [torch.cat(hist) for hist in out]
 
 
@@ -208,10 +219,13 @@ def purest_tiles(levels, guide, out_hw):
     pixel centres onto it (the pixels' colours from the guide resized, antialiased)."""
     (h, w), (src_h, src_w) = out_hw, guide.shape[1:]
     device = guide.device
-    pixels = guide if (h, w) == (src_h, src_w) else F.interpolate(
-        guide[None], size=(h, w), mode="bilinear", align_corners=False, antialias=True)[0]
+    pixels = (
+        guide
+        if (h, w) == (src_h, src_w)
+        else F.interpolate(guide[None], size=(h, w), mode="bilinear", align_corners=False, antialias=True)[0]
+    )
     bins, weights = soft_colour_bins(pixels.reshape(3, -1))  # [8, P]
-    self_share = (weights ** 2).sum(0)  # the share a tile all of this colour scores
+    self_share = (weights**2).sum(0)  # the share a tile all of this colour scores
     best = torch.full((h * w,), -1.0, device=device)
     choice = torch.zeros(h * w, dtype=torch.long, device=device)
     offsets = np.cumsum([0] + [lv["rows"] * lv["cols"] for lv in levels])

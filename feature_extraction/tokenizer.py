@@ -9,6 +9,7 @@ piece's UTF-8 bytes are mapped to printable symbols and merged by BPE. A row is
 context length with its last id set to EOT. The vocabulary file is read from the installed open_clip
 package, which ships it.
 """
+
 import functools
 import gzip
 import html
@@ -23,18 +24,22 @@ NUM_MERGES = 49152 - 256 - 2
 SOT, EOT = "<|startoftext|>", "<|endoftext|>"
 SOT_ID, EOT_ID = 49406, 49407
 # Contractions, runs of letters, single digits, runs of other non-space characters.
-_SPLIT = regex.compile(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+",
-                       regex.IGNORECASE)
+_SPLIT = regex.compile(
+    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+", regex.IGNORECASE
+)
 
 
 def vocab_path():
     """Path of open_clip's bundled BPE merges file (UserError when open_clip is not installed)."""
     from helpers import UserError
+
     spec = importlib.util.find_spec("open_clip")
     path = spec and os.path.join(spec.submodule_search_locations[0], VOCAB_FILE)
     if not path or not os.path.isfile(path):
-        raise UserError(f"{VOCAB_FILE}: not found (it ships with open_clip); install it with "
-                        f"`pip install open_clip_torch==3.3.0` (see requirements.txt)")
+        raise UserError(
+            f"{VOCAB_FILE}: not found (it ships with open_clip); install it with "
+            f"`pip install open_clip_torch==3.3.0` (see requirements.txt)"
+        )
     return path
 
 
@@ -51,6 +56,7 @@ def byte_symbols():
 def clean(text):
     """CLIP's text cleaning: fix mojibake (ftfy), unescape HTML twice, collapse whitespace, lower-case."""
     import ftfy
+
     text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
     return regex.sub(r"\s+", " ", text).strip().lower()
 
@@ -60,7 +66,7 @@ class ClipTokenizer:
 
     def __init__(self, path=None):
         with gzip.open(path or vocab_path(), "rt", encoding="utf-8") as f:
-            lines = f.read().split("\n")[1:NUM_MERGES + 1]  # line 0 is a version header
+            lines = f.read().split("\n")[1 : NUM_MERGES + 1]  # line 0 is a version header
         merges = [tuple(line.split()) for line in lines]
         symbols = list(byte_symbols().values())
         vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [SOT, EOT]
@@ -107,8 +113,8 @@ class ClipTokenizer:
         for row, text in enumerate(texts):
             ids = [SOT_ID] + self.encode(text) + [EOT_ID]
             if len(ids) > context_length:
-                ids = ids[:context_length - 1] + [EOT_ID]
-            out[row, :len(ids)] = torch.tensor(ids)
+                ids = ids[: context_length - 1] + [EOT_ID]
+            out[row, : len(ids)] = torch.tensor(ids)
         return out
 
 

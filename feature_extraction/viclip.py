@@ -8,6 +8,7 @@ The speed-up is in how it is computed: one fused attention call (scaled_dot_prod
 flash/cuDNN kernels on CUDA) instead of nn.MultiheadAttention, bfloat16 weights on CUDA, the patch
 embedding as one conv2d over all frames, and optionally torch.compile.
 """
+
 import collections
 import contextlib
 import os
@@ -58,8 +59,11 @@ class ResidualBlock(nn.Module):
         self.ln_1 = nn.LayerNorm(width, eps=1e-5)
         self.attn = Attention(width, heads)
         self.ln_2 = nn.LayerNorm(width, eps=1e-5)
-        self.mlp = nn.Sequential(collections.OrderedDict(
-            c_fc=nn.Linear(width, 4 * width), gelu=QuickGELU(), c_proj=nn.Linear(4 * width, width)))
+        self.mlp = nn.Sequential(
+            collections.OrderedDict(
+                c_fc=nn.Linear(width, 4 * width), gelu=QuickGELU(), c_proj=nn.Linear(4 * width, width)
+            )
+        )
 
     def forward(self, x, causal=False):
         x = x + self.attn(self.ln_1(x), causal)
@@ -119,7 +123,7 @@ class TextEncoder(nn.Module):
         self.text_projection = nn.Parameter(torch.empty(width, embed_dim))
 
     def forward(self, tokens):
-        x = self.token_embedding(tokens) + self.positional_embedding[:tokens.shape[1]]
+        x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]
         x = self.ln_final(self.transformer(x, causal=True))
         eot = tokens.argmax(dim=-1)  # EOT has the largest id
         return x[torch.arange(len(tokens), device=tokens.device), eot] @ self.text_projection
@@ -132,17 +136,30 @@ class ViCLIP(nn.Module):
     encode_text(list of str) -> [B, embed_dim] float32, L2-normalised. Weights may be float32 or
     bfloat16; inputs are cast to the weights' dtype and outputs returned in float32.
     """
+
     name = "viclip"
     batch_size = 64  # clips per call that keep an H100 busy (measured: 32..128 run at the same speed)
 
-    def __init__(self, image_size=224, patch=14, vision_width=1024, vision_layers=24, vision_heads=16,
-                 frames=8, embed_dim=768, context_length=32, vocab_size=49408, text_width=768,
-                 text_layers=12, text_heads=12):
+    def __init__(
+        self,
+        image_size=224,
+        patch=14,
+        vision_width=1024,
+        vision_layers=24,
+        vision_heads=16,
+        frames=8,
+        embed_dim=768,
+        context_length=32,
+        vocab_size=49408,
+        text_width=768,
+        text_layers=12,
+        text_heads=12,
+    ):
         super().__init__()
-        self.vision_encoder = VisionEncoder(image_size, patch, vision_width, vision_layers, vision_heads,
-                                            frames, embed_dim)
-        self.text_encoder = TextEncoder(context_length, vocab_size, text_width, text_layers, text_heads,
-                                        embed_dim)
+        self.vision_encoder = VisionEncoder(
+            image_size, patch, vision_width, vision_layers, vision_heads, frames, embed_dim
+        )
+        self.text_encoder = TextEncoder(context_length, vocab_size, text_width, text_layers, text_heads, embed_dim)
         self.temp = nn.Parameter(torch.tensor(1 / 100.0))  # logit temperature of training; unused here
         self.input_size, self.frames, self.context_length, self.dim = image_size, frames, context_length, embed_dim
         self.sdpa_backends = None  # None: PyTorch's choice; else the list of SDPBackend allowed
@@ -155,14 +172,18 @@ class ViCLIP(nn.Module):
 
     def reset_parameters(self, generator=None):
         """CLIP's initialisation (normal, scaled by width and depth); for tests and benchmarks."""
+
         def normal(p, std):
             with torch.no_grad():
                 p.normal_(0.0, std, generator=generator)
-        for width, tr in ((self.vision_encoder.proj.shape[0], self.vision_encoder.transformer),
-                          (self.text_encoder.text_projection.shape[0], self.text_encoder.transformer)):
-            proj_std = width ** -0.5 * (2 * len(tr.resblocks)) ** -0.5
+
+        for width, tr in (
+            (self.vision_encoder.proj.shape[0], self.vision_encoder.transformer),
+            (self.text_encoder.text_projection.shape[0], self.text_encoder.transformer),
+        ):
+            proj_std = width**-0.5 * (2 * len(tr.resblocks)) ** -0.5
             for block in tr.resblocks:
-                normal(block.attn.in_proj_weight, width ** -0.5)
+                normal(block.attn.in_proj_weight, width**-0.5)
                 normal(block.attn.out_proj.weight, proj_std)
                 normal(block.mlp.c_fc.weight, (2 * width) ** -0.5)
                 normal(block.mlp.c_proj.weight, proj_std)
@@ -173,10 +194,16 @@ class ViCLIP(nn.Module):
                     nn.init.ones_(ln.weight)
                     nn.init.zeros_(ln.bias)
         v, t = self.vision_encoder, self.text_encoder
-        for p, std in ((v.conv1.weight, 0.02), (v.class_embedding, v.proj.shape[0] ** -0.5),
-                       (v.positional_embedding, v.proj.shape[0] ** -0.5), (v.temporal_positional_embedding, 0.02),
-                       (v.proj, v.proj.shape[0] ** -0.5), (t.token_embedding.weight, 0.02),
-                       (t.positional_embedding, 0.01), (t.text_projection, t.text_projection.shape[0] ** -0.5)):
+        for p, std in (
+            (v.conv1.weight, 0.02),
+            (v.class_embedding, v.proj.shape[0] ** -0.5),
+            (v.positional_embedding, v.proj.shape[0] ** -0.5),
+            (v.temporal_positional_embedding, 0.02),
+            (v.proj, v.proj.shape[0] ** -0.5),
+            (t.token_embedding.weight, 0.02),
+            (t.positional_embedding, 0.01),
+            (t.text_projection, t.text_projection.shape[0] ** -0.5),
+        ):
             normal(p, std)
         for ln in (v.ln_pre, v.ln_post, t.ln_final):
             nn.init.ones_(ln.weight)
@@ -193,6 +220,7 @@ class ViCLIP(nn.Module):
         if self.sdpa_backends is None:
             return contextlib.nullcontext()
         from torch.nn.attention import sdpa_kernel
+
         return sdpa_kernel(self.sdpa_backends)
 
     @torch.inference_mode()
@@ -207,6 +235,7 @@ class ViCLIP(nn.Module):
     def encode_text(self, texts):
         """list of str -> [B, embed_dim] float32, L2-normalised (CLIP BPE, context 32)."""
         from feature_extraction.tokenizer import default_tokenizer
+
         tokens = default_tokenizer()(texts, self.context_length).to(self.text_encoder.text_projection.device)
         with self._attention_kernels():
             x = self.text_encoder(tokens)
@@ -230,9 +259,11 @@ def load_viclip(path=DEFAULT_CKPT, device="cpu", dtype=None, compile=False, arch
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise UserError(f"{path}: ViCLIP checkpoint not found; download ViClip-InternVid-10M-FLT.pth from "
-                        f"{MODEL_PAGE} (log in and accept the model's conditions first) and put it at "
-                        f"{path} (default {DEFAULT_CKPT}), or run with --encoder color / openclip:<arch>:<ckpt>")
+        raise UserError(
+            f"{path}: ViCLIP checkpoint not found; download ViClip-InternVid-10M-FLT.pth from "
+            f"{MODEL_PAGE} (log in and accept the model's conditions first) and put it at "
+            f"{path} (default {DEFAULT_CKPT}), or run with --encoder color / openclip:<arch>:<ckpt>"
+        )
     try:
         try:
             ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
@@ -243,26 +274,37 @@ def load_viclip(path=DEFAULT_CKPT, device="cpu", dtype=None, compile=False, arch
             # code loads this file with a plain torch.load, so we do too for the official file.
             ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
     except Exception as e:
-        raise UserError(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: {e}); "
-                        f"download it again from {MODEL_PAGE}")
+        raise UserError(
+            f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: {e}); "
+            f"download it again from {MODEL_PAGE}"
+        )
     state = ckpt.get("model") if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
         keys = list(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise UserError(f"{path}: not a ViCLIP checkpoint: expected a dict with a 'model' state dict, "
-                        f"found {keys}; get ViClip-InternVid-10M-FLT.pth from {MODEL_PAGE}")
+        raise UserError(
+            f"{path}: not a ViCLIP checkpoint: expected a dict with a 'model' state dict, "
+            f"found {keys}; get ViClip-InternVid-10M-FLT.pth from {MODEL_PAGE}"
+        )
     want = expected_shapes(**(arch or {}))
     got = {k: tuple(v.shape) for k, v in state.items() if torch.is_tensor(v)}
     missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
     wrong = sorted(k for k in set(want) & set(got) if want[k] != got[k])
     if missing or unexpected or wrong:
+
         def few(keys, show=lambda k: k):
             return ", ".join(show(k) for k in keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
-        parts = [f"{len(missing)} missing ({few(missing)})" if missing else "",
-                 f"{len(unexpected)} unexpected ({few(unexpected)})" if unexpected else "",
-                 f"{len(wrong)} with other shapes ({few(wrong, lambda k: f'{k} {list(got[k])} != {list(want[k])}')})"
-                 if wrong else ""]
-        raise UserError(f"{path}: not the ViCLIP ViT-L/14 checkpoint: keys of its 'model' differ: "
-                        f"{'; '.join(p for p in parts if p)}; get ViClip-InternVid-10M-FLT.pth from {MODEL_PAGE}")
+
+        parts = [
+            f"{len(missing)} missing ({few(missing)})" if missing else "",
+            f"{len(unexpected)} unexpected ({few(unexpected)})" if unexpected else "",
+            f"{len(wrong)} with other shapes ({few(wrong, lambda k: f'{k} {list(got[k])} != {list(want[k])}')})"
+            if wrong
+            else "",
+        ]
+        raise UserError(
+            f"{path}: not the ViCLIP ViT-L/14 checkpoint: keys of its 'model' differ: "
+            f"{'; '.join(p for p in parts if p)}; get ViClip-InternVid-10M-FLT.pth from {MODEL_PAGE}"
+        )
     device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     with torch.device("meta"):
@@ -275,7 +317,9 @@ def load_viclip(path=DEFAULT_CKPT, device="cpu", dtype=None, compile=False, arch
     finite = torch.stack([torch.isfinite(v).all() for v in weights.values()]).tolist()
     bad = [k for k, ok in zip(weights, finite) if not ok]
     if bad:
-        raise UserError(f"{path}: {len(bad)} tensors hold NaN/Inf ({', '.join(bad[:3])}); the file is damaged or "
-                        f"not trained: download ViClip-InternVid-10M-FLT.pth again from {MODEL_PAGE}")
+        raise UserError(
+            f"{path}: {len(bad)} tensors hold NaN/Inf ({', '.join(bad[:3])}); the file is damaged or "
+            f"not trained: download ViClip-InternVid-10M-FLT.pth again from {MODEL_PAGE}"
+        )
     model._identity = f"{os.path.basename(path)}:{os.path.getsize(path)}"
     return model.compile_video() if compile else model

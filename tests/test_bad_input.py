@@ -2,6 +2,7 @@
 case asserts a one-line UserError naming the file or value, and that nothing finished was lost
 (every file under output/, results/ and the sequence folder as it was, unless the case is about
 what a run may change). Stages run in-process (their main(argv)) in a copy of a trained folder."""
+
 import contextlib
 import hashlib
 import json
@@ -35,14 +36,29 @@ TINY = {"width": 32, "height": 18, "num_timesteps": 4, "num_train": 2, "num_test
 STAGE1 = ["-s", SEQ, "-e", EXP, "--device", "cpu", "--iters-first", "3", "--iters", "1", "--max-gaussians", "2000"]
 STAGE2 = ["-s", SEQ, "-e", EXP, "--device", "cpu", "--train-cams", "0"]
 STAGE3 = ["-s", SEQ, "--encoder", "color", "--device", "cpu"]
-STAGE4 = ["-s", SEQ, "--encoder", "color", "--device", "cpu", "--epochs", "1", "--tiles-per-epoch", "256",
-          "--batch-size", "128", "--val-tiles", "256"]
+STAGE4 = [
+    "-s",
+    SEQ,
+    "--encoder",
+    "color",
+    "--device",
+    "cpu",
+    "--epochs",
+    "1",
+    "--tiles-per-epoch",
+    "256",
+    "--batch-size",
+    "128",
+    "--val-tiles",
+    "256",
+]
 STAGE5 = ["-s", SEQ, "-e", EXP, "--encoder", "color", "--device", "cpu", "--iters", "2", "--warm-iters", "1"]
 STAGE6 = ["-s", SEQ, "-e", EXP, "--encoder", "color", "--device", "cpu", "--cams", "test"]
 OUT = f"output/{EXP}/syn"
 
 
 # ---------------------------------------------------------------- tools
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
@@ -123,7 +139,7 @@ def truncate(path, keep=0.5):
     with open(path, "rb") as f:
         data = f.read()
     with open(path, "wb") as f:
-        f.write(data[:int(len(data) * keep)])
+        f.write(data[: int(len(data) * keep)])
 
 
 def put_nan(path, key):
@@ -135,6 +151,7 @@ def put_nan(path, key):
 
 
 # ---------------------------------------------------------------- 1. -f never destroys finished timesteps
+
 
 def test_first_after_last_is_refused_before_anything(work):
     refused(train_d3dgs.main, STAGE1 + ["-f", "3", "-l", "1"], "-f 3 -l 1")
@@ -155,6 +172,7 @@ def test_missing_image_of_the_range_stops_before_discarding(work):
 
 def test_unreadable_or_resized_image_of_the_range_stops_before_discarding(work):
     from PIL import Image
+
     image, mask = train_image(3), helpers.seg_path(SEQ, helpers.load_meta(SEQ, "train")["fn"][2][0])
     with open(image, "wb") as f:
         f.write(b"not a JPEG")
@@ -197,6 +215,7 @@ def test_retrained_timestep_keeps_the_later_ones_until_replaced(work, monkeypatc
 
 # ---------------------------------------------------------------- 2. provenance
 
+
 def test_another_sequence_of_the_same_name_is_refused(work):
     synthetic_sequence.generate("data/alt/syn", **TINY, seed=1)
     trained_on = json.load(open(f"{OUT}/timesteps/run.json"))["seq"]
@@ -237,6 +256,7 @@ def test_stage5_after_stage1_retrained_and_resume_with_another_downscale(chain):
 
 def test_stage5_after_stage3_recomputed_is_refused(chain):
     from PIL import Image
+
     Image.new("RGB", (32, 18), (200, 30, 30)).save(train_image(3))
     extract_features.main(STAGE3 + ["-f", "3"])  # timestep 3 of the features computed again
     refused(train_4legs.main, STAGE5, f"{SEQ}/ae/best_ckpt.pth", "run stage 4")
@@ -246,8 +266,13 @@ def test_shared_cache_dir_of_another_sequence_is_refused(chain):
     shutil.copytree(f"{SEQ}/interpolators", "data/cache/interpolators")  # as if extracted with --cache-dir
     features_of = json.load(open("data/cache/interpolators/color/sequence.json"))["path"]
     synthetic_sequence.generate("data/other", **TINY, seed=2)
-    refused(extract_features.main, ["-s", "data/other", *STAGE3[2:], "--cache-dir", "data/cache"],
-            "data/cache/interpolators/color", "another sequence", features_of)
+    refused(
+        extract_features.main,
+        ["-s", "data/other", *STAGE3[2:], "--cache-dir", "data/cache"],
+        "data/cache/interpolators/color",
+        "another sequence",
+        features_of,
+    )
 
 
 def test_stage2_records_what_its_videos_were_made_from(work):
@@ -260,14 +285,19 @@ def test_stage2_records_what_its_videos_were_made_from(work):
 
 # ---------------------------------------------------------------- 3. one run per experiment and stage
 
+
 def test_second_run_names_the_holder_and_exits(work):
     with helpers.stage_lock(OUT, "train_d3dgs"):
         message = refused(train_d3dgs.main, STAGE1, OUT, "in use", f"pid {os.getpid()}", socket.gethostname())
     assert "since" in message
     # as a new user sees it: one line on stderr, exit code 2
     with helpers.stage_lock(OUT, "train_d3dgs"):
-        result = subprocess.run([sys.executable, os.path.join(ROOT, "train_d3dgs.py"), *STAGE1], capture_output=True,
-                                text=True, env={**os.environ, "PYTHONPATH": ROOT})
+        result = subprocess.run(
+            [sys.executable, os.path.join(ROOT, "train_d3dgs.py"), *STAGE1],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": ROOT},
+        )
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and f"pid {os.getpid()}" in result.stderr
 
 
@@ -336,6 +366,7 @@ def test_prompts_are_checked_before_rendering(chain):
 
 # ---------------------------------------------------------------- 5. non-finite data
 
+
 def test_params_with_nan(chain):
     put_nan(f"{OUT}/params.npz", "means3D")
     refused(visualize_d3dgs.main, STAGE2, f"{OUT}/params.npz", "means3D", "NaN")
@@ -373,6 +404,7 @@ def test_init_point_cloud_with_bad_seg_nan_or_truncated(work):
 
 # ---------------------------------------------------------------- 6. tracebacks that became one line
 
+
 def test_truncated_outputs(chain):
     truncate(f"{OUT}/legs/000001.pt")
     refused(train_4legs.main, STAGE5, f"{OUT}/legs/000001.pt", "--restart")
@@ -387,29 +419,32 @@ def test_truncated_timestep_file_at_reassembly(work):
     refused(train_d3dgs.main, STAGE1 + ["-l", "1"], "000002.npz", "-f 2", may_change=[f"./{OUT}/timesteps/run.json"])
 
 
-@pytest.mark.parametrize("script, argv, option", [
-    (train_d3dgs, STAGE1 + ["--downscale", "1000"], "--downscale 1000"),
-    (train_d3dgs, STAGE1 + ["--downscale", "0"], "--downscale 0"),
-    (train_d3dgs, STAGE1 + ["--motion-lr-scale", "nan"], "--motion-lr-scale nan"),
-    (train_d3dgs, STAGE1 + ["--device", "tpu"], "--device tpu"),
-    (train_d3dgs, STAGE1 + ["--device", "meta"], "--device meta"),
-    (train_d3dgs, STAGE1 + ["-e", "../x"], "-e '../x'"),
-    (visualize_d3dgs, STAGE2 + ["--downscale", "0"], "--downscale 0"),
-    (visualize_d3dgs, STAGE2 + ["--downscale", "-2"], "--downscale -2"),
-    (visualize_d3dgs, STAGE2 + ["--downscale", "1000"], "--downscale 1000"),
-    (visualize_d3dgs, STAGE2 + ["--train-cams", "-1"], "--train-cams -1"),
-    (visualize_d3dgs, STAGE2 + ["--fps", "-5"], "--fps -5"),
-    (visualize_d3dgs, STAGE2 + ["--fps", "0"], "--fps 0"),
-    (visualize_d3dgs, STAGE2 + ["--device", "tpu"], "--device tpu"),
-    (extract_features, STAGE3 + ["--batch-size", "0"], "--batch-size 0"),
-    (train_4legs, STAGE5 + ["--downscale", "1000"], "--downscale 1000"),
-    (train_4legs, STAGE5 + ["--lr-features", "nan"], "--lr-features nan"),
-    (visualize_4legs, STAGE6 + ["-p", "a ball", "--threshold", "-1"], "--threshold -1"),
-    (visualize_4legs, STAGE6 + ["-p", "a ball", "--threshold", "0.5"], "--threshold 0.5"),
-    (visualize_4legs, STAGE6 + ["-p", "a ball", "--fps", "0"], "--fps 0"),
-    (visualize_4legs, STAGE6 + ["-p", "a ball", "--relevancy-stride", "0"], "--relevancy-stride 0"),
-    (evaluate_grounding, STAGE6[:-2] + ["--benchmark", "data/none", "--threshold", "-1"], "--threshold -1"),
-])
+@pytest.mark.parametrize(
+    "script, argv, option",
+    [
+        (train_d3dgs, STAGE1 + ["--downscale", "1000"], "--downscale 1000"),
+        (train_d3dgs, STAGE1 + ["--downscale", "0"], "--downscale 0"),
+        (train_d3dgs, STAGE1 + ["--motion-lr-scale", "nan"], "--motion-lr-scale nan"),
+        (train_d3dgs, STAGE1 + ["--device", "tpu"], "--device tpu"),
+        (train_d3dgs, STAGE1 + ["--device", "meta"], "--device meta"),
+        (train_d3dgs, STAGE1 + ["-e", "../x"], "-e '../x'"),
+        (visualize_d3dgs, STAGE2 + ["--downscale", "0"], "--downscale 0"),
+        (visualize_d3dgs, STAGE2 + ["--downscale", "-2"], "--downscale -2"),
+        (visualize_d3dgs, STAGE2 + ["--downscale", "1000"], "--downscale 1000"),
+        (visualize_d3dgs, STAGE2 + ["--train-cams", "-1"], "--train-cams -1"),
+        (visualize_d3dgs, STAGE2 + ["--fps", "-5"], "--fps -5"),
+        (visualize_d3dgs, STAGE2 + ["--fps", "0"], "--fps 0"),
+        (visualize_d3dgs, STAGE2 + ["--device", "tpu"], "--device tpu"),
+        (extract_features, STAGE3 + ["--batch-size", "0"], "--batch-size 0"),
+        (train_4legs, STAGE5 + ["--downscale", "1000"], "--downscale 1000"),
+        (train_4legs, STAGE5 + ["--lr-features", "nan"], "--lr-features nan"),
+        (visualize_4legs, STAGE6 + ["-p", "a ball", "--threshold", "-1"], "--threshold -1"),
+        (visualize_4legs, STAGE6 + ["-p", "a ball", "--threshold", "0.5"], "--threshold 0.5"),
+        (visualize_4legs, STAGE6 + ["-p", "a ball", "--fps", "0"], "--fps 0"),
+        (visualize_4legs, STAGE6 + ["-p", "a ball", "--relevancy-stride", "0"], "--relevancy-stride 0"),
+        (evaluate_grounding, STAGE6[:-2] + ["--benchmark", "data/none", "--threshold", "-1"], "--threshold -1"),
+    ],
+)
 def test_bad_values_are_one_line(chain, script, argv, option):
     refused(script.main, argv, option)
 
@@ -421,21 +456,31 @@ def test_grounding_report_stays_under_results_or_output(tmp_path, monkeypatch):
     os.makedirs("results")
     os.symlink(tmp_path.parent, "results/link")
     argv = STAGE6[:-2] + ["--benchmark", "data/none", "--out"]
-    for out in (str(tmp_path.parent / "x.json"), "../x.json", "results/../x.json", "data/x.json", "results",
-                "results/link/x.json", "output"):
+    for out in (
+        str(tmp_path.parent / "x.json"),
+        "../x.json",
+        "results/../x.json",
+        "data/x.json",
+        "results",
+        "results/link/x.json",
+        "output",
+    ):
         refused(evaluate_grounding.parse_args, argv + [out], f"--out {out}", "under results/ or output/")
     for out in ("results/x/grounding.json", "output/x.json", str(tmp_path / "results" / "x.json")):
         assert evaluate_grounding.parse_args(argv + [out]).out == out
 
 
-@pytest.mark.parametrize("script, argv", [
-    (point_cloud, ["-s", SEQ, "-o"]),
-    (prepare_sequence, ["--videos", "videos", "--cameras", "cameras.json", "-o"]),
-    (synthetic_sequence, ["--out"]),
-    (synthetic_sequence, ["--benchmark"]),
-    (synthetic_sequence, ["--video-dir"]),
-    (extract_features, STAGE3 + ["--cache-dir"]),
-])
+@pytest.mark.parametrize(
+    "script, argv",
+    [
+        (point_cloud, ["-s", SEQ, "-o"]),
+        (prepare_sequence, ["--videos", "videos", "--cameras", "cameras.json", "-o"]),
+        (synthetic_sequence, ["--out"]),
+        (synthetic_sequence, ["--benchmark"]),
+        (synthetic_sequence, ["--video-dir"]),
+        (extract_features, STAGE3 + ["--cache-dir"]),
+    ],
+)
 def test_outputs_stay_under_data_output_or_results(tmp_path, monkeypatch, script, argv):
     """Every output path a user gives is checked before anything is read or written."""
     monkeypatch.chdir(tmp_path)
@@ -450,8 +495,13 @@ def test_point_cloud_of_a_sequence_outside_data_needs_an_output(tmp_path, monkey
     os.makedirs(tmp_path / "seq")
     os.makedirs(tmp_path / "work")
     monkeypatch.chdir(tmp_path / "work")
-    refused(point_cloud.main, ["-s", str(tmp_path / "seq")], "-o (default <seq>/init_pt_cld.npz)",
-            f"{tmp_path / 'seq' / 'init_pt_cld.npz'}", "e.g. -o data/seq/init_pt_cld.npz")
+    refused(
+        point_cloud.main,
+        ["-s", str(tmp_path / "seq")],
+        "-o (default <seq>/init_pt_cld.npz)",
+        f"{tmp_path / 'seq' / 'init_pt_cld.npz'}",
+        "e.g. -o data/seq/init_pt_cld.npz",
+    )
     refused(point_cloud.main, ["-s", str(tmp_path / "seq"), "-o", "data/seq/init_pt_cld.npz"], "train_meta.json")
     for folder in ("data/x", "output/x/y", "results/x"):
         helpers.check_output("-o", folder, "-o data/x", folder=True)
@@ -461,8 +511,12 @@ def test_open_clip_checkpoint_that_is_not_one(chain):
     pytest.importorskip("open_clip")
     with open("not_a_checkpoint.pt", "wb") as f:
         f.write(b"hello")
-    refused(extract_features.main, STAGE3[:2] + ["--encoder", "openclip:ViT-B-32:not_a_checkpoint.pt", "--device",
-                                                 "cpu"], "not_a_checkpoint.pt", "open_clip could not load it")
+    refused(
+        extract_features.main,
+        STAGE3[:2] + ["--encoder", "openclip:ViT-B-32:not_a_checkpoint.pt", "--device", "cpu"],
+        "not_a_checkpoint.pt",
+        "open_clip could not load it",
+    )
 
 
 def test_unwritable_sequence_folder_and_cache_dir(chain):
@@ -496,6 +550,7 @@ def test_encoder_suggestions_are_what_stage3_takes(chain):
 def test_visualisers_do_not_claim_to_resume(capsys):
     def interrupted():
         raise KeyboardInterrupt
+
     for resumes, says in ((False, "renders all of them"), (True, "to resume")):
         with pytest.raises(SystemExit) as code:
             helpers.run_main(interrupted, resumes=resumes)
@@ -505,6 +560,7 @@ def test_visualisers_do_not_claim_to_resume(capsys):
 
 
 # ---------------------------------------------------------------- 7. writing
+
 
 def test_atomic_write_flushes_file_then_folder(tmp_path, monkeypatch):
     flushed = []
@@ -537,11 +593,17 @@ def test_stale_temporary_files_are_cleaned_safely(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["a.json", live.name, new_foreign.name])
 
 
-@pytest.mark.parametrize("args, message", [
-    ([], "-s SEQ is required"),
-    (["-s", "no_such_sequence"], "-s no_such_sequence: neither no_such_sequence nor data/no_such_sequence is a folder"),
-    (["-s", "x", "--frobnicate"], "unknown option --frobnicate"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "-s SEQ is required"),
+        (
+            ["-s", "no_such_sequence"],
+            "-s no_such_sequence: neither no_such_sequence nor data/no_such_sequence is a folder",
+        ),
+        (["-s", "x", "--frobnicate"], "unknown option --frobnicate"),
+    ],
+)
 def test_run_all_refuses_bad_options_in_one_line(tmp_path, args, message):
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "run_all.sh")
     run = subprocess.run(["bash", script, *args], cwd=tmp_path, capture_output=True, text=True)

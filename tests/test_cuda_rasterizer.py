@@ -5,6 +5,7 @@ Random scenes of fixed seeds (one per test, named in every failure message): for
 are filled with NaN before the kernels run). Run on a machine with a GPU and the built extension:
     python -m pytest -q -m gpu tests/test_cuda_rasterizer.py
 """
+
 import math
 
 import pytest
@@ -36,16 +37,28 @@ def random_camera(width, height, gen, device="cuda"):
     w2c = torch.eye(4)
     w2c[:3, :3], w2c[:3, 3] = R, torch.randn(3, generator=gen)
     near, far = 0.01, 100.0
-    proj = torch.tensor([[2 * fx / width, 0.0, -(width - 2 * cx) / width, 0.0],
-                         [0.0, 2 * fy / height, -(height - 2 * cy) / height, 0.0],
-                         [0.0, 0.0, far / (far - near), -(far * near) / (far - near)],
-                         [0.0, 0.0, 1.0, 0.0]])
+    proj = torch.tensor(
+        [
+            [2 * fx / width, 0.0, -(width - 2 * cx) / width, 0.0],
+            [0.0, 2 * fy / height, -(height - 2 * cy) / height, 0.0],
+            [0.0, 0.0, far / (far - near), -(far * near) / (far - near)],
+            [0.0, 0.0, 1.0, 0.0],
+        ]
+    )
     view = w2c.T.contiguous()
     settings = dgr.GaussianRasterizationSettings(
-        image_height=height, image_width=width, tanfovx=width / (2 * fx), tanfovy=height / (2 * fy),
-        bg=torch.rand(3, generator=gen).to(device), scale_modifier=1.0, viewmatrix=view.to(device),
-        projmatrix=(view @ proj.T).to(device), sh_degree=0, campos=torch.inverse(w2c)[:3, 3].to(device),
-        prefiltered=False)
+        image_height=height,
+        image_width=width,
+        tanfovx=width / (2 * fx),
+        tanfovy=height / (2 * fy),
+        bg=torch.rand(3, generator=gen).to(device),
+        scale_modifier=1.0,
+        viewmatrix=view.to(device),
+        projmatrix=(view @ proj.T).to(device),
+        sh_degree=0,
+        campos=torch.inverse(w2c)[:3, 3].to(device),
+        prefiltered=False,
+    )
     return settings, w2c, fx
 
 
@@ -61,15 +74,18 @@ def random_scene(n, settings, w2c, fx, channels, gen, precomp=False, radius_px=4
     R, t = w2c[:3, :3], w2c[:3, 3]
     means = (p_cam - t) @ R  # R^T (p_cam - t) for row vectors
     scale0 = radius_px * depth.abs().clamp(min=0.5)[:, None] / (3 * fx)
-    scale0[n // 20: n // 20 + max(1, 3 * n // 100)] *= 10.0
+    scale0[n // 20 : n // 20 + max(1, 3 * n // 100)] *= 10.0
     scales = scale0 * torch.exp(0.4 * torch.randn(n, 3, generator=gen))
     rotations = torch.randn(n, 4, generator=gen) * (0.5 + torch.rand(n, 1, generator=gen))
     inputs = {
-        "means3D": means, "means2D": torch.zeros(n, 3),
+        "means3D": means,
+        "means2D": torch.zeros(n, 3),
         "opacities": torch.sigmoid(2.0 * torch.randn(n, 1, generator=gen)),
         "colors": torch.rand(n, 3, generator=gen),
         "features": torch.randn(n, channels, generator=gen) if channels else None,
-        "scales": scales, "rotations": rotations, "cov3D_precomp": None,
+        "scales": scales,
+        "rotations": rotations,
+        "cov3D_precomp": None,
     }
     if precomp:
         cov = _torch_impl.covariance_3d(scales, rotations)
@@ -79,10 +95,24 @@ def random_scene(n, settings, w2c, fx, channels, gen, precomp=False, radius_px=4
 
 
 def call(impl, scene, settings):
-    return impl.rasterize(scene["means3D"], scene["means2D"], scene["opacities"], scene["colors"],
-                          scene["features"], scene["scales"], scene["rotations"], scene["cov3D_precomp"],
-                          settings.bg, settings.scale_modifier, settings.viewmatrix, settings.projmatrix,
-                          settings.tanfovx, settings.tanfovy, settings.image_height, settings.image_width)
+    return impl.rasterize(
+        scene["means3D"],
+        scene["means2D"],
+        scene["opacities"],
+        scene["colors"],
+        scene["features"],
+        scene["scales"],
+        scene["rotations"],
+        scene["cov3D_precomp"],
+        settings.bg,
+        settings.scale_modifier,
+        settings.viewmatrix,
+        settings.projmatrix,
+        settings.tanfovx,
+        settings.tanfovy,
+        settings.image_height,
+        settings.image_width,
+    )
 
 
 def weighted_loss(outputs, weights):
@@ -94,19 +124,21 @@ def poisoned(monkeypatch):
     monkeypatch.setattr(_cuda, "poison_outputs", True)
 
 
-@pytest.mark.parametrize("n, width, height, channels, precomp", [
-    (1_000, 173, 131, 3, False),
-    (10_000, 250, 190, 1, True),
-    (30_000, 97, 61, 512, False),
-    (100_000, 320, 200, 128, False),
-    (50_000, 300, 170, None, False),
-])
+@pytest.mark.parametrize(
+    "n, width, height, channels, precomp",
+    [
+        (1_000, 173, 131, 3, False),
+        (10_000, 250, 190, 1, True),
+        (30_000, 97, 61, 512, False),
+        (100_000, 320, 200, 128, False),
+        (50_000, 300, 170, None, False),
+    ],
+)
 def test_matches_reference(poisoned, n, width, height, channels, precomp):
     seed = 1
     gen = torch.Generator().manual_seed(seed)
     settings, w2c, fx = random_camera(width, height, gen)
-    scene = random_scene(n, settings, w2c, fx, channels, gen, precomp,
-                         radius_px=12.0 if n <= 1_000 else 4.0)
+    scene = random_scene(n, settings, w2c, fx, channels, gen, precomp, radius_px=12.0 if n <= 1_000 else 4.0)
     where = f"(seed {seed}, n {n}, {width}x{height}, C {channels})"
 
     out = call(_cuda, scene, settings)
@@ -114,8 +146,9 @@ def test_matches_reference(poisoned, n, width, height, channels, precomp):
     for name, o in zip(("color", "depth", "features"), (out[0], out[2], out[3])):
         if o is not None:
             assert torch.isfinite(o).all(), f"{name} has unwritten (NaN) elements {where}"
-    assert out[1].dtype == torch.int32 and torch.equal(out[1], ref[1]), \
+    assert out[1].dtype == torch.int32 and torch.equal(out[1], ref[1]), (
         f"radii differ at {(out[1] != ref[1]).sum().item()} Gaussians {where}"
+    )
     assert (ref[1] > 0).sum() > n // 4, f"scene too sparse to test {where}"
     for name, o, r in zip(("color", "depth", "features"), (out[0], out[2], out[3]), (ref[0], ref[2], ref[3])):
         if r is not None:
@@ -157,18 +190,30 @@ def test_public_api_dispatches_to_cuda():
     settings = settings._replace(sh_degree=1)
     assert dgr.cuda_available() and dgrf.cuda_available()
     color, radii, depth = dgr.GaussianRasterizer(settings)(
-        scene["means3D"], scene["means2D"], scene["opacities"], shs=shs, scales=scene["scales"],
-        rotations=scene["rotations"])
+        scene["means3D"],
+        scene["means2D"],
+        scene["opacities"],
+        shs=shs,
+        scales=scene["scales"],
+        rotations=scene["rotations"],
+    )
     colors = dgr.eval_sh(1, shs, scene["means3D"], settings.campos)
     ref = call(_torch_impl, dict(scene, colors=colors, features=None), settings)
     assert rel_err(color, ref[0]) < FORWARD_TOL and torch.equal(radii, ref[1]), f"seed {seed}"
     # callers of the original pass [1, 4, 4] transposed views: read in place, the same image
-    strided = settings._replace(viewmatrix=settings.viewmatrix.T.contiguous().T[None],
-                                projmatrix=settings.projmatrix.T.contiguous().T[None])
+    strided = settings._replace(
+        viewmatrix=settings.viewmatrix.T.contiguous().T[None], projmatrix=settings.projmatrix.T.contiguous().T[None]
+    )
     assert not strided.viewmatrix.is_contiguous()
     with torch.no_grad():
-        again = dgr.GaussianRasterizer(strided)(scene["means3D"], scene["means2D"], scene["opacities"], shs=shs,
-                                                scales=scene["scales"], rotations=scene["rotations"])
+        again = dgr.GaussianRasterizer(strided)(
+            scene["means3D"],
+            scene["means2D"],
+            scene["opacities"],
+            shs=shs,
+            scales=scene["scales"],
+            rotations=scene["rotations"],
+        )
     assert torch.equal(again[0], color) and torch.equal(again[1], radii), f"seed {seed}"
     (color.sum() + depth.sum()).backward()  # broadcast (stride 0) image gradients
     assert scene["means2D"].grad is not None and scene["means2D"].grad[:, :2].abs().sum() > 0
@@ -176,9 +221,14 @@ def test_public_api_dispatches_to_cuda():
     ref_grad = torch.autograd.grad(ref[0].sum() + ref[2].sum(), scene["means3D"])[0]
     assert rel_err(scene["means3D"].grad, ref_grad) < GRAD_TOL, f"seed {seed}"
     feat_out = dgrf.GaussianRasterizer(settings)(
-        scene["means3D"].detach(), torch.zeros_like(scene["means2D"]), scene["opacities"].detach(),
-        colors_precomp=scene["colors"].detach(), legs_features=scene["features"],
-        scales=scene["scales"].detach(), rotations=scene["rotations"].detach())
+        scene["means3D"].detach(),
+        torch.zeros_like(scene["means2D"]),
+        scene["opacities"].detach(),
+        colors_precomp=scene["colors"].detach(),
+        legs_features=scene["features"],
+        scales=scene["scales"].detach(),
+        rotations=scene["rotations"].detach(),
+    )
     ref = call(_torch_impl, {k: v if v is None else v.detach() for k, v in scene.items()}, settings)
     assert rel_err(feat_out[3], ref[3]) < FORWARD_TOL, f"seed {seed}"
 

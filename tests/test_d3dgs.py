@@ -1,5 +1,6 @@
 """Stage 1 (train_d3dgs.py, visualize_d3dgs.py, point_cloud.py, densification) on a tiny synthetic
 sequence, on the CPU."""
+
 import json
 import math
 import os
@@ -20,8 +21,7 @@ from synthetic_sequence import generate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {"width": 96, "height": 54, "num_timesteps": 3, "num_train": 6, "num_test": 1}
-ITERS = ["--iters-first", "60", "--iters", "3", "--max-gaussians", "6000", "--fg-points", "1500",
-         "--bg-points", "2500"]
+ITERS = ["--iters-first", "60", "--iters", "3", "--max-gaussians", "6000", "--fg-points", "1500", "--bg-points", "2500"]
 PSNR_BOUND = 20.0  # dB on the test camera after 60 iterations at t = 0 (measured: the built cloud 19.7, trained 20.2)
 
 
@@ -60,8 +60,9 @@ def test_psnr_rises_above_bound(trained):
     # the point cloud built from the masks, rendered as train_d3dgs initialises it, scores lower
     seq = os.path.join(work, "tiny")
     meta, test_meta = helpers.load_meta(seq, "train"), helpers.load_meta(seq, "test")
-    _, test_views = train_d3dgs.get_dataset(train_d3dgs.load_timestep(seq, meta, test_meta, 0, (96, 54), (96, 54)),
-                                            meta, test_meta, 0, "cpu")
+    _, test_views = train_d3dgs.get_dataset(
+        train_d3dgs.load_timestep(seq, meta, test_meta, 0, (96, 54), (96, 54)), meta, test_meta, 0, "cpu"
+    )
     with np.load(os.path.join(out, "init_pt_cld.npz")) as f:
         init = train_d3dgs.initialize_params(f["data"], len(meta["cam_id"]), "cpu")
     before = train_d3dgs.evaluate(init, test_views, None)["psnr"]
@@ -79,8 +80,16 @@ def test_params_npz_format(trained):
     num_t, n = arrays["means3D"].shape[:2]
     assert set(arrays) == set(helpers.D3DGS_PER_TIMESTEP + helpers.D3DGS_SHARED)
     assert num_t == 2 and n > 100
-    want = {"means3D": (num_t, n, 3), "rgb_colors": (num_t, n, 3), "unnorm_rotations": (num_t, n, 4),
-            "seg_colors": (n, 3), "logit_opacities": (n, 1), "log_scales": (n, 3), "cam_m": (6, 3), "cam_c": (6, 3)}
+    want = {
+        "means3D": (num_t, n, 3),
+        "rgb_colors": (num_t, n, 3),
+        "unnorm_rotations": (num_t, n, 4),
+        "seg_colors": (n, 3),
+        "logit_opacities": (n, 1),
+        "log_scales": (n, 3),
+        "cam_m": (6, 3),
+        "cam_c": (6, 3),
+    }
     assert {k: v.shape for k, v in arrays.items()} == want
     assert all(v.dtype == np.float32 and np.isfinite(v).all() for v in arrays.values())
     seg = arrays["seg_colors"]
@@ -175,8 +184,12 @@ def test_cameras_differing_between_timesteps_refused(seq, tmp_path):
 
 
 def test_user_error_is_one_line_and_exit_2(tmp_path):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "train_d3dgs.py"), "-s", str(tmp_path / "nope")],
-                            cwd=tmp_path, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train_d3dgs.py"), "-s", str(tmp_path / "nope")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "train_meta.json" in result.stderr
 
@@ -190,6 +203,7 @@ def test_visual_hull_points_lie_in_the_objects(seq):
         gt, is_fg = f["means3D"][0], f["seg_colors"][:, 0] > 0.5
     gt_fg = gt[is_fg]
     from scipy.spatial import cKDTree
+
     to_object, _ = cKDTree(gt_fg).query(fg_pts)
     # 6 cameras carve a loose hull, with phantom volumes where the silhouettes of different objects
     # overlap in every view (measured: median 14 cm from an object's surface, 74% within 25 cm)
@@ -202,6 +216,7 @@ def test_visual_hull_points_lie_in_the_objects(seq):
 
 def test_visualize_writes_mp4s(trained):
     import imageio.v2 as imageio
+
     work, out = trained
     seq = json.loads(open(os.path.join(out, "timesteps", "run.json")).read())["seq"]
     run_in(work, visualize_d3dgs.main, ["-s", seq, "-e", "t", "--train-cams", "1", "--fg-only", "--device", "cpu"])
@@ -215,11 +230,16 @@ def test_visualize_writes_mp4s(trained):
 
 def test_densify_clones_splits_prunes_and_keeps_adam_in_step():
     n = 4
-    params = {"means3D": torch.zeros(n, 3), "rgb_colors": torch.rand(n, 3), "seg_colors": torch.zeros(n, 3),
-              "unnorm_rotations": torch.tensor([[1.0, 0, 0, 0]]).repeat(n, 1),
-              "logit_opacities": torch.tensor([[0.0], [0.0], [-8.0], [0.0]]),
-              "log_scales": torch.log(torch.tensor([[0.001], [0.5], [0.001], [0.001]])).repeat(1, 3),
-              "cam_m": torch.zeros(2, 3), "cam_c": torch.zeros(2, 3)}
+    params = {
+        "means3D": torch.zeros(n, 3),
+        "rgb_colors": torch.rand(n, 3),
+        "seg_colors": torch.zeros(n, 3),
+        "unnorm_rotations": torch.tensor([[1.0, 0, 0, 0]]).repeat(n, 1),
+        "logit_opacities": torch.tensor([[0.0], [0.0], [-8.0], [0.0]]),
+        "log_scales": torch.log(torch.tensor([[0.001], [0.5], [0.001], [0.001]])).repeat(1, 3),
+        "cam_m": torch.zeros(2, 3),
+        "cam_c": torch.zeros(2, 3),
+    }
     params = {k: (v.requires_grad_(True) if k != "seg_colors" else v) for k, v in params.items()}
     optimizer = train_d3dgs.initialize_optimizer(params, 1.0, train_d3dgs.LEARNING_RATES)
     sum(v.sum() for v in params.values() if v.requires_grad).backward()
@@ -228,8 +248,7 @@ def test_densify_clones_splits_prunes_and_keeps_adam_in_step():
     schedule = external.densify_schedule(1000)  # every 10 from 50
     grad = torch.tensor([[1.0, 0, 0], [1.0, 0, 0], [1.0, 0, 0], [0.0, 0, 0]])  # #3: below the threshold
     radii = torch.tensor([5, 5, 5, 5], dtype=torch.int32)
-    params, variables = external.densify(params, variables, optimizer, schedule["start"], schedule,
-                                         grad, radii)
+    params, variables = external.densify(params, variables, optimizer, schedule["start"], schedule, grad, radii)
     # 0 cloned (small), 1 split in two (large), 2 cloned then both pruned (opacity), 3 kept
     assert params["means3D"].shape[0] == 2 + 1 + 2
     halves = params["log_scales"].exp().max(1).values.sort().values[-2:]
@@ -244,15 +263,23 @@ def test_densify_clones_splits_prunes_and_keeps_adam_in_step():
 def test_rigid_motion_costs_nothing_and_bending_costs():
     torch.manual_seed(0)
     pts = torch.randn(60, 3) * 0.05 - torch.tensor([0.0, 1.0, 0.0])
-    first = {"means3D": pts, "unnorm_rotations": torch.nn.functional.normalize(torch.randn(60, 4)),
-             "seg_colors": torch.tensor([[1.0, 0, 0]]).repeat(60, 1), "rgb_colors": torch.rand(60, 3)}
+    first = {
+        "means3D": pts,
+        "unnorm_rotations": torch.nn.functional.normalize(torch.randn(60, 4)),
+        "seg_colors": torch.tensor([[1.0, 0, 0]]).repeat(60, 1),
+        "rgb_colors": torch.rand(60, 3),
+    }
     variables = train_d3dgs.initialize_post_first_timestep(first)
     params, variables = train_d3dgs.initialize_per_timestep(first, variables)
     angle = 0.3
     q = torch.tensor([math.cos(angle / 2), 0.0, math.sin(angle / 2), 0.0])
     R = helpers.build_rotation(q[None])[0]
-    moved = {**params, "means3D": pts @ R.T + torch.tensor([0.2, -0.1, 0.3]),
-             "unnorm_rotations": helpers.quat_mult(q[None].repeat(60, 1), first["unnorm_rotations"])}
+    moved = {
+        **params,
+        "means3D": pts @ R.T + torch.tensor([0.2, -0.1, 0.3]),
+        "unnorm_rotations": helpers.quat_mult(q[None].repeat(60, 1), first["unnorm_rotations"]),
+    }
+
     def terms(p):
         rendervar = {"means3D": p["means3D"], "rotations": torch.nn.functional.normalize(p["unnorm_rotations"])}
         return train_d3dgs.prior_losses(p, rendervar, variables)
@@ -266,6 +293,7 @@ def test_rigid_motion_costs_nothing_and_bending_costs():
 def reference_priors(means3D, unnorm_rotations, rgb_colors, variables):
     """The priors written out pair by pair from their definitions (float64), independent of
     train_d3dgs's vectorised form: R^T v by the quaternion cross-product formula, no gathers."""
+
     def qmul(a, b):
         (w1, v1), (w2, v2) = (a[..., 0], a[..., 1:]), (b[..., 0], b[..., 1:])
         w = w1 * w2 - (v1 * v2).sum(-1)
@@ -284,15 +312,19 @@ def reference_priors(means3D, unnorm_rotations, rgb_colors, variables):
     rel = qmul(q[fg], variables["prev_inv_rot_fg"])
     rel = rel / rel.norm(dim=1, keepdim=True)
     x = means3D[fg]
-    offset = x[nbr] - x[:, None]                                           # [Nfg, K, 3]: neighbour j minus i
+    offset = x[nbr] - x[:, None]  # [Nfg, K, 3]: neighbour j minus i
     back = rotate_back(rel[:, None].expand(-1, nbr.shape[1], -1), offset)  # into the previous timestep's frame
-    return {"rigid": pair_loss(((back - variables["prev_offset"]) ** 2).sum(-1), w),
-            "rot": pair_loss(((rel[nbr] - rel[:, None]) ** 2).sum(-1), w),
-            "iso": pair_loss((offset.norm(dim=-1) - variables["neighbor_dist"]) ** 2, w),
-            "floor": torch.relu(x[:, 1]).mean(),
-            "bg": ((means3D[bg] - variables["init_bg_pts"]).abs().sum(1).mean()
-                   + (q[bg] - variables["init_bg_rot"]).abs().sum(1).mean()),
-            "soft_col_cons": (rgb_colors - variables["prev_col"]).abs().sum(1).mean()}
+    return {
+        "rigid": pair_loss(((back - variables["prev_offset"]) ** 2).sum(-1), w),
+        "rot": pair_loss(((rel[nbr] - rel[:, None]) ** 2).sum(-1), w),
+        "iso": pair_loss((offset.norm(dim=-1) - variables["neighbor_dist"]) ** 2, w),
+        "floor": torch.relu(x[:, 1]).mean(),
+        "bg": (
+            (means3D[bg] - variables["init_bg_pts"]).abs().sum(1).mean()
+            + (q[bg] - variables["init_bg_rot"]).abs().sum(1).mean()
+        ),
+        "soft_col_cons": (rgb_colors - variables["prev_col"]).abs().sum(1).mean(),
+    }
 
 
 def test_prior_losses_and_gradients_equal_the_reference():
@@ -300,14 +332,18 @@ def test_prior_losses_and_gradients_equal_the_reference():
     reference, in float64: every term and its gradients w.r.t. means, rotations and colours."""
     torch.manual_seed(1)
     n = 70
-    first = {"means3D": 0.015 * torch.randn(n, 3, dtype=torch.float64) + torch.tensor([0.0, -0.01, 2.0]),
-             "unnorm_rotations": torch.randn(n, 4, dtype=torch.float64),
-             "seg_colors": torch.tensor([[0.0, 0, 1], [1, 0, 0], [1, 0, 0]],
-                                        dtype=torch.float64).repeat(n // 3 + 1, 1)[:n],
-             "rgb_colors": torch.rand(n, 3, dtype=torch.float64)}  # a third background
+    first = {
+        "means3D": 0.015 * torch.randn(n, 3, dtype=torch.float64) + torch.tensor([0.0, -0.01, 2.0]),
+        "unnorm_rotations": torch.randn(n, 4, dtype=torch.float64),
+        "seg_colors": torch.tensor([[0.0, 0, 1], [1, 0, 0], [1, 0, 0]], dtype=torch.float64).repeat(n // 3 + 1, 1)[:n],
+        "rgb_colors": torch.rand(n, 3, dtype=torch.float64),
+    }  # a third background
     variables = train_d3dgs.initialize_post_first_timestep(first)
-    moved = {**first, "means3D": first["means3D"] + 0.003 * torch.randn(n, 3, dtype=torch.float64),
-             "unnorm_rotations": first["unnorm_rotations"] + 0.2 * torch.randn(n, 4, dtype=torch.float64)}
+    moved = {
+        **first,
+        "means3D": first["means3D"] + 0.003 * torch.randn(n, 3, dtype=torch.float64),
+        "unnorm_rotations": first["unnorm_rotations"] + 0.2 * torch.randn(n, 4, dtype=torch.float64),
+    }
     params, variables = train_d3dgs.initialize_per_timestep(moved, variables)  # a timestep >= 2: velocity, offsets
     for k in ("means3D", "unnorm_rotations", "rgb_colors"):  # somewhere away from the start, every term non-zero
         params[k] = (params[k].detach() + 0.003 * torch.randn_like(params[k])).requires_grad_(True)
@@ -320,8 +356,9 @@ def test_prior_losses_and_gradients_equal_the_reference():
     for name in want:
         assert got[name].dtype == torch.float64 and float(want[name].detach()) > 1e-4, name
         torch.testing.assert_close(got[name], want[name], rtol=1e-6, atol=0, msg=name)
-        grads = [torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
-                 for loss in (got[name], want[name])]
+        grads = [
+            torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True) for loss in (got[name], want[name])
+        ]
         for g_got, g_want, k in zip(*grads, ("means3D", "unnorm_rotations", "rgb_colors")):
             g_got = torch.zeros_like(inputs[0] if k != "unnorm_rotations" else inputs[1]) if g_got is None else g_got
             g_want = torch.zeros_like(g_got) if g_want is None else g_want
@@ -336,13 +373,19 @@ def test_compiled_loss_is_one_graph_without_recompiles_and_equals_eager():
     resumed run), and the eager function's loss, terms and gradients w.r.t. what the loop optimises
     and the rendered images."""
     import torch._dynamo.testing
+
     torch.manual_seed(2)
     n, num_cams, h, w = 70, 3, 16, 24
-    scene = {"means3D": 0.015 * torch.randn(n, 3) + torch.tensor([0.0, -0.01, 2.0]),
-             "unnorm_rotations": torch.randn(n, 4), "rgb_colors": torch.rand(n, 3),
-             "seg_colors": torch.tensor([[0.0, 0, 1], [1, 0, 0], [1, 0, 0]]).repeat(n // 3 + 1, 1)[:n],
-             "logit_opacities": torch.zeros(n, 1), "log_scales": torch.full((n, 3), -4.0),
-             "cam_m": 0.1 * torch.randn(num_cams, 3), "cam_c": 0.1 * torch.randn(num_cams, 3)}
+    scene = {
+        "means3D": 0.015 * torch.randn(n, 3) + torch.tensor([0.0, -0.01, 2.0]),
+        "unnorm_rotations": torch.randn(n, 4),
+        "rgb_colors": torch.rand(n, 3),
+        "seg_colors": torch.tensor([[0.0, 0, 1], [1, 0, 0], [1, 0, 0]]).repeat(n // 3 + 1, 1)[:n],
+        "logit_opacities": torch.zeros(n, 1),
+        "log_scales": torch.full((n, 3), -4.0),
+        "cam_m": 0.1 * torch.randn(num_cams, 3),
+        "cam_c": 0.1 * torch.randn(num_cams, 3),
+    }
     variables = train_d3dgs.initialize_post_first_timestep(scene)
     views = [{"im": torch.rand(3, h, w), "seg": torch.rand(3, h, w), "id": torch.tensor([c])} for c in range(num_cams)]
     torch._dynamo.reset()

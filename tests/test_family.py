@@ -3,6 +3,7 @@
 The description of a member is drawn from its seed alone; tiny members are written and the initial
 point cloud of stage 1 is built on them: no background point may lie between a camera and the
 scene, whatever the rig."""
+
 import contextlib
 import json
 import os
@@ -68,10 +69,15 @@ def members(tmp_path_factory):
         scene = synthetic_sequence.draw_scene(seed, num_train=8)
         width, height = synthetic_sequence.draw_image_size(seed)
         seq = str(root / f"fam{seed}")
-        objects = synthetic_sequence.generate(seq, str(root / "grounding"), 96, round(96 * height / width), 3, 8,
-                                              len(scene["rig"]["test"]), scene=scene)
-        out[seed] = {"seq": seq, "objects": objects, "scene": scene,
-                     "benchmark": str(root / "grounding" / f"fam{seed}")}
+        objects = synthetic_sequence.generate(
+            seq, str(root / "grounding"), 96, round(96 * height / width), 3, 8, len(scene["rig"]["test"]), scene=scene
+        )
+        out[seed] = {
+            "seq": seq,
+            "objects": objects,
+            "scene": scene,
+            "benchmark": str(root / "grounding" / f"fam{seed}"),
+        }
     return out
 
 
@@ -88,8 +94,11 @@ def test_members_are_written_with_a_benchmark_of_every_prompt(members):
                 truth = torch.load(os.path.join(m["benchmark"], o["prompt_dir"], f"cam{cam}.pt"))
                 assert set(truth["masks"]) <= set(o["prompt_timesteps"])
         static = [o for o in m["objects"] if o["motion"] == "static"]
-        assert any(torch.load(os.path.join(m["benchmark"], o["prompt_dir"], f"cam{c}.pt"))["masks"]
-                   for o in static for c in test["cam_id"])  # a static object is a prompt like the others
+        assert any(
+            torch.load(os.path.join(m["benchmark"], o["prompt_dir"], f"cam{c}.pt"))["masks"]
+            for o in static
+            for c in test["cam_id"]
+        )  # a static object is a prompt like the others
 
 
 def camera_positions(meta):
@@ -124,8 +133,9 @@ def featured(tmp_path_factory):
             scene = synthetic_sequence.draw_scene(seed, num_train=8)
             width, height = synthetic_sequence.draw_image_size(seed)
             seq = f"data/fam{seed}"
-            objects = synthetic_sequence.generate(seq, "data/grounding", 128, round(128 * height / width), 8, 8,
-                                                  len(scene["rig"]["test"]), scene=scene)
+            objects = synthetic_sequence.generate(
+                seq, "data/grounding", 128, round(128 * height / width), 8, 8, len(scene["rig"]["test"]), scene=scene
+            )
             extract_features.main(["-s", seq, "--encoder", "color", "--device", "cpu"])
             seqs[seed] = (str(root / seq), objects)
     return seqs
@@ -136,6 +146,7 @@ def stage3_grounding(seq, objects, guided):
     the autoencoder and the lifting), as evaluate_grounding.py scores a render: per prompt the
     mean over cameras of (temporal IoU, mask IoU); guided: purest tiles, else the mean of levels."""
     from PIL import Image
+
     meta = helpers.load_meta(seq, "train")
     cache = cache_dir(seq, "color")
     positives, negatives = encode_prompts(load_encoder("color"), [o["prompt"] for o in objects], "cpu")
@@ -148,8 +159,10 @@ def stage3_grounding(seq, objects, guided):
             embeds = torch.nn.functional.normalize(dense.flatten(1).T, dim=-1)
             rel.append((relevancy(embeds, positives, negatives) - 0.5).clamp(min=0).reshape(-1, meta["h"], meta["w"]))
         rel = torch.stack(rel, 1)  # [Q, T, H, W]
-        ids = [np.asarray(Image.open(os.path.join(seq, "gt", "ids", str(cam), f"{t:06d}.png")))
-               for t in range(len(meta["fn"]))]
+        ids = [
+            np.asarray(Image.open(os.path.join(seq, "gt", "ids", str(cam), f"{t:06d}.png")))
+            for t in range(len(meta["fn"]))
+        ]
         for q, o in enumerate(objects):
             truth = {t: torch.from_numpy(ids[t] == o["id"]) for t in o["prompt_timesteps"] if (ids[t] == o["id"]).any()}
             m = evaluate_grounding.grounding_metrics(rel[q], truth)

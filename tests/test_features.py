@@ -2,6 +2,7 @@
 torchvision, the cache (reuse, invalidation, atomicity), dense maps against a per-pixel reference,
 sharding, the colour and open_clip encoders, extraction end to end on a tiny sequence, and the reuse
 of unchanged clips' embeddings against recomputing them."""
+
 import json
 import os
 import subprocess
@@ -14,16 +15,35 @@ from PIL import Image
 
 import extract_features
 import helpers
-from feature_extraction import (ColorEncoder, ViCLIP, cache_dir, dense_feature_map, load_encoder,
-                                load_tile_embeddings, tiles)
+from feature_extraction import (
+    ColorEncoder,
+    ViCLIP,
+    cache_dir,
+    dense_feature_map,
+    load_encoder,
+    load_tile_embeddings,
+    tiles,
+)
 from feature_extraction import cache as feature_cache
 from feature_extraction.color_encoder import COLORS, GENERIC_WEIGHT, directions
 from feature_extraction.viclip import CLIP_MEAN, CLIP_STD
 from helpers import UserError, load_meta
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = dict(image_size=28, patch=14, vision_width=32, vision_layers=1, vision_heads=4, frames=8, embed_dim=16,
-            context_length=32, vocab_size=49408, text_width=16, text_layers=1, text_heads=2)
+TINY = dict(
+    image_size=28,
+    patch=14,
+    vision_width=32,
+    vision_layers=1,
+    vision_heads=4,
+    frames=8,
+    embed_dim=16,
+    context_length=32,
+    vocab_size=49408,
+    text_width=16,
+    text_layers=1,
+    text_heads=2,
+)
 
 
 def make_sequence(out, w=64, h=36, num_t=6, num_cams=1, seed=0):
@@ -35,8 +55,14 @@ def make_sequence(out, w=64, h=36, num_t=6, num_cams=1, seed=0):
             os.makedirs(os.path.join(out, "ims", os.path.dirname(fn)), exist_ok=True)
             Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(os.path.join(out, "ims", fn))
     k = [[[50.0, 0, w / 2], [0, 50.0, h / 2], [0, 0, 1]]] * num_cams
-    meta = {"w": w, "h": h, "k": [k] * num_t, "w2c": [[np.eye(4).tolist()] * num_cams] * num_t, "fn": fns,
-            "cam_id": list(range(num_cams))}
+    meta = {
+        "w": w,
+        "h": h,
+        "k": [k] * num_t,
+        "w2c": [[np.eye(4).tolist()] * num_cams] * num_t,
+        "fn": fns,
+        "cam_id": list(range(num_cams)),
+    }
     with open(os.path.join(out, "train_meta.json"), "w") as f:
         json.dump(meta, f)
     return str(out)
@@ -55,6 +81,7 @@ def seq(tmp_path):
 
 
 # ---------------------------------------------------------------- geometry
+
 
 def test_tile_pyramid_at_640x360():
     levels = tiles.tile_levels(360, 640)
@@ -80,7 +107,7 @@ def test_tile_index_order():
     levels = tiles.tile_levels(36, 64)
     level, cam, row, col = tiles.tile_index(levels, 2)
     n0 = levels[0]["rows"] * levels[0]["cols"]
-    assert (level[:2 * n0] == 0).all() and (cam[:n0] == 0).all() and (cam[n0:2 * n0] == 1).all()
+    assert (level[: 2 * n0] == 0).all() and (cam[:n0] == 0).all() and (cam[n0 : 2 * n0] == 1).all()
     assert row[:3].tolist() == [0, 0, 0] and col[:3].tolist() == [0, 1, 2]
     assert level[-1] == 4 and cam[-1] == 1
 
@@ -89,6 +116,7 @@ def test_crops_equal_unfold_and_torchvision_resize():
     """Tiles are the original's torch.nn.Unfold windows of the zero-padded image; resizing matches
     torchvision's Resize((S, S)) (to one grey level on the CPU's uint8 path)."""
     from torchvision.transforms import Resize
+
     rng = np.random.default_rng(3)
     frames = torch.from_numpy(rng.integers(0, 256, (2, 8, 36, 64, 3), dtype=np.uint8))
     levels = tiles.tile_levels(36, 64)
@@ -109,6 +137,7 @@ def test_crops_equal_unfold_and_torchvision_resize():
 
 
 # ---------------------------------------------------------------- dense maps
+
 
 def reference_pixel(grids, levels, y, x):
     """The original's per-pixel lookup (LERF's patch loader): floor((p - first centre) / stride),
@@ -164,6 +193,7 @@ def test_dense_map_on_gpu_equals_cpu(tmp_path):
 
 # ---------------------------------------------------------------- cache and extraction
 
+
 def test_extract_caches_reuses_and_invalidates(seq):
     enc = ColorEncoder()
     stats = extract_features.extract(seq, enc, [0, 1, 2, 3, 4, 5], 64, torch.device("cpu"), progress=False)
@@ -197,13 +227,23 @@ def test_extract_with_tiny_viclip_matches_direct_encoding(tmp_path):
     """A cached embedding equals the encoder applied to the clip built by hand (Unfold, torchvision
     Resize, CLIP normalisation), here for timestep 0 (clip 0,1,2,3,3,3,3,3), level 1, camera 1."""
     from torchvision.transforms import Normalize, Resize
+
     seq = make_sequence(tmp_path / "seq", num_cams=2)
     model = ViCLIP(**TINY).reset_parameters(torch.Generator().manual_seed(0)).eval()
     extract_features.extract(seq, model, [0], 16, torch.device("cpu"), progress=False)
     lv = tiles.tile_levels(36, 64)[1]
     cached = feature_cache.load_level(cache_dir(seq, "viclip"), 0, 1)[1]  # [rows, cols, 16]
-    frames = torch.stack([torch.from_numpy(np.array(Image.open(os.path.join(seq, "ims", "1", f"{f:06d}.jpg"))))
-                          for f in tiles.clip_frames(0, 6)]).permute(0, 3, 1, 2).float() / 255
+    frames = (
+        torch.stack(
+            [
+                torch.from_numpy(np.array(Image.open(os.path.join(seq, "ims", "1", f"{f:06d}.jpg"))))
+                for f in tiles.clip_frames(0, 6)
+            ]
+        )
+        .permute(0, 3, 1, 2)
+        .float()
+        / 255
+    )
     k = lv["kernel"]
     windows = torch.nn.Unfold(k, stride=lv["stride"], padding=lv["padding"])(frames)
     windows = windows.reshape(8, 3, k, k, lv["rows"], lv["cols"])
@@ -227,6 +267,7 @@ def test_colour_features_find_the_red_ball_on_the_synthetic_sequence(tmp_path):
     ids) point at that object's colour more than the other objects' pixels do. Timestep 1: its clip
     (frames 0..5) shows the objects before the ball is thrown."""
     from synthetic_sequence import generate
+
     seq = str(tmp_path / "syn")
     generate(seq, width=128, height=72, num_timesteps=24, num_train=1, num_test=0)
     enc = ColorEncoder()
@@ -243,13 +284,16 @@ def test_nan_embeddings_are_never_cached(seq):
     class Broken(ColorEncoder):
         def encode_video(self, frames):
             return super().encode_video(frames) * float("nan")
+
     with pytest.raises(UserError, match="timestep 0: the color encoder returned NaN/Inf"):
         extract_features.extract(seq, Broken(), [0], 64, torch.device("cpu"), progress=False)
-    assert not feature_cache.is_done(cache_dir(seq, "color"), 0, feature_cache.make_config(
-        ColorEncoder(), seq, load_meta(seq, "train"), 0))
+    assert not feature_cache.is_done(
+        cache_dir(seq, "color"), 0, feature_cache.make_config(ColorEncoder(), seq, load_meta(seq, "train"), 0)
+    )
 
 
 # ---------------------------------------------------------------- reuse of unchanged clips
+
 
 def cosines(seq, runs, t):
     """float32 [M]: cosine of each tile embedding of timestep t between the caches of runs[0] and runs[1]
@@ -259,8 +303,16 @@ def cosines(seq, runs, t):
 
 
 def extract_run(seq, run, timesteps, tolerance):
-    return extract_features.extract(seq, ColorEncoder(), timesteps, 512, torch.device("cpu"), progress=False,
-                                    cache_root=os.path.join(seq, run), reuse_tolerance=tolerance)
+    return extract_features.extract(
+        seq,
+        ColorEncoder(),
+        timesteps,
+        512,
+        torch.device("cpu"),
+        progress=False,
+        cache_root=os.path.join(seq, run),
+        reuse_tolerance=tolerance,
+    )
 
 
 def test_reused_embeddings_match_recomputed_ones_on_a_moving_scene(tmp_path):
@@ -268,6 +320,7 @@ def test_reused_embeddings_match_recomputed_ones_on_a_moving_scene(tmp_path):
     of the clips keep an earlier embedding, and those are within cosine 0.999 (mean) and 0.99 (each)
     of what encoding them gives; the others are what encoding them gives."""
     from synthetic_sequence import generate
+
     seq = str(tmp_path / "syn")
     generate(seq, width=96, height=54, num_timesteps=12, num_train=2, num_test=0)
     exact = extract_run(seq, "exact", range(12), None)
@@ -318,7 +371,7 @@ def test_a_changed_tile_is_encoded_again(tmp_path):
     rng = np.random.default_rng(2)
     frames = np.repeat(rng.integers(0, 256, (1, 2, 36, 64, 3), dtype=np.uint8), 12, axis=0)
     rows, cols = range(10, 20), range(30, 42)
-    frames[8:, 1, rows.start:rows.stop, cols.start:cols.stop] = (220, 20, 20)
+    frames[8:, 1, rows.start : rows.stop, cols.start : cols.stop] = (220, 20, 20)
     seq = make_sequence(tmp_path / "seq", num_t=12, num_cams=2)
     write_frames(seq, frames)
     extract_run(seq, "exact", range(12), None)
@@ -349,13 +402,15 @@ def test_exact_reuses_nothing_and_settings_resume(seq, monkeypatch, capsys):
     wider = extract_features.extract(seq, enc, range(6), 512, torch.device("cpu"), progress=False, reuse_tolerance=0.05)
     assert wider["done"] == 0  # exact timesteps serve a reusing run
     for t in (3, 4, 5):  # as if cached with tolerance 0.02: a run with 0.05 keeps them, one with 0.01 does not
-        feature_cache.write_timestep(cache, t, feature_cache.make_config(enc, seq, meta, t, 0.02),
-                                     load_tile_embeddings(cache, t).numpy())
+        feature_cache.write_timestep(
+            cache, t, feature_cache.make_config(enc, seq, meta, t, 0.02), load_tile_embeddings(cache, t).numpy()
+        )
     assert feature_cache.is_done(cache, 3, feature_cache.make_config(enc, seq, meta, 3, 0.05))
     assert not feature_cache.is_done(cache, 3, feature_cache.make_config(enc, seq, meta, 3, 0.01))
     assert not feature_cache.is_done(cache, 3, feature_cache.make_config(enc, seq, meta, 3))
-    resumed = extract_features.extract(seq, enc, range(6), 512, torch.device("cpu"), progress=False,
-                                       reuse_tolerance=0.01)
+    resumed = extract_features.extract(
+        seq, enc, range(6), 512, torch.device("cpu"), progress=False, reuse_tolerance=0.01
+    )
     assert list(resumed["reused"]) == [3, 4, 5] and not resumed["reused"][3].any()  # first: nothing to compare with
     with pytest.raises(UserError, match="--reuse-tolerance -0.1"):
         extract_features.main(["-s", seq, "--encoder", "color", "--reuse-tolerance", "-0.1"])
@@ -406,8 +461,19 @@ def test_main_and_bad_inputs(seq, monkeypatch, capsys):
 
 
 def test_missing_viclip_checkpoint_is_one_line(seq, tmp_path):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "extract_features.py"), "-s", seq,
-                             "--viclip-ckpt", str(tmp_path / "none.pth")], capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "extract_features.py"),
+            "-s",
+            seq,
+            "--viclip-ckpt",
+            str(tmp_path / "none.pth"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert result.returncode == 2 and result.stdout == f"sequence folder: {os.path.normpath(seq)}\n"
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "none.pth" in lines[0] and "huggingface.co/OpenGVLab/ViCLIP" in lines[0]
@@ -415,13 +481,14 @@ def test_missing_viclip_checkpoint_is_one_line(seq, tmp_path):
 
 # ---------------------------------------------------------------- encoders
 
+
 def clip_of(rgb, frames=8, size=8, square=None, speed=1):
     """A CLIP-normalised clip [1, T, 3, S, S] of one colour, plus a 3x3 square of colour `square`
     moving `speed` pixels per frame to the right (0: standing)."""
     x = torch.tensor(rgb, dtype=torch.float32).view(1, 1, 3, 1, 1).expand(1, frames, 3, size, size).clone()
     if square is not None:
         for f in range(frames):
-            x[0, f, :, 2:5, f * speed % 6:f * speed % 6 + 3] = torch.tensor(square).view(3, 1, 1)
+            x[0, f, :, 2:5, f * speed % 6 : f * speed % 6 + 3] = torch.tensor(square).view(3, 1, 1)
     return (x - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
 
 
@@ -437,7 +504,7 @@ def test_color_encoder_formula():
     torch.testing.assert_close(text[1], text[2])
     torch.testing.assert_close(text[3], text[4])  # grey == gray
     # a still red clip: h_red ~ 1, no motion -> normalize(d_red + GENERIC_WEIGHT d_generic)
-    np.testing.assert_allclose((red @ text[0]).item(), 1 / np.sqrt(1 + GENERIC_WEIGHT ** 2), atol=1e-3)
+    np.testing.assert_allclose((red @ text[0]).item(), 1 / np.sqrt(1 + GENERIC_WEIGHT**2), atol=1e-3)
     assert (red @ text[0]) > (floor @ text[0]) + 0.5 and (floor @ text[3]) > (red @ text[3]) + 0.5
     # "a blue box sliding" = normalize(d_blue + 4 m_blue): a moving blue square beats a standing one,
     # and a moving red square is no answer at all (coloured motion, not motion anywhere)
@@ -457,9 +524,12 @@ def test_color_encoder_formula():
 
 def test_openclip_encoder_averages_frames(tmp_path):
     import open_clip
-    cfg = {"embed_dim": 16,
-           "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
-           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}}
+
+    cfg = {
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1},
+    }
     (tmp_path / "Tiny-Test-4legs.json").write_text(json.dumps(cfg))
     open_clip.add_model_config(str(tmp_path / "Tiny-Test-4legs.json"))
     torch.manual_seed(0)
@@ -482,7 +552,7 @@ def test_purest_tiles_match_a_tile_by_tile_reference():
     image[:, 8:14, 10:17] = torch.tensor([0.9, 0.1, 0.1]).view(3, 1, 1)  # ... with a red block
     levels = tiles.tile_levels(h, w)
     bins, weights = tiles.soft_colour_bins(image)
-    soft = torch.zeros(tiles.COLOUR_BINS ** 3, h, w).scatter_add_(0, bins, weights)  # [B, H, W]
+    soft = torch.zeros(tiles.COLOUR_BINS**3, h, w).scatter_add_(0, bins, weights)  # [B, H, W]
     expected = []
     for y in range(h):
         for x in range(w):
@@ -497,7 +567,7 @@ def test_purest_tiles_match_a_tile_by_tile_reference():
             for li, r, c, off in sorted(candidates, key=lambda cand: -cand[0]):  # coarse first
                 lv = levels[li]
                 top, left = lv["stride"] * r - lv["padding"], lv["stride"] * c - lv["padding"]
-                inside = soft[:, max(top, 0):top + lv["kernel"], max(left, 0):left + lv["kernel"]]
+                inside = soft[:, max(top, 0) : top + lv["kernel"], max(left, 0) : left + lv["kernel"]]
                 share = float(a @ inside.sum((1, 2))) / lv["kernel"] ** 2 / float(a @ a)
                 if share > best + 1e-6:
                     best, choice = share, off + r * lv["cols"] + c

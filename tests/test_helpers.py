@@ -1,5 +1,6 @@
 """helpers.py, data and camera section: bad input gives one clear UserError naming the file and the
 problem; cameras follow the OpenCV convention of the data."""
+
 import json
 import math
 import os
@@ -19,11 +20,14 @@ def good_meta(num_t=3):
     """A valid two-camera meta dict (PanopticSports layout, cam_id repeated per timestep)."""
     k = [[20.0, 0.0, W / 2], [0.0, 20.0, H / 2], [0.0, 0.0, 1.0]]
     w2cs = [helpers.orbit_w2c((0, 0, 0), 3.0, 1.0, a).tolist() for a in (0.0, 1.0)]
-    return {"w": W, "h": H,
-            "k": [[k, k] for _ in range(num_t)],
-            "w2c": [list(w2cs) for _ in range(num_t)],
-            "fn": [[f"{c}/{t:06d}.jpg" for c in CAMS] for t in range(num_t)],
-            "cam_id": [list(CAMS) for _ in range(num_t)]}
+    return {
+        "w": W,
+        "h": H,
+        "k": [[k, k] for _ in range(num_t)],
+        "w2c": [list(w2cs) for _ in range(num_t)],
+        "fn": [[f"{c}/{t:06d}.jpg" for c in CAMS] for t in range(num_t)],
+        "cam_id": [list(CAMS) for _ in range(num_t)],
+    }
 
 
 def write_sequence(root, meta=None, images=True, masks=True):
@@ -72,11 +76,14 @@ def test_missing_meta(tmp_path):
         helpers.load_meta(str(tmp_path), "test")
 
 
-@pytest.mark.parametrize("text,problem", [
-    ('{"w": 24, "h": 16, "k": [', "not valid JSON"),
-    ("", "not valid JSON"),
-    ("[1, 2]", "JSON list, not an object"),
-])
+@pytest.mark.parametrize(
+    "text,problem",
+    [
+        ('{"w": 24, "h": 16, "k": [', "not valid JSON"),
+        ("", "not valid JSON"),
+        ("[1, 2]", "JSON list, not an object"),
+    ],
+)
 def test_malformed_json(tmp_path, text, problem):
     assert problem in meta_error(tmp_path, text)
 
@@ -94,32 +101,35 @@ def edit(path, value=None, delete=False):
     return meta
 
 
-@pytest.mark.parametrize("meta,problem", [
-    (edit(["fn"], delete=True), "lacks key(s) fn"),
-    (edit(["w"], "640"), "'w' is '640'"),
-    (edit(["h"], -5), "'h' is -5"),
-    (edit(["fn"], []), "'fn' must be a non-empty list"),
-    (edit(["k"], good_meta()["k"][:2]), "'k' must be a list over the 3 timesteps"),
-    # camera count mismatch between k / w2c / fn / cam_id
-    (edit(["k", 1], good_meta()["k"][1][:1]), "timestep 1 has 1 entries in 'k' but cam_id lists 2"),
-    (edit(["w2c", 2], good_meta()["w2c"][2] * 2), "timestep 2 has 4 entries in 'w2c' but cam_id lists 2"),
-    (edit(["fn", 0], ["3/000000.jpg"]), "timestep 0 has 1 entries in 'fn' but cam_id lists 2"),
-    (edit(["cam_id"], [[3, 5, 7]] * 3), "timestep 0 has 2 entries in 'k' but cam_id lists 3"),
-    (edit(["cam_id"], [[3, 5]] * 2), "'cam_id' lists 2 timesteps, 'fn' 3"),
-    (edit(["cam_id"], "3,5"), "'cam_id' must be a non-empty list"),
-    # cameras differing between timesteps
-    (edit(["cam_id", 2], [5, 3]), "the cameras differ between timesteps"),
-    (edit(["fn", 1], ["5/000001.jpg", "3/000001.jpg"]), "the cameras differ"),
-    (edit(["fn", 1, 0], "000001.jpg"), "not '<camera>/<image file>'"),
-    # wrong array shapes, bad numbers
-    (edit(["k", 0, 0], [[20.0, 0.0], [0.0, 20.0], [0.0, 0.0]]), "'k' is not a [3][2][3][3] array"),
-    (edit(["k"], [[[[20.0, 0.0, 1.0]] * 2] * 2] * 3), "'k' has shape [3, 2, 2, 3], expected [3, 2, 3, 3]"),
-    (edit(["w2c"], [[np.eye(4)[:3].tolist()] * 2] * 3), "'w2c' has shape [3, 2, 3, 4], expected [3, 2, 4, 4]"),
-    (edit(["w2c", 0, 1, 0, 3], "far"), "'w2c' is not a [3][2][4][4] array of numbers"),
-    (edit(["w2c", 1, 0, 2, 3], float("nan")), "'w2c' holds NaN or Inf"),
-    (edit(["w2c", 1, 0, 0], [2.0, 0.0, 0.0, 0.0]), "not a rigid world-to-camera transform"),
-    (edit(["k", 0, 1, 0, 0], -20.0), "not an intrinsics matrix"),
-])
+@pytest.mark.parametrize(
+    "meta,problem",
+    [
+        (edit(["fn"], delete=True), "lacks key(s) fn"),
+        (edit(["w"], "640"), "'w' is '640'"),
+        (edit(["h"], -5), "'h' is -5"),
+        (edit(["fn"], []), "'fn' must be a non-empty list"),
+        (edit(["k"], good_meta()["k"][:2]), "'k' must be a list over the 3 timesteps"),
+        # camera count mismatch between k / w2c / fn / cam_id
+        (edit(["k", 1], good_meta()["k"][1][:1]), "timestep 1 has 1 entries in 'k' but cam_id lists 2"),
+        (edit(["w2c", 2], good_meta()["w2c"][2] * 2), "timestep 2 has 4 entries in 'w2c' but cam_id lists 2"),
+        (edit(["fn", 0], ["3/000000.jpg"]), "timestep 0 has 1 entries in 'fn' but cam_id lists 2"),
+        (edit(["cam_id"], [[3, 5, 7]] * 3), "timestep 0 has 2 entries in 'k' but cam_id lists 3"),
+        (edit(["cam_id"], [[3, 5]] * 2), "'cam_id' lists 2 timesteps, 'fn' 3"),
+        (edit(["cam_id"], "3,5"), "'cam_id' must be a non-empty list"),
+        # cameras differing between timesteps
+        (edit(["cam_id", 2], [5, 3]), "the cameras differ between timesteps"),
+        (edit(["fn", 1], ["5/000001.jpg", "3/000001.jpg"]), "the cameras differ"),
+        (edit(["fn", 1, 0], "000001.jpg"), "not '<camera>/<image file>'"),
+        # wrong array shapes, bad numbers
+        (edit(["k", 0, 0], [[20.0, 0.0], [0.0, 20.0], [0.0, 0.0]]), "'k' is not a [3][2][3][3] array"),
+        (edit(["k"], [[[[20.0, 0.0, 1.0]] * 2] * 2] * 3), "'k' has shape [3, 2, 2, 3], expected [3, 2, 3, 3]"),
+        (edit(["w2c"], [[np.eye(4)[:3].tolist()] * 2] * 3), "'w2c' has shape [3, 2, 3, 4], expected [3, 2, 4, 4]"),
+        (edit(["w2c", 0, 1, 0, 3], "far"), "'w2c' is not a [3][2][4][4] array of numbers"),
+        (edit(["w2c", 1, 0, 2, 3], float("nan")), "'w2c' holds NaN or Inf"),
+        (edit(["w2c", 1, 0, 0], [2.0, 0.0, 0.0, 0.0]), "not a rigid world-to-camera transform"),
+        (edit(["k", 0, 1, 0, 0], -20.0), "not an intrinsics matrix"),
+    ],
+)
 def test_bad_meta(tmp_path, meta, problem):
     message = meta_error(tmp_path, meta)
     assert problem in message, message
@@ -169,6 +179,7 @@ def test_masks_one_bit_and_eight_bit(tmp_path):
 def test_run_main_turns_user_error_into_one_line(capsys):
     def main():
         raise helpers.UserError("data/x/train_meta.json not found: do this")
+
     with pytest.raises(SystemExit) as e:
         helpers.run_main(main)
     assert e.value.code == 2
@@ -176,6 +187,7 @@ def test_run_main_turns_user_error_into_one_line(capsys):
 
 
 # ---------------------------------------------------------------- cameras
+
 
 def test_setup_camera_pixel_convention():
     """A point at camera coordinates (x, y, z) lands at column fx x / z + cx - 0.5 and row
@@ -215,8 +227,12 @@ def test_orbit_w2c_looks_at_the_centre_upright():
 def test_orbit_cameras_circle_the_foreground_at_the_cameras_median_distance():
     centre = np.array([0.5, -0.3, 0.2])
     distances = (3.0, 4.0, 9.0)  # the median, not the mean: one far camera does not move the orbit
-    meta = {"w": W, "h": H, "k": [[[[20.0, 0.0, W / 2], [0.0, 20.0, H / 2], [0.0, 0.0, 1.0]]] * 3],
-            "w2c": [[helpers.orbit_w2c(centre, d, 1.5, a).tolist() for d, a in zip(distances, (0.0, 2.0, 4.0))]]}
+    meta = {
+        "w": W,
+        "h": H,
+        "k": [[[[20.0, 0.0, W / 2], [0.0, 20.0, H / 2], [0.0, 0.0, 1.0]]] * 3],
+        "w2c": [[helpers.orbit_w2c(centre, d, 1.5, a).tolist() for d, a in zip(distances, (0.0, 2.0, 4.0))]],
+    }
     means3D = np.concatenate([centre + 0.01 * np.eye(3), centre - 0.01 * np.eye(3), [[9.0, 9.0, 9.0]]])
     cams = helpers.orbit_cameras(meta, means3D, np.arange(7) < 6, 8)  # the far point is background
     assert len(cams) == 8
@@ -232,14 +248,22 @@ def test_scale_intrinsics_matches_the_rasterizer_on_downscaled_images():
     """A small Gaussian rendered at 64x48 and area-averaged to 16x12 lies where it renders at 16x12
     with the scaled intrinsics (k counts from the corner: c -> c / 4, not (c + 0.5) / 4 - 0.5)."""
     k = np.array([[50.0, 0.0, 31.0], [0.0, 55.0, 22.0], [0.0, 0.0, 1.0]])
-    gaussian = {"means3D": torch.tensor([[0.3, -0.2, 2.0]]), "rotations": torch.tensor([[1.0, 0, 0, 0]]),
-                "opacities": torch.ones(1, 1), "scales": torch.full((1, 3), 0.02),
-                "colors_precomp": torch.ones(1, 3), "seg_colors": torch.ones(1, 3), "means2D": torch.zeros(1, 3)}
+    gaussian = {
+        "means3D": torch.tensor([[0.3, -0.2, 2.0]]),
+        "rotations": torch.tensor([[1.0, 0, 0, 0]]),
+        "opacities": torch.ones(1, 1),
+        "scales": torch.full((1, 3), 0.02),
+        "colors_precomp": torch.ones(1, 3),
+        "seg_colors": torch.ones(1, 3),
+        "means2D": torch.zeros(1, 3),
+    }
 
     def centre(w, h, k):
         with torch.no_grad():
-            im = helpers.render_d3dgs(helpers.setup_camera(w, h, k, np.eye(4), dtype=torch.float64),
-                                      {key: v.double() for key, v in gaussian.items()})[0][0]
+            im = helpers.render_d3dgs(
+                helpers.setup_camera(w, h, k, np.eye(4), dtype=torch.float64),
+                {key: v.double() for key, v in gaussian.items()},
+            )[0][0]
         ys, xs = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
         return float((im * xs).sum() / im.sum()), float((im * ys).sum() / im.sum())
 
@@ -252,6 +276,7 @@ def test_scale_intrinsics_matches_the_rasterizer_on_downscaled_images():
 
 
 # ---------------------------------------------------------------- command line
+
 
 def test_sequence_by_name_under_data(tmp_path, monkeypatch, capsys):
     (tmp_path / "data" / "basketball").mkdir(parents=True)
@@ -271,8 +296,14 @@ def test_progress_off_a_terminal_is_plain_lines(capsys, monkeypatch):
     assert "\r" not in err and err.count("\n") >= 2 and err.splitlines()[-1].startswith("work: 100% 3/3")
 
 
-SCRIPTS = {"train_d3dgs.py", "visualize_d3dgs.py", "extract_features.py", "train_autoencoder.py", "train_4legs.py",
-           "visualize_4legs.py"}
+SCRIPTS = {
+    "train_d3dgs.py",
+    "visualize_d3dgs.py",
+    "extract_features.py",
+    "train_autoencoder.py",
+    "train_4legs.py",
+    "visualize_4legs.py",
+}
 
 
 def test_one_stage_table_for_readme_docstrings_and_help():
@@ -285,10 +316,12 @@ def test_one_stage_table_for_readme_docstrings_and_help():
         with open(os.path.join(root, script)) as f:
             source = f.read()
         assert source.startswith(f'"""Stage {stage.number} of 4-LEGS: '), script
-        assert (f'helpers.stage_description("{script}")' in source
-                or f'helpers.stage_help("{script}", __doc__)' in source), script
+        assert (
+            f'helpers.stage_description("{script}")' in source or f'helpers.stage_help("{script}", __doc__)' in source
+        ), script
     assert helpers.run_first("train_4legs.py", "python train_4legs.py") == (
-        "run stage 5 (train_4legs.py) first: python train_4legs.py")
+        "run stage 5 (train_4legs.py) first: python train_4legs.py"
+    )
 
 
 @pytest.mark.realdata

@@ -2,6 +2,7 @@
 
 Unit tests on hand-made inputs, then the whole chain on a small synthetic sequence with the colour
 encoder (on the ground-truth Gaussians, so no stage-1 training is needed)."""
+
 import math
 import os
 import shutil
@@ -12,13 +13,13 @@ import torch
 
 import helpers
 from feature_extraction.autoencoder import Autoencoder, ae_loss, load_autoencoder, save_autoencoder
-from feature_extraction.relevancy import (DETECT_THRESHOLD, detect_spans, frame_scores, heat, relevance_map,
-                                          relevancy)
+from feature_extraction.relevancy import DETECT_THRESHOLD, detect_spans, frame_scores, heat, relevance_map, relevancy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ---------------------------------------------------------------- autoencoder
+
 
 def test_autoencoder_shapes_and_unit_norms():
     torch.manual_seed(0)
@@ -49,6 +50,7 @@ def test_autoencoder_checkpoint_roundtrip_and_mismatch(tmp_path):
 
 def test_stage4_timesteps_cached_sampled_and_held_out(tmp_path):
     from train_autoencoder import cached_timesteps, spans, split_timesteps
+
     for t in (0, 1, 2, 4, 5, 6, 7, 8, 9):
         os.makedirs(tmp_path / f"timestep_{t}")
         (tmp_path / f"timestep_{t}" / "config.json").write_text("{}")
@@ -68,14 +70,28 @@ def test_stage4_trains_on_the_extracted_timesteps_only(tmp_path, monkeypatch, ca
     import synthetic_sequence
     import train_4legs
     import train_autoencoder
+
     monkeypatch.chdir(tmp_path)
     seq = "data/tiny"
     synthetic_sequence.generate(seq, width=32, height=18, num_timesteps=8, num_train=2, num_test=1)
-    stage4 = ["-s", seq, "--encoder", "color", "--device", "cpu", "--epochs", "1", "--tiles-per-epoch", "256",
-              "--batch-size", "128"]
+    stage4 = [
+        "-s",
+        seq,
+        "--encoder",
+        "color",
+        "--device",
+        "cpu",
+        "--epochs",
+        "1",
+        "--tiles-per-epoch",
+        "256",
+        "--batch-size",
+        "128",
+    ]
     os.makedirs(f"{seq}/interpolators/color")  # stage 3 stopped before its first timestep
-    with pytest.raises(helpers.UserError, match=f"{seq}/interpolators/color: no cached tile embeddings .* "
-                                                "extract_features.py"):
+    with pytest.raises(
+        helpers.UserError, match=f"{seq}/interpolators/color: no cached tile embeddings .* extract_features.py"
+    ):
         train_autoencoder.main(stage4)
     extract_features.main(["-s", seq, "--encoder", "color", "--device", "cpu", "-l", "2"])
     capsys.readouterr()
@@ -105,6 +121,7 @@ def test_stage4_trains_on_the_extracted_timesteps_only(tmp_path, monkeypatch, ca
 
 # ---------------------------------------------------------------- relevancy
 
+
 def test_relevancy_formula_on_hand_made_vectors():
     e = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.6, 0.8, 0.0]])
     pos = torch.tensor([[1.0, 0.0, 0.0]])
@@ -133,9 +150,11 @@ def test_irrelevant_prompt_gives_empty_timeline_not_a_blob():
 
 def test_relevance_map_of_decoded_features():
     """Features that decode to the prompt are relevant, features that decode to a negative are not."""
+
     class Decoder:  # decodes latent axis i to unit vector i of a 3-d embedding space
         def decode(self, z):
             return torch.nn.functional.normalize(z[:, :3], dim=-1)
+
     feats = torch.zeros(5, 1, 2)
     feats[0, 0, 0] = 2.0  # pixel 0 -> embedding axis 0 (the prompt)
     feats[1, 0, 1] = 0.5  # pixel 1 -> embedding axis 1 (the negative)
@@ -146,8 +165,10 @@ def test_relevance_map_of_decoded_features():
 
 # ---------------------------------------------------------------- stage 4 building blocks
 
+
 def test_neighbour_attention_equals_projecting_every_neighbour():
     from train_4legs import NeighbourAttention, attend_batched, attend_by_slot
+
     torch.manual_seed(0)
     attn = NeighbourAttention(16, 8)
     x = torch.randn(50, 16)
@@ -166,17 +187,20 @@ def test_neighbour_attention_equals_projecting_every_neighbour():
 
 def random_scene(n=300, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return {"means3D": (torch.rand(n, 3, generator=g) - 0.5) * 2.0,
-            "scales": torch.exp(math.log(0.08) + 0.3 * torch.randn(n, 3, generator=g)),
-            "rotations": torch.nn.functional.normalize(torch.randn(n, 4, generator=g), dim=1),
-            "opacities": torch.rand(n, 1, generator=g) * 0.9 + 0.05,
-            "colors_precomp": torch.rand(n, 3, generator=g),
-            "seg_colors": torch.tensor([[1.0, 0.0, 0.0]]).repeat(n, 1)}
+    return {
+        "means3D": (torch.rand(n, 3, generator=g) - 0.5) * 2.0,
+        "scales": torch.exp(math.log(0.08) + 0.3 * torch.randn(n, 3, generator=g)),
+        "rotations": torch.nn.functional.normalize(torch.randn(n, 4, generator=g), dim=1),
+        "opacities": torch.rand(n, 1, generator=g) * 0.9 + 0.05,
+        "colors_precomp": torch.rand(n, 3, generator=g),
+        "seg_colors": torch.tensor([[1.0, 0.0, 0.0]]).repeat(n, 1),
+    }
 
 
 def test_blend_matrix_renders_like_the_rasterizer():
     from feature_extraction.relevancy import render_features
     from train_4legs import make_renderers
+
     scene = random_scene()
     w, h = 48, 32
     k = np.array([[40.0, 0, w / 2], [0, 40.0, h / 2], [0, 0, 1]])
@@ -187,15 +211,17 @@ def test_blend_matrix_renders_like_the_rasterizer():
     assert fast.shape == (7, h, w) and float(ref.detach().abs().max()) > 0.1
     assert torch.allclose(fast, ref, atol=1e-5)
     g = torch.randn(7, h, w)
-    grad_fast, = torch.autograd.grad((fast * g).sum(), feats)
-    grad_ref, = torch.autograd.grad((ref * g).sum(), feats)
+    (grad_fast,) = torch.autograd.grad((fast * g).sum(), feats)
+    (grad_ref,) = torch.autograd.grad((ref * g).sum(), feats)
     assert torch.allclose(grad_fast, grad_ref, atol=1e-5)
 
 
 # ---------------------------------------------------------------- grounding metrics
 
+
 def test_grounding_metrics_on_hand_made_masks():
     from evaluate_grounding import grounding_metrics, mask_iou
+
     relevance = torch.zeros(8, 10, 10)
     relevance[2:6, 2:6, 2:6] = 0.4  # predicted: frames 2-5, a 4x4 square
     gt = {t: torch.zeros(10, 10, dtype=torch.bool) for t in range(3, 7)}  # truth: frames 3-6
@@ -211,6 +237,7 @@ def test_grounding_metrics_on_hand_made_masks():
 
 def test_benchmark_reader_messages(tmp_path):
     from evaluate_grounding import read_benchmark
+
     with pytest.raises(helpers.UserError, match="benchmark folder not found"):
         read_benchmark(tmp_path / "missing")
     (tmp_path / "a_red_ball").mkdir()
@@ -219,14 +246,16 @@ def test_benchmark_reader_messages(tmp_path):
     torch.save({"boxes": {}}, tmp_path / "a_red_ball" / "cam3.pt")
     with pytest.raises(helpers.UserError, match="'masks'"):
         read_benchmark(tmp_path)
-    torch.save({"masks": {4: np.ones((1, 5, 6), bool)}, "boxes": {4: [0, 0, 5, 4]}},
-               tmp_path / "a_red_ball" / "cam3.pt")
+    torch.save(
+        {"masks": {4: np.ones((1, 5, 6), bool)}, "boxes": {4: [0, 0, 5, 4]}}, tmp_path / "a_red_ball" / "cam3.pt"
+    )
     bench = read_benchmark(tmp_path)
     assert list(bench) == ["a red ball"] and bench["a red ball"][3][4].shape == (5, 6)
 
 
 def test_brute_force_neighbours_match_the_kd_tree():
     from train_4legs import knn_brute_force, neighbour_indices
+
     points = torch.rand(500, 3)
     kd = neighbour_indices(points, 20)
     bf = knn_brute_force(points, 20)
@@ -249,12 +278,14 @@ def chain(tmp_path_factory):
     import synthetic_sequence
     import train_4legs
     import train_autoencoder
+
     root = tmp_path_factory.mktemp("chain")
     cwd = os.getcwd()
     os.chdir(root)
     try:
-        synthetic_sequence.generate(SEQ, benchmark="data/grounding", width=96, height=54, num_timesteps=12,
-                                    num_train=6, num_test=1)
+        synthetic_sequence.generate(
+            SEQ, benchmark="data/grounding", width=96, height=54, num_timesteps=12, num_train=6, num_test=1
+        )
         # stage 4 says which stage is missing, in order
         with pytest.raises(helpers.UserError, match="train_d3dgs.py"):
             train_4legs.main(["-s", SEQ, "-e", EXP, "--encoder", "color"])
@@ -279,9 +310,22 @@ def test_whole_chain_on_the_synthetic_sequence(chain, capsys):
     and the lifting amplify the difference); docs/benchmark.md."""
     import json
     import evaluate_grounding
+
     os.chdir(chain)
-    evaluate_grounding.main(["-s", SEQ, "-e", EXP, "--encoder", "color", "--benchmark", "data/grounding/synthetic",
-                             "--out", "results/grounding.json"])
+    evaluate_grounding.main(
+        [
+            "-s",
+            SEQ,
+            "-e",
+            EXP,
+            "--encoder",
+            "color",
+            "--benchmark",
+            "data/grounding/synthetic",
+            "--out",
+            "results/grounding.json",
+        ]
+    )
     with open("results/grounding.json") as f:
         report = json.load(f)
     print(capsys.readouterr().out)
@@ -294,6 +338,7 @@ def test_whole_chain_on_the_synthetic_sequence(chain, capsys):
 def test_visualize_writes_videos_and_an_empty_timeline(chain):
     import json
     import visualize_4legs
+
     os.chdir(chain)
     visualize_4legs.main(["-s", SEQ, "-e", EXP, "--encoder", "color", "-p", BALL, "-p", "a purple umbrella"])
     out = f"results/{EXP}/synthetic"
@@ -316,20 +361,28 @@ def test_lifting_fits_and_the_warm_start_starts_closer(chain):
     import argparse
     import train_4legs
     from feature_extraction.autoencoder import ae_ckpt_path
+
     os.chdir(chain)
     meta = helpers.load_meta(SEQ, "train")
     ae, _ = load_autoencoder(ae_ckpt_path(SEQ), "color")
     run = argparse.Namespace(seq=SEQ, downscale=1, lr_features=0.0025, lr_attention=0.00016, seed=0, tile_mix="purest")
-    setup = train_4legs.prepare_timestep(4, run, meta, f"output/{EXP}/synthetic/params.npz", ae,
-                                         f"{SEQ}/interpolators/color", torch.device("cpu"), False)
+    setup = train_4legs.prepare_timestep(
+        4, run, meta, f"output/{EXP}/synthetic/params.npz", ae, f"{SEQ}/interpolators/color", torch.device("cpu"), False
+    )
 
     def loss_over_cameras(record):
-        params, attention, _ = train_4legs.initialize(setup["rendervar"]["means3D"].shape[0], record,
-                                                      setup["lrs"], "cpu", 0)
+        params, attention, _ = train_4legs.initialize(
+            setup["rendervar"]["means3D"].shape[0], record, setup["lrs"], "cpu", 0
+        )
         with torch.no_grad():
             feats = attention(params["latents"], setup["neighbours"])
-            return np.mean([float(helpers.l1_loss(setup["renderers"][c](feats), setup["targets"][c]))
-                            for c in range(len(setup["targets"]))])
+            return np.mean(
+                [
+                    float(helpers.l1_loss(setup["renderers"][c](feats), setup["targets"][c]))
+                    for c in range(len(setup["targets"]))
+                ]
+            )
+
     legs = f"output/{EXP}/synthetic/legs"
     trained, previous = (torch.load(f"{legs}/00000{t}.pt", weights_only=True) for t in (4, 3))
     cold, warm, fitted = loss_over_cameras(None), loss_over_cameras(previous), loss_over_cameras(trained)
@@ -338,6 +391,7 @@ def test_lifting_fits_and_the_warm_start_starts_closer(chain):
 
 def test_resume_and_stale_outputs(chain, capsys):
     import train_4legs
+
     os.chdir(chain)
     legs = f"output/{EXP}/synthetic/legs"
     before = {f: os.path.getmtime(os.path.join(legs, f)) for f in os.listdir(legs)}
@@ -368,14 +422,16 @@ def test_converged_warm_start_stops_early_with_the_same_relevance(chain, capsys)
     from feature_extraction import load_encoder
     from feature_extraction.autoencoder import ae_ckpt_path
     from feature_extraction.relevancy import encode_prompts, render_features
+
     os.chdir(chain)
     runs = {"fixed": ["--fixed-iters"], "converged": ["--warm-min-iters", "48", "--converge-window", "24"]}
     for exp, options in runs.items():
         os.makedirs(f"output/{exp}/synthetic/legs")
         shutil.copy(f"output/{EXP}/synthetic/params.npz", f"output/{exp}/synthetic/params.npz")
         shutil.copy(f"output/{EXP}/synthetic/legs/000004.pt", f"output/{exp}/synthetic/legs/000004.pt")
-        train_4legs.main(["-s", SEQ, "-e", exp, "--encoder", "color", "-f", "5", "-l", "5", "--warm-iters", "150",
-                          *options])
+        train_4legs.main(
+            ["-s", SEQ, "-e", exp, "--encoder", "color", "-f", "5", "-l", "5", "--warm-iters", "150", *options]
+        )
     records = [torch.load(f"output/{exp}/synthetic/legs/000005.pt", weights_only=True) for exp in runs]
     ae, _ = load_autoencoder(ae_ckpt_path(SEQ), "color")
     prompts = [BALL, "a blue box sliding on the floor", "a green top spinning"]
@@ -383,17 +439,22 @@ def test_converged_warm_start_stops_early_with_the_same_relevance(chain, capsys)
     rendervar = helpers.load_d3dgs_params(f"output/{EXP}/synthetic/params.npz", 5)
     cam = helpers.cameras_at(helpers.load_meta(SEQ, "test"), 5)[0]
     with torch.no_grad():
-        fixed, converged = (relevance_map(render_features(cam, rendervar, r["features"].float())[1], ae, positives,
-                                          negatives, stride=1) for r in records)
+        fixed, converged = (
+            relevance_map(render_features(cam, rendervar, r["features"].float())[1], ae, positives, negatives, stride=1)
+            for r in records
+        )
     corr = float(np.corrcoef(fixed.flatten().numpy(), converged.flatten().numpy())[0, 1])
     scores = [frame_scores(maps) for maps in (fixed, converged)]  # [3] per prompt
     clear = [p for p, score in zip(prompts, scores[0]) if abs(float(score) - DETECT_THRESHOLD) >= SCORE_TOLERANCE]
-    detected = [sorted(p for p, score in zip(prompts, run) if score > DETECT_THRESHOLD and p in clear)
-                for run in scores]
+    detected = [
+        sorted(p for p, score in zip(prompts, run) if score > DETECT_THRESHOLD and p in clear) for run in scores
+    ]
     masks = [[heat(r) > 0.5 for r in maps] for maps in (fixed, converged)]
     mask_iou = {p: float((a & b).sum() / (a | b).sum()) for p, a, b in zip(prompts, *masks) if p in detected[0]}
-    print(f"{records[1]['iterations']} iterations (fixed: {records[0]['iterations']}), relevance correlation "
-          f"{corr:.4f}, frame scores {[[round(float(v), 3) for v in run] for run in scores]}, mask IoU {mask_iou}")
+    print(
+        f"{records[1]['iterations']} iterations (fixed: {records[0]['iterations']}), relevance correlation "
+        f"{corr:.4f}, frame scores {[[round(float(v), 3) for v in run] for run in scores]}, mask IoU {mask_iou}"
+    )
     assert all(r["warm_start"] for r in records) and records[0]["iterations"] == 150
     assert 48 <= records[1]["iterations"] < 150 and records[1]["iterations"] % 24 == 0, records[1]["iterations"]
     assert float((scores[0] - scores[1]).abs().max()) < SCORE_TOLERANCE, scores

@@ -4,6 +4,7 @@ On the CPU the kernels run under Triton's interpreter, which must be switched on
 before triton is imported and would then stay on for every later kernel of the pytest process: so
 that test runs this file as a script in a subprocess.
 """
+
 import os
 import subprocess
 import sys
@@ -12,8 +13,12 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CPU_CASES = [(37, 5, 128, ("latents", "q_k")), (37, 21, 128, ("latents", "q_k")), (5, 21, 32, ("latents",)),
-             (70, 5, 64, ("q_k",))]  # (N, K+1, D, inputs that need gradients): N not a multiple of the block
+CPU_CASES = [
+    (37, 5, 128, ("latents", "q_k")),
+    (37, 21, 128, ("latents", "q_k")),
+    (5, 21, 32, ("latents",)),
+    (70, 5, 64, ("q_k",)),
+]  # (N, K+1, D, inputs that need gradients): N not a multiple of the block
 
 
 def check_against_reference(n, num_slots, d, needs_grad, device, seed=0):
@@ -23,6 +28,7 @@ def check_against_reference(n, num_slots, d, needs_grad, device, seed=0):
     backward scatter adds into one latent from several Gaussians of one block."""
     from legs_attention import attend_fused
     from train_4legs import attend_batched
+
     gen = torch.Generator().manual_seed(seed)
     latents = torch.randn(n, d, generator=gen)
     q_k = 0.3 * torch.randn(n, d, generator=gen)  # scores of a few units: softmax neither flat nor one-hot
@@ -46,14 +52,16 @@ def check_against_reference(n, num_slots, d, needs_grad, device, seed=0):
 
 def test_attend_fused_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, os.path.abspath(__file__)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.count("ok") == len(CPU_CASES) + 1
 
 
 def test_attend_fused_rejects_bad_inputs():
     from legs_attention import attend_fused
+
     neighbours = torch.zeros(4, 3, dtype=torch.int64)
     with pytest.raises(ValueError, match="power of two"):
         attend_fused(torch.zeros(4, 100), neighbours, torch.zeros(4, 100))
@@ -73,6 +81,7 @@ if __name__ == "__main__":  # the interpreter run of test_attend_fused_interpret
         check_against_reference(*case, torch.device("cpu"))
         print("ok", case)
     from legs_attention import attend_fused
+
     with torch.no_grad():  # no graph: the forward alone
         attend_fused(torch.randn(9, 128), torch.zeros(9, 4, dtype=torch.int64), torch.randn(9, 128))
     print("ok no_grad")
@@ -81,6 +90,7 @@ if __name__ == "__main__":  # the interpreter run of test_attend_fused_interpret
 def test_missing_triton_is_one_line(monkeypatch):
     import helpers
     import train_4legs
+
     train_4legs.gpu_attend.cache_clear()
     monkeypatch.setitem(sys.modules, "legs_attention", None)  # import legs_attention -> ImportError
     try:

@@ -3,6 +3,7 @@ each input form comes back with the original metas and with masks that match the
 undistortion inverts the lens model; frame ranges, offsets, downscaling, reruns; bad input gives
 one clear line. Videos are H.264 in yuv444p at crf 0 (lossless but for the RGB -> YUV rounding):
 the masks are compared with the true ones, not the codec."""
+
 import filecmp
 import json
 import os
@@ -20,8 +21,15 @@ from scipy.spatial.transform import Rotation
 import helpers
 import prepare_sequence
 import synthetic_sequence
-from benchmarks.prepare_roundtrip import (camera_name, export_capture, frames_of, mask_iou, render_clean_plates,
-                                          sequence_cameras, write_video)
+from benchmarks.prepare_roundtrip import (
+    camera_name,
+    export_capture,
+    frames_of,
+    mask_iou,
+    render_clean_plates,
+    sequence_cameras,
+    write_video,
+)
 
 W, H, T, NUM_TRAIN, NUM_TEST = 96, 64, 8, 6, 2
 LENS = np.array([-0.18, 0.04, 0.002, -0.001, 0.0, 0.0, 0.0, 0.0])  # OpenCV k1 k2 p1 p2 (k3..k6 = 0)
@@ -34,8 +42,12 @@ def scene(tmp_path_factory):
     seq = str(root / "synthetic")
     synthetic_sequence.generate(seq, None, W, H, T, NUM_TRAIN, NUM_TEST, seed=0)
     test_ids = helpers.load_meta(seq, "test")["cam_id"]
-    return {"seq": seq, "cameras": sequence_cameras(seq), "plates": render_clean_plates(seq, str(root / "plates")),
-            "test_cams": ",".join(camera_name(c) for c in test_ids)}
+    return {
+        "seq": seq,
+        "cameras": sequence_cameras(seq),
+        "plates": render_clean_plates(seq, str(root / "plates")),
+        "test_cams": ",".join(camera_name(c) for c in test_ids),
+    }
 
 
 @pytest.fixture(autouse=True)
@@ -64,17 +76,31 @@ def assert_masks_match(seq, out, minimum=0.9):
 
 # ---------------------------------------------------------------- round trips
 
+
 def test_cameras_file_round_trip_and_rerun(scene, tmp_path, capsys):
     cameras_file = export_capture(scene["seq"], str(tmp_path), "frames")
     out = tmp_path / "data" / "out"
-    argv = ["--videos", tmp_path / "videos", "--cameras", cameras_file, "-o", out, "--test-cams", scene["test_cams"],
-            "--background", scene["plates"]]
+    argv = [
+        "--videos",
+        tmp_path / "videos",
+        "--cameras",
+        cameras_file,
+        "-o",
+        out,
+        "--test-cams",
+        scene["test_cams"],
+        "--background",
+        scene["plates"],
+    ]
     prepare(*argv)
     assert_metas_equal(out, scene["seq"])
     for c in scene["cameras"]:  # JPEG frames are copied, not coded a second time
         for t in range(T):
-            assert filecmp.cmp(os.path.join(out, "ims", str(c), f"{t:06d}.jpg"),
-                               os.path.join(scene["seq"], "ims", str(c), f"{t:06d}.jpg"), shallow=False)
+            assert filecmp.cmp(
+                os.path.join(out, "ims", str(c), f"{t:06d}.jpg"),
+                os.path.join(scene["seq"], "ims", str(c), f"{t:06d}.jpg"),
+                shallow=False,
+            )
     assert_masks_match(scene["seq"], out)
     assert not any(f.startswith(".tmp") for _, _, files in os.walk(out) for f in files)
 
@@ -146,8 +172,9 @@ def film_through_lens(image, k, dist):
     x, y = undistorted_coordinates(xd, yd, dist)
     grid = np.stack([2 * (x * k[0][0] + k[0][2]) / w - 1, 2 * (y * k[1][1] + k[1][2]) / h - 1], -1)
     src = torch.tensor(image, dtype=torch.float32).permute(2, 0, 1)[None]
-    out = torch.nn.functional.grid_sample(src, torch.from_numpy(grid[None]).float(), align_corners=False,
-                                          padding_mode="border")
+    out = torch.nn.functional.grid_sample(
+        src, torch.from_numpy(grid[None]).float(), align_corners=False, padding_mode="border"
+    )
     return out[0].permute(1, 2, 0).round().clamp(0, 255).byte().numpy()
 
 
@@ -171,22 +198,27 @@ def test_colmap_round_trip(scene, tmp_path):
         (videos / camera_name(c)).mkdir()
         for t, frame in enumerate(frames_of(scene["seq"], c)):
             Image.fromarray(film_through_lens(frame, k, lens) if lens is not None else frame).save(
-                videos / camera_name(c) / f"frame_{t + 1:04d}.png")
+                videos / camera_name(c) / f"frame_{t + 1:04d}.png"
+            )
         plate = np.asarray(Image.open(os.path.join(scene["plates"], camera_name(c) + ".png")))
         Image.fromarray(film_through_lens(plate, k, lens) if lens is not None else plate).save(
-            plates / f"{camera_name(c)}.png")
+            plates / f"{camera_name(c)}.png"
+        )
     (sparse / "cameras.txt").write_text("# CAMERA_ID, MODEL, WIDTH, HEIGHT, PARAMS[]\n" + "\n".join(cam_lines) + "\n")
-    (sparse / "images.txt").write_text("# IMAGE_ID, QW, QX, QY, QZ, TX, TY, TZ, CAMERA_ID, NAME\n"
-                                       + "\n".join(image_lines) + "\n")
+    (sparse / "images.txt").write_text(
+        "# IMAGE_ID, QW, QX, QY, QZ, TX, TY, TZ, CAMERA_ID, NAME\n" + "\n".join(image_lines) + "\n"
+    )
     out = tmp_path / "data" / "out"
-    prepare("--videos", videos, "--colmap", sparse, "-o", out, "--test-cams", scene["test_cams"],
-            "--background", plates)
+    prepare(
+        "--videos", videos, "--colmap", sparse, "-o", out, "--test-cams", scene["test_cams"], "--background", plates
+    )
     assert_metas_equal(out, scene["seq"], atol=1e-12)
     assert_masks_match(scene["seq"], out)
     # the undistorted camera against what it would have filmed without the lens
     got = np.stack([helpers.load_image(os.path.join(out, "ims", str(DISTORTED_CAM), f"{t:06d}.jpg")) for t in range(T)])
-    want = np.stack([helpers.load_image(os.path.join(scene["seq"], "ims", str(DISTORTED_CAM), f"{t:06d}.jpg"))
-                     for t in range(T)])
+    want = np.stack(
+        [helpers.load_image(os.path.join(scene["seq"], "ims", str(DISTORTED_CAM), f"{t:06d}.jpg")) for t in range(T)]
+    )
     assert helpers.psnr(torch.from_numpy(got), torch.from_numpy(want)) > 35  # measured 38.5 dB: two resamplings
 
 
@@ -208,6 +240,7 @@ def test_dynerf_round_trip(scene, tmp_path):
 
 
 # ---------------------------------------------------------------- lens, time, size, masks, formats
+
 
 def test_distortion_model_and_undistortion():
     xd, yd = prepare_sequence.distort(np.array(0.3), np.array(-0.2), [-0.2, 0.05, 0.01, -0.02, 0, 0, 0, 0])
@@ -231,8 +264,24 @@ def test_distortion_model_and_undistortion():
 def test_frame_range_offsets_downscale(scene, tmp_path):
     cameras_file = export_capture(scene["seq"], str(tmp_path), "frames")
     out = tmp_path / "data" / "out"
-    prepare("--videos", tmp_path / "videos", "--cameras", cameras_file, "-o", out, "--first", 1, "--last", 6,
-            "--every", 2, "--offsets", "cam03=1", "--downscale", 2)
+    prepare(
+        "--videos",
+        tmp_path / "videos",
+        "--cameras",
+        cameras_file,
+        "-o",
+        out,
+        "--first",
+        1,
+        "--last",
+        6,
+        "--every",
+        2,
+        "--offsets",
+        "cam03=1",
+        "--downscale",
+        2,
+    )
     with open(out / "prepare_sequence.json") as f:
         record = json.load(f)
     assert record["frames"]["cam00"] == [1, 3, 5] and record["frames"]["cam03"] == [2, 4, 6]
@@ -243,29 +292,60 @@ def test_frame_range_offsets_downscale(scene, tmp_path):
     np.testing.assert_allclose(meta["k"][0][0], want_k, atol=1e-12)
     # timestep 1 of cam03 is its frame 4: of the frames around it, the nearest after area averaging
     got = np.asarray(Image.open(out / "ims" / "3" / f"{1:06d}.jpg"), dtype=float)
-    errors = [np.abs(got - np.asarray(Image.open(os.path.join(scene["seq"], "ims", "3", f"{f:06d}.jpg")).resize(
-        (W // 2, H // 2), Image.BOX), dtype=float)).mean() for f in range(2, 7)]
+    errors = [
+        np.abs(
+            got
+            - np.asarray(
+                Image.open(os.path.join(scene["seq"], "ims", "3", f"{f:06d}.jpg")).resize((W // 2, H // 2), Image.BOX),
+                dtype=float,
+            )
+        ).mean()
+        for f in range(2, 7)
+    ]
     assert int(np.argmin(errors)) + 2 == 4 and min(errors) < 3, errors
 
 
 def test_fps_from_videos(scene, tmp_path):
     cameras_file = export_capture(scene["seq"], str(tmp_path), "mp4")  # 30 frames per second
     out = tmp_path / "data" / "out"
-    prepare("--videos", tmp_path / "videos", "--cameras", cameras_file, "-o", out, "--fps", 10, "--offsets", "cam01=-1",
-            "--first", 1)
+    prepare(
+        "--videos",
+        tmp_path / "videos",
+        "--cameras",
+        cameras_file,
+        "-o",
+        out,
+        "--fps",
+        10,
+        "--offsets",
+        "cam01=-1",
+        "--first",
+        1,
+    )
     with open(out / "prepare_sequence.json") as f:
         frames = json.load(f)["frames"]
     assert frames["cam00"] == [1, 4, 7] and frames["cam01"] == [0, 3, 6]
     with pytest.raises(helpers.UserError, match="frames missing: camera cam01 .* has no frame -1"):
-        prepare("--videos", tmp_path / "videos", "--cameras", cameras_file, "-o", tmp_path / "data" / "out2",
-                "--fps", 10, "--offsets", "cam01=-1")
+        prepare(
+            "--videos",
+            tmp_path / "videos",
+            "--cameras",
+            cameras_file,
+            "-o",
+            tmp_path / "data" / "out2",
+            "--fps",
+            10,
+            "--offsets",
+            "cam01=-1",
+        )
 
 
 def test_warnings(scene, tmp_path, capsys):
     cameras_file = export_capture(scene["seq"], str(tmp_path), "frames")
     out = tmp_path / "data" / "out"
-    prepare("--videos", tmp_path / "videos", "--cameras", cameras_file, "-o", out, "--threshold", 255,
-            "--world-scale", 0.25)
+    prepare(
+        "--videos", tmp_path / "videos", "--cameras", cameras_file, "-o", out, "--threshold", 255, "--world-scale", 0.25
+    )
     err = capsys.readouterr().err
     assert "warning: the cameras are about 1.2 world units from what they look at" in err
     assert err.count("the masks are (almost) empty") == len(scene["cameras"])
@@ -279,8 +359,18 @@ def test_masks_given_are_used_as_they_are(scene, tmp_path):
     for c in scene["cameras"]:
         shutil.copytree(os.path.join(scene["seq"], "seg", str(c)), tmp_path / "masks" / camera_name(c))
     out = tmp_path / "data" / "out"
-    prepare("--videos", tmp_path / "videos", "--cameras", cameras_file, "-o", out, "--masks", tmp_path / "masks",
-            "--test-cams", scene["test_cams"])
+    prepare(
+        "--videos",
+        tmp_path / "videos",
+        "--cameras",
+        cameras_file,
+        "-o",
+        out,
+        "--masks",
+        tmp_path / "masks",
+        "--test-cams",
+        scene["test_cams"],
+    )
     for c in scene["cameras"]:
         for t in range(T):
             got = helpers.load_mask(os.path.join(out, "seg", str(c), f"{t:06d}.png"))
@@ -293,8 +383,16 @@ def test_yaml_cameras_file(scene, tmp_path):
         cameras = json.load(f)
     (tmp_path / "cameras.yaml").write_text(yaml.safe_dump(cameras))
     out = tmp_path / "data" / "out"
-    prepare("--videos", tmp_path / "videos", "--cameras", tmp_path / "cameras.yaml", "-o", out,
-            "--test-cams", scene["test_cams"])
+    prepare(
+        "--videos",
+        tmp_path / "videos",
+        "--cameras",
+        tmp_path / "cameras.yaml",
+        "-o",
+        out,
+        "--test-cams",
+        scene["test_cams"],
+    )
     assert_metas_equal(out, scene["seq"])
 
 
@@ -308,6 +406,7 @@ def test_help_teaches(capsys):
 
 # ---------------------------------------------------------------- bad input
 
+
 @pytest.fixture
 def capture(scene, tmp_path):
     """A frame-folder capture of the scene: (videos folder, cameras file, output folder)."""
@@ -317,8 +416,11 @@ def capture(scene, tmp_path):
 def test_cameras_and_videos_that_disagree(capture):
     videos, cameras_file, out = capture
     shutil.rmtree(videos / "cam07")
-    with pytest.raises(helpers.UserError, match=r"lists 8 cameras, .* holds 7 videos or frame folders: no video or "
-                                                r"frame folder for cam07"):
+    with pytest.raises(
+        helpers.UserError,
+        match=r"lists 8 cameras, .* holds 7 videos or frame folders: no video or "
+        r"frame folder for cam07",
+    ):
         prepare("--videos", videos, "--cameras", cameras_file, "-o", out)
     os.rename(videos / "cam06", videos / "side")
     with pytest.raises(helpers.UserError, match=r"for cam06, cam07; side is not in"):
@@ -352,8 +454,11 @@ def test_frames_missing_in_one_camera(capture):
 def test_unsupported_colmap_model(scene, tmp_path):
     (tmp_path / "cameras.txt").write_text("1 OPENCV_FISHEYE 96 64 70 70 48 32 0.1 0 0 0\n")
     (tmp_path / "images.txt").write_text("1 1 0 0 0 0 0 4 1 cam00.png\n\n")
-    with pytest.raises(helpers.UserError, match=r"cameras.txt:1: camera 1 has the OPENCV_FISHEYE model; supported: "
-                                                r"SIMPLE_PINHOLE, PINHOLE"):
+    with pytest.raises(
+        helpers.UserError,
+        match=r"cameras.txt:1: camera 1 has the OPENCV_FISHEYE model; supported: "
+        r"SIMPLE_PINHOLE, PINHOLE",
+    ):
         prepare("--videos", tmp_path, "--colmap", tmp_path, "-o", tmp_path / "data" / "out")
 
 
@@ -361,7 +466,19 @@ def test_command_line_error_is_one_line(capture):
     videos, cameras_file, out = capture
     os.remove(videos / "cam05" / f"{3:06d}.jpg")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, os.path.join(root, "prepare_sequence.py"), "--videos", str(videos),
-                             "--cameras", cameras_file, "-o", str(out)], capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(root, "prepare_sequence.py"),
+            "--videos",
+            str(videos),
+            "--cameras",
+            cameras_file,
+            "-o",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2
     assert result.stderr.startswith("error: frames missing in camera cam05") and result.stderr.count("\n") == 1

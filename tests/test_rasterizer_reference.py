@@ -5,6 +5,7 @@ numpy from the camera (EWA projection, 0.3 px dilation, alpha formula, tiles, ba
 depth ordering, culling, odd image sizes, feature channels, spherical harmonics, the
 transmittance stop and bad input. All on CPU, on scenes of a few Gaussians.
 """
+
 import math
 
 import numpy as np
@@ -32,8 +33,13 @@ def one_thread():
 def camera(width, height, w2c, focal=None, cx=None, cy=None, bg=(0.1, 0.2, 0.3), dtype=torch.float64):
     """Rasterizer settings (through helpers.setup_camera) and the K [3, 3] it was made from."""
     focal = focal or 0.9 * width
-    k = np.array([[focal, 0.0, width / 2 if cx is None else cx],
-                  [0.0, 1.05 * focal, height / 2 if cy is None else cy], [0.0, 0.0, 1.0]])
+    k = np.array(
+        [
+            [focal, 0.0, width / 2 if cx is None else cx],
+            [0.0, 1.05 * focal, height / 2 if cy is None else cy],
+            [0.0, 0.0, 1.0],
+        ]
+    )
     return helpers.setup_camera(width, height, k, w2c, bg=bg, dtype=dtype), k
 
 
@@ -66,16 +72,20 @@ def project_np(mean, cov3, k, w2c):
     R, t = np.asarray(w2c)[:3, :3], np.asarray(w2c)[:3, 3]
     x, y, z = R @ mean + t
     fx, fy, cx, cy = k[0, 0], k[1, 1], k[0, 2], k[1, 2]
-    J = np.array([[fx / z, 0.0, -fx * x / z ** 2], [0.0, fy / z, -fy * y / z ** 2]])
+    J = np.array([[fx / z, 0.0, -fx * x / z**2], [0.0, fy / z, -fy * y / z**2]])
     cov2 = J @ R @ cov3 @ R.T @ J.T + 0.3 * np.eye(2)
     return np.array([fx * x / z + cx - 0.5, fy * y / z + cy - 0.5]), z, cov2
 
 
 def rotmat_np(q):
     w, x, y, z = np.asarray(q, dtype=np.float64) / np.linalg.norm(q)
-    return np.array([[1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)],
-                     [2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)],
-                     [2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)]])
+    return np.array(
+        [
+            [1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)],
+            [2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)],
+            [2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)],
+        ]
+    )
 
 
 def alpha_np(centre, cov2, opacity, width, height, tiles=True):
@@ -99,6 +109,7 @@ def alpha_np(centre, cov2, opacity, width, height, tiles=True):
 
 # ---------------------------------------------------------------- finite differences
 
+
 def tiny_scene(n, seed, channels=None, cov3d=False, shs_degree=None):
     """n Gaussians of a few pixels in front of a 26x19 camera at a general pose, leaf float64
     tensors. Opacities stay below 0.35, so alpha is below 0.99 and reaches 1/255 only inside
@@ -114,9 +125,11 @@ def tiny_scene(n, seed, channels=None, cov3d=False, shs_degree=None):
     xy = (torch.rand(n, 2, generator=g, dtype=torch.float64) - 0.5) * 0.7 * half_view * z[:, None]
     cam_pts = torch.cat([xy, z[:, None]], 1)
     means = cam_pts @ torch.tensor(c2w[:3, :3]).T + torch.tensor(c2w[:3, 3])
-    inputs = {"means3D": means,
-              "means2D": torch.zeros(n, 3, dtype=torch.float64),
-              "opacities": 0.15 + 0.2 * torch.rand(n, 1, generator=g, dtype=torch.float64)}
+    inputs = {
+        "means3D": means,
+        "means2D": torch.zeros(n, 3, dtype=torch.float64),
+        "opacities": 0.15 + 0.2 * torch.rand(n, 1, generator=g, dtype=torch.float64),
+    }
     scales = 0.02 + 0.04 * torch.rand(n, 3, generator=g, dtype=torch.float64)
     rotations = torch.randn(n, 4, generator=g, dtype=torch.float64)
     if cov3d:
@@ -144,13 +157,23 @@ def smooth_margin(settings, inputs):
     h, w = settings.image_height, settings.image_width
     with torch.no_grad():
         xy, _, conic, _, _ = _torch_impl.project_gaussians(
-            inputs["means3D"], inputs["means2D"], cov3D, settings.viewmatrix, settings.projmatrix,
-            settings.tanfovx, settings.tanfovy, h, w)
+            inputs["means3D"],
+            inputs["means2D"],
+            cov3D,
+            settings.viewmatrix,
+            settings.projmatrix,
+            settings.tanfovx,
+            settings.tanfovy,
+            h,
+            w,
+        )
         rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
         dx = xy[:, 0, None, None] - cols
         dy = xy[:, 1, None, None] - rows
-        power = -0.5 * (conic[:, 0, None, None] * dx * dx + conic[:, 2, None, None] * dy * dy) \
+        power = (
+            -0.5 * (conic[:, 0, None, None] * dx * dx + conic[:, 2, None, None] * dy * dy)
             - conic[:, 1, None, None] * dx * dy
+        )
         alpha = inputs["opacities"][:, :, None] * torch.exp(power)
     return float(((alpha - ALPHA_MIN).abs() / ALPHA_MIN).min())
 
@@ -174,8 +197,11 @@ def check_gradients(settings, inputs, names, max_elements=None, h=1e-6):
     for name in names:
         x = inputs[name]
         flat = x.detach().view(-1)
-        idx = range(flat.numel()) if max_elements is None else \
-            torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(3))[:max_elements].tolist()
+        idx = (
+            range(flat.numel())
+            if max_elements is None
+            else torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(3))[:max_elements].tolist()
+        )
         numeric = []
         with torch.no_grad():
             for i in idx:
@@ -188,8 +214,13 @@ def check_gradients(settings, inputs, names, max_elements=None, h=1e-6):
                 numeric.append((plus - minus) / (2 * h))
         analytic = x.grad.view(-1)[list(idx)]
         assert analytic.abs().max() > 0, f"{name}: gradient is all zero"
-        torch.testing.assert_close(analytic, torch.tensor(numeric, dtype=analytic.dtype), rtol=1e-5, atol=1e-7,
-                                   msg=lambda m: f"gradient of {name}: {m}")
+        torch.testing.assert_close(
+            analytic,
+            torch.tensor(numeric, dtype=analytic.dtype),
+            rtol=1e-5,
+            atol=1e-7,
+            msg=lambda m: f"gradient of {name}: {m}",
+        )
 
 
 def test_gradients_scales_rotations():
@@ -232,6 +263,7 @@ def test_gradient_of_background():
 
 # ---------------------------------------------------------------- closed forms
 
+
 @pytest.mark.parametrize("opacity,scales", [(0.3, (0.25, 0.1, 0.05)), (0.9999, (0.6, 0.5, 0.55))])
 @pytest.mark.parametrize("size", [(64, 48), (37, 29)])
 def test_single_gaussian_closed_form(opacity, scales, size):
@@ -245,15 +277,16 @@ def test_single_gaussian_closed_form(opacity, scales, size):
     scales, quat = np.array(scales), np.array([0.9, 0.2, -0.3, 0.1])
     colour = np.array([0.9, 0.4, 0.1])
     R = rotmat_np(quat)
-    cov3 = R @ np.diag(scales ** 2) @ R.T
+    cov3 = R @ np.diag(scales**2) @ R.T
     centre, z, cov2 = project_np(mean, cov3, k, w2c)
     alpha = alpha_np(centre, cov2, opacity, width, height)
     bg = settings.bg.numpy()
     want_color = alpha[None] * colour[:, None, None] + (1 - alpha[None]) * bg[:, None, None]
 
     t = one_gaussian
-    color, radii, depth, _ = render(settings, means3D=t(mean), opacities=t([opacity]), colors_precomp=t(colour),
-                                    scales=t(scales), rotations=t(quat))
+    color, radii, depth, _ = render(
+        settings, means3D=t(mean), opacities=t([opacity]), colors_precomp=t(colour), scales=t(scales), rotations=t(quat)
+    )
     assert (alpha.max() == 0.99) == (opacity > 0.99)
     np.testing.assert_allclose(color.numpy(), want_color, rtol=0, atol=1e-7)
     np.testing.assert_allclose(depth[0].numpy(), alpha * z, rtol=0, atol=1e-6)
@@ -269,9 +302,15 @@ def test_tiles_cut_the_tail():
     # ~10 px sigma centred at column 0.5: the 3-sigma rectangle ends with tile 1 (column 31), the
     # alpha >= 1/255 tail reaches column 33
     mean, scales = np.array([-2.48, 0.0, 4.0]), np.array([0.8, 0.8, 0.01])  # flat: facing the camera
-    color, _, _, _ = render(settings, means3D=t(mean), opacities=t([0.99]), colors_precomp=t([1.0, 1.0, 1.0]),
-                            scales=t(scales), rotations=t([1.0, 0.0, 0.0, 0.0]))
-    centre, _, cov2 = project_np(mean, np.diag(scales ** 2), k, ahead_w2c())
+    color, _, _, _ = render(
+        settings,
+        means3D=t(mean),
+        opacities=t([0.99]),
+        colors_precomp=t([1.0, 1.0, 1.0]),
+        scales=t(scales),
+        rotations=t([1.0, 0.0, 0.0, 0.0]),
+    )
+    centre, _, cov2 = project_np(mean, np.diag(scales**2), k, ahead_w2c())
     untiled = alpha_np(centre, cov2, 0.99, 64, 48, tiles=False)
     tiled = alpha_np(centre, cov2, 0.99, 64, 48, tiles=True)
     cut = (untiled > 0) & (tiled == 0)
@@ -292,17 +331,23 @@ def test_two_gaussians_depth_order(red_in_front):
     opac = np.array([0.8, 0.9])
     colours = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
     t = as_float64
-    color, radii, depth, _ = render(settings, means3D=t(means), opacities=t(opac[:, None]),
-                                    colors_precomp=t(colours), scales=t(np.repeat(scale, 3, 1)),
-                                    rotations=t([[1.0, 0, 0, 0]] * 2))
-    alphas = [alpha_np(*project_np(m, np.eye(3) * s[0] ** 2, k, ahead_w2c())[::2], o, 48, 32)
-              for m, s, o in zip(means, scale, opac)]
+    color, radii, depth, _ = render(
+        settings,
+        means3D=t(means),
+        opacities=t(opac[:, None]),
+        colors_precomp=t(colours),
+        scales=t(np.repeat(scale, 3, 1)),
+        rotations=t([[1.0, 0, 0, 0]] * 2),
+    )
+    alphas = [
+        alpha_np(*project_np(m, np.eye(3) * s[0] ** 2, k, ahead_w2c())[::2], o, 48, 32)
+        for m, s, o in zip(means, scale, opac)
+    ]
     zs = [means[0, 2], means[1, 2]]
     front, back = (0, 1) if red_in_front else (1, 0)
     a1, a2 = alphas[front], alphas[back]
     bg = settings.bg.numpy()[:, None, None]
-    want = (a1 * colours[front][:, None, None] + (1 - a1) * a2 * colours[back][:, None, None]
-            + (1 - a1) * (1 - a2) * bg)
+    want = a1 * colours[front][:, None, None] + (1 - a1) * a2 * colours[back][:, None, None] + (1 - a1) * (1 - a2) * bg
     np.testing.assert_allclose(color.numpy(), want, rtol=0, atol=1e-7)
     np.testing.assert_allclose(depth[0].numpy(), a1 * zs[front] + (1 - a1) * a2 * zs[back], rtol=0, atol=1e-6)
     cy, cx = np.unravel_index(np.argmax(a1), a1.shape)
@@ -314,17 +359,24 @@ def test_culled_gaussians_contribute_nothing():
     """Behind the camera, at z <= 0.2 and entirely off-screen: radius 0, image = background, no
     gradient; a Gaussian just in front of the near limit and one half on screen do render."""
     settings, k = camera(40, 30, ahead_w2c())
-    means = torch.tensor([[0.0, 0.0, -2.0],     # behind
-                          [0.0, 0.0, 0.2],      # at the near limit
-                          [0.0, 0.0, 0.15],     # nearer
-                          [30.0, 0.0, 5.0],     # far off to the right
-                          [0.0, -25.0, 5.0],    # far above
-                          ], dtype=torch.float64, requires_grad=True)
+    means = torch.tensor(
+        [
+            [0.0, 0.0, -2.0],  # behind
+            [0.0, 0.0, 0.2],  # at the near limit
+            [0.0, 0.0, 0.15],  # nearer
+            [30.0, 0.0, 5.0],  # far off to the right
+            [0.0, -25.0, 5.0],  # far above
+        ],
+        dtype=torch.float64,
+        requires_grad=True,
+    )
     n = len(means)
-    inputs = dict(opacities=torch.full((n, 1), 0.9, dtype=torch.float64),
-                  scales=torch.full((n, 3), 0.05, dtype=torch.float64),
-                  rotations=torch.tensor([[1.0, 0, 0, 0]] * n, dtype=torch.float64),
-                  colors_precomp=torch.ones(n, 3, dtype=torch.float64, requires_grad=True))
+    inputs = dict(
+        opacities=torch.full((n, 1), 0.9, dtype=torch.float64),
+        scales=torch.full((n, 3), 0.05, dtype=torch.float64),
+        rotations=torch.tensor([[1.0, 0, 0, 0]] * n, dtype=torch.float64),
+        colors_precomp=torch.ones(n, 3, dtype=torch.float64, requires_grad=True),
+    )
     color, radii, depth, _ = render(settings, means3D=means, **inputs)
     assert radii.tolist() == [0] * n
     bg = np.broadcast_to(settings.bg.numpy()[:, None, None], color.shape)
@@ -358,11 +410,13 @@ def test_size_not_multiple_of_16_is_a_crop():
     z = 2.0 + 4.0 * torch.rand(n, 1, generator=g, dtype=torch.float64)
     cam_pts = torch.cat([(torch.rand(n, 2, generator=g, dtype=torch.float64) - 0.5) * 0.8 * z, z], 1)
     c2w = torch.from_numpy(np.linalg.inv(w2c))
-    inputs = dict(means3D=cam_pts @ c2w[:3, :3].T + c2w[:3, 3],
-                  opacities=torch.rand(n, 1, generator=g, dtype=torch.float64),
-                  colors_precomp=torch.rand(n, 3, generator=g, dtype=torch.float64),
-                  scales=0.03 + 0.1 * torch.rand(n, 3, generator=g, dtype=torch.float64),
-                  rotations=torch.randn(n, 4, generator=g, dtype=torch.float64))
+    inputs = dict(
+        means3D=cam_pts @ c2w[:3, :3].T + c2w[:3, 3],
+        opacities=torch.rand(n, 1, generator=g, dtype=torch.float64),
+        colors_precomp=torch.rand(n, 3, generator=g, dtype=torch.float64),
+        scales=0.03 + 0.1 * torch.rand(n, 3, generator=g, dtype=torch.float64),
+        rotations=torch.randn(n, 4, generator=g, dtype=torch.float64),
+    )
     big, _, big_depth, _ = render(settings_big, **inputs)
     small, _, small_depth, _ = render(settings_small, **inputs)
     assert small.shape == (3, 29, 37) and small_depth.shape == (1, 29, 37)
@@ -387,7 +441,7 @@ def test_features_equal_per_channel_renders(channels):
     assert torch.equal(radii, plain_radii)
     black = settings._replace(bg=torch.zeros(3, dtype=torch.float64))
     for j in sorted({0, channels // 2, channels - 1}):
-        as_colour = dict(inputs, colors_precomp=features[:, j:j + 1].expand(-1, 3))
+        as_colour = dict(inputs, colors_precomp=features[:, j : j + 1].expand(-1, 3))
         want, _, _, _ = render(black, **as_colour)
         torch.testing.assert_close(feat[j], want[0], rtol=0, atol=1e-12)
     assert feat.abs().sum() > 0
@@ -401,17 +455,25 @@ def sh_colours_np(degree, shs, means, campos):
     if degree >= 1:
         basis += [-0.4886025119029199 * y, 0.4886025119029199 * z, -0.4886025119029199 * x]
     if degree >= 2:
-        basis += [1.0925484305920792 * x * y, -1.0925484305920792 * y * z,
-                  0.31539156525252005 * (2 * z * z - x * x - y * y), -1.0925484305920792 * x * z,
-                  0.5462742152960396 * (x * x - y * y)]
+        basis += [
+            1.0925484305920792 * x * y,
+            -1.0925484305920792 * y * z,
+            0.31539156525252005 * (2 * z * z - x * x - y * y),
+            -1.0925484305920792 * x * z,
+            0.5462742152960396 * (x * x - y * y),
+        ]
     if degree >= 3:
-        basis += [-0.5900435899266435 * y * (3 * x * x - y * y), 2.890611442640554 * x * y * z,
-                  -0.4570457994644658 * y * (4 * z * z - x * x - y * y),
-                  0.3731763325901154 * z * (2 * z * z - 3 * x * x - 3 * y * y),
-                  -0.4570457994644658 * x * (4 * z * z - x * x - y * y),
-                  1.445305721320277 * z * (x * x - y * y), -0.5900435899266435 * x * (x * x - 3 * y * y)]
+        basis += [
+            -0.5900435899266435 * y * (3 * x * x - y * y),
+            2.890611442640554 * x * y * z,
+            -0.4570457994644658 * y * (4 * z * z - x * x - y * y),
+            0.3731763325901154 * z * (2 * z * z - 3 * x * x - 3 * y * y),
+            -0.4570457994644658 * x * (4 * z * z - x * x - y * y),
+            1.445305721320277 * z * (x * x - y * y),
+            -0.5900435899266435 * x * (x * x - 3 * y * y),
+        ]
     basis = np.stack(basis, 1)  # [N, K]
-    return np.maximum(np.einsum("nk,nkc->nc", basis, shs[:, :basis.shape[1]]) + 0.5, 0.0)
+    return np.maximum(np.einsum("nk,nkc->nc", basis, shs[:, : basis.shape[1]]) + 0.5, 0.0)
 
 
 @pytest.mark.parametrize("degree", [0, 1, 2, 3])
@@ -436,14 +498,18 @@ def stacked_scene():
     float64 leaf tensors)."""
     settings, k = camera(32, 32, ahead_w2c(), focal=30.0)
     zs = np.array([2.0, 3.0, 4.0, 5.0, 6.0])
+
     def t(a):
         return as_float64(a, requires_grad=True)
-    inputs = {"means3D": t(np.array([0.5 / 30, 0.5 / 31.5, 1.0])[None] * zs[:, None]),
-              "opacities": t(np.full((5, 1), 0.97)),
-              "colors_precomp": t(np.eye(3)[[0, 1, 2, 0, 1]] * np.array([1.0, 1.0, 1.0, 0.5, 0.5])[:, None]),
-              "scales": t(np.repeat(0.05 * zs[:, None], 3, 1)),
-              "rotations": t([[1.0, 0, 0, 0]] * 5),
-              "means2D": t(np.zeros((5, 3)))}
+
+    inputs = {
+        "means3D": t(np.array([0.5 / 30, 0.5 / 31.5, 1.0])[None] * zs[:, None]),
+        "opacities": t(np.full((5, 1), 0.97)),
+        "colors_precomp": t(np.eye(3)[[0, 1, 2, 0, 1]] * np.array([1.0, 1.0, 1.0, 0.5, 0.5])[:, None]),
+        "scales": t(np.repeat(0.05 * zs[:, None], 3, 1)),
+        "rotations": t([[1.0, 0, 0, 0]] * 5),
+        "means2D": t(np.zeros((5, 3))),
+    }
     return settings, k, inputs
 
 
@@ -454,8 +520,7 @@ def test_transmittance_stop():
     settings, k, inputs = stacked_scene()
     color, _, _, _ = render(settings, **inputs)
     means, scales, colours = (inputs[name].detach().numpy() for name in ("means3D", "scales", "colors_precomp"))
-    alphas = [alpha_np(*project_np(m, np.diag(s ** 2), k, ahead_w2c())[::2], 0.97, 32, 32)
-              for m, s in zip(means, scales)]
+    alphas = [alpha_np(*project_np(m, np.diag(s**2), k, ahead_w2c())[::2], 0.97, 32, 32) for m, s in zip(means, scales)]
     bg = settings.bg.numpy()
     want = np.zeros((3, 32, 32))
     trans = np.ones((32, 32))
@@ -468,7 +533,7 @@ def test_transmittance_stop():
     want += trans * bg[:, None, None]
     cy = cx = 16  # the centre pixel: alphas 0.97 each
     assert stopped[cy, cx] and not stopped.all()
-    assert abs(trans[cy, cx] - 0.03 ** 2) < 1e-12
+    assert abs(trans[cy, cx] - 0.03**2) < 1e-12
     np.testing.assert_allclose(color.detach().numpy(), want, rtol=0, atol=1e-7)
     # the dropped third Gaussian gets no gradient from the stopped pixel
     color[:, cy, cx].sum().backward()
@@ -499,17 +564,30 @@ def test_stable_argsort():
 
 # ---------------------------------------------------------------- bad input
 
+
 def good_inputs(n=3):
-    return dict(means3D=torch.rand(n, 3) + torch.tensor([0.0, 0.0, 3.0]), means2D=torch.zeros(n, 3),
-                opacities=torch.rand(n, 1), colors_precomp=torch.rand(n, 3), scales=torch.rand(n, 3) * 0.1,
-                rotations=torch.randn(n, 4))
+    return dict(
+        means3D=torch.rand(n, 3) + torch.tensor([0.0, 0.0, 3.0]),
+        means2D=torch.zeros(n, 3),
+        opacities=torch.rand(n, 1),
+        colors_precomp=torch.rand(n, 3),
+        scales=torch.rand(n, 3) * 0.1,
+        rotations=torch.randn(n, 4),
+    )
 
 
-@pytest.mark.parametrize("name,bad", [
-    ("means3D", torch.zeros(3, 2)), ("means2D", torch.zeros(4, 3)), ("opacities", torch.zeros(3)),
-    ("colors_precomp", torch.zeros(3, 4)), ("scales", torch.zeros(3, 2)), ("rotations", torch.zeros(3, 3)),
-    ("cov3D_precomp", torch.zeros(3, 5)),
-])
+@pytest.mark.parametrize(
+    "name,bad",
+    [
+        ("means3D", torch.zeros(3, 2)),
+        ("means2D", torch.zeros(4, 3)),
+        ("opacities", torch.zeros(3)),
+        ("colors_precomp", torch.zeros(3, 4)),
+        ("scales", torch.zeros(3, 2)),
+        ("rotations", torch.zeros(3, 3)),
+        ("cov3D_precomp", torch.zeros(3, 5)),
+    ],
+)
 def test_wrong_shapes_name_the_argument(name, bad):
     settings, _ = camera(32, 24, ahead_w2c(), dtype=torch.float32)
     inputs = good_inputs()

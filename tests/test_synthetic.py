@@ -1,5 +1,6 @@
 """synthetic_sequence.py: the PanopticSports layout, ground truth consistent with the images,
 the grounding benchmark, determinism. On a tiny sequence (64x36, 6 timesteps)."""
+
 import json
 import os
 import sys
@@ -20,8 +21,15 @@ NUM_CAMS, TEST_CAMS = 14, [0, 7]
 def seq(tmp_path_factory):
     root = tmp_path_factory.mktemp("syn")
     out = str(root / "data" / "synthetic")
-    objects = synthetic_sequence.generate(out, benchmark=str(root / "grounding"), width=W, height=H,
-                                          num_timesteps=T, seed=0, video_dir=str(root / "videos"))
+    objects = synthetic_sequence.generate(
+        out,
+        benchmark=str(root / "grounding"),
+        width=W,
+        height=H,
+        num_timesteps=T,
+        seed=0,
+        video_dir=str(root / "videos"),
+    )
     return {"root": root, "out": out, "objects": objects}
 
 
@@ -35,8 +43,13 @@ def test_layout(seq):
         for t in range(T):
             for sub, ext in (("ims", "jpg"), ("seg", "png"), (os.path.join("gt", "ids"), "png")):
                 assert os.path.isfile(os.path.join(out, sub, str(c), f"{t:06d}.{ext}")), (sub, c, t)
-    for name in ("train_meta.json", "test_meta.json", "init_pt_cld.npz",
-                 os.path.join("gt", "params.npz"), os.path.join("gt", "objects.json")):
+    for name in (
+        "train_meta.json",
+        "test_meta.json",
+        "init_pt_cld.npz",
+        os.path.join("gt", "params.npz"),
+        os.path.join("gt", "objects.json"),
+    ):
         assert os.path.isfile(os.path.join(out, name)), name
     for o in seq["objects"]:
         for c in TEST_CAMS:
@@ -118,7 +131,8 @@ def test_objects_json(seq):
     assert [(o["id"], o["name"], o["colour"], o["prompt"]) for o in info["objects"]] == [
         (1, "ball", "red", "a red ball flying in the air"),
         (2, "box", "blue", "a blue box sliding on the floor"),
-        (3, "top", "green", "a green top spinning")]
+        (3, "top", "green", "a green top spinning"),
+    ]
     for o in info["objects"]:
         assert o["prompt_dir"] == o["prompt"].replace(" ", "_")
         assert sorted(o["moving_timesteps"] + o["static_timesteps"]) == list(range(T))
@@ -230,9 +244,29 @@ def test_deterministic_for_a_seed(seq, tmp_path):
 def test_cli(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # the sequence goes under data/ of the working directory
     out = tmp_path / "data" / "seq"
-    monkeypatch.setattr(sys, "argv", ["synthetic_sequence.py", "--out", str(out), "--benchmark", "",
-                                      "--video-dir", "", "--width", "32", "--height", "18", "--timesteps", "3",
-                                      "--train-cams", "3", "--test-cams", "1"])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "synthetic_sequence.py",
+            "--out",
+            str(out),
+            "--benchmark",
+            "",
+            "--video-dir",
+            "",
+            "--width",
+            "32",
+            "--height",
+            "18",
+            "--timesteps",
+            "3",
+            "--train-cams",
+            "3",
+            "--test-cams",
+            "1",
+        ],
+    )
     synthetic_sequence.main()
     assert f"wrote {out}" in capsys.readouterr().out
     meta = helpers.load_meta(str(out), "test")

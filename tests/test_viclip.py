@@ -1,6 +1,7 @@
 """ViCLIP: the module against an independent float64 re-computation (written here from the original
 ViCLIP's description, not calling the module's blocks), nn.MultiheadAttention, the released
 checkpoint's key list, checkpoint errors, and the CLIP tokeniser."""
+
 import math
 
 import pytest
@@ -10,8 +11,20 @@ from feature_extraction.tokenizer import EOT_ID, SOT_ID, ClipTokenizer
 from feature_extraction.viclip import DEFAULT_CKPT, ViCLIP, expected_shapes, load_viclip
 from helpers import UserError
 
-TINY = dict(image_size=28, patch=14, vision_width=32, vision_layers=2, vision_heads=4, frames=8, embed_dim=16,
-            context_length=32, vocab_size=49408, text_width=24, text_layers=2, text_heads=3)
+TINY = dict(
+    image_size=28,
+    patch=14,
+    vision_width=32,
+    vision_layers=2,
+    vision_heads=4,
+    frames=8,
+    embed_dim=16,
+    context_length=32,
+    vocab_size=49408,
+    text_width=24,
+    text_layers=2,
+    text_heads=3,
+)
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +39,7 @@ def tokenizer():
 
 # ---------------------------------------------------------------- float64 reference (independent)
 
+
 def ref_layer_norm(x, w, b):
     mu = x.mean(-1, keepdim=True)
     var = ((x - mu) ** 2).mean(-1, keepdim=True)
@@ -34,13 +48,15 @@ def ref_layer_norm(x, w, b):
 
 def ref_block(x, sd, prefix, heads, causal):
     """One pre-norm block on one sequence x [N, D], weights read from state dict `sd`, heads looped."""
+
     def p(name):
         return sd[prefix + name]
+
     n, d = x.shape
     hd = d // heads
     h = ref_layer_norm(x, p("ln_1.weight"), p("ln_1.bias"))
     qkv = h @ p("attn.in_proj_weight").T + p("attn.in_proj_bias")
-    q, k, v = qkv[:, :d], qkv[:, d:2 * d], qkv[:, 2 * d:]
+    q, k, v = qkv[:, :d], qkv[:, d : 2 * d], qkv[:, 2 * d :]
     outs = []
     for i in range(heads):
         cols = slice(i * hd, (i + 1) * hd)
@@ -57,8 +73,10 @@ def ref_block(x, sd, prefix, heads, causal):
 
 def ref_video(video, sd, layers, heads, patch):
     """One video [T, 3, S, S] -> unit [E], tokens in the original's patch-major / frame-minor order."""
+
     def v(name):
         return sd["vision_encoder." + name]
+
     t, _, s, _ = video.shape
     g = s // patch
     # patch (i, j) of frame f: flattened (c, y, x) times the Conv3d kernel
@@ -76,9 +94,11 @@ def ref_video(video, sd, layers, heads, patch):
 
 def ref_text(tokens, sd, layers, heads):
     """Token ids [L] -> unit [E]."""
+
     def p(name):
         return sd["text_encoder." + name]
-    x = p("token_embedding.weight")[tokens] + p("positional_embedding")[:len(tokens)]
+
+    x = p("token_embedding.weight")[tokens] + p("positional_embedding")[: len(tokens)]
     for i in range(layers):
         x = ref_block(x, sd, f"text_encoder.transformer.resblocks.{i}.", heads, causal=True)
     out = ref_layer_norm(x[int(tokens.argmax())], p("ln_final.weight"), p("ln_final.bias")) @ p("text_projection")
@@ -86,6 +106,7 @@ def ref_text(tokens, sd, layers, heads):
 
 
 # ---------------------------------------------------------------- the model
+
 
 def test_block_matches_reference(tiny):
     sd = tiny.state_dict()
@@ -137,19 +158,39 @@ def release_key_shapes():
     """The official checkpoint's 'model' keys and shapes (ViClip-InternVid-10M-FLT.pth)."""
     shapes = {"temp": ()}
     v, t = "vision_encoder.", "text_encoder."
-    shapes.update({v + "conv1.weight": (1024, 3, 1, 14, 14), v + "class_embedding": (1024,),
-                   v + "positional_embedding": (257, 1024), v + "temporal_positional_embedding": (1, 8, 1024),
-                   v + "ln_pre.weight": (1024,), v + "ln_pre.bias": (1024,), v + "ln_post.weight": (1024,),
-                   v + "ln_post.bias": (1024,), v + "proj": (1024, 768),
-                   t + "token_embedding.weight": (49408, 768), t + "positional_embedding": (32, 768),
-                   t + "ln_final.weight": (768,), t + "ln_final.bias": (768,), t + "text_projection": (768, 768)})
+    shapes.update(
+        {
+            v + "conv1.weight": (1024, 3, 1, 14, 14),
+            v + "class_embedding": (1024,),
+            v + "positional_embedding": (257, 1024),
+            v + "temporal_positional_embedding": (1, 8, 1024),
+            v + "ln_pre.weight": (1024,),
+            v + "ln_pre.bias": (1024,),
+            v + "ln_post.weight": (1024,),
+            v + "ln_post.bias": (1024,),
+            v + "proj": (1024, 768),
+            t + "token_embedding.weight": (49408, 768),
+            t + "positional_embedding": (32, 768),
+            t + "ln_final.weight": (768,),
+            t + "ln_final.bias": (768,),
+            t + "text_projection": (768, 768),
+        }
+    )
     for prefix, width, layers in ((v, 1024, 24), (t, 768, 12)):
         for i in range(layers):
             b = f"{prefix}transformer.resblocks.{i}."
-            shapes.update({b + "attn.in_proj_weight": (3 * width, width), b + "attn.in_proj_bias": (3 * width,),
-                           b + "attn.out_proj.weight": (width, width), b + "attn.out_proj.bias": (width,),
-                           b + "mlp.c_fc.weight": (4 * width, width), b + "mlp.c_fc.bias": (4 * width,),
-                           b + "mlp.c_proj.weight": (width, 4 * width), b + "mlp.c_proj.bias": (width,)})
+            shapes.update(
+                {
+                    b + "attn.in_proj_weight": (3 * width, width),
+                    b + "attn.in_proj_bias": (3 * width,),
+                    b + "attn.out_proj.weight": (width, width),
+                    b + "attn.out_proj.bias": (width,),
+                    b + "mlp.c_fc.weight": (4 * width, width),
+                    b + "mlp.c_fc.bias": (4 * width,),
+                    b + "mlp.c_proj.weight": (width, 4 * width),
+                    b + "mlp.c_proj.bias": (width,),
+                }
+            )
             for ln in ("ln_1", "ln_2"):
                 shapes.update({f"{b}{ln}.weight": (width,), f"{b}{ln}.bias": (width,)})
     return shapes
@@ -207,6 +248,7 @@ def test_wrong_checkpoints_say_which_keys_differ(tmp_path, tiny):
 
 # ---------------------------------------------------------------- tokeniser
 
+
 def test_tokenizer_known_ids(tokenizer):
     row = tokenizer("a photo of a cat", 32)[0]
     assert row[:7].tolist() == [SOT_ID, 320, 1125, 539, 320, 2368, EOT_ID] and (row[7:] == 0).all()
@@ -225,9 +267,16 @@ def test_tokenizer_cleaning_and_truncation(tokenizer):
 
 def test_tokenizer_matches_open_clip(tokenizer):
     from open_clip.tokenizer import SimpleTokenizer
+
     theirs = SimpleTokenizer(context_length=32)
-    texts = ["A man throwing the basketball", "naïve café — über 123", "it's 2 o'clock!!", "x" * 100,
-             "The football flying in the air", "ﬁsh &lt;b&gt;"]
+    texts = [
+        "A man throwing the basketball",
+        "naïve café — über 123",
+        "it's 2 o'clock!!",
+        "x" * 100,
+        "The football flying in the air",
+        "ﬁsh &lt;b&gt;",
+    ]
     assert torch.equal(tokenizer(texts, 32), theirs(texts))
 
 

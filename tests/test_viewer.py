@@ -2,6 +2,7 @@
 
 The scene is test_legs.py's `chain`: stages 3-5 on a small synthetic sequence (96x54, 12 timesteps),
 colour encoder, ground-truth Gaussians as stage 1."""
+
 import json
 import math
 import os
@@ -26,6 +27,7 @@ CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
 # ---------------------------------------------------------------- frames and cameras
 
+
 def test_device_blend_is_overlay():
     """The viewer's turbo blend, done with tensors, is visualize_4legs.py's overlay() (numpy)."""
     g = torch.Generator().manual_seed(0)
@@ -48,8 +50,14 @@ def test_device_blend_is_overlay():
 def quat_of(rotation):
     """Unit quaternion (w, x, y, z) of a rotation matrix [3, 3] (its trace is > -1 here)."""
     w = math.sqrt(max(1.0 + np.trace(rotation), 1e-12)) / 2
-    return np.array([w, (rotation[2, 1] - rotation[1, 2]) / (4 * w), (rotation[0, 2] - rotation[2, 0]) / (4 * w),
-                     (rotation[1, 0] - rotation[0, 1]) / (4 * w)])
+    return np.array(
+        [
+            w,
+            (rotation[2, 1] - rotation[1, 2]) / (4 * w),
+            (rotation[0, 2] - rotation[2, 0]) / (4 * w),
+            (rotation[1, 0] - rotation[0, 1]) / (4 * w),
+        ]
+    )
 
 
 def test_a_preset_pose_renders_as_its_camera():
@@ -82,8 +90,9 @@ def test_render_frame_modes():
     ae = Autoencoder().eval()
     negatives = torch.nn.functional.normalize(torch.randn(4, 768), dim=-1)
     w, h = 48, 32
-    cam = helpers.setup_camera(w, h, [[40.0, 0, w / 2], [0, 40.0, h / 2], [0, 0, 1]],
-                               helpers.orbit_w2c((0, 0, 0), 4.0, 1.0, 0.4))
+    cam = helpers.setup_camera(
+        w, h, [[40.0, 0, w / 2], [0, 40.0, h / 2], [0, 0, 1]], helpers.orbit_w2c((0, 0, 0), 4.0, 1.0, 0.4)
+    )
     rgb, feats, fg = render_features(cam, frame, frame["legs_features"], with_fg=True)
     # the prompt: what the most covered pixel decodes to, so that some relevance is well above zero
     with torch.no_grad():
@@ -126,8 +135,13 @@ def viewer_args(*extra):
 
 def new_shared():
     """start_viewer's shared state without its turbo table."""
-    return {"prompts": {}, "encoder": None, "negatives": None, "render_lock": viewer.threading.Lock(),
-            "prompts_lock": viewer.threading.Lock()}
+    return {
+        "prompts": {},
+        "encoder": None,
+        "negatives": None,
+        "render_lock": viewer.threading.Lock(),
+        "prompts_lock": viewer.threading.Lock(),
+    }
 
 
 def test_timeline_and_export_are_visualize_4legs(lifted):
@@ -211,15 +225,27 @@ def served(lifted):
 def browser(tmp_path):
     """Headless Debian Chromium through its chromedriver (selenium), never a downloaded browser."""
     if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
-        pytest.skip(f"needs Debian's Chromium at {CHROMIUM} and {CHROMEDRIVER}: "
-                    "apt-get install chromium chromium-driver (.ci/run does)")
+        pytest.skip(
+            f"needs Debian's Chromium at {CHROMIUM} and {CHROMEDRIVER}: "
+            "apt-get install chromium chromium-driver (.ci/run does)"
+        )
     webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (requirements.txt)")
     from selenium.webdriver.chrome.service import Service
+
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={tmp_path / 'chromium'}", f"--window-size={VIEWPORT[0]},{VIEWPORT[1]}"):
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'chromium'}",
+        f"--window-size={VIEWPORT[0]},{VIEWPORT[1]}",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     try:
@@ -231,14 +257,18 @@ def browser(tmp_path):
 
 def open_viewer(driver, url):
     driver.get(url)
-    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {"width": VIEWPORT[0], "height": VIEWPORT[1],
-                                                                  "deviceScaleFactor": 1, "mobile": False})
+    driver.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride",
+        {"width": VIEWPORT[0], "height": VIEWPORT[1], "deviceScaleFactor": 1, "mobile": False},
+    )
     wait_for("a first frame", lambda: "ms a frame" in driver.find_element("tag name", "body").text)
     # headless Chromium renders WebGL in software, and viser says so in a notification over the
     # image's corner, which may come or go between two screenshots: hidden for good
-    driver.execute_script("const style = document.createElement('style'); "
-                          "style.textContent = '#webgl-software-rendering { display: none !important; }'; "
-                          "document.head.appendChild(style);")
+    driver.execute_script(
+        "const style = document.createElement('style'); "
+        "style.textContent = '#webgl-software-rendering { display: none !important; }'; "
+        "document.head.appendChild(style);"
+    )
 
 
 def labelled(driver, label):
@@ -254,11 +284,13 @@ def screenshot(driver):
     """The viewport as int RGB [H, W, 3]."""
     import io
     from PIL import Image
+
     return np.asarray(Image.open(io.BytesIO(driver.get_screenshot_as_png())).convert("RGB")).astype(int)
 
 
 def next_image(driver, before):
     """The screenshot once it differs from `before` and has stopped changing."""
+
     def settled():
         first = screenshot(driver)
         if np.abs(first - before).max() < 30:
@@ -266,6 +298,7 @@ def next_image(driver, before):
         time.sleep(0.5)
         second = screenshot(driver)
         return second if np.abs(second - first).max() < 30 else None
+
     return wait_for("the image to change", settled)
 
 
@@ -284,12 +317,15 @@ def test_browser_prompt_heatmap_lands_on_the_object(lifted, served, browser, mon
 
     def panel_text():
         return driver.find_element("tag name", "body").text
+
     open_viewer(driver, served)
     rgb_t0 = screenshot(driver)
     labelled(driver, "prompt").send_keys(BALL)
     button(driver, "add prompt").click()
-    span = wait_for("the prompt's span buttons", lambda: driver.find_elements(
-        "xpath", "//button[starts-with(normalize-space(.), 'go to ')]") or None)[0]
+    span = wait_for(
+        "the prompt's span buttons",
+        lambda: driver.find_elements("xpath", "//button[starts-with(normalize-space(.), 'go to ')]") or None,
+    )[0]
     next_image(driver, rgb_t0)  # the heatmap is drawn over the render
     first = int(re.search(r"go to (\d+)-", span.text)[1])
     assert min(flight) - 1 <= first <= min(flight), (span.text, flight)  # when the ball leaves the floor
@@ -303,6 +339,7 @@ def test_browser_prompt_heatmap_lands_on_the_object(lifted, served, browser, mon
     middle = flight[len(flight) // 2]
     thumb = driver.find_element("xpath", "//label[text()='timestep']/following::*[@role='slider'][1]")
     from selenium.webdriver.common.keys import Keys
+
     for t in range(first + 1, middle + 1):
         thumb.send_keys(Keys.ARROW_RIGHT)
         wait_for(f"timestep {t}", lambda t=t: labelled(driver, "timestep").get_attribute("value") == str(t))
@@ -312,10 +349,11 @@ def test_browser_prompt_heatmap_lands_on_the_object(lifted, served, browser, mon
     # blend = (turbo colour + render) / 2, where the heatmap changed the image
     changed = np.abs(blend - rgb).sum(-1) > 12
     panel = driver.find_element("css selector", "[data-testid=floating-panel-handle]").rect
-    changed[:, int(panel["x"]) - 10:] = False
+    changed[:, int(panel["x"]) - 10 :] = False
     heat = np.zeros(changed.shape)
     heat[changed] = turbo_heat(np.clip(2 * blend - rgb, 0, 255)[changed])
     from PIL import Image
+
     cam_id = helpers.load_meta(os.path.join(root, SEQ), "train")["cam_id"][0]
     ids = Image.open(os.path.join(root, SEQ, "gt", "ids", str(cam_id), f"{middle:06d}.png"))
     ids = np.asarray(ids.resize(VIEWPORT, Image.NEAREST))
@@ -329,6 +367,7 @@ def test_browser_prompt_heatmap_lands_on_the_object(lifted, served, browser, mon
 
     def broken(*_, **__):
         raise RuntimeError("a broken rasterizer")
+
     monkeypatch.setattr(viewer, "render_frame", broken)
     driver.execute_script("arguments[0].click()", labelled(driver, "shown"))
     wait_for("the failure in the panel", lambda: "render failed: RuntimeError: a broken rasterizer" in panel_text())
@@ -341,12 +380,13 @@ def test_browser_prompt_heatmap_lands_on_the_object(lifted, served, browser, mon
     open_viewer(driver, served)
     second_before = screenshot(driver)
     from selenium.webdriver import ActionChains
+
     canvas = driver.find_element("tag name", "canvas")
     ActionChains(driver).move_to_element(canvas).click_and_hold().move_by_offset(150, 40).release().perform()
     next_image(driver, second_before)
     driver.switch_to.window(first_tab)
     time.sleep(1.0)
-    assert np.abs(screenshot(driver) - rgb)[:, :int(panel["x"]) - 10].mean() < 2
+    assert np.abs(screenshot(driver) - rgb)[:, : int(panel["x"]) - 10].mean() < 2
     # playback moves the time on, pause stops it
     button(driver, "play").click()
     wait_for("the playback", lambda: labelled(driver, "timestep").get_attribute("value") != str(first))

@@ -6,6 +6,7 @@ cov3D_precomp=None)`` returns ``(color [3, H, W], radii [N] int32, depth [1, H, 
 features [C, H, W])``; C (1 to 512) is whatever ``legs_features [N, C]`` has. When no geometry
 input requires a gradient (4-LEGS training on frozen geometry) only feature gradients are computed.
 """
+
 import torch.nn as nn
 
 from ._api import GaussianRasterizationSettings, cuda_available, eval_sh, rasterize_gaussians
@@ -18,10 +19,29 @@ class GaussianRasterizer(nn.Module):
         super().__init__()
         self.raster_settings = raster_settings
 
-    def forward(self, means3D, means2D, opacities, shs=None, colors_precomp=None, legs_features=None,
-                scales=None, rotations=None, cov3D_precomp=None):
+    def forward(
+        self,
+        means3D,
+        means2D,
+        opacities,
+        shs=None,
+        colors_precomp=None,
+        legs_features=None,
+        scales=None,
+        rotations=None,
+        cov3D_precomp=None,
+    ):
         if legs_features is None:
             raise ValueError("legs_features [N, C] is required by the feature rasterizer")
         return rasterize_gaussians(
-            self.raster_settings, means3D, means2D, opacities, shs, colors_precomp, legs_features,
-            scales, rotations, cov3D_precomp)
+            self.raster_settings,
+            means3D,
+            means2D,
+            opacities,
+            shs,
+            colors_precomp,
+            legs_features,
+            scales,
+            rotations,
+            cov3D_precomp,
+        )

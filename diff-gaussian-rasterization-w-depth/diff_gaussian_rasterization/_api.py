@@ -3,6 +3,7 @@
 This file is shared, through a symbolic link, by diff_gaussian_rasterization (colour + depth) and
 diff_gaussian_rasterization_feat (colour + depth + N-channel features).
 """
+
 from typing import NamedTuple
 
 import torch
@@ -16,10 +17,16 @@ except ImportError:
 
 SH_C0 = 0.28209479177387814
 SH_C1 = 0.4886025119029199
-SH_C2 = (1.0925484305920792, -1.0925484305920792, 0.31539156525252005, -1.0925484305920792,
-         0.5462742152960396)
-SH_C3 = (-0.5900435899266435, 2.890611442640554, -0.4570457994644658, 0.3731763325901154,
-         -0.4570457994644658, 1.445305721320277, -0.5900435899266435)
+SH_C2 = (1.0925484305920792, -1.0925484305920792, 0.31539156525252005, -1.0925484305920792, 0.5462742152960396)
+SH_C3 = (
+    -0.5900435899266435,
+    2.890611442640554,
+    -0.4570457994644658,
+    0.3731763325901154,
+    -0.4570457994644658,
+    1.445305721320277,
+    -0.5900435899266435,
+)
 
 
 class GaussianRasterizationSettings(NamedTuple):
@@ -52,15 +59,25 @@ def eval_sh(degree, shs, means3D, campos):
         result = result - SH_C1 * y * shs[:, 1] + SH_C1 * z * shs[:, 2] - SH_C1 * x * shs[:, 3]
     if degree > 1:
         xx, yy, zz, xy, yz, xz = x * x, y * y, z * z, x * y, y * z, x * z
-        result = (result + SH_C2[0] * xy * shs[:, 4] + SH_C2[1] * yz * shs[:, 5]
-                  + SH_C2[2] * (2 * zz - xx - yy) * shs[:, 6] + SH_C2[3] * xz * shs[:, 7]
-                  + SH_C2[4] * (xx - yy) * shs[:, 8])
+        result = (
+            result
+            + SH_C2[0] * xy * shs[:, 4]
+            + SH_C2[1] * yz * shs[:, 5]
+            + SH_C2[2] * (2 * zz - xx - yy) * shs[:, 6]
+            + SH_C2[3] * xz * shs[:, 7]
+            + SH_C2[4] * (xx - yy) * shs[:, 8]
+        )
     if degree > 2:
-        result = (result + SH_C3[0] * y * (3 * xx - yy) * shs[:, 9] + SH_C3[1] * xy * z * shs[:, 10]
-                  + SH_C3[2] * y * (4 * zz - xx - yy) * shs[:, 11]
-                  + SH_C3[3] * z * (2 * zz - 3 * xx - 3 * yy) * shs[:, 12]
-                  + SH_C3[4] * x * (4 * zz - xx - yy) * shs[:, 13]
-                  + SH_C3[5] * z * (xx - yy) * shs[:, 14] + SH_C3[6] * x * (xx - 3 * yy) * shs[:, 15])
+        result = (
+            result
+            + SH_C3[0] * y * (3 * xx - yy) * shs[:, 9]
+            + SH_C3[1] * xy * z * shs[:, 10]
+            + SH_C3[2] * y * (4 * zz - xx - yy) * shs[:, 11]
+            + SH_C3[3] * z * (2 * zz - 3 * xx - 3 * yy) * shs[:, 12]
+            + SH_C3[4] * x * (4 * zz - xx - yy) * shs[:, 13]
+            + SH_C3[5] * z * (xx - yy) * shs[:, 14]
+            + SH_C3[6] * x * (xx - 3 * yy) * shs[:, 15]
+        )
     return torch.clamp(result + 0.5, min=0.0)
 
 
@@ -72,8 +89,9 @@ def _check(name, tensor, n, width):
         raise ValueError(f"{name} has shape {list(tensor.shape)}, expected {want}")
 
 
-def rasterize_gaussians(settings, means3D, means2D, opacities, shs, colors_precomp, features,
-                        scales, rotations, cov3D_precomp):
+def rasterize_gaussians(
+    settings, means3D, means2D, opacities, shs, colors_precomp, features, scales, rotations, cov3D_precomp
+):
     """Validate the inputs, turn SH into colours, and call the CUDA or PyTorch rasterizer."""
     n = means3D.shape[0] if means3D.dim() == 2 else -1
     _check("means3D", means3D, n, 3)
@@ -99,10 +117,24 @@ def rasterize_gaussians(settings, means3D, means2D, opacities, shs, colors_preco
         if shs.dim() != 3 or shs.shape[0] != n or shs.shape[2] != 3:
             raise ValueError(f"shs has shape {list(shs.shape)}, expected [{n}, K, 3]")
         colors = eval_sh(settings.sh_degree, shs, means3D, settings.campos)
-    args = (means3D, means2D, opacities, colors, features, scales, rotations, cov3D_precomp,
-            settings.bg, float(settings.scale_modifier), settings.viewmatrix, settings.projmatrix,
-            float(settings.tanfovx), float(settings.tanfovy),
-            int(settings.image_height), int(settings.image_width))
+    args = (
+        means3D,
+        means2D,
+        opacities,
+        colors,
+        features,
+        scales,
+        rotations,
+        cov3D_precomp,
+        settings.bg,
+        float(settings.scale_modifier),
+        settings.viewmatrix,
+        settings.projmatrix,
+        float(settings.tanfovx),
+        float(settings.tanfovy),
+        int(settings.image_height),
+        int(settings.image_width),
+    )
     if means3D.is_cuda and cuda_available() and _cuda.supports(args):
         return _cuda.rasterize(*args)
     return _torch_impl.rasterize(*args)

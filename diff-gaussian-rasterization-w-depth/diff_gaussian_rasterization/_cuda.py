@@ -4,6 +4,7 @@ This file is shared, through a symbolic link, by diff_gaussian_rasterization and
 diff_gaussian_rasterization_feat; each package builds its own ``_C`` extension from the same csrc/.
 Without the extension or without a GPU, ``available()`` is False and _api takes the PyTorch path.
 """
+
 import torch
 
 try:
@@ -35,14 +36,31 @@ def supports(args):
     return all(t.dtype == torch.float32 and t.device == device for t in args if isinstance(t, torch.Tensor))
 
 
-def _forward(means3D, means2D, opacities, colors, features, scales, rotations, cov3D_precomp, bg,
-             scale_modifier, viewmatrix, projmatrix, tanfovx, tanfovy, height, width):
+def _forward(
+    means3D,
+    means2D,
+    opacities,
+    colors,
+    features,
+    scales,
+    rotations,
+    cov3D_precomp,
+    bg,
+    scale_modifier,
+    viewmatrix,
+    projmatrix,
+    tanfovx,
+    tanfovy,
+    height,
+    width,
+):
     """The inputs made contiguous (the 4x4 matrices are read with their strides, as they come), and
     _C.forward's outputs: color, radii, depth, features, then what backward needs."""
-    inputs = [None if t is None else t.contiguous() for t in (
-        means3D, means2D, opacities, colors, features, scales, rotations, cov3D_precomp, bg)] + [viewmatrix, projmatrix]
-    return inputs, _C.forward(*inputs[:9], scale_modifier, *inputs[9:], tanfovx, tanfovy, height, width,
-                              poison_outputs)
+    inputs = [
+        None if t is None else t.contiguous()
+        for t in (means3D, means2D, opacities, colors, features, scales, rotations, cov3D_precomp, bg)
+    ] + [viewmatrix, projmatrix]
+    return inputs, _C.forward(*inputs[:9], scale_modifier, *inputs[9:], tanfovx, tanfovy, height, width, poison_outputs)
 
 
 class _Rasterize(torch.autograd.Function):
@@ -54,43 +72,148 @@ class _Rasterize(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, means3D, means2D, opacities, colors, features, scales, rotations, cov3D_precomp,
-                bg, scale_modifier, viewmatrix, projmatrix, tanfovx, tanfovy, height, width):
-        inputs, out = _forward(means3D, means2D, opacities, colors, features, scales, rotations, cov3D_precomp,
-                               bg, scale_modifier, viewmatrix, projmatrix, tanfovx, tanfovy, height, width)
-        (means3D, means2D, opacities, colors, features, scales, rotations, cov3D_precomp, bg, viewmatrix,
-         projmatrix) = inputs
+    def forward(
+        ctx,
+        means3D,
+        means2D,
+        opacities,
+        colors,
+        features,
+        scales,
+        rotations,
+        cov3D_precomp,
+        bg,
+        scale_modifier,
+        viewmatrix,
+        projmatrix,
+        tanfovx,
+        tanfovy,
+        height,
+        width,
+    ):
+        inputs, out = _forward(
+            means3D,
+            means2D,
+            opacities,
+            colors,
+            features,
+            scales,
+            rotations,
+            cov3D_precomp,
+            bg,
+            scale_modifier,
+            viewmatrix,
+            projmatrix,
+            tanfovx,
+            tanfovy,
+            height,
+            width,
+        )
+        (
+            means3D,
+            means2D,
+            opacities,
+            colors,
+            features,
+            scales,
+            rotations,
+            cov3D_precomp,
+            bg,
+            viewmatrix,
+            projmatrix,
+        ) = inputs
         color, radii, depth, feat = out[:4]
         ctx.mark_non_differentiable(radii)
         ctx.set_materialize_grads(False)
         ctx.camera = (scale_modifier, tanfovx, tanfovy, height, width)
-        ctx.save_for_backward(means3D, scales, rotations, cov3D_precomp, colors, features, bg, viewmatrix,
-                              projmatrix, radii, *out[4:])
+        ctx.save_for_backward(
+            means3D, scales, rotations, cov3D_precomp, colors, features, bg, viewmatrix, projmatrix, radii, *out[4:]
+        )
         return color, radii, depth, feat
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_color, grad_radii, grad_depth, grad_feat):
-        (means3D, scales, rotations, cov3D_precomp, colors, features, bg, viewmatrix, projmatrix, radii,
-         xy, depth, conic_opacity, point_ids, ranges, final_T, n_contrib, tile_last) = ctx.saved_tensors
+        (
+            means3D,
+            scales,
+            rotations,
+            cov3D_precomp,
+            colors,
+            features,
+            bg,
+            viewmatrix,
+            projmatrix,
+            radii,
+            xy,
+            depth,
+            conic_opacity,
+            point_ids,
+            ranges,
+            final_T,
+            n_contrib,
+            tile_last,
+        ) = ctx.saved_tensors
         scale_modifier, tanfovx, tanfovy, height, width = ctx.camera
         needs = ctx.needs_input_grad
         need_geometry = any(needs[i] for i in GEOMETRY_INPUTS)
-        grads = _C.backward(means3D, scales, rotations, cov3D_precomp, colors, features, bg, scale_modifier,
-                            viewmatrix, projmatrix, tanfovx, tanfovy, height, width, radii, xy, depth,
-                            conic_opacity, point_ids, ranges, final_T, n_contrib, tile_last,
-                            grad_color, grad_depth, grad_feat,  # any strides: kernels read them as they are
-                            need_geometry, needs[3], needs[4], poison_outputs)
+        grads = _C.backward(
+            means3D,
+            scales,
+            rotations,
+            cov3D_precomp,
+            colors,
+            features,
+            bg,
+            scale_modifier,
+            viewmatrix,
+            projmatrix,
+            tanfovx,
+            tanfovy,
+            height,
+            width,
+            radii,
+            xy,
+            depth,
+            conic_opacity,
+            point_ids,
+            ranges,
+            final_T,
+            n_contrib,
+            tile_last,
+            grad_color,
+            grad_depth,
+            grad_feat,  # any strides: kernels read them as they are
+            need_geometry,
+            needs[3],
+            needs[4],
+            poison_outputs,
+        )
         grads = [g if needs[i] else None for i, g in enumerate(grads)]
         grad_bg = None
         if needs[8]:  # color = ... + T_final * bg
-            grad_bg = (torch.zeros_like(bg) if grad_color is None
-                       else (grad_color * final_T[None]).sum(dim=(1, 2)))
+            grad_bg = torch.zeros_like(bg) if grad_color is None else (grad_color * final_T[None]).sum(dim=(1, 2))
         return (*grads, grad_bg) + (None,) * 7
 
 
-def rasterize(means3D, means2D, opacities, colors, features, scales, rotations, cov3D_precomp,
-              bg, scale_modifier, viewmatrix, projmatrix, tanfovx, tanfovy, height, width):
+def rasterize(
+    means3D,
+    means2D,
+    opacities,
+    colors,
+    features,
+    scales,
+    rotations,
+    cov3D_precomp,
+    bg,
+    scale_modifier,
+    viewmatrix,
+    projmatrix,
+    tanfovx,
+    tanfovy,
+    height,
+    width,
+):
     """Render colours, depth and (optionally) features with the CUDA kernels.
 
     means3D [N, 3], means2D [N, 3] (zeros; its gradient is the screen-space NDC gradient),
@@ -100,8 +223,24 @@ def rasterize(means3D, means2D, opacities, colors, features, scales, rotations, 
     Returns color [3, H, W], radii [N] int32, depth [1, H, W], features [C, H, W] or None: the
     function of _torch_impl.rasterize.
     """
-    args = (means3D, means2D, opacities, colors, features, scales, rotations, cov3D_precomp, bg,
-            float(scale_modifier), viewmatrix, projmatrix, float(tanfovx), float(tanfovy), int(height), int(width))
+    args = (
+        means3D,
+        means2D,
+        opacities,
+        colors,
+        features,
+        scales,
+        rotations,
+        cov3D_precomp,
+        bg,
+        float(scale_modifier),
+        viewmatrix,
+        projmatrix,
+        float(tanfovx),
+        float(tanfovy),
+        int(height),
+        int(width),
+    )
     if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in args):
         return _Rasterize.apply(*args)
     # nothing to differentiate (e.g. under torch.no_grad): no autograd node, the same kernels

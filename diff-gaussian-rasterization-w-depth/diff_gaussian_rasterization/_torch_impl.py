@@ -22,6 +22,7 @@ The steps: project_gaussians (autograd), select_fragments (no gradient: which (p
 pairs blend, in which order), Blend (what they contribute; an autograd Function whose backward
 is written out). docs/performance.md has its speed on CPU.
 """
+
 import math
 import warnings
 
@@ -40,11 +41,20 @@ def quat_to_rotmat(q):
     """q [N, 4] (w, x, y, z), any norm -> R [N, 3, 3]."""
     q = q / q.norm(dim=-1, keepdim=True)
     w, x, y, z = q.unbind(-1)
-    return torch.stack([
-        1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
-        2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
-        2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
-    ], -1).reshape(-1, 3, 3)
+    return torch.stack(
+        [
+            1 - 2 * (y * y + z * z),
+            2 * (x * y - w * z),
+            2 * (x * z + w * y),
+            2 * (x * y + w * z),
+            1 - 2 * (x * x + z * z),
+            2 * (y * z - w * x),
+            2 * (x * z - w * y),
+            2 * (y * z + w * x),
+            1 - 2 * (x * x + y * y),
+        ],
+        -1,
+    ).reshape(-1, 3, 3)
 
 
 def covariance_3d(scales, rotations, scale_modifier=1.0):
@@ -87,10 +97,17 @@ def project_gaussians(means3D, means2D, cov3D, viewmatrix, projmatrix, tanfovx, 
     tx = (p_view[:, 0] / z_safe).clamp(-1.3 * tanfovx, 1.3 * tanfovx) * z_safe
     ty = (p_view[:, 1] / z_safe).clamp(-1.3 * tanfovy, 1.3 * tanfovy) * z_safe
     zeros = torch.zeros_like(z_safe)
-    J = torch.stack([
-        focal_x / z_safe, zeros, -focal_x * tx / (z_safe * z_safe),
-        zeros, focal_y / z_safe, -focal_y * ty / (z_safe * z_safe),
-    ], -1).reshape(-1, 2, 3)
+    J = torch.stack(
+        [
+            focal_x / z_safe,
+            zeros,
+            -focal_x * tx / (z_safe * z_safe),
+            zeros,
+            focal_y / z_safe,
+            -focal_y * ty / (z_safe * z_safe),
+        ],
+        -1,
+    ).reshape(-1, 2, 3)
     R = viewmatrix[:3, :3].T  # world-to-view rotation
     M = J @ R
     cov2D = M @ cov3D @ M.transpose(1, 2)
@@ -223,14 +240,20 @@ def select_fragments(xy, conic, opacities, depth, radii, rect, height, width):
 
     # one candidate per pixel of a span; Gaussian-major, so front to back for any one pixel
     num_cand = int(cols.sum())
-    cand_span = torch.repeat_interleave(torch.arange(num_spans, device=device, dtype=torch.int32), cols,
-                                        output_size=num_cand)
+    cand_span = torch.repeat_interleave(
+        torch.arange(num_spans, device=device, dtype=torch.int32), cols, output_size=num_cand
+    )
     col_offset = (col0 - (torch.cumsum(cols, 0) - cols)).int()
     col = gather(col_offset, cand_span) + torch.arange(num_cand, device=device, dtype=torch.int32)
     row = gather(span_row.int(), cand_span)
     rank = gather(span_rank.int(), cand_span)
-    power = fragment_power(gather(x, rank) - col.to(dtype), gather(y, rank) - row.to(dtype),
-                           gather(a, rank), gather(b, rank), gather(c, rank))
+    power = fragment_power(
+        gather(x, rank) - col.to(dtype),
+        gather(y, rank) - row.to(dtype),
+        gather(a, rank),
+        gather(b, rank),
+        gather(c, rank),
+    )
     alpha = fragment_alpha(power, gather(op, rank))[0]
     live = torch.nonzero((power <= 0) & (alpha >= ALPHA_MIN)).squeeze(1)
     pixel, rank, alpha = gather(row * width + col, live), gather(rank, live), gather(alpha, live)
@@ -244,8 +267,9 @@ def select_fragments(xy, conic, opacities, depth, radii, rect, height, width):
     order = stable_argsort(pixel, num_pixels)
     rank, alpha = gather(rank, order), gather(alpha, order)
     counts = torch.bincount(pixel, minlength=num_pixels)
-    pixel = torch.repeat_interleave(torch.arange(num_pixels, device=device, dtype=torch.int32), counts,
-                                    output_size=pixel.shape[0])  # = gather(pixel, order), cheaper
+    pixel = torch.repeat_interleave(
+        torch.arange(num_pixels, device=device, dtype=torch.int32), counts, output_size=pixel.shape[0]
+    )  # = gather(pixel, order), cheaper
     if may_stop:
         _, log_t_after, _ = log_transmittance(gather(log_keep, order), pixel, num_pixels)
         kept = torch.nonzero(log_t_after >= math.log(T_MIN)).squeeze(1)
@@ -276,8 +300,13 @@ def splat_backward(grad_out, values, weight, pixel, rank, need_values, need_weig
     if num_channels <= FEW_CHANNELS:
         grad_t, values_t = grad_out.T, values.T
         if need_values:
-            grad_values = torch.stack([torch.zeros_like(values_t[i]).index_add_(
-                0, rank, weight * gather(grad_t[i], pixel)) for i in range(num_channels)], 1)
+            grad_values = torch.stack(
+                [
+                    torch.zeros_like(values_t[i]).index_add_(0, rank, weight * gather(grad_t[i], pixel))
+                    for i in range(num_channels)
+                ],
+                1,
+            )
         if need_weight:
             grad_weight = torch.zeros_like(weight)
             for i in range(num_channels):
@@ -285,8 +314,10 @@ def splat_backward(grad_out, values, weight, pixel, rank, need_values, need_weig
         return grad_values, grad_weight
     if need_values:
         by_gauss = stable_argsort(rank, n)
-        grad_values = csr(gather(rank, by_gauss), gather(pixel, by_gauss), gather(weight, by_gauss),
-                          (n, grad_out.shape[0])) @ grad_out
+        grad_values = (
+            csr(gather(rank, by_gauss), gather(pixel, by_gauss), gather(weight, by_gauss), (n, grad_out.shape[0]))
+            @ grad_out
+        )
     if need_weight:
         pattern = csr(pixel, rank, torch.zeros_like(weight), (grad_out.shape[0], n))
         grad_weight = torch.sparse.sampled_addmm(pattern, grad_out, values.T.contiguous(), beta=0.0).values()
@@ -324,12 +355,14 @@ class Blend(torch.autograd.Function):
     def backward(ctx, grad_out, grad_t_final):
         x, y, a, b, c, opacity, values, alpha, pixel, rank, counts, trans, weight, t_final = ctx.saved_tensors
         need_geometry = any(ctx.needs_input_grad[:6])
-        grad_values, grad_w = splat_backward(grad_out.contiguous(), values, weight, pixel, rank,
-                                             ctx.needs_input_grad[6], need_geometry)
+        grad_values, grad_w = splat_backward(
+            grad_out.contiguous(), values, weight, pixel, rank, ctx.needs_input_grad[6], need_geometry
+        )
         grads = [None] * 6 + [grad_values] + [None] * 5
         if pixel.shape[0] == 0:  # nothing drawn
-            grads[:6] = [torch.zeros_like(v) if need else None
-                         for v, need in zip((x, y, a, b, c, opacity), ctx.needs_input_grad)]
+            grads[:6] = [
+                torch.zeros_like(v) if need else None for v, need in zip((x, y, a, b, c, opacity), ctx.needs_input_grad)
+            ]
         if not need_geometry or pixel.shape[0] == 0:
             return tuple(grads)
         # dL/dalpha_i = T_i dL/dw_i - (sum over the later fragments j of the pixel of w_j dL/dw_j
@@ -344,12 +377,14 @@ class Blend(torch.autograd.Function):
         _, alpha_raw, e = fragment_alpha(fragment_power(dx, dy, a, b, c), gather(opacity, rank))
         grad_alpha = torch.where(alpha_raw <= ALPHA_MAX, grad_alpha, torch.zeros_like(grad_alpha))
         grad_power = grad_alpha * alpha_raw
-        per_fragment = (grad_power * (-a * dx - b * dy),    # x
-                        grad_power * (-c * dy - b * dx),    # y
-                        grad_power * (-0.5 * dx * dx),      # a
-                        grad_power * (-dx * dy),            # b
-                        grad_power * (-0.5 * dy * dy),      # c
-                        grad_alpha * e)                     # opacity
+        per_fragment = (
+            grad_power * (-a * dx - b * dy),  # x
+            grad_power * (-c * dy - b * dx),  # y
+            grad_power * (-0.5 * dx * dx),  # a
+            grad_power * (-dx * dy),  # b
+            grad_power * (-0.5 * dy * dy),  # c
+            grad_alpha * e,
+        )  # opacity
         n = values.shape[0]
         for i, g in enumerate(per_fragment):
             if ctx.needs_input_grad[i]:
@@ -357,8 +392,24 @@ class Blend(torch.autograd.Function):
         return tuple(grads)
 
 
-def rasterize(means3D, means2D, opacities, colors, features, scales, rotations, cov3D_precomp,
-              bg, scale_modifier, viewmatrix, projmatrix, tanfovx, tanfovy, height, width):
+def rasterize(
+    means3D,
+    means2D,
+    opacities,
+    colors,
+    features,
+    scales,
+    rotations,
+    cov3D_precomp,
+    bg,
+    scale_modifier,
+    viewmatrix,
+    projmatrix,
+    tanfovx,
+    tanfovy,
+    height,
+    width,
+):
     """Render colours, depth and (optionally) features.
 
     means3D [N, 3], means2D [N, 3], opacities [N, 1], colors [N, 3], features [N, C] or None,
@@ -372,13 +423,13 @@ def rasterize(means3D, means2D, opacities, colors, features, scales, rotations, 
     else:
         cov3D = covariance_3d(scales, rotations, scale_modifier)
     xy, z, conic, radii, rect = project_gaussians(
-        means3D, means2D, cov3D, viewmatrix, projmatrix, tanfovx, tanfovy, height, width)
+        means3D, means2D, cov3D, viewmatrix, projmatrix, tanfovx, tanfovy, height, width
+    )
     ids, pixel, rank, alpha = select_fragments(xy, conic, opacities, z, radii, rect, height, width)
 
     values = [colors, z[:, None]] + ([features] if features is not None else [])
     values = gather(torch.cat(values, 1), ids)
-    per_gauss = [gather(v, ids) for v in (xy[:, 0], xy[:, 1], conic[:, 0], conic[:, 1], conic[:, 2],
-                                           opacities[:, 0])]
+    per_gauss = [gather(v, ids) for v in (xy[:, 0], xy[:, 1], conic[:, 0], conic[:, 1], conic[:, 2], opacities[:, 0])]
     out, t_final = Blend.apply(*per_gauss, values, alpha, pixel, rank, width, height * width)
     out = out.T
     color = (out[:3] + t_final[None, :] * bg[:, None]).reshape(3, height, width)
