@@ -2,9 +2,11 @@
 
 Timestep 0 fits 3D Gaussians to the train cameras from an initial point cloud (the sequence's
 init_pt_cld.npz, or one built from its masks and images: point_cloud.py), with 3DGS densification.
-Every later timestep starts from the previous one moved on by its velocity and optimises only
-positions, rotations and colours, held together on the foreground by rigidity, rotation-similarity
-and isometry losses towards the neighbours of timestep 0; the background is held static.
+Every later timestep starts from the previous one moved on by its velocity (and each foreground
+object the new views lost, like a thrown ball at the start of its flight, moved to where their
+masks and colours put it) and optimises only positions, rotations and colours, held together on
+the foreground by rigidity, rotation-similarity and isometry losses towards the neighbours of
+timestep 0; the background is held static.
 
 Outputs, under output/<exp>/<seq>/:
   params.npz     the original's format: means3D, rgb_colors, unnorm_rotations [T, N, .] and the
@@ -17,12 +19,15 @@ Outputs, under output/<exp>/<seq>/:
 import argparse
 import concurrent.futures
 import json
+import math
 import os
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 from tqdm import tqdm
 
 import external
@@ -34,6 +39,16 @@ SCENE_SIZE_MULT = 1.1
 NUM_KNN_RIGID = 20
 NEIGHBOUR_FALLOFF = 2000.0  # neighbour weight exp(-falloff d^2), d in world units, as the original
 SSIM_SHARE = 0.2  # image and segmentation losses: (1 - share) L1 + share (1 - SSIM), as the original
+# Objects that jump between timesteps (a thrown ball starts its flight with zero velocity) lie
+# outside the reach of the photometric gradients; each is first moved to where the new timestep's
+# masks and colours say it is (relocate_objects):
+GROUP_GAP = 3.0  # an object's Gaussians: neighbour links up to this times the median neighbour distance
+RELOCATE_REACH = 0.5  # an object may land this share of the scene radius from where its velocity puts it
+RELOCATE_MAX_STEPS = 12  # the coarse search: at most this many steps of one object radius each way
+RELOCATE_MIN_GAUSSIANS = 32  # smaller groups (stray Gaussians) are too few to score a position
+RELOCATE_MARGIN = 0.2  # move only when the share of samples on matching foreground rises by this much
+COLOUR_TOLERANCE = 0.25  # mean absolute RGB difference at which a sample stops matching its pixel
+RELOCATE_SAMPLES = (64, 256)  # Gaussians per object that score a candidate: coarse search, refinement
 FINITE_CHECK_EVERY = 100  # iterations between the NaN/Inf checks (each waits for the GPU once)
 SEED_STRIDE = 1_000_003  # torch seed of timestep t: seed * stride + t, distinct for every (seed, t < stride)
 LEARNING_RATES = {
@@ -193,6 +208,7 @@ def initialize_post_first_timestep(params):
     return {
         "fg_idx": fg_idx,
         "bg_idx": bg_idx,
+        "groups": [as_tensor(g, torch.long) for g in object_groups(nbr, np.sqrt(sq_dist))],
         "neighbor_indices": as_tensor(nbr, torch.long),
         "neighbor_weight": as_tensor(np.exp(-NEIGHBOUR_FALLOFF * sq_dist)),
         "neighbor_dist": as_tensor(np.sqrt(sq_dist)),
@@ -201,6 +217,96 @@ def initialize_post_first_timestep(params):
         "prev_pts": pts,
         "prev_rot": rot,
     }
+
+
+def object_groups(nbr, dist):
+    """The foreground's objects: connected components of its nearest-neighbour graph (nbr, dist [Nfg, K]:
+    neighbour indices into the foreground and distances), links longer than GROUP_GAP times the median
+    nearest-neighbour distance cut. Returns a list of index arrays into the foreground, one per object,
+    each in a fixed random order (its first Gaussians are the object's samples in relocate_objects)."""
+    if len(nbr) == 0:
+        return []
+    keep = dist <= GROUP_GAP * np.median(dist[:, 0])
+    rows = np.repeat(np.arange(len(nbr)), nbr.shape[1])[keep.ravel()]
+    graph = coo_matrix((np.ones(len(rows)), (rows, nbr.ravel()[keep.ravel()])), shape=(len(nbr), len(nbr)))
+    count, label = connected_components(graph, directed=False)
+    rng = np.random.default_rng(0)
+    return [rng.permutation(np.flatnonzero(label == g)) for g in range(count)]
+
+
+def match_scores(points, colours, candidates, dataset):
+    """How well an object fits the train views at each candidate offset: the share of (sample, view)
+    pairs, among those in front of a view and inside its image, whose pixel is foreground and of the
+    sample's colour (1 at equal colours, 0 from COLOUR_TOLERANCE on).
+
+    points [P, 3] world, colours [P, 3], candidates [K, 3] offsets -> scores [K]."""
+    moved = points[None] + candidates[:, None]  # [K, P, 3]
+    hom = torch.cat([moved, torch.ones_like(moved[..., :1])], -1)
+    hits, seen = torch.zeros(len(candidates), device=points.device), torch.zeros(len(candidates), device=points.device)
+    for view in dataset:
+        cam = view["cam"]
+        h, w = cam.image_height, cam.image_width
+        clip = hom @ cam.projmatrix
+        depth = clip[..., 3]
+        col = ((clip[..., 0] / depth.clamp(min=1e-6) + 1) * w - 1) / 2
+        row = ((clip[..., 1] / depth.clamp(min=1e-6) + 1) * h - 1) / 2
+        col, row = col.round().long(), row.round().long()
+        inside = (depth > 1e-3) & (col >= 0) & (col < w) & (row >= 0) & (row < h)
+        pixel = (row.clamp(0, h - 1) * w + col.clamp(0, w - 1)).flatten()
+        fg = view["seg"][0].flatten()[pixel].view_as(depth)
+        diff = (view["im"].flatten(1)[:, pixel].T.view(*depth.shape, 3) - colours).abs().mean(-1)
+        hits += (inside * fg * (1 - diff / COLOUR_TOLERANCE).clamp(min=0)).sum(1)
+        seen += inside.sum(1)
+    return hits / seen.clamp(min=1)
+
+
+def object_scores(params, variables, dataset):
+    """match_scores of every object (variables['groups']) where it is, in the views of `dataset`:
+    [G] (0 for groups too small to score), what relocate_objects compares the next timestep with."""
+    fg_pts = params["means3D"].detach()[variables["fg_idx"]]
+    fg_col = params["rgb_colors"].detach()[variables["fg_idx"]]
+    zero = torch.zeros(1, 3, device=fg_pts.device)
+    with torch.no_grad():
+        scores = [
+            match_scores(fg_pts[g[: RELOCATE_SAMPLES[1]]], fg_col[g[: RELOCATE_SAMPLES[1]]], zero, dataset)[0]
+            if len(g) >= RELOCATE_MIN_GAUSSIANS
+            else zero[0, 0]
+            for g in variables["groups"]
+        ]
+    return torch.stack(scores) if scores else zero[0, :0]
+
+
+def relocate_objects(params, variables, dataset, reach):
+    """Move the foreground objects that the new timestep's views lost: each object (variables['groups'])
+    whose match score where its velocity put it fell by RELOCATE_MARGIN from the last timestep's
+    (variables['object_scores']; every object when absent) is searched for: a grid of one object radius
+    per step, out to `reach` (world units) each way, then two grids three and nine times finer around
+    the best. It moves rigidly there when that beats where it was by RELOCATE_MARGIN. Returns how many
+    moved."""
+    moved = 0
+    fg_idx, last = variables["fg_idx"], variables.get("object_scores")
+    with torch.no_grad():
+        fg_pts, fg_col = params["means3D"][fg_idx], params["rgb_colors"][fg_idx]
+        for g, group in enumerate(variables["groups"]):
+            if len(group) < RELOCATE_MIN_GAUSSIANS:
+                continue
+            pts, sample = fg_pts[group], group[: RELOCATE_SAMPLES[1]]
+            stay = match_scores(fg_pts[sample], fg_col[sample], torch.zeros(1, 3, device=pts.device), dataset)[0]
+            radius = float((pts - pts.mean(0)).norm(dim=1).max())
+            if (last is not None and stay >= last[g] - RELOCATE_MARGIN) or radius <= 0:
+                continue
+            steps = min(math.ceil(reach / radius), RELOCATE_MAX_STEPS)
+            best = torch.zeros(3, device=pts.device)
+            for level, (step, count) in enumerate([(radius, steps), (radius / 3, 2), (radius / 9, 2)]):
+                sample = group[: RELOCATE_SAMPLES[min(level, 1)]]
+                offsets = torch.arange(-count, count + 1, device=pts.device, dtype=pts.dtype) * step
+                grid = torch.stack(torch.meshgrid(offsets, offsets, offsets, indexing="ij"), -1).reshape(-1, 3)
+                scores = match_scores(fg_pts[sample], fg_col[sample], best + grid, dataset)
+                best = best + grid[scores.argmax()]
+            if scores.max() >= stay + RELOCATE_MARGIN:
+                params["means3D"][fg_idx[group]] += best
+                moved += 1
+    return moved
 
 
 def initialize_per_timestep(params, variables):
@@ -487,12 +593,14 @@ def load_timestep_file(ts_dir, t, device):
 def restore(ts_dir, t_next, device):
     """params of timestep t_next - 1 and the variables that timestep t_next starts from; reads
     only the files of timesteps 0, t_next - 2 and t_next - 1."""
-    first, _ = load_timestep_file(ts_dir, 0, device)
+    first, first_record = load_timestep_file(ts_dir, 0, device)
     variables = initialize_post_first_timestep(first)
     if t_next >= 2:
         before, _ = load_timestep_file(ts_dir, t_next - 2, device)
         variables.update(prev_pts=before["means3D"], prev_rot=F.normalize(before["unnorm_rotations"]))
-    last, _ = load_timestep_file(ts_dir, t_next - 1, device) if t_next >= 2 else (first, None)
+    last, record = load_timestep_file(ts_dir, t_next - 1, device) if t_next >= 2 else (first, first_record)
+    if len(record.get("object_scores", ())) == len(variables["groups"]):  # older runs did not record them
+        variables["object_scores"] = torch.tensor(record["object_scores"], device=device)
     params = {
         k: (last[k] if k in helpers.D3DGS_PER_TIMESTEP else first[k])
         for k in helpers.D3DGS_PER_TIMESTEP + helpers.D3DGS_SHARED
@@ -711,6 +819,11 @@ def train(args, device, seq_dir, out_dir):
                 iters = args.iters_first
             else:
                 params, variables = initialize_per_timestep(params, variables)
+                moved = relocate_objects(params, variables, dataset, RELOCATE_REACH * scene_radius(meta))
+                if moved:
+                    tqdm.write(
+                        f"timestep {t}: {moved} object(s) moved to where this timestep's masks and colours put them"
+                    )
                 optimizer = initialize_optimizer(
                     params, scene_radius(meta), MOVING, ("means3D", "unnorm_rotations"), args.motion_lr_scale
                 )
@@ -719,6 +832,10 @@ def train(args, device, seq_dir, out_dir):
                 )
                 iters = args.iters
             metrics = evaluate(params, test_views, lpips_net)
+            if t == 0:
+                params = {k: v.detach() for k, v in params.items()}
+                variables = initialize_post_first_timestep(params)
+            variables["object_scores"] = object_scores(params, variables, dataset)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             record = {
@@ -727,6 +844,7 @@ def train(args, device, seq_dir, out_dir):
                 "seed": args.seed,
                 "gaussians": int(params["means3D"].shape[0]),
                 "test": metrics,
+                "object_scores": variables["object_scores"].tolist(),
             }
             save_timestep(ts_dir, t, params, record)
             drop_replaced(ts_dir, t)
@@ -734,9 +852,6 @@ def train(args, device, seq_dir, out_dir):
                 f"timestep {t}: {record['seconds']:.1f} s, {record['gaussians']} Gaussians, "
                 f"test PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f}"
             )
-            if t == 0:
-                params = {k: v.detach() for k, v in params.items()}
-                variables = initialize_post_first_timestep(params)
             del optimizer
     bar.close()
 
