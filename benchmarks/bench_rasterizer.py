@@ -249,13 +249,13 @@ def measure(call, device, iters, warmup):
     return statistics.median(times), peak / 2**20, (peak - before) / 2**20
 
 
-def report(results, sizes, backends):
-    """The table of docs/performance.md: per N and figure, each backend's median ms (peak MB, and
-    MB beyond what was allocated before) and gsplat / ours where both ran."""
+def report(results, sizes, backends, memory):
+    """The table of docs/performance.md: per N and figure, each backend's median ms (with memory:
+    peak MB, and MB beyond what was allocated before) and gsplat / ours where both ran."""
     both = backends == ["ours", "gsplat"]
     print(
         "\n| N | figure | "
-        + " | ".join(f"{b}, ms (peak MB, +MB)" for b in backends)
+        + " | ".join(f"{b}, ms" + (" (peak MB, +MB)" if memory else "") for b in backends)
         + (" | gsplat / ours |" if both else " |")
     )
     print("|---" * (2 + len(backends) + both) + "|")
@@ -337,8 +337,8 @@ def main(argv=None):
                 memory = f", peak {peak:.1f} MB (+{added:.1f} MB)" if peak is not None else ""
                 print(f"  {backend:6s} {FIGURES[figure]:30s} {ms:8.3f} ms{memory}")
             del figures  # the gradient copies of the scene go before the next backend's figures
-        del scene
-    report(results, args.gaussians, backends)
+        del scene  # freed before the next size's scene is drawn
+    report(results, args.gaussians, backends, memory=device.type == "cuda")
     return results
 
 

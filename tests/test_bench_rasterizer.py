@@ -68,3 +68,42 @@ def test_bad_input_is_one_line(argv, names, capsys, no_gsplat):
     assert exit.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"error: {names}")
+
+
+def test_gsplat_calls():
+    """The gsplat path without gsplat: a stand-in for gsplat.rasterization records each call."""
+    calls = []
+
+    def rasterization(means, quats, scales, opacities, colors, viewmats, Ks, width, height, **options):
+        calls.append(
+            {
+                "shapes": [list(t.shape) for t in (means, quats, scales, opacities, colors, viewmats, Ks)],
+                "size": (width, height),
+                "geometry_grad": [t.requires_grad for t in (means, quats, scales, opacities)],
+                "colors_grad": colors.requires_grad,
+                "viewmat": viewmats[0],
+                "options": options,
+            }
+        )
+        channels = colors.shape[-1] + (options["render_mode"] == "RGB+ED")
+        return (means.sum() + colors.sum()) * torch.ones(1, height, width, channels), None, {}
+
+    meta = bench_rasterizer.ring_meta()
+    scene = bench_rasterizer.random_scene(50, meta, "cpu")
+    figures = bench_rasterizer.gsplat_figures(rasterization, scene, meta, torch.device("cpu"))
+    for i, call in enumerate(figures.values()):
+        call(bench_rasterizer.RING_CAMERAS + i)  # camera i
+    assert [c["options"]["render_mode"] for c in calls] == ["RGB+ED", "RGB+ED", "RGB", "RGB"]
+    assert all(c["options"]["packed"] is False and c["size"] == (640, 360) for c in calls)
+    assert [c["shapes"][3:] for c in calls] == [[[50], [50, 3], [1, 4, 4], [1, 3, 3]]] * 2 + [
+        [[50], [50, 128], [1, 4, 4], [1, 3, 3]]
+    ] * 2
+    for i, c in enumerate(calls):
+        assert torch.allclose(c["viewmat"], torch.tensor(meta["w2c"][0][i], dtype=torch.float32))
+    # forward: no gradients; fwd+bwd: all of them; features only: the features alone
+    assert [(c["geometry_grad"], c["colors_grad"]) for c in calls] == [
+        ([False] * 4, False),
+        ([True] * 4, True),
+        ([False] * 4, False),
+        ([False] * 4, True),
+    ]
