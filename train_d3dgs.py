@@ -431,23 +431,35 @@ def prior_losses(params, rendervar, variables):
     return losses
 
 
-def pick_loss(device, compile_loss=True):
+def pick_loss(device, compile_loss=True, cuda_graphs=False):
     """get_loss as the loop runs it after timestep 0. On CUDA, eager PyTorch launches dozens of
     small kernels per iteration for the losses (SSIM of im and seg, the L1s, the priors over the
     [Nfg, 20] neighbour pairs, the weighted sum), each reading and writing full-size temporaries,
     and as many autograd nodes in backward; torch.compile fuses them into a few kernels and one
-    autograd node. The CPU, --no-compile, and timestep 0 (whose image losses alone would save about
-    what a second compile costs) run it eagerly."""
-    return compiled_loss(device) if device.type == "cuda" and compile_loss else get_loss
+    autograd node, and with cuda_graphs replays them as CUDA graphs (forward and backward: one
+    launch each, plus a copy of each input that is not at a fixed address). The CPU, --no-compile,
+    and timestep 0 (whose image losses alone would save about what a second compile costs) run it
+    eagerly."""
+    if device.type != "cuda" or not compile_loss:
+        return get_loss
+    return compiled_loss(device, mode="reduce-overhead" if cuda_graphs else None)
 
 
-def compiled_loss(device, backend="inductor"):
+def compiled_loss(device, backend="inductor", mode=None):
     """get_loss compiled as one graph (fullgraph) for fixed shapes: the Gaussian count is frozen
     after timestep 0, so it compiles once per run, at the first iteration after timestep 0. SSIM's
     window cache is filled first: traced empty, Dynamo would guard on it being empty and compile a
-    second time once it is filled (a run resumed after timestep 0 calls this before any SSIM)."""
+    second time once it is filled (a run resumed after timestep 0 calls this before any SSIM).
+    mode: torch.compile's ('reduce-overhead': CUDA graphs)."""
     external.calc_ssim(torch.zeros(3, 11, 11, device=device), torch.zeros(3, 11, 11, device=device))
-    return torch.compile(get_loss, backend=backend, dynamic=False, fullgraph=True)
+    return torch.compile(get_loss, backend=backend, mode=mode, dynamic=False, fullgraph=True)
+
+
+def mark_static(monitor):
+    """Tell torch.compile that the monitor's tensors keep their addresses (one monitor per run): a
+    CUDA graph may then write them in place; it skips graphs that write to other inputs."""
+    for v in monitor.values():
+        torch._dynamo.mark_static_address(v)
 
 
 class NonFiniteLoss(helpers.UserError):
@@ -793,6 +805,13 @@ def parse_args(argv=None):
         "iteration)",
     )
     parser.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="on CUDA, replay the compiled losses of timesteps > 0 as CUDA graphs (torch.compile's "
+        "reduce-overhead mode; the rasterizer waits for its tile count at every render, so the rest "
+        "of an iteration cannot be captured); without --no-compile only",
+    )
+    parser.add_argument(
         "--plateau",
         type=float,
         default=0.0,
@@ -868,7 +887,7 @@ def train(args, device, seq_dir, out_dir):
     helpers.save_json(run_path, run)
     lpips_net, lpips_missing = load_lpips(device)
 
-    loss_fn = pick_loss(device, not args.no_compile)
+    loss_fn = pick_loss(device, not args.no_compile, args.cuda_graphs)
     if start > last:
         tqdm.write(f"{finished} in {ts_dir}: nothing to train")
     elif start > 0:
@@ -876,6 +895,8 @@ def train(args, device, seq_dir, out_dir):
     total = sum(args.iters_first if t == 0 else args.iters for t in range(start, last + 1))
     bar = helpers.progress(total=total, unit="it")
     monitor = new_monitor(device)
+    if args.cuda_graphs and loss_fn is not get_loss:
+        mark_static(monitor)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:  # the next timestep's images load while this one trains
         upcoming = pool.submit(load_timestep, seq_dir, meta, test_meta, start, *sizes) if start <= last else None
         for t in range(start, last + 1):
