@@ -335,13 +335,13 @@ def initialize_per_timestep(params, variables):
 # ---------------------------------------------------------------- losses
 
 
-def get_loss(params, rendervar, im, seg, data, variables, with_priors):
+def get_loss(params, rendervar, im, seg, data, variables, with_priors, monitor=None):
     """Loss of one train view: im [3, H, W] and seg [3, H, W] as render_d3dgs rendered them against
     data's image and segmentation (L1 and SSIM, im after the camera's colour correction); with_priors
-    (timesteps > 0): plus prior_losses. Returns the weighted sum, the terms {name: scalar} (detached:
-    for the NaN watch) and the colour-corrected image. Tensors in, tensors out, the same shapes at
-    every iteration (the camera as an index tensor, not a Python int), so that torch.compile traces it
-    once as one graph: compiled_loss."""
+    (timesteps > 0): plus prior_losses. Returns the weighted sum, the terms {name: scalar} (detached)
+    and the colour-corrected image; with a monitor (new_monitor), also records the iteration in it
+    (watch_loss). Tensors in, tensors out, the same shapes at every iteration (the camera as an index
+    tensor, not a Python int), so that torch.compile traces it once as one graph: compiled_loss."""
     cam = data["id"]
     im = helpers.color_correct(im, params["cam_m"].index_select(0, cam)[0], params["cam_c"].index_select(0, cam)[0])
     ssim = external.calc_ssim(torch.stack([im, seg]), torch.stack([data["im"], data["seg"]]), per_image=True)
@@ -352,7 +352,51 @@ def get_loss(params, rendervar, im, seg, data, variables, with_priors):
     if with_priors:
         losses.update(prior_losses(params, rendervar, variables))
     loss = sum(LOSS_WEIGHTS[k] * v for k, v in losses.items())
-    return loss, {k: v.detach() for k, v in losses.items()}, im
+    terms = {k: v.detach() for k, v in losses.items()}
+    if monitor is not None:
+        watch_loss(monitor, loss.detach(), terms)
+    return loss, terms, im
+
+
+def new_monitor(device):
+    """What the loop watches without waiting for the GPU, written by watch_loss at every iteration and
+    read by read_monitor once in a while: 'first_bad' [terms of LOSS_WEIGHTS] long, the first iteration
+    at which each term was NaN/Inf (-1: never); 'iteration' [] long, the iterations recorded;
+    'loss_sum' [] float32, the sum of the weighted losses since the last read_monitor."""
+    return {
+        "first_bad": torch.full((len(LOSS_WEIGHTS),), -1, dtype=torch.long, device=device),
+        "iteration": torch.zeros((), dtype=torch.long, device=device),
+        "loss_sum": torch.zeros((), device=device),
+    }
+
+
+def reset_monitor(monitor):
+    """Back to new_monitor's values, in place: one monitor serves every timestep of a run (the
+    compiled loss keeps seeing the same tensors)."""
+    monitor["first_bad"].fill_(-1)
+    monitor["iteration"].zero_()
+    monitor["loss_sum"].zero_()
+
+
+def watch_loss(monitor, loss, terms):
+    """Record one iteration in the monitor, in place (inside the compiled loss on CUDA, where it adds
+    no kernel launch of its own): the NaN/Inf watch of every term and the running loss sum."""
+    values = torch.stack([terms[k] if k in terms else torch.zeros_like(loss) for k in LOSS_WEIGHTS])
+    first_bad, iteration = monitor["first_bad"], monitor["iteration"]
+    first_bad.copy_(torch.where((first_bad < 0) & ~torch.isfinite(values), iteration, first_bad))
+    iteration.add_(1)
+    monitor["loss_sum"].add_(loss)
+
+
+def read_monitor(monitor, loss, im, gt):
+    """The one copy to the host of a progress report: (first_bad [terms] list of ints, the sum of the
+    losses since the last read, this iteration's loss, its train PSNR of im against gt [3, H, W]);
+    restarts the loss sum."""
+    mse = ((im.detach() - gt) ** 2).mean()
+    values = torch.cat([monitor["first_bad"].double(), torch.stack([monitor["loss_sum"], loss.detach(), mse]).double()])
+    *first_bad, loss_sum, loss, mse = values.tolist()
+    monitor["loss_sum"].zero_()
+    return [int(i) for i in first_bad], loss_sum, loss, 10 * math.log10(1.0 / max(mse, 1e-12))
 
 
 def prior_losses(params, rendervar, variables):
@@ -387,33 +431,44 @@ def prior_losses(params, rendervar, variables):
     return losses
 
 
-def pick_loss(device, compile_loss=True):
+def pick_loss(device, compile_loss=True, cuda_graphs=False):
     """get_loss as the loop runs it after timestep 0. On CUDA, eager PyTorch launches dozens of
     small kernels per iteration for the losses (SSIM of im and seg, the L1s, the priors over the
     [Nfg, 20] neighbour pairs, the weighted sum), each reading and writing full-size temporaries,
     and as many autograd nodes in backward; torch.compile fuses them into a few kernels and one
-    autograd node. The CPU, --no-compile, and timestep 0 (whose image losses alone would save about
-    what a second compile costs) run it eagerly."""
-    return compiled_loss(device) if device.type == "cuda" and compile_loss else get_loss
+    autograd node, and with cuda_graphs replays them as CUDA graphs (forward and backward: one
+    launch each, plus a copy of each input that is not at a fixed address). The CPU, --no-compile,
+    and timestep 0 (whose image losses alone would save about what a second compile costs) run it
+    eagerly."""
+    if device.type != "cuda" or not compile_loss:
+        return get_loss
+    return compiled_loss(device, mode="reduce-overhead" if cuda_graphs else None)
 
 
-def compiled_loss(device, backend="inductor"):
+def compiled_loss(device, backend="inductor", mode=None):
     """get_loss compiled as one graph (fullgraph) for fixed shapes: the Gaussian count is frozen
     after timestep 0, so it compiles once per run, at the first iteration after timestep 0. SSIM's
     window cache is filled first: traced empty, Dynamo would guard on it being empty and compile a
-    second time once it is filled (a run resumed after timestep 0 calls this before any SSIM)."""
+    second time once it is filled (a run resumed after timestep 0 calls this before any SSIM).
+    mode: torch.compile's ('reduce-overhead': CUDA graphs)."""
     external.calc_ssim(torch.zeros(3, 11, 11, device=device), torch.zeros(3, 11, 11, device=device))
-    return torch.compile(get_loss, backend=backend, dynamic=False, fullgraph=True)
+    return torch.compile(get_loss, backend=backend, mode=mode, dynamic=False, fullgraph=True)
+
+
+def mark_static(monitor):
+    """Tell torch.compile that the monitor's tensors keep their addresses (one monitor per run): a
+    CUDA graph may then write them in place; it skips graphs that write to other inputs."""
+    for v in monitor.values():
+        torch._dynamo.mark_static_address(v)
 
 
 class NonFiniteLoss(helpers.UserError):
     """A loss or a parameter went NaN/Inf: training stops, the finished timesteps stay."""
 
 
-def check_finite(first_bad, names, t):
-    """first_bad [terms] long: the first iteration each term was NaN/Inf (-1: never). One sync."""
-    first_bad = first_bad.tolist()
-    bad = [(i, n) for i, n in zip(first_bad, names) if i >= 0]
+def check_finite(first_bad, t):
+    """first_bad [terms of LOSS_WEIGHTS]: the first iteration each term was NaN/Inf (-1: never)."""
+    bad = [(i, n) for i, n in zip(first_bad, LOSS_WEIGHTS) if i >= 0]
     if bad:
         i = min(b[0] for b in bad)
         raise NonFiniteLoss(
@@ -426,20 +481,28 @@ def check_finite(first_bad, names, t):
 # ---------------------------------------------------------------- training
 
 
-def train_timestep(params, variables, optimizer, dataset, t, num_iters, schedule, loss_fn, rng, bar):
-    """Optimise one timestep: num_iters iterations of one random train view each; with a
+def train_timestep(
+    params, variables, optimizer, dataset, t, num_iters, schedule, loss_fn, rng, bar, monitor, plateau=0.0
+):
+    """Optimise one timestep: up to num_iters iterations of one random train view each; with a
     densification schedule (timestep 0) the Gaussians are cloned, split and pruned on the way;
-    loss_fn: get_loss, or its compiled form (pick_loss) after timestep 0."""
-    todo, first_bad, names = [], None, None
+    loss_fn: get_loss, or its compiled form (pick_loss) after timestep 0; monitor: new_monitor's
+    (reset here). Nothing in an iteration waits for the GPU but the rasterizer's binning (it sizes its
+    buffers by the count of tile entries): the NaN watch and the loss sum stay on the device, read
+    every FINITE_CHECK_EVERY iterations in one copy. plateau > 0 (timesteps > 0 only): stop early once
+    the mean loss of one such block of iterations is less than `plateau` (relative) below the previous
+    block's. Returns params, variables and the iterations run."""
+    todo = []
+    reset_monitor(monitor)
+    # after timestep 0 only positions, rotations and colours change: the rest of the rasterizer's
+    # inputs is computed once, and no screen-space gradient is asked for (densification is over)
+    fixed = None if schedule is not None else fixed_rendervar(params)
+    last_read, block_mean = 0, None
     for i in range(num_iters):
         data = get_batch(todo, dataset, rng)
-        rendervar = helpers.params2rendervar(params)
+        rendervar = helpers.params2rendervar(params) if fixed is None else moving_rendervar(params, fixed)
         im, seg, radii, _ = helpers.render_d3dgs(data["cam"], rendervar)
-        loss, terms, im = loss_fn(params, rendervar, im, seg, data, variables, t > 0)
-        # NaN/Inf watch without a GPU sync per iteration: remember the first bad iteration per term
-        if first_bad is None:
-            names, first_bad = list(terms), torch.full((len(terms),), -1, dtype=torch.long, device=loss.device)
-        first_bad.masked_fill_((first_bad < 0) & ~torch.isfinite(torch.stack(list(terms.values()))), i)
+        loss, _, im = loss_fn(params, rendervar, im, seg, data, variables, t > 0, monitor)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -449,14 +512,37 @@ def train_timestep(params, variables, optimizer, dataset, t, num_iters, schedule
                     params, variables, optimizer, i, schedule, rendervar["means2D"].grad, radii
                 )
         if i % FINITE_CHECK_EVERY == 0 or i == num_iters - 1:
-            check_finite(first_bad, names, t)
+            first_bad, loss_sum, last, train_psnr = read_monitor(monitor, loss, im, data["im"])
+            check_finite(first_bad, t)
+            bar.update(i + 1 - last_read)
             bar.set_postfix_str(
-                f"it {i} loss {float(loss.detach()):.4f} train PSNR "
-                f"{helpers.psnr(im.detach(), data['im']):.2f} N {params['means3D'].shape[0]}",
-                refresh=False,
+                f"it {i} loss {last:.4f} train PSNR {train_psnr:.2f} N {params['means3D'].shape[0]}", refresh=False
             )
-        bar.update(1)
-    return params, variables
+            mean, last_read = loss_sum / (i + 1 - last_read), i + 1
+            if plateau > 0 and schedule is None and block_mean is not None and mean > (1 - plateau) * block_mean:
+                bar.update(num_iters - last_read)  # the bar's total counts the iterations not run
+                return params, variables, last_read
+            block_mean = mean if i > 0 else None  # iteration 0 alone is no block
+    return params, variables, num_iters
+
+
+def fixed_rendervar(params):
+    """The rasterizer inputs that stay fixed after timestep 0 (params2rendervar's, without
+    gradients): opacities, scales, segmentation colours, means2D."""
+    with torch.no_grad():
+        fixed = helpers.params2rendervar({k: v.detach() for k, v in params.items()})
+    fixed["means2D"] = torch.zeros_like(fixed["means2D"])
+    return fixed
+
+
+def moving_rendervar(params, fixed):
+    """params2rendervar(params) after timestep 0: what the optimiser moves, on top of fixed_rendervar."""
+    return {
+        **fixed,
+        "means3D": params["means3D"],
+        "rotations": F.normalize(params["unnorm_rotations"]),
+        "colors_precomp": params["rgb_colors"],
+    }
 
 
 def evaluate(params, test_views, lpips_net):
@@ -718,10 +804,26 @@ def parse_args(argv=None):
         "torch.compile (compiling takes 21-27 s once on an H100, then saves about 5 ms per "
         "iteration)",
     )
+    parser.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="on CUDA, replay the compiled losses of timesteps > 0 as CUDA graphs (torch.compile's "
+        "reduce-overhead mode; the rasterizer waits for its tile count at every render, so the rest "
+        "of an iteration cannot be captured); without --no-compile only",
+    )
+    parser.add_argument(
+        "--plateau",
+        type=float,
+        default=0.0,
+        help=f"after timestep 0, stop a timestep early once the mean loss of {FINITE_CHECK_EVERY} "
+        "iterations falls less than this fraction below that of the previous "
+        f"{FINITE_CHECK_EVERY} (e.g. 0.005); 0: always run --iters",
+    )
     args = helpers.parse_with_demo(parser, argv, DEMO)
     for option in ("iters_first", "iters", "downscale", "max_gaussians"):
         helpers.check_option(args, option, at_least=1)
     helpers.check_option(args, "motion_lr_scale", above=0)
+    helpers.check_option(args, "plateau", at_least=0, below=1)
     return args
 
 
@@ -785,13 +887,16 @@ def train(args, device, seq_dir, out_dir):
     helpers.save_json(run_path, run)
     lpips_net, lpips_missing = load_lpips(device)
 
-    loss_fn = pick_loss(device, not args.no_compile)
+    loss_fn = pick_loss(device, not args.no_compile, args.cuda_graphs)
     if start > last:
         tqdm.write(f"{finished} in {ts_dir}: nothing to train")
     elif start > 0:
         tqdm.write(f"resuming at timestep {start} in {ts_dir}")
     total = sum(args.iters_first if t == 0 else args.iters for t in range(start, last + 1))
     bar = helpers.progress(total=total, unit="it")
+    monitor = new_monitor(device)
+    if args.cuda_graphs and loss_fn is not get_loss:
+        mark_static(monitor)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:  # the next timestep's images load while this one trains
         upcoming = pool.submit(load_timestep, seq_dir, meta, test_meta, start, *sizes) if start <= last else None
         for t in range(start, last + 1):
@@ -813,10 +918,9 @@ def train(args, device, seq_dir, out_dir):
                 }
                 optimizer = initialize_optimizer(params, radius, LEARNING_RATES)
                 schedule = external.densify_schedule(args.iters_first, max_gaussians=args.max_gaussians)
-                params, variables = train_timestep(
-                    params, variables, optimizer, dataset, t, args.iters_first, schedule, get_loss, rng, bar
+                params, variables, iters = train_timestep(
+                    params, variables, optimizer, dataset, t, args.iters_first, schedule, get_loss, rng, bar, monitor
                 )
-                iters = args.iters_first
             else:
                 params, variables = initialize_per_timestep(params, variables)
                 moved = relocate_objects(params, variables, dataset, RELOCATE_REACH * scene_radius(meta))
@@ -827,10 +931,9 @@ def train(args, device, seq_dir, out_dir):
                 optimizer = initialize_optimizer(
                     params, scene_radius(meta), MOVING, ("means3D", "unnorm_rotations"), args.motion_lr_scale
                 )
-                params, variables = train_timestep(
-                    params, variables, optimizer, dataset, t, args.iters, None, loss_fn, rng, bar
+                params, variables, iters = train_timestep(
+                    params, variables, optimizer, dataset, t, args.iters, None, loss_fn, rng, bar, monitor, args.plateau
                 )
-                iters = args.iters
             metrics = evaluate(params, test_views, lpips_net)
             if t == 0:
                 params = {k: v.detach() for k, v in params.items()}

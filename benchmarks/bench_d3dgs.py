@@ -1,6 +1,7 @@
 """Where the time of a stage-1 iteration goes: CUDA-event timings per phase of train_d3dgs.py's loop.
 
     python benchmarks/bench_d3dgs.py -s data/basketball [--state output/exp1/basketball/timesteps] [--profile 50]
+    python benchmarks/bench_d3dgs.py -s data/basketball --state ... --compare 1000 [--cuda-graphs] [--profile 50]
 
 Runs the loop's own functions (train_d3dgs.get_loss, external.densify, ...) phase by phase with
 CUDA events between them, in two settings:
@@ -16,10 +17,17 @@ per setting: median and mean milliseconds per phase and per iteration. With --pr
 more t > 0 iterations as the loop runs them under torch.profiler: the CUDA kernels that take the
 most GPU time, and the GPU's busy time against the wall time per iteration (a GPU idle much of
 the time means the host, Python and launches, is what limits the loop).
+
+With --compare N, only the t > 0 loop instead, before and after issue 16 side by side in one process
+(compare_loops): the loop as it was (plain_iterations) and train_d3dgs.train_timestep as stage 1
+runs it now (with --cuda-graphs also its --cuda-graphs), --rounds fresh timesteps of N iterations
+each in turns, ms per iteration by CUDA events and by the host clock; --profile then profiles the
+new loop.
 """
 
 import argparse
 import collections
+import os
 import time
 
 import numpy as np
@@ -88,20 +96,89 @@ def timed_iterations(params, variables, optimizer, dataset, num_iters, loss_fn, 
     return params, variables, times, [s.elapsed_time(e) for s, e in densify_ms]
 
 
-def plain_iterations(params, variables, optimizer, dataset, num_iters, loss_fn, rng):
-    """num_iters t > 0 iterations exactly as train_d3dgs.train_timestep runs them (no events)."""
+def plain_iterations(params, variables, optimizer, dataset, num_iters, loss_fn, rng, bar=None):
+    """num_iters t > 0 iterations as train_d3dgs.train_timestep ran them before issue 16 (no events):
+    the rasterizer inputs from params2rendervar at every iteration, the NaN watch in eager kernels
+    after the loss, the progress bar updated at every iteration (bar: a tqdm, or None) and, every
+    FINITE_CHECK_EVERY iterations, the NaN flags, the loss and the train PSNR read in three copies."""
     todo, first_bad = [], None
     for i in range(num_iters):
         data = td.get_batch(todo, dataset, rng)
         rendervar = helpers.params2rendervar(params)
         im, seg, _, _ = helpers.render_d3dgs(data["cam"], rendervar)
-        loss, terms, _ = loss_fn(params, rendervar, im, seg, data, variables, True)
+        loss, terms, im = loss_fn(params, rendervar, im, seg, data, variables, True)
         if first_bad is None:
             first_bad = torch.full((len(terms),), -1, dtype=torch.long, device=loss.device)
         first_bad.masked_fill_((first_bad < 0) & ~torch.isfinite(torch.stack(list(terms.values()))), i)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if bar is not None:
+            if i % td.FINITE_CHECK_EVERY == 0 or i == num_iters - 1:
+                first_bad.tolist()
+                bar.set_postfix_str(
+                    f"it {i} loss {float(loss.detach()):.4f} train PSNR {helpers.psnr(im.detach(), data['im']):.2f}",
+                    refresh=False,
+                )
+            bar.update(1)
+
+
+def compare_loops(scene, radius, dataset, num_iters, rounds, device, compile_loss, cuda_graphs):
+    """t > 0 loops side by side from the same start, in turns (before, after, before, after, ...):
+    'before' the loop as it was before issue 16 (plain_iterations), 'after' train_d3dgs.train_timestep
+    as stage 1 runs it (and 'after, CUDA graphs': its --cuda-graphs). Each timed run is a fresh
+    timestep of num_iters iterations (initialize_per_timestep, a new Adam) with a progress bar
+    writing to /dev/null, timed by CUDA events around the loop and by the host clock. Prints
+    the median ms per iteration of each."""
+    from tqdm import tqdm
+
+    monitor = td.new_monitor(device)
+    variants = {
+        "before": (td.pick_loss(device, compile_loss), None),
+        "after": (td.pick_loss(device, compile_loss), monitor),
+    }
+    if cuda_graphs:
+        graphs_monitor = td.new_monitor(device)  # its own: static, as train_d3dgs.train marks it
+        td.mark_static(graphs_monitor)
+        variants["after, CUDA graphs"] = (td.pick_loss(device, compile_loss, cuda_graphs=True), graphs_monitor)
+    times = {name: [] for name in variants}
+    first = td.initialize_post_first_timestep(scene)  # the neighbour search once (initialize_per_timestep adds keys)
+    with open(os.devnull, "w") as devnull:
+        for r in range(rounds + 1):  # round 0 warms up: compiles, cuDNN's algorithm search, the allocator
+            for name, (loss_fn, watch) in variants.items():
+                params, variables = td.initialize_per_timestep(scene, dict(first))
+                optimizer = td.initialize_optimizer(params, radius, td.MOVING, ("means3D", "unnorm_rotations"))
+                iters = num_iters if r else 20
+                bar, rng = tqdm(total=iters, file=devnull), np.random.default_rng(r)
+                torch.cuda.synchronize()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                started = time.perf_counter()
+                start.record()
+                if watch is None:
+                    plain_iterations(params, variables, optimizer, dataset, iters, loss_fn, rng, bar)
+                else:
+                    td.train_timestep(params, variables, optimizer, dataset, 1, iters, None, loss_fn, rng, bar, watch)
+                end.record()
+                torch.cuda.synchronize()
+                wall = (time.perf_counter() - started) * 1e3 / iters
+                if r:
+                    times[name].append((start.elapsed_time(end) / iters, wall))
+                else:
+                    print(f"warm-up of '{name}' (compiles included): {wall * iters / 1e3:.1f} s")
+    print(
+        f"\nt > 0 loop, before and after issue 16, {'compiled' if compile_loss else 'eager'} losses: "
+        f"{rounds} runs of {num_iters} iterations each, in turns; median (min-max) ms per iteration"
+    )
+    print("| loop | CUDA events | host clock |\n| --- | --- | --- |")
+    for name, v in times.items():
+        ev, wall = np.array(v).T
+        print(
+            f"| {name} | **{np.median(ev):.3f}** ({ev.min():.3f}-{ev.max():.3f}) | "
+            f"{np.median(wall):.3f} ({wall.min():.3f}-{wall.max():.3f}) |"
+        )
+    after, before = np.median(np.array(times["after"])[:, 0]), np.median(np.array(times["before"])[:, 0])
+    print(f"after / before: {after / before:.3f}; 2,000 iterations: {2 * before:.2f} s -> {2 * after:.2f} s")
+    return variants["after"][0], monitor
 
 
 def busy_us(intervals):
@@ -114,19 +191,19 @@ def busy_us(intervals):
     return total
 
 
-def profile(params, variables, optimizer, dataset, num_iters, loss_fn, name, rng, top=25):
-    """Wall time of num_iters plain iterations, then the same under torch.profiler (CPU + CUDA):
-    the top CUDA kernels by GPU time, GPU busy vs wall time, host time blocked on the GPU."""
-    plain_iterations(params, variables, optimizer, dataset, 5, loss_fn, rng)  # warm
+def profile(run, num_iters, name, top=25):
+    """Wall time of run(num_iters) (num_iters t > 0 iterations), then the same under torch.profiler
+    (CPU + CUDA): the top CUDA kernels by GPU time, GPU busy vs wall time, host time blocked on the GPU."""
+    run(5)  # warm
     torch.cuda.synchronize()
     started = time.perf_counter()
-    plain_iterations(params, variables, optimizer, dataset, num_iters, loss_fn, rng)
+    run(num_iters)
     torch.cuda.synchronize()
     wall_ms = (time.perf_counter() - started) * 1e3 / num_iters
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as prof:
         started = time.perf_counter()
-        plain_iterations(params, variables, optimizer, dataset, num_iters, loss_fn, rng)
+        run(num_iters)
         torch.cuda.synchronize()
         profiled_ms = (time.perf_counter() - started) * 1e3 / num_iters
     events = prof.events()
@@ -143,7 +220,7 @@ def profile(params, variables, optimizer, dataset, num_iters, loss_fn, name, rng
         elif e.device_type == torch.autograd.DeviceType.CPU and e.name.startswith(LAUNCHES):
             launch_us += e.time_range.elapsed_us()
             launches += 1
-    print(f"\nprofile of {num_iters} t > 0 iterations, {name} losses, as the loop runs them")
+    print(f"\nprofile of {num_iters} t > 0 iterations, {name}")
     print(
         f"wall {wall_ms:.3f} ms/iteration ({profiled_ms:.3f} under the profiler); GPU busy {busy_ms:.3f} "
         f"ms/iteration ({100 * busy_ms / wall_ms:.0f}% of the unprofiled wall time); host blocked on the GPU (syncs, "
@@ -178,12 +255,24 @@ def main():
     parser.add_argument("--iters", type=int, default=500, help="timed iterations per setting")
     parser.add_argument("--no-compile", action="store_true", help="time t > 0 with eager losses only")
     parser.add_argument(
+        "--compare",
+        type=int,
+        default=0,
+        metavar="N",
+        help="only time the t > 0 loop before and after issue 16 side by side (compare_loops), "
+        "--rounds runs of N iterations each; 0: the phase tables instead",
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="with --compare: timed runs per loop")
+    parser.add_argument(
+        "--cuda-graphs", action="store_true", help="with --compare: also the loop with train_d3dgs --cuda-graphs"
+    )
+    parser.add_argument(
         "--profile",
         type=int,
         default=0,
         metavar="N",
-        help="then profile N t > 0 iterations (compiled unless --no-compile): top kernels, GPU busy "
-        "vs wall time; 0: no profile",
+        help="then profile N t > 0 iterations (compiled unless --no-compile; with --compare, of the "
+        "loop after issue 16): top kernels, GPU busy vs wall time; 0: no profile",
     )
     args = parser.parse_args()
     args.seq = helpers.find_sequence(args.seq)
@@ -218,6 +307,21 @@ def main():
     )
     rng = np.random.default_rng(0)
     radius = td.scene_radius(meta)
+    if args.compare:
+        scene = {k: v.detach() for k, v in params.items()}
+        loss_fn, monitor = compare_loops(
+            scene, radius, dataset, args.compare, args.rounds, device, not args.no_compile, args.cuda_graphs
+        )
+        if args.profile:
+            params, variables = td.initialize_per_timestep(scene, td.initialize_post_first_timestep(scene))
+            optimizer = td.initialize_optimizer(params, radius, td.MOVING, ("means3D", "unnorm_rotations"))
+            bar, rng = td.tqdm(total=None, disable=True), np.random.default_rng(2)
+
+            def run(n):
+                td.train_timestep(params, variables, optimizer, dataset, 1, n, None, loss_fn, rng, bar, monitor)
+
+            profile(run, args.profile, "the loop after issue 16 (train_d3dgs.train_timestep)")
+        return
     variables = {
         "scene_radius": radius,
         "means2D_gradient_accum": torch.zeros(n, device=device),
@@ -260,7 +364,12 @@ def main():
         for k in medians["eager"]:
             print(f"| {k} | {medians['eager'][k]:.3f} | {medians['compiled'][k]:.3f} |")
     if args.profile:
-        profile(params, variables, optimizer, dataset, args.profile, loss_fn, name, np.random.default_rng(2))
+        rng = np.random.default_rng(2)
+        profile(
+            lambda n: plain_iterations(params, variables, optimizer, dataset, n, loss_fn, rng),
+            args.profile,
+            f"{name} losses, as the loop ran them before issue 16",
+        )
 
 
 if __name__ == "__main__":

@@ -425,6 +425,8 @@ def test_truncated_timestep_file_at_reassembly(work):
         (train_d3dgs, STAGE1 + ["--downscale", "1000"], "--downscale 1000"),
         (train_d3dgs, STAGE1 + ["--downscale", "0"], "--downscale 0"),
         (train_d3dgs, STAGE1 + ["--motion-lr-scale", "nan"], "--motion-lr-scale nan"),
+        (train_d3dgs, STAGE1 + ["--plateau", "1"], "--plateau 1.0"),
+        (train_d3dgs, STAGE1 + ["--plateau", "-0.01"], "--plateau -0.01"),
         (train_d3dgs, STAGE1 + ["--device", "tpu"], "--device tpu"),
         (train_d3dgs, STAGE1 + ["--device", "meta"], "--device meta"),
         (train_d3dgs, STAGE1 + ["-e", "../x"], "-e '../x'"),

@@ -153,12 +153,11 @@ def test_nan_stops_naming_timestep_and_iteration(trained, monkeypatch, tmp_path)
     calls = {"n": 0}
     real = train_d3dgs.get_loss
 
-    def poisoned(*args, **kwargs):
-        loss, terms, im = real(*args, **kwargs)
+    def poisoned(params, rendervar, im, seg, data, variables, *args):
         calls["n"] += 1
-        if calls["n"] == 2:  # iteration 1 of timestep 1
-            terms["rigid"] = terms["rigid"] * float("nan")
-        return loss, terms, im
+        if calls["n"] == 2:  # iteration 1 of timestep 1: the rigidity term's input goes NaN
+            variables = {**variables, "prev_offset": variables["prev_offset"] * float("nan")}
+        return real(params, rendervar, im, seg, data, variables, *args)
 
     monkeypatch.setattr(train_d3dgs, "get_loss", poisoned)
     with pytest.raises(helpers.UserError, match=r"timestep 1, iteration 1: loss rigid is NaN"):
@@ -258,6 +257,95 @@ def test_densify_clones_splits_prunes_and_keeps_adam_in_step():
         assert params[group["name"]] is p
         assert optimizer.state[p]["exp_avg"].shape == p.shape
     assert params["seg_colors"].shape == (5, 3) and variables["denom"].shape == (5,)
+
+
+def later_timesteps(seq, train, num_timesteps=2):
+    """Timesteps 1.. of the tiny sequence from its point cloud, as train_d3dgs.train runs them after
+    timestep 0 (eager losses), with train(params, variables, optimizer, dataset, t, rng) running the
+    iterations of one timestep. Returns the params of each timestep and train's results."""
+    meta, test_meta = helpers.load_meta(seq, "train"), helpers.load_meta(seq, "test")
+    with np.load(os.path.join(seq, "init_pt_cld.npz")) as f:
+        params = train_d3dgs.initialize_params(f["data"], len(meta["cam_id"]), "cpu")
+    params = {k: v.detach() for k, v in params.items()}
+    variables = train_d3dgs.initialize_post_first_timestep(params)
+    trained, results = [], []
+    for t in range(1, num_timesteps + 1):
+        sizes = (meta["w"], meta["h"]), (test_meta["w"], test_meta["h"])
+        dataset, _ = train_d3dgs.get_dataset(
+            train_d3dgs.load_timestep(seq, meta, test_meta, t, *sizes), meta, test_meta, t, "cpu"
+        )
+        torch.manual_seed(t)
+        params, variables = train_d3dgs.initialize_per_timestep(params, variables)
+        optimizer = train_d3dgs.initialize_optimizer(
+            params, train_d3dgs.scene_radius(meta), train_d3dgs.MOVING, ("means3D", "unnorm_rotations")
+        )
+        results.append(train(params, variables, optimizer, dataset, t, np.random.default_rng(t)))
+        params = {k: v.detach() for k, v in results[-1][0].items()}
+        trained.append(params)
+    return trained, results
+
+
+def test_later_timesteps_train_as_the_plain_loop(seq):
+    """train_timestep after timestep 0 (inputs that stay fixed computed once, the NaN watch and loss
+    sum inside get_loss, one host read per FINITE_CHECK_EVERY iterations) leaves exactly the params
+    of the plain loop: params2rendervar, get_loss, backward and Adam at every iteration."""
+    iters = 7
+
+    def plain(params, variables, optimizer, dataset, t, rng):
+        todo = []
+        for _ in range(iters):
+            data = train_d3dgs.get_batch(todo, dataset, rng)
+            rendervar = helpers.params2rendervar(params)
+            im, seg, _, _ = helpers.render_d3dgs(data["cam"], rendervar)
+            train_d3dgs.get_loss(params, rendervar, im, seg, data, variables, True)[0].backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return params, variables, iters
+
+    monitor = train_d3dgs.new_monitor("cpu")
+
+    def looped(params, variables, optimizer, dataset, t, rng):
+        return train_d3dgs.train_timestep(
+            params, variables, optimizer, dataset, t, iters, None, train_d3dgs.get_loss, rng, CountingBar(), monitor
+        )
+
+    want, _ = later_timesteps(seq, plain)
+    got, results = later_timesteps(seq, looped)
+    assert [r[2] for r in results] == [iters, iters]
+    for w, g in zip(want, got):
+        for k in train_d3dgs.MOVING:
+            assert torch.equal(g[k], w[k]), k
+    assert not torch.equal(want[1]["means3D"], want[0]["means3D"])
+
+
+class CountingBar:
+    """The progress bar train_timestep updates, counting."""
+
+    n = 0
+
+    def update(self, n):
+        self.n += n
+
+    def set_postfix_str(self, text, refresh=True):
+        pass
+
+
+def test_plateau_stops_a_timestep_after_two_blocks_without_progress(seq, monkeypatch):
+    """--plateau: the loss of a block of FINITE_CHECK_EVERY iterations is compared with the block's
+    before; with a bar no loss can pass (0.999), a timestep stops after the second full block, and
+    the progress bar still counts the iterations it skipped."""
+    monkeypatch.setattr(train_d3dgs, "FINITE_CHECK_EVERY", 3)
+    for plateau, iterations in ((0.999, 7), (0.0, 20)):  # reads at 0, 3 (block 1-3), 6 (block 4-6): stop
+        bar, monitor = CountingBar(), train_d3dgs.new_monitor("cpu")
+
+        def train(params, variables, optimizer, dataset, t, rng):
+            loss_fn = train_d3dgs.get_loss
+            return train_d3dgs.train_timestep(
+                params, variables, optimizer, dataset, t, 20, None, loss_fn, rng, bar, monitor, plateau
+            )
+
+        _, results = later_timesteps(seq, train, num_timesteps=1)
+        assert results[0][2] == iterations and bar.n == 20
 
 
 def test_rigid_motion_costs_nothing_and_bending_costs():
@@ -393,20 +481,24 @@ def test_compiled_loss_is_one_graph_without_recompiles_and_equals_eager():
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
     compiled = train_d3dgs.compiled_loss(torch.device("cpu"), backend=counter)
     params = scene
+    monitors = [train_d3dgs.new_monitor("cpu") for _ in range(2)]  # compiled's, eager's
+    train_d3dgs.mark_static(monitors[0])  # as with --cuda-graphs: one monitor for the run, no recompile
     with torch._dynamo.config.patch(error_on_recompile=True):
         for _ in range(2):  # timesteps 1 and 2: new leaves, same shapes
+            for monitor in monitors:
+                train_d3dgs.reset_monitor(monitor)
             params, variables = train_d3dgs.initialize_per_timestep(params, variables)
             for k in train_d3dgs.MOVING:  # away from the exactly rigid start, where the priors' gradients are noise
                 params[k] = (params[k].detach() + 0.003 * torch.randn_like(params[k])).requires_grad_(True)
             for view in views:
                 results = []
-                for fn in (compiled, train_d3dgs.get_loss):
+                for fn, monitor in zip((compiled, train_d3dgs.get_loss), monitors):
                     rendervar = helpers.params2rendervar(params)
                     im = views[0]["seg"] * params["rgb_colors"].mean(0)[:, None, None]  # stand-ins for renders
                     seg = views[1]["im"] * params["means3D"][:, 2].mean()
                     im.retain_grad()
                     seg.retain_grad()
-                    loss, terms, im_cc = fn(params, rendervar, im, seg, view, variables, True)
+                    loss, terms, im_cc = fn(params, rendervar, im, seg, view, variables, True, monitor)
                     loss.backward()
                     grads = [params[k].grad for k in train_d3dgs.MOVING] + [im.grad, seg.grad]
                     results.append((loss, terms, im_cc, grads))
@@ -421,6 +513,25 @@ def test_compiled_loss_is_one_graph_without_recompiles_and_equals_eager():
                 torch.testing.assert_close(im_cc_c, im_cc)
                 for got, want in zip(grads_c, grads):
                     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+        # the monitor, written inside the graph: iterations counted, losses summed, no NaN so far ...
+        (compiled_monitor, eager_monitor), iterations = monitors, len(views)
+        for monitor in monitors:
+            assert monitor["iteration"] == iterations and (monitor["first_bad"] == -1).all()
+        torch.testing.assert_close(compiled_monitor["loss_sum"], eager_monitor["loss_sum"])
+        assert eager_monitor["loss_sum"] > 0
+        # ... then a NaN image: the image term's first bad iteration is this one, the priors' stay -1
+        nan_view = {**views[0], "im": views[0]["im"] * float("nan")}
+        for fn, monitor in zip((compiled, train_d3dgs.get_loss), monitors):
+            rendervar = helpers.params2rendervar(params)
+            im, seg = (
+                views[0]["seg"] * params["rgb_colors"].mean(0)[:, None, None],
+                views[1]["im"] * params["means3D"][:, 2].mean(),
+            )
+            fn(params, rendervar, im, seg, nan_view, variables, True, monitor)
+            first_bad, _, _, _ = train_d3dgs.read_monitor(monitor, torch.tensor(0.0), nan_view["seg"], views[0]["seg"])
+            assert first_bad == [iterations, -1, -1, -1, -1, -1, -1, -1]
+            with pytest.raises(train_d3dgs.NonFiniteLoss, match=f"timestep 2, iteration {iterations}: loss im is"):
+                train_d3dgs.check_finite(first_bad, 2)
     assert counter.frame_count == 1
 
 
