@@ -18,8 +18,8 @@ more t > 0 iterations as the loop runs them under torch.profiler: the CUDA kerne
 most GPU time, and the GPU's busy time against the wall time per iteration (a GPU idle much of
 the time means the host, Python and launches, is what limits the loop).
 
-With --compare N, only the t > 0 loop instead, before and after issue 16 side by side in one process
-(compare_loops): the loop as it was (plain_iterations) and train_d3dgs.train_timestep as stage 1
+With --compare N, only the t > 0 loop instead, the plain loop and the current one side by side in one
+process (compare_loops): the loop as it was (plain_iterations) and train_d3dgs.train_timestep as stage 1
 runs it now (with --cuda-graphs also its --cuda-graphs), --rounds fresh timesteps of N iterations
 each in turns, ms per iteration by CUDA events and by the host clock; --profile then profiles the
 new loop.
@@ -97,7 +97,7 @@ def timed_iterations(params, variables, optimizer, dataset, num_iters, loss_fn, 
 
 
 def plain_iterations(params, variables, optimizer, dataset, num_iters, loss_fn, rng, bar=None):
-    """num_iters t > 0 iterations as train_d3dgs.train_timestep ran them before issue 16 (no events):
+    """num_iters t > 0 iterations as the plain loop (stage 1 before its one-copy loop) ran them (no events):
     the rasterizer inputs from params2rendervar at every iteration, the NaN watch in eager kernels
     after the loss, the progress bar updated at every iteration (bar: a tqdm, or None) and, every
     FINITE_CHECK_EVERY iterations, the NaN flags, the loss and the train PSNR read in three copies."""
@@ -125,7 +125,7 @@ def plain_iterations(params, variables, optimizer, dataset, num_iters, loss_fn, 
 
 def compare_loops(scene, radius, dataset, num_iters, rounds, device, compile_loss, cuda_graphs):
     """t > 0 loops side by side from the same start, in turns (before, after, before, after, ...):
-    'before' the loop as it was before issue 16 (plain_iterations), 'after' train_d3dgs.train_timestep
+    'before' the plain loop (plain_iterations), 'after' train_d3dgs.train_timestep
     as stage 1 runs it (and 'after, CUDA graphs': its --cuda-graphs). Each timed run is a fresh
     timestep of num_iters iterations (initialize_per_timestep, a new Adam) with a progress bar
     writing to /dev/null, timed by CUDA events around the loop and by the host clock. Prints
@@ -166,7 +166,7 @@ def compare_loops(scene, radius, dataset, num_iters, rounds, device, compile_los
                 else:
                     print(f"warm-up of '{name}' (compiles included): {wall * iters / 1e3:.1f} s")
     print(
-        f"\nt > 0 loop, before and after issue 16, {'compiled' if compile_loss else 'eager'} losses: "
+        f"\nt > 0 loop, plain and current, {'compiled' if compile_loss else 'eager'} losses: "
         f"{rounds} runs of {num_iters} iterations each, in turns; median (min-max) ms per iteration"
     )
     print("| loop | CUDA events | host clock |\n| --- | --- | --- |")
@@ -259,7 +259,7 @@ def main():
         type=int,
         default=0,
         metavar="N",
-        help="only time the t > 0 loop before and after issue 16 side by side (compare_loops), "
+        help="only time the plain and the current t > 0 loop side by side (compare_loops), "
         "--rounds runs of N iterations each; 0: the phase tables instead",
     )
     parser.add_argument("--rounds", type=int, default=3, help="with --compare: timed runs per loop")
@@ -272,7 +272,7 @@ def main():
         default=0,
         metavar="N",
         help="then profile N t > 0 iterations (compiled unless --no-compile; with --compare, of the "
-        "loop after issue 16): top kernels, GPU busy vs wall time; 0: no profile",
+        "current loop): top kernels, GPU busy vs wall time; 0: no profile",
     )
     args = parser.parse_args()
     args.seq = helpers.find_sequence(args.seq)
@@ -320,7 +320,7 @@ def main():
             def run(n):
                 td.train_timestep(params, variables, optimizer, dataset, 1, n, None, loss_fn, rng, bar, monitor)
 
-            profile(run, args.profile, "the loop after issue 16 (train_d3dgs.train_timestep)")
+            profile(run, args.profile, "the current loop (train_d3dgs.train_timestep)")
         return
     variables = {
         "scene_radius": radius,
@@ -368,7 +368,7 @@ def main():
         profile(
             lambda n: plain_iterations(params, variables, optimizer, dataset, n, loss_fn, rng),
             args.profile,
-            f"{name} losses, as the loop ran them before issue 16",
+            f"{name} losses, as the plain loop ran them",
         )
 
 

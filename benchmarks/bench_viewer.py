@@ -1,4 +1,4 @@
-"""Viewer speed (viewer.py, issue 15) on random basketball-sized Gaussians: no stage outputs needed.
+"""Viewer speed (viewer.py) on random basketball-sized Gaussians: no stage outputs needed.
 
 frame: one blended RGB + heatmap frame of one prompt, as the viewer draws it (render_frame: colour +
 128 feature channels in one rasterizer pass, autoencoder decode, relevancy, turbo blend, uint8 image
