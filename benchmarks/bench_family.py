@@ -9,7 +9,7 @@ stage 1 (train_d3dgs.py), 3 (extract_features.py, colour encoder), 4 (train_auto
 second run only reports. Members run side by side (--jobs), each with --threads CPU threads.
 
 Prints and writes results/<exp>/family.md and family.json: per seed, the test PSNR of each test
-camera (mean over timesteps) and per prompt temporal, mask and vIoU, with the targets of issue 13
+camera (mean over timesteps) and per prompt temporal, mask and vIoU, with the targets of the unseen-scenes work
 (mean PSNR >= 26 dB, no camera below 22; mean mask IoU >= 0.5, mean temporal IoU >= 0.7, no prompt
 below 0.3 mask IoU) checked. Options after `--` go to stage 1 (e.g. `-- --demo` on a CPU).
 """
@@ -112,7 +112,7 @@ def member_report(seed, exp):
 
 
 def summary(reports):
-    """Means over the members and which targets of issue 13 they meet."""
+    """Means over the members and which targets they meet."""
     camera_psnr = [v for r in reports for v in r["psnr"].values()]
     prompts = [m for r in reports for m in r["grounding"].values()]
     figures = {
