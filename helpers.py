@@ -430,6 +430,21 @@ def save_torch(path, obj):
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
+def quantize_rows(x):
+    """x [N, D] float -> (int8 [N, D], scales float32 [N]), x ~ values * scales[:, None]: each row
+    scaled by its largest magnitude / 127, so a row's error is at most half a step of its own scale
+    (how the stored features and embeddings keep a quarter of float32's bytes)."""
+    x = torch.as_tensor(x).float()
+    scales = x.abs().amax(1) / 127.0
+    values = torch.round(x / scales.clamp(min=torch.finfo(torch.float32).tiny)[:, None]).clamp(-127, 127)
+    return values.to(torch.int8), scales
+
+
+def dequantize_rows(values, scales):
+    """quantize_rows's (int8 [N, D], scales [N]) -> float32 [N, D]."""
+    return values.float() * scales.float()[:, None]
+
+
 def save_json(path, obj):
     def write(tmp):
         with open(tmp, "w") as f:

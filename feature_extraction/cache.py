@@ -1,10 +1,14 @@
-"""The stage-3 cache (extract_features.py): tile embeddings per timestep, float16, with the
+"""The stage-3 cache (extract_features.py): tile embeddings per timestep, int8 with a scale per
+embedding (helpers.quantize_rows: cosine to float16 above 0.9999, half float16's bytes), with the
 configuration beside them.
 
 Layout (one folder per encoder and timestep; t not zero-padded, as in the original):
     <seq>/interpolators/<encoder>/timestep_<t>/config.json
-    <seq>/interpolators/<encoder>/timestep_<t>/level_<i>.npy   float16 [C, rows_i, cols_i, D]
-for the 5 levels i of tiles.tile_levels and the C train cameras in train_meta.json's order.
+    <seq>/interpolators/<encoder>/timestep_<t>/level_<i>.npy          int8 [C, rows_i, cols_i, D]
+    <seq>/interpolators/<encoder>/timestep_<t>/level_<i>_scales.npy   float32 [C, rows_i, cols_i]
+for the 5 levels i of tiles.tile_levels and the C train cameras in train_meta.json's order. A
+timestep written before (config dtype "float16": level_<i>.npy float16 [C, rows_i, cols_i, D], no
+scales) is read as it is and counts as done.
 config.json holds everything the embeddings depend on (encoder and weights, image size, cameras,
 tile geometry, the clip's frame indices, the sizes of its image files); a timestep counts as done
 only when its folder exists, its config equals the one a new run would write and its level files
@@ -31,6 +35,7 @@ from feature_extraction import tiles
 from helpers import UserError
 
 FORMAT = 1
+DTYPES = ("int8", "float16")  # how level files store the embeddings: what is written, what is still read
 
 
 def cache_dir(seq_dir, encoder_name):
@@ -66,7 +71,7 @@ def make_config(encoder, seq_dir, meta, t, reuse_tolerance=None):
         "encoder_identity": encoder.identity,
         "input_size": encoder.input_size,
         "dim": encoder.dim,
-        "dtype": "float16",
+        "dtype": DTYPES[0],
         "width": w,
         "height": h,
         "cam_id": list(meta["cam_id"]),
@@ -111,6 +116,8 @@ def is_done(cache, t, config, log=print):
     recorded, wanted = read_config(cache, t), json.loads(json.dumps(config))  # JSON round trip: tuples -> lists
     if recorded is None or not reuse_serves(recorded.pop("reuse", None), wanted.pop("reuse", None)):
         return False
+    if recorded.get("dtype") in DTYPES:  # the same embeddings in either storage
+        recorded["dtype"] = wanted["dtype"]
     if recorded != wanted:
         return False
     damage = damaged_level(cache, t, config)
@@ -128,19 +135,28 @@ def reuse_serves(cached, wanted):
     )
 
 
+def level_files(cache, t, i, dtype):
+    """{path: dtype of its array} of the files of level i of timestep t stored as `dtype` (DTYPES)."""
+    path = os.path.join(timestep_dir(cache, t), f"level_{i}.npy")
+    if dtype == "float16":
+        return {path: "float16"}
+    return {path: "int8", path.replace(".npy", "_scales.npy"): "float32"}
+
+
 def damaged_level(cache, t, config):
-    """What is wrong with the level files of timestep t ('' when each has the header of float16
-    [C, rows, cols, D] of `config` and all its bytes; the values are checked where they are read)."""
+    """What is wrong with the level files of timestep t ('' when each has the header of the shape of
+    `config`, of the dtype its config.json says, and all its bytes; the values are checked where
+    they are read)."""
     cams = len(config["cam_id"])
     for i, lv in enumerate(config["levels"]):
-        path = os.path.join(timestep_dir(cache, t), f"level_{i}.npy")
-        want = (cams, lv["rows"], lv["cols"], config["dim"])
-        try:
-            level = np.load(path, mmap_mode="r")
-        except (OSError, ValueError, EOFError) as e:
-            return f"{path} is damaged ({type(e).__name__}: {e})"
-        if level.dtype != np.float16 or level.shape != want:
-            return f"{path} is damaged (it holds {level.dtype} {list(level.shape)}, not float16 {list(want)})"
+        for path, dtype in level_files(cache, t, i, _checked_config(cache, t)["dtype"]).items():
+            want = (cams, lv["rows"], lv["cols"]) + ((config["dim"],) if dtype != "float32" else ())
+            try:
+                level = np.load(path, mmap_mode="r")
+            except (OSError, ValueError, EOFError) as e:
+                return f"{path} is damaged ({type(e).__name__}: {e})"
+            if level.dtype != dtype or level.shape != want:
+                return f"{path} is damaged (it holds {level.dtype} {list(level.shape)}, not {dtype} {list(want)})"
     return ""
 
 
@@ -152,9 +168,9 @@ def cache_identity(cache, timesteps):
 
 
 def write_timestep(cache, t, config, embeddings):
-    """Write timestep t atomically. embeddings: float16-convertible [M, D] in tiles.tile_index order
-    (level, camera, row, col)."""
-    emb = np.asarray(embeddings, dtype=np.float16)
+    """Write timestep t atomically. embeddings: float [M, D] in tiles.tile_index order (level,
+    camera, row, col)."""
+    values, scales = (x.numpy() for x in helpers.quantize_rows(embeddings))
     final = timestep_dir(cache, t)
     helpers.clean_stale_tmp(cache)  # what killed runs left; a live run's folders stay
     tmp = helpers.tmp_path(cache, f"_timestep_{t}")
@@ -162,13 +178,12 @@ def write_timestep(cache, t, config, embeddings):
     try:
         start, cams = 0, len(config["cam_id"])
         for i, lv in enumerate(config["levels"]):
-            n = cams * lv["rows"] * lv["cols"]
-            np.save(
-                os.path.join(tmp, f"level_{i}.npy"), emb[start : start + n].reshape(cams, lv["rows"], lv["cols"], -1)
-            )
+            n, shape = cams * lv["rows"] * lv["cols"], (cams, lv["rows"], lv["cols"])
+            np.save(os.path.join(tmp, f"level_{i}.npy"), values[start : start + n].reshape(*shape, -1))
+            np.save(os.path.join(tmp, f"level_{i}_scales.npy"), scales[start : start + n].reshape(shape))
             start += n
-        if start != len(emb):
-            raise ValueError(f"{len(emb)} embeddings for {start} tiles")
+        if start != len(values):
+            raise ValueError(f"{len(values)} embeddings for {start} tiles")
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f, indent=1)
         for name in os.listdir(tmp):  # on the disk before the rename, which a power cut must not undo
@@ -194,16 +209,24 @@ def _checked_config(cache, t):
     return config
 
 
-def load_level(cache, t, i, mmap_mode=None):
-    """float16 [C, rows, cols, D] of level i of timestep t; UserError for a damaged file."""
-    path = os.path.join(timestep_dir(cache, t), f"level_{i}.npy")
-    try:
-        return np.load(path, mmap_mode=mmap_mode)
-    except (OSError, ValueError, EOFError) as e:
-        raise UserError(
-            f"{path} cannot be read ({type(e).__name__}: {e}); run extract_features.py again "
-            f"(it recomputes damaged timesteps)"
-        ) from None
+def load_level(cache, t, i, cam=None):
+    """float16 [C, rows, cols, D] of level i of timestep t, or [rows, cols, D] of camera index `cam`
+    alone (read from the memory-mapped files); UserError for a damaged file."""
+    arrays = []
+    for path in level_files(cache, t, i, _checked_config(cache, t)["dtype"]):
+        try:
+            level = np.load(path, mmap_mode="r")
+            arrays.append(np.array(level if cam is None else level[cam]))
+        except (OSError, ValueError, EOFError, IndexError) as e:
+            raise UserError(
+                f"{path} cannot be read ({type(e).__name__}: {e}); run extract_features.py again "
+                f"(it recomputes damaged timesteps)"
+            ) from None
+    if len(arrays) == 1:  # float16, as written before the int8 storage
+        return arrays[0]
+    values, scales = (torch.from_numpy(a) for a in arrays)
+    rows = helpers.dequantize_rows(values.flatten(0, -2), scales.flatten())
+    return rows.to(torch.float16).reshape(values.shape).numpy()
 
 
 def check_finite(values, cache, t):
@@ -234,7 +257,7 @@ def dense_feature_map(cache, t, cam_index, height, width, device="cpu", guide=No
     cams = len(config["cam_id"])
     if not 0 <= cam_index < cams:
         raise UserError(f"{timestep_dir(cache, t)}: camera index {cam_index} asked for, the cache holds {cams} cameras")
-    grids = [load_level(cache, t, i, mmap_mode="r")[cam_index] for i in range(len(config["levels"]))]
+    grids = [load_level(cache, t, i, cam_index) for i in range(len(config["levels"]))]
     for grid in grids:
         check_finite(grid, cache, t)
     if guide is None:

@@ -160,7 +160,15 @@ def write_random_cache(cache, t, h, w, num_cams, dim=8, seed=0):
     levels = tiles.tile_levels(h, w)
     m = num_cams * sum(lv["rows"] * lv["cols"] for lv in levels)
     emb = np.random.default_rng(seed).standard_normal((m, dim)).astype(np.float16)
-    config = {"format": 1, "width": w, "height": h, "cam_id": list(range(num_cams)), "levels": levels}
+    config = {
+        "format": 1,
+        "dtype": "int8",
+        "dim": dim,
+        "width": w,
+        "height": h,
+        "cam_id": list(range(num_cams)),
+        "levels": levels,
+    }
     feature_cache.write_timestep(cache, t, config, emb)
     return emb, levels
 
@@ -174,13 +182,39 @@ def test_dense_map_equals_per_pixel_reference(tmp_path):
     for y, x in [(0, 0), (0, w - 1), (h - 1, 0), (h - 1, w - 1), (17, 31), (5, 40), (30, 2)]:
         np.testing.assert_allclose(dense[:, y, x].numpy(), reference_pixel(grids, levels, y, x), rtol=0, atol=1e-4)
     # a tile-centre pixel of level 0 (its centres are half-integers there, so take level 2: integer centres)
-    assert torch.equal(load_tile_embeddings(str(tmp_path), 3), torch.from_numpy(emb))
+    stored = load_tile_embeddings(str(tmp_path), 3).float()  # int8 with a scale per embedding
+    assert torch.nn.functional.cosine_similarity(stored, torch.from_numpy(emb).float()).min() > 0.9999
     half = dense_feature_map(str(tmp_path), 3, 1, h // 2, w // 2, "cpu")
     assert half.shape == (8, h // 2, w // 2) and torch.isfinite(half).all()
     with pytest.raises(UserError, match="camera index 2"):
         dense_feature_map(str(tmp_path), 3, 2, h, w, "cpu")
     with pytest.raises(UserError, match="extract_features.py"):
         load_tile_embeddings(str(tmp_path), 4)
+
+
+def test_float16_cache_of_earlier_runs_is_read_and_counts_as_done(tmp_path):
+    """A timestep cached before the int8 storage (float16 level files, config dtype float16) is read
+    as it is and not computed again; the int8 one holds half its bytes."""
+    h, w = 36, 64
+    cache = str(tmp_path / "cache")
+    emb, levels = write_random_cache(cache, 3, h, w, num_cams=2, dim=128)
+    config = feature_cache.read_config(cache, 3)
+    old = feature_cache.timestep_dir(cache, 4)
+    os.makedirs(old)
+    start = 0
+    for i, lv in enumerate(levels):
+        n = 2 * lv["rows"] * lv["cols"]
+        np.save(os.path.join(old, f"level_{i}.npy"), emb[start : start + n].reshape(2, lv["rows"], lv["cols"], -1))
+        start += n
+    with open(os.path.join(old, "config.json"), "w") as f:
+        json.dump({**config, "dtype": "float16"}, f)
+    assert torch.equal(load_tile_embeddings(cache, 4), torch.from_numpy(emb))
+    assert feature_cache.is_done(cache, 4, config) and feature_cache.is_done(cache, 3, config)
+    torch.testing.assert_close(
+        dense_feature_map(cache, 4, 1, h, w, "cpu"), dense_feature_map(cache, 3, 1, h, w, "cpu"), atol=0.02, rtol=0
+    )
+    size = {t: sum(e.stat().st_size for e in os.scandir(feature_cache.timestep_dir(cache, t))) for t in (3, 4)}
+    assert size[3] < 0.6 * size[4], size
 
 
 @pytest.mark.gpu

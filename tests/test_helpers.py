@@ -332,3 +332,16 @@ def test_the_real_capture_passes_the_checks(basketball):
     assert test_meta["cam_id"] == [0, 10, 15, 30] and len(test_meta["fn"]) == len(meta["fn"]) == 150
     helpers.check_sequence(basketball, meta, 0, 0, masks=True)
     helpers.check_sequence(basketball, test_meta, 0, 0)
+
+
+def test_quantize_rows_round_trip_within_half_a_step_of_each_row():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 128, generator=g) * torch.logspace(-4, 1, 50)[:, None]  # rows of very different size
+    x[7] = 0.0
+    values, scales = helpers.quantize_rows(x)
+    assert values.dtype == torch.int8 and values.shape == x.shape and scales.shape == (50,)
+    back = helpers.dequantize_rows(values, scales)
+    assert torch.equal(back[7], torch.zeros(128))
+    step = x.abs().amax(1) / 127
+    assert ((back - x).abs().amax(1) <= 0.5 * step * (1 + 1e-5)).all()
+    assert torch.nn.functional.cosine_similarity(back[x.norm(dim=1) > 0], x[x.norm(dim=1) > 0]).min() > 0.9999
