@@ -110,7 +110,8 @@ def test_no_background_point_starts_between_a_camera_and_the_scene(members):
     """Each background point of the built cloud lies on the floor or farther from where its rays
     start (inside the rig) than every camera: a point nearer than a camera, off the floor, can sit
     in front of the scene in a view off the rig. The cloud before issue 13 put a sky on 0.8x the
-    cameras' sphere."""
+    cameras' sphere. (The true masks hold every object: the sweep inside the rig of issue 14 must
+    find nothing there.)"""
     for seed, m in members.items():
         meta = helpers.load_meta(m["seq"], "train")
         cloud = point_cloud.build_init_point_cloud(m["seq"], meta, 0, num_fg=500, num_bg=2000, log=lambda *_: None)
