@@ -158,9 +158,9 @@ def visible_colors(points, surface, views, depth_tolerance):
 
 
 def background_colours(points, views, ims, bg_ok):
-    """What each camera sees at points [P, 3] in images ims [C, 3, h, w] (any size: the cameras'
-    intrinsics are scaled to it) -> valid [C, P] (in front of the camera, in the image, on
-    background: bg_ok [C, h, w]) and colours [C, 3, P]."""
+    """What each camera sees at points [P, 3] in images ims [C, D, h, w] (any size: the cameras'
+    intrinsics are scaled to it; D channels) -> valid [C, P] (in front of the camera, in the
+    image, on background: bg_ok [C, h, w]) and values [C, D, P]."""
     num_cams, channels, h, w = ims.shape
     scale = torch.tensor([w / views["ims"].shape[3], h / views["ims"].shape[2]])
     uv, z = project(points, views)
