@@ -775,7 +775,8 @@ def parse_args(argv=None):
         "--bg-points",
         type=int,
         default=60_000,
-        help="without init_pt_cld.npz: rays for background points (at most one point each)",
+        help="without init_pt_cld.npz: rays for background points (at most one point each), and at "
+        "most this many points inside the rig (objects at rest that the masks call background)",
     )
     parser.add_argument(
         "--downscale",
