@@ -562,51 +562,133 @@ def fingerprint(*items):
     return digest.hexdigest()[:16]
 
 
+SEQUENCE_RECORD = 2  # the version of sequence_identity's record (one without 'version' is of version 1)
+SEQUENCE_FILES = (
+    "train_meta.json",
+    "test_meta.json",
+    "init_pt_cld.npz",
+)  # read whole: small, and shared by all timesteps
+
+
+def _file_bytes(path):
+    """The bytes of a file, or None when there is none."""
+    if not os.path.isfile(path):
+        return None
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _size_and_time(path):
+    """(size in bytes, modification time in ns) of a file; (None, None) when there is none."""
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return None, None
+    return stat.st_size, stat.st_mtime_ns
+
+
+def timestep_files(seq_dir, metas, t):
+    """The images of timestep t of `metas` (load_meta's dicts) and each one's mask (seg_path, where
+    there may be none: test cameras)."""
+    return [
+        path
+        for meta in metas
+        if t < len(meta["fn"])
+        for fn in meta["fn"][t]
+        for path in (os.path.join(seq_dir, "ims", fn), seg_path(seq_dir, fn))
+    ]
+
+
 def sequence_identity(seq_dir, metas):
-    """What a sequence folder is: {'path': its absolute path, 'content': fingerprint of its metas,
-    init_pt_cld.npz and the sizes of the images of timestep 0 of `metas` (load_meta's dicts)}. A
-    folder of the same name that holds another sequence differs, and so does a regenerated one."""
-    items = []
-    for name in ("train_meta.json", "test_meta.json", "init_pt_cld.npz"):
-        path = os.path.join(seq_dir, name)
-        if os.path.isfile(path):
-            with open(path, "rb") as f:
-                items.append(f.read())
-        else:
-            items.append(None)
+    """What a sequence folder is, for the record of what outputs were made from (version SEQUENCE_RECORD):
+    {'version', 'path': absolute, 'files': {name: fingerprint of its bytes, None when missing} of
+    SEQUENCE_FILES, 'timesteps': per timestep of `metas` (load_meta's dicts) [fingerprint of the
+    sizes of its images and masks, the newest of their modification times in ns]}. The images are
+    only looked at (stat), never read: an edited image or mask almost always changes its size, and
+    one that keeps it is newer than the record (sequence_mismatch)."""
+    timesteps = []
+    for t in range(max(len(meta["fn"]) for meta in metas)):
+        stats = [_size_and_time(path) for path in timestep_files(seq_dir, metas, t)]
+        timesteps.append([fingerprint([size for size, _ in stats]), max((time or 0 for _, time in stats), default=0)])
+    return {
+        "version": SEQUENCE_RECORD,
+        "path": os.path.abspath(seq_dir),
+        "files": {
+            name: None if data is None else fingerprint(data)
+            for name in SEQUENCE_FILES
+            for data in [_file_bytes(os.path.join(seq_dir, name))]
+        },
+        "timesteps": timesteps,
+    }
+
+
+def _first_sequence_content(seq_dir, metas):
+    """The 'content' of a record of version 1 (written before SEQUENCE_RECORD 2): a fingerprint of
+    SEQUENCE_FILES and the sizes of the images of timestep 0."""
+    items = [_file_bytes(os.path.join(seq_dir, name)) for name in SEQUENCE_FILES]
     for meta in metas:
-        items.append(
-            [
-                os.path.getsize(p) if os.path.isfile(p) else None
-                for p in (os.path.join(seq_dir, "ims", fn) for fn in meta["fn"][0])
-            ]
-        )
-    return {"path": os.path.abspath(seq_dir), "content": fingerprint(*items)}
+        items.append([_size_and_time(os.path.join(seq_dir, "ims", fn))[0] for fn in meta["fn"][0]])
+    return fingerprint(*items)
 
 
-def sequence_mismatch(recorded, current):
-    """'' when outputs recorded as made from sequence_identity `recorded` fit the sequence `current`
-    (the same content, moved or not); else a phrase saying how they do not."""
-    if recorded.get("content") == current["content"]:
-        return ""
-    if recorded.get("path") != current["path"]:
-        return f"were made from another sequence, {recorded.get('path')} (not {current['path']})"
-    return f"were made from {current['path']} before it changed (its metas, init_pt_cld.npz or images of timestep 0)"
+def sequence_mismatch(recorded, seq_dir, metas, num_t=None):
+    """Whether outputs recorded as made from the sequence `recorded` (sequence_identity's record) fit
+    the folder seq_dir as it is now, for timesteps 0..num_t-1 (default: all): ('', None) when they do
+    (the same SEQUENCE_FILES and image and mask sizes, and in the same folder no image or mask newer
+    than the record: a moved or copied sequence passes), else (a phrase saying how they do not, the
+    first timestep that changed; 0 for other metas or init_pt_cld.npz, which in another folder make
+    another sequence). A record of version 1 is checked as it was made: SEQUENCE_FILES and the image
+    sizes of timestep 0."""
+    path = os.path.abspath(seq_dir)
+    moved = recorded.get("path") != path
+    other = f"were made from another sequence, {recorded.get('path')} (not {path})"
+    if "version" not in recorded:
+        if recorded.get("content") == _first_sequence_content(seq_dir, metas):
+            return "", None
+        return other if moved else f"were made from {path} before its metas, init_pt_cld.npz or images changed", 0
+    if recorded["version"] != SEQUENCE_RECORD:
+        return f"were recorded by another version of this code (record version {recorded['version']})", 0
+    current = sequence_identity(seq_dir, metas)
+    changed = [name for name, digest in current["files"].items() if recorded["files"].get(name) != digest]
+    if changed:
+        return other if moved else f"were made from {path} before its {', '.join(changed)} changed", 0
+    for t, ((sizes, newest), (old_sizes, old_newest)) in enumerate(
+        zip(current["timesteps"][:num_t], recorded["timesteps"])
+    ):
+        if sizes != old_sizes or (newest > old_newest and not moved):
+            edited = [p for p in timestep_files(seq_dir, metas, t) if (_size_and_time(p)[1] or 0) > old_newest]
+            more = f" (and {len(edited) - 1} more file(s))" if len(edited) > 1 else ""
+            what = f"{edited[0]}{more}" if edited else "an image or mask"
+            where = f"{recorded['path']} (now {path})" if moved else path
+            return f"were made from {where} before {what} of timestep {t} changed", t
+    return "", None
+
+
+def stage1_sequence(run):
+    """The sequence record (sequence_identity's) in stage 1's timesteps/run.json `run`, None without
+    one; a run.json of version 1 kept it as 'seq' and 'content'."""
+    if not isinstance(run, dict):
+        return None
+    if isinstance(run.get("sequence"), dict):
+        return run["sequence"]
+    return {"path": run.get("seq"), "content": run["content"]} if "content" in run else None
 
 
 def check_stage1_sequence(params_path, seq_dir):
     """Raise UserError when the stage-1 outputs at params_path were made from another sequence than
     seq_dir, or from it before it changed, as stage 1's timesteps/run.json records (a params.npz
-    without one, written elsewhere, is taken as it is): the later stages read both."""
-    run = read_json(os.path.join(os.path.dirname(params_path), "timesteps", "run.json"))
-    if not isinstance(run, dict) or "content" not in run:
+    without one, written elsewhere, is taken as it is): the later stages read both. Only the
+    timesteps params.npz holds count."""
+    recorded = stage1_sequence(read_json(os.path.join(os.path.dirname(params_path), "timesteps", "run.json")))
+    if recorded is None:
         return
-    current = sequence_identity(seq_dir, [load_meta(seq_dir, "train"), load_meta(seq_dir, "test")])
-    why = sequence_mismatch({"path": run.get("seq"), "content": run["content"]}, current)
+    metas = [load_meta(seq_dir, "train"), load_meta(seq_dir, "test")]
+    why, t = sequence_mismatch(recorded, seq_dir, metas, read_d3dgs_params(params_path)["means3D"].shape[0])
     if why:
         raise UserError(
             f"{params_path} and the stage-1 outputs beside it {why}: give -s the sequence stage 1 was "
-            f"trained on, or run {stage_name('train_d3dgs.py')} on {seq_dir} with another -e"
+            f"trained on, or train {stage_name('train_d3dgs.py')} on {seq_dir} again from timestep {t} "
+            f"(-f {t}) or with another -e"
         )
 
 

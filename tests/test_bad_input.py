@@ -218,18 +218,73 @@ def test_retrained_timestep_keeps_the_later_ones_until_replaced(work, monkeypatc
 
 def test_another_sequence_of_the_same_name_is_refused(work):
     synthetic_sequence.generate("data/alt/syn", **TINY, seed=1)
-    trained_on = json.load(open(f"{OUT}/timesteps/run.json"))["seq"]
+    trained_on = json.load(open(f"{OUT}/timesteps/run.json"))["sequence"]["path"]
     refused(train_d3dgs.main, ["-s", "data/alt/syn", *STAGE1[2:]], "another sequence", trained_on)
-    # the same sequence moved elsewhere is the same: it resumes (nothing to train)
+    # the same sequence moved or copied elsewhere is the same: it resumes (nothing to train)
+    shutil.copytree(SEQ, "data/copy/syn", copy_function=shutil.copy)  # new file times
     shutil.move(SEQ, "data/moved/syn")
     train_d3dgs.main(["-s", "data/moved/syn", *STAGE1[2:]])
+    train_d3dgs.main(["-s", "data/copy/syn", *STAGE1[2:]])
+
+
+def test_image_edited_after_stage1_is_named(work):
+    """An image of timestep 2 edited (another size), or a mask of timestep 3 written again (the same
+    size, a newer time), after stage 1 trained on them: stage 1 and the stages reading its outputs
+    refuse, naming the file and the timestep to train from again; once retrained, all pass."""
+    from PIL import Image
+
+    image, mask = train_image(2), helpers.seg_path(SEQ, helpers.load_meta(SEQ, "train")["fn"][3][0])
+    Image.new("RGB", (TINY["width"], TINY["height"]), (200, 30, 30)).save(image)
+    refused(train_d3dgs.main, STAGE1, image, "timestep 2", "-f 2")
+    refused(visualize_d3dgs.main, STAGE2, f"{OUT}/params.npz", image, "timestep 2", "-f 2")
+    train_d3dgs.main(STAGE1 + ["-f", "2"])
+    with open(mask, "rb") as f:
+        data = f.read()
+    with open(mask, "wb") as f:
+        f.write(data)
+    refused(train_d3dgs.main, STAGE1, mask, "timestep 3", "-f 3")
+    refused(visualize_d3dgs.main, STAGE2, mask, "timestep 3")
+    train_d3dgs.main(STAGE1 + ["-f", "3"])
+    visualize_d3dgs.main(STAGE2)
+
+
+def test_image_edited_after_the_timesteps_kept(work):
+    """Stage 1 checks the timesteps it keeps, the later stages those of params.npz: an image of
+    timestep 3 edited does not stop -f 3 nor the stages reading a params.npz of timesteps 0-2."""
+    from PIL import Image
+
+    train_d3dgs.main(STAGE1 + ["-f", "1", "-l", "2"])
+    Image.new("RGB", (TINY["width"], TINY["height"]), (200, 30, 30)).save(train_image(3))
+    visualize_d3dgs.main(STAGE2)
+    train_d3dgs.main(STAGE1 + ["-f", "3"])
+
+
+def test_run_json_of_the_first_record_version_is_checked_as_before(work):
+    """A timesteps/run.json written before the record covered every timestep ('seq', 'content': the
+    metas, init_pt_cld.npz and the image sizes of timestep 0) is accepted while those match, and
+    refused once they do not; a copy of the sequence (new file times) is the same sequence."""
+    from PIL import Image
+
+    run = json.load(open(f"{OUT}/timesteps/run.json"))
+    metas = [helpers.load_meta(SEQ, "train"), helpers.load_meta(SEQ, "test")]
+    items = [open(os.path.join(SEQ, n), "rb").read() for n in ("train_meta.json", "test_meta.json", "init_pt_cld.npz")]
+    items += [[os.path.getsize(os.path.join(SEQ, "ims", fn)) for fn in meta["fn"][0]] for meta in metas]
+    first = {"seq": os.path.abspath(SEQ), "content": helpers.fingerprint(*items), "downscale": 1}
+    with open(f"{OUT}/timesteps/run.json", "w") as f:
+        json.dump({**first, "train_cameras": run["train_cameras"], "test_cameras": run["test_cameras"]}, f)
+    visualize_d3dgs.main(STAGE2)
+    shutil.copytree(SEQ, "data/copy/syn", copy_function=shutil.copy)  # a copy without the file times
+    visualize_d3dgs.main(["-s", "data/copy/syn", *STAGE2[2:]])
+    Image.new("RGB", (TINY["width"], TINY["height"]), (200, 30, 30)).save(train_image(0))
+    refused(visualize_d3dgs.main, STAGE2, f"{OUT}/params.npz", "before its metas, init_pt_cld.npz or images changed")
+    refused(train_d3dgs.main, STAGE1, "before its metas", "-f 0")
 
 
 def test_later_stages_on_another_sequence_of_the_same_name_are_refused(chain):
     """Stages 2, 5 and 6 read stage 1's params.npz by the sequence folder's name: another sequence in
     a folder of that name is refused, naming the one stage 1 was trained on."""
     synthetic_sequence.generate("data/alt/syn", **TINY, seed=1)
-    trained_on = json.load(open(f"{OUT}/timesteps/run.json"))["seq"]
+    trained_on = json.load(open(f"{OUT}/timesteps/run.json"))["sequence"]["path"]
     other = ["-s", "data/alt/syn"]
     refused(visualize_d3dgs.main, other + STAGE2[2:], "params.npz", "another sequence", trained_on)
     refused(train_4legs.main, other + STAGE5[2:], "params.npz", "another sequence", trained_on)
@@ -258,6 +313,7 @@ def test_stage5_after_stage3_recomputed_is_refused(chain):
     from PIL import Image
 
     Image.new("RGB", (32, 18), (200, 30, 30)).save(train_image(3))
+    train_d3dgs.main(STAGE1 + ["-f", "3"])  # else the later stages refuse stage 1 as made from the old image
     extract_features.main(STAGE3 + ["-f", "3"])  # timestep 3 of the features computed again
     refused(train_4legs.main, STAGE5, f"{SEQ}/ae/best_ckpt.pth", "run stage 4")
 
