@@ -387,6 +387,14 @@ def clean_stale_tmp(folder):
             pass
 
 
+def clean_stale_tree(folder):
+    """clean_stale_tmp in `folder` and in every folder under it, but inside temporary folders (what
+    is there belongs to their writer)."""
+    for parent, subfolders, _ in os.walk(folder):
+        clean_stale_tmp(parent)
+        subfolders[:] = [name for name in subfolders if not name.startswith(".tmp_")]
+
+
 def fsync(path):
     """Flush a file, or a folder's entries (what was renamed into it), to the disk."""
     fd = os.open(path, os.O_RDONLY)
@@ -464,16 +472,27 @@ def read_json(path):
 
 # ---------------------------------------------------------------- one run per experiment and stage
 
-LOCK_CREATING_SECONDS = 10  # an empty lock file this old was left by a run killed while it created it
+
+def torchrun_job():
+    """What names the torchrun job this process is a rank of, None for a plain run (WORLD_SIZE 1 or
+    unset): the rendezvous address, port and run id, and the world size, which every rank of a job
+    is given alike and two jobs running at once cannot share (the port is bound)."""
+    if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
+        return None
+    return " ".join(
+        f"{k}={os.environ.get(k, '')}" for k in ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "WORLD_SIZE")
+    )
 
 
 @contextlib.contextmanager
 def stage_lock(folder, name, unwritable_hint=""):
     """Hold the lock file <folder>/.lock_<name> while the block runs, so that two runs of one stage
-    on one experiment cannot mix their outputs: created atomically (O_EXCL), it names its holder
-    (pid, host, start time, command). A second run raises UserError naming the holder; a lock whose
-    holder is dead (SIGKILL, power cut) is taken over. Raises UserError, with unwritable_hint,
-    when the folder cannot be written: before any work."""
+    on one experiment cannot mix their outputs. It lists its holders (pid, host, start time,
+    command; under torchrun the rank): the ranks of one torchrun job (torchrun_job) share it, and
+    any other run, plain or of another job, raises UserError naming a live holder. A lock whose
+    holders are all dead (SIGKILL, power cut) is taken over. Once it is held, the temporary files
+    that killed runs left anywhere under `folder` are removed (clean_stale_tree). Raises UserError,
+    with unwritable_hint, when the folder cannot be written: before any work."""
     path = os.path.join(folder, f".lock_{name}")
     me = {
         "pid": os.getpid(),
@@ -481,64 +500,86 @@ def stage_lock(folder, name, unwritable_hint=""):
         "host": socket.gethostname(),
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         "command": " ".join(sys.argv)[:200],
+        "rank": int(os.environ.get("RANK", 0)),
     }
+    job = torchrun_job()
     try:
         os.makedirs(folder, exist_ok=True)
-        while not _create_lock(path, me):
-            _remove_dead_lock(path, name)
+        with _folder_guard(folder):
+            holders = _live_holders(path, name, job)
+            _write_lock(path, job, holders + [me])
     except OSError as e:
         raise UserError(f"cannot write in {folder} ({e.strerror or e}){unwritable_hint}") from e
     try:
+        clean_stale_tree(folder)
         yield
     finally:
-        if read_json(path) == me:
-            os.remove(path)
+        with contextlib.suppress(FileNotFoundError), _folder_guard(folder):  # suppressed: the folder was deleted
+            lock = read_json(path)
+            holders = lock.get("holders") if isinstance(lock, dict) else None
+            if isinstance(holders, list) and me in holders:
+                holders.remove(me)
+                if holders:
+                    _write_lock(path, job, holders)
+                else:
+                    os.remove(path)
 
 
-def _create_lock(path, me):
-    """Create the lock file holding `me`; False when one exists."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    except FileExistsError:
-        return False
-    with os.fdopen(fd, "w") as f:
-        json.dump(me, f)
-    return True
-
-
-def _remove_dead_lock(path, name):
-    """Remove the lock file at `path` if its holder is dead; UserError naming the holder when it runs
-    (or may: another host's cannot be asked)."""
+@contextlib.contextmanager
+def _folder_guard(folder):
+    """An exclusive flock of `folder` while the block runs: the lock files in it are read and
+    written by one run at a time, so of two runs that find a lock free only one takes it."""
     import fcntl
 
-    guard = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    guard = os.open(folder, os.O_RDONLY)
     try:
-        # With the folder locked, of two runs that find one dead lock only one removes it, and neither
-        # removes the lock that the other has created meanwhile (they read it again here).
         fcntl.flock(guard, fcntl.LOCK_EX)
-        try:
-            age = time.time() - os.stat(path).st_mtime
-        except FileNotFoundError:  # released meanwhile
-            return
-        holder = read_json(path)
-        if not isinstance(holder, dict) or not {"pid", "host", "started"} <= set(holder):
-            if age < LOCK_CREATING_SECONDS:
-                raise UserError(f"{path}: another {name} run is starting right now; wait for it to finish")
-        else:
-            who = f"pid {holder['pid']} on {holder['host']} since {holder['started']}: {holder.get('command', '?')}"
-            if holder["host"] != socket.gethostname():
-                raise UserError(
-                    f"{os.path.dirname(path)} is in use by a {name} run on another host ({who}); wait "
-                    f"for it to finish, or delete {path} if that run is gone"
-                )
-            if process_alive(holder["pid"], holder.get("process_start")):
-                raise UserError(
-                    f"{os.path.dirname(path)} is in use by another {name} run ({who}); wait for it to finish"
-                )
-            print(f"taking over {path}: the run that held it is gone ({who})", file=sys.stderr)
-        os.remove(path)
+        yield
     finally:
         os.close(guard)  # releases the flock
+
+
+def _live_holders(path, name, job):
+    """The holders of the lock file at `path` that this run (of the torchrun job `job`, None for a
+    plain one) may share it with: [] when there is none or all are dead (said on stderr), the live
+    ones of the same job; else UserError naming a live holder (one of another host counts as live:
+    it cannot be asked). Called with the folder guarded."""
+    if not os.path.exists(path):
+        return []
+    lock = read_json(path)
+    lock = lock if isinstance(lock, dict) else {}
+    holders = lock.get("holders", [lock])  # [lock]: the lock files of runs before shared locks name one holder
+    holders = (
+        [h for h in holders if isinstance(h, dict) and {"pid", "host", "started"} <= set(h)]
+        if isinstance(holders, list)
+        else []
+    )
+    if not holders:
+        print(f"taking over {path}: it names no holder (unreadable)", file=sys.stderr)
+        return []
+    live = [h for h in holders if h["host"] != socket.gethostname() or process_alive(h["pid"], h.get("process_start"))]
+    first = (live or holders)[0]
+    rank = f", torchrun rank {first.get('rank')}" if lock.get("job") else ""
+    who = f"pid {first['pid']} on {first['host']} since {first['started']}{rank}: {first.get('command', '?')}"
+    if not live:
+        print(f"taking over {path}: the run that held it is gone ({who})", file=sys.stderr)
+        return []
+    if job is not None and lock.get("job") == job:
+        return live
+    if live[0]["host"] != socket.gethostname():
+        raise UserError(
+            f"{os.path.dirname(path)} is in use by a {name} run on another host ({who}); wait "
+            f"for it to finish, or delete {path} if that run is gone"
+        )
+    raise UserError(f"{os.path.dirname(path)} is in use by another {name} run ({who}); wait for it to finish")
+
+
+def _write_lock(path, job, holders):
+    """Replace the lock file at `path` at once (a reader never sees half of it); folder guarded."""
+    tmp = tmp_path(os.path.dirname(path))
+    with open(tmp, "w") as f:
+        json.dump({"job": job, "holders": holders}, f)
+    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- provenance

@@ -530,7 +530,7 @@ def main(argv=None):
     train_cmd = f"python train_4legs.py -s {args.seq} -e {args.exp} --encoder {args.encoder}"
 
     done, trained, start = 0, 0, time.time()
-    with helpers.stage_lock(out_dir, "train_4legs" + (f".rank{rank}of{world}" if world > 1 else "")):
+    with helpers.stage_lock(out_dir, "train_4legs"):
         bar = helpers.progress(timesteps, desc=f"4-LEGS features{f' (rank {rank}/{world})' if world > 1 else ''}")
         for t in bar:
             path = legs_path(out_dir, t)

@@ -381,6 +381,92 @@ def test_stage3_lock_and_temporary_folders_of_a_live_run(chain):
     assert os.path.isdir(live) and not os.path.exists(dead)
 
 
+TORCHRUN = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "none"}
+HOLD = """import sys, helpers
+with helpers.stage_lock(sys.argv[1], sys.argv[2]):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+@contextlib.contextmanager
+def held_elsewhere(folder, name, **env):
+    """The lock `name` of `folder` held by another live process, with `env` added to its environment
+    (a torchrun rank's), while the block runs; yields the process (it lets go when the block ends)."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, folder, name],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": ROOT, **env},
+    )
+    try:
+        assert holder.stdout.readline() == "held\n"
+        yield holder
+    finally:
+        holder.stdin.close()
+        holder.wait()
+
+
+def as_rank(monkeypatch, env):
+    """This process a torchrun rank with the environment `env` from now on; env None: a plain run."""
+    for key in ("RANK", *TORCHRUN):
+        if env is None:
+            monkeypatch.delenv(key, raising=False)
+        else:
+            monkeypatch.setenv(key, env[key])
+
+
+def test_plain_and_torchrun_runs_exclude_each_other(chain, monkeypatch):
+    """A torchrun job's ranks share a stage's lock, and nothing else does: a plain run is refused
+    while a rank holds it, a rank while a plain run or a rank of another job does; a rank of the
+    same job joins. A rank killed with SIGKILL leaves a lock that the next run takes over."""
+    cache, legs = f"{SEQ}/interpolators/color", f"{OUT}/legs"
+    rank0, other_job = {**TORCHRUN, "RANK": "0"}, {**TORCHRUN, "RANK": "0", "MASTER_PORT": "29501"}
+    with held_elsewhere(cache, "extract_features", **TORCHRUN, RANK="1") as rank1:
+        refused(extract_features.main, STAGE3, cache, "in use", f"pid {rank1.pid}", "torchrun rank 1")
+        as_rank(monkeypatch, other_job)
+        refused(extract_features.main, STAGE3, cache, "in use", f"pid {rank1.pid}")
+        as_rank(monkeypatch, rank0)
+        extract_features.main(STAGE3)  # timesteps 0-1, cached: nothing to do
+        lock = json.load(open(f"{cache}/.lock_extract_features"))
+        assert [h["pid"] for h in lock["holders"]] == [rank1.pid]  # rank 0 has let go, rank 1 holds on
+        as_rank(monkeypatch, None)
+        refused(extract_features.main, STAGE3, cache, "in use", f"pid {rank1.pid}")
+        rank1.kill()
+    extract_features.main(STAGE3)  # the lock of the killed rank is taken over
+    assert not os.path.exists(f"{cache}/.lock_extract_features")
+    with held_elsewhere(legs, "train_4legs") as plain:
+        as_rank(monkeypatch, rank0)
+        refused(train_4legs.main, STAGE5, legs, "in use", f"pid {plain.pid}")
+    as_rank(monkeypatch, None)
+    with held_elsewhere(cache, "extract_features") as plain:  # as a user sees it: one line on stderr, exit code 2
+        run = subprocess.run(
+            [sys.executable, os.path.join(ROOT, "extract_features.py"), *STAGE3],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **rank0, "PYTHONPATH": ROOT},
+        )
+    assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr
+    assert f"in use by another extract_features run (pid {plain.pid}" in run.stderr, run.stderr
+
+
+def test_stale_temporary_files_are_cleaned_when_a_stage_starts(chain):
+    """Temporary files of a SIGKILLed run in folders that a stage with nothing to do does not write
+    again (stage 5's legs/, a folder under stage 1's outputs) go when the stage starts, under its
+    lock; a live run's stay."""
+    folders = [f"{OUT}/legs", f"{OUT}/timesteps/replaced"]
+    os.makedirs(folders[1])
+    dead = [os.path.join(f, f".tmp_{helpers.host_tag()}-{dead_pid()}-1-0000.pt") for f in folders]
+    live = [helpers.tmp_path(f, ".pt") for f in folders]  # this process: a live run
+    for path in dead + live:
+        with open(path, "wb") as f:
+            f.write(b"half")
+    train_4legs.main(STAGE5)
+    train_d3dgs.main(STAGE1)
+    assert [os.path.exists(p) for p in dead + live] == [False, False, True, True]
+
+
 # ---------------------------------------------------------------- 4. prompts
 
 BAD_PROMPTS = ["/tmp/x", "../../../x", ".", "a green top", "a_green_top", "-rf", " ".join(["word"] * 70)]
