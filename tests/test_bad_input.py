@@ -309,6 +309,48 @@ def test_stage5_after_stage1_retrained_and_resume_with_another_downscale(chain):
     refused(visualize_4legs.main, STAGE6 + ["-p", "a red ball"], "000000.pt", "stage 1 was retrained")
 
 
+@pytest.mark.parametrize(
+    "option, recorded",
+    [
+        (["--iters", "3"], "with --iters 2"),
+        (["--warm-iters", "2"], "with --warm-iters 1"),
+        (["--warm-min-iters", "5"], "with --warm-min-iters 100"),
+        (["--converge-window", "5"], "with --converge-window 50"),
+        (["--converge-tol", "0.5"], "with --converge-tol 0.01"),
+        (["--fixed-iters"], "without --fixed-iters"),
+        (["--lr-features", "0.01"], "with --lr-features 0.0025"),
+        (["--lr-attention", "0.01"], "with --lr-attention 0.00016"),
+        (["--seed", "1"], "with --seed 0"),
+    ],
+)
+def test_stage5_resume_with_other_training_settings_is_refused(chain, option, recorded):
+    """Stage 5 resumed with other training settings than its finished timesteps were trained with
+    would mix two trainings in legs/: refused, naming the setting, the value to resume with and the
+    --restart that trains them again. Finished timesteps outside -f..-l count too: they stay."""
+    os.remove(f"{OUT}/legs/000003.pt")
+    refused(
+        train_4legs.main,
+        STAGE5 + option,
+        "000000.pt",
+        f"trained {recorded}, not",
+        f"resume {recorded}",
+        "--restart -f 0",
+    )
+    refused(train_4legs.main, STAGE5 + option + ["-f", "3", "--restart"], "000000.pt", f"resume {recorded}")
+
+
+def test_stage5_settings_are_recorded_and_restart_trains_with_new_ones(chain):
+    legs = f"{OUT}/legs"
+    os.remove(f"{legs}/000003.pt")
+    train_4legs.main(STAGE5)  # the same settings: resumed
+    train_4legs.main(STAGE5 + ["--warm-iters", "2", "--restart"])  # every timestep with new settings
+    records = [torch.load(f"{legs}/{t:06d}.pt", weights_only=True) for t in range(4)]
+    assert [r["settings"]["warm_iters"] for r in records] == [2] * 4 and records[3]["iterations"] == 2
+    del records[0]["settings"]  # as stage 5 wrote it before the settings were recorded: taken as it is
+    torch.save(records[0], f"{legs}/000000.pt")
+    train_4legs.main(STAGE5 + ["--warm-iters", "2"])
+
+
 def test_stage5_after_stage3_recomputed_is_refused(chain):
     from PIL import Image
 
@@ -664,7 +706,7 @@ def test_open_clip_checkpoint_that_is_not_one(chain):
 
 
 def test_unwritable_sequence_folder_and_cache_dir(chain):
-    # the tests run as root, who may write anywhere: a file where the cache folder goes stands in
+    # as root, who may write anywhere, too: a file where the cache folder goes (test_read_only_sequence_folder chmods)
     shutil.copytree(f"{SEQ}/interpolators", "data/cache/interpolators")  # stage 3 finds them done there
     shutil.rmtree(f"{SEQ}/interpolators")
     with open(f"{SEQ}/interpolators", "w") as f:
@@ -679,6 +721,32 @@ def test_unwritable_sequence_folder_and_cache_dir(chain):
     assert os.path.isfile("data/cache/ae/best_ckpt.pth")
     # stage 5 reads the autoencoder there: its finished timesteps were made with the other one
     refused(train_4legs.main, STAGE5 + elsewhere, "000000.pt", "another autoencoder")
+
+
+@pytest.mark.skipif(
+    os.geteuid() == 0,
+    reason="root writes into read-only folders (CI runs the tests as root): run them as another user "
+    "for this test; test_unwritable_sequence_folder_and_cache_dir stands in",
+)
+def test_read_only_sequence_folder(chain):
+    """A sequence folder that cannot be written (chmod a-w): stages 3 and 4 say so in one line naming
+    --cache-dir, and run with it, as do stages 5 and 6; stage 1 writes nothing there."""
+    shutil.rmtree(f"{SEQ}/ae")
+    for folder, _, _ in os.walk(SEQ):
+        os.chmod(folder, 0o555)
+    try:
+        refused(extract_features.main, STAGE3, f"{SEQ}/interpolators/color", "Permission denied", "--cache-dir")
+        refused(train_autoencoder.main, STAGE4, f"{SEQ}/ae", "Permission denied", "--cache-dir")
+        elsewhere = ["--cache-dir", "data/cache"]
+        extract_features.main(STAGE3 + elsewhere)
+        train_autoencoder.main(STAGE4 + elsewhere)
+        train_4legs.main(STAGE5 + elsewhere + ["--restart"])
+        visualize_4legs.main(STAGE6 + elsewhere + ["-p", "a ball"])
+        train_d3dgs.main(STAGE1)
+    finally:
+        for folder, _, _ in os.walk(SEQ):
+            os.chmod(folder, 0o755)
+    assert os.path.isfile("data/cache/ae/best_ckpt.pth") and os.path.isfile(f"results/{EXP}/syn/a_ball/timeline.json")
 
 
 def test_encoder_suggestions_are_what_stage3_takes(chain):
