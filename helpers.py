@@ -604,11 +604,8 @@ def fingerprint(*items):
 
 
 SEQUENCE_RECORD = 2  # the version of sequence_identity's record (one without 'version' is of version 1)
-SEQUENCE_FILES = (
-    "train_meta.json",
-    "test_meta.json",
-    "init_pt_cld.npz",
-)  # read whole: small, and shared by all timesteps
+# The files of a sequence that sequence_identity reads whole: small, and shared by all timesteps.
+SEQUENCE_FILES = ("train_meta.json", "test_meta.json", "init_pt_cld.npz")
 
 
 def _file_bytes(path):
@@ -690,11 +687,11 @@ def sequence_mismatch(recorded, seq_dir, metas, num_t=None):
     if recorded["version"] != SEQUENCE_RECORD:
         return f"were recorded by another version of this code (record version {recorded['version']})", 0
     current = sequence_identity(seq_dir, metas)
-    changed = [name for name, digest in current["files"].items() if recorded["files"].get(name) != digest]
+    changed = [name for name, digest in current["files"].items() if recorded.get("files", {}).get(name) != digest]
     if changed:
         return other if moved else f"were made from {path} before its {', '.join(changed)} changed", 0
     for t, ((sizes, newest), (old_sizes, old_newest)) in enumerate(
-        zip(current["timesteps"][:num_t], recorded["timesteps"])
+        zip(current["timesteps"][:num_t], recorded.get("timesteps", []))
     ):
         if sizes != old_sizes or (newest > old_newest and not moved):
             edited = [p for p in timestep_files(seq_dir, metas, t) if (_size_and_time(p)[1] or 0) > old_newest]
