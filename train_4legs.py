@@ -382,7 +382,8 @@ def load_previous(path, made_from, settings, train_cmd):
         record = load_legs(path, None, "cpu", made_from, train_cmd)
     except helpers.UserError:  # stale or unreadable: start cold rather than from it
         return None
-    return None if settings_mismatch(record, settings) else record
+    why, _ = settings_mismatch(record, settings)
+    return None if why else record
 
 
 def setting_text(key, value):

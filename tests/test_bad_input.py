@@ -345,7 +345,8 @@ def test_stage5_settings_are_recorded_and_restart_trains_with_new_ones(chain):
     train_4legs.main(STAGE5)  # the same settings: resumed
     train_4legs.main(STAGE5 + ["--warm-iters", "2", "--restart"])  # every timestep with new settings
     records = [torch.load(f"{legs}/{t:06d}.pt", weights_only=True) for t in range(4)]
-    assert [r["settings"]["warm_iters"] for r in records] == [2] * 4 and records[3]["iterations"] == 2
+    assert [r["settings"]["warm_iters"] for r in records] == [2] * 4
+    assert [r["warm_start"] for r in records] == [False, True, True, True] and records[3]["iterations"] == 2
     del records[0]["settings"]  # as stage 5 wrote it before the settings were recorded: taken as it is
     torch.save(records[0], f"{legs}/000000.pt")
     train_4legs.main(STAGE5 + ["--warm-iters", "2"])
