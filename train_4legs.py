@@ -382,8 +382,7 @@ def load_previous(path, made_from, settings, train_cmd):
         record = load_legs(path, None, "cpu", made_from, train_cmd)
     except helpers.UserError:  # stale or unreadable: start cold rather than from it
         return None
-    why, _ = settings_mismatch(record, settings)
-    return None if why else record
+    return None if differing_setting(record, settings) else record
 
 
 def setting_text(key, value):
@@ -395,16 +394,14 @@ def setting_text(key, value):
     return f"with {option} {value}"
 
 
-def settings_mismatch(record, settings):
-    """('', '') when a stage-5 record was trained with `settings` (TRAINING_SETTINGS; a record of the
-    code before they were recorded, without 'settings', is taken as it is), else (the phrase saying
-    which one differs, that setting as the record has it)."""
+def differing_setting(record, settings):
+    """The first of `settings` (TRAINING_SETTINGS) that a stage-5 record was trained with another value
+    of, None when there is none (a record of the code before the settings were recorded, without
+    'settings', is taken as it is)."""
     recorded = record.get("settings")
-    for key, new in settings.items():
-        if isinstance(recorded, dict) and recorded.get(key) != new:
-            old = setting_text(key, recorded.get(key))
-            return f"was trained {old}, not {setting_text(key, new)}", old
-    return "", ""
+    if isinstance(recorded, dict):
+        return next((key for key, value in settings.items() if recorded.get(key) != value), None)
+    return None
 
 
 def check_finished(out_dir, num_t, timesteps, restart, made_from, settings, train_cmd):
@@ -421,9 +418,13 @@ def check_finished(out_dir, num_t, timesteps, restart, made_from, settings, trai
         why = legs_mismatch(record, made_from)
         if why:
             raise helpers.UserError(f"{path} {why}; {again}")
-        why, old = settings_mismatch(record, settings)
-        if why:
-            raise helpers.UserError(f"{path} {why}; resume {old}, or {again} (with these settings)")
+        key = differing_setting(record, settings)
+        if key:
+            old = setting_text(key, record["settings"].get(key))
+            raise helpers.UserError(
+                f"{path} was trained {old}, not {setting_text(key, settings[key])}; resume {old}, or {again} "
+                f"(with these settings)"
+            )
 
 
 def shard(timesteps):
