@@ -566,9 +566,9 @@ def test_damaged_cached_level_is_computed_again(chain, capsys):
     out = capsys.readouterr().out
     assert f"{level} is damaged" in out and "embedded 1 timestep(s)" in out
     np.load(level)  # whole again
-    with open(level, "r+b") as f:  # right size, but NaN values: found where the features are read
-        f.seek(-2, os.SEEK_END)
-        f.write(np.array([np.nan], dtype=np.float16).tobytes())
+    with open(level.replace(".npy", "_scales.npy"), "r+b") as f:  # right size, a NaN: found where it is read
+        f.seek(-4, os.SEEK_END)
+        f.write(np.array([np.nan], dtype=np.float32).tobytes())
     refused(train_autoencoder.main, STAGE4, f"{SEQ}/interpolators/color/timestep_2", "NaN")
 
 
