@@ -176,19 +176,14 @@ def encode_timestep(
 
 def extract(seq_dir, encoder, timesteps, batch_size, device, progress=True, cache_root=None, reuse_tolerance=None):
     """Embed and cache `timesteps` (skipping finished ones) under cache_root (default: the sequence
-    folder), holding the stage's lock of the cache folder (per rank under torchrun). reuse_tolerance:
-    reuse the embeddings of clips that changed by at most this (encode_timestep), None: encode every
-    clip. Returns stats: clips, seconds, timestep_seconds (per computed timestep), done (computed),
+    folder), holding the stage's lock of the cache folder (shared by the ranks of one torchrun job).
+    reuse_tolerance: reuse the embeddings of clips that changed by at most this (encode_timestep),
+    None: encode every clip. Returns stats: clips, seconds, timestep_seconds (per computed timestep), done (computed),
     skipped, cache, reused ({computed timestep: bool [M] numpy, which clips kept an earlier embedding}
     in tiles.tile_index order)."""
     meta = helpers.load_meta(seq_dir, "train")
     cache = cache_dir(cache_root or seq_dir, encoder.name)
-    rank, world, _ = dist_rank()
-    with helpers.stage_lock(
-        cache,
-        "extract_features" + (f".rank{rank}of{world}" if world > 1 else ""),
-        "; pass --cache-dir DIR to keep the features elsewhere",
-    ):
+    with helpers.stage_lock(cache, "extract_features", "; pass --cache-dir DIR to keep the features elsewhere"):
         feature_cache.claim_for_sequence(cache, seq_dir, meta)
         return extract_into(cache, seq_dir, meta, encoder, timesteps, batch_size, device, progress, reuse_tolerance)
 

@@ -387,6 +387,14 @@ def clean_stale_tmp(folder):
             pass
 
 
+def clean_stale_tree(folder):
+    """clean_stale_tmp in `folder` and in every folder under it, but inside temporary folders (what
+    is there belongs to their writer)."""
+    for parent, subfolders, _ in os.walk(folder):
+        clean_stale_tmp(parent)
+        subfolders[:] = [name for name in subfolders if not name.startswith(".tmp_")]
+
+
 def fsync(path):
     """Flush a file, or a folder's entries (what was renamed into it), to the disk."""
     fd = os.open(path, os.O_RDONLY)
@@ -464,16 +472,27 @@ def read_json(path):
 
 # ---------------------------------------------------------------- one run per experiment and stage
 
-LOCK_CREATING_SECONDS = 10  # an empty lock file this old was left by a run killed while it created it
+
+def torchrun_job():
+    """What names the torchrun job this process is a rank of, None for a plain run (WORLD_SIZE 1 or
+    unset): the rendezvous address, port and run id, and the world size, which every rank of a job
+    is given alike and two jobs running at once cannot share (the port is bound)."""
+    if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
+        return None
+    return " ".join(
+        f"{k}={os.environ.get(k, '')}" for k in ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "WORLD_SIZE")
+    )
 
 
 @contextlib.contextmanager
 def stage_lock(folder, name, unwritable_hint=""):
     """Hold the lock file <folder>/.lock_<name> while the block runs, so that two runs of one stage
-    on one experiment cannot mix their outputs: created atomically (O_EXCL), it names its holder
-    (pid, host, start time, command). A second run raises UserError naming the holder; a lock whose
-    holder is dead (SIGKILL, power cut) is taken over. Raises UserError, with unwritable_hint,
-    when the folder cannot be written: before any work."""
+    on one experiment cannot mix their outputs. It lists its holders (pid, host, start time,
+    command; under torchrun the rank): the ranks of one torchrun job (torchrun_job) share it, and
+    any other run, plain or of another job, raises UserError naming a live holder. A lock whose
+    holders are all dead (SIGKILL, power cut) is taken over. Once it is held, the temporary files
+    that killed runs left anywhere under `folder` are removed (clean_stale_tree). Raises UserError,
+    with unwritable_hint, when the folder cannot be written: before any work."""
     path = os.path.join(folder, f".lock_{name}")
     me = {
         "pid": os.getpid(),
@@ -481,64 +500,86 @@ def stage_lock(folder, name, unwritable_hint=""):
         "host": socket.gethostname(),
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         "command": " ".join(sys.argv)[:200],
+        "rank": int(os.environ.get("RANK", 0)),
     }
+    job = torchrun_job()
     try:
         os.makedirs(folder, exist_ok=True)
-        while not _create_lock(path, me):
-            _remove_dead_lock(path, name)
+        with _folder_guard(folder):
+            holders = _live_holders(path, name, job)
+            _write_lock(path, job, holders + [me])
     except OSError as e:
         raise UserError(f"cannot write in {folder} ({e.strerror or e}){unwritable_hint}") from e
     try:
+        clean_stale_tree(folder)
         yield
     finally:
-        if read_json(path) == me:
-            os.remove(path)
+        with contextlib.suppress(FileNotFoundError), _folder_guard(folder):  # suppressed: the folder was deleted
+            lock = read_json(path)
+            holders = lock.get("holders") if isinstance(lock, dict) else None
+            if isinstance(holders, list) and me in holders:
+                holders.remove(me)
+                if holders:
+                    _write_lock(path, job, holders)
+                else:
+                    os.remove(path)
 
 
-def _create_lock(path, me):
-    """Create the lock file holding `me`; False when one exists."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    except FileExistsError:
-        return False
-    with os.fdopen(fd, "w") as f:
-        json.dump(me, f)
-    return True
-
-
-def _remove_dead_lock(path, name):
-    """Remove the lock file at `path` if its holder is dead; UserError naming the holder when it runs
-    (or may: another host's cannot be asked)."""
+@contextlib.contextmanager
+def _folder_guard(folder):
+    """An exclusive flock of `folder` while the block runs: the lock files in it are read and
+    written by one run at a time, so of two runs that find a lock free only one takes it."""
     import fcntl
 
-    guard = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    guard = os.open(folder, os.O_RDONLY)
     try:
-        # With the folder locked, of two runs that find one dead lock only one removes it, and neither
-        # removes the lock that the other has created meanwhile (they read it again here).
         fcntl.flock(guard, fcntl.LOCK_EX)
-        try:
-            age = time.time() - os.stat(path).st_mtime
-        except FileNotFoundError:  # released meanwhile
-            return
-        holder = read_json(path)
-        if not isinstance(holder, dict) or not {"pid", "host", "started"} <= set(holder):
-            if age < LOCK_CREATING_SECONDS:
-                raise UserError(f"{path}: another {name} run is starting right now; wait for it to finish")
-        else:
-            who = f"pid {holder['pid']} on {holder['host']} since {holder['started']}: {holder.get('command', '?')}"
-            if holder["host"] != socket.gethostname():
-                raise UserError(
-                    f"{os.path.dirname(path)} is in use by a {name} run on another host ({who}); wait "
-                    f"for it to finish, or delete {path} if that run is gone"
-                )
-            if process_alive(holder["pid"], holder.get("process_start")):
-                raise UserError(
-                    f"{os.path.dirname(path)} is in use by another {name} run ({who}); wait for it to finish"
-                )
-            print(f"taking over {path}: the run that held it is gone ({who})", file=sys.stderr)
-        os.remove(path)
+        yield
     finally:
         os.close(guard)  # releases the flock
+
+
+def _live_holders(path, name, job):
+    """The holders of the lock file at `path` that this run (of the torchrun job `job`, None for a
+    plain one) may share it with: [] when there is none or all are dead (said on stderr), the live
+    ones of the same job; else UserError naming a live holder (one of another host counts as live:
+    it cannot be asked). Called with the folder guarded."""
+    if not os.path.exists(path):
+        return []
+    lock = read_json(path)
+    lock = lock if isinstance(lock, dict) else {}
+    holders = lock.get("holders", [lock])  # [lock]: the lock files of runs before shared locks name one holder
+    holders = (
+        [h for h in holders if isinstance(h, dict) and {"pid", "host", "started"} <= set(h)]
+        if isinstance(holders, list)
+        else []
+    )
+    if not holders:
+        print(f"taking over {path}: it names no holder (unreadable)", file=sys.stderr)
+        return []
+    live = [h for h in holders if h["host"] != socket.gethostname() or process_alive(h["pid"], h.get("process_start"))]
+    first = (live or holders)[0]
+    rank = f", torchrun rank {first.get('rank')}" if lock.get("job") else ""
+    who = f"pid {first['pid']} on {first['host']} since {first['started']}{rank}: {first.get('command', '?')}"
+    if not live:
+        print(f"taking over {path}: the run that held it is gone ({who})", file=sys.stderr)
+        return []
+    if job is not None and lock.get("job") == job:
+        return live
+    if live[0]["host"] != socket.gethostname():
+        raise UserError(
+            f"{os.path.dirname(path)} is in use by a {name} run on another host ({who}); wait "
+            f"for it to finish, or delete {path} if that run is gone"
+        )
+    raise UserError(f"{os.path.dirname(path)} is in use by another {name} run ({who}); wait for it to finish")
+
+
+def _write_lock(path, job, holders):
+    """Replace the lock file at `path` at once (a reader never sees half of it); folder guarded."""
+    tmp = tmp_path(os.path.dirname(path))
+    with open(tmp, "w") as f:
+        json.dump({"job": job, "holders": holders}, f)
+    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- provenance
@@ -562,51 +603,130 @@ def fingerprint(*items):
     return digest.hexdigest()[:16]
 
 
+SEQUENCE_RECORD = 2  # the version of sequence_identity's record (one without 'version' is of version 1)
+# The files of a sequence that sequence_identity reads whole: small, and shared by all timesteps.
+SEQUENCE_FILES = ("train_meta.json", "test_meta.json", "init_pt_cld.npz")
+
+
+def _file_bytes(path):
+    """The bytes of a file, or None when there is none."""
+    if not os.path.isfile(path):
+        return None
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _size_and_time(path):
+    """(size in bytes, modification time in ns) of a file; (None, None) when there is none."""
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return None, None
+    return stat.st_size, stat.st_mtime_ns
+
+
+def timestep_files(seq_dir, metas, t):
+    """The images of timestep t of `metas` (load_meta's dicts) and each one's mask (seg_path, where
+    there may be none: test cameras)."""
+    return [
+        path
+        for meta in metas
+        if t < len(meta["fn"])
+        for fn in meta["fn"][t]
+        for path in (os.path.join(seq_dir, "ims", fn), seg_path(seq_dir, fn))
+    ]
+
+
 def sequence_identity(seq_dir, metas):
-    """What a sequence folder is: {'path': its absolute path, 'content': fingerprint of its metas,
-    init_pt_cld.npz and the sizes of the images of timestep 0 of `metas` (load_meta's dicts)}. A
-    folder of the same name that holds another sequence differs, and so does a regenerated one."""
-    items = []
-    for name in ("train_meta.json", "test_meta.json", "init_pt_cld.npz"):
-        path = os.path.join(seq_dir, name)
-        if os.path.isfile(path):
-            with open(path, "rb") as f:
-                items.append(f.read())
-        else:
-            items.append(None)
+    """What a sequence folder is, for the record of what outputs were made from (version SEQUENCE_RECORD):
+    {'version', 'path': absolute, 'files': {name: fingerprint of its bytes, None when missing} of
+    SEQUENCE_FILES, 'timesteps': per timestep of `metas` (load_meta's dicts) [fingerprint of the
+    sizes of its images and masks, the newest of their modification times in ns]}. The images are
+    only looked at (stat), never read: an edited image or mask almost always changes its size, and
+    one that keeps it is newer than the record (sequence_mismatch)."""
+    timesteps = []
+    for t in range(max(len(meta["fn"]) for meta in metas)):
+        stats = [_size_and_time(path) for path in timestep_files(seq_dir, metas, t)]
+        timesteps.append([fingerprint([size for size, _ in stats]), max((time or 0 for _, time in stats), default=0)])
+    return {
+        "version": SEQUENCE_RECORD,
+        "path": os.path.abspath(seq_dir),
+        "files": {
+            name: None if data is None else fingerprint(data)
+            for name in SEQUENCE_FILES
+            for data in [_file_bytes(os.path.join(seq_dir, name))]
+        },
+        "timesteps": timesteps,
+    }
+
+
+def _first_sequence_content(seq_dir, metas):
+    """The 'content' of a record of version 1 (written before SEQUENCE_RECORD 2): a fingerprint of
+    SEQUENCE_FILES and the sizes of the images of timestep 0."""
+    items = [_file_bytes(os.path.join(seq_dir, name)) for name in SEQUENCE_FILES]
     for meta in metas:
-        items.append(
-            [
-                os.path.getsize(p) if os.path.isfile(p) else None
-                for p in (os.path.join(seq_dir, "ims", fn) for fn in meta["fn"][0])
-            ]
-        )
-    return {"path": os.path.abspath(seq_dir), "content": fingerprint(*items)}
+        items.append([_size_and_time(os.path.join(seq_dir, "ims", fn))[0] for fn in meta["fn"][0]])
+    return fingerprint(*items)
 
 
-def sequence_mismatch(recorded, current):
-    """'' when outputs recorded as made from sequence_identity `recorded` fit the sequence `current`
-    (the same content, moved or not); else a phrase saying how they do not."""
-    if recorded.get("content") == current["content"]:
-        return ""
-    if recorded.get("path") != current["path"]:
-        return f"were made from another sequence, {recorded.get('path')} (not {current['path']})"
-    return f"were made from {current['path']} before it changed (its metas, init_pt_cld.npz or images of timestep 0)"
+def sequence_mismatch(recorded, seq_dir, metas, num_t=None):
+    """Whether outputs recorded as made from the sequence `recorded` (sequence_identity's record) fit
+    the folder seq_dir as it is now, for timesteps 0..num_t-1 (default: all): ('', None) when they do
+    (the same SEQUENCE_FILES and image and mask sizes, and in the same folder no image or mask newer
+    than the record: a moved or copied sequence passes), else (a phrase saying how they do not, the
+    first timestep that changed; 0 for other metas or init_pt_cld.npz, which in another folder make
+    another sequence). A record of version 1 is checked as it was made: SEQUENCE_FILES and the image
+    sizes of timestep 0."""
+    path = os.path.abspath(seq_dir)
+    moved = recorded.get("path") != path
+    other = f"were made from another sequence, {recorded.get('path')} (not {path})"
+    if "version" not in recorded:
+        if recorded.get("content") == _first_sequence_content(seq_dir, metas):
+            return "", None
+        return other if moved else f"were made from {path} before its metas, init_pt_cld.npz or images changed", 0
+    if recorded["version"] != SEQUENCE_RECORD:
+        return f"were recorded by another version of this code (record version {recorded['version']})", 0
+    current = sequence_identity(seq_dir, metas)
+    changed = [name for name, digest in current["files"].items() if recorded.get("files", {}).get(name) != digest]
+    if changed:
+        return other if moved else f"were made from {path} before its {', '.join(changed)} changed", 0
+    for t, ((sizes, newest), (old_sizes, old_newest)) in enumerate(
+        zip(current["timesteps"][:num_t], recorded.get("timesteps", []))
+    ):
+        if sizes != old_sizes or (newest > old_newest and not moved):
+            edited = [p for p in timestep_files(seq_dir, metas, t) if (_size_and_time(p)[1] or 0) > old_newest]
+            more = f" (and {len(edited) - 1} more file(s))" if len(edited) > 1 else ""
+            what = f"{edited[0]}{more}" if edited else "an image or mask"
+            where = f"{recorded['path']} (now {path})" if moved else path
+            return f"were made from {where} before {what} of timestep {t} changed", t
+    return "", None
+
+
+def stage1_sequence(run):
+    """The sequence record (sequence_identity's) in stage 1's timesteps/run.json `run`, None without
+    one; a run.json of version 1 kept it as 'seq' and 'content'."""
+    if not isinstance(run, dict):
+        return None
+    if isinstance(run.get("sequence"), dict):
+        return run["sequence"]
+    return {"path": run.get("seq"), "content": run["content"]} if "content" in run else None
 
 
 def check_stage1_sequence(params_path, seq_dir):
     """Raise UserError when the stage-1 outputs at params_path were made from another sequence than
     seq_dir, or from it before it changed, as stage 1's timesteps/run.json records (a params.npz
-    without one, written elsewhere, is taken as it is): the later stages read both."""
-    run = read_json(os.path.join(os.path.dirname(params_path), "timesteps", "run.json"))
-    if not isinstance(run, dict) or "content" not in run:
+    without one, written elsewhere, is taken as it is): the later stages read both. Only the
+    timesteps params.npz holds count."""
+    recorded = stage1_sequence(read_json(os.path.join(os.path.dirname(params_path), "timesteps", "run.json")))
+    if recorded is None:
         return
-    current = sequence_identity(seq_dir, [load_meta(seq_dir, "train"), load_meta(seq_dir, "test")])
-    why = sequence_mismatch({"path": run.get("seq"), "content": run["content"]}, current)
+    metas = [load_meta(seq_dir, "train"), load_meta(seq_dir, "test")]
+    why, t = sequence_mismatch(recorded, seq_dir, metas, read_d3dgs_params(params_path)["means3D"].shape[0])
     if why:
         raise UserError(
             f"{params_path} and the stage-1 outputs beside it {why}: give -s the sequence stage 1 was "
-            f"trained on, or run {stage_name('train_d3dgs.py')} on {seq_dir} with another -e"
+            f"trained on, or train {stage_name('train_d3dgs.py')} on {seq_dir} again from timestep {t} "
+            f"(-f {t}) or with another -e"
         )
 
 

@@ -39,11 +39,11 @@ import helpers
 from feature_extraction.autoencoder import ae_ckpt_path, load_autoencoder
 from feature_extraction.cache import add_cache_dir_option, cache_identity
 from feature_extraction.relevancy import (
-    check_legs,
     d3dgs_params_path,
     encoder_name,
     feature_cache,
     legs_dir,
+    legs_mismatch,
     legs_path,
     load_legs,
     read_legs,
@@ -58,6 +58,19 @@ ENCODE_ROWS = 65536  # pixels through the autoencoder's encoder per call (bounde
 TAIL_FRACTION = 0.1  # a timestep's reported loss: the mean over its last 10% iterations (tail_loss)
 PROGRESS_EVERY = 20  # iterations between loss readings on a timestep's progress bar (each one a host sync)
 DEMO = {"iters": 60, "warm_iters": 15, "downscale": 4}  # make demo on 2 CPU cores
+# How a timestep is trained, recorded with it: a resume with others would leave the timesteps of one
+# legs/ folder trained in two ways (what it was made from, made_from, is recorded and checked too).
+TRAINING_SETTINGS = (
+    "iters",
+    "warm_iters",
+    "warm_min_iters",
+    "converge_window",
+    "converge_tol",
+    "fixed_iters",
+    "lr_features",
+    "lr_attention",
+    "seed",
+)
 
 
 class NeighbourAttention(nn.Module):
@@ -361,14 +374,57 @@ def prepare_timestep(t, args, meta, params_path, ae, cache, device, use_rasteriz
     }
 
 
-def load_previous(path, made_from, train_cmd):
+def load_previous(path, made_from, settings, train_cmd):
     """The record of t-1 for a warm start, or None when there is none usable."""
     if not os.path.isfile(path):
         return None
     try:
-        return load_legs(path, None, "cpu", made_from, train_cmd)
+        record = load_legs(path, None, "cpu", made_from, train_cmd)
     except helpers.UserError:  # stale or unreadable: start cold rather than from it
         return None
+    return None if differing_setting(record, settings) else record
+
+
+def setting_text(key, value):
+    """A training setting as the command line gives it: 'with --warm-iters 50', 'with --fixed-iters',
+    'without --fixed-iters'."""
+    option = "--" + key.replace("_", "-")
+    if isinstance(value, bool):
+        return f"with {option}" if value else f"without {option}"
+    return f"with {option} {value}"
+
+
+def differing_setting(record, settings):
+    """The first of `settings` (TRAINING_SETTINGS) that a stage-5 record was trained with another value
+    of, None when there is none (a record of the code before the settings were recorded, without
+    'settings', is taken as it is)."""
+    recorded = record.get("settings")
+    if isinstance(recorded, dict):
+        return next((key for key, value in settings.items() if recorded.get(key) != value), None)
+    return None
+
+
+def check_finished(out_dir, num_t, timesteps, restart, made_from, settings, train_cmd):
+    """Before any training: raise UserError when a finished timestep that stays in out_dir after this
+    run (any outside `timesteps`, those inside unless restart) was made from other inputs than
+    `made_from` or trained with other settings than `settings`, naming the first, what differs and
+    what to do. So the timesteps of a legs/ folder are all made one way."""
+    for t in range(num_t):
+        path = legs_path(out_dir, t)
+        if not os.path.isfile(path) or (restart and t in timesteps):
+            continue
+        record = read_legs(path, train_cmd)
+        again = f"train timestep {t} and the later ones again: {train_cmd} --restart -f {t}"
+        why = legs_mismatch(record, made_from)
+        if why:
+            raise helpers.UserError(f"{path} {why}; {again}")
+        key = differing_setting(record, settings)
+        if key:
+            old = setting_text(key, record["settings"].get(key))
+            raise helpers.UserError(
+                f"{path} was trained {old}, not {setting_text(key, settings[key])}; resume {old}, or {again} "
+                f"(with these settings)"
+            )
 
 
 def shard(timesteps):
@@ -464,7 +520,8 @@ def parse_args(argv=None):
         "--restart",
         action="store_true",
         help="train the timesteps of the range again even "
-        "where outputs exist (needed after retraining stage 1, 3 or 4)",
+        "where outputs exist (needed after retraining stage 1, 3 or 4, and for other training settings: "
+        "every finished timestep of legs/ is trained with the same ones)",
     )
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument(
@@ -529,17 +586,19 @@ def main(argv=None):
     use_rasterizer = device.type == "cuda" and dgrf.cuda_available()
     train_cmd = f"python train_4legs.py -s {args.seq} -e {args.exp} --encoder {args.encoder}"
 
+    settings = {k: getattr(args, k) for k in TRAINING_SETTINGS}
+
     done, trained, start = 0, 0, time.time()
-    with helpers.stage_lock(out_dir, "train_4legs" + (f".rank{rank}of{world}" if world > 1 else "")):
+    with helpers.stage_lock(out_dir, "train_4legs"):
+        check_finished(out_dir, num_t, range(args.first, last + 1), args.restart, made_from, settings, train_cmd)
         bar = helpers.progress(timesteps, desc=f"4-LEGS features{f' (rank {rank}/{world})' if world > 1 else ''}")
         for t in bar:
             path = legs_path(out_dir, t)
-            if os.path.isfile(path) and not args.restart:  # resume: keep finished timesteps
-                check_legs(read_legs(path, train_cmd), path, made_from)
+            if os.path.isfile(path) and not args.restart:  # resume: keep finished timesteps (check_finished)
                 done += 1
                 continue
             t0 = time.time()
-            previous = load_previous(legs_path(out_dir, t - 1), made_from, train_cmd) if t > 0 else None
+            previous = load_previous(legs_path(out_dir, t - 1), made_from, settings, train_cmd) if t > 0 else None
             setup = prepare_timestep(t, args, meta, params_path, ae, cache, device, use_rasterizer)
             num_iters = args.iters if previous is None else args.warm_iters
             params, attention, losses = train_timestep(
@@ -564,7 +623,7 @@ def main(argv=None):
                     "loss": loss,
                     "iterations": losses.shape[0],
                     "warm_start": previous is not None,
-                    "seed": args.seed,
+                    "settings": settings,
                     "run_id": uuid.uuid4().hex,
                     "seconds": time.time() - t0,
                     **made_from,

@@ -607,22 +607,23 @@ def save_timestep(ts_dir, t, params, record):
     helpers.save_npz(timestep_path(ts_dir, t), {**arrays, "record": np.array(json.dumps(record))})
 
 
-def check_run(run_path, run, kept):
+def check_run(run_path, run, kept, seq_dir, metas):
     """Raise UserError, saying which, when the finished timesteps 0..kept-1 that a run keeps were
-    made from another sequence (or this one before it changed), other train cameras or another
-    --downscale than `run` (what run.json will say) holds."""
+    made from another sequence (or from seq_dir before it changed, up to timestep kept-1), other
+    train cameras or another --downscale than `run` (what run.json will say) holds."""
     old = helpers.read_json(run_path)
     finished = f"{os.path.dirname(run_path)}: timesteps 0..{kept - 1}"
     again = "use another -e, or train them all again with -f 0"
-    if not isinstance(old, dict):
+    recorded = helpers.stage1_sequence(old)
+    if recorded is None:
         raise helpers.UserError(
             f"{finished} have no readable {os.path.basename(run_path)} saying what they were made from; {again}"
         )
-    why = helpers.sequence_mismatch(
-        {"path": old.get("seq"), "content": old.get("content")}, {"path": run["seq"], "content": run["content"]}
-    )
+    why, changed = helpers.sequence_mismatch(recorded, seq_dir, metas, kept)
     if why:
-        raise helpers.UserError(f"{finished} {why}; {again}")
+        raise helpers.UserError(
+            f"{finished} {why}; train them again from timestep {changed} with -f {changed}, or use another -e"
+        )
     if old.get("train_cameras") != run["train_cameras"]:
         raise helpers.UserError(
             f"{finished} were trained with train cameras {old.get('train_cameras')}, the "
@@ -851,10 +852,8 @@ def train(args, device, seq_dir, out_dir):
     ts_dir = os.path.join(out_dir, "timesteps")
     os.makedirs(ts_dir, exist_ok=True)
     run_path = os.path.join(ts_dir, "run.json")
-    sequence = helpers.sequence_identity(seq_dir, [full_meta, full_test_meta])
     run = {
-        "seq": sequence["path"],
-        "content": sequence["content"],
+        "sequence": helpers.sequence_identity(seq_dir, [full_meta, full_test_meta]),
         "train_cameras": meta["cam_id"],
         "test_cameras": test_meta["cam_id"],
         "downscale": args.downscale,
@@ -876,7 +875,7 @@ def train(args, device, seq_dir, out_dir):
             f"in {ts_dir}; pick -f {done} or lower"
         )
     if min(start, done):
-        check_run(run_path, run, min(start, done))
+        check_run(run_path, run, min(start, done), seq_dir, [full_meta, full_test_meta])
     if start <= last:
         helpers.check_sequence(seq_dir, full_meta, start, last, masks=True, headers=True)
         helpers.check_sequence(seq_dir, full_test_meta, start, last, headers=True)

@@ -87,15 +87,15 @@ def make_config(encoder, seq_dir, meta, t, reuse_tolerance=None):
 
 def claim_for_sequence(cache, seq_dir, meta):
     """Refuse a cache folder that holds the features of another sequence (a --cache-dir shared by two),
-    and record in <cache>/sequence.json which sequence (helpers.sequence_identity) it is of. The same
-    sequence moved, or changed in place, passes: each timestep's config decides what is computed again."""
+    and record in <cache>/sequence.json which sequence (helpers.sequence_identity) it is of: another
+    folder whose metas or init_pt_cld.npz differ. The same sequence moved, or its images changed,
+    passes: each timestep's config decides what is computed again."""
     path = os.path.join(cache, "sequence.json")
     recorded, current = helpers.read_json(path), helpers.sequence_identity(seq_dir, [meta])
-    if recorded and recorded.get("path") != current["path"] and helpers.sequence_mismatch(recorded, current):
-        raise UserError(
-            f"{cache}: its features {helpers.sequence_mismatch(recorded, current)}; give each sequence "
-            f"its own --cache-dir"
-        )
+    if isinstance(recorded, dict) and recorded.get("path") != current["path"]:
+        why, _ = helpers.sequence_mismatch(recorded, seq_dir, [meta], num_t=0)
+        if why:
+            raise UserError(f"{cache}: its features {why}; give each sequence its own --cache-dir")
     if recorded != current:
         helpers.save_json(path, current)
 

@@ -98,13 +98,20 @@ LEGS_MADE_FROM = {
 }
 
 
-def check_legs(record, path, made_from):
-    """Raise UserError when a stage-5 record was not made from `made_from` (keys of LEGS_MADE_FROM:
-    the current encoder, autoencoder run, stage-1 params fingerprint, settings), saying which."""
+def legs_mismatch(record, made_from):
+    """'' when a stage-5 record was made from `made_from` (keys of LEGS_MADE_FROM: the current
+    encoder, autoencoder run, stage-1 params fingerprint, settings), else a phrase saying which not."""
     for key, new in made_from.items():
         if record.get(key) != new:
-            why = LEGS_MADE_FROM[key].format(old=record.get(key), new=new)
-            raise helpers.UserError(f"{path} {why}: run {helpers.stage_name('train_4legs.py')} again with --restart")
+            return LEGS_MADE_FROM[key].format(old=record.get(key), new=new)
+    return ""
+
+
+def check_legs(record, path, made_from):
+    """Raise UserError when a stage-5 record was not made from `made_from` (legs_mismatch), saying which."""
+    why = legs_mismatch(record, made_from)
+    if why:
+        raise helpers.UserError(f"{path} {why}: run {helpers.stage_name('train_4legs.py')} again with --restart")
 
 
 def read_legs(path, train_cmd):

@@ -218,18 +218,73 @@ def test_retrained_timestep_keeps_the_later_ones_until_replaced(work, monkeypatc
 
 def test_another_sequence_of_the_same_name_is_refused(work):
     synthetic_sequence.generate("data/alt/syn", **TINY, seed=1)
-    trained_on = json.load(open(f"{OUT}/timesteps/run.json"))["seq"]
+    trained_on = json.load(open(f"{OUT}/timesteps/run.json"))["sequence"]["path"]
     refused(train_d3dgs.main, ["-s", "data/alt/syn", *STAGE1[2:]], "another sequence", trained_on)
-    # the same sequence moved elsewhere is the same: it resumes (nothing to train)
+    # the same sequence moved or copied elsewhere is the same: it resumes (nothing to train)
+    shutil.copytree(SEQ, "data/copy/syn", copy_function=shutil.copy)  # new file times
     shutil.move(SEQ, "data/moved/syn")
     train_d3dgs.main(["-s", "data/moved/syn", *STAGE1[2:]])
+    train_d3dgs.main(["-s", "data/copy/syn", *STAGE1[2:]])
+
+
+def test_image_edited_after_stage1_is_named(work):
+    """An image of timestep 2 edited (another size), or a mask of timestep 3 written again (the same
+    size, a newer time), after stage 1 trained on them: stage 1 and the stages reading its outputs
+    refuse, naming the file and the timestep to train from again; once retrained, all pass."""
+    from PIL import Image
+
+    image, mask = train_image(2), helpers.seg_path(SEQ, helpers.load_meta(SEQ, "train")["fn"][3][0])
+    Image.new("RGB", (TINY["width"], TINY["height"]), (200, 30, 30)).save(image)
+    refused(train_d3dgs.main, STAGE1, image, "timestep 2", "-f 2")
+    refused(visualize_d3dgs.main, STAGE2, f"{OUT}/params.npz", image, "timestep 2", "-f 2")
+    train_d3dgs.main(STAGE1 + ["-f", "2"])
+    with open(mask, "rb") as f:
+        data = f.read()
+    with open(mask, "wb") as f:
+        f.write(data)
+    refused(train_d3dgs.main, STAGE1, mask, "timestep 3", "-f 3")
+    refused(visualize_d3dgs.main, STAGE2, mask, "timestep 3")
+    train_d3dgs.main(STAGE1 + ["-f", "3"])
+    visualize_d3dgs.main(STAGE2)
+
+
+def test_image_edited_after_the_timesteps_kept(work):
+    """Stage 1 checks the timesteps it keeps, the later stages those of params.npz: an image of
+    timestep 3 edited does not stop -f 3 nor the stages reading a params.npz of timesteps 0-2."""
+    from PIL import Image
+
+    train_d3dgs.main(STAGE1 + ["-f", "1", "-l", "2"])
+    Image.new("RGB", (TINY["width"], TINY["height"]), (200, 30, 30)).save(train_image(3))
+    visualize_d3dgs.main(STAGE2)
+    train_d3dgs.main(STAGE1 + ["-f", "3"])
+
+
+def test_run_json_of_the_first_record_version_is_checked_as_before(work):
+    """A timesteps/run.json written before the record covered every timestep ('seq', 'content': the
+    metas, init_pt_cld.npz and the image sizes of timestep 0) is accepted while those match, and
+    refused once they do not; a copy of the sequence (new file times) is the same sequence."""
+    from PIL import Image
+
+    run = json.load(open(f"{OUT}/timesteps/run.json"))
+    metas = [helpers.load_meta(SEQ, "train"), helpers.load_meta(SEQ, "test")]
+    items = [open(os.path.join(SEQ, n), "rb").read() for n in ("train_meta.json", "test_meta.json", "init_pt_cld.npz")]
+    items += [[os.path.getsize(os.path.join(SEQ, "ims", fn)) for fn in meta["fn"][0]] for meta in metas]
+    first = {"seq": os.path.abspath(SEQ), "content": helpers.fingerprint(*items), "downscale": 1}
+    with open(f"{OUT}/timesteps/run.json", "w") as f:
+        json.dump({**first, "train_cameras": run["train_cameras"], "test_cameras": run["test_cameras"]}, f)
+    visualize_d3dgs.main(STAGE2)
+    shutil.copytree(SEQ, "data/copy/syn", copy_function=shutil.copy)  # a copy without the file times
+    visualize_d3dgs.main(["-s", "data/copy/syn", *STAGE2[2:]])
+    Image.new("RGB", (TINY["width"], TINY["height"]), (200, 30, 30)).save(train_image(0))
+    refused(visualize_d3dgs.main, STAGE2, f"{OUT}/params.npz", "before its metas, init_pt_cld.npz or images changed")
+    refused(train_d3dgs.main, STAGE1, "before its metas", "-f 0")
 
 
 def test_later_stages_on_another_sequence_of_the_same_name_are_refused(chain):
     """Stages 2, 5 and 6 read stage 1's params.npz by the sequence folder's name: another sequence in
     a folder of that name is refused, naming the one stage 1 was trained on."""
     synthetic_sequence.generate("data/alt/syn", **TINY, seed=1)
-    trained_on = json.load(open(f"{OUT}/timesteps/run.json"))["seq"]
+    trained_on = json.load(open(f"{OUT}/timesteps/run.json"))["sequence"]["path"]
     other = ["-s", "data/alt/syn"]
     refused(visualize_d3dgs.main, other + STAGE2[2:], "params.npz", "another sequence", trained_on)
     refused(train_4legs.main, other + STAGE5[2:], "params.npz", "another sequence", trained_on)
@@ -254,10 +309,54 @@ def test_stage5_after_stage1_retrained_and_resume_with_another_downscale(chain):
     refused(visualize_4legs.main, STAGE6 + ["-p", "a red ball"], "000000.pt", "stage 1 was retrained")
 
 
+@pytest.mark.parametrize(
+    "option, recorded",
+    [
+        (["--iters", "3"], "with --iters 2"),
+        (["--warm-iters", "2"], "with --warm-iters 1"),
+        (["--warm-min-iters", "5"], "with --warm-min-iters 100"),
+        (["--converge-window", "5"], "with --converge-window 50"),
+        (["--converge-tol", "0.5"], "with --converge-tol 0.01"),
+        (["--fixed-iters"], "without --fixed-iters"),
+        (["--lr-features", "0.01"], "with --lr-features 0.0025"),
+        (["--lr-attention", "0.01"], "with --lr-attention 0.00016"),
+        (["--seed", "1"], "with --seed 0"),
+    ],
+)
+def test_stage5_resume_with_other_training_settings_is_refused(chain, option, recorded):
+    """Stage 5 resumed with other training settings than its finished timesteps were trained with
+    would mix two trainings in legs/: refused, naming the setting, the value to resume with and the
+    --restart that trains them again. Finished timesteps outside -f..-l count too: they stay."""
+    os.remove(f"{OUT}/legs/000003.pt")
+    refused(
+        train_4legs.main,
+        STAGE5 + option,
+        "000000.pt",
+        f"trained {recorded}, not",
+        f"resume {recorded}",
+        "--restart -f 0",
+    )
+    refused(train_4legs.main, STAGE5 + option + ["-f", "3", "--restart"], "000000.pt", f"resume {recorded}")
+
+
+def test_stage5_settings_are_recorded_and_restart_trains_with_new_ones(chain):
+    legs = f"{OUT}/legs"
+    os.remove(f"{legs}/000003.pt")
+    train_4legs.main(STAGE5)  # the same settings: resumed
+    train_4legs.main(STAGE5 + ["--warm-iters", "2", "--restart"])  # every timestep with new settings
+    records = [torch.load(f"{legs}/{t:06d}.pt", weights_only=True) for t in range(4)]
+    assert [r["settings"]["warm_iters"] for r in records] == [2] * 4
+    assert [r["warm_start"] for r in records] == [False, True, True, True] and records[3]["iterations"] == 2
+    del records[0]["settings"]  # as stage 5 wrote it before the settings were recorded: taken as it is
+    torch.save(records[0], f"{legs}/000000.pt")
+    train_4legs.main(STAGE5 + ["--warm-iters", "2"])
+
+
 def test_stage5_after_stage3_recomputed_is_refused(chain):
     from PIL import Image
 
     Image.new("RGB", (32, 18), (200, 30, 30)).save(train_image(3))
+    train_d3dgs.main(STAGE1 + ["-f", "3"])  # else the later stages refuse stage 1 as made from the old image
     extract_features.main(STAGE3 + ["-f", "3"])  # timestep 3 of the features computed again
     refused(train_4legs.main, STAGE5, f"{SEQ}/ae/best_ckpt.pth", "run stage 4")
 
@@ -325,6 +424,92 @@ def test_stage3_lock_and_temporary_folders_of_a_live_run(chain):
     assert os.path.isdir(live) and not os.path.exists(dead)
 
 
+TORCHRUN = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "none"}
+HOLD = """import sys, helpers
+with helpers.stage_lock(sys.argv[1], sys.argv[2]):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+@contextlib.contextmanager
+def held_elsewhere(folder, name, **env):
+    """The lock `name` of `folder` held by another live process, with `env` added to its environment
+    (a torchrun rank's), while the block runs; yields the process (it lets go when the block ends)."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, folder, name],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": ROOT, **env},
+    )
+    try:
+        assert holder.stdout.readline() == "held\n"
+        yield holder
+    finally:
+        holder.stdin.close()
+        holder.wait()
+
+
+def as_rank(monkeypatch, env):
+    """This process a torchrun rank with the environment `env` from now on; env None: a plain run."""
+    for key in ("RANK", *TORCHRUN):
+        if env is None:
+            monkeypatch.delenv(key, raising=False)
+        else:
+            monkeypatch.setenv(key, env[key])
+
+
+def test_plain_and_torchrun_runs_exclude_each_other(chain, monkeypatch):
+    """A torchrun job's ranks share a stage's lock, and nothing else does: a plain run is refused
+    while a rank holds it, a rank while a plain run or a rank of another job does; a rank of the
+    same job joins. A rank killed with SIGKILL leaves a lock that the next run takes over."""
+    cache, legs = f"{SEQ}/interpolators/color", f"{OUT}/legs"
+    rank0, other_job = {**TORCHRUN, "RANK": "0"}, {**TORCHRUN, "RANK": "0", "MASTER_PORT": "29501"}
+    with held_elsewhere(cache, "extract_features", **TORCHRUN, RANK="1") as rank1:
+        refused(extract_features.main, STAGE3, cache, "in use", f"pid {rank1.pid}", "torchrun rank 1")
+        as_rank(monkeypatch, other_job)
+        refused(extract_features.main, STAGE3, cache, "in use", f"pid {rank1.pid}")
+        as_rank(monkeypatch, rank0)
+        extract_features.main(STAGE3)  # timesteps 0-1, cached: nothing to do
+        lock = json.load(open(f"{cache}/.lock_extract_features"))
+        assert [h["pid"] for h in lock["holders"]] == [rank1.pid]  # rank 0 has let go, rank 1 holds on
+        as_rank(monkeypatch, None)
+        refused(extract_features.main, STAGE3, cache, "in use", f"pid {rank1.pid}")
+        rank1.kill()
+    extract_features.main(STAGE3)  # the lock of the killed rank is taken over
+    assert not os.path.exists(f"{cache}/.lock_extract_features")
+    with held_elsewhere(legs, "train_4legs") as plain:
+        as_rank(monkeypatch, rank0)
+        refused(train_4legs.main, STAGE5, legs, "in use", f"pid {plain.pid}")
+    as_rank(monkeypatch, None)
+    with held_elsewhere(cache, "extract_features") as plain:  # as a user sees it: one line on stderr, exit code 2
+        run = subprocess.run(
+            [sys.executable, os.path.join(ROOT, "extract_features.py"), *STAGE3],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **rank0, "PYTHONPATH": ROOT},
+        )
+    assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr
+    assert f"in use by another extract_features run (pid {plain.pid}" in run.stderr, run.stderr
+
+
+def test_stale_temporary_files_are_cleaned_when_a_stage_starts(chain):
+    """Temporary files of a SIGKILLed run in folders that a stage with nothing to do does not write
+    again (stage 5's legs/, a folder under stage 1's outputs) go when the stage starts, under its
+    lock; a live run's stay."""
+    folders = [f"{OUT}/legs", f"{OUT}/timesteps/replaced"]
+    os.makedirs(folders[1])
+    dead = [os.path.join(f, f".tmp_{helpers.host_tag()}-{dead_pid()}-1-0000.pt") for f in folders]
+    live = [helpers.tmp_path(f, ".pt") for f in folders]  # this process: a live run
+    for path in dead + live:
+        with open(path, "wb") as f:
+            f.write(b"half")
+    train_4legs.main(STAGE5)
+    train_d3dgs.main(STAGE1)
+    assert [os.path.exists(p) for p in dead + live] == [False, False, True, True]
+
+
 # ---------------------------------------------------------------- 4. prompts
 
 BAD_PROMPTS = ["/tmp/x", "../../../x", ".", "a green top", "a_green_top", "-rf", " ".join(["word"] * 70)]
@@ -381,9 +566,9 @@ def test_damaged_cached_level_is_computed_again(chain, capsys):
     out = capsys.readouterr().out
     assert f"{level} is damaged" in out and "embedded 1 timestep(s)" in out
     np.load(level)  # whole again
-    with open(level, "r+b") as f:  # right size, but NaN values: found where the features are read
-        f.seek(-2, os.SEEK_END)
-        f.write(np.array([np.nan], dtype=np.float16).tobytes())
+    with open(level.replace(".npy", "_scales.npy"), "r+b") as f:  # right size, a NaN: found where it is read
+        f.seek(-4, os.SEEK_END)
+        f.write(np.array([np.nan], dtype=np.float32).tobytes())
     refused(train_autoencoder.main, STAGE4, f"{SEQ}/interpolators/color/timestep_2", "NaN")
 
 
@@ -522,7 +707,7 @@ def test_open_clip_checkpoint_that_is_not_one(chain):
 
 
 def test_unwritable_sequence_folder_and_cache_dir(chain):
-    # the tests run as root, who may write anywhere: a file where the cache folder goes stands in
+    # as root, who may write anywhere, too: a file where the cache folder goes (test_read_only_sequence_folder chmods)
     shutil.copytree(f"{SEQ}/interpolators", "data/cache/interpolators")  # stage 3 finds them done there
     shutil.rmtree(f"{SEQ}/interpolators")
     with open(f"{SEQ}/interpolators", "w") as f:
@@ -537,6 +722,32 @@ def test_unwritable_sequence_folder_and_cache_dir(chain):
     assert os.path.isfile("data/cache/ae/best_ckpt.pth")
     # stage 5 reads the autoencoder there: its finished timesteps were made with the other one
     refused(train_4legs.main, STAGE5 + elsewhere, "000000.pt", "another autoencoder")
+
+
+@pytest.mark.skipif(
+    os.geteuid() == 0,
+    reason="root writes into read-only folders (CI runs the tests as root): run them as another user "
+    "for this test; test_unwritable_sequence_folder_and_cache_dir stands in",
+)
+def test_read_only_sequence_folder(chain):
+    """A sequence folder that cannot be written (chmod a-w): stages 3 and 4 say so in one line naming
+    --cache-dir, and run with it, as do stages 5 and 6; stage 1 writes nothing there."""
+    shutil.rmtree(f"{SEQ}/ae")
+    for folder, _, _ in os.walk(SEQ):
+        os.chmod(folder, 0o555)
+    try:
+        refused(extract_features.main, STAGE3, f"{SEQ}/interpolators/color", "Permission denied", "--cache-dir")
+        refused(train_autoencoder.main, STAGE4, f"{SEQ}/ae", "Permission denied", "--cache-dir")
+        elsewhere = ["--cache-dir", "data/cache"]
+        extract_features.main(STAGE3 + elsewhere)
+        train_autoencoder.main(STAGE4 + elsewhere)
+        train_4legs.main(STAGE5 + elsewhere + ["--restart"])
+        visualize_4legs.main(STAGE6 + elsewhere + ["-p", "a ball"])
+        train_d3dgs.main(STAGE1)
+    finally:
+        for folder, _, _ in os.walk(SEQ):
+            os.chmod(folder, 0o755)
+    assert os.path.isfile("data/cache/ae/best_ckpt.pth") and os.path.isfile(f"results/{EXP}/syn/a_ball/timeline.json")
 
 
 def test_encoder_suggestions_are_what_stage3_takes(chain):

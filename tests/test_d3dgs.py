@@ -110,7 +110,7 @@ def test_resume_continues_at_first_missing_timestep(trained, capsys, tmp_path):
     ts_dir = copy / "output" / "t" / "tiny" / "timesteps"
     first = (ts_dir / "000000.npz").stat().st_mtime_ns
     (ts_dir / "000001.npz").unlink()  # as if interrupted before timestep 1 was saved
-    seq = json.loads((ts_dir / "run.json").read_text())["seq"]
+    seq = json.loads((ts_dir / "run.json").read_text())["sequence"]["path"]
     run_in(copy, train_d3dgs.main, ["-s", seq, "-e", "t", "--device", "cpu", *ITERS])
     log = capsys.readouterr()
     assert "resuming at timestep 1" in log.out + log.err
@@ -130,7 +130,7 @@ def test_a_missing_timestep_is_trained_again_with_the_ones_after_it(trained, cap
     copy = tmp_path / "work"
     shutil.copytree(work, copy)
     out = copy / "output" / "t" / "tiny"
-    seq = json.loads((out / "timesteps" / "run.json").read_text())["seq"]
+    seq = json.loads((out / "timesteps" / "run.json").read_text())["sequence"]["path"]
     run_in(copy, train_d3dgs.main, ["-s", seq, "-e", "t", "--device", "cpu", *ITERS])
     assert "resuming at timestep 2" in "".join(capsys.readouterr())
     (out / "timesteps" / "000001.npz").unlink()
@@ -149,7 +149,7 @@ def test_nan_stops_naming_timestep_and_iteration(trained, monkeypatch, tmp_path)
     copy = tmp_path / "work"
     shutil.copytree(work, copy)
     ts_dir = copy / "output" / "t" / "tiny" / "timesteps"
-    seq = json.loads((ts_dir / "run.json").read_text())["seq"]
+    seq = json.loads((ts_dir / "run.json").read_text())["sequence"]["path"]
     calls = {"n": 0}
     real = train_d3dgs.get_loss
 
@@ -217,7 +217,7 @@ def test_visualize_writes_mp4s(trained):
     import imageio.v2 as imageio
 
     work, out = trained
-    seq = json.loads(open(os.path.join(out, "timesteps", "run.json")).read())["seq"]
+    seq = json.loads(open(os.path.join(out, "timesteps", "run.json")).read())["sequence"]["path"]
     run_in(work, visualize_d3dgs.main, ["-s", seq, "-e", "t", "--train-cams", "1", "--fg-only", "--device", "cpu"])
     results = os.path.join(work, "results", "t", "tiny")
     names = sorted(os.listdir(results))

@@ -396,7 +396,7 @@ def test_resume_and_stale_outputs(chain, capsys):
     legs = f"output/{EXP}/synthetic/legs"
     before = {f: os.path.getmtime(os.path.join(legs, f)) for f in os.listdir(legs)}
     assert len(before) == 12
-    train_4legs.main(["-s", SEQ, "-e", EXP, "--encoder", "color"])
+    train_4legs.main(["-s", SEQ, "-e", EXP, "--encoder", "color", "--iters", "200", "--warm-iters", "50"])  # as trained
     assert "0 timesteps trained, 12 already done" in capsys.readouterr().out
     assert before == {f: os.path.getmtime(os.path.join(legs, f)) for f in os.listdir(legs)}
     record = torch.load(os.path.join(legs, "000003.pt"), weights_only=True)
@@ -417,7 +417,9 @@ def test_converged_warm_start_stops_early_with_the_same_relevance(chain, capsys)
     SCORE_TOLERANCE of the fixed run's, so that a prompt detected clearly (score at least
     SCORE_TOLERANCE from the threshold) is detected in both or neither; each clearly detected
     prompt's mask IoU >= 0.8). A score that sits on the threshold may fall either side in two runs
-    of the same length too, so only clear detections are compared bit for bit."""
+    of the same length too, so only clear detections are compared bit for bit. Timestep 5 is trained
+    as train_4legs.main trains it, but outside a legs/ folder: main refuses to add a timestep trained
+    with other settings to the chain's."""
     import train_4legs
     from feature_extraction import load_encoder
     from feature_extraction.autoencoder import ae_ckpt_path
@@ -425,15 +427,26 @@ def test_converged_warm_start_stops_early_with_the_same_relevance(chain, capsys)
 
     os.chdir(chain)
     runs = {"fixed": ["--fixed-iters"], "converged": ["--warm-min-iters", "48", "--converge-window", "24"]}
-    for exp, options in runs.items():
-        os.makedirs(f"output/{exp}/synthetic/legs")
-        shutil.copy(f"output/{EXP}/synthetic/params.npz", f"output/{exp}/synthetic/params.npz")
-        shutil.copy(f"output/{EXP}/synthetic/legs/000004.pt", f"output/{exp}/synthetic/legs/000004.pt")
-        train_4legs.main(
-            ["-s", SEQ, "-e", exp, "--encoder", "color", "-f", "5", "-l", "5", "--warm-iters", "150", *options]
-        )
-    records = [torch.load(f"output/{exp}/synthetic/legs/000005.pt", weights_only=True) for exp in runs]
     ae, _ = load_autoencoder(ae_ckpt_path(SEQ), "color")
+    previous = torch.load(f"output/{EXP}/synthetic/legs/000004.pt", weights_only=True)
+    records = []
+    for options in runs.values():
+        args = train_4legs.parse_args(["-s", SEQ, "-e", EXP, "--encoder", "color", "--warm-iters", "150", *options])
+        setup = train_4legs.prepare_timestep(
+            5,
+            args,
+            helpers.load_meta(SEQ, "train"),
+            f"output/{EXP}/synthetic/params.npz",
+            ae,
+            f"{SEQ}/interpolators/color",
+            torch.device("cpu"),
+            False,
+        )
+        stop = train_4legs.stop_rule(args, previous, len(setup["renderers"]))
+        params, attention, losses = train_4legs.train_timestep(5, setup, previous, args.warm_iters, stop)
+        with torch.no_grad():  # as saved: float16
+            features = attention(params["latents"], setup["neighbours"]).to(torch.float16)
+        records.append({"features": features, "iterations": losses.shape[0]})
     prompts = [BALL, "a blue box sliding on the floor", "a green top spinning"]
     positives, negatives = encode_prompts(load_encoder("color"), prompts, "cpu")
     rendervar = helpers.load_d3dgs_params(f"output/{EXP}/synthetic/params.npz", 5)
@@ -455,7 +468,7 @@ def test_converged_warm_start_stops_early_with_the_same_relevance(chain, capsys)
         f"{records[1]['iterations']} iterations (fixed: {records[0]['iterations']}), relevance correlation "
         f"{corr:.4f}, frame scores {[[round(float(v), 3) for v in run] for run in scores]}, mask IoU {mask_iou}"
     )
-    assert all(r["warm_start"] for r in records) and records[0]["iterations"] == 150
+    assert records[0]["iterations"] == 150
     assert 48 <= records[1]["iterations"] < 150 and records[1]["iterations"] % 24 == 0, records[1]["iterations"]
     assert float((scores[0] - scores[1]).abs().max()) < SCORE_TOLERANCE, scores
     assert corr > 0.98 and detected[0] == detected[1] and detected[0], (corr, detected)
