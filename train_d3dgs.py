@@ -235,14 +235,15 @@ def object_groups(nbr, dist):
 
 
 def match_scores(points, colours, candidates, dataset):
-    """How well an object fits the train views at each candidate offset: the share of (sample, view)
-    pairs, among those in front of a view and inside its image, whose pixel is foreground and of the
-    sample's colour (1 at equal colours, 0 from COLOUR_TOLERANCE on).
+    """How well an object fits the train views at each candidate offset: the share of all (sample,
+    view) pairs that land in front of the view, inside its image, on a pixel that is foreground and of
+    the sample's colour (1 at equal colours, 0 from COLOUR_TOLERANCE on). A pair outside a view counts
+    as a miss: an offset seen by few views must not win on a few lucky pixels.
 
     points [P, 3] world, colours [P, 3], candidates [K, 3] offsets -> scores [K]."""
     moved = points[None] + candidates[:, None]  # [K, P, 3]
     hom = torch.cat([moved, torch.ones_like(moved[..., :1])], -1)
-    hits, seen = torch.zeros(len(candidates), device=points.device), torch.zeros(len(candidates), device=points.device)
+    hits = torch.zeros(len(candidates), device=points.device)
     for view in dataset:
         cam = view["cam"]
         h, w = cam.image_height, cam.image_width
@@ -256,8 +257,7 @@ def match_scores(points, colours, candidates, dataset):
         fg = view["seg"][0].flatten()[pixel].view_as(depth)
         diff = (view["im"].flatten(1)[:, pixel].T.view(*depth.shape, 3) - colours).abs().mean(-1)
         hits += (inside * fg * (1 - diff / COLOUR_TOLERANCE).clamp(min=0)).sum(1)
-        seen += inside.sum(1)
-    return hits / seen.clamp(min=1)
+    return hits / (len(points) * len(dataset))
 
 
 def object_scores(params, variables, dataset):
