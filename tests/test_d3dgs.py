@@ -577,3 +577,24 @@ def test_objects_that_jump_are_moved_to_where_the_masks_and_colours_put_them(tmp
         radius = np.linalg.norm(start - start.mean(0), axis=1).max()
         error = np.linalg.norm(params["means3D"][first:stop].numpy().mean(0) - truth.mean(0)) / radius
         assert error < 1 / 3, (obj["name"], jumps[obj["name"]], error)
+
+
+def test_a_position_outside_most_views_does_not_score_as_one_seen_by_all():
+    """match_scores counts a (sample, view) pair outside a view as a miss: red samples that land on
+    red foreground in one view of four, and behind the other three, score 1/4, not 1 (the share of
+    the pairs inside the views let an offset seen by a single view win on a few pixels)."""
+    k = [[20.0, 0.0, 8.0], [0.0, 20.0, 8.0], [0.0, 0.0, 1.0]]
+    facing = np.array([[1.0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 5], [0, 0, 0, 1]])
+    away = np.array([[-1.0, 0, 0, 0], [0, 1, 0, 0], [0, 0, -1, -5], [0, 0, 0, 1]])
+    red = torch.tensor([1.0, 0.0, 0.0])
+    views = [
+        {
+            "cam": helpers.setup_camera(16, 16, k, w2c),
+            "im": red[:, None, None].expand(3, 16, 16),
+            "seg": torch.stack([torch.ones(16, 16), torch.zeros(16, 16), torch.zeros(16, 16)]),
+        }
+        for w2c in (facing, away, away, away)
+    ]
+    points = torch.rand(50, 3) * 0.2 - 0.1
+    scores = train_d3dgs.match_scores(points, red.expand(50, 3), torch.zeros(1, 3), views)
+    assert scores[0] == pytest.approx(0.25)
