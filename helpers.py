@@ -506,7 +506,7 @@ def stage_lock(folder, name, unwritable_hint=""):
     try:
         os.makedirs(folder, exist_ok=True)
         with _folder_guard(folder):
-            holders = _live_holders(path, name, job)
+            holders = _live_holders(path, name, job, me["rank"])
             _write_lock(path, job, holders + [me])
     except OSError as e:
         raise UserError(f"cannot write in {folder} ({e.strerror or e}){unwritable_hint}") from e
@@ -539,11 +539,13 @@ def _folder_guard(folder):
         os.close(guard)  # releases the flock
 
 
-def _live_holders(path, name, job):
+def _live_holders(path, name, job, rank):
     """The holders of the lock file at `path` that this run (of the torchrun job `job`, None for a
-    plain one) may share it with: [] when there is none or all are dead (said on stderr), the live
-    ones of the same job; else UserError naming a live holder (one of another host counts as live:
-    it cannot be asked). Called with the folder guarded."""
+    plain one, as `rank`) may share it with: [] when there is none or all are dead (said on stderr),
+    the live ones of the same job when none of them is `rank` (ranks started by hand without a
+    rendezvous port name one job: a second set of them is refused by its ranks' numbers); else
+    UserError naming a live holder (one of another host counts as live: it cannot be asked). Called
+    with the folder guarded."""
     if not os.path.exists(path):
         return []
     lock = read_json(path)
@@ -558,15 +560,17 @@ def _live_holders(path, name, job):
         print(f"taking over {path}: it names no holder (unreadable)", file=sys.stderr)
         return []
     live = [h for h in holders if h["host"] != socket.gethostname() or process_alive(h["pid"], h.get("process_start"))]
-    first = (live or holders)[0]
-    rank = f", torchrun rank {first.get('rank')}" if lock.get("job") else ""
-    who = f"pid {first['pid']} on {first['host']} since {first['started']}{rank}: {first.get('command', '?')}"
+    same_job = job is not None and lock.get("job") == job
+    same_rank = [h for h in live if same_job and h.get("rank") == rank]
+    if live and same_job and not same_rank:
+        return live
+    first = (same_rank or live or holders)[0]
+    rank_text = f", torchrun rank {first.get('rank')}" if lock.get("job") else ""
+    who = f"pid {first['pid']} on {first['host']} since {first['started']}{rank_text}: {first.get('command', '?')}"
     if not live:
         print(f"taking over {path}: the run that held it is gone ({who})", file=sys.stderr)
         return []
-    if job is not None and lock.get("job") == job:
-        return live
-    if live[0]["host"] != socket.gethostname():
+    if first["host"] != socket.gethostname():
         raise UserError(
             f"{os.path.dirname(path)} is in use by a {name} run on another host ({who}); wait "
             f"for it to finish, or delete {path} if that run is gone"
@@ -585,6 +589,26 @@ def _write_lock(path, job, holders):
 # ---------------------------------------------------------------- provenance
 # What every stage records beside its outputs: what they were made from (a path and a fingerprint of
 # the content) and the settings that matter, compared on the next run.
+
+
+def setting_text(key, value):
+    """A training setting as the command line gives it: 'with --warm-iters 50', 'with --fixed-iters',
+    'without --fixed-iters'."""
+    option = "--" + key.replace("_", "-")
+    if isinstance(value, bool):
+        return f"with {option}" if value else f"without {option}"
+    return f"with {option} {value}"
+
+
+def differing_setting(record, settings):
+    """The first key of `settings` ({option dest: value}) that a record (a dict whose 'settings' holds
+    those a stage trained with) has another value of; None when there is none. A record of the code
+    before the settings were recorded, without 'settings', is taken as it is."""
+    recorded = record.get("settings")
+    if isinstance(recorded, dict):
+        return next((key for key, value in settings.items() if recorded.get(key) != value), None)
+    return None
+
 
 FINGERPRINT_SAMPLES = 1 << 20  # array elements hashed at most: a retrained timestep of params.npz changes thousands
 

@@ -382,26 +382,7 @@ def load_previous(path, made_from, settings, train_cmd):
         record = load_legs(path, None, "cpu", made_from, train_cmd)
     except helpers.UserError:  # stale or unreadable: start cold rather than from it
         return None
-    return None if differing_setting(record, settings) else record
-
-
-def setting_text(key, value):
-    """A training setting as the command line gives it: 'with --warm-iters 50', 'with --fixed-iters',
-    'without --fixed-iters'."""
-    option = "--" + key.replace("_", "-")
-    if isinstance(value, bool):
-        return f"with {option}" if value else f"without {option}"
-    return f"with {option} {value}"
-
-
-def differing_setting(record, settings):
-    """The first of `settings` (TRAINING_SETTINGS) that a stage-5 record was trained with another value
-    of, None when there is none (a record of the code before the settings were recorded, without
-    'settings', is taken as it is)."""
-    recorded = record.get("settings")
-    if isinstance(recorded, dict):
-        return next((key for key, value in settings.items() if recorded.get(key) != value), None)
-    return None
+    return None if helpers.differing_setting(record, settings) else record
 
 
 def check_finished(out_dir, num_t, timesteps, restart, made_from, settings, train_cmd):
@@ -418,11 +399,11 @@ def check_finished(out_dir, num_t, timesteps, restart, made_from, settings, trai
         why = legs_mismatch(record, made_from)
         if why:
             raise helpers.UserError(f"{path} {why}; {again}")
-        key = differing_setting(record, settings)
+        key = helpers.differing_setting(record, settings)
         if key:
-            old = setting_text(key, record["settings"].get(key))
+            old = helpers.setting_text(key, record["settings"].get(key))
             raise helpers.UserError(
-                f"{path} was trained {old}, not {setting_text(key, settings[key])}; resume {old}, or {again} "
+                f"{path} was trained {old}, not {helpers.setting_text(key, settings[key])}; resume {old}, or {again} "
                 f"(with these settings)"
             )
 

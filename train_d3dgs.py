@@ -71,6 +71,18 @@ LOSS_WEIGHTS = {
     "bg": 20.0,
     "soft_col_cons": 0.01,
 }
+# what each finished timestep records of how it was trained; continuing a run with other values is
+# refused (check_settings), retraining from a timestep with -f takes the new ones from there on
+TRAINING_SETTINGS = (
+    "iters_first",
+    "iters",
+    "motion_lr_scale",
+    "max_gaussians",
+    "plateau",
+    "seed",
+    "fg_points",
+    "bg_points",
+)
 # demo: few iterations per timestep, so positions and rotations take bigger steps to keep up with the motion
 DEMO = {
     "iters_first": 200,
@@ -636,6 +648,21 @@ def check_run(run_path, run, kept, seq_dir, metas):
         )
 
 
+def check_settings(ts_dir, t, settings):
+    """Raise UserError when finished timestep t, which a resumed run continues from, was trained with
+    another value of one of `settings` ({TRAINING_SETTINGS key: value}), naming it, both values and
+    what to do."""
+    record = json.loads(str(read_timestep_file(ts_dir, t)["record"]))
+    key = helpers.differing_setting(record, settings)
+    if key:
+        old = helpers.setting_text(key, record["settings"].get(key))
+        raise helpers.UserError(
+            f"{timestep_path(ts_dir, t)} was trained {old}, not {helpers.setting_text(key, settings[key])}: "
+            f"resume {old}, or go on with the new settings from timestep {t + 1} with -f {t + 1} "
+            f"(-f 0 trains every timestep again)"
+        )
+
+
 def replaced_path(ts_dir, t):
     """Where set_aside keeps the file of a stale timestep t until t is trained again."""
     return timestep_path(os.path.join(ts_dir, "replaced"), t)
@@ -876,6 +903,9 @@ def train(args, device, seq_dir, out_dir):
         )
     if min(start, done):
         check_run(run_path, run, min(start, done), seq_dir, [full_meta, full_test_meta])
+    settings = {key: getattr(args, key) for key in TRAINING_SETTINGS}
+    if args.first is None and 0 < done and start <= last:
+        check_settings(ts_dir, done - 1, settings)
     if start <= last:
         helpers.check_sequence(seq_dir, full_meta, start, last, masks=True, headers=True)
         helpers.check_sequence(seq_dir, full_test_meta, start, last, headers=True)
@@ -944,7 +974,7 @@ def train(args, device, seq_dir, out_dir):
             record = {
                 "iterations": iters,
                 "seconds": time.time() - started,
-                "seed": args.seed,
+                "settings": settings,
                 "gaussians": int(params["means3D"].shape[0]),
                 "test": metrics,
                 "object_scores": variables["object_scores"].tolist(),

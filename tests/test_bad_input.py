@@ -302,6 +302,36 @@ def test_missing_run_json_is_refused(work):
     refused(train_d3dgs.main, STAGE1, "run.json")
 
 
+@pytest.mark.parametrize(
+    "option, recorded",
+    [
+        (["--iters", "2"], "with --iters 1"),
+        (["--iters-first", "4"], "with --iters-first 3"),
+        (["--seed", "7"], "with --seed 0"),
+        (["--motion-lr-scale", "2"], "with --motion-lr-scale 1.0"),
+        (["--plateau", "0.1"], "with --plateau 0.0"),
+        (["--max-gaussians", "3000"], "with --max-gaussians 2000"),
+    ],
+)
+def test_stage1_resume_with_other_training_settings_is_refused(work, option, recorded):
+    """Stage 1 continued with other training settings than its finished timesteps were trained with
+    would mix two trainings in one params.npz: refused before anything changes, naming the timestep's
+    file, the value to resume with and the -f that goes on with the new settings."""
+    os.remove(f"{OUT}/timesteps/000003.npz")
+    refused(train_d3dgs.main, STAGE1 + option, "000002.npz", recorded, "-f 3")
+
+
+def test_stage1_goes_on_with_new_settings_from_the_timestep_given(work):
+    """-f N keeps timesteps 0..N-1 as they were trained and trains from N on with the settings given,
+    which their records then hold; resuming with those is accepted."""
+    os.remove(f"{OUT}/timesteps/000003.npz")
+    train_d3dgs.main(STAGE1 + ["--seed", "7", "-f", "3"])
+    records = [json.loads(str(np.load(f"{OUT}/timesteps/{t:06d}.npz")["record"])) for t in range(4)]
+    assert [r["settings"]["seed"] for r in records] == [0, 0, 0, 7]
+    os.remove(f"{OUT}/timesteps/000003.npz")
+    train_d3dgs.main(STAGE1 + ["--seed", "0"])
+
+
 def test_stage5_after_stage1_retrained_and_resume_with_another_downscale(chain):
     refused(train_4legs.main, STAGE5 + ["--downscale", "2"], "000000.pt", "--downscale 1")
     train_d3dgs.main(STAGE1 + ["-f", "3", "--seed", "7"])
@@ -463,13 +493,15 @@ def as_rank(monkeypatch, env):
 def test_plain_and_torchrun_runs_exclude_each_other(chain, monkeypatch):
     """A torchrun job's ranks share a stage's lock, and nothing else does: a plain run is refused
     while a rank holds it, a rank while a plain run or a rank of another job does; a rank of the
-    same job joins. A rank killed with SIGKILL leaves a lock that the next run takes over."""
+    same job joins unless its rank is taken. A rank killed with SIGKILL leaves a lock that the next run takes over."""
     cache, legs = f"{SEQ}/interpolators/color", f"{OUT}/legs"
     rank0, other_job = {**TORCHRUN, "RANK": "0"}, {**TORCHRUN, "RANK": "0", "MASTER_PORT": "29501"}
     with held_elsewhere(cache, "extract_features", **TORCHRUN, RANK="1") as rank1:
         refused(extract_features.main, STAGE3, cache, "in use", f"pid {rank1.pid}", "torchrun rank 1")
         as_rank(monkeypatch, other_job)
         refused(extract_features.main, STAGE3, cache, "in use", f"pid {rank1.pid}")
+        as_rank(monkeypatch, {**TORCHRUN, "RANK": "1"})  # a second rank 1: another set of ranks started by hand
+        refused(extract_features.main, STAGE3, cache, "in use", f"pid {rank1.pid}", "torchrun rank 1")
         as_rank(monkeypatch, rank0)
         extract_features.main(STAGE3)  # timesteps 0-1, cached: nothing to do
         lock = json.load(open(f"{cache}/.lock_extract_features"))
