@@ -610,6 +610,18 @@ def differing_setting(record, settings):
     return None
 
 
+def check_settings(path, record, settings, otherwise):
+    """Raise UserError when the output at `path`, whose record is `record`, was trained with another
+    value of one of `settings` than this run's: '<path> was trained with --seed 0, not with --seed 7;
+    resume with --seed 0, or <otherwise>'."""
+    key = differing_setting(record, settings)
+    if key:
+        old = setting_text(key, record["settings"].get(key))
+        raise UserError(
+            f"{path} was trained {old}, not {setting_text(key, settings[key])}; resume {old}, or {otherwise}"
+        )
+
+
 FINGERPRINT_SAMPLES = 1 << 20  # array elements hashed at most: a retrained timestep of params.npz changes thousands
 
 

@@ -399,13 +399,7 @@ def check_finished(out_dir, num_t, timesteps, restart, made_from, settings, trai
         why = legs_mismatch(record, made_from)
         if why:
             raise helpers.UserError(f"{path} {why}; {again}")
-        key = helpers.differing_setting(record, settings)
-        if key:
-            old = helpers.setting_text(key, record["settings"].get(key))
-            raise helpers.UserError(
-                f"{path} was trained {old}, not {helpers.setting_text(key, settings[key])}; resume {old}, or {again} "
-                f"(with these settings)"
-            )
+        helpers.check_settings(path, record, settings, f"{again} (with these settings)")
 
 
 def shard(timesteps):

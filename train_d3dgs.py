@@ -12,7 +12,9 @@ Outputs, under output/<exp>/<seq>/:
   params.npz     the original's format: means3D, rgb_colors, unnorm_rotations [T, N, .] and the
                  shared seg_colors, logit_opacities, log_scales [N, .], cam_m, cam_c [C, 3]
   metrics.json   PSNR / SSIM (LPIPS where its weights are on disk) on the test cameras, per timestep
-  timesteps/     one file per finished timestep: a rerun continues after the last one
+  timesteps/     one file per finished timestep: a rerun continues after the last one. Once
+                 params.npz holds a timestep, its file keeps only its record and the fingerprint
+                 of its arrays (they are on disk once, in params.npz)
   init_pt_cld.npz  the point cloud built when the sequence has none
 """
 
@@ -22,6 +24,7 @@ import json
 import math
 import os
 import time
+import zipfile
 
 import numpy as np
 import torch
@@ -606,10 +609,14 @@ def finished_timesteps(ts_dir):
     return count
 
 
+def timestep_keys(t):
+    """The arrays a timestep's file holds: the per-timestep ones, plus the shared ones at t = 0."""
+    return helpers.D3DGS_PER_TIMESTEP + (helpers.D3DGS_SHARED if t == 0 else ())
+
+
 def save_timestep(ts_dir, t, params, record):
     """Atomically: the per-timestep arrays (plus the shared ones at t = 0) and the metrics."""
-    keys = helpers.D3DGS_PER_TIMESTEP + (helpers.D3DGS_SHARED if t == 0 else ())
-    arrays = {k: params[k].detach().cpu().numpy().astype(np.float32) for k in keys}
+    arrays = {k: params[k].detach().cpu().numpy().astype(np.float32) for k in timestep_keys(t)}
     bad = [k for k, v in arrays.items() if not np.isfinite(v).all()]
     if bad:
         raise NonFiniteLoss(
@@ -653,14 +660,12 @@ def check_settings(ts_dir, t, settings):
     another value of one of `settings` ({TRAINING_SETTINGS key: value}), naming it, both values and
     what to do."""
     record = json.loads(str(read_timestep_file(ts_dir, t)["record"]))
-    key = helpers.differing_setting(record, settings)
-    if key:
-        old = helpers.setting_text(key, record["settings"].get(key))
-        raise helpers.UserError(
-            f"{timestep_path(ts_dir, t)} was trained {old}, not {helpers.setting_text(key, settings[key])}: "
-            f"resume {old}, or go on with the new settings from timestep {t + 1} with -f {t + 1} "
-            f"(-f 0 trains every timestep again)"
-        )
+    helpers.check_settings(
+        timestep_path(ts_dir, t),
+        record,
+        settings,
+        f"go on with the new settings from timestep {t + 1} with -f {t + 1} (-f 0 trains every timestep again)",
+    )
 
 
 def replaced_path(ts_dir, t):
@@ -671,11 +676,17 @@ def replaced_path(ts_dir, t):
 def set_aside(ts_dir, first, num_t):
     """Move the timestep files from `first` on (stale: they follow a timestep trained again, or a
     missing one) to ts_dir/replaced/: out of the finished run, but kept until their replacement is
-    written (drop_replaced), so that a run stopped early destroys nothing finished."""
+    written (drop_replaced), so that a run stopped early destroys nothing finished. A file whose
+    arrays params.npz holds gets them back first: this run's params.npz will not hold them."""
     stale = [t for t in range(first, num_t) if os.path.isfile(timestep_path(ts_dir, t))]
+    restored = read_timesteps(ts_dir, [t for t in stale if kept_in_params(timestep_path(ts_dir, t))])
     for t in stale:
         os.makedirs(os.path.dirname(replaced_path(ts_dir, t)), exist_ok=True)
-        os.replace(timestep_path(ts_dir, t), replaced_path(ts_dir, t))
+        if t in restored:
+            helpers.save_npz(replaced_path(ts_dir, t), restored[t])
+            os.remove(timestep_path(ts_dir, t))
+        else:
+            os.replace(timestep_path(ts_dir, t), replaced_path(ts_dir, t))
     if stale:
         helpers.fsync(ts_dir)
         tqdm.write(
@@ -694,25 +705,77 @@ def drop_replaced(ts_dir, t):
 
 
 def read_timestep_file(ts_dir, t):
-    """The arrays of a finished timestep's file (numpy; 'record' its JSON), checked by helpers.read_npz."""
+    """A finished timestep's file as it is (numpy; 'record' its JSON, 'in_params' where params.npz holds
+    its arrays), checked by helpers.read_npz."""
     return helpers.read_npz(timestep_path(ts_dir, t), f"train it again: -f {t}")
 
 
-def load_timestep_file(ts_dir, t, device):
-    arrays = read_timestep_file(ts_dir, t)
+def kept_in_params(path):
+    """Whether the timestep file at `path` leaves its arrays to params.npz (False when unreadable:
+    read_timestep_file says why where it is read)."""
+    try:
+        with np.load(path) as f:
+            return "in_params" in f.files
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return False
+
+
+def timestep_fingerprint(arrays):
+    """helpers.fingerprint of a timestep's arrays ({name: array}, timestep_keys)."""
+    return helpers.fingerprint(*(arrays[k] for k in sorted(arrays)))
+
+
+def arrays_in_params(params, t):
+    """Timestep t's arrays (timestep_keys) in params.npz's arrays `params`; {} where it holds no timestep t."""
+    keys = timestep_keys(t)
+    if any(k not in params for k in keys) or any(len(params[k]) <= t for k in helpers.D3DGS_PER_TIMESTEP):
+        return {}
+    return {k: params[k][t] if k in helpers.D3DGS_PER_TIMESTEP else params[k] for k in keys}
+
+
+def params_timesteps(path):
+    """How many timesteps the params.npz at `path` holds (read_timesteps has checked it)."""
+    with np.load(path) as f:
+        return len(f["means3D"])
+
+
+def read_timesteps(ts_dir, timesteps):
+    """{t: arrays of finished timestep t, with 'record'} for each t of `timesteps`. Those whose files
+    leave them to params.npz are read from there (the file read once), checked against the
+    fingerprint the timestep's file holds. Raises UserError naming the file and the -f to use."""
+    files = {t: read_timestep_file(ts_dir, t) for t in timesteps}
+    kept = [t for t, f in files.items() if "in_params" in f]
+    if kept:
+        path = os.path.join(os.path.dirname(ts_dir), "params.npz")
+        params = helpers.read_npz(path, f"it holds timestep {kept[0]}'s Gaussians alone; train it again: -f {kept[0]}")
+        for t in kept:
+            arrays = arrays_in_params(params, t)
+            if timestep_fingerprint(arrays) != str(files[t]["in_params"]):
+                raise helpers.UserError(
+                    f"{path} no longer holds the Gaussians of timestep {t} that {timestep_path(ts_dir, t)} "
+                    f"names (it changed since); train from timestep {t} again: -f {t}"
+                )
+            files[t] = {**arrays, "record": files[t]["record"]}
+    return files
+
+
+def torch_timestep(arrays, device):
+    """(params {name: tensor on device}, record dict) of read_timesteps' arrays of a timestep."""
+    arrays = dict(arrays)
     record = json.loads(str(arrays.pop("record")))
     return {k: torch.as_tensor(v, device=device) for k, v in arrays.items()}, record
 
 
 def restore(ts_dir, t_next, device):
     """params of timestep t_next - 1 and the variables that timestep t_next starts from; reads
-    only the files of timesteps 0, t_next - 2 and t_next - 1."""
-    first, first_record = load_timestep_file(ts_dir, 0, device)
+    only timesteps 0, t_next - 2 and t_next - 1."""
+    files = read_timesteps(ts_dir, sorted({0, max(t_next - 2, 0), t_next - 1}))
+    first, first_record = torch_timestep(files[0], device)
     variables = initialize_post_first_timestep(first)
     if t_next >= 2:
-        before, _ = load_timestep_file(ts_dir, t_next - 2, device)
+        before, _ = torch_timestep(files[t_next - 2], device)
         variables.update(prev_pts=before["means3D"], prev_rot=F.normalize(before["unnorm_rotations"]))
-    last, record = load_timestep_file(ts_dir, t_next - 1, device) if t_next >= 2 else (first, first_record)
+    last, record = torch_timestep(files[t_next - 1], device) if t_next >= 2 else (first, first_record)
     if len(record.get("object_scores", ())) == len(variables["groups"]):  # older runs did not record them
         variables["object_scores"] = torch.tensor(record["object_scores"], device=device)
     params = {
@@ -724,18 +787,20 @@ def restore(ts_dir, t_next, device):
 
 def assemble(ts_dir, out_dir, lpips_missing, resolution):
     """From the finished timesteps 0..T-1 (atomically): params.npz (its index is the timestep) and
-    metrics.json. Returns (params path, T, metrics)."""
+    metrics.json; then each timestep's file that held its arrays keeps only its record and their
+    fingerprint (read_timesteps reads them from params.npz). Returns (params path, T, metrics)."""
     num_t = finished_timesteps(ts_dir)
-    arrays, records = {k: [] for k in helpers.D3DGS_PER_TIMESTEP}, []
-    for t in range(num_t):
-        f = read_timestep_file(ts_dir, t)
-        for k in helpers.D3DGS_PER_TIMESTEP:
-            arrays[k].append(f[k])
-        if t == 0:
-            shared = {k: f[k] for k in helpers.D3DGS_SHARED}
-        records.append(json.loads(str(f["record"])))
+    files = read_timesteps(ts_dir, range(num_t))
+    records = [json.loads(str(files[t]["record"])) for t in range(num_t)]
     params_path = os.path.join(out_dir, "params.npz")
-    helpers.save_npz(params_path, {**{k: np.stack(v) for k, v in arrays.items()}, **shared})
+    written = [t for t in range(num_t) if not kept_in_params(timestep_path(ts_dir, t))]
+    if written or params_timesteps(params_path) != num_t:  # else params.npz holds these timesteps as they are
+        arrays = {k: np.stack([files[t][k] for t in range(num_t)]) for k in helpers.D3DGS_PER_TIMESTEP}
+        helpers.save_npz(params_path, {**arrays, **{k: files[0][k] for k in helpers.D3DGS_SHARED}})
+    for t in written:
+        arrays = {k: files[t][k] for k in timestep_keys(t)}
+        in_params = np.array(timestep_fingerprint(arrays))
+        helpers.save_npz(timestep_path(ts_dir, t), {"record": files[t]["record"], "in_params": in_params})
     per_t = [
         {
             "t": t,

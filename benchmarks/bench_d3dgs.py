@@ -284,7 +284,7 @@ def main():
     sizes = (meta["w"], meta["h"]), (test_meta["w"], test_meta["h"])
     dataset, _ = td.get_dataset(td.load_timestep(args.seq, meta, test_meta, 1, *sizes), meta, test_meta, 1, device)
     if args.state:
-        state, _ = td.load_timestep_file(args.state, 0, device)
+        state, _ = td.torch_timestep(td.read_timesteps(args.state, [0])[0], device)
         params = {k: v.clone().requires_grad_(k != "seg_colors") for k, v in state.items()}
         source = f"timestep 0 of {args.state}"
     else:

@@ -123,6 +123,38 @@ def test_resume_continues_at_first_missing_timestep(trained, capsys, tmp_path):
     assert "nothing to train" in "".join(capsys.readouterr())
 
 
+def test_finished_timesteps_leave_their_gaussians_to_params(trained, tmp_path):
+    """Once params.npz holds a timestep, its file keeps only its record and the fingerprint of its
+    Gaussians (on disk once). Training timestep 2 from them gives what it gives from full files; a
+    params.npz changed since is refused, naming it and the -f that trains again."""
+    work, _ = trained
+    runs = {}
+    for name in ("kept", "full"):
+        copy = tmp_path / name
+        shutil.copytree(work, copy)
+        out = copy / "output" / "t" / "tiny"
+        ts_dir = str(out / "timesteps")
+        seq = json.loads((out / "timesteps" / "run.json").read_text())["sequence"]["path"]
+        files = train_d3dgs.read_timesteps(ts_dir, [0, 1])
+        if name == "kept":
+            for t in (0, 1):
+                with np.load(train_d3dgs.timestep_path(ts_dir, t)) as f:
+                    assert sorted(f.files) == ["in_params", "record"]
+        else:  # as the files were before params.npz held them
+            for t, arrays in files.items():
+                helpers.save_npz(train_d3dgs.timestep_path(ts_dir, t), arrays)
+        run_in(copy, train_d3dgs.main, ["-s", seq, "-e", "t", "--device", "cpu", *ITERS])
+        with np.load(out / "params.npz") as f:
+            runs[name] = {k: f[k] for k in f.files}
+    assert runs["kept"].keys() == runs["full"].keys()
+    assert all(np.array_equal(runs["kept"][k], runs["full"][k]) for k in runs["kept"])
+    kept = tmp_path / "kept" / "output" / "t" / "tiny"
+    assert sum(f.stat().st_size for f in (kept / "timesteps").iterdir()) < (kept / "params.npz").stat().st_size / 10
+    helpers.save_npz(kept / "params.npz", {**runs["kept"], "means3D": runs["kept"]["means3D"] + 0.01})
+    with pytest.raises(helpers.UserError, match=r"params.npz no longer holds the Gaussians of timestep 0 .* -f 0"):
+        run_in(tmp_path / "kept", train_d3dgs.main, ["-s", seq, "-e", "t", "-f", "1", "--device", "cpu", *ITERS])
+
+
 def test_a_missing_timestep_is_trained_again_with_the_ones_after_it(trained, capsys, tmp_path):
     """Timesteps 0-2 trained, then 1 gone: 2 was trained from it, so a rerun trains 1 and 2 again;
     -f past the finished timesteps is refused."""
