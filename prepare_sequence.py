@@ -586,9 +586,10 @@ def stable_values(stack, tolerance, count=BACKGROUND_VALUES):
     frames within `tolerance` (in every channel) of one frame hold its value; the frame with the
     most such frames gives the most frequent value, whose frames are set aside, then the next one's
     among the others, and so on. -> (values [count, H, W, 3] float32, each the mean of its frames;
-    frames [count, H, W] int, how many hold it)."""
+    frames [count, H, W] int, how many hold it; first, last [count, H, W] int, the first and the last
+    of them, in stack order)."""
     values = np.zeros((count, *stack.shape[1:]), np.float32)
-    frames = np.zeros((count, *stack.shape[1:3]), int)
+    frames, first, last = (np.zeros((count, *stack.shape[1:3]), int) for _ in range(3))
     for row in range(0, stack.shape[1], 32):  # in bands: the frame-to-frame comparisons are [N, N, band, W]
         x = stack[:, row : row + 32].astype(np.int16)
         near = np.stack([np.abs(x - x[i]).max(-1) <= tolerance for i in range(len(x))])  # [N, N, band, W]
@@ -598,8 +599,10 @@ def stable_values(stack, tolerance, count=BACKGROUND_VALUES):
             mine = np.take_along_axis(near, support.argmax(0)[None, None], 0)[0] & ~taken
             values[k, row : row + 32] = (x * mine[..., None]).sum(0) / np.maximum(mine.sum(0), 1)[..., None]
             frames[k, row : row + 32] = mine.sum(0)
+            first[k, row : row + 32] = mine.argmax(0)
+            last[k, row : row + 32] = len(x) - 1 - mine[::-1].argmax(0)
             taken |= mine
-    return values, frames
+    return values, frames, first, last
 
 
 def surroundings(values, lasting, reference, ys, xs):
@@ -638,11 +641,12 @@ def estimate_background(stack, threshold):
     value only, sampled on rays out of the spot; the most frequent one where none is nearer).
     Where a resting object left or came, part of its spot may never have been empty (it moved
     over itself): no value there is within `threshold` of the surroundings, and the background is
-    the surroundings' colour. Where no value is like the surroundings and nothing beside it left
-    (an object that never moves, or spins in place), a pixel keeps its most frequent value."""
+    the surroundings' colour. Where no value is like the surroundings and nothing beside it left or
+    came for good (an object that never moves, or spins in place: its corners come and go), a pixel
+    keeps its most frequent value."""
     # within half the threshold of one frame: no value spans more than the threshold, so none mixes
     # what the masks tell apart (an object's shades, the floor beside it, the blurred edge between)
-    values, frames = stable_values(stack, threshold / 2)
+    values, frames, first, last = stable_values(stack, threshold / 2)
     lasting = frames >= max(2, BACKGROUND_SHARE * len(stack))
     lasting[0] = True
     several = lasting[1:].any(0)
@@ -653,11 +657,15 @@ def estimate_background(stack, threshold):
         return background.round().astype(np.uint8)
     ys, xs = np.nonzero(spots)
     gaps, colours = surroundings(values, lasting, ~spots, ys, xs)
-    background[ys, xs] = values[gaps.argmin(0), ys, xs]  # ties (and no sample): the most frequent
-    like = gaps.min(0) <= threshold  # [M]
-    # a value lasted here that the surroundings do not show, and one they do: something rested and left, or came
+    chosen = gaps.argmin(0)  # [M]; ties (and no sample): the most frequent
+    background[ys, xs] = values[chosen, ys, xs]
+    like = gaps.min(0) <= threshold
+    # a value lasted here that the surroundings do not show, all before or all after the one they do:
+    # something rested here and left, or came and stayed (one that spins in place comes and goes)
+    shown_first, shown_last = first[chosen, ys, xs], last[chosen, ys, xs]
+    apart = (last[:, ys, xs] < shown_first) | (first[:, ys, xs] > shown_last)  # [K, M]
     left, unseen = np.zeros_like(spots), np.zeros_like(spots)
-    left[ys, xs] = like & several[ys, xs] & ((gaps > threshold) & np.isfinite(gaps)).any(0)
+    left[ys, xs] = like & several[ys, xs] & ((gaps > threshold) & np.isfinite(gaps) & apart).any(0)
     unseen[ys, xs] = ~like
     labels, _ = ndimage.label(left | unseen, np.ones((3, 3)))
     covered = ~like & np.isin(labels[ys, xs], labels[left])  # [M]: never empty, beside what left
