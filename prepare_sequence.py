@@ -53,11 +53,12 @@ Time: timestep t is frame first + t * every (with --fps: the frame nearest to t 
 
 Masks without --masks: per camera, the background is the clean plate (--background) or estimated
 from up to 25 of the prepared frames: per pixel the value it holds most often, and where something
-rested for a while (another value lasts too) the one whose colour the surroundings show. A pixel
-is foreground where some channel differs from it by more than --threshold; an opening removes
-specks, a closing fills cracks, small blobs go. What moves is found; what stays put (or spins in
-place) is background, as stage 1 wants it. Where something rests for most of the frames and the
-empty scene shows only briefly, shoot a clean plate (or give your own masks).
+rested for a while (another value lasts too) the one whose colour the surroundings show, and where
+it moved over its own spot (part of the spot never showed the empty scene) the surroundings' colour.
+A pixel is foreground where some channel differs from it by more than --threshold; an opening
+removes specks, a closing fills cracks, small blobs go. What moves is found; what stays put (or
+spins in place) is background, as stage 1 wants it. Where something rests for most of the frames
+and the empty scene shows only briefly, shoot a clean plate (or give your own masks).
 
 A rerun with the same command skips the frames and masks already written; interrupted runs leave no
 half-written file.
@@ -580,24 +581,55 @@ def background_frames(paths):
     return np.stack([read_image(paths[i]) for i in picks])
 
 
-def stable_values(stack, threshold, count=BACKGROUND_VALUES):
+def stable_values(stack, tolerance, count=BACKGROUND_VALUES):
     """The `count` values each pixel holds most often over the frames stack [N, H, W, 3] uint8:
-    frames within `threshold` (in every channel) of one another hold one value; the most frequent
-    value's frames are set aside, then the next one's among the others, and so on. -> (values
-    [count, H, W, 3] float32, each the mean of its frames; frames [count, H, W] int, how many hold it)."""
+    frames within `tolerance` (in every channel) of one frame hold its value; the frame with the
+    most such frames gives the most frequent value, whose frames are set aside, then the next one's
+    among the others, and so on. -> (values [count, H, W, 3] float32, each the mean of its frames;
+    frames [count, H, W] int, how many hold it; first, last [count, H, W] int, the first and the last
+    of them, in stack order)."""
     values = np.zeros((count, *stack.shape[1:]), np.float32)
-    frames = np.zeros((count, *stack.shape[1:3]), int)
+    frames, first, last = (np.zeros((count, *stack.shape[1:3]), int) for _ in range(3))
     for row in range(0, stack.shape[1], 32):  # in bands: the frame-to-frame comparisons are [N, N, band, W]
         x = stack[:, row : row + 32].astype(np.int16)
-        near = np.stack([np.abs(x - x[i]).max(-1) <= threshold for i in range(len(x))])  # [N, N, band, W]
+        near = np.stack([np.abs(x - x[i]).max(-1) <= tolerance for i in range(len(x))])  # [N, N, band, W]
         taken = np.zeros(x.shape[:3], bool)
         for k in range(count):
             support = np.where(taken, -1, (near & ~taken[None]).sum(1))  # [N, band, W]
             mine = np.take_along_axis(near, support.argmax(0)[None, None], 0)[0] & ~taken
             values[k, row : row + 32] = (x * mine[..., None]).sum(0) / np.maximum(mine.sum(0), 1)[..., None]
             frames[k, row : row + 32] = mine.sum(0)
+            first[k, row : row + 32] = mine.argmax(0)
+            last[k, row : row + 32] = len(x) - 1 - mine[::-1].argmax(0)
             taken |= mine
-    return values, frames
+    return values, frames, first, last
+
+
+def surroundings(values, lasting, reference, ys, xs):
+    """How the spots (ys, xs) [M] compare with what is around them: pixels of `reference` [H, W]
+    sampled on SURROUNDING_RAYS rays out of each spot, at SURROUNDING_REACH times its distance to
+    the nearest such pixel. -> (gaps [K, M]: for each value of values [K, H, W, 3], its largest
+    channel difference to the nearest sample, inf where it is not `lasting` [K, H, W] or no sample
+    lies in the image; colours [M, 3] float32: the samples' median, the spot's value without one)."""
+    reach = ndimage.distance_transform_edt(~reference)[ys, xs]
+    angles = np.linspace(0, 2 * np.pi, SURROUNDING_RAYS, endpoint=False)
+    radii = reach[:, None] * np.array(SURROUNDING_REACH)  # [M, radii]
+    height, width = reference.shape
+    gaps, colours = np.full((len(values), len(ys)), np.inf), values[0, ys, xs].copy()
+    for start in range(0, len(ys), 16384):  # in chunks: the differences are [K, chunk, samples, 3]
+        chunk = slice(start, start + 16384)
+        y, x, r = ys[chunk], xs[chunk], radii[chunk]
+        sy = np.round(y[:, None, None] + r[..., None] * np.sin(angles)).astype(int).reshape(len(y), -1)
+        sx = np.round(x[:, None, None] + r[..., None] * np.cos(angles)).astype(int).reshape(len(y), -1)
+        inside = (sy >= 0) & (sy < height) & (sx >= 0) & (sx < width)
+        sy, sx = np.where(inside, sy, 0), np.where(inside, sx, 0)
+        usable = inside & reference[sy, sx]  # [chunk, samples]
+        samples = values[0][sy, sx]  # [chunk, samples, 3]
+        differences = np.abs(values[:, y, x, None] - samples[None]).max(-1)  # [K, chunk, samples]
+        gaps[:, chunk] = np.where(lasting[:, y, x], np.where(usable[None], differences, np.inf).min(-1), np.inf)
+        seen = usable.any(1)
+        colours[start + np.nonzero(seen)[0]] = np.nanmedian(np.where(usable[seen, :, None], samples[seen], np.nan), 1)
+    return gaps, colours
 
 
 def estimate_background(stack, threshold):
@@ -606,31 +638,38 @@ def estimate_background(stack, threshold):
     another value lasts too (at least BACKGROUND_SHARE of the frames): something rested there for a
     while and then left, or came and stayed. Which one is the background, time alone cannot tell;
     the surroundings can: it is the one whose colour the pixels around show (those that hold one
-    value only, sampled on rays out of the spot), the most frequent one where none is nearer."""
-    values, frames = stable_values(stack, threshold)
+    value only, sampled on rays out of the spot; the most frequent one where none is nearer).
+    Where a resting object left or came, part of its spot may never have been empty (it moved
+    over itself): no value there is within `threshold` of the surroundings, and the background is
+    the surroundings' colour. Where no value is like the surroundings and nothing beside it left or
+    came for good (an object that never moves, or spins in place: its corners come and go), a pixel
+    keeps its most frequent value."""
+    # within half the threshold of one frame: no value spans more than the threshold, so none mixes
+    # what the masks tell apart (an object's shades, the floor beside it, the blurred edge between)
+    values, frames, first, last = stable_values(stack, threshold / 2)
     lasting = frames >= max(2, BACKGROUND_SHARE * len(stack))
     lasting[0] = True
     several = lasting[1:].any(0)
-    reference = ~ndimage.binary_dilation(several, iterations=2)  # a spot's edge holds part of what rested there
+    # a spot's edge holds part of what rested there, and what it encloses was never seen empty
+    spots = ndimage.binary_fill_holes(ndimage.binary_dilation(several, iterations=2))
     background = values[0].copy()
-    if not several.any() or not reference.any():
+    if not several.any() or spots.all():
         return background.round().astype(np.uint8)
-    ys, xs = np.nonzero(several)
-    reach = ndimage.distance_transform_edt(~reference)[ys, xs]  # to the nearest pixel of one value
-    angles = np.linspace(0, 2 * np.pi, SURROUNDING_RAYS, endpoint=False)
-    radii = reach[:, None] * np.array(SURROUNDING_REACH)  # [M, radii]
-    height, width = several.shape
-    for start in range(0, len(ys), 16384):  # in chunks: the distances are [K, chunk, samples]
-        y, x, r = ys[start : start + 16384], xs[start : start + 16384], radii[start : start + 16384]
-        sy = np.round(y[:, None, None] + r[..., None] * np.sin(angles)).astype(int).reshape(len(y), -1)
-        sx = np.round(x[:, None, None] + r[..., None] * np.cos(angles)).astype(int).reshape(len(y), -1)
-        inside = (sy >= 0) & (sy < height) & (sx >= 0) & (sx < width)
-        sy, sx = np.where(inside, sy, 0), np.where(inside, sx, 0)
-        usable = inside & reference[sy, sx]  # [chunk, samples]
-        gaps = np.abs(values[:, y, x, None] - values[0][sy, sx][None]).sum(-1)  # [K, chunk, samples]
-        nearest = np.where(usable[None], gaps, np.inf).min(-1)
-        nearest[~lasting[:, y, x]] = np.inf
-        background[y, x] = values[nearest.argmin(0), y, x]  # ties (and no usable sample): the most frequent
+    ys, xs = np.nonzero(spots)
+    gaps, colours = surroundings(values, lasting, ~spots, ys, xs)
+    chosen = gaps.argmin(0)  # [M]; ties (and no sample): the most frequent
+    background[ys, xs] = values[chosen, ys, xs]
+    like = gaps.min(0) <= threshold
+    # a value lasted here that the surroundings do not show, all before or all after the one they do:
+    # something rested here and left, or came and stayed (one that spins in place comes and goes)
+    shown_first, shown_last = first[chosen, ys, xs], last[chosen, ys, xs]
+    apart = (last[:, ys, xs] < shown_first) | (first[:, ys, xs] > shown_last)  # [K, M]
+    left, unseen = np.zeros_like(spots), np.zeros_like(spots)
+    left[ys, xs] = like & several[ys, xs] & ((gaps > threshold) & np.isfinite(gaps) & apart).any(0)
+    unseen[ys, xs] = ~like
+    labels, _ = ndimage.label(left | unseen, np.ones((3, 3)))
+    covered = ~like & np.isin(labels[ys, xs], labels[left])  # [M]: never empty, beside what left
+    background[ys[covered], xs[covered]] = colours[covered]
     return background.round().astype(np.uint8)
 
 

@@ -114,8 +114,8 @@ def test_cameras_file_round_trip_and_rerun(scene, tmp_path, capsys):
 def test_background_masks_without_clean_plate(scene, tmp_path):
     """Without a clean plate the ball and the box rest for about half of the 8 frames where they
     start or stop: the background is the value their surroundings show, so no ghost is left where
-    they rested (a temporal median left one: IoU 0.47-0.79). Measured 0.96-0.97 at t = 3..6, as with
-    the clean plate."""
+    they rested (a temporal median left one: IoU 0.47-0.79). Measured 0.955-0.965 at t = 3..6, as
+    with the clean plate (0.954-0.963)."""
     cameras_file = export_capture(scene["seq"], str(tmp_path), "frames")
     out = tmp_path / "data" / "out"
     prepare("--videos", tmp_path / "videos", "--cameras", cameras_file, "-o", out, "--test-cams", scene["test_cams"])
@@ -148,6 +148,42 @@ def test_background_of_what_rests_half_the_time():
     stack[3:, 20:35, 35:55] = (30, 30, 200)
     background = prepare_sequence.estimate_background(stack, 40)
     np.testing.assert_array_equal(background, np.repeat(floor[..., None], 3, -1))
+
+
+def test_background_where_an_object_moved_over_its_own_spot():
+    """A grey floor [12 frames]; a red square (brighter to the right, so that its pixels change as it
+    moves) rests for 5 frames, slides over part of its own spot and rests there for 4: the overlap
+    never shows the floor, and its background is the floor around it (it kept shades of the square,
+    which then hid the sliding square from the masks). A yellow bar that turns a quarter each frame
+    (a box spinning in place) never leaves the middle either, but its ends come and go: it is no
+    object that rested and left, and its middle stays background (it had turned into floor)."""
+    stack = np.full((12, 60, 80, 3), 120, np.uint8)
+    shades = np.stack([140 + 6 * np.arange(14), np.full(14, 30), np.full(14, 30)], -1)
+    for t, left in enumerate([10] * 5 + [13, 16, 19] + [22] * 4):
+        stack[t, 10:24, left : left + 14] = shades
+    stack[0::2, 38:48, 48:68] = stack[1::2, 33:53, 53:63] = (220, 200, 30)
+    background = prepare_sequence.estimate_background(stack, 40).astype(int)
+    np.testing.assert_array_equal(background[:30, :45], 120)
+    assert (np.abs(background[38:48, 53:63] - 120).max(-1) > 40).all()
+
+
+@pytest.mark.parametrize("seed", [1, 4, 7])
+def test_family_masks_without_clean_plate(seed, tmp_path):
+    """Family members 1, 4 and 7 (112 pixels wide, 5 + 1 cameras, 12 timesteps), without a clean plate:
+    the masks match the objects while they move (IoU >= 0.9; measured 0.94 / 0.91 / 0.92, with the
+    clean plate 0.95 / 0.91 / 0.92). A cylinder that slides towards a camera covers part of its spot
+    in every frame; the background kept it there (0.87 each), and values within --threshold of one
+    frame mixed an object's shades with the floor."""
+    scene, *_ = synthetic_sequence.scene_settings(seed, num_train=5, num_test=1)
+    width, height = synthetic_sequence.draw_image_size(seed)
+    seq = str(tmp_path / f"family{seed}")
+    synthetic_sequence.generate(seq, None, 112, round(112 * height / width), 12, 5, 1, scene=scene)
+    cameras_file = export_capture(seq, str(tmp_path), "frames")
+    out = tmp_path / "data" / "out"
+    test_cam = camera_name(helpers.load_meta(seq, "test")["cam_id"][0])
+    prepare("--videos", tmp_path / "videos", "--cameras", cameras_file, "-o", out, "--test-cams", test_cam)
+    ious = mask_iou(seq, str(out))
+    assert min(ious.values()) >= 0.9, ious
 
 
 def quaternion_wxyz(w2c):
