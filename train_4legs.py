@@ -10,9 +10,14 @@ the previous one (WARM START: the Gaussians persist, so do their features; docs/
 measures that it reaches the same loss in fewer iterations), and on the CPU / without the CUDA
 kernels the frozen render is precomputed per camera as one sparse matrix (same values as the
 rasterizer, see `blend_matrix`). Outputs: `output/<exp>/<seq>/legs/<t:06d>.pt`, one atomic file per
-timestep; a rerun resumes. Under torchrun each rank trains a contiguous block of timesteps, and the
-warm start then chains within a block (each block's first timestep starts cold unless the
-previous timestep's file already exists).
+timestep; a rerun resumes. A warm-started timestep holds the background's features at those of its
+chain's first timestep (static Gaussians, static features), so its file stores the foreground's
+alone, as int8 rows with a per-row scale (feature_extraction/relevancy.py: save_legs); the latents
+and attention that the next timestep starts from are kept beside them for the last timestep trained
+(`state_<t:06d>.pt`): `--restart -f F` starts cold at F unless F - 1 was the last one trained.
+Under torchrun each rank trains a contiguous block of timesteps, and the warm start then chains
+within a block (each block's first timestep starts cold unless the previous timestep's files
+already exist).
 
 One difference is for small objects, not speed: a pixel's target is the embedding of its purest
 tile (the surrounding tile, on any level, whose pixels most look like it), not the mean over the
@@ -39,6 +44,7 @@ import helpers
 from feature_extraction.autoencoder import ae_ckpt_path, load_autoencoder
 from feature_extraction.cache import add_cache_dir_option, cache_identity
 from feature_extraction.relevancy import (
+    check_base,
     d3dgs_params_path,
     encoder_name,
     feature_cache,
@@ -48,6 +54,7 @@ from feature_extraction.relevancy import (
     load_legs,
     read_legs,
     render_features,
+    save_legs,
 )
 from feature_extraction.tiles import TILE_MIXES
 
@@ -290,9 +297,17 @@ def camera_order(num_cams, generator):
         yield from torch.randperm(num_cams, generator=generator).tolist()
 
 
-def get_loss(params, attention, variables, renderer, target):
+def lifted_features(params, attention, variables):
+    """features [N, 128] of the Gaussians: the attention's output, except for the rows held fixed
+    (variables' held_rows [N, 1] bool, with their values held_features [N, 128], where given)."""
     features = attention(params["latents"], variables["neighbours"])
-    return helpers.l1_loss(renderer(features), target)
+    if "held_rows" in variables:
+        features = torch.where(variables["held_rows"], variables["held_features"], features)
+    return features
+
+
+def get_loss(params, attention, variables, renderer, target):
+    return helpers.l1_loss(renderer(lifted_features(params, attention, variables)), target)
 
 
 def train_timestep(t, setup, previous, num_iters, stop=None, show_progress=True, on_iter=None):
@@ -304,7 +319,7 @@ def train_timestep(t, setup, previous, num_iters, stop=None, show_progress=True,
     params, attention, optimizer = initialize(
         setup["rendervar"]["means3D"].shape[0], previous, setup["lrs"], setup["device"], setup["seed"] + t
     )
-    variables = {"neighbours": setup["neighbours"]}
+    variables = {k: setup[k] for k in ("neighbours", "held_rows", "held_features") if k in setup}
     order = camera_order(len(setup["renderers"]), torch.Generator().manual_seed(setup["seed"] + t))
     losses = torch.zeros(num_iters, device=setup["device"])  # on the device: no host sync per iteration
     bar = helpers.progress(range(num_iters), desc=f"t={t}", leave=False, disable=not show_progress)
@@ -353,9 +368,16 @@ def stop_rule(args, previous, num_cams):
     }
 
 
-def prepare_timestep(t, args, meta, params_path, ae, cache, device, use_rasterizer):
-    """Everything a timestep's training needs that does not change while it trains."""
+def prepare_timestep(t, args, meta, params_path, ae, cache, device, use_rasterizer, previous=None):
+    """Everything a timestep's training needs that does not change while it trains. Warm-started
+    (`previous`, load_previous's), the background's features are held at those of the previous
+    timestep, which holds them at its chain's first timestep: the background Gaussians are static
+    (stage 1 holds them still), so are their features, and each record stores them once (save_legs)."""
     rendervar = helpers.load_d3dgs_params(params_path, t, device)
+    held = {}
+    if previous is not None:
+        held["held_rows"] = ~helpers.is_foreground(rendervar["seg_colors"])[:, None]
+        held["held_features"] = previous["features"].to(device)
     cams = helpers.cameras_at(helpers.scale_meta(meta, args.downscale), t, device=device)
     guides = None
     if args.tile_mix == "purest":
@@ -371,25 +393,58 @@ def prepare_timestep(t, args, meta, params_path, ae, cache, device, use_rasteriz
         "lrs": {"latents": args.lr_features, "attention": args.lr_attention},
         "device": device,
         "seed": args.seed,
+        **held,
     }
 
 
-def load_previous(path, made_from, settings, train_cmd):
-    """The record of t-1 for a warm start, or None when there is none usable."""
-    if not os.path.isfile(path):
+def state_path(out_dir, t):
+    """Where the latents and attention of timestep t are kept for the warm start of t + 1: only for
+    the last timestep a run trained (each rank's), the others' are deleted (they take as many bytes
+    as the features and are needed by nothing else)."""
+    return os.path.join(out_dir, f"state_{t:06d}.pt")
+
+
+def read_state(out_dir, t):
+    """The warm-start state of timestep t ({'t', 'run_id', 'latents', 'attention'}), or None."""
+    try:
+        return torch.load(state_path(out_dir, t), map_location="cpu", weights_only=True)
+    except Exception:  # missing, truncated or foreign: any unpickling error, and the warm start is off
+        return None
+
+
+def load_previous(out_dir, t, made_from, settings, train_cmd):
+    """What timestep t warm-starts from, or None (a cold start) when timestep t - 1 has no usable
+    record or state: {'features' [N, 128] of t - 1, 'latents' [N, 128], 'attention' (state dict),
+    'base' ({'t', 'run_id'} of the record holding the background rows)}; None also when t - 1 was
+    trained with other settings."""
+    path = legs_path(out_dir, t - 1)
+    if t == 0 or not os.path.isfile(path):
         return None
     try:
-        record = load_legs(path, None, "cpu", made_from, train_cmd)
+        record = load_legs(path, t - 1, "cpu", made_from, train_cmd)
     except helpers.UserError:  # stale or unreadable: start cold rather than from it
         return None
-    return None if helpers.differing_setting(record, settings) else record
+    if helpers.differing_setting(record, settings):
+        return None
+    state = record if "latents" in record else read_state(out_dir, t - 1)  # format 1: the record holds them
+    if state is None or state.get("run_id") != record["run_id"]:  # none, or of another training of t - 1
+        return None
+    return {
+        "features": record["features"],
+        "latents": state["latents"],
+        "attention": state["attention"],
+        "base": record.get("base") or {"t": t - 1, "run_id": record["run_id"]},
+    }
 
 
 def check_finished(out_dir, num_t, timesteps, restart, made_from, settings, train_cmd):
     """Before any training: raise UserError when a finished timestep that stays in out_dir after this
     run (any outside `timesteps`, those inside unless restart) was made from other inputs than
-    `made_from` or trained with other settings than `settings`, naming the first, what differs and
-    what to do. So the timesteps of a legs/ folder are all made one way."""
+    `made_from` or trained with other settings than `settings`, or holds the background features of
+    a timestep (its base, save_legs) that is gone, was trained again since or is trained again by
+    this run, naming the first, what differs and what to do. So the timesteps of a legs/ folder are
+    all made one way, and each can be read."""
+    run_ids = {}  # of the finished timesteps that stay
     for t in range(num_t):
         path = legs_path(out_dir, t)
         if not os.path.isfile(path) or (restart and t in timesteps):
@@ -400,6 +455,15 @@ def check_finished(out_dir, num_t, timesteps, restart, made_from, settings, trai
         if why:
             raise helpers.UserError(f"{path} {why}; {again}")
         helpers.check_settings(path, record, settings, f"{again} (with these settings)")
+        base = record.get("base")
+        if base and restart and base["t"] in timesteps:
+            raise helpers.UserError(
+                f"{path} holds the background features of timestep {base['t']}, which this run trains again; "
+                f"train them together: {train_cmd} --restart -f {base['t']}"
+            )
+        if base:
+            check_base(record, path, run_ids.get(base["t"]), train_cmd)
+        run_ids[t] = record.get("run_id")
 
 
 def shard(timesteps):
@@ -573,37 +637,46 @@ def main(argv=None):
                 done += 1
                 continue
             t0 = time.time()
-            previous = load_previous(legs_path(out_dir, t - 1), made_from, settings, train_cmd) if t > 0 else None
-            setup = prepare_timestep(t, args, meta, params_path, ae, cache, device, use_rasterizer)
+            previous = load_previous(out_dir, t, made_from, settings, train_cmd)
+            setup = prepare_timestep(t, args, meta, params_path, ae, cache, device, use_rasterizer, previous)
             num_iters = args.iters if previous is None else args.warm_iters
             params, attention, losses = train_timestep(
                 t, setup, previous, num_iters, stop_rule(args, previous, len(setup["renderers"]))
             )
             loss = tail_loss(losses)
             with torch.no_grad():
-                features = attention(params["latents"], setup["neighbours"])
+                features = lifted_features(params, attention, setup)
             if not torch.isfinite(features).all():
                 raise helpers.UserError(
                     f"timestep {t}: the features went NaN/Inf in training (--lr-features "
                     f"{args.lr_features}, --lr-attention {args.lr_attention}); not saved, the "
                     f"finished timesteps are kept"
                 )
-            helpers.save_torch(
-                path,
-                {
-                    "t": t,
-                    "features": features.to(torch.float16).cpu(),
-                    "latents": params["latents"].detach().to(torch.float16).cpu(),
-                    "attention": {k: v.cpu() for k, v in attention.state_dict().items()},
-                    "loss": loss,
-                    "iterations": losses.shape[0],
-                    "warm_start": previous is not None,
-                    "settings": settings,
-                    "run_id": uuid.uuid4().hex,
-                    "seconds": time.time() - t0,
-                    **made_from,
-                },
-            )
+            run_id = uuid.uuid4().hex
+            state = {
+                "t": t,
+                "run_id": run_id,
+                "latents": params["latents"].detach().to(torch.float16).cpu(),
+                "attention": {k: v.cpu() for k, v in attention.state_dict().items()},
+            }
+            helpers.save_torch(state_path(out_dir, t), state)  # before the record: resuming finds both
+            info = {
+                "t": t,
+                "loss": loss,
+                "iterations": losses.shape[0],
+                "warm_start": previous is not None,
+                "settings": settings,
+                "run_id": run_id,
+                "seconds": time.time() - t0,
+                **made_from,
+            }
+            if previous is None:  # a chain's first timestep: every row, the base of what follows
+                save_legs(path, features, None, None, info)
+            else:
+                foreground = torch.nonzero(~setup["held_rows"][:, 0]).squeeze(1)
+                save_legs(path, features, foreground, previous["base"], info)
+            if previous is not None and os.path.isfile(state_path(out_dir, t - 1)):  # t's state replaces it
+                os.remove(state_path(out_dir, t - 1))
             trained += 1
             bar.set_postfix(loss=f"{loss:.4f}", warm=previous is not None, iters=losses.shape[0])
     print(

@@ -114,33 +114,94 @@ def check_legs(record, path, made_from):
         raise helpers.UserError(f"{path} {why}: run {helpers.stage_name('train_4legs.py')} again with --restart")
 
 
+# A stage-5 record (legs/<t>.pt, written by save_legs, read by read_legs / legs_features) holds the
+# features of one timestep as int8 rows with a per-row scale (helpers.quantize_rows), and only the
+# rows that are not held fixed: a warm-started timestep keeps the background's features of the
+# timestep its chain started at (its base, which holds every row; train_4legs.py), so it stores the
+# foreground rows alone. Records of format 1 (before LEGS_FORMAT 2) hold float16 features and latents
+# [N, 128] of every row, and are read as they are.
+LEGS_FORMAT = 2
+
+
+def save_legs(path, features, rows, base, info):
+    """Write a stage-5 record atomically: features [N, 128] of the rows `rows` (int64 [n]; None: all),
+    `base` {'t', 'run_id'} of the record holding the other rows (None when all are here), and `info`
+    (t, run_id, loss, the keys of LEGS_MADE_FROM, ...)."""
+    values, scales = helpers.quantize_rows(features.detach().cpu() if rows is None else features.detach()[rows].cpu())
+    record = {
+        **info,
+        "format": LEGS_FORMAT,
+        "num_gaussians": features.shape[0],
+        "rows": None if rows is None else rows.cpu().to(torch.int32),
+        "values": values,
+        "scales": scales,
+        "base": base,
+    }
+    helpers.save_torch(path, record)
+
+
 def read_legs(path, train_cmd):
-    """A stage-5 record as saved, its tensors memory-mapped (reading what check_legs compares costs
-    next to nothing); UserError for a truncated or foreign file."""
+    """A stage-5 record as saved (either format), its tensors memory-mapped (reading what check_legs
+    compares costs next to nothing); UserError for a truncated or foreign file."""
     again = f"run {helpers.stage_name('train_4legs.py')} again: {train_cmd} --restart"
     try:
         record = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # truncated or foreign file: any unpickling error
         raise helpers.UserError(f"{path} cannot be read ({type(e).__name__}: {e}); {again}") from None
-    if not isinstance(record, dict) or not all(torch.is_tensor(record.get(k)) for k in ("features", "latents")):
-        raise helpers.UserError(f"{path} is not a stage-5 record (features, latents, ...); {again}")
+    arrays = (
+        ("values", "scales")
+        if isinstance(record, dict) and record.get("format") == LEGS_FORMAT
+        else ("features", "latents")
+    )
+    if not isinstance(record, dict) or not all(torch.is_tensor(record.get(k)) for k in arrays):
+        raise helpers.UserError(f"{path} is not a stage-5 record ({', '.join(arrays)}, ...); {again}")
     return record
 
 
+def legs_features(record, path, train_cmd):
+    """The features [N, 128] float32 (CPU) of a record read by read_legs: its own rows, the others
+    from its base record (checked to be the one it was trained from)."""
+    if record.get("format") != LEGS_FORMAT:
+        return record["features"].float()
+    own = helpers.dequantize_rows(record["values"], record["scales"])
+    if record["rows"] is None:
+        return own
+    base_path = legs_path(os.path.dirname(path), record["base"]["t"])
+    base = read_legs(base_path, train_cmd) if os.path.isfile(base_path) else {}
+    check_base(record, path, base.get("run_id"), train_cmd)
+    features = legs_features(base, base_path, train_cmd)
+    features[record["rows"].long()] = own
+    return features
+
+
+def check_base(record, path, base_run_id, train_cmd):
+    """Raise UserError unless the record at `path` was trained from the base whose run_id (None:
+    missing) is `base_run_id`."""
+    if record["base"]["run_id"] != base_run_id:
+        t = record["base"]["t"]
+        raise helpers.UserError(
+            f"{path} shares the background features of timestep {t}, which was "
+            f"{'trained again since' if base_run_id else 'deleted'}: run {helpers.stage_name('train_4legs.py')} "
+            f"again from there: {train_cmd} -f {t} --restart"
+        )
+
+
 def load_legs(path, t, device, made_from, train_cmd):
-    """Stage-5 output of one timestep, checked against `made_from` (check_legs) and for NaN/Inf:
-    dict with features [N, 128] float32 on `device` (what is rendered), latents [N, 128], attention
-    state dict, loss, iterations, warm_start, run_id."""
+    """Stage-5 output of one timestep, checked against `made_from` (check_legs) and for NaN/Inf: the
+    record (read_legs) with features [N, 128] float32 on `device` (what is rendered), its base's rows
+    filled in; loss, iterations, warm_start, run_id; records of format 1 also latents and attention."""
     if not os.path.isfile(path):
         raise helpers.UserError(f"{path} (timestep {t}) not found: {helpers.run_first('train_4legs.py', train_cmd)}")
     record = read_legs(path, train_cmd)
     check_legs(record, path, made_from)
-    if not (torch.isfinite(record["features"]).all() and torch.isfinite(record["latents"]).all()):
+    features = legs_features(record, path, train_cmd)
+    latents = record.get("latents", features)  # format 1: the warm start reads them
+    if not (torch.isfinite(features).all() and torch.isfinite(latents).all()):
         raise helpers.UserError(
             f"{path}: features or latents hold NaN/Inf; run "
             f"{helpers.stage_name('train_4legs.py')} again: {train_cmd} --restart"
         )
-    record["features"] = record["features"].to(device=device, dtype=torch.float32)
+    record["features"] = features.to(device=device)
     return record
 
 
@@ -174,6 +235,8 @@ class Stages:
                 )
             record = read_legs(path, self.train_cmd)
             check_legs(record, path, self.made_from)
+            if record.get("base"):  # its base precedes it
+                check_base(record, path, self.legs_run_ids[record["base"]["t"]], self.train_cmd)
             self.legs_run_ids.append(record.get("run_id"))
 
     def provenance(self):

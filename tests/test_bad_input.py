@@ -389,6 +389,21 @@ def test_stage5_settings_are_recorded_and_restart_trains_with_new_ones(chain):
     train_4legs.main(STAGE5 + ["--warm-iters", "2"])
 
 
+def test_stage5_keeps_the_background_of_each_finished_timestep(chain):
+    """A warm-started timestep stores its foreground's features alone and reads the background's from
+    its chain's first timestep (relevancy.save_legs): a run that would train that one again but not
+    it, or a resume after that one was deleted, is refused before training, naming the -f from there."""
+    refused(
+        train_4legs.main,
+        STAGE5 + ["--restart", "-l", "1"],
+        "000002.pt",
+        "timestep 0, which this run trains again",
+        "--restart -f 0",
+    )
+    os.remove(f"{OUT}/legs/000000.pt")
+    refused(train_4legs.main, STAGE5, "000001.pt", "timestep 0, which was deleted", "-f 0 --restart")
+
+
 def test_stage5_after_stage3_recomputed_is_refused(chain):
     from PIL import Image
 

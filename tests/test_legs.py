@@ -13,7 +13,19 @@ import torch
 
 import helpers
 from feature_extraction.autoencoder import Autoencoder, ae_loss, load_autoencoder, save_autoencoder
-from feature_extraction.relevancy import DETECT_THRESHOLD, detect_spans, frame_scores, heat, relevance_map, relevancy
+from feature_extraction.relevancy import (
+    DETECT_THRESHOLD,
+    detect_spans,
+    frame_scores,
+    heat,
+    legs_features,
+    legs_path,
+    load_legs,
+    read_legs,
+    relevance_map,
+    relevancy,
+    save_legs,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -264,9 +276,65 @@ def test_brute_force_neighbours_match_the_kd_tree():
     assert torch.equal(kd[:, 1:].sort(1).values, bf[:, 1:].sort(1).values)
 
 
+# ---------------------------------------------------------------- stage-5 records
+
+
+def test_records_store_the_background_once_and_format_1_is_still_read(tmp_path):
+    """A chain's first record holds every row, a warm-started one its foreground rows and the run_id
+    of the base it shares the others with: read back within half an int8 step of each row, and
+    refused once the base was trained again or deleted. A record as stage 5 wrote it before (format
+    1: float16 features and latents) is read as it is, and a warm start starts from it."""
+    from train_4legs import load_previous
+
+    n, made_from = 400, {"encoder": "color", "ae_run_id": "ae", "params": "p", "downscale": 1, "tile_mix": "purest"}
+    g = torch.Generator().manual_seed(0)
+    features = [torch.randn(n, 128, generator=g) for _ in range(3)]
+    foreground = torch.arange(0, n, 4)  # every fourth row
+    legs = tmp_path / "legs"
+    save_legs(legs_path(legs, 0), features[0], None, None, {"t": 0, "run_id": "r0", **made_from})
+    save_legs(legs_path(legs, 1), features[1], foreground, {"t": 0, "run_id": "r0"}, {"t": 1, "run_id": "r1"})
+    expected = features[0].clone()
+    expected[foreground] = features[1][foreground]
+    back = stored_features(1, legs)
+    step = expected.abs().amax(1, keepdim=True) / 127
+    assert back.shape == (n, 128) and ((back - expected).abs() <= 0.5 * step * (1 + 1e-5)).all()
+    full, partial = (os.path.getsize(legs_path(legs, t)) for t in (0, 1))
+    assert partial < 0.35 * full  # a quarter of the rows
+    save_legs(legs_path(legs, 0), features[2], None, None, {"t": 0, "run_id": "r2"})  # the base trained again
+    with pytest.raises(helpers.UserError, match="background features of timestep 0, which was trained again since"):
+        stored_features(1, legs)
+    os.remove(legs_path(legs, 0))
+    with pytest.raises(helpers.UserError, match="which was deleted: .* -f 0 --restart"):
+        stored_features(1, legs)
+
+    # format 1 as the base of a record of format 2, and as what a warm start starts from
+    old = {
+        "t": 0,
+        "features": features[0].half(),
+        "latents": features[2].half(),
+        "attention": {"query.weight": torch.eye(128)},
+        "run_id": "old",
+        **made_from,
+    }
+    torch.save(old, legs_path(legs, 0))
+    save_legs(legs_path(legs, 1), features[1], foreground, {"t": 0, "run_id": "old"}, {"t": 1, "run_id": "r1"})
+    expected = features[0].half().float()
+    expected[foreground] = features[1][foreground]
+    assert (stored_features(1, legs) - expected).abs().max() < 0.02
+    assert torch.equal(load_legs(legs_path(legs, 0), 0, "cpu", made_from, "")["features"], features[0].half().float())
+    previous = load_previous(str(legs), 1, made_from, {"seed": 0}, "")
+    assert torch.equal(previous["latents"], features[2].half()) and previous["base"] == {"t": 0, "run_id": "old"}
+
+
 # ---------------------------------------------------------------- the whole chain on a small synthetic sequence
 
 SEQ, EXP, BALL = "data/synthetic", "legs", "a red ball flying in the air"
+LEGS = f"output/{EXP}/synthetic/legs"
+
+
+def stored_features(t, legs=LEGS):
+    """The features [N, 128] float32 of timestep t as stage 5 stored them in the folder `legs`."""
+    return legs_features(read_legs(legs_path(legs, t), ""), legs_path(legs, t), "")
 
 
 @pytest.fixture(scope="module")
@@ -295,7 +363,14 @@ def chain(tmp_path_factory):
             train_4legs.main(["-s", SEQ, "-e", EXP, "--encoder", "color"])
         extract_features.main(["-s", SEQ, "--encoder", "color"])
         train_autoencoder.main(["-s", SEQ, "--encoder", "color"])
-        train_4legs.main(["-s", SEQ, "-e", EXP, "--encoder", "color", "--iters", "200", "--warm-iters", "50"])
+        # in three runs: a run keeps the warm-start state of its last timestep only, and the tests
+        # start from those of timesteps 3 and 4 (kept under states/)
+        os.makedirs("states")
+        for last in ("3", "4", "11"):
+            train_4legs.main(
+                ["-s", SEQ, "-e", EXP, "--encoder", "color", "--iters", "200", "--warm-iters", "50", "-l", last]
+            )
+            shutil.copy(train_4legs.state_path(LEGS, int(last)), "states")
         yield root
     finally:
         os.chdir(cwd)
@@ -366,41 +441,102 @@ def test_lifting_fits_and_the_warm_start_starts_closer(chain):
     meta = helpers.load_meta(SEQ, "train")
     ae, _ = load_autoencoder(ae_ckpt_path(SEQ), "color")
     run = argparse.Namespace(seq=SEQ, downscale=1, lr_features=0.0025, lr_attention=0.00016, seed=0, tile_mix="purest")
+    previous = {**torch.load("states/state_000003.pt", weights_only=True), "features": stored_features(3)}
     setup = train_4legs.prepare_timestep(
-        4, run, meta, f"output/{EXP}/synthetic/params.npz", ae, f"{SEQ}/interpolators/color", torch.device("cpu"), False
+        4,
+        run,
+        meta,
+        f"output/{EXP}/synthetic/params.npz",
+        ae,
+        f"{SEQ}/interpolators/color",
+        torch.device("cpu"),
+        False,
+        previous,
     )
 
-    def loss_over_cameras(record):
+    def start(record, variables):
         params, attention, _ = train_4legs.initialize(
             setup["rendervar"]["means3D"].shape[0], record, setup["lrs"], "cpu", 0
         )
         with torch.no_grad():
-            feats = attention(params["latents"], setup["neighbours"])
-            return np.mean(
-                [
-                    float(helpers.l1_loss(setup["renderers"][c](feats), setup["targets"][c]))
-                    for c in range(len(setup["targets"]))
-                ]
-            )
+            return train_4legs.lifted_features(params, attention, variables)
 
-    legs = f"output/{EXP}/synthetic/legs"
-    trained, previous = (torch.load(f"{legs}/00000{t}.pt", weights_only=True) for t in (4, 3))
-    cold, warm, fitted = loss_over_cameras(None), loss_over_cameras(previous), loss_over_cameras(trained)
+    def loss_over_cameras(feats):
+        return np.mean(
+            [
+                float(helpers.l1_loss(setup["renderers"][c](feats), setup["targets"][c]))
+                for c in range(len(setup["targets"]))
+            ]
+        )
+
+    cold = loss_over_cameras(start(None, {"neighbours": setup["neighbours"]}))
+    warm, fitted = loss_over_cameras(start(previous, setup)), loss_over_cameras(stored_features(4))
     assert fitted < 0.5 * cold and warm < 0.5 * cold, (cold, warm, fitted)
+
+
+STORED_RELEVANCE_TOLERANCE = 0.01  # relevance (in [0, 0.5]) the stored features may move a pixel by
+
+
+def test_stored_features_render_the_trained_relevance(chain):
+    """What timestep 4 stored (its foreground rows as int8, the background those of timestep 0)
+    renders the relevance of the features it trained (its state: latents and attention; the
+    background held at timestep 3's) within STORED_RELEVANCE_TOLERANCE at every pixel, and a
+    warm-started record holds the foreground's rows only."""
+    import argparse
+    import train_4legs
+    from feature_extraction import load_encoder
+    from feature_extraction.autoencoder import ae_ckpt_path
+    from feature_extraction.relevancy import encode_prompts, render_features
+
+    os.chdir(chain)
+    params_path = f"output/{EXP}/synthetic/params.npz"
+    run = argparse.Namespace(seq=SEQ, downscale=1, lr_features=0.0025, lr_attention=0.00016, seed=0, tile_mix="purest")
+    ae, _ = load_autoencoder(ae_ckpt_path(SEQ), "color")
+    setup = train_4legs.prepare_timestep(
+        4,
+        run,
+        helpers.load_meta(SEQ, "train"),
+        params_path,
+        ae,
+        f"{SEQ}/interpolators/color",
+        torch.device("cpu"),
+        False,
+        {"features": stored_features(3)},
+    )
+    state = torch.load("states/state_000004.pt", weights_only=True)
+    params, attention, _ = train_4legs.initialize(setup["rendervar"]["means3D"].shape[0], state, setup["lrs"], "cpu", 0)
+    prompts = ["a blue box sliding on the floor", "a green top spinning"]  # both in view at timestep 4
+    positives, negatives = encode_prompts(load_encoder("color"), prompts, "cpu")
+    cam = helpers.cameras_at(helpers.load_meta(SEQ, "test"), 4)[0]
+    with torch.no_grad():
+        rendered = [
+            render_features(cam, setup["rendervar"], f)[1]
+            for f in (train_4legs.lifted_features(params, attention, setup), stored_features(4))
+        ]
+        trained, stored = (relevance_map(r, ae, positives, negatives, stride=1) for r in rendered)
+    diff = float((trained - stored).abs().max())
+    print(
+        f"stored against trained features: rendered features differ by at most "
+        f"{float((rendered[0] - rendered[1]).abs().max()):.5f}, relevance by {diff:.5f}"
+    )
+    assert float(trained.amax((1, 2)).min()) > 0.1 and diff < STORED_RELEVANCE_TOLERANCE
+    record = read_legs(legs_path(LEGS, 4), "")
+    foreground = helpers.is_foreground(setup["rendervar"]["seg_colors"])
+    assert record["base"]["t"] == 0 and torch.equal(record["rows"].long(), foreground.nonzero()[:, 0])
+    assert torch.equal(stored_features(4)[~foreground], stored_features(0)[~foreground])
 
 
 def test_resume_and_stale_outputs(chain, capsys):
     import train_4legs
 
     os.chdir(chain)
-    legs = f"output/{EXP}/synthetic/legs"
-    before = {f: os.path.getmtime(os.path.join(legs, f)) for f in os.listdir(legs)}
-    assert len(before) == 12
+    before = {f: os.path.getmtime(os.path.join(LEGS, f)) for f in os.listdir(LEGS)}
+    assert sorted(before) == [f"{t:06d}.pt" for t in range(12)] + ["state_000011.pt"]  # one state: the last's
     train_4legs.main(["-s", SEQ, "-e", EXP, "--encoder", "color", "--iters", "200", "--warm-iters", "50"])  # as trained
     assert "0 timesteps trained, 12 already done" in capsys.readouterr().out
-    assert before == {f: os.path.getmtime(os.path.join(legs, f)) for f in os.listdir(legs)}
-    record = torch.load(os.path.join(legs, "000003.pt"), weights_only=True)
-    assert record["warm_start"] and record["iterations"] == 50 and record["features"].shape[1] == 128
+    assert before == {f: os.path.getmtime(os.path.join(LEGS, f)) for f in os.listdir(LEGS)}
+    record = read_legs(os.path.join(LEGS, "000003.pt"), "")
+    assert record["warm_start"] and record["iterations"] == 50 and record["values"].shape[1] == 128
     # another encoder's outputs are refused, with the way out
     with pytest.raises(helpers.UserError, match="trained on 'color' features"):
         train_4legs.main(["-s", SEQ, "-e", EXP, "--encoder", "viclip"])
@@ -428,9 +564,10 @@ def test_converged_warm_start_stops_early_with_the_same_relevance(chain, capsys)
     os.chdir(chain)
     runs = {"fixed": ["--fixed-iters"], "converged": ["--warm-min-iters", "48", "--converge-window", "24"]}
     ae, _ = load_autoencoder(ae_ckpt_path(SEQ), "color")
-    previous = torch.load(f"output/{EXP}/synthetic/legs/000004.pt", weights_only=True)
+    base = read_legs(legs_path(LEGS, 4), "")["base"]
+    previous = {**torch.load("states/state_000004.pt", weights_only=True), "features": stored_features(4), "base": base}
     records = []
-    for options in runs.values():
+    for exp, options in runs.items():
         args = train_4legs.parse_args(["-s", SEQ, "-e", EXP, "--encoder", "color", "--warm-iters", "150", *options])
         setup = train_4legs.prepare_timestep(
             5,
@@ -441,20 +578,31 @@ def test_converged_warm_start_stops_early_with_the_same_relevance(chain, capsys)
             f"{SEQ}/interpolators/color",
             torch.device("cpu"),
             False,
+            previous,
         )
         stop = train_4legs.stop_rule(args, previous, len(setup["renderers"]))
         params, attention, losses = train_4legs.train_timestep(5, setup, previous, args.warm_iters, stop)
-        with torch.no_grad():  # as saved: float16
-            features = attention(params["latents"], setup["neighbours"]).to(torch.float16)
-        records.append({"features": features, "iterations": losses.shape[0]})
+        os.makedirs(f"{exp}/legs")  # as saved: beside the record holding its background
+        shutil.copy(legs_path(LEGS, base["t"]), f"{exp}/legs")
+        with torch.no_grad():
+            features = train_4legs.lifted_features(params, attention, setup)
+        foreground = torch.nonzero(~setup["held_rows"][:, 0]).squeeze(1)
+        save_legs(legs_path(f"{exp}/legs", 5), features, foreground, base, {"t": 5, "run_id": exp})
+        records.append({"iterations": losses.shape[0]})
     prompts = [BALL, "a blue box sliding on the floor", "a green top spinning"]
     positives, negatives = encode_prompts(load_encoder("color"), prompts, "cpu")
     rendervar = helpers.load_d3dgs_params(f"output/{EXP}/synthetic/params.npz", 5)
     cam = helpers.cameras_at(helpers.load_meta(SEQ, "test"), 5)[0]
     with torch.no_grad():
         fixed, converged = (
-            relevance_map(render_features(cam, rendervar, r["features"].float())[1], ae, positives, negatives, stride=1)
-            for r in records
+            relevance_map(
+                render_features(cam, rendervar, stored_features(5, f"{exp}/legs"))[1],
+                ae,
+                positives,
+                negatives,
+                stride=1,
+            )
+            for exp in runs
         )
     corr = float(np.corrcoef(fixed.flatten().numpy(), converged.flatten().numpy())[0, 1])
     scores = [frame_scores(maps) for maps in (fixed, converged)]  # [3] per prompt
