@@ -277,7 +277,10 @@ def labelled(driver, label):
 
 
 def button(driver, text):
-    return driver.find_element("xpath", f"//button[normalize-space(.)='{text}']")
+    """The button labelled `text`, once the viewer shows it (a label changes after the server's answer)."""
+    return wait_for(
+        f"the button '{text}'", lambda: driver.find_elements("xpath", f"//button[normalize-space(.)='{text}']") or None
+    )[0]
 
 
 def screenshot(driver):
@@ -389,6 +392,6 @@ def test_browser_prompt_heatmap_lands_on_the_object(lifted, served, browser, mon
     assert np.abs(screenshot(driver) - rgb)[:, : int(panel["x"]) - 10].mean() < 2
     # playback moves the time on, pause stops it
     button(driver, "play").click()
-    wait_for("the playback", lambda: labelled(driver, "timestep").get_attribute("value") != str(first))
+    wait_for("the playback", lambda: labelled(driver, "timestep").get_attribute("value") != str(middle))
     button(driver, "pause").click()
     wait_for("the pause", lambda: driver.find_elements("xpath", "//button[normalize-space(.)='play']") or None)
