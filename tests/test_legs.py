@@ -337,6 +337,23 @@ def stored_features(t, legs=LEGS):
     return legs_features(read_legs(legs_path(legs, t), ""), legs_path(legs, t), "")
 
 
+def prepare_on_chain(t, run, ae, previous):
+    """train_4legs.prepare_timestep of timestep t on the chain (run from its folder), on the CPU."""
+    import train_4legs
+
+    return train_4legs.prepare_timestep(
+        t,
+        run,
+        helpers.load_meta(SEQ, "train"),
+        f"output/{EXP}/synthetic/params.npz",
+        ae,
+        f"{SEQ}/interpolators/color",
+        torch.device("cpu"),
+        False,
+        previous,
+    )
+
+
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
     """Stages 2-4 on a small synthetic sequence (96x54, 12 timesteps, 6 train + 1 test cameras),
@@ -438,21 +455,10 @@ def test_lifting_fits_and_the_warm_start_starts_closer(chain):
     from feature_extraction.autoencoder import ae_ckpt_path
 
     os.chdir(chain)
-    meta = helpers.load_meta(SEQ, "train")
     ae, _ = load_autoencoder(ae_ckpt_path(SEQ), "color")
     run = argparse.Namespace(seq=SEQ, downscale=1, lr_features=0.0025, lr_attention=0.00016, seed=0, tile_mix="purest")
     previous = {**torch.load("states/state_000003.pt", weights_only=True), "features": stored_features(3)}
-    setup = train_4legs.prepare_timestep(
-        4,
-        run,
-        meta,
-        f"output/{EXP}/synthetic/params.npz",
-        ae,
-        f"{SEQ}/interpolators/color",
-        torch.device("cpu"),
-        False,
-        previous,
-    )
+    setup = prepare_on_chain(4, run, ae, previous)
 
     def start(record, variables):
         params, attention, _ = train_4legs.initialize(
@@ -489,20 +495,9 @@ def test_stored_features_render_the_trained_relevance(chain):
     from feature_extraction.relevancy import encode_prompts, render_features
 
     os.chdir(chain)
-    params_path = f"output/{EXP}/synthetic/params.npz"
     run = argparse.Namespace(seq=SEQ, downscale=1, lr_features=0.0025, lr_attention=0.00016, seed=0, tile_mix="purest")
     ae, _ = load_autoencoder(ae_ckpt_path(SEQ), "color")
-    setup = train_4legs.prepare_timestep(
-        4,
-        run,
-        helpers.load_meta(SEQ, "train"),
-        params_path,
-        ae,
-        f"{SEQ}/interpolators/color",
-        torch.device("cpu"),
-        False,
-        {"features": stored_features(3)},
-    )
+    setup = prepare_on_chain(4, run, ae, {"features": stored_features(3)})
     state = torch.load("states/state_000004.pt", weights_only=True)
     params, attention, _ = train_4legs.initialize(setup["rendervar"]["means3D"].shape[0], state, setup["lrs"], "cpu", 0)
     prompts = ["a blue box sliding on the floor", "a green top spinning"]  # both in view at timestep 4
@@ -569,17 +564,7 @@ def test_converged_warm_start_stops_early_with_the_same_relevance(chain, capsys)
     records = []
     for exp, options in runs.items():
         args = train_4legs.parse_args(["-s", SEQ, "-e", EXP, "--encoder", "color", "--warm-iters", "150", *options])
-        setup = train_4legs.prepare_timestep(
-            5,
-            args,
-            helpers.load_meta(SEQ, "train"),
-            f"output/{EXP}/synthetic/params.npz",
-            ae,
-            f"{SEQ}/interpolators/color",
-            torch.device("cpu"),
-            False,
-            previous,
-        )
+        setup = prepare_on_chain(5, args, ae, previous)
         stop = train_4legs.stop_rule(args, previous, len(setup["renderers"]))
         params, attention, losses = train_4legs.train_timestep(5, setup, previous, args.warm_iters, stop)
         os.makedirs(f"{exp}/legs")  # as saved: beside the record holding its background
