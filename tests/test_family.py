@@ -18,6 +18,7 @@ import extract_features
 import helpers
 import point_cloud
 import synthetic_sequence
+import train_d3dgs
 from feature_extraction import cache_dir, dense_feature_map, load_encoder
 from feature_extraction.relevancy import encode_prompts, relevancy
 
@@ -122,6 +123,24 @@ def test_no_background_point_starts_between_a_camera_and_the_scene(members):
         assert len(bg) > 500 and (on_floor | beyond).all(), (seed, int((~(on_floor | beyond)).sum()))
         all_cams = np.concatenate([camera_positions(meta), camera_positions(helpers.load_meta(m["seq"], "test"))])
         assert (all_cams[:, 1] < -0.3).all()  # every camera, test ones too, above the floor
+
+
+FAMILY_PSNR_BOUND = 20.0  # dB, every test camera; measured 23.16-31.42 (the background inside the cameras: 8.5-28.85)
+
+
+def test_stage1_renders_every_test_camera_of_three_members(members, tmp_path, monkeypatch):
+    """Stage 1 from the command line as a new user runs it on their own capture (no point cloud),
+    the demo's fast settings at timestep 0: every test camera, on the rig and off it (below, closer,
+    above), reaches the bound. With the background on a sphere inside the cameras' own (the cloud
+    before issue 13) the cameras on the rig score 8.5-13.5 dB, the one below it 13.7, the one above
+    13.6 (the closer ones 19.8 and 28.9)."""
+    monkeypatch.chdir(tmp_path)
+    for seed, m in members.items():
+        train_d3dgs.main(["-s", m["seq"], "-e", "fam", "--demo", "--downscale", "1", "-l", "0", "--device", "cpu"])
+        with open(os.path.join("output", "fam", f"fam{seed}", "metrics.json")) as f:
+            cameras = json.load(f)["per_timestep"][0]["cameras"]
+        assert len(cameras) == len(m["scene"]["rig"]["test"])
+        assert all(c["psnr"] >= FAMILY_PSNR_BOUND for c in cameras.values()), (seed, cameras)
 
 
 def without_resting_objects(seq, dest):
