@@ -166,12 +166,28 @@ def legs_features(record, path, train_cmd):
     own = helpers.dequantize_rows(record["values"], record["scales"])
     if record["rows"] is None:
         return own
-    base_path = legs_path(os.path.dirname(path), record["base"]["t"])
-    base = read_legs(base_path, train_cmd) if os.path.isfile(base_path) else {}
-    check_base(record, path, base.get("run_id"), train_cmd)
-    features = legs_features(base, base_path, train_cmd)
+    base_run_id, base_features = read_base(legs_path(os.path.dirname(path), record["base"]["t"]), train_cmd)
+    check_base(record, path, base_run_id, train_cmd)
+    features = base_features.clone()
     features[record["rows"].long()] = own
     return features
+
+
+_BASE_CACHE = {}
+
+
+def read_base(path, train_cmd):
+    """(run_id, features [N, 128] float32) of the base record at `path`, (None, None) where it is
+    missing. The last one read stays cached (keyed by its modification time): every timestep of a
+    chain shares one base, so a sequence's timesteps read and dequantize it once."""
+    if not os.path.isfile(path):
+        return None, None
+    key = (os.path.abspath(path), os.stat(path).st_mtime_ns)
+    if key not in _BASE_CACHE:
+        base = read_legs(path, train_cmd)
+        _BASE_CACHE.clear()
+        _BASE_CACHE[key] = base.get("run_id"), legs_features(base, path, train_cmd)
+    return _BASE_CACHE[key]
 
 
 def check_base(record, path, base_run_id, train_cmd):
@@ -195,8 +211,9 @@ def load_legs(path, t, device, made_from, train_cmd):
     record = read_legs(path, train_cmd)
     check_legs(record, path, made_from)
     features = legs_features(record, path, train_cmd)
-    latents = record.get("latents", features)  # format 1: the warm start reads them
-    if not (torch.isfinite(features).all() and torch.isfinite(latents).all()):
+    # format 1 records also hold the latents, which the warm start reads
+    latents_ok = "latents" not in record or torch.isfinite(record["latents"]).all()
+    if not (torch.isfinite(features).all() and latents_ok):
         raise helpers.UserError(
             f"{path}: features or latents hold NaN/Inf; run "
             f"{helpers.stage_name('train_4legs.py')} again: {train_cmd} --restart"
