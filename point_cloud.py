@@ -246,6 +246,19 @@ def sphere_crossings(origins, dirs, center, radius):
     return -b - root, -b + root
 
 
+def sphere_directions(num_rays):
+    """num_rays unit directions [num_rays, 3], evenly spread over the sphere (a Fibonacci sphere)."""
+    golden = math.pi * (3.0 - math.sqrt(5.0))
+    i = torch.arange(num_rays, dtype=torch.float32)
+    y = 1 - 2 * (i + 0.5) / num_rays
+    return torch.stack([torch.cos(golden * i) * (1 - y * y).sqrt(), y, torch.sin(golden * i) * (1 - y * y).sqrt()], 1)
+
+
+def background_pixels(views):
+    """[C, H, W] bool: the pixels of the views' images at least 2 pixels from the foreground."""
+    return F.max_pool2d(views["fg"].float()[:, None], 5, 1, 2)[:, 0] < 0.5
+
+
 def background_points(
     views, num_rays, multipliers=BEYOND_CAMERAS, far_field=FAR_FIELD, far_max=FAR_FIELD_MAX, chunk=8192
 ):
@@ -261,8 +274,8 @@ def background_points(
     exposures; with no texture at all, the far field. Textureless walls cannot tell depths apart;
     a single sphere chosen by the textured ones keeps them on a plausible surface instead of
     scattering them through the room. Returns xyz [M, 3], rgb [M, 3] (mean over the cameras that
-    see the point on background; points no camera sees are dropped, except on the far field) and
-    the chosen sphere's radius.
+    see the point on background; a ray whose point no camera sees takes its far-field point where
+    one is seen, others are dropped, except on the far field) and the chosen sphere's radius.
     """
     num_cams = len(views["ims"])
     center, reach, has_floor = ray_origin(views["centers"])
@@ -270,10 +283,7 @@ def background_points(
     far_radius = radii[-1]
     small_ims, bg_ok = consistency_images(views)
     min_views = max(2, num_cams // 6)
-    golden = math.pi * (3.0 - math.sqrt(5.0))  # Fibonacci sphere: evenly spread directions
-    i = torch.arange(num_rays, dtype=torch.float32)
-    y = 1 - 2 * (i + 0.5) / num_rays
-    dirs = torch.stack([torch.cos(golden * i) * (1 - y * y).sqrt(), y, torch.sin(golden * i) * (1 - y * y).sqrt()], 1)
+    dirs = sphere_directions(num_rays)
     floor = floor_distance(center.expand(num_rays, 3), dirs, has_floor)
     depths = torch.minimum(torch.tensor(radii)[None], floor[:, None])  # [rays, candidates]
     parts = torch.arange(num_rays).split(chunk)
@@ -310,9 +320,18 @@ def background_points(
     behind = (floor > far_radius) & (torch.arange(num_rays) % FAR_FIELD_SHARE == 0) & (not far_chosen)
     points = torch.cat([center + depths[:, choice, None] * dirs, center + far_radius * dirs[behind]])
     far = torch.cat([(floor > far_radius) & far_chosen, torch.ones(int(behind.sum()), dtype=torch.bool)])
-    bg_full = F.max_pool2d(views["fg"].float()[:, None], 5, 1, 2)[:, 0] < 0.5
+    bg_full = background_pixels(views)
     visible, rgb = zip(*[photo_consistency(part, views, views["ims"], bg_full, 1) for part in points.split(chunk)])
     visible, rgb = torch.isfinite(torch.cat(visible)), torch.cat(rgb)
+    # A ray whose point on the chosen sphere no camera sees (above every train view, say) takes its
+    # far-field point where a camera sees that one: a far point lies in about the same direction
+    # from every camera, so a camera that looks just below it does, and so may one off the rig.
+    lost = torch.nonzero(~visible[:num_rays] & ~far[:num_rays])[:, 0]
+    if len(lost):
+        points[lost] = center + depths[lost, -1, None] * dirs[lost]
+        parts = [photo_consistency(points[part], views, views["ims"], bg_full, 1) for part in lost.split(chunk)]
+        found, far_rgb = zip(*parts)
+        visible[lost], rgb[lost] = torch.isfinite(torch.cat(found)), torch.cat(far_rgb)
     # The far field covers every direction: where no camera saw it (above the cameras' views, say)
     # it takes the colour of the nearest direction one did, so that a view off the rig sees a
     # plausible sky instead of the empty background.
@@ -459,7 +478,7 @@ def interior_points(views, max_points, num_rays=INTERIOR_RAYS, depths=INTERIOR_D
     found = confirmed(points, found, cam, cell, views, grid, tolerance=3 * float(step.max()))
     found = torch.nonzero(supported(found, cam, cell, grid, num_cams))[:, 0]
     found = found[torch.linspace(0, len(found) - 1, min(len(found), max_points)).round().long()]
-    bg_full = F.max_pool2d(views["fg"].float()[:, None], 5, 1, 2)[:, 0] < 0.5
+    bg_full = background_pixels(views)
     rgb = [photo_consistency(part, views, views["ims"], bg_full, 1)[1] for part in points[found].split(8192)]
     return points[found], torch.cat(rgb) if rgb else torch.zeros(0, 3)
 
