@@ -1107,6 +1107,14 @@ def write_video(path, frames, fps=15):
     """frames: iterable of uint8 [H, W, 3] numpy arrays -> mp4 (H.264) at `path`, atomically."""
     import imageio.v2 as imageio
 
+    try:
+        import imageio_ffmpeg  # noqa: F401 (imageio's FFMPEG plugin runs its ffmpeg binary)
+    except ImportError:
+        raise UserError(
+            f"{path}: writing an mp4 needs the imageio-ffmpeg package, which is not installed: "
+            f"pip install imageio-ffmpeg (requirements.txt pins its version)"
+        )
+
     def write(tmp):
         with imageio.get_writer(
             tmp, format="FFMPEG", fps=fps, codec="libx264", quality=8, macro_block_size=1, ffmpeg_log_level="error"

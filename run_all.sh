@@ -40,7 +40,12 @@ stage() {  # stage LABEL COMMAND...: run it and note its time
     shift
     echo "== $label: $*"
     start=$(date +%s)
-    "$@"
+    "$@" || {
+        local rc=$?
+        summary
+        echo "run_all.sh: stage $label failed (exit $rc); fix what it says and run the same command again: the finished work is kept" >&2
+        exit $rc
+    }
     names+=("$label") seconds+=($(( $(date +%s) - start )))
 }
 
@@ -59,6 +64,18 @@ disk() {  # disk PATH...: their size on disk together, e.g. 1.2G
     [ $# -gt 0 ] && du -sch "$@" 2>/dev/null | tail -n 1 | cut -f1 || echo 0
 }
 
+summary() {  # each finished stage's time in this run, and the disk its outputs take now
+    local total=0 everything=() paths i
+    echo "== time of this run per stage, and the disk of each stage's outputs now"
+    printf '%-20s %8s %8s\n' stage seconds disk
+    for i in "${!names[@]}"; do
+        mapfile -t paths < <(outputs "${names[$i]}")
+        printf '%-20s %8s %8s\n' "${names[$i]}" "${seconds[$i]}" "$(disk "${paths[@]}")"
+        total=$(( total + seconds[i] )) everything+=("${paths[@]}")
+    done
+    printf '%-20s %8s %8s\n' all "$total" "$(disk "${everything[@]}")"
+}
+
 stage "1 train_d3dgs" "$python" "$here/train_d3dgs.py" -s "$seq" -e "$exp" "${demo[@]}" "${last[@]}" "${stage1_extra[@]}"
 stage "2 visualize_d3dgs" "$python" "$here/visualize_d3dgs.py" -s "$seq" -e "$exp" "${demo[@]}" "${last[@]}"
 stage "3 extract_features" "$python" "$here/extract_features.py" -s "$seq" --encoder "$encoder" "${ckpt[@]}" "${last[@]}"
@@ -68,12 +85,5 @@ if [ ${#prompts[@]} -gt 0 ]; then
     stage "6 visualize_4legs" "$python" "$here/visualize_4legs.py" -s "$seq" -e "$exp" --encoder "$encoder" "${ckpt[@]}" "${prompts[@]}"
 fi
 
-echo "== done: time of this run per stage, and the disk of each stage's outputs now"
-total=0 everything=()
-printf '%-20s %8s %8s\n' stage seconds disk
-for i in "${!names[@]}"; do
-    mapfile -t paths < <(outputs "${names[$i]}")
-    printf '%-20s %8s %8s\n' "${names[$i]}" "${seconds[$i]}" "$(disk "${paths[@]}")"
-    total=$(( total + seconds[i] )) everything+=("${paths[@]}")
-done
-printf '%-20s %8s %8s\n' all "$total" "$(disk "${everything[@]}")"
+echo "== done"
+summary

@@ -876,3 +876,27 @@ def test_run_all_refuses_bad_options_in_one_line(tmp_path, args, message):
     run = subprocess.run(["bash", script, *args], cwd=tmp_path, capture_output=True, text=True)
     assert run.returncode == 2 and run.stderr.strip().count("\n") == 0 and message in run.stderr, run.stderr
     assert not os.listdir(tmp_path)  # nothing written
+
+
+def test_run_all_shows_what_finished_when_a_stage_fails(tmp_path):
+    """A stage that fails stops run_all.sh with its exit status, after the table of the stages that
+    finished (their time and disk) and one line saying which stage failed and that a rerun resumes."""
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "run_all.sh")
+    fake = tmp_path / "python"  # stage 1 succeeds, stage 2 fails with status 3
+    fake.write_text('#!/bin/sh\ncase "$1" in *train_d3dgs.py) exit 0 ;; esac\necho "error: no videos" >&2\nexit 3\n')
+    fake.chmod(0o755)
+    (tmp_path / "seq").mkdir()
+    run = subprocess.run(
+        ["bash", script, "-s", "seq", "--python", str(fake)], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert run.returncode == 3, run.stderr
+    table = run.stdout.split("== time of this run per stage")[-1].splitlines()
+    assert [line.rsplit(None, 2)[0] for line in table[2:]] == ["1 train_d3dgs", "all"], run.stdout
+    assert run.stderr.strip().splitlines()[-1].startswith("run_all.sh: stage 2 visualize_d3dgs failed (exit 3)")
+
+
+def test_a_video_without_imageio_ffmpeg_is_refused_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # as if not installed: importing it fails
+    with pytest.raises(helpers.UserError, match="a.mp4: writing an mp4 needs the imageio-ffmpeg package"):
+        helpers.write_video(tmp_path / "a.mp4", [np.zeros((4, 4, 3), np.uint8)] * 2)
+    assert not os.listdir(tmp_path)
