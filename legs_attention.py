@@ -7,10 +7,11 @@ Each Gaussian i (query) attends over the K+1 latents of its neighbour list n_i0.
     mixed_i = sum_j a_ij f_{n_ij}                 output           [N, D]
 
 with f = latents [N, D] and q_k [N, D] the queries already mapped through the key weights
-(train_4legs.attention_function). The forward kernel streams the K+1 gathered rows of a block of
-Gaussians through registers once, with an online softmax (running maximum m, running sum denom,
-accumulator rescaled by exp(m_old - m_new)), so that the [N, K+1, D] gather is never stored; it keeps
-lse = m + log(denom) [N] for the backward pass.
+(train_4legs.attention_function). The queries may be M of the N Gaussians (a warm-started timestep
+trains the foreground's alone): neighbours [M, K+1], q_k and mixed [M, D]. The forward kernel
+streams the K+1 gathered rows of a block of Gaussians through registers once, with an online
+softmax (running maximum m, running sum denom, accumulator rescaled by exp(m_old - m_new)), so that
+the [N, K+1, D] gather is never stored; it keeps lse = m + log(denom) [N] for the backward pass.
 
 Backward, given dmixed [N, D] (flash-attention style: the scores are recomputed, not stored):
 
@@ -126,12 +127,12 @@ def _check_inputs(latents, neighbours, q_k):
         )
     if latents.dtype != torch.float32 or q_k.dtype != torch.float32:
         raise ValueError(f"attend_fused: latents and q_k must be float32, got {latents.dtype} and {q_k.dtype}")
-    if neighbours.dtype != torch.int64 or neighbours.dim() != 2 or neighbours.shape[0] != n:
+    if neighbours.dtype != torch.int64 or neighbours.dim() != 2:
         raise ValueError(
-            f"attend_fused: neighbours must be int64 [N={n}, K+1], got {neighbours.dtype} {list(neighbours.shape)}"
+            f"attend_fused: neighbours must be int64 [M, K+1], got {neighbours.dtype} {list(neighbours.shape)}"
         )
-    if q_k.shape != latents.shape:
-        raise ValueError(f"attend_fused: q_k {list(q_k.shape)} must have the shape of latents {[n, d]}")
+    if q_k.shape != (neighbours.shape[0], d):
+        raise ValueError(f"attend_fused: q_k {list(q_k.shape)} must be [M, D] = {[neighbours.shape[0], d]}")
     if not (latents.device == neighbours.device == q_k.device):
         raise ValueError("attend_fused: latents, neighbours and q_k must be on one device")
 
@@ -143,8 +144,8 @@ class AttendFused(torch.autograd.Function):
     def forward(ctx, latents, neighbours, q_k, block_n, num_warps):
         _check_inputs(latents, neighbours, q_k)
         latents, neighbours, q_k = latents.contiguous(), neighbours.contiguous(), q_k.contiguous()
-        n, d = latents.shape
-        mixed = torch.empty_like(latents)
+        n, d = q_k.shape  # the query rows; latents may hold more
+        mixed = torch.empty_like(q_k)
         lse = torch.empty(n, dtype=torch.float32, device=latents.device)
         grid = (triton.cdiv(n, block_n),)
         _attend_fwd_kernel[grid](
@@ -170,7 +171,7 @@ class AttendFused(torch.autograd.Function):
         if not (need_dlatents or need_dq_k):
             return None, None, None, None, None
         block_n, num_warps = ctx.launch
-        n, d = latents.shape
+        n, d = q_k.shape
         dlatents = torch.zeros_like(latents) if need_dlatents else None
         dq_k = torch.empty_like(q_k) if need_dq_k else None
         grid = (triton.cdiv(n, block_n),)
@@ -197,8 +198,9 @@ class AttendFused(torch.autograd.Function):
 def attend_fused(latents, neighbours, q_k, block_n=BLOCK_N, num_warps=NUM_WARPS):
     """sum_j softmax_j(q_k_i . f_nij) f_nij, fused (the function of train_4legs.attend_batched).
 
-    latents [N, D] float32 (f), neighbours [N, K+1] int64 (row i: i itself, then its K nearest),
-    q_k [N, D] float32 -> mixed [N, D] float32; differentiable in latents and q_k. D a power of two
+    latents [N, D] float32 (f), neighbours [M, K+1] int64 (a row per query: the Gaussian itself,
+    then its K nearest), q_k [M, D] float32 -> mixed [M, D] float32; differentiable in latents and
+    q_k. D a power of two
     (128 in 4-LEGS). CUDA tensors, or CPU tensors under TRITON_INTERPRET=1. block_n (a power of two)
     and num_warps set the launch (Gaussians per program, warps per program)."""
     return AttendFused.apply(latents, neighbours, q_k, block_n, num_warps)

@@ -11,7 +11,8 @@ measures that it reaches the same loss in fewer iterations), and on the CPU / wi
 kernels the frozen render is precomputed per camera as one sparse matrix (same values as the
 rasterizer, see `blend_matrix`). Outputs: `output/<exp>/<seq>/legs/<t:06d>.pt`, one atomic file per
 timestep; a rerun resumes. A warm-started timestep holds the background's features at those of its
-chain's first timestep (static Gaussians, static features), so its file stores the foreground's
+chain's first timestep (static Gaussians, static features), so it computes the attention (and
+the neighbour lists) of the foreground's Gaussians alone, and its file stores the foreground's
 alone, as int8 rows with a per-row scale (feature_extraction/relevancy.py: save_legs); the latents
 and attention that the next timestep starts from are kept beside them for the last timestep trained
 (`state_<t:06d>.pt`): `--restart -f F` starts cold at F unless F - 1 was the last one trained.
@@ -91,7 +92,8 @@ class NeighbourAttention(nn.Module):
         self.out = nn.Linear(dim, out_dim)
 
     def forward(self, latents, neighbours):
-        """latents [N, D]; neighbours [N, K+1] int64 (itself first) -> features [N, out_dim]."""
+        """latents [N, D]; neighbours [M, K+1] int64, a row per query Gaussian (itself first, then its
+        K nearest; M = N: every Gaussian) -> features [M, out_dim] of the query Gaussians."""
         weights = (
             self.query.weight,
             self.query.bias,
@@ -125,8 +127,10 @@ def attention_function(latents, neighbours, w_q, b_q, w_k, w_v, b_v, w_out, b_ou
 
     score_ij = q_i . (W_k f_j + b_k): the b_k term is equal for all j and cancels in the softmax, so
     score_ij = (W_k^T q_i) . f_j; and sum_j a_ij (W_v f_j + b_v) = W_v (sum_j a_ij f_j) + b_v. Same
-    function as projecting every neighbour's key and value, without the [N, K+1, D] projections."""
-    q_k = (F.linear(latents, w_q, b_q) @ w_k) / math.sqrt(latents.shape[1])
+    function as projecting every neighbour's key and value, without the [N, K+1, D] projections.
+    A row of neighbours [M, K+1] is a query: its first entry (the Gaussian itself) gives the query."""
+    queries = latents if len(neighbours) == len(latents) else latents.index_select(0, neighbours[:, 0])
+    q_k = (F.linear(queries, w_q, b_q) @ w_k) / math.sqrt(latents.shape[1])
     mixed = (attend or attend_batched)(latents, neighbours, q_k)
     return F.linear(F.linear(mixed, w_v, b_v), w_out, b_out)
 
@@ -150,25 +154,29 @@ def attend_by_slot(latents, neighbours, q_k):
     return mixed
 
 
-def neighbour_indices(means3D, k=NUM_NEIGHBOURS):
-    """means3D [N, 3] -> [N, k+1] int64 on its device: each Gaussian itself, then its k nearest at
-    this timestep (KD-tree on the CPU; on a GPU brute force, well under a second for 300k
-    Gaussians where the KD-tree takes seconds of one CPU core)."""
+def neighbour_indices(means3D, k=NUM_NEIGHBOURS, rows=None):
+    """means3D [N, 3] -> [M, k+1] int64 on its device for the Gaussians `rows` [M] (None: all N):
+    each Gaussian itself, then its k nearest of all N at this timestep (KD-tree on the CPU; on a
+    GPU brute force, well under a second for 300k Gaussians where the KD-tree takes seconds of one
+    CPU core)."""
     if not means3D.is_cuda:
         _, idx = helpers.knn(means3D.detach().numpy(), k)
-        return torch.from_numpy(np.concatenate([np.arange(len(idx))[:, None], idx], 1))
-    return knn_brute_force(means3D.detach(), k)
+        idx = torch.from_numpy(np.concatenate([np.arange(len(idx))[:, None], idx], 1))
+        return idx if rows is None else idx[rows]
+    return knn_brute_force(means3D.detach(), k, rows)
 
 
-def knn_brute_force(points, k):
-    """points [N, 3] -> [N, k+1] int64: itself first, then its k nearest (blocks of all distances)."""
+def knn_brute_force(points, k, rows=None):
+    """points [N, 3] -> [M, k+1] int64 for the points `rows` [M] (None: all N): itself first, then
+    its k nearest of all N (blocks of all distances)."""
     n = points.shape[0]
+    rows = torch.arange(n, device=points.device) if rows is None else rows.to(points.device)
     block = max(1, KNN_BLOCK_ELEMENTS // n)
     out = []
-    for start in range(0, n, block):
-        dist2 = torch.cdist(points[start : start + block], points) ** 2
-        rows = torch.arange(dist2.shape[0], device=points.device)
-        dist2[rows, rows + start] = -1.0  # itself first, even where two Gaussians coincide
+    for start in range(0, len(rows), block):
+        query = rows[start : start + block]
+        dist2 = torch.cdist(points[query], points) ** 2
+        dist2[torch.arange(len(query), device=points.device), query] = -1.0  # itself first, even where two coincide
         out.append(dist2.topk(min(k + 1, n), dim=1, largest=False).indices)
     idx = torch.cat(out)
     if idx.shape[1] < k + 1:  # fewer Gaussians than neighbours asked for: repeat the last one
@@ -298,11 +306,13 @@ def camera_order(num_cams, generator):
 
 
 def lifted_features(params, attention, variables):
-    """features [N, 128] of the Gaussians: the attention's output, except for the rows held fixed
-    (variables' held_rows [N, 1] bool, with their values held_features [N, 128], where given)."""
+    """features [N, 128] of the Gaussians: the attention's output for the Gaussians of variables'
+    neighbours [M, K+1] (their first column); where they are not all N (a warm start trains the
+    foreground alone), the others hold variables' held_features [N, 128]. Only the trained rows are
+    computed: the background's attention would be thrown away."""
     features = attention(params["latents"], variables["neighbours"])
-    if "held_rows" in variables:
-        features = torch.where(variables["held_rows"], variables["held_features"], features)
+    if "held_features" in variables:
+        features = variables["held_features"].index_copy(0, variables["neighbours"][:, 0], features)
     return features
 
 
@@ -319,7 +329,7 @@ def train_timestep(t, setup, previous, num_iters, stop=None, show_progress=True,
     params, attention, optimizer = initialize(
         setup["rendervar"]["means3D"].shape[0], previous, setup["lrs"], setup["device"], setup["seed"] + t
     )
-    variables = {k: setup[k] for k in ("neighbours", "held_rows", "held_features") if k in setup}
+    variables = {k: setup[k] for k in ("neighbours", "held_features") if k in setup}
     order = camera_order(len(setup["renderers"]), torch.Generator().manual_seed(setup["seed"] + t))
     losses = torch.zeros(num_iters, device=setup["device"])  # on the device: no host sync per iteration
     bar = helpers.progress(range(num_iters), desc=f"t={t}", leave=False, disable=not show_progress)
@@ -374,10 +384,10 @@ def prepare_timestep(t, args, meta, params_path, ae, cache, device, use_rasteriz
     timestep, which holds them at its chain's first timestep: the background Gaussians are static
     (stage 1 holds them still), so are their features, and each record stores them once (save_legs)."""
     rendervar = helpers.load_d3dgs_params(params_path, t, device)
-    held = {}
-    if previous is not None:
-        held["held_rows"] = ~helpers.is_foreground(rendervar["seg_colors"])[:, None]
-        held["held_features"] = previous["features"].to(device)
+    held, trained_rows = {}, None
+    foreground = torch.nonzero(helpers.is_foreground(rendervar["seg_colors"]))[:, 0]
+    if previous is not None and len(foreground):  # (without a foreground Gaussian: every row trains)
+        trained_rows, held["held_features"] = foreground, previous["features"].to(device)
     cams = helpers.cameras_at(helpers.scale_meta(meta, args.downscale), t, device=device)
     guides = None
     if args.tile_mix == "purest":
@@ -387,7 +397,7 @@ def prepare_timestep(t, args, meta, params_path, ae, cache, device, use_rasteriz
 
     return {
         "rendervar": rendervar,
-        "neighbours": neighbour_indices(rendervar["means3D"]),
+        "neighbours": neighbour_indices(rendervar["means3D"], rows=trained_rows),
         "renderers": make_renderers(cams, rendervar, use_rasterizer),
         "targets": encode_targets(cache, t, ae, cams, device, guides),
         "lrs": {"latents": args.lr_features, "attention": args.lr_attention},
@@ -673,8 +683,7 @@ def main(argv=None):
             if previous is None:  # a chain's first timestep: every row, the base of what follows
                 save_legs(path, features, None, None, info)
             else:
-                foreground = torch.nonzero(~setup["held_rows"][:, 0]).squeeze(1)
-                save_legs(path, features, foreground, previous["base"], info)
+                save_legs(path, features, setup["neighbours"][:, 0], previous["base"], info)
             if previous is not None and os.path.isfile(state_path(out_dir, t - 1)):  # t's state replaces it
                 os.remove(state_path(out_dir, t - 1))
             trained += 1

@@ -475,9 +475,44 @@ def test_lifting_fits_and_the_warm_start_starts_closer(chain):
             ]
         )
 
-    cold = loss_over_cameras(start(None, {"neighbours": setup["neighbours"]}))
+    cold = loss_over_cameras(start(None, {"neighbours": train_4legs.neighbour_indices(setup["rendervar"]["means3D"])}))
     warm, fitted = loss_over_cameras(start(previous, setup)), loss_over_cameras(stored_features(4))
     assert fitted < 0.5 * cold and warm < 0.5 * cold, (cold, warm, fitted)
+
+
+def test_a_warm_start_computes_the_attention_of_the_foreground_alone(chain):
+    """A warm-started timestep trains the foreground's features and holds the background's: its
+    neighbour lists are the foreground's rows of all Gaussians' lists, and its features, loss and
+    gradients equal those of computing every Gaussian's attention and then holding the background's
+    rows (the code before, which threw that work away)."""
+    import argparse
+    import train_4legs
+    from feature_extraction.autoencoder import ae_ckpt_path
+
+    os.chdir(chain)
+    ae, _ = load_autoencoder(ae_ckpt_path(SEQ), "color")
+    run = argparse.Namespace(seq=SEQ, downscale=1, lr_features=0.0025, lr_attention=0.00016, seed=0, tile_mix="purest")
+    previous = {**torch.load("states/state_000003.pt", weights_only=True), "features": stored_features(3)}
+    setup = prepare_on_chain(4, run, ae, previous)
+    means, seg = setup["rendervar"]["means3D"], setup["rendervar"]["seg_colors"]
+    foreground = torch.nonzero(helpers.is_foreground(seg))[:, 0]
+    every = train_4legs.neighbour_indices(means)
+    assert 0 < len(foreground) < len(means) and torch.equal(setup["neighbours"], every[foreground])
+    grads = []
+    for formulation in ("foreground alone", "every row, then held"):
+        params, attention, _ = train_4legs.initialize(len(means), previous, setup["lrs"], "cpu", 0)
+        if formulation == "foreground alone":
+            features = train_4legs.lifted_features(params, attention, setup)
+        else:
+            held = ~helpers.is_foreground(seg)[:, None]
+            features = torch.where(held, setup["held_features"], attention(params["latents"], every))
+        loss = helpers.l1_loss(setup["renderers"][0](features), setup["targets"][0])
+        loss.backward()
+        grads.append(
+            [features.detach(), loss.detach(), params["latents"].grad] + [p.grad for p in attention.parameters()]
+        )
+    for got, want in zip(*grads):  # (the key's bias cancels in the softmax: no gradient either way)
+        assert (got is None and want is None) or torch.allclose(got, want, rtol=1e-5, atol=1e-7)
 
 
 STORED_RELEVANCE_TOLERANCE = 0.01  # relevance (in [0, 0.5]) the stored features may move a pixel by
@@ -571,8 +606,7 @@ def test_converged_warm_start_stops_early_with_the_same_relevance(chain, capsys)
         shutil.copy(legs_path(LEGS, base["t"]), f"{exp}/legs")
         with torch.no_grad():
             features = train_4legs.lifted_features(params, attention, setup)
-        foreground = torch.nonzero(~setup["held_rows"][:, 0]).squeeze(1)
-        save_legs(legs_path(f"{exp}/legs", 5), features, foreground, base, {"t": 5, "run_id": exp})
+        save_legs(legs_path(f"{exp}/legs", 5), features, setup["neighbours"][:, 0], base, {"t": 5, "run_id": exp})
         records.append({"iterations": losses.shape[0]})
     prompts = [BALL, "a blue box sliding on the floor", "a green top spinning"]
     positives, negatives = encode_prompts(load_encoder("color"), prompts, "cpu")

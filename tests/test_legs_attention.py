@@ -18,22 +18,26 @@ CPU_CASES = [
     (37, 21, 128, ("latents", "q_k")),
     (5, 21, 32, ("latents",)),
     (70, 5, 64, ("q_k",)),
-]  # (N, K+1, D, inputs that need gradients): N not a multiple of the block
+    (37, 21, 128, ("latents", "q_k"), 13),  # 13 of the 37 query: a warm start's foreground
+]  # (N, K+1, D, inputs that need gradients[, M queries]): N not a multiple of the block
 
 
-def check_against_reference(n, num_slots, d, needs_grad, device, seed=0):
+def check_against_reference(n, num_slots, d, needs_grad, device, num_queries=None, seed=0):
     """Forward and the asked gradients of attend_fused (float32) against attend_batched (float64).
 
     Neighbours as train_4legs makes them (itself first), the others random with repeats, so that the
-    backward scatter adds into one latent from several Gaussians of one block."""
+    backward scatter adds into one latent from several Gaussians of one block; num_queries: that many
+    of the n Gaussians query (rows drawn at random), as where a warm start trains the foreground."""
     from legs_attention import attend_fused
     from train_4legs import attend_batched
 
     gen = torch.Generator().manual_seed(seed)
     latents = torch.randn(n, d, generator=gen)
-    q_k = 0.3 * torch.randn(n, d, generator=gen)  # scores of a few units: softmax neither flat nor one-hot
-    neighbours = torch.cat([torch.arange(n)[:, None], torch.randint(0, n, (n, num_slots - 1), generator=gen)], 1)
-    dmixed = torch.randn(n, d, generator=gen)
+    m = num_queries or n
+    queries = torch.arange(n) if num_queries is None else torch.randperm(n, generator=gen)[:m].sort().values
+    q_k = 0.3 * torch.randn(m, d, generator=gen)  # scores of a few units: softmax neither flat nor one-hot
+    neighbours = torch.cat([queries[:, None], torch.randint(0, n, (m, num_slots - 1), generator=gen)], 1)
+    dmixed = torch.randn(m, d, generator=gen)
     results = []
     for dtype, attend in ((torch.float32, attend_fused), (torch.float64, attend_batched)):
         inputs = {"latents": latents.to(device, dtype, copy=True), "q_k": q_k.to(device, dtype, copy=True)}
@@ -73,12 +77,13 @@ def test_attend_fused_rejects_bad_inputs():
 def test_attend_fused_cuda():
     check_against_reference(100_000, 21, 128, ("latents", "q_k"), torch.device("cuda"))
     check_against_reference(1000, 5, 128, ("latents",), torch.device("cuda"), seed=1)
+    check_against_reference(300_000, 21, 128, ("latents", "q_k"), torch.device("cuda"), num_queries=100_000)
 
 
 if __name__ == "__main__":  # the interpreter run of test_attend_fused_interpreter (TRITON_INTERPRET=1)
     assert os.environ.get("TRITON_INTERPRET") == "1", "run through pytest, or with TRITON_INTERPRET=1"
     for case in CPU_CASES:
-        check_against_reference(*case, torch.device("cpu"))
+        check_against_reference(*case[:4], torch.device("cpu"), *case[4:])
         print("ok", case)
     from legs_attention import attend_fused
 
