@@ -6,6 +6,8 @@ encoder (on the ground-truth Gaussians, so no stage-1 training is needed)."""
 import math
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -640,3 +642,23 @@ def test_converged_warm_start_stops_early_with_the_same_relevance(chain, capsys)
     assert float((scores[0] - scores[1]).abs().max()) < SCORE_TOLERANCE, scores
     assert corr > 0.98 and detected[0] == detected[1] and detected[0], (corr, detected)
     assert min(mask_iou.values()) >= 0.8, mask_iou
+
+
+def test_bench_legs_speed_runs_on_the_cpu(tmp_path):
+    """benchmarks/bench_legs.py speed, tiny: it ran a cold and a warm timestep (the warm one training
+    the --foreground share alone) and printed both per-iteration times."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    args = "--gaussians 600 --cams 2 --width 32 --height 18 --iters 50 --warm-iters 50 --block 25 --device cpu"
+    run = subprocess.run(
+        [sys.executable, os.path.join(root, "benchmarks", "bench_legs.py"), "speed", *args.split()],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="1"),
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    line = next(x for x in run.stdout.splitlines() if "median per iteration" in x)
+    cold, warm = (float(line.split(name)[1].split()[0]) for name in ("cold ", "warm "))
+    assert cold > 0 and warm > 0 and "warm (50 it, 30% of the Gaussians trained)" in run.stdout, run.stdout
+    assert os.listdir(tmp_path / "results") == []  # its stage-3 cache removed
