@@ -33,6 +33,7 @@ import argparse
 import functools
 import math
 import os
+import statistics
 import time
 import uuid
 
@@ -476,6 +477,16 @@ def check_finished(out_dir, num_t, timesteps, restart, made_from, settings, trai
         run_ids[t] = record.get("run_id")
 
 
+def lap(phases, name, since, device):
+    """phases[name] = seconds from `since` (time.time()) until the device's queued work is done;
+    returns that moment."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    now = time.time()
+    phases[name] = now - since
+    return now
+
+
 def shard(timesteps):
     """This process's contiguous block of timesteps under torchrun (RANK / WORLD_SIZE), split as
     extract_features.py splits them (block lengths differ by at most one)."""
@@ -638,6 +649,7 @@ def main(argv=None):
     settings = {k: getattr(args, k) for k in TRAINING_SETTINGS}
 
     done, trained, start = 0, 0, time.time()
+    warm_phases = {"prepare": [], "train": [], "save": []}  # seconds of each warm-started timestep's phases
     with helpers.stage_lock(out_dir, "train_4legs"):
         check_finished(out_dir, num_t, range(args.first, last + 1), args.restart, made_from, settings, train_cmd)
         bar = helpers.progress(timesteps, desc=f"4-LEGS features{f' (rank {rank}/{world})' if world > 1 else ''}")
@@ -646,13 +658,16 @@ def main(argv=None):
             if os.path.isfile(path) and not args.restart:  # resume: keep finished timesteps (check_finished)
                 done += 1
                 continue
-            t0 = time.time()
+            t0 = tick = time.time()
+            phases = {}
             previous = load_previous(out_dir, t, made_from, settings, train_cmd)
             setup = prepare_timestep(t, args, meta, params_path, ae, cache, device, use_rasterizer, previous)
+            tick = lap(phases, "prepare", tick, device)
             num_iters = args.iters if previous is None else args.warm_iters
             params, attention, losses = train_timestep(
                 t, setup, previous, num_iters, stop_rule(args, previous, len(setup["renderers"]))
             )
+            tick = lap(phases, "train", tick, device)
             loss = tail_loss(losses)
             with torch.no_grad():
                 features = lifted_features(params, attention, setup)
@@ -678,6 +693,7 @@ def main(argv=None):
                 "settings": settings,
                 "run_id": run_id,
                 "seconds": time.time() - t0,
+                "phase_seconds": dict(phases),
                 **made_from,
             }
             if previous is None:  # a chain's first timestep: every row, the base of what follows
@@ -686,12 +702,23 @@ def main(argv=None):
                 save_legs(path, features, setup["neighbours"][:, 0], previous["base"], info)
             if previous is not None and os.path.isfile(state_path(out_dir, t - 1)):  # t's state replaces it
                 os.remove(state_path(out_dir, t - 1))
+            lap(phases, "save", tick, device)
+            if previous is not None:
+                for name, seconds in phases.items():
+                    warm_phases[name].append(seconds)
             trained += 1
             bar.set_postfix(loss=f"{loss:.4f}", warm=previous is not None, iters=losses.shape[0])
     print(
         f"4-LEGS features: {trained} timesteps trained, {done} already done, in {time.time() - start:.0f} s "
         f"-> {out_dir}/ ({'rasterizer' if use_rasterizer else 'precomputed blend matrices'}, {device})"
     )
+    if warm_phases["train"]:
+        print(
+            "a warm-started timestep, median seconds: "
+            f"prepare (records, neighbour lists) {statistics.median(warm_phases['prepare']):.2f}, "
+            f"train (target maps, iterations) {statistics.median(warm_phases['train']):.2f}, "
+            f"save {statistics.median(warm_phases['save']):.2f}"
+        )
 
 
 if __name__ == "__main__":
