@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole pipeline on one sequence, stage after stage; run it again to resume (each stage keeps
-# what it finished). At the end: each stage's time and the disk its outputs take.
+# what it finished). At the end, or where a stage fails: each finished stage's time and the disk its
+# outputs take.
 #
 #   bash run_all.sh -s data/basketball -e exp1 --encoder viclip --viclip-ckpt data/checkpoints/ViClip-InternVid-10M-FLT.pth \
 #       -p "a man throwing the ball"
@@ -13,7 +14,7 @@
 set -euo pipefail
 
 seq="" exp=exp1 encoder=viclip python=python3 ckpt=() last=() prompts=() demo=() stage1_extra=()
-usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 while [ $# -gt 0 ]; do
     case "$1" in
         -s|--seq) seq=$2; shift 2 ;;
