@@ -8,7 +8,8 @@ Background: points on a sphere around the cameras, cut by the floor plane y = 0;
 concentric candidates, all beyond every camera (1.05 .. 3 times the farthest camera's distance,
 and a far field for a sky at infinity), the most photo-consistent one on the textured background
 pixels is taken (multi-view photo-consistency of the cameras' images), with the far field behind
-it. Inside the rig, background points only where the train cameras' rays find a surface that
+it; a ray that meets the floor beyond that sphere takes its floor point where the cameras agree
+better there. Inside the rig, background points only where the train cameras' rays find a surface that
 the masks call background (an object at rest, which a background subtraction cannot see): a
 sweep of depths along each ray, where the other cameras agree at one depth and disagree with
 the background's candidates (interior_points). No background point starts between a camera and
@@ -273,9 +274,11 @@ def background_points(
     over the candidates) find (nearly) most photo-consistent, after equalising the cameras'
     exposures; with no texture at all, the far field. Textureless walls cannot tell depths apart;
     a single sphere chosen by the textured ones keeps them on a plausible surface instead of
-    scattering them through the room. Returns xyz [M, 3], rgb [M, 3] (mean over the cameras that
-    see the point on background; a ray whose point no camera sees takes its far-field point where
-    one is seen, others are dropped, except on the far field) and the chosen sphere's radius.
+    scattering them through the room. A ray that meets the floor beyond the chosen sphere takes
+    its floor point where the cameras agree better there. Returns xyz [M, 3], rgb [M, 3] (mean
+    over the cameras that see the point on background; a ray whose point no camera sees takes its
+    far-field point where one is seen, others are dropped, except on the far field) and the chosen
+    sphere's radius.
     """
     num_cams = len(views["ims"])
     center, reach, has_floor = ray_origin(views["centers"])
@@ -318,7 +321,24 @@ def background_points(
     # for one ray in FAR_FIELD_SHARE, a far-field point for what lies beyond it (a sky above the
     # wall: training makes the wrong one transparent; far Gaussians are large, so few do).
     behind = (floor > far_radius) & (torch.arange(num_rays) % FAR_FIELD_SHARE == 0) & (not far_chosen)
-    points = torch.cat([center + depths[:, choice, None] * dirs, center + far_radius * dirs[behind]])
+    # A ray that meets the floor beyond its point on the chosen sphere takes its floor point where
+    # the cameras agree better there: a sphere inside a floor that reaches farther would leave
+    # that floor's far part floating at camera height, above the horizon of a lower camera.
+    ray_depth = depths[:, choice].clone()
+    beyond = torch.nonzero(torch.isfinite(floor) & (floor > ray_depth) & (floor <= far_radius))[:, 0]
+    if len(beyond):
+        on_floor, on_sphere = (
+            torch.cat(
+                [
+                    photo_consistency(center + depth[part, None] * dirs[part], views, small_ims, bg_ok, min_views)[0]
+                    for part in beyond.split(chunk)
+                ]
+            )
+            for depth in (floor, ray_depth)
+        )
+        better = beyond[torch.isfinite(on_floor) & ~(on_sphere <= on_floor)]
+        ray_depth[better] = floor[better]
+    points = torch.cat([center + ray_depth[:, None] * dirs, center + far_radius * dirs[behind]])
     far = torch.cat([(floor > far_radius) & far_chosen, torch.ones(int(behind.sum()), dtype=torch.bool)])
     bg_full = background_pixels(views)
     visible, rgb = zip(*[photo_consistency(part, views, views["ims"], bg_full, 1) for part in points.split(chunk)])
