@@ -307,13 +307,14 @@ def background_points(
     seen = torch.isfinite(cost).all(1)
     choice = len(radii) - 1  # the far field, when nothing tells the candidates apart: parallax needs texture
     if seen.sum() >= 10:
-        cost = cost[seen]
-        spread = cost.max(1).values - cost.min(1).values
+        seen_cost = cost[seen]
+        spread = seen_cost.max(1).values - seen_cost.min(1).values
         textured = spread >= spread.quantile(0.8)
         if bool((spread[textured] > 0).any()):
             # each textured ray backs every candidate within 5% of its spread of its best one: a ray
             # that meets the floor before several spheres backs them all alike, not the first
-            best = cost[textured] <= cost[textured].min(1, keepdim=True).values + 0.05 * spread[textured, None]
+            rows = seen_cost[textured]
+            best = rows <= rows.min(1, keepdim=True).values + 0.05 * spread[textured, None]
             backing = best.sum(0)
             choice = int(torch.nonzero(backing == backing.max())[-1, 0])  # ties: the farthest
     far_chosen = choice == len(radii) - 1
@@ -326,17 +327,14 @@ def background_points(
     # that floor's far part floating at camera height, above the horizon of a lower camera.
     ray_depth = depths[:, choice].clone()
     beyond = torch.nonzero(torch.isfinite(floor) & (floor > ray_depth) & (floor <= far_radius))[:, 0]
-    if len(beyond):
-        on_floor, on_sphere = (
-            torch.cat(
-                [
-                    photo_consistency(center + depth[part, None] * dirs[part], views, small_ims, bg_ok, min_views)[0]
-                    for part in beyond.split(chunk)
-                ]
-            )
-            for depth in (floor, ray_depth)
+    if len(beyond):  # (the sphere point's cost is its candidate's, computed above)
+        on_floor = torch.cat(
+            [
+                photo_consistency(center + floor[part, None] * dirs[part], views, small_ims, bg_ok, min_views)[0]
+                for part in beyond.split(chunk)
+            ]
         )
-        better = beyond[torch.isfinite(on_floor) & ~(on_sphere <= on_floor)]
+        better = beyond[torch.isfinite(on_floor) & ~(cost[beyond, choice] <= on_floor)]
         ray_depth[better] = floor[better]
     points = torch.cat([center + ray_depth[:, None] * dirs, center + far_radius * dirs[behind]])
     far = torch.cat([(floor > far_radius) & far_chosen, torch.ones(int(behind.sum()), dtype=torch.bool)])
