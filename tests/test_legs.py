@@ -663,3 +663,17 @@ def test_bench_legs_speed_runs_on_the_cpu(tmp_path):
     cold, warm = (float(line.split(name)[1].split()[0]) for name in ("cold ", "warm "))
     assert cold > 0 and warm > 0 and "warm (50 it, 30% of the Gaussians trained)" in run.stdout, run.stdout
     assert os.listdir(tmp_path / "results") == []  # its stage-3 cache removed
+
+
+@pytest.mark.parametrize("share", ["0", "1.5", "nan"])
+def test_bench_legs_refuses_a_foreground_share_outside_0_1(tmp_path, share):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run(
+        [sys.executable, os.path.join(root, "benchmarks", "bench_legs.py"), "speed", "--foreground", share],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=root),
+        timeout=120,
+    )
+    assert run.returncode == 2 and run.stderr.strip().count("\n") == 0 and f"--foreground {float(share)}" in run.stderr
