@@ -200,7 +200,6 @@ def attend_fused(latents, neighbours, q_k, block_n=BLOCK_N, num_warps=NUM_WARPS)
 
     latents [N, D] float32 (f), neighbours [M, K+1] int64 (a row per query: the Gaussian itself,
     then its K nearest), q_k [M, D] float32 -> mixed [M, D] float32; differentiable in latents and
-    q_k. D a power of two
-    (128 in 4-LEGS). CUDA tensors, or CPU tensors under TRITON_INTERPRET=1. block_n (a power of two)
-    and num_warps set the launch (Gaussians per program, warps per program)."""
+    q_k. D a power of two (128 in 4-LEGS). CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
+    block_n (a power of two) and num_warps set the launch (Gaussians per program, warps per program)."""
     return AttendFused.apply(latents, neighbours, q_k, block_n, num_warps)
