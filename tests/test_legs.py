@@ -278,6 +278,16 @@ def test_brute_force_neighbours_match_the_kd_tree():
     assert torch.equal(kd[:, 1:].sort(1).values, bf[:, 1:].sort(1).values)
 
 
+def test_neighbours_of_some_gaussians_are_their_rows_of_all():
+    """A warm start asks the neighbour lists of the foreground's Gaussians alone: both k-NN paths
+    give those rows of the lists of all Gaussians."""
+    from train_4legs import knn_brute_force, neighbour_indices
+
+    points, rows = torch.rand(500, 3), torch.tensor([3, 17, 250, 499])
+    assert torch.equal(knn_brute_force(points, 20, rows), knn_brute_force(points, 20)[rows])
+    assert torch.equal(neighbour_indices(points, 20, rows), neighbour_indices(points, 20)[rows])
+
+
 # ---------------------------------------------------------------- stage-5 records
 
 
