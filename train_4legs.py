@@ -415,6 +415,37 @@ def state_path(out_dir, t):
     return os.path.join(out_dir, f"state_{t:06d}.pt")
 
 
+def handed_on(t, run_id, stored, rows, setup, params, attention, previous):
+    """What timestep t + 1 warm-starts from, kept in memory by the run that trained t: equal, bit
+    for bit, to what load_previous reads back from t's files ({'t', 'run_id', 'features' [N, 128]
+    as the record reads back, 'latents' [N, 128] float16, 'attention', 'base'}). stored: the rows
+    `rows` (None: all) of the features as save_legs returned them [n, 128]."""
+    features = (
+        stored if "held_features" not in setup else setup["held_features"].index_copy(0, rows, stored.to(rows.device))
+    )
+    return {
+        "t": t,
+        "run_id": run_id,
+        "features": features,
+        "latents": params["latents"].detach().to(torch.float16),
+        "attention": {k: v.detach() for k, v in attention.state_dict().items()},
+        "base": {"t": t, "run_id": run_id} if previous is None else previous["base"],
+    }
+
+
+def save_state(out_dir, start):
+    """Write handed_on's `start` as the warm-start state of its timestep (state_path)."""
+    helpers.save_torch(
+        state_path(out_dir, start["t"]),
+        {
+            "t": start["t"],
+            "run_id": start["run_id"],
+            "latents": start["latents"].cpu(),
+            "attention": {k: v.cpu() for k, v in start["attention"].items()},
+        },
+    )
+
+
 def read_state(out_dir, t):
     """The warm-start state of timestep t ({'t', 'run_id', 'latents', 'attention'}), or None."""
     try:
@@ -475,16 +506,6 @@ def check_finished(out_dir, num_t, timesteps, restart, made_from, settings, trai
         if base:
             check_base(record, path, run_ids.get(base["t"]), train_cmd)
         run_ids[t] = record.get("run_id")
-
-
-def lap(phases, name, since, device):
-    """phases[name] = seconds from `since` (time.time()) until the device's queued work is done;
-    returns that moment."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    now = time.time()
-    phases[name] = now - since
-    return now
 
 
 def shard(timesteps):
@@ -650,64 +671,70 @@ def main(argv=None):
 
     done, trained, start = 0, 0, time.time()
     warm_phases = {"prepare": [], "train": [], "save": []}  # seconds of each warm-started timestep's phases
+    # What the next timestep starts from stays in memory; its state file (83 MB on basketball) is
+    # written once, for the last timestep trained, when the run ends or stops (a run killed outright
+    # leaves none, and its next timestep starts cold). States read from disk are replaced by it.
+    handed, replaced = None, []
     with helpers.stage_lock(out_dir, "train_4legs"):
         check_finished(out_dir, num_t, range(args.first, last + 1), args.restart, made_from, settings, train_cmd)
         bar = helpers.progress(timesteps, desc=f"4-LEGS features{f' (rank {rank}/{world})' if world > 1 else ''}")
-        for t in bar:
-            path = legs_path(out_dir, t)
-            if os.path.isfile(path) and not args.restart:  # resume: keep finished timesteps (check_finished)
-                done += 1
-                continue
-            t0 = tick = time.time()
-            phases = {}
-            previous = load_previous(out_dir, t, made_from, settings, train_cmd)
-            setup = prepare_timestep(t, args, meta, params_path, ae, cache, device, use_rasterizer, previous)
-            tick = lap(phases, "prepare", tick, device)
-            num_iters = args.iters if previous is None else args.warm_iters
-            params, attention, losses = train_timestep(
-                t, setup, previous, num_iters, stop_rule(args, previous, len(setup["renderers"]))
-            )
-            tick = lap(phases, "train", tick, device)
-            loss = tail_loss(losses)
-            with torch.no_grad():
-                features = lifted_features(params, attention, setup)
-            if not torch.isfinite(features).all():
-                raise helpers.UserError(
-                    f"timestep {t}: the features went NaN/Inf in training (--lr-features "
-                    f"{args.lr_features}, --lr-attention {args.lr_attention}); not saved, the "
-                    f"finished timesteps are kept"
+        try:
+            for t in bar:
+                path = legs_path(out_dir, t)
+                if os.path.isfile(path) and not args.restart:  # resume: keep finished timesteps (check_finished)
+                    done += 1
+                    continue
+                t0 = tick = time.time()
+                phases = {}
+                if handed is not None and handed["t"] == t - 1:
+                    previous = handed
+                else:
+                    previous = load_previous(out_dir, t, made_from, settings, train_cmd)
+                    replaced += [] if previous is None else [t - 1]
+                setup = prepare_timestep(t, args, meta, params_path, ae, cache, device, use_rasterizer, previous)
+                tick = helpers.lap(phases, "prepare", tick, device)
+                num_iters = args.iters if previous is None else args.warm_iters
+                params, attention, losses = train_timestep(
+                    t, setup, previous, num_iters, stop_rule(args, previous, len(setup["renderers"]))
                 )
-            run_id = uuid.uuid4().hex
-            state = {
-                "t": t,
-                "run_id": run_id,
-                "latents": params["latents"].detach().to(torch.float16).cpu(),
-                "attention": {k: v.cpu() for k, v in attention.state_dict().items()},
-            }
-            helpers.save_torch(state_path(out_dir, t), state)  # before the record: resuming finds both
-            info = {
-                "t": t,
-                "loss": loss,
-                "iterations": losses.shape[0],
-                "warm_start": previous is not None,
-                "settings": settings,
-                "run_id": run_id,
-                "seconds": time.time() - t0,
-                "phase_seconds": dict(phases),
-                **made_from,
-            }
-            if previous is None:  # a chain's first timestep: every row, the base of what follows
-                save_legs(path, features, None, None, info)
-            else:
-                save_legs(path, features, setup["neighbours"][:, 0], previous["base"], info)
-            if previous is not None and os.path.isfile(state_path(out_dir, t - 1)):  # t's state replaces it
-                os.remove(state_path(out_dir, t - 1))
-            lap(phases, "save", tick, device)
-            if previous is not None:
-                for name, seconds in phases.items():
-                    warm_phases[name].append(seconds)
-            trained += 1
-            bar.set_postfix(loss=f"{loss:.4f}", warm=previous is not None, iters=losses.shape[0])
+                tick = helpers.lap(phases, "train", tick, device)
+                loss = tail_loss(losses)
+                with torch.no_grad():
+                    features = lifted_features(params, attention, setup)
+                if not torch.isfinite(features).all():
+                    raise helpers.UserError(
+                        f"timestep {t}: the features went NaN/Inf in training (--lr-features "
+                        f"{args.lr_features}, --lr-attention {args.lr_attention}); not saved, the "
+                        f"finished timesteps are kept"
+                    )
+                run_id = uuid.uuid4().hex
+                info = {
+                    "t": t,
+                    "loss": loss,
+                    "iterations": losses.shape[0],
+                    "warm_start": previous is not None,
+                    "settings": settings,
+                    "run_id": run_id,
+                    "seconds": time.time() - t0,
+                    "phase_seconds": dict(phases),
+                    **made_from,
+                }
+                # a chain's first timestep stores every row (the base of what follows), a warm one its trained rows
+                rows = None if previous is None else setup["neighbours"][:, 0]
+                stored = save_legs(path, features, rows, None if previous is None else previous["base"], info)
+                handed = handed_on(t, run_id, stored, rows, setup, params, attention, previous)
+                helpers.lap(phases, "save", tick, device)
+                if previous is not None:
+                    for name, seconds in phases.items():
+                        warm_phases[name].append(seconds)
+                trained += 1
+                bar.set_postfix(loss=f"{loss:.4f}", warm=previous is not None, iters=losses.shape[0])
+        finally:
+            if handed is not None:
+                save_state(out_dir, handed)
+                for old in replaced:
+                    if old != handed["t"] and os.path.isfile(state_path(out_dir, old)):
+                        os.remove(state_path(out_dir, old))
     print(
         f"4-LEGS features: {trained} timesteps trained, {done} already done, in {time.time() - start:.0f} s "
         f"-> {out_dir}/ ({'rasterizer' if use_rasterizer else 'precomputed blend matrices'}, {device})"

@@ -126,7 +126,8 @@ LEGS_FORMAT = 2
 def save_legs(path, features, rows, base, info):
     """Write a stage-5 record atomically: features [N, 128] of the rows `rows` (int64 [n]; None: all),
     `base` {'t', 'run_id'} of the record holding the other rows (None when all are here), and `info`
-    (t, run_id, loss, the keys of LEGS_MADE_FROM, ...)."""
+    (t, run_id, loss, the keys of LEGS_MADE_FROM, ...). Returns those rows as the record reads back:
+    float32 [n or N, 128] on the CPU."""
     values, scales = helpers.quantize_rows(features.detach().cpu() if rows is None else features.detach()[rows].cpu())
     record = {
         **info,
@@ -138,6 +139,7 @@ def save_legs(path, features, rows, base, info):
         "base": base,
     }
     helpers.save_torch(path, record)
+    return helpers.dequantize_rows(values, scales)
 
 
 def read_legs(path, train_cmd):

@@ -338,6 +338,35 @@ def test_records_store_the_background_once_and_format_1_is_still_read(tmp_path):
     assert torch.equal(previous["latents"], features[2].half()) and previous["base"] == {"t": 0, "run_id": "old"}
 
 
+def test_the_warm_start_kept_in_memory_is_the_one_its_files_give(tmp_path):
+    """A run hands each timestep's features, latents and attention on to the next in memory and
+    writes the state file once, at its end: what it hands on equals, bit for bit and dtype for dtype,
+    what a resumed run reads back from the record and the state (load_previous), along a chain of
+    a cold timestep and two warm ones."""
+    import train_4legs
+
+    n, settings = 300, {"seed": 0}
+    made_from = {"encoder": "color", "ae_run_id": "ae", "params": "p", "downscale": 1, "tile_mix": "purest"}
+    legs, foreground = str(tmp_path / "legs"), torch.arange(1, n, 3)
+    g = torch.Generator().manual_seed(1)
+    attention, previous = train_4legs.NeighbourAttention(), None
+    for t in range(3):
+        features, params = torch.randn(n, 128, generator=g), {"latents": torch.randn(n, 128, generator=g)}
+        rows = None if previous is None else foreground
+        setup = {} if previous is None else {"held_features": previous["features"]}
+        info = {"t": t, "run_id": f"r{t}", "settings": settings, **made_from}
+        stored = save_legs(legs_path(legs, t), features, rows, None if previous is None else previous["base"], info)
+        handed = train_4legs.handed_on(t, f"r{t}", stored, rows, setup, params, attention, previous)
+        train_4legs.save_state(legs, handed)
+        read = train_4legs.load_previous(legs, t + 1, made_from, settings, "")
+        for key in ("features", "latents"):
+            assert read[key].dtype == handed[key].dtype and torch.equal(read[key], handed[key]), (t, key)
+        assert read["attention"].keys() == handed["attention"].keys()
+        assert all(torch.equal(read["attention"][k], v) for k, v in handed["attention"].items())
+        assert read["base"] == handed["base"] == {"t": 0, "run_id": "r0"}
+        previous = handed
+
+
 # ---------------------------------------------------------------- the whole chain on a small synthetic sequence
 
 SEQ, EXP, BALL = "data/synthetic", "legs", "a red ball flying in the air"
