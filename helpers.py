@@ -434,6 +434,16 @@ def save_npz(path, arrays):
     atomic_write(path, lambda tmp: np.savez(tmp, **arrays))
 
 
+def lap(phases, name, since, device):
+    """phases[name] = seconds from `since` (time.time()) until the device's queued work is done;
+    returns that moment (one synchronisation: for phases of seconds, not for a training loop)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    now = time.time()
+    phases[name] = now - since
+    return now
+
+
 def save_torch(path, obj):
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 

@@ -23,6 +23,7 @@ import concurrent.futures
 import json
 import math
 import os
+import statistics
 import time
 import zipfile
 
@@ -990,17 +991,20 @@ def train(args, device, seq_dir, out_dir):
     total = sum(args.iters_first if t == 0 else args.iters for t in range(start, last + 1))
     bar = helpers.progress(total=total, unit="it")
     monitor = new_monitor(device)
+    later_phases = {}  # seconds of each phase of the timesteps after 0 (helpers.lap)
     if args.cuda_graphs and loss_fn is not get_loss:
         mark_static(monitor)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:  # the next timestep's images load while this one trains
         upcoming = pool.submit(load_timestep, seq_dir, meta, test_meta, start, *sizes) if start <= last else None
         for t in range(start, last + 1):
+            started = tick = time.time()
+            phases = {}  # seconds of the timestep's phases (load, prepare, train, evaluate; save printed at the end)
             dataset, test_views = get_dataset(upcoming.result(), meta, test_meta, t, device)
             upcoming = pool.submit(load_timestep, seq_dir, meta, test_meta, t + 1, *sizes) if t < last else None
             torch.manual_seed(args.seed * SEED_STRIDE + t)
             rng = np.random.default_rng([args.seed, t])
             bar.set_description(f"t {t}/{last}")
-            started = time.time()
+            tick = helpers.lap(phases, "load", tick, device)
             if t == 0:
                 radius = scene_radius(meta)
                 params = initialize_params(init_pt_cld, len(meta["cam_id"]), device)
@@ -1013,9 +1017,7 @@ def train(args, device, seq_dir, out_dir):
                 }
                 optimizer = initialize_optimizer(params, radius, LEARNING_RATES)
                 schedule = external.densify_schedule(args.iters_first, max_gaussians=args.max_gaussians)
-                params, variables, iters = train_timestep(
-                    params, variables, optimizer, dataset, t, args.iters_first, schedule, get_loss, rng, bar, monitor
-                )
+                num_iters, step_loss, plateau = args.iters_first, get_loss, 0.0
             else:
                 params, variables = initialize_per_timestep(params, variables)
                 moved = relocate_objects(params, variables, dataset, RELOCATE_REACH * scene_radius(meta))
@@ -1026,19 +1028,22 @@ def train(args, device, seq_dir, out_dir):
                 optimizer = initialize_optimizer(
                     params, scene_radius(meta), MOVING, ("means3D", "unnorm_rotations"), args.motion_lr_scale
                 )
-                params, variables, iters = train_timestep(
-                    params, variables, optimizer, dataset, t, args.iters, None, loss_fn, rng, bar, monitor, args.plateau
-                )
+                num_iters, step_loss, plateau, schedule = args.iters, loss_fn, args.plateau, None
+            tick = helpers.lap(phases, "prepare", tick, device)
+            params, variables, iters = train_timestep(
+                params, variables, optimizer, dataset, t, num_iters, schedule, step_loss, rng, bar, monitor, plateau
+            )
+            tick = helpers.lap(phases, "train", tick, device)
             metrics = evaluate(params, test_views, lpips_net)
             if t == 0:
                 params = {k: v.detach() for k, v in params.items()}
                 variables = initialize_post_first_timestep(params)
             variables["object_scores"] = object_scores(params, variables, dataset)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            tick = helpers.lap(phases, "evaluate", tick, device)
             record = {
                 "iterations": iters,
                 "seconds": time.time() - started,
+                "phase_seconds": dict(phases),
                 "settings": settings,
                 "gaussians": int(params["means3D"].shape[0]),
                 "test": metrics,
@@ -1046,12 +1051,21 @@ def train(args, device, seq_dir, out_dir):
             }
             save_timestep(ts_dir, t, params, record)
             drop_replaced(ts_dir, t)
+            helpers.lap(phases, "save", tick, device)
+            if t > 0:
+                for name, seconds in phases.items():
+                    later_phases.setdefault(name, []).append(seconds)
             tqdm.write(
                 f"timestep {t}: {record['seconds']:.1f} s, {record['gaussians']} Gaussians, "
                 f"test PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f}"
             )
             del optimizer
     bar.close()
+    if later_phases:
+        tqdm.write(
+            "a timestep after timestep 0, median seconds: "
+            + ", ".join(f"{name} {statistics.median(seconds):.2f}" for name, seconds in later_phases.items())
+        )
 
     params_path, num_done, metrics = assemble(ts_dir, out_dir, lpips_missing, (test_meta["w"], test_meta["h"]))
     lpips_text = (

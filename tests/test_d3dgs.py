@@ -73,6 +73,19 @@ def test_psnr_rises_above_bound(trained):
     assert all(0 < m["ssim"] <= 1 for m in metrics["per_timestep"])
 
 
+def test_timestep_records_split_their_seconds_into_phases(trained):
+    """Each timestep's record says where its seconds went: load, prepare, train, evaluate, which
+    add up to no more than the timestep's seconds."""
+    _, out = trained
+    files = train_d3dgs.read_timesteps(os.path.join(out, "timesteps"), range(2))
+    for t in range(2):
+        record = json.loads(str(files[t]["record"]))
+        phases = record["phase_seconds"]
+        assert list(phases) == ["load", "prepare", "train", "evaluate"], phases
+        assert min(phases.values()) >= 0 and phases["train"] > 0
+        assert sum(phases.values()) <= record["seconds"] + 1e-6, (phases, record["seconds"])
+
+
 def test_params_npz_format(trained):
     _, out = trained
     with np.load(os.path.join(out, "params.npz")) as f:
