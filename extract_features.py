@@ -288,6 +288,16 @@ def main(argv=None):
         help="skip torch.compile of ViCLIP on CUDA: ~25 s less start-up, ~15%% slower encoding",
     )
     parser.add_argument(
+        "--fp8",
+        action="store_true",
+        help="run ViCLIP's video transformer matmuls (q/k/v, attention output, MLP) in FP8 (e4m3, "
+        "per-channel weight and per-token activation scales) instead of bfloat16, for speed; the "
+        "embeddings differ slightly and are cached apart from bfloat16 ones. Needs an NVIDIA GPU of "
+        "compute capability >= 8.9 (Ada, Hopper) and --encoder viclip. Its accuracy was measured on "
+        "random weights only: check the cosine to bfloat16 on your checkpoint with "
+        "benchmarks/bench_viclip.py first",
+    )
+    parser.add_argument(
         "--reuse-tolerance",
         type=float,
         default=REUSE_TOLERANCE,
@@ -327,7 +337,7 @@ def main(argv=None):
             args.seq, meta, max(0, mine[0] + tiles.CLIP_OFFSETS[0]), min(num_t - 1, mine[-1] + tiles.CLIP_OFFSETS[-1])
         )
     encoder = load_encoder(
-        args.encoder, device, args.viclip_ckpt, compile=device.type == "cuda" and not args.no_compile
+        args.encoder, device, args.viclip_ckpt, compile=device.type == "cuda" and not args.no_compile, fp8=args.fp8
     )
     stats = extract(
         args.seq,

@@ -1,16 +1,20 @@
-"""Speed and accuracy of stage 3 (extract_features.py) with ViCLIP of the real size (random weights) on a CUDA GPU.
+"""Speed and accuracy of stage 3 (extract_features.py) with ViCLIP of the real size (random weights
+unless --viclip-ckpt) on a CUDA GPU.
 
     python benchmarks/bench_viclip.py --seq data/bench_viclip/basketball --timesteps 4 5
     python benchmarks/bench_viclip.py --timesteps 4 5      # synthetic 27-camera 640x360 frames
+    python benchmarks/bench_viclip.py --viclip-ckpt data/checkpoints/ViClip-InternVid-10M-FLT.pth
 
 In one run, on the same weights:
   original   the original's way: float32, nn.MultiheadAttention blocks (sequence first, fp32
              LayerNorm, Conv3d patches, patch-major tokens), 20 clips per call
   eager      our network, bfloat16, fused attention (per SDPA backend and batch size)
   bare       our network compiled (torch.compile), the chosen backend, --batch-size clips per call
+  fp8        as bare, the video transformer's matmuls in FP8 (ViCLIP.use_fp8, extract_features.py
+             --fp8), the same clips (not with --no-fp8; compiled unless --no-compile)
   end2end    extract_features.extract on a whole timestep: decode, tile, resize, encode, cache
   accuracy   cosine of our bfloat16 embeddings against float32 ones (ours and the original-style
-             module) on real tile clips of the first timestep
+             module) on real tile clips of the first timestep, and of the FP8 ones against both
 Prints a table and writes every figure to --json (after each stage, so a cut-off run keeps them).
 """
 
@@ -29,7 +33,7 @@ from torch import nn
 import extract_features
 import helpers
 from feature_extraction import ViCLIP, tiles
-from feature_extraction.viclip import CLIP_MEAN, CLIP_STD
+from feature_extraction.viclip import CLIP_MEAN, CLIP_STD, load_viclip
 
 FLOP_PER_CLIP = 1.65e12
 
@@ -157,6 +161,12 @@ def main():
         help="batch sizes timed in eager mode (default backend)",
     )
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    parser.add_argument("--no-fp8", action="store_true", help="skip the FP8 variant (speed and accuracy)")
+    parser.add_argument(
+        "--viclip-ckpt",
+        help="measure with these ViCLIP weights (ViClip-InternVid-10M-FLT.pth) instead of random ones; "
+        "the FP8 accuracy on real weights is worth checking before extract_features.py --fp8",
+    )
     parser.add_argument(
         "--json", default="results/bench_viclip.json", help="where all figures go (default: %(default)s)"
     )
@@ -189,13 +199,22 @@ def main():
 
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    with torch.device(device):
-        ref32 = ViCLIP().reset_parameters()  # float32, the weights every variant loads
-    ref32.eval().requires_grad_(False)
-    with torch.device(device):
-        model = ViCLIP().eval().requires_grad_(False)
-    model.load_state_dict(ref32.state_dict())
-    model.to(torch.bfloat16)
+    if args.viclip_ckpt:  # float32, the weights every variant loads
+        ref32 = load_viclip(args.viclip_ckpt, device, dtype=torch.float32)
+    else:
+        with torch.device(device):
+            ref32 = ViCLIP().reset_parameters()
+        ref32.eval().requires_grad_(False)
+    res["weights"] = ref32.identity
+
+    def bf16_copy():
+        """Our network in bfloat16 with ref32's weights."""
+        with torch.device(device):
+            copy = ViCLIP().eval().requires_grad_(False)
+        copy.load_state_dict(ref32.state_dict())
+        return copy.to(torch.bfloat16)
+
+    model = bf16_copy()
     original = OriginalVision().to(device).eval().requires_grad_(False)
     original.load_state_dict(
         {k[len("vision_encoder.") :]: v for k, v in ref32.state_dict().items() if k.startswith("vision_encoder.")},
@@ -247,6 +266,31 @@ def main():
         log(
             f"bare compiled bf16 ({best}, batch {args.batch_size}): {args.batch_size / sec:.1f} clips/s, "
             f"{res['bare']['tflops']:.0f} TFLOP/s (compile {res['compile_s']:.0f} s)"
+        )
+        save()
+
+    # -- FP8 matmuls: the same weights, backend, batch size and clips as bare
+    fp8_model = None
+    if not args.no_fp8:
+        try:
+            fp8_model = bf16_copy().use_fp8()
+        except helpers.UserError as e:  # a GPU without FP8 tensor cores
+            res["fp8"] = f"unavailable: {e}"
+            log(f"fp8: unavailable ({e})")
+    if fp8_model is not None:
+        fp8_model.sdpa_backends = backends[best]
+        if not args.no_compile:
+            fp8_model.compile_video()
+            t0 = time.perf_counter()
+            fp8_model.encode_video(inputs[0])
+            torch.cuda.synchronize()
+            res["fp8_compile_s"] = time.perf_counter() - t0
+        sec = time_calls(fp8_model.encode_video, inputs, args.repeats)
+        mode, bf16_rate = ("eager", res["eager"][best]) if args.no_compile else ("compiled", res["bare"]["clips_per_s"])
+        res["fp8"] = {"clips_per_s": args.batch_size / sec, "mode": mode, "vs_bf16": args.batch_size / sec / bf16_rate}
+        log(
+            f"{mode} fp8 ({best}, batch {args.batch_size}): {args.batch_size / sec:.1f} clips/s, "
+            f"x{res['fp8']['vs_bf16']:.2f} the {mode} bf16 rate"
         )
         save()
 
@@ -324,6 +368,16 @@ def main():
         f"{a['cos_bf16_vs_fp32_mean']:.5f}; cache (fp16) vs fp32 min {a['cos_cache_fp16_vs_fp32_min']:.5f}; "
         f"ours fp32 vs original-style fp32 min {a['cos_ours_fp32_vs_original_fp32_min']:.7f}"
     )
+    if fp8_model is not None:
+        ours_fp8 = fp8_model.encode_video(clips)
+        for name, other in (("bf16", ours_bf16), ("fp32", ours_fp32)):
+            a[f"cos_fp8_vs_{name}_min"] = cos(ours_fp8, other).min().item()
+            a[f"cos_fp8_vs_{name}_mean"] = cos(ours_fp8, other).mean().item()
+        log(
+            f"fp8 on the same tiles: cos(fp8, bf16) min {a['cos_fp8_vs_bf16_min']:.5f} mean "
+            f"{a['cos_fp8_vs_bf16_mean']:.5f}; cos(fp8, fp32) min {a['cos_fp8_vs_fp32_min']:.5f} mean "
+            f"{a['cos_fp8_vs_fp32_mean']:.5f}"
+        )
     save()
 
     log("\n| variant | clips/s | s per basketball timestep (15,444 clips) |\n|---|---|---|")
@@ -331,6 +385,8 @@ def main():
     rows += [(f"eager bf16 {k}", v) for k, v in res["eager"].items() if isinstance(v, float)]
     if "bare" in res:
         rows.append((f"bare compiled bf16 ({best})", res["bare"]["clips_per_s"]))
+    if isinstance(res.get("fp8"), dict):
+        rows.append((f"{res['fp8']['mode']} fp8 ({best})", res["fp8"]["clips_per_s"]))
     rows.append(("end to end (ours)", res["end2end"]["clips_per_s"]))
     for name, rate in rows:
         log(f"| {name} | {rate:.1f} | {15444 / rate:.0f} |")

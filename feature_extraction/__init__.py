@@ -34,11 +34,14 @@ ENCODER_HELP = (
 )
 
 
-def load_encoder(spec, device="cpu", viclip_ckpt=DEFAULT_CKPT, compile=False):
+def load_encoder(spec, device="cpu", viclip_ckpt=DEFAULT_CKPT, compile=False, fp8=False):
     """The encoder named by `spec` on `device` (bfloat16 on CUDA for viclip). compile: torch.compile
-    ViCLIP's video path (worth it only for long extraction runs on a GPU)."""
+    ViCLIP's video path (worth it only for long extraction runs on a GPU); fp8: ViCLIP's video
+    transformer in FP8 matmuls (ViCLIP.use_fp8; viclip only)."""
+    if fp8 and spec != "viclip":
+        raise UserError(f"--fp8 --encoder {spec}: only the viclip encoder has an FP8 path; drop --fp8")
     if spec == "viclip":
-        return load_viclip(viclip_ckpt, device, compile=compile)
+        return load_viclip(viclip_ckpt, device, compile=compile, fp8=fp8)
     if spec == "color":
         return ColorEncoder(device)
     if spec.startswith("openclip:"):

@@ -6,7 +6,9 @@ the original's: pre-norm residual blocks with a packed q/k/v in-projection, Quic
 LayerNorm eps 1e-5; a video's patch tokens of all 8 frames and ONE class token attend jointly.
 The speed-up is in how it is computed: one fused attention call (scaled_dot_product_attention,
 flash/cuDNN kernels on CUDA) instead of nn.MultiheadAttention, bfloat16 weights on CUDA, the patch
-embedding as one conv2d over all frames, and optionally torch.compile.
+embedding as one conv2d over all frames, and optionally torch.compile. Opt-in (ViCLIP.use_fp8): the
+video encoder's transformer matmuls in FP8 (e4m3, per-channel weight and per-token activation
+scales; fp8_linear, specified by fp8_linear_reference) on GPUs of compute capability >= 8.9.
 """
 
 import collections
@@ -24,23 +26,108 @@ DEFAULT_CKPT = "data/checkpoints/ViClip-InternVid-10M-FLT.pth"
 MODEL_PAGE = "https://huggingface.co/OpenGVLab/ViCLIP"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # the largest finite e4m3 value
+FP8_MIN_CAPABILITY = (8, 9)  # Ada and Hopper: the first NVIDIA GPUs with FP8 tensor cores
+
+
+# ---------------------------------------------------------------- FP8 matmuls
+
+
+def quantize_rows(a):
+    """a [R, K] float -> (q [R, K] float8_e4m3fn, scale [R, 1] float32) with a ~= q * scale: each row
+    scaled so that its largest magnitude becomes FP8_MAX. An all-zero row gets a tiny scale and q = 0."""
+    amax = a.abs().amax(dim=-1, keepdim=True).float()
+    scale = amax.clamp(min=1e-12) / FP8_MAX
+    # |a / scale| exceeds FP8_MAX by float32 rounding at most: the cast rounds that to FP8_MAX (the
+    # next e4m3 step, 480, is where it would give NaN)
+    return (a.float() / scale).to(FP8_DTYPE), scale
+
+
+def quantize_weight(weight):
+    """A linear layer's weight [N, K] -> (q_weight [N, K] float8_e4m3fn, scale [1, N] float32),
+    one scale per output channel (weight ~= q_weight * scale.T)."""
+    q, scale = quantize_rows(weight)
+    return q, scale.reshape(1, -1)
+
+
+def fp8_linear(x, q_weight, weight_scale, bias=None):
+    """F.linear in FP8: x [..., K] bfloat16/float32, q_weight [N, K] and weight_scale [1, N]
+    (quantize_weight's), bias [N] or None -> [..., N] in x.dtype.
+
+    x is quantised per row (token) at each call; torch._scaled_mm multiplies the e4m3 values with
+    float32 accumulation and applies both scales. The bias is added after, in x.dtype."""
+    x_q, x_scale = quantize_rows(x.reshape(-1, x.shape[-1]))
+    # mat2 must be column-major: the row-major [N, K] weight transposed is
+    out = torch._scaled_mm(x_q, q_weight.t(), scale_a=x_scale, scale_b=weight_scale, out_dtype=x.dtype)
+    out = out.view(*x.shape[:-1], -1)
+    return out if bias is None else out + bias
+
+
+def fp8_linear_reference(x, q_weight, weight_scale, bias=None):
+    """What fp8_linear computes, in plain PyTorch: both operands dequantised to float32 and multiplied."""
+    x_q, x_scale = quantize_rows(x.reshape(-1, x.shape[-1]))
+    out = (x_q.float() * x_scale) @ (q_weight.float() * weight_scale.t()).t()
+    out = out.to(x.dtype).view(*x.shape[:-1], -1)
+    return out if bias is None else out + bias
+
+
+def linear(x, weight, bias, fp8=None):
+    """F.linear(x, weight, bias), or fp8_linear with fp8 = quantize_weight(weight) when given."""
+    return F.linear(x, weight, bias) if fp8 is None else fp8_linear(x, *fp8, bias)
+
+
+def check_fp8_device(device, dtype):
+    """Raise UserError unless fp8_linear runs on `device` with `dtype` activations: a CUDA GPU needs
+    compute capability >= 8.9; any device is probed with one small call (the CPU runs it, slowly)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        capability = torch.cuda.get_device_capability(device)
+        if capability < FP8_MIN_CAPABILITY:
+            raise UserError(
+                f"--fp8: {torch.cuda.get_device_name(device)} ({device}) has compute capability "
+                f"{capability[0]}.{capability[1]}; FP8 matmuls need >= 8.9 (Ada, Hopper): drop --fp8"
+            )
+    try:
+        fp8_linear(torch.ones(16, 32, device=device, dtype=dtype), *quantize_weight(torch.ones(32, 32, device=device)))
+    except Exception as e:
+        why = str(e).split("\n")[0]
+        raise UserError(
+            f"--fp8: FP8 matmuls (torch._scaled_mm) fail on {device} with {dtype} activations "
+            f"({type(e).__name__}: {why}): drop --fp8"
+        )
+
+
+# ---------------------------------------------------------------- the network
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose matmul is fp8_linear once `fp8` holds quantize_weight(weight) (ViCLIP.use_fp8)."""
+
+    fp8 = None
+
+    def forward(self, x):
+        return linear(x, self.weight, self.bias, self.fp8)
 
 
 class Attention(nn.Module):
     """Multi-head self-attention with nn.MultiheadAttention's parameter names (in_proj_weight
-    [3D, D] packing q, k, v in that order; out_proj), computed by one fused SDPA call."""
+    [3D, D] packing q, k, v in that order; out_proj), computed by one fused SDPA call.
+    in_proj_fp8: quantize_weight(in_proj_weight) once ViCLIP.use_fp8 ran (the in-projection in FP8)."""
+
+    in_proj_fp8 = None
 
     def __init__(self, width, heads):
         super().__init__()
         self.heads = heads
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
         self.in_proj_bias = nn.Parameter(torch.empty(3 * width))
-        self.out_proj = nn.Linear(width, width)
+        self.out_proj = Linear(width, width)
 
     def forward(self, x, causal=False):
         """x [B, N, D] -> [B, N, D]; causal: token i sees tokens <= i only (the text encoder)."""
         b, n, d = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(b, n, 3, self.heads, d // self.heads)
+        qkv = linear(x, self.in_proj_weight, self.in_proj_bias, self.in_proj_fp8).view(b, n, 3, self.heads, -1)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, N, D / heads]
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
@@ -60,9 +147,7 @@ class ResidualBlock(nn.Module):
         self.attn = Attention(width, heads)
         self.ln_2 = nn.LayerNorm(width, eps=1e-5)
         self.mlp = nn.Sequential(
-            collections.OrderedDict(
-                c_fc=nn.Linear(width, 4 * width), gelu=QuickGELU(), c_proj=nn.Linear(4 * width, width)
-            )
+            collections.OrderedDict(c_fc=Linear(width, 4 * width), gelu=QuickGELU(), c_proj=Linear(4 * width, width))
         )
 
     def forward(self, x, causal=False):
@@ -134,7 +219,8 @@ class ViCLIP(nn.Module):
 
     encode_video(frames [B, T, 3, S, S] CLIP-normalised) -> [B, embed_dim] float32, L2-normalised;
     encode_text(list of str) -> [B, embed_dim] float32, L2-normalised. Weights may be float32 or
-    bfloat16; inputs are cast to the weights' dtype and outputs returned in float32.
+    bfloat16; inputs are cast to the weights' dtype and outputs returned in float32. use_fp8() runs
+    the video encoder's transformer matmuls in FP8.
     """
 
     name = "viclip"
@@ -164,11 +250,14 @@ class ViCLIP(nn.Module):
         self.input_size, self.frames, self.context_length, self.dim = image_size, frames, context_length, embed_dim
         self.sdpa_backends = None  # None: PyTorch's choice; else the list of SDPBackend allowed
         self._video_forward = None  # the compiled vision forward, once compile_video() ran
+        self.fp8 = False  # whether use_fp8() ran
 
     @property
     def identity(self):
-        """What the cache records about this encoder (set by load_viclip to the checkpoint's name)."""
-        return getattr(self, "_identity", f"viclip-random-{sum(p.numel() for p in self.parameters())}")
+        """What the cache records about this encoder (set by load_viclip to the checkpoint's name),
+        ending in ':fp8' after use_fp8(): its embeddings are not those of the bfloat16 model."""
+        weights = getattr(self, "_identity", f"viclip-random-{sum(p.numel() for p in self.parameters())}")
+        return weights + (":fp8" if self.fp8 else "")
 
     def reset_parameters(self, generator=None):
         """CLIP's initialisation (normal, scaled by width and depth); for tests and benchmarks."""
@@ -210,6 +299,23 @@ class ViCLIP(nn.Module):
             nn.init.zeros_(ln.bias)
         return self
 
+    def use_fp8(self):
+        """Run the video encoder's transformer matmuls (each block's q/k/v in-projection, out_proj,
+        c_fc, c_proj) as fp8_linear: their weights are quantised here, once, per output channel,
+        the activations per token at each call. The patch embedding, LayerNorms, final projection
+        and the text encoder stay as they are; so do the parameters (the state dict is unchanged),
+        the FP8 copies are plain attributes (which .to() does not move: call this on the model's
+        device, before compile_video()). Raises UserError where FP8 matmuls cannot run
+        (check_fp8_device)."""
+        check_fp8_device(self.vision_encoder.proj.device, self.vision_encoder.proj.dtype)
+        with torch.no_grad():
+            for block in self.vision_encoder.transformer.resblocks:
+                block.attn.in_proj_fp8 = quantize_weight(block.attn.in_proj_weight)
+                for layer in (block.attn.out_proj, block.mlp.c_fc, block.mlp.c_proj):
+                    layer.fp8 = quantize_weight(layer.weight)
+        self.fp8 = True
+        return self
+
     def compile_video(self, **kwargs):
         """torch.compile the video path (the text path is cheap); kwargs go to torch.compile.
         Kept as a plain function attribute so the state dict keeps its keys."""
@@ -249,13 +355,15 @@ def expected_shapes(**arch):
         return {k: tuple(v.shape) for k, v in ViCLIP(**arch).state_dict().items()}
 
 
-def load_viclip(path=DEFAULT_CKPT, device="cpu", dtype=None, compile=False, arch=None):
+def load_viclip(path=DEFAULT_CKPT, device="cpu", dtype=None, compile=False, arch=None, fp8=False):
     """The ViCLIP of checkpoint `path` on `device`, ready for inference.
 
     dtype: None = bfloat16 on CUDA, float32 elsewhere. compile: torch.compile the video encoder.
     arch: ViCLIP constructor arguments (None = the released ViT-L/14; tests pass tiny sizes).
+    fp8: FP8 matmuls in the video encoder (ViCLIP.use_fp8).
     Raises UserError when the file is missing (saying where to put it and where to get it), is
-    not a ViCLIP checkpoint (saying which keys differ) or holds NaN/Inf weights.
+    not a ViCLIP checkpoint (saying which keys differ) or holds NaN/Inf weights, and for fp8 on a
+    device that cannot run it.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -322,4 +430,6 @@ def load_viclip(path=DEFAULT_CKPT, device="cpu", dtype=None, compile=False, arch
             f"not trained: download ViClip-InternVid-10M-FLT.pth again from {MODEL_PAGE}"
         )
     model._identity = f"{os.path.basename(path)}:{os.path.getsize(path)}"
+    if fp8:
+        model.use_fp8()
     return model.compile_video() if compile else model
