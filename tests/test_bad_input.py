@@ -316,7 +316,7 @@ def test_missing_run_json_is_refused(work):
         (["--iters-first", "4"], "with --iters-first 3"),
         (["--seed", "7"], "with --seed 0"),
         (["--motion-lr-scale", "2"], "with --motion-lr-scale 1.0"),
-        (["--plateau", "0.1"], "with --plateau 0.0"),
+        (["--plateau", "0.1"], "with --plateau 0.005"),
         (["--max-gaussians", "3000"], "with --max-gaussians 2000"),
     ],
 )
