@@ -255,16 +255,15 @@ def object_groups(nbr, dist):
     return [rng.permutation(np.flatnonzero(label == g)) for g in range(count)]
 
 
-def match_scores(points, colours, candidates, dataset):
-    """How well an object fits the train views at each candidate offset: the share of all (sample,
-    view) pairs that land in front of the view, inside its image, on a pixel that is foreground and of
-    the sample's colour (1 at equal colours, 0 from COLOUR_TOLERANCE on). A pair outside a view counts
-    as a miss: an offset seen by few views must not win on a few lucky pixels.
-
-    points [P, 3] world, colours [P, 3], candidates [K, 3] offsets -> scores [K]."""
+def pair_matches(points, colours, candidates, dataset):
+    """How well each sample fits the train views at each candidate offset: per (candidate, sample) the
+    sum over the views of its match, 1 where it lands in front of the view, inside its image, on a
+    pixel that is foreground and of its colour (falling to 0 at COLOUR_TOLERANCE), 0 elsewhere: a
+    sample outside a view counts as a miss, so an offset seen by few views cannot win on a few lucky
+    pixels. points [P, 3] world, colours [P, 3], candidates [K, 3] offsets -> [K, P]."""
     moved = points[None] + candidates[:, None]  # [K, P, 3]
     hom = torch.cat([moved, torch.ones_like(moved[..., :1])], -1)
-    hits = torch.zeros(len(candidates), device=points.device)
+    hits = torch.zeros(moved.shape[:2], device=points.device)
     for view in dataset:
         cam = view["cam"]
         h, w = cam.image_height, cam.image_width
@@ -277,24 +276,33 @@ def match_scores(points, colours, candidates, dataset):
         pixel = (row.clamp(0, h - 1) * w + col.clamp(0, w - 1)).flatten()
         fg = view["seg"][0].flatten()[pixel].view_as(depth)
         diff = (view["im"].flatten(1)[:, pixel].T.view(*depth.shape, 3) - colours).abs().mean(-1)
-        hits += (inside * fg * (1 - diff / COLOUR_TOLERANCE).clamp(min=0)).sum(1)
-    return hits / (len(points) * len(dataset))
+        hits += inside * fg * (1 - diff / COLOUR_TOLERANCE).clamp(min=0)
+    return hits
 
 
-def object_scores(params, variables, dataset):
-    """match_scores of every object (variables['groups']) where it is, in the views of `dataset`:
-    [G] (0 for groups too small to score), what relocate_objects compares the next timestep with."""
-    fg_pts = params["means3D"].detach()[variables["fg_idx"]]
-    fg_col = params["rgb_colors"].detach()[variables["fg_idx"]]
-    zero = torch.zeros(1, 3, device=fg_pts.device)
+def match_scores(points, colours, candidates, dataset):
+    """An object's fit to the train views at each candidate offset: the share of all its (sample,
+    view) pairs that match (pair_matches). points [P, 3], colours [P, 3], candidates [K, 3] -> [K]."""
+    return pair_matches(points, colours, candidates, dataset).sum(1) / (len(points) * len(dataset))
+
+
+def group_scores(params, variables, dataset):
+    """match_scores of every object (variables['groups']) where it is, all objects in one pass over
+    the views: [G] (0 for groups too small to score)."""
+    groups, device = variables["groups"], params["means3D"].device
+    scored = [i for i, g in enumerate(groups) if len(g) >= RELOCATE_MIN_GAUSSIANS]
+    scores = torch.zeros(len(groups), device=device)
+    if not scored:
+        return scores
+    samples = [groups[i][: RELOCATE_SAMPLES[1]] for i in scored]  # each object's samples, as match_scores takes them
+    counts = torch.tensor([len(s) for s in samples], device=device)
+    rows = variables["fg_idx"][torch.cat(samples).to(device)]
     with torch.no_grad():
-        scores = [
-            match_scores(fg_pts[g[: RELOCATE_SAMPLES[1]]], fg_col[g[: RELOCATE_SAMPLES[1]]], zero, dataset)[0]
-            if len(g) >= RELOCATE_MIN_GAUSSIANS
-            else zero[0, 0]
-            for g in variables["groups"]
-        ]
-    return torch.stack(scores) if scores else zero[0, :0]
+        hits = pair_matches(params["means3D"][rows], params["rgb_colors"][rows], scores.new_zeros(1, 3), dataset)[0]
+    owner = torch.repeat_interleave(torch.tensor(scored, device=device), counts)
+    scores.index_add_(0, owner, hits)
+    scores[scored] /= counts * len(dataset)
+    return scores
 
 
 def relocate_objects(params, variables, dataset, reach):
@@ -306,13 +314,13 @@ def relocate_objects(params, variables, dataset, reach):
     moved."""
     moved = 0
     fg_idx, last = variables["fg_idx"], variables.get("object_scores")
+    stays = group_scores(params, variables, dataset).tolist()  # an object's score depends on its own points only
     with torch.no_grad():
         fg_pts, fg_col = params["means3D"][fg_idx], params["rgb_colors"][fg_idx]
         for g, group in enumerate(variables["groups"]):
             if len(group) < RELOCATE_MIN_GAUSSIANS:
                 continue
-            pts, sample = fg_pts[group], group[: RELOCATE_SAMPLES[1]]
-            stay = match_scores(fg_pts[sample], fg_col[sample], torch.zeros(1, 3, device=pts.device), dataset)[0]
+            pts, stay = fg_pts[group], stays[g]
             radius = float((pts - pts.mean(0)).norm(dim=1).max())
             if (last is not None and stay >= last[g] - RELOCATE_MARGIN) or radius <= 0:
                 continue
@@ -1043,7 +1051,7 @@ def train(args, device, seq_dir, out_dir):
             if t == 0:
                 params = {k: v.detach() for k, v in params.items()}
                 variables = initialize_post_first_timestep(params)
-            variables["object_scores"] = object_scores(params, variables, dataset)
+            variables["object_scores"] = group_scores(params, variables, dataset)
             tick = helpers.lap(phases, "evaluate", tick, device)
             record = {
                 "iterations": iters,

@@ -603,7 +603,12 @@ def test_objects_that_jump_are_moved_to_where_the_masks_and_colours_put_them(tmp
 
     params = {k: torch.tensor(gt[k][0] if gt[k].ndim == 3 else gt[k]) for k in gt}
     variables = train_d3dgs.initialize_post_first_timestep(params)
-    variables["object_scores"] = train_d3dgs.object_scores(params, variables, views(0))
+    variables["object_scores"] = train_d3dgs.group_scores(params, variables, views(0))
+    # all objects scored in one pass: each its own match_scores
+    fg_pts, fg_col = params["means3D"][variables["fg_idx"]], params["rgb_colors"][variables["fg_idx"]]
+    samples = [g[: train_d3dgs.RELOCATE_SAMPLES[1]] for g in variables["groups"]]
+    alone = [train_d3dgs.match_scores(fg_pts[s], fg_col[s], torch.zeros(1, 3), views(0))[0] for s in samples]
+    assert torch.allclose(variables["object_scores"], torch.stack(alone), atol=1e-6) and min(alone) > 0.3, alone
     dataset = views(t)
     assert len(variables["groups"]) == len(objects)
     jumps = {}
