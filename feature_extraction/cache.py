@@ -35,6 +35,7 @@ from feature_extraction import tiles
 from helpers import UserError
 
 FORMAT = 1
+ENCODE_ROWS = 65536  # pixels through dense_feature_map's `encode` per call (bounded memory at any size)
 DTYPES = ("int8", "float16")  # how level files store the embeddings: what is written, what is still read
 
 
@@ -247,12 +248,15 @@ def load_tile_embeddings(cache, t):
     return torch.cat([torch.from_numpy(level).flatten(0, 2) for level in levels])
 
 
-def dense_feature_map(cache, t, cam_index, height, width, device="cpu", guide=None):
+def dense_feature_map(cache, t, cam_index, height, width, device="cpu", guide=None, encode=None):
     """Per-pixel features of camera cam_index (train_meta's order) at timestep t: float32
     [D, height, width] on `device` (height x width other than the cached image size maps pixel
     centres onto it). guide None: the mean over levels of the bilinear interpolation of the tile
     centres (the original's); guide float [3, H, W] in [0, 1], the camera's image at timestep t at the
-    cached size: each pixel's purest tile (tiles.dense_purest)."""
+    cached size: each pixel's purest tile (tiles.dense_purest). encode: a function of rows [M, D] ->
+    [M, D'] that treats each row alone (the autoencoder's encoder in eval mode), applied to every
+    pixel's feature -> [D', height, width]; with a guide it runs on the tiles before the selection
+    (the same values, at a fraction of the cost), else on the pixels, ENCODE_ROWS at a time."""
     config = _checked_config(cache, t)
     cams = len(config["cam_id"])
     if not 0 <= cam_index < cams:
@@ -260,13 +264,18 @@ def dense_feature_map(cache, t, cam_index, height, width, device="cpu", guide=No
     grids = [load_level(cache, t, i, cam_index) for i in range(len(config["levels"]))]
     for grid in grids:
         check_finite(grid, cache, t)
-    if guide is None:
-        return tiles.dense_from_grids(
-            grids, config["levels"], (config["height"], config["width"]), (height, width), torch.device(device)
-        )
-    if tuple(guide.shape) != (3, config["height"], config["width"]):
-        raise UserError(
-            f"{timestep_dir(cache, t)}: guide image of shape {tuple(guide.shape)}, the tiles were cut "
-            f"from {config['width']}x{config['height']} images"
-        )
-    return tiles.dense_purest(grids, config["levels"], guide, (height, width), torch.device(device))
+    if guide is not None:
+        if tuple(guide.shape) != (3, config["height"], config["width"]):
+            raise UserError(
+                f"{timestep_dir(cache, t)}: guide image of shape {tuple(guide.shape)}, the tiles were cut "
+                f"from {config['width']}x{config['height']} images"
+            )
+        return tiles.dense_purest(grids, config["levels"], guide, (height, width), torch.device(device), encode)
+    dense = tiles.dense_from_grids(
+        grids, config["levels"], (config["height"], config["width"]), (height, width), torch.device(device)
+    )
+    if encode is None:
+        return dense
+    flat = dense.reshape(dense.shape[0], -1).T
+    encoded = torch.cat([encode(flat[i : i + ENCODE_ROWS]) for i in range(0, flat.shape[0], ENCODE_ROWS)])
+    return encoded.T.reshape(-1, height, width)

@@ -247,10 +247,15 @@ def purest_tiles(levels, guide, out_hw):
     return choice
 
 
-def dense_purest(grids, levels, guide, out_hw, device):
+def dense_purest(grids, levels, guide, out_hw, device, encode=None):
     """grids: per level [rows, cols, D] (one camera); guide float [3, H, W] in [0, 1] (the clip's
     frame t at the tiles' image size) -> float32 [D, height, width] on `device`: each pixel's purest
-    tile's embedding (purest_tiles)."""
+    tile's embedding (purest_tiles). encode: a function of rows [M, D] -> [M, D'] that treats each row
+    alone (the autoencoder's encoder in eval mode): applied to the tiles before the selection, which
+    equals applying it to every pixel after, for hundreds of rows instead of the image's pixels;
+    the result is then [D', height, width]."""
     flat = torch.cat([torch.from_numpy(np.array(g, dtype=np.float32)).flatten(0, 1) for g in grids]).to(device)
+    if encode is not None:
+        flat = encode(flat)
     choice = purest_tiles(levels, guide.to(device, torch.float32), out_hw)
     return flat[choice].T.reshape(-1, *out_hw).contiguous()

@@ -192,6 +192,25 @@ def test_dense_map_equals_per_pixel_reference(tmp_path):
         load_tile_embeddings(str(tmp_path), 4)
 
 
+def test_dense_map_encoded_equals_encoding_every_pixel(tmp_path):
+    """dense_feature_map's `encode` (the autoencoder's encoder, eval mode) gives what encoding every
+    pixel of the plain map gives: run on the tiles before the purest selection, and on the pixels
+    (in chunks) after the mean's interpolation."""
+    from feature_extraction.autoencoder import Autoencoder
+
+    h, w = 36, 64
+    write_random_cache(str(tmp_path), 3, h, w, num_cams=2, dim=768)
+    ae = Autoencoder().eval()
+    guide = torch.rand(3, h, w, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for mix in (guide, None):
+            plain = dense_feature_map(str(tmp_path), 3, 1, h, w, "cpu", mix)
+            every_pixel = ae.encode(plain.reshape(768, -1).T).T.reshape(-1, h, w)
+            encoded = dense_feature_map(str(tmp_path), 3, 1, h, w, "cpu", mix, ae.encode)
+            assert encoded.shape == (128, h, w)
+            torch.testing.assert_close(encoded, every_pixel, rtol=0, atol=1e-5)
+
+
 def test_float16_cache_of_earlier_runs_is_read_and_counts_as_done(tmp_path):
     """A timestep cached before the int8 storage (float16 level files, config dtype float16) is read
     as it is and not computed again; the int8 one holds half its bytes."""
