@@ -63,7 +63,6 @@ from feature_extraction.tiles import TILE_MIXES
 NUM_NEIGHBOURS = 20
 LEGS_DIM = 128
 KNN_BLOCK_ELEMENTS = 2**28  # the GPU's brute-force k-NN: at most this many distances (1 GiB) at once
-ENCODE_ROWS = 65536  # pixels through the autoencoder's encoder per call (bounded memory at any size)
 TAIL_FRACTION = 0.1  # a timestep's reported loss: the mean over its last 10% iterations (tail_loss)
 PROGRESS_EVERY = 20  # iterations between loss readings on a timestep's progress bar (each one a host sync)
 DEMO = {"iters": 60, "warm_iters": 15, "downscale": 4}  # make demo on 2 CPU cores
@@ -193,14 +192,13 @@ def encode_targets(cache, t, ae, cams, device, guides=None):
     from feature_extraction import dense_feature_map
 
     def make(c):
-        h, w = cams[c].image_height, cams[c].image_width
         guide = None if guides is None else guides(c)
-        flat = dense_feature_map(cache, t, c, h, w, device, guide).reshape(-1, h * w).T
         with torch.no_grad():
-            z = torch.cat([ae.encode(flat[i : i + ENCODE_ROWS]) for i in range(0, flat.shape[0], ENCODE_ROWS)])
-        return z.T.reshape(-1, h, w)
+            return dense_feature_map(
+                cache, t, c, cams[c].image_height, cams[c].image_width, device, guide, ae.encode
+            ).contiguous()
 
-    return PerCamera(len(cams), make)
+    return PerCamera(len(cams), make, device)
 
 
 class _SparseRender(torch.autograd.Function):
@@ -248,17 +246,22 @@ def blend_matrix(cam, rendervar):
 
 class PerCamera:
     """Values per camera made on first use (a warm-started timestep with few iterations never pays
-    for the cameras it does not visit): per_camera[c] = make(c)."""
+    for the cameras it does not visit): per_camera[c] = make(c); `seconds`: the time spent making
+    them, the work queued on `device` included."""
 
-    def __init__(self, num_cams, make):
-        self.num_cams, self.make, self.made = num_cams, make, {}
+    def __init__(self, num_cams, make, device="cpu"):
+        self.num_cams, self.make, self.made, self.device, self.seconds = num_cams, make, {}, torch.device(device), 0.0
 
     def __len__(self):
         return self.num_cams
 
     def __getitem__(self, c):
         if c not in self.made:
+            since = time.time()
             self.made[c] = self.make(c)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.seconds += time.time() - since
         return self.made[c]
 
 
@@ -670,7 +673,7 @@ def main(argv=None):
     settings = {k: getattr(args, k) for k in TRAINING_SETTINGS}
 
     done, trained, start = 0, 0, time.time()
-    warm_phases = {"prepare": [], "train": [], "save": []}  # seconds of each warm-started timestep's phases
+    warm_phases = {}  # seconds of each phase of the warm-started timesteps
     # What the next timestep starts from stays in memory; its state file (83 MB on basketball) is
     # written once, for the last timestep trained, when the run ends or stops (a run killed outright
     # leaves none, and its next timestep starts cold). States read from disk are replaced by it.
@@ -697,7 +700,9 @@ def main(argv=None):
                 params, attention, losses = train_timestep(
                     t, setup, previous, num_iters, stop_rule(args, previous, len(setup["renderers"]))
                 )
-                tick = helpers.lap(phases, "train", tick, device)
+                tick = helpers.lap(phases, "iterations", tick, device)
+                phases["target maps"] = setup["targets"].seconds  # made on first use, inside the iterations
+                phases["iterations"] -= phases["target maps"]
                 loss = tail_loss(losses)
                 with torch.no_grad():
                     features = lifted_features(params, attention, setup)
@@ -726,7 +731,7 @@ def main(argv=None):
                 helpers.lap(phases, "save", tick, device)
                 if previous is not None:
                     for name, seconds in phases.items():
-                        warm_phases[name].append(seconds)
+                        warm_phases.setdefault(name, []).append(seconds)
                 trained += 1
                 bar.set_postfix(loss=f"{loss:.4f}", warm=previous is not None, iters=losses.shape[0])
         finally:
@@ -739,12 +744,11 @@ def main(argv=None):
         f"4-LEGS features: {trained} timesteps trained, {done} already done, in {time.time() - start:.0f} s "
         f"-> {out_dir}/ ({'rasterizer' if use_rasterizer else 'precomputed blend matrices'}, {device})"
     )
-    if warm_phases["train"]:
+    if warm_phases:
         print(
             "a warm-started timestep, median seconds: "
-            f"prepare (records, neighbour lists) {statistics.median(warm_phases['prepare']):.2f}, "
-            f"train (target maps, iterations) {statistics.median(warm_phases['train']):.2f}, "
-            f"save {statistics.median(warm_phases['save']):.2f}"
+            + ", ".join(f"{name} {statistics.median(seconds):.2f}" for name, seconds in warm_phases.items())
+            + " (prepare: records, neighbour lists)"
         )
 
 
