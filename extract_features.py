@@ -11,7 +11,9 @@ show a still background. A tile's clip is encoded only when it differs by more t
 (REUSE_TOLERANCE; tiles.clip_change on REUSE_GRID x REUSE_GRID shrunken frames) from the clip its
 current embedding was encoded from, the same tile, camera and level at an earlier timestep of the
 run; otherwise that embedding is reused. The comparison is with the clip actually encoded, never
-with the last reused one, so changes below the tolerance cannot add up. The first timestep of a run
+with the last reused one, so changes below the tolerance cannot add up. A reused embedding is
+stored once, in the folder of the timestep that encoded it (feature_extraction/cache.py), and a
+timestep whose source is computed again is computed again too. The first timestep of a run
 (and of each torchrun rank) encodes every clip, so an interrupted run resumes with one full
 timestep; --exact encodes every clip of every timestep. The cache records the setting
 (feature_extraction/cache.py: --exact recomputes what a reusing run wrote).
@@ -194,6 +196,10 @@ def extract_into(cache, seq_dir, meta, encoder, timesteps, batch_size, device, p
     index = [x.to(device) for x in tiles.tile_index(levels, len(meta["cam_id"]))]
     configs = {t: feature_cache.make_config(encoder, seq_dir, meta, t, reuse_tolerance) for t in timesteps}
     todo = [t for t in timesteps if not feature_cache.is_done(cache, t, configs[t])]
+    for t in sorted(set(timesteps) - set(todo)):  # one that reuses embeddings of a timestep computed again goes too
+        if {int(s) for s in (feature_cache.read_config(cache, t) or {}).get("sources", {})} & set(todo):
+            todo.append(t)
+    todo.sort()
     stats = {
         "clips": 0,
         "seconds": 0.0,
@@ -208,6 +214,9 @@ def extract_into(cache, seq_dir, meta, encoder, timesteps, batch_size, device, p
     reader = FrameReader(seq_dir, meta, pin=device.type == "cuda")
     bar = helpers.progress(total=len(todo) * len(index[0]), unit="clip", disable=not progress, smoothing=0.05)
     reference = None if reuse_tolerance is None else {}
+    # per tile, the timestep of this run whose folder holds its embedding (where it was encoded,
+    # stored once: feature_cache.write_timestep), and the run_id each such timestep was written with
+    source, run_ids = None, {}
     start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as decoder:
         pending = decoder.submit(reader, todo[0])
@@ -234,10 +243,12 @@ def extract_into(cache, seq_dir, meta, encoder, timesteps, batch_size, device, p
                     f"timestep {t}: the {encoder.name} encoder returned NaN/Inf embeddings; nothing "
                     f"cached for it. Check the encoder's weights (--viclip-ckpt) and the images"
                 )
-            feature_cache.write_timestep(cache, t, configs[t], emb.cpu().numpy())
+            reused = reused.cpu().numpy()
+            source = np.where(reused, source, t) if reused.any() else np.full(len(reused), t)
+            run_ids[t] = feature_cache.write_timestep(cache, t, configs[t], emb.cpu().numpy(), source, run_ids)
             stats["timestep_seconds"].append(time.perf_counter() - t_start)
             stats["clips"] += len(index[0])
-            stats["reused"][t] = reused.cpu().numpy()
+            stats["reused"][t] = reused
             if reference is not None and progress:
                 bar.write(f"t={t}: {reused_share(stats['reused'], [t])} of the clips reused")
     bar.close()

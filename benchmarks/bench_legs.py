@@ -91,7 +91,14 @@ def speed(args):
     feature_cache.write_timestep(
         cache,
         0,
-        {"cam_id": list(range(args.cams)), "levels": levels, "width": w, "height": h, "dtype": feature_cache.DTYPES[0]},
+        {
+            "cam_id": list(range(args.cams)),
+            "levels": levels,
+            "width": w,
+            "height": h,
+            "dim": emb.shape[1],
+            "dtype": feature_cache.DTYPES[0],
+        },
         emb,
     )
     ae = Autoencoder().to(device).eval()

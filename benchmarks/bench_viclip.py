@@ -32,7 +32,7 @@ from torch import nn
 
 import extract_features
 import helpers
-from feature_extraction import ViCLIP, tiles
+from feature_extraction import ViCLIP, load_tile_embeddings, tiles
 from feature_extraction.viclip import CLIP_MEAN, CLIP_STD, load_viclip
 
 FLOP_PER_CLIP = 1.65e12
@@ -339,18 +339,7 @@ def main():
     ours_fp32 = ref32.encode_video(clips)
     with torch.inference_mode():
         orig_fp32 = original(clips)
-    cached = (
-        torch.from_numpy(
-            np.concatenate(
-                [
-                    np.load(os.path.join(cache, f"timestep_{t}", f"level_{i}.npy")).reshape(-1, model.dim)
-                    for i in range(len(levels))
-                ]
-            )
-        )[pick]
-        .to(device)
-        .float()
-    )
+    cached = load_tile_embeddings(cache, t)[pick].to(device).float()
 
     def cos(a, b):
         return F.cosine_similarity(a, b, dim=-1)

@@ -4,11 +4,18 @@ configuration beside them.
 
 Layout (one folder per encoder and timestep; t not zero-padded, as in the original):
     <seq>/interpolators/<encoder>/timestep_<t>/config.json
-    <seq>/interpolators/<encoder>/timestep_<t>/level_<i>.npy          int8 [C, rows_i, cols_i, D]
-    <seq>/interpolators/<encoder>/timestep_<t>/level_<i>_scales.npy   float32 [C, rows_i, cols_i]
+    <seq>/interpolators/<encoder>/timestep_<t>/level_<i>_sources.npy  int32 [C, rows_i, cols_i]
+    <seq>/interpolators/<encoder>/timestep_<t>/level_<i>.npy          int8 [n_i, D]
+    <seq>/interpolators/<encoder>/timestep_<t>/level_<i>_scales.npy   float32 [n_i]
 for the 5 levels i of tiles.tile_levels and the C train cameras in train_meta.json's order. A
-timestep written before (config dtype "float16": level_<i>.npy float16 [C, rows_i, cols_i, D], no
-scales) is read as it is and counts as done.
+tile's source is the timestep whose folder holds its embedding: this one for the n_i tiles it
+encoded (their rows in (camera, row, col) order), an earlier one of the same run for a tile whose
+embedding extract_features.py reused, which is stored once, where it was encoded (config.json's
+`layout` "own_rows"; its `run_id`, and `sources` {timestep: run_id} of the folders it reads, so a
+source computed again since, or deleted, is noticed: the timestep counts as not done, and reading
+it says so). Timesteps written before are read as they are and count as done: every tile's row
+in the folder (int8 level_<i>.npy [C, rows_i, cols_i, D] with scales [C, rows_i, cols_i]; config
+dtype "float16": float16 level files, no scales).
 config.json holds everything the embeddings depend on (encoder and weights, image size, cameras,
 tile geometry, the clip's frame indices, the sizes of its image files); a timestep counts as done
 only when its folder exists, its config equals the one a new run would write and its level files
@@ -26,6 +33,7 @@ features are of.
 import json
 import os
 import shutil
+import uuid
 
 import numpy as np
 import torch
@@ -37,6 +45,7 @@ from helpers import UserError
 FORMAT = 1
 ENCODE_ROWS = 65536  # pixels through dense_feature_map's `encode` per call (bounded memory at any size)
 DTYPES = ("int8", "float16")  # how level files store the embeddings: what is written, what is still read
+OWN_ROWS = "own_rows"  # config.json's layout of the folders written now (module docstring)
 
 
 def cache_dir(seq_dir, encoder_name):
@@ -119,12 +128,26 @@ def is_done(cache, t, config, log=print):
         return False
     if recorded.get("dtype") in DTYPES:  # the same embeddings in either storage
         recorded["dtype"] = wanted["dtype"]
+    sources = recorded.pop("sources", {})
+    for key in ("layout", "run_id"):
+        recorded.pop(key, None)
     if recorded != wanted:
         return False
-    damage = damaged_level(cache, t, config)
+    damage = damaged_level(cache, t, config) or lost_source(cache, t, sources)
     if damage:
         log(f"{damage}: computing timestep {t} again")
     return not damage
+
+
+def lost_source(cache, t, sources):
+    """'' when every timestep in `sources` ({timestep: run_id}, config.json's) still holds what
+    timestep t reused from it, else what is wrong."""
+    for s, run_id in sources.items():
+        if (read_config(cache, int(s)) or {}).get("run_id") != run_id:
+            return (
+                f"{timestep_dir(cache, t)} reuses embeddings of timestep {s}, which was computed again since or deleted"
+            )
+    return ""
 
 
 def reuse_serves(cached, wanted):
@@ -136,28 +159,39 @@ def reuse_serves(cached, wanted):
     )
 
 
-def level_files(cache, t, i, dtype):
-    """{path: dtype of its array} of the files of level i of timestep t stored as `dtype` (DTYPES)."""
+def level_files(cache, t, i, config):
+    """{path: dtype of its array} of the files of level i of timestep t, whose config.json is `config`:
+    the embeddings (int8, or float16 as stored before), their scales (int8), their sources (OWN_ROWS)."""
     path = os.path.join(timestep_dir(cache, t), f"level_{i}.npy")
-    if dtype == "float16":
+    if config["dtype"] == "float16":
         return {path: "float16"}
-    return {path: "int8", path.replace(".npy", "_scales.npy"): "float32"}
+    files = {path: "int8", path.replace(".npy", "_scales.npy"): "float32"}
+    if config.get("layout") == OWN_ROWS:
+        files[path.replace(".npy", "_sources.npy")] = "int32"
+    return files
 
 
 def damaged_level(cache, t, config):
     """What is wrong with the level files of timestep t ('' when each has the header of the shape of
     `config`, of the dtype its config.json says, and all its bytes; the values are checked where
     they are read)."""
-    cams = len(config["cam_id"])
+    cams, stored = len(config["cam_id"]), _checked_config(cache, t)
     for i, lv in enumerate(config["levels"]):
-        for path, dtype in level_files(cache, t, i, _checked_config(cache, t)["dtype"]).items():
-            want = (cams, lv["rows"], lv["cols"]) + ((config["dim"],) if dtype != "float32" else ())
+        grid = (cams, lv["rows"], lv["cols"])
+        own = None  # (OWN_ROWS) how many tiles this timestep encoded: the rows of its level files
+        for path, dtype in reversed(level_files(cache, t, i, stored).items()):  # the sources first
+            want = (grid if own is None else (own,)) + ((config["dim"],) if dtype in ("int8", "float16") else ())
             try:
                 level = np.load(path, mmap_mode="r")
             except (OSError, ValueError, EOFError) as e:
                 return f"{path} is damaged ({type(e).__name__}: {e})"
             if level.dtype != dtype or level.shape != want:
                 return f"{path} is damaged (it holds {level.dtype} {list(level.shape)}, not {dtype} {list(want)})"
+            if dtype == "int32":
+                own = int((level == t).sum())
+                unknown = set(np.unique(level).tolist()) - {t} - {int(x) for x in stored.get("sources", {})}
+                if unknown:
+                    return f"{path} is damaged (it names timesteps {sorted(unknown)} that config.json does not)"
     return ""
 
 
@@ -168,23 +202,34 @@ def cache_identity(cache, timesteps):
     return {"path": os.path.abspath(cache), "fingerprint": helpers.fingerprint(*configs)}
 
 
-def write_timestep(cache, t, config, embeddings):
-    """Write timestep t atomically. embeddings: float [M, D] in tiles.tile_index order (level,
-    camera, row, col)."""
-    values, scales = (x.numpy() for x in helpers.quantize_rows(embeddings))
+def write_timestep(cache, t, config, embeddings, sources=None, source_runs=None):
+    """Write timestep t atomically; returns its run_id. embeddings: float [M, D] in tiles.tile_index
+    order (level, camera, row, col); sources: int [M], the timestep whose folder holds each one
+    (None: all this one), stored here only where it is t; source_runs: {timestep: run_id} of the
+    other sources (write_timestep's returns of this run)."""
+    sources = np.full(len(embeddings), t) if sources is None else np.asarray(sources)
+    own = sources == t
+    values, scales = (x.numpy() for x in helpers.quantize_rows(torch.as_tensor(embeddings[own])))
+    run_id = uuid.uuid4().hex
+    others = sorted({int(x) for x in np.unique(sources)} - {t})
+    config = {**config, "layout": OWN_ROWS, "run_id": run_id, "sources": {str(x): source_runs[x] for x in others}}
     final = timestep_dir(cache, t)
     helpers.clean_stale_tmp(cache)  # what killed runs left; a live run's folders stay
     tmp = helpers.tmp_path(cache, f"_timestep_{t}")
     os.makedirs(tmp)
     try:
-        start, cams = 0, len(config["cam_id"])
+        start, first_row, cams = 0, 0, len(config["cam_id"])
         for i, lv in enumerate(config["levels"]):
             n, shape = cams * lv["rows"] * lv["cols"], (cams, lv["rows"], lv["cols"])
-            np.save(os.path.join(tmp, f"level_{i}.npy"), values[start : start + n].reshape(*shape, -1))
-            np.save(os.path.join(tmp, f"level_{i}_scales.npy"), scales[start : start + n].reshape(shape))
-            start += n
-        if start != len(values):
-            raise ValueError(f"{len(values)} embeddings for {start} tiles")
+            rows = slice(first_row, first_row + int(own[start : start + n].sum()))
+            np.save(
+                os.path.join(tmp, f"level_{i}_sources.npy"), sources[start : start + n].astype(np.int32).reshape(shape)
+            )
+            np.save(os.path.join(tmp, f"level_{i}.npy"), values[rows])
+            np.save(os.path.join(tmp, f"level_{i}_scales.npy"), scales[rows])
+            start, first_row = start + n, rows.stop
+        if start != len(sources):
+            raise ValueError(f"{len(sources)} embeddings for {start} tiles")
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f, indent=1)
         for name in os.listdir(tmp):  # on the disk before the rename, which a power cut must not undo
@@ -198,6 +243,7 @@ def write_timestep(cache, t, config, embeddings):
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return run_id
 
 
 def _checked_config(cache, t):
@@ -212,21 +258,51 @@ def _checked_config(cache, t):
 
 def load_level(cache, t, i, cam=None):
     """float16 [C, rows, cols, D] of level i of timestep t, or [rows, cols, D] of camera index `cam`
-    alone (read from the memory-mapped files); UserError for a damaged file."""
-    arrays = []
-    for path in level_files(cache, t, i, _checked_config(cache, t)["dtype"]):
-        try:
-            level = np.load(path, mmap_mode="r")
-            arrays.append(np.array(level if cam is None else level[cam]))
-        except (OSError, ValueError, EOFError, IndexError) as e:
+    alone (read from the memory-mapped files; a reused embedding from the folder of its source);
+    UserError for a damaged file or a source computed again since."""
+    config = _checked_config(cache, t)
+    if config.get("layout") != OWN_ROWS:  # written before: every tile's row in this folder
+        arrays = [read_array(path, cam) for path in level_files(cache, t, i, config)]
+        if len(arrays) == 1:  # float16, as written before the int8 storage
+            return arrays[0]
+        return dequantized(*arrays)
+    lost = lost_source(cache, t, config["sources"])
+    if lost:
+        raise UserError(f"{lost}; run extract_features.py again (it computes timestep {t} again)")
+    sources = read_array(os.path.join(timestep_dir(cache, t), f"level_{i}_sources.npy"), cam)
+    out = np.empty(sources.shape + (config["dim"],), dtype=np.float16)
+    for s in np.unique(sources).tolist():
+        if s != t and str(s) not in config["sources"]:
             raise UserError(
-                f"{path} cannot be read ({type(e).__name__}: {e}); run extract_features.py again "
-                f"(it recomputes damaged timesteps)"
-            ) from None
-    if len(arrays) == 1:  # float16, as written before the int8 storage
-        return arrays[0]
-    values, scales = (torch.from_numpy(a) for a in arrays)
-    rows = helpers.dequantize_rows(values.flatten(0, -2), scales.flatten())
+                f"{timestep_dir(cache, t)} is damaged (level {i} names timestep {s} as a source, its "
+                f"config.json does not); run extract_features.py again (it computes timestep {t} again)"
+            )
+        source = config if s == t else read_config(cache, s)
+        values, scales, holder = (read_array(path, mapped=True) for path in level_files(cache, s, i, source))
+        row = (np.cumsum(holder == s) - 1).reshape(holder.shape)  # each tile's row in folder s, where s encoded it
+        picked = sources == s
+        rows = (row if cam is None else row[cam])[picked]
+        out[picked] = dequantized(np.asarray(values[rows]), np.asarray(scales[rows]))
+    return out
+
+
+def read_array(path, cam=None, mapped=False):
+    """The array of an .npy file, or its first axis' index `cam`; mapped: the memory-mapped file as
+    it is (nothing read yet). UserError for a damaged file."""
+    try:
+        level = np.load(path, mmap_mode="r")
+        return level if mapped else np.array(level if cam is None else level[cam])
+    except (OSError, ValueError, EOFError, IndexError) as e:
+        raise UserError(
+            f"{path} cannot be read ({type(e).__name__}: {e}); run extract_features.py again "
+            f"(it recomputes damaged timesteps)"
+        ) from None
+
+
+def dequantized(values, scales):
+    """int8 values [..., D] and their scales [...] -> float16 [..., D]."""
+    values, scales = torch.from_numpy(values), torch.from_numpy(scales)
+    rows = helpers.dequantize_rows(values.reshape(-1, values.shape[-1]), scales.flatten())
     return rows.to(torch.float16).reshape(values.shape).numpy()
 
 

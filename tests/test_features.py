@@ -217,18 +217,25 @@ def test_float16_cache_of_earlier_runs_is_read_and_counts_as_done(tmp_path):
     h, w = 36, 64
     cache = str(tmp_path / "cache")
     emb, levels = write_random_cache(cache, 3, h, w, num_cams=2, dim=128)
-    config = feature_cache.read_config(cache, 3)
-    old = feature_cache.timestep_dir(cache, 4)
-    os.makedirs(old)
-    start = 0
-    for i, lv in enumerate(levels):
-        n = 2 * lv["rows"] * lv["cols"]
-        np.save(os.path.join(old, f"level_{i}.npy"), emb[start : start + n].reshape(2, lv["rows"], lv["cols"], -1))
-        start += n
-    with open(os.path.join(old, "config.json"), "w") as f:
-        json.dump({**config, "dtype": "float16"}, f)
+    # what make_config gives (the folder's config.json adds how and when it was written)
+    config = {k: v for k, v in feature_cache.read_config(cache, 3).items() if k not in ("layout", "run_id", "sources")}
+    values, scales = (x.numpy() for x in helpers.quantize_rows(torch.from_numpy(emb)))
+    for t, dtype in ((4, "float16"), (5, "int8")):  # float16, and int8 with every tile's row in the folder
+        old = feature_cache.timestep_dir(cache, t)
+        os.makedirs(old)
+        start = 0
+        for i, lv in enumerate(levels):
+            n, shape = 2 * lv["rows"] * lv["cols"], (2, lv["rows"], lv["cols"])
+            level = (emb if dtype == "float16" else values)[start : start + n].reshape(*shape, -1)
+            np.save(os.path.join(old, f"level_{i}.npy"), level)
+            if dtype == "int8":
+                np.save(os.path.join(old, f"level_{i}_scales.npy"), scales[start : start + n].reshape(shape))
+            start += n
+        with open(os.path.join(old, "config.json"), "w") as f:
+            json.dump({**config, "dtype": dtype}, f)
     assert torch.equal(load_tile_embeddings(cache, 4), torch.from_numpy(emb))
-    assert feature_cache.is_done(cache, 4, config) and feature_cache.is_done(cache, 3, config)
+    assert torch.equal(load_tile_embeddings(cache, 5), load_tile_embeddings(cache, 3))
+    assert all(feature_cache.is_done(cache, t, config) for t in (3, 4, 5))
     torch.testing.assert_close(
         dense_feature_map(cache, 4, 1, h, w, "cpu"), dense_feature_map(cache, 3, 1, h, w, "cpu"), atol=0.02, rtol=0
     )
@@ -438,6 +445,58 @@ def test_a_changed_tile_is_encoded_again(tmp_path):
         assert cosines(seq, ("exact", "reuse"), t).min() > 0.999, t
     a, b = (load_tile_embeddings(cache_dir(os.path.join(seq, "exact"), "color"), t).float() for t in (7, 8))
     assert torch.nn.functional.cosine_similarity(a, b)[torch.from_numpy(square)].min() < 0.9
+
+
+def test_a_reused_embedding_is_stored_once_where_it_was_encoded(tmp_path):
+    """A reusing run stores in each timestep's folder the clips that timestep encoded; a reused
+    embedding is read from the folder of the timestep that encoded it (the same as the timestep
+    before reads), so the still timesteps take a fraction of the first's bytes. A source computed
+    again leaves the timesteps that read it not done: reading one says so, and a run computes them
+    again, also when it is the source's own change that makes it compute the source."""
+    rng = np.random.default_rng(2)
+    frames = np.repeat(rng.integers(0, 256, (1, 2, 36, 64, 3), dtype=np.uint8), 12, axis=0)
+    frames[8:, 1, 10:20, 30:42] = (220, 20, 20)  # a red square from frame 8 on (clips of t >= 5 hold it)
+    seq = make_sequence(tmp_path / "seq", num_t=12, num_cams=2)
+    write_frames(seq, frames)
+    meta, enc, cache = load_meta(seq, "train"), ColorEncoder(), cache_dir(seq, "color")
+
+    def run():
+        return extract_features.extract(
+            seq,
+            enc,
+            range(12),
+            512,
+            torch.device("cpu"),
+            progress=False,
+            reuse_tolerance=extract_features.REUSE_TOLERANCE,
+        )
+
+    def folder_bytes(t):
+        return sum(e.stat().st_size for e in os.scandir(feature_cache.timestep_dir(cache, t)))
+
+    stats = run()
+    for t in range(1, 12):
+        reused = torch.from_numpy(stats["reused"][t])
+        assert torch.equal(load_tile_embeddings(cache, t)[reused], load_tile_embeddings(cache, t - 1)[reused]), t
+        folder = feature_cache.timestep_dir(cache, t)
+        sources = np.concatenate([np.load(f"{folder}/level_{i}_sources.npy").ravel() for i in range(5)])
+        assert np.array_equal(sources == t, ~stats["reused"][t]), t
+    assert stats["reused"][4].all() and not stats["reused"][5].all()
+    assert folder_bytes(4) < 0.1 * folder_bytes(0) < folder_bytes(5), [folder_bytes(t) for t in (0, 4, 5)]
+    # timestep 0 computed again: the others read from it are lost until computed again
+    feature_cache.write_timestep(
+        cache, 0, feature_cache.make_config(enc, seq, meta, 0, 0.01), load_tile_embeddings(cache, 0).numpy()
+    )
+    assert not feature_cache.is_done(cache, 3, feature_cache.make_config(enc, seq, meta, 3, 0.01), log=lambda _: None)
+    with pytest.raises(UserError, match="reuses embeddings of timestep 0, which was computed again"):
+        load_tile_embeddings(cache, 3)
+    assert run()["done"] == 11  # (that run started at timestep 1: the later ones read from it now)
+    # a run that computes timestep 1 again (its config differs, its run_id stays) computes the
+    # timesteps read from it too
+    config = feature_cache.read_config(cache, 1)
+    with open(os.path.join(feature_cache.timestep_dir(cache, 1), "config.json"), "w") as f:
+        json.dump({**config, "width": 1}, f)
+    assert run()["done"] == 11 and load_tile_embeddings(cache, 11).shape[0] == len(stats["reused"][11])
 
 
 def test_exact_reuses_nothing_and_settings_resume(seq, monkeypatch, capsys):
