@@ -2,7 +2,7 @@
 
 Per timestep t: each train camera's 8-frame clip (t-4 .. t+3), cut into the 5-level tile pyramid of
 4-LEGS (feature_extraction/tiles.py; 572 tiles per camera at 640x360), each tile's clip resized and
-embedded; the embeddings are cached in float16 under <seq>/interpolators/<encoder>/timestep_<t>/
+embedded; the embeddings are cached as int8 under <seq>/interpolators/<encoder>/timestep_<t>/
 (layout and invalidation: feature_extraction/cache.py). Finished timesteps are skipped, so an
 interrupted run resumes.
 
