@@ -10,6 +10,8 @@ encoded, as --exact) and reusing (--reuse-tolerance, as a plain run), and report
            overall (also without the run's first timestep, which has nothing to compare with)
   cosine   of each reused embedding against the exact run's (mean, min, 0.1% quantile), and the
            min over the re-encoded ones (equal up to the order of floating-point sums)
+  disk     the bytes of each run's cache (the reusing one stores a reused embedding once, where
+           it was encoded), and the seconds to read its last timestep camera by camera, as stage 5
   time     of each run (CUDA events on a GPU, the wall clock on a CPU; the encoder warmed up and
            compiled before either), per timestep, and the speed-up
   sweep    per --sweep tolerance the same share and cosines, replayed from the exact run's
@@ -32,6 +34,7 @@ import torch.nn.functional as F
 import extract_features
 import helpers
 from feature_extraction import DEFAULT_CKPT, ENCODER_HELP, ViCLIP, cache_dir, load_encoder, load_tile_embeddings, tiles
+from feature_extraction import cache as feature_cache
 
 
 def build_encoder(spec, device, ckpt, compile):
@@ -219,6 +222,17 @@ def main():
     res["cosine_reused"] = cosine_summary(cos[mask])
     res["cosine_encoded"] = cosine_summary(cos[~mask])
     res["speedup"] = res["exact"]["seconds"] / res["reuse"]["seconds"]
+    res["disk_bytes"] = {name: folder_bytes(c) for name, c in (("exact", exact), ("reuse", reuse))}
+    # reading a timestep as stage 5 does, every camera's levels one by one (a reused embedding from
+    # the folder of the timestep that encoded it)
+    _, res["read_last_timestep_s"] = timed(
+        lambda: [
+            feature_cache.load_level(reuse, timesteps[-1], i, c)
+            for c in range(len(meta["cam_id"]))
+            for i in range(len(levels))
+        ],
+        torch.device("cpu"),
+    )
     save()
 
     tolerances = sorted(set(args.sweep) | {args.reuse_tolerance})
@@ -247,6 +261,10 @@ def main():
     print(
         f"time: exact {res['exact']['seconds']:.1f} s, reusing {res['reuse']['seconds']:.1f} s (x{res['speedup']:.2f})"
     )
+    print(
+        f"disk: exact {res['disk_bytes']['exact']:,} B, reusing {res['disk_bytes']['reuse']:,} B; reading the last "
+        f"timestep camera by camera {res['read_last_timestep_s']:.2f} s"
+    )
     print("\n| tolerance | reused | after the first timestep | cosine of the reused |\n|---|---|---|---|")
     for tol, row in res["sweep"].items():
         print(
@@ -256,6 +274,11 @@ def main():
     print(f"figures -> {args.json}")
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def folder_bytes(folder):
+    """Bytes of the files under `folder`."""
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(folder) for f in files)
 
 
 if __name__ == "__main__":

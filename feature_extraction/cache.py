@@ -30,6 +30,7 @@ With --cache-dir DIR, DIR takes the place of <seq>; <cache>/sequence.json says w
 features are of.
 """
 
+import functools
 import json
 import os
 import shutil
@@ -143,11 +144,31 @@ def lost_source(cache, t, sources):
     """'' when every timestep in `sources` ({timestep: run_id}, config.json's) still holds what
     timestep t reused from it, else what is wrong."""
     for s, run_id in sources.items():
-        if (read_config(cache, int(s)) or {}).get("run_id") != run_id:
+        if written_run(cache, int(s)) != run_id:
             return (
                 f"{timestep_dir(cache, t)} reuses embeddings of timestep {s}, which was computed again since or deleted"
             )
     return ""
+
+
+def written_run(cache, t):
+    """The run_id timestep t's folder was written with (None: missing, or written before run ids),
+    read once per version of its config.json (a timestep's readers ask for it again and again)."""
+    path = os.path.join(timestep_dir(cache, t), "config.json")
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return _run_of_config(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4096)
+def _run_of_config(path, mtime_ns, size):
+    try:
+        with open(path) as f:
+            return json.load(f).get("run_id")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
 
 
 def reuse_serves(cached, wanted):
@@ -277,13 +298,23 @@ def load_level(cache, t, i, cam=None):
                 f"{timestep_dir(cache, t)} is damaged (level {i} names timestep {s} as a source, its "
                 f"config.json does not); run extract_features.py again (it computes timestep {t} again)"
             )
-        source = config if s == t else read_config(cache, s)
-        values, scales, holder = (read_array(path, mapped=True) for path in level_files(cache, s, i, source))
-        row = (np.cumsum(holder == s) - 1).reshape(holder.shape)  # each tile's row in folder s, where s encoded it
+        values, scales, row = own_rows(cache, s, i, config["run_id"] if s == t else config["sources"][str(s)])
         picked = sources == s
         rows = (row if cam is None else row[cam])[picked]
         out[picked] = dequantized(np.asarray(values[rows]), np.asarray(scales[rows]))
     return out
+
+
+@functools.lru_cache(maxsize=1024)
+def own_rows(cache, t, i, run_id):
+    """The rows timestep t encoded of level i (its folder written with `run_id`, checked by the
+    caller): int8 values [n, D] and scales [n] (memory-mapped, nothing read yet) and each tile's
+    row among them, int64 [C, rows, cols] (-1 where another timestep holds it). Kept for the
+    timesteps that read them after it (a folder written again has another run_id)."""
+    values, scales, sources = (
+        read_array(path, mapped=True) for path in level_files(cache, t, i, {"dtype": "int8", "layout": OWN_ROWS})
+    )
+    return values, scales, (np.cumsum(sources == t) - 1).reshape(sources.shape)
 
 
 def read_array(path, cam=None, mapped=False):
