@@ -14,8 +14,9 @@ timestep; a rerun resumes. A warm-started timestep holds the background's featur
 chain's first timestep (static Gaussians, static features), so it computes the attention (and
 the neighbour lists) of the foreground's Gaussians alone, and its file stores the foreground's
 alone, as int8 rows with a per-row scale (feature_extraction/relevancy.py: save_legs); the latents
-and attention that the next timestep starts from are kept beside them for the last timestep trained
-(`state_<t:06d>.pt`): `--restart -f F` starts cold at F unless F - 1 was the last one trained.
+and attention that the next timestep starts from are handed on in memory and kept beside them for
+the last timestep trained (`state_<t:06d>.pt`, written when the run ends or stops): `--restart -f F`
+starts cold at F unless F - 1 was the last one trained.
 Under torchrun each rank trains a contiguous block of timesteps, and the warm start then chains
 within a block (each block's first timestep starts cold unless the previous timestep's files
 already exist).
