@@ -497,6 +497,37 @@ def test_a_reused_embedding_is_stored_once_where_it_was_encoded(tmp_path):
     with open(os.path.join(feature_cache.timestep_dir(cache, 1), "config.json"), "w") as f:
         json.dump({**config, "width": 1}, f)
     assert run()["done"] == 11 and load_tile_embeddings(cache, 11).shape[0] == len(stats["reused"][11])
+    # a config.json without its run_id and sources: not done, and read as missing (one line, no traceback)
+    config = feature_cache.read_config(cache, 11)
+    with open(os.path.join(feature_cache.timestep_dir(cache, 11), "config.json"), "w") as f:
+        json.dump({k: v for k, v in config.items() if k != "sources"}, f)
+    with pytest.raises(UserError, match="no cached tile embeddings for timestep 11"):
+        load_tile_embeddings(cache, 11)
+    assert run()["done"] == 1
+
+
+def test_bench_cache_read_runs_small():
+    """benchmarks/bench_cache_read.py, tiny: it wrote a reusing cache, read it back and removed it."""
+    before = set(os.listdir("results")) if os.path.isdir("results") else set()
+    done = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/bench_cache_read.py",
+            "--timesteps",
+            "4",
+            "--cams",
+            "2",
+            "--width",
+            "64",
+            "--height",
+            "36",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "timestep 3: every camera's levels read in" in done.stdout and "timestep 0:" in done.stdout
+    assert set(os.listdir("results")) == before  # its cache is gone
 
 
 def test_exact_reuses_nothing_and_settings_resume(seq, monkeypatch, capsys):
