@@ -112,13 +112,20 @@ def claim_for_sequence(cache, seq_dir, meta):
 
 
 def read_config(cache, t):
-    """config.json of a finished timestep, or None."""
+    """config.json of a finished timestep, or None (also for one that is not a dict, or says OWN_ROWS
+    without its run_id and sources: a damaged folder, computed again by the next run)."""
     path = os.path.join(timestep_dir(cache, t), "config.json")
     try:
         with open(path) as f:
-            return json.load(f)
+            config = json.load(f)
     except (OSError, json.JSONDecodeError):
         return None
+    if not isinstance(config, dict) or (
+        config.get("layout") == OWN_ROWS
+        and not (isinstance(config.get("run_id"), str) and isinstance(config.get("sources"), dict))
+    ):
+        return None
+    return config
 
 
 def is_done(cache, t, config, log=print):
