@@ -1047,14 +1047,15 @@ def is_foreground(seg_colors):
     return seg_colors[:, 0] > FOREGROUND_THRESHOLD
 
 
-def knn(points, k):
-    """points [N, 3] numpy -> (squared distances [N, k], indices [N, k]) of the k nearest other
-    points (scipy's KD-tree; no open3d)."""
+def knn(points, k, rows=None):
+    """points [N, 3] numpy -> (squared distances [M, k], indices [M, k]) of the k nearest other
+    points of each of the points `rows` [M] (None: all N) (scipy's KD-tree; no open3d)."""
     from scipy.spatial import cKDTree
 
     points = np.asarray(points, dtype=np.float64)
+    queries = points if rows is None else points[np.asarray(rows)]
     k_eff = min(k + 1, len(points))
-    dist, idx = cKDTree(points).query(points, k=k_eff)
+    dist, idx = cKDTree(points).query(queries, k=k_eff)
     dist, idx = np.atleast_2d(dist)[:, 1:], np.atleast_2d(idx)[:, 1:]
     if dist.shape[1] < k:  # fewer points than neighbours asked for: repeat the last one
         pad = k - dist.shape[1]
@@ -1062,7 +1063,7 @@ def knn(points, k):
             dist = np.concatenate([dist, np.repeat(dist[:, -1:], pad, 1)], 1)
             idx = np.concatenate([idx, np.repeat(idx[:, -1:], pad, 1)], 1)
         else:  # a single point: no neighbour at all
-            dist, idx = np.zeros((len(points), k)), np.zeros((len(points), k), int)
+            dist, idx = np.zeros((len(queries), k)), np.zeros((len(queries), k), int)
     return dist**2, idx
 
 

@@ -161,9 +161,9 @@ def neighbour_indices(means3D, k=NUM_NEIGHBOURS, rows=None):
     GPU brute force, well under a second for 300k Gaussians where the KD-tree takes seconds of one
     CPU core)."""
     if not means3D.is_cuda:
-        _, idx = helpers.knn(means3D.detach().numpy(), k)
-        idx = torch.from_numpy(np.concatenate([np.arange(len(idx))[:, None], idx], 1))
-        return idx if rows is None else idx[rows]
+        rows = np.arange(len(means3D)) if rows is None else rows.numpy()
+        _, idx = helpers.knn(means3D.detach().numpy(), k, rows)
+        return torch.from_numpy(np.concatenate([rows[:, None], idx], 1))
     return knn_brute_force(means3D.detach(), k, rows)
 
 
