@@ -347,8 +347,9 @@ def background_points(
     lost = torch.nonzero(~visible[:num_rays] & ~far[:num_rays])[:, 0]
     if len(lost):
         points[lost] = center + depths[lost, -1, None] * dirs[lost]
-        parts = [photo_consistency(points[part], views, views["ims"], bg_full, 1) for part in lost.split(chunk)]
-        found, far_rgb = zip(*parts)
+        found, far_rgb = zip(
+            *[photo_consistency(points[part], views, views["ims"], bg_full, 1) for part in lost.split(chunk)]
+        )
         visible[lost], rgb[lost] = torch.isfinite(torch.cat(found)), torch.cat(far_rgb)
     # The far field covers every direction: where no camera saw it (above the cameras' views, say)
     # it takes the colour of the nearest direction one did, so that a view off the rig sees a
