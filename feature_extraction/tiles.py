@@ -194,20 +194,35 @@ def soft_colour_bins(image):
     return torch.stack(bins), torch.stack(weights)
 
 
+def box_matrix(level, n, size, device):
+    """[n, size] float32: row i holds 1 / kernel over the pixels (of an axis of `size`) that tile i
+    of a level covers along that axis, 0 elsewhere, zero padding left out. A tile's mean over its
+    kernel x kernel window, padding counted as zeros, is rows_box @ image @ cols_box^T."""
+    first = torch.arange(n)[:, None] * level["stride"] - level["padding"]
+    pixel = torch.arange(size)[None]
+    covered = (pixel >= first) & (pixel < first + level["kernel"])
+    return (covered.float() / level["kernel"]).to(device)
+
+
 def tile_histograms(guide, levels, chunk=27):
     """guide float [3, H, W] in [0, 1] -> per level float32 [COLOUR_BINS^3, rows * cols]: the share of
     each tile's pixels in each colour bin (soft), zero padding counted as no colour, as the tiles
-    hold it. Bins are pooled `chunk` at a time, so memory stays at chunk x H x W."""
+    hold it. Each tile's window sum is separable: a product with every level's column boxes at once,
+    then with each level's row boxes (box_matrix), instead of pooling windows of up to 0.6 H pixels
+    a side. Bins are taken `chunk` at a time, so memory stays at chunk x H x W."""
+    (h, w), device = guide.shape[1:], guide.device
     bins, weights = soft_colour_bins(guide)
+    col_boxes = torch.cat([box_matrix(lv, lv["cols"], w, device) for lv in levels])  # [sum of cols, W]
+    row_boxes = [box_matrix(lv, lv["rows"], h, device) for lv in levels]
+    splits = [lv["cols"] for lv in levels]
     out = [[] for _ in levels]
     for first in range(0, COLOUR_BINS**3, chunk):
-        onehot = torch.zeros(chunk + 1, *guide.shape[1:], device=guide.device)  # last row: other bins
-        onehot.scatter_add_(0, torch.where((bins >= first) & (bins < first + chunk), bins - first, chunk), weights)
-        for hist, lv in zip(out, levels):
-            pooled = F.avg_pool2d(
-                onehot[None, :chunk], lv["kernel"], lv["stride"], lv["padding"], count_include_pad=True
-            )[0]
-            hist.append(pooled[:, : lv["rows"], : lv["cols"]].flatten(1))
+        n = min(chunk, COLOUR_BINS**3 - first)
+        onehot = torch.zeros(n + 1, h, w, device=device)  # last row: other bins
+        onehot.scatter_add_(0, torch.where((bins >= first) & (bins < first + n), bins - first, n), weights)
+        by_cols = (onehot[:n] @ col_boxes.T).split(splits, dim=2)  # per level [n, H, cols]
+        for hist, rows, part in zip(out, row_boxes, by_cols):
+            hist.append((rows @ part).flatten(1))  # [chunk, rows * cols]
     return [torch.cat(hist) for hist in out]
 
 
@@ -258,4 +273,4 @@ def dense_purest(grids, levels, guide, out_hw, device, encode=None):
     if encode is not None:
         flat = encode(flat)
     choice = purest_tiles(levels, guide.to(device, torch.float32), out_hw)
-    return flat[choice].T.reshape(-1, *out_hw).contiguous()
+    return flat.T.contiguous().index_select(1, choice).reshape(-1, *out_hw)  # written in place, not transposed after

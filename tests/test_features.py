@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import extract_features
@@ -683,6 +684,22 @@ def test_openclip_encoder_averages_frames(tmp_path):
     per_frame = torch.nn.functional.normalize(enc.model.encode_image(clips.flatten(0, 1)), dim=-1).view(3, 8, -1)
     torch.testing.assert_close(out, torch.nn.functional.normalize(per_frame.mean(1), dim=-1), rtol=1e-5, atol=1e-5)
     assert enc.encode_text(["a red ball", "stuff"]).shape == (2, 16)
+
+
+def test_tile_histograms_equal_average_pooling_of_the_soft_bins():
+    """The separable box products of tile_histograms against the tiles' definition as pooling: each
+    tile's mean of the soft colour bins over its kernel x kernel window, zero padding counted."""
+    gen = torch.Generator().manual_seed(1)
+    h, w = 37, 53
+    image = torch.rand(3, h, w, generator=gen)
+    levels = tiles.tile_levels(h, w)
+    bins, weights = tiles.soft_colour_bins(image)
+    soft = torch.zeros(tiles.COLOUR_BINS**3, h, w).scatter_add_(0, bins, weights)
+    for lv, hist in zip(levels, tiles.tile_histograms(image, levels, chunk=50)):
+        pooled = F.avg_pool2d(soft[None], lv["kernel"], lv["stride"], lv["padding"], count_include_pad=True)[0]
+        expected = pooled[:, : lv["rows"], : lv["cols"]].flatten(1)
+        assert hist.shape == expected.shape
+        assert torch.allclose(hist, expected, atol=1e-6), float((hist - expected).abs().max())
 
 
 def test_purest_tiles_match_a_tile_by_tile_reference():
