@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 import external
 import helpers
-from point_cloud import build_init_point_cloud
+import point_cloud
 
 NEAR, FAR = 1.0, 100.0  # training cameras, as the original
 SCENE_SIZE_MULT = 1.1
@@ -92,6 +92,7 @@ TRAINING_SETTINGS = (
     "fg_points",
     "bg_points",
 )
+FLOOR_THICKNESS = 0.1  # height / width of a background Gaussian that starts on the floor (initialize_params)
 # demo: few iterations per timestep, so positions and rotations take bigger steps to keep up with the motion
 DEMO = {
     "iters_first": 200,
@@ -161,18 +162,28 @@ def scene_radius(meta):
     return SCENE_SIZE_MULT * float(np.linalg.norm(centers - centers.mean(0), axis=1).max())
 
 
-def initialize_params(init_pt_cld, num_cams, device):
+def initialize_params(init_pt_cld, num_cams, device, cameras=None):
     """init_pt_cld [N, 7] (xyz, rgb, seg) -> params: leaf tensors named as in params.npz. Scales
-    start isotropic at the RMS distance to the 3 nearest neighbours, opacities at 0.5."""
+    start isotropic at the RMS distance to the 3 nearest neighbours, opacities at 0.5. Given the
+    train cameras' positions (cameras [C, 3]), a background point on the floor plane y = 0 beyond
+    every camera (point_cloud.ray_origin's reach) starts flat on the floor, FLOOR_THICKNESS of its
+    width high: the train cameras see the far floor at a grazing angle, where a round Gaussian
+    fits them as well, and it then stands above the horizon of a camera lower than theirs."""
     seg = init_pt_cld[:, 6]
     sq_dist, _ = helpers.knn(init_pt_cld[:, :3], 3)
+    log_scales = np.tile(np.log(np.sqrt(sq_dist.mean(-1).clip(min=1e-7)))[:, None], (1, 3))
+    if cameras is not None:
+        origin, reach, has_floor = point_cloud.ray_origin(torch.as_tensor(np.asarray(cameras), dtype=torch.float32))
+        beyond = np.linalg.norm(init_pt_cld[:, :3] - origin.numpy(), axis=1) > reach
+        far_floor = has_floor & (seg == 0) & (np.abs(init_pt_cld[:, 1]) < 1e-6) & beyond
+        log_scales[far_floor, 1] += np.log(FLOOR_THICKNESS)
     params = {
         "means3D": init_pt_cld[:, :3],
         "rgb_colors": init_pt_cld[:, 3:6],
         "seg_colors": np.stack([seg, np.zeros_like(seg), 1 - seg], -1),
         "unnorm_rotations": np.tile([1.0, 0.0, 0.0, 0.0], (len(seg), 1)),
         "logit_opacities": np.zeros((len(seg), 1)),
-        "log_scales": np.tile(np.log(np.sqrt(sq_dist.mean(-1).clip(min=1e-7)))[:, None], (1, 3)),
+        "log_scales": log_scales,
         "cam_m": np.zeros((num_cams, 3)),
         "cam_c": np.zeros((num_cams, 3)),
     }
@@ -1020,7 +1031,7 @@ def train(args, device, seq_dir, out_dir):
             tick = helpers.lap(phases, "load", tick, device)
             if t == 0:
                 radius = scene_radius(meta)
-                params = initialize_params(init_pt_cld, len(meta["cam_id"]), device)
+                params = initialize_params(init_pt_cld, len(meta["cam_id"]), device, camera_centers(meta))
                 variables = {
                     "scene_radius": radius,
                     "scene_center": torch.tensor(camera_centers(meta).mean(0), dtype=torch.float32, device=device),
@@ -1113,7 +1124,9 @@ def initial_point_cloud(seq_dir, meta, out_dir, args):
         return data.astype(np.float32)
     tqdm.write(f"no {path}: building the initial point cloud from the masks and images of timestep 0")
     started = time.time()
-    data = build_init_point_cloud(seq_dir, meta, 0, args.fg_points, args.bg_points, args.seed, log=tqdm.write)
+    data = point_cloud.build_init_point_cloud(
+        seq_dir, meta, 0, args.fg_points, args.bg_points, args.seed, log=tqdm.write
+    )
     saved = os.path.join(out_dir, "init_pt_cld.npz")
     helpers.save_npz(saved, {"data": data})
     tqdm.write(
