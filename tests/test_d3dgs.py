@@ -22,7 +22,8 @@ from synthetic_sequence import generate
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {"width": 96, "height": 54, "num_timesteps": 3, "num_train": 6, "num_test": 1}
 ITERS = ["--iters-first", "60", "--iters", "3", "--max-gaussians", "6000", "--fg-points", "1500", "--bg-points", "2500"]
-PSNR_BOUND = 20.0  # dB on the test camera after 60 iterations at t = 0 (measured: the built cloud 19.7, trained 20.2)
+PSNR_BOUND = 19.6  # dB on the test camera after 60 iterations at t = 0 (measured: the built cloud 19.42, trained 19.81;
+# 19.7 and 20.2 while the floor beyond the cameras started round: flat, it covers less of a view at first)
 
 
 @pytest.fixture(scope="module")
@@ -83,9 +84,8 @@ def test_background_points_on_the_floor_beyond_the_cameras_start_flat():
     circle = np.stack([np.cos(ring), np.zeros_like(ring), np.sin(ring)], 1)
     cameras = circle[::4] * 2 + [0.0, -1.5, 0.0]  # 6 cameras 1.5 above the floor (+y is down), 2 from the centre
     xyz = np.concatenate([circle * 4, circle, circle * 5 + [0.0, -1.0, 0.0], circle[:4] * 4])
-    seg = np.concatenate(
-        [np.zeros(72), np.ones(4)]
-    )  # far floor, near floor, a wall; an object's points on the far floor
+    # far floor, near floor, a wall (background); an object's points on the far floor
+    seg = np.concatenate([np.zeros(72), np.ones(4)])
     cloud = np.concatenate([xyz, np.full((len(xyz), 3), 0.5), seg[:, None]], 1).astype(np.float32)
     scales = train_d3dgs.initialize_params(cloud, 6, "cpu", cameras)["log_scales"].detach().exp()
     flat = scales[:24]
