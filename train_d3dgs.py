@@ -92,7 +92,7 @@ TRAINING_SETTINGS = (
     "fg_points",
     "bg_points",
 )
-FLOOR_THICKNESS = 0.1  # height / width of a background Gaussian that starts on the floor (initialize_params)
+FLOOR_THICKNESS = 0.1  # height / width of a background Gaussian on the floor beyond the cameras (initialize_params)
 # demo: few iterations per timestep, so positions and rotations take bigger steps to keep up with the motion
 DEMO = {
     "iters_first": 200,
@@ -1030,11 +1030,11 @@ def train(args, device, seq_dir, out_dir):
             bar.set_description(f"t {t}/{last}")
             tick = helpers.lap(phases, "load", tick, device)
             if t == 0:
-                radius = scene_radius(meta)
-                params = initialize_params(init_pt_cld, len(meta["cam_id"]), device, camera_centers(meta))
+                radius, centers = scene_radius(meta), camera_centers(meta)
+                params = initialize_params(init_pt_cld, len(meta["cam_id"]), device, centers)
                 variables = {
                     "scene_radius": radius,
-                    "scene_center": torch.tensor(camera_centers(meta).mean(0), dtype=torch.float32, device=device),
+                    "scene_center": torch.tensor(centers.mean(0), dtype=torch.float32, device=device),
                     "means2D_gradient_accum": torch.zeros(len(init_pt_cld), device=device),
                     "denom": torch.zeros(len(init_pt_cld), device=device),
                     "seen": torch.zeros(len(init_pt_cld), dtype=torch.bool, device=device),
