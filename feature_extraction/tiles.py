@@ -37,6 +37,7 @@ STRIDE_SCALER = 0.5
 CLIP_OFFSETS = tuple(range(-4, 4))  # frames t-4 .. t+3
 REUSE_GRID = 8  # cells per side of the shrunken tile images that clip_change compares
 COLOUR_BINS = 6  # bins per RGB channel of the purest tile's colour histograms
+HISTOGRAM_ELEMENTS = 2**25  # float32 elements of the soft one-hot that tile_histograms holds at a time (128 MiB)
 TILE_MIXES = ("purest", "mean")  # train_4legs.py's --tile-mix: ours, the original's
 
 
@@ -204,13 +205,15 @@ def box_matrix(level, n, size, device):
     return (covered.float() / level["kernel"]).to(device)
 
 
-def tile_histograms(guide, levels, chunk=27):
+def tile_histograms(guide, levels, chunk=None):
     """guide float [3, H, W] in [0, 1] -> per level float32 [COLOUR_BINS^3, rows * cols]: the share of
     each tile's pixels in each colour bin (soft), zero padding counted as no colour, as the tiles
     hold it. Each tile's window sum is separable: a product with every level's column boxes at once,
     then with each level's row boxes (box_matrix), instead of pooling windows of up to 0.6 H pixels
-    a side. Bins are taken `chunk` at a time, so memory stays at chunk x H x W."""
+    a side. Bins are taken `chunk` at a time (default: as many as HISTOGRAM_ELEMENTS allows: 144 of
+    the 216 at 640x360), so memory stays at chunk x H x W."""
     (h, w), device = guide.shape[1:], guide.device
+    chunk = chunk or max(1, min(COLOUR_BINS**3, HISTOGRAM_ELEMENTS // (h * w) - 1))
     bins, weights = soft_colour_bins(guide)
     col_boxes = torch.cat([box_matrix(lv, lv["cols"], w, device) for lv in levels])  # [sum of cols, W]
     row_boxes = [box_matrix(lv, lv["rows"], h, device) for lv in levels]

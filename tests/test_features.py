@@ -686,16 +686,18 @@ def test_openclip_encoder_averages_frames(tmp_path):
     assert enc.encode_text(["a red ball", "stuff"]).shape == (2, 16)
 
 
-def test_tile_histograms_equal_average_pooling_of_the_soft_bins():
+@pytest.mark.parametrize("chunk", [50, None])
+def test_tile_histograms_equal_average_pooling_of_the_soft_bins(chunk):
     """The separable box products of tile_histograms against the tiles' definition as pooling: each
-    tile's mean of the soft colour bins over its kernel x kernel window, zero padding counted."""
+    tile's mean of the soft colour bins over its kernel x kernel window, zero padding counted; in
+    chunks of 50 bins (the last one short) and at the default (every bin at once at this size)."""
     gen = torch.Generator().manual_seed(1)
     h, w = 37, 53
     image = torch.rand(3, h, w, generator=gen)
     levels = tiles.tile_levels(h, w)
     bins, weights = tiles.soft_colour_bins(image)
     soft = torch.zeros(tiles.COLOUR_BINS**3, h, w).scatter_add_(0, bins, weights)
-    for lv, hist in zip(levels, tiles.tile_histograms(image, levels, chunk=50)):
+    for lv, hist in zip(levels, tiles.tile_histograms(image, levels, chunk=chunk)):
         pooled = F.avg_pool2d(soft[None], lv["kernel"], lv["stride"], lv["padding"], count_include_pad=True)[0]
         expected = pooled[:, : lv["rows"], : lv["cols"]].flatten(1)
         assert hist.shape == expected.shape
