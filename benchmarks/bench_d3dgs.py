@@ -191,53 +191,59 @@ def busy_us(intervals):
     return total
 
 
-def profile(run, num_iters, name, top=25):
-    """Wall time of run(num_iters) (num_iters t > 0 iterations), then the same under torch.profiler
-    (CPU + CUDA): the top CUDA kernels by GPU time, GPU busy vs wall time, host time blocked on the GPU."""
+def profile(run, num_iters, name, unit="t > 0 iteration", top=25):
+    """Wall time of run(num_iters) (num_iters units of work), then the same under torch.profiler: the
+    top CUDA kernels by GPU time, GPU busy vs wall time and the host time blocked on the GPU where run
+    used the GPU; the host operators by self time in any case."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     run(5)  # warm
-    torch.cuda.synchronize()
+    sync()
     started = time.perf_counter()
     run(num_iters)
-    torch.cuda.synchronize()
+    sync()
     wall_ms = (time.perf_counter() - started) * 1e3 / num_iters
-    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
         started = time.perf_counter()
         run(num_iters)
-        torch.cuda.synchronize()
+        sync()
         profiled_ms = (time.perf_counter() - started) * 1e3 / num_iters
     events = prof.events()
     kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
-    per_name = collections.defaultdict(lambda: [0, 0.0])
-    for e in kernels:
-        per_name[e.name][0] += 1
-        per_name[e.name][1] += e.time_range.elapsed_us()
-    busy_ms = busy_us([(e.time_range.start, e.time_range.end) for e in kernels]) / 1e3 / num_iters
-    waits_us = launch_us = launches = 0
-    for e in events:
-        if e.device_type == torch.autograd.DeviceType.CPU and e.name in HOST_WAITS:
-            waits_us += e.time_range.elapsed_us()
-        elif e.device_type == torch.autograd.DeviceType.CPU and e.name.startswith(LAUNCHES):
-            launch_us += e.time_range.elapsed_us()
-            launches += 1
-    print(f"\nprofile of {num_iters} t > 0 iterations, {name}")
-    print(
-        f"wall {wall_ms:.3f} ms/iteration ({profiled_ms:.3f} under the profiler); GPU busy {busy_ms:.3f} "
-        f"ms/iteration ({100 * busy_ms / wall_ms:.0f}% of the unprofiled wall time); host blocked on the GPU (syncs, "
-        f"copies to the host) {waits_us / 1e3 / num_iters:.3f} ms/iteration; {launches / num_iters:.0f} kernel "
-        f"launches/iteration ({launch_us / 1e3 / num_iters:.3f} ms of host time)"
-    )
-    print(f"\n| CUDA kernel (top {top} by GPU time) | calls/it | ms/it | % of busy |\n| --- | --- | --- | --- |")
-    ranked = sorted(per_name.items(), key=lambda kv: -kv[1][1])
-    for name, (calls, us) in ranked[:top]:
-        ms = us / 1e3 / num_iters
-        print(f"| {name[:90]} | {calls / num_iters:.1f} | {ms:.3f} | {100 * ms / busy_ms:.1f} |")
-    rest = sum(us for _, (_, us) in ranked[top:])
-    print(
-        f"| (the other {max(len(ranked) - top, 0)} kernels) | | {rest / 1e3 / num_iters:.3f} | "
-        f"{100 * rest / 1e3 / num_iters / busy_ms:.1f} |"
-    )
-    print("\nhost (CPU) operators by self time, all iterations:")
+    print(f"\nprofile of {num_iters} x {unit}, {name}")
+    print(f"wall {wall_ms:.3f} ms per {unit} ({profiled_ms:.3f} under the profiler)")
+    if kernels:
+        per_name = collections.defaultdict(lambda: [0, 0.0])
+        for e in kernels:
+            per_name[e.name][0] += 1
+            per_name[e.name][1] += e.time_range.elapsed_us()
+        busy_ms = busy_us([(e.time_range.start, e.time_range.end) for e in kernels]) / 1e3 / num_iters
+        waits_us = launch_us = launches = 0
+        for e in events:
+            if e.device_type == torch.autograd.DeviceType.CPU and e.name in HOST_WAITS:
+                waits_us += e.time_range.elapsed_us()
+            elif e.device_type == torch.autograd.DeviceType.CPU and e.name.startswith(LAUNCHES):
+                launch_us += e.time_range.elapsed_us()
+                launches += 1
+        print(
+            f"GPU busy {busy_ms:.3f} ms per {unit} ({100 * busy_ms / wall_ms:.0f}% of the unprofiled wall time); host "
+            f"blocked on the GPU (syncs, copies to the host) {waits_us / 1e3 / num_iters:.3f} ms; "
+            f"{launches / num_iters:.0f} kernel launches ({launch_us / 1e3 / num_iters:.3f} ms of host time)"
+        )
+        print(f"\n| CUDA kernel (top {top} by GPU time) | calls per {unit} | ms | % of busy |")
+        print("| --- | --- | --- | --- |")
+        ranked = sorted(per_name.items(), key=lambda kv: -kv[1][1])
+        for kernel, (calls, us) in ranked[:top]:
+            ms = us / 1e3 / num_iters
+            print(f"| {kernel[:90]} | {calls / num_iters:.1f} | {ms:.3f} | {100 * ms / busy_ms:.1f} |")
+        rest = sum(us for _, (_, us) in ranked[top:])
+        print(
+            f"| (the other {max(len(ranked) - top, 0)} kernels) | | {rest / 1e3 / num_iters:.3f} | "
+            f"{100 * rest / 1e3 / num_iters / busy_ms:.1f} |"
+        )
+    print(f"\nhost (CPU) operators by self time, over the {num_iters} x {unit}:")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
 
 

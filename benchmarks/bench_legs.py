@@ -4,7 +4,9 @@ speed: seconds per basketball-sized timestep, on random Gaussians in front of a 
 and a stage-3 cache of random tile embeddings (no stage outputs needed); a timestep = neighbours +
 target maps (interpolation + autoencoder) + the iterations (blend matrices, where used, included):
 
-    python benchmarks/bench_legs.py speed --gaussians 300000 --cams 27 --width 640 --height 360
+    python benchmarks/bench_legs.py speed --gaussians 300000 --cams 27 --width 640 --height 360 [--profile 50]
+
+--profile N then runs N warm iterations and every camera's target map under torch.profiler.
 
 warmstart: on a sequence whose stages 1, 3 and 4 are done, train timestep t cold (zero latents, fresh
 attention, as the original) and warm (from timestep t-1, trained cold first), evaluating the L1
@@ -26,6 +28,7 @@ import time
 import numpy as np
 import torch
 
+import bench_d3dgs
 import helpers
 import train_4legs
 from feature_extraction.autoencoder import Autoencoder, ae_ckpt_path, load_autoencoder
@@ -202,7 +205,8 @@ def speed(args):
             features = train_4legs.lifted_features(params, attention, {**setup, **held})
         return {"latents": params["latents"].detach(), "attention": attention.state_dict(), "features": features}
 
-    timed_timestep("warm", timed_timestep("cold", None, args.iters), args.warm_iters)
+    cold_state = timed_timestep("cold", None, args.iters)
+    timed_timestep("warm", cold_state, args.warm_iters)
     per_iter = {name: statistics.median(times) if times else float("nan") for name, times in block_times.items()}
     cold_fixed = timings["neighbours_s"] + timings["encode_targets_s"]
     warm_fixed = timings["neighbours_foreground_s"] + timings["encode_targets_s"]
@@ -224,6 +228,20 @@ def speed(args):
         f"warm ({args.warm_iters} it, {args.foreground:.0%} of the Gaussians trained) "
         f"{warm_fixed + timings['warm_train_s']:.1f}"
     )
+    if args.profile:  # where a warm timestep's time goes, kernel by kernel
+        warm_setup = {**setup, "neighbours": foreground_neighbours, "held_features": cold_state["features"]}
+        bench_d3dgs.profile(
+            lambda n: train_4legs.train_timestep(1, warm_setup, cold_state, n, show_progress=False),
+            args.profile,
+            "a warm-started timestep's training (train_4legs.train_timestep)",
+            unit="warm iteration",
+        )
+
+        def target_maps(n):  # n cameras' target maps, each made anew
+            for i in range(n):
+                train_4legs.encode_targets(cache, 0, ae, cams, device, lambda c: guides[c])[i % args.cams]
+
+        bench_d3dgs.profile(target_maps, args.cams, "the target maps (train_4legs.encode_targets)", unit="camera")
 
 
 def warmstart(args):
@@ -295,6 +313,14 @@ def main():
         default=0.3,
         help="share of the Gaussians a warm-started timestep trains (the foreground's; basketball: 0.31) "
         "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="then profile N warm iterations and the target maps of every camera under torch.profiler: the "
+        "top CUDA kernels, GPU busy against wall time, the host operators; 0: no profile (default: %(default)s)",
     )
     p.add_argument("--device", default=None)
     p = sub.add_parser("warmstart", help="cold against warm start on a real sequence")

@@ -688,9 +688,11 @@ def test_converged_warm_start_stops_early_with_the_same_relevance(chain, capsys)
 
 def test_bench_legs_speed_runs_on_the_cpu(tmp_path):
     """benchmarks/bench_legs.py speed, tiny: it ran a cold and a warm timestep (the warm one training
-    the --foreground share alone) and printed both per-iteration times."""
+    the --foreground share alone), printed both per-iteration times and profiled warm iterations and
+    the target maps."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     args = "--gaussians 600 --cams 2 --width 32 --height 18 --iters 50 --warm-iters 50 --block 25 --device cpu"
+    args += " --profile 3"
     run = subprocess.run(
         [sys.executable, os.path.join(root, "benchmarks", "bench_legs.py"), "speed", *args.split()],
         cwd=tmp_path,
@@ -703,6 +705,7 @@ def test_bench_legs_speed_runs_on_the_cpu(tmp_path):
     line = next(x for x in run.stdout.splitlines() if "median per iteration" in x)
     cold, warm = (float(line.split(name)[1].split()[0]) for name in ("cold ", "warm "))
     assert cold > 0 and warm > 0 and "warm (50 it, 30% of the Gaussians trained)" in run.stdout, run.stdout
+    assert "profile of 3 x warm iteration" in run.stdout and "profile of 2 x camera" in run.stdout, run.stdout
     assert os.listdir(tmp_path / "results") == []  # its stage-3 cache removed
 
 
