@@ -281,6 +281,7 @@ def main():
         "current loop): top kernels, GPU busy vs wall time; 0: no profile",
     )
     args = parser.parse_args()
+    helpers.check_option(args, "profile", at_least=0)
     args.seq = helpers.find_sequence(args.seq)
     if not torch.cuda.is_available():
         raise helpers.UserError("this benchmark times CUDA kernels: it needs a GPU")

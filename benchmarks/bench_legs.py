@@ -342,6 +342,8 @@ def main():
         args.seq = helpers.find_sequence(args.seq)
     if args.mode == "warmstart" and args.t < 1:
         raise helpers.UserError("-t must be >= 1 (timestep t-1 is the warm start's source)")
+    if args.mode == "speed":
+        helpers.check_option(args, "profile", at_least=0)
     if args.mode == "speed" and not (args.foreground * args.gaussians >= 1 and args.foreground <= 1):
         raise helpers.UserError(
             f"--foreground {args.foreground}: the share of the Gaussians a warm timestep trains, in (0, 1], "

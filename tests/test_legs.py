@@ -709,6 +709,19 @@ def test_bench_legs_speed_runs_on_the_cpu(tmp_path):
     assert os.listdir(tmp_path / "results") == []  # its stage-3 cache removed
 
 
+def test_bench_legs_refuses_a_negative_profile_count(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run(
+        [sys.executable, os.path.join(root, "benchmarks", "bench_legs.py"), "speed", "--profile", "-2"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=root),
+        timeout=120,
+    )
+    assert run.returncode == 2 and run.stderr.strip().count("\n") == 0 and "--profile -2" in run.stderr
+
+
 @pytest.mark.parametrize("share", ["0", "1.5", "nan"])
 def test_bench_legs_refuses_a_foreground_share_outside_0_1(tmp_path, share):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
