@@ -709,28 +709,19 @@ def test_bench_legs_speed_runs_on_the_cpu(tmp_path):
     assert os.listdir(tmp_path / "results") == []  # its stage-3 cache removed
 
 
-def test_bench_legs_refuses_a_negative_profile_count(tmp_path):
+@pytest.mark.parametrize(
+    "option, value, said",
+    [("--foreground", v, f"--foreground {float(v)}") for v in ("0", "1.5", "nan")]
+    + [("--profile", "-2", "--profile -2")],
+)
+def test_bench_legs_refuses_a_foreground_share_outside_0_1_or_a_negative_profile(tmp_path, option, value, said):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     run = subprocess.run(
-        [sys.executable, os.path.join(root, "benchmarks", "bench_legs.py"), "speed", "--profile", "-2"],
+        [sys.executable, os.path.join(root, "benchmarks", "bench_legs.py"), "speed", option, value],
         cwd=tmp_path,
         capture_output=True,
         text=True,
         env=dict(os.environ, PYTHONPATH=root),
         timeout=120,
     )
-    assert run.returncode == 2 and run.stderr.strip().count("\n") == 0 and "--profile -2" in run.stderr
-
-
-@pytest.mark.parametrize("share", ["0", "1.5", "nan"])
-def test_bench_legs_refuses_a_foreground_share_outside_0_1(tmp_path, share):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    run = subprocess.run(
-        [sys.executable, os.path.join(root, "benchmarks", "bench_legs.py"), "speed", "--foreground", share],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, PYTHONPATH=root),
-        timeout=120,
-    )
-    assert run.returncode == 2 and run.stderr.strip().count("\n") == 0 and f"--foreground {float(share)}" in run.stderr
+    assert run.returncode == 2 and run.stderr.strip().count("\n") == 0 and said in run.stderr
