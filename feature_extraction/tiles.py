@@ -213,7 +213,7 @@ def tile_histograms(guide, levels, chunk=None):
     a side. Bins are taken `chunk` at a time (default: as many as HISTOGRAM_ELEMENTS allows: 144 of
     the 216 at 640x360), so memory stays at chunk x H x W."""
     (h, w), device = guide.shape[1:], guide.device
-    chunk = chunk or max(1, min(COLOUR_BINS**3, HISTOGRAM_ELEMENTS // (h * w) - 1))
+    chunk = chunk or max(1, min(COLOUR_BINS**3, HISTOGRAM_ELEMENTS // (h * w) - 1))  # + 1 row: other bins
     bins, weights = soft_colour_bins(guide)
     col_boxes = torch.cat([box_matrix(lv, lv["cols"], w, device) for lv in levels])  # [sum of cols, W]
     row_boxes = [box_matrix(lv, lv["rows"], h, device) for lv in levels]
