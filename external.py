@@ -50,7 +50,7 @@ def calc_ssim(img1, img2, per_image=False):
 # runs it at timestep 0. `params` holds the optimised tensors; the torch Adam's param groups carry
 # the same names, and its moments follow every change of the rows (new rows start at zero).
 
-NOT_PER_GAUSSIAN = ("cam_m", "cam_c")
+NOT_PER_GAUSSIAN = ("cam_m", "cam_c", "env_map")  # per camera; the environment map (helpers.D3DGS_ENV_MAP)
 
 
 def densify_schedule(num_iters, grad_thresh=0.0002, max_gaussians=None):
@@ -150,8 +150,8 @@ def densify(params, variables, optimizer, i, schedule, means2D_grad, radii):
     (scale / 1.6, positions sampled from the parent) where the mean gradient >= grad_thresh, then
     prune opacity < 0.005 (0.25 at 'stop') and, from 'big_from', Gaussians larger than 10% of the
     scene radius (sizes as apparent_size); reset all opacities to 0.01 at 'reset' (if any).
-    Gaussians that no train view has shown yet (variables['seen'], where given: the far field
-    above every camera's view, say) keep their opacity through resets and opacity pruning, since
+    Gaussians that no train view has shown yet (variables['seen'], where given: a wall above every
+    camera's view, say) keep their opacity through resets and opacity pruning, since
     nothing could fit them: a test view off the rig still finds them there. variables:
     scene_radius (float), scene_center [3] and seen [N] bool (optional), means2D_gradient_accum
     [N], denom [N]. Returns params, variables.

@@ -1148,6 +1148,11 @@ def to_uint8(img):
 
 D3DGS_PER_TIMESTEP = ("means3D", "rgb_colors", "unnorm_rotations")  # [T, N, .] in params.npz
 D3DGS_SHARED = ("seg_colors", "logit_opacities", "log_scales", "cam_m", "cam_c")  # one for all t
+# What lies beyond every Gaussian (a sky, whatever the background Gaussians leave uncovered): an
+# equirectangular map of colours by viewing direction, [3, rows, 2 rows], row 0 straight up (-y),
+# column 0 azimuth -pi (atan2(x, z)). Written by this project's stage 1; the original's params.npz
+# has none, and renders over black as before.
+D3DGS_ENV_MAP = "env_map"
 _D3DGS_WIDTHS = {
     "means3D": 3,
     "rgb_colors": 3,
@@ -1233,12 +1238,15 @@ def params2rendervar(params):
     }
 
 
-def render_d3dgs(cam, rendervar):
+def render_d3dgs(cam, rendervar, background=None):
     """Colour and segmentation of Gaussians in ONE rasterizer pass: the segmentation colours ride
     along as 3 feature channels of the feature rasterizer (the original rendered the scene twice).
 
-    rendervar: params2rendervar's keys (means2D optional). Returns im [3, H, W] (over cam.bg),
-    seg [3, H, W] (over black), radii [N] int32 (0 = not on screen), depth [1, H, W].
+    rendervar: params2rendervar's keys (means2D optional); background: None or [3, H, W], what
+    lies behind every Gaussian (sample_env_map's), shown where the Gaussians leave light through
+    and counted as background in seg. Returns im [3, H, W] (over the background, else over
+    cam.bg), seg [3, H, W] (over black, or over (0, 0, 1) with a background), radii [N] int32
+    (0 = not on screen), depth [1, H, W].
     """
     import diff_gaussian_rasterization_feat as dgrf
 
@@ -1246,7 +1254,46 @@ def render_d3dgs(cam, rendervar):
     if "means2D" not in inputs:
         inputs["means2D"] = torch.zeros_like(rendervar["means3D"])
     im, radii, depth, seg = dgrf.GaussianRasterizer(cam)(legs_features=rendervar["seg_colors"], **inputs)
+    if background is not None:
+        through = 1 - seg.sum(0, keepdim=True)  # segmentation colours sum to 1: seg's sum is the opacity
+        im = im + through * background
+        seg = torch.cat([seg[:2], seg[2:] + through])
     return im, seg, radii, depth
+
+
+def ray_directions(cam):
+    """Unit viewing directions [H, W, 3] (world) through the centres of a camera's pixels (cam:
+    setup_camera's), found by inverting its projection: pixel index u has NDC (2 u + 1) / W - 1."""
+    h, w = cam.image_height, cam.image_width
+    device = cam.projmatrix.device
+    ndc_y, ndc_x = torch.meshgrid(
+        (2 * torch.arange(h, device=device, dtype=torch.float64) + 1) / h - 1,
+        (2 * torch.arange(w, device=device, dtype=torch.float64) + 1) / w - 1,
+        indexing="ij",
+    )
+    clip = torch.stack([ndc_x, ndc_y, torch.ones_like(ndc_x), torch.ones_like(ndc_x)], -1)
+    world = clip @ torch.linalg.inv(cam.projmatrix.double())
+    return torch.nn.functional.normalize(world[..., :3] / world[..., 3:] - cam.campos.double(), dim=-1).float()
+
+
+def env_map_coordinates(dirs):
+    """grid_sample coordinates [..., 2] in [-1, 1] of unit directions [..., 3] (world) on an
+    equirectangular map (D3DGS_ENV_MAP): x the azimuth atan2(x, z) / pi, y the elevation above the
+    floor (up = -y) from -1 straight up to 1 straight down."""
+    azimuth = torch.atan2(dirs[..., 0], dirs[..., 2])
+    elevation = torch.asin((-dirs[..., 1]).clamp(-1.0, 1.0))
+    return torch.stack([azimuth / math.pi, -elevation / (math.pi / 2)], -1)
+
+
+def sample_env_map(env_map, dirs):
+    """Colours [3, H, W] of an environment map [3, rows, cols] in the directions dirs [H, W, 3]
+    (ray_directions'), bilinear, wrapping around in azimuth (differentiable in env_map)."""
+    cols = env_map.shape[2]
+    wrapped = torch.cat([env_map[:, :, -1:], env_map, env_map[:, :, :1]], 2)
+    grid = env_map_coordinates(dirs) * torch.tensor([cols / (cols + 2), 1.0], device=dirs.device)
+    return torch.nn.functional.grid_sample(
+        wrapped[None], grid[None], mode="bilinear", padding_mode="border", align_corners=False
+    )[0]
 
 
 def read_d3dgs_params(path):
@@ -1276,6 +1323,12 @@ def read_d3dgs_params(path):
             )
             if arrays[k].shape != want:
                 raise UserError(f"{path}: '{k}' has shape {list(arrays[k].shape)}, expected {list(want)}")
+        env_map = arrays.get(D3DGS_ENV_MAP)
+        if env_map is not None and (env_map.ndim != 3 or env_map.shape[::2] != (3, 2 * env_map.shape[1])):
+            raise UserError(
+                f"{path}: '{D3DGS_ENV_MAP}' has shape {list(env_map.shape)}, expected [3, rows, 2 rows]; "
+                f"train stage 1 again: python train_d3dgs.py -s <seq> -e <exp>"
+            )
         _D3DGS_CACHE.clear()
         _D3DGS_CACHE[key] = arrays, fingerprint(*(arrays[k] for k in sorted(arrays)))
     return _D3DGS_CACHE[key][0]
@@ -1287,6 +1340,21 @@ def d3dgs_identity(path):
     read_d3dgs_params(path)
     key = (os.path.abspath(path), os.stat(path).st_mtime_ns)
     return {"path": key[0], "fingerprint": _D3DGS_CACHE[key][1]}
+
+
+def load_env_map(path, device="cpu"):
+    """The environment map [3, rows, 2 rows] (float32, on device) of a stage-1 params.npz, or None
+    where it has none (the original's): render_d3dgs(cam, gaussians, background) with background =
+    sample_env_map(env_map, ray_directions(cam))."""
+    env_map = read_d3dgs_params(path).get(D3DGS_ENV_MAP)
+    return None if env_map is None else torch.as_tensor(env_map, dtype=torch.float32, device=device)
+
+
+def render_view(cam, gaussians, env_map):
+    """render_d3dgs's image [3, H, W] of gaussians (load_d3dgs_params') over env_map (load_env_map's,
+    or None: over black), clamped to [0, 1]."""
+    background = None if env_map is None else sample_env_map(env_map, ray_directions(cam))
+    return render_d3dgs(cam, gaussians, background)[0].clamp(0, 1)
 
 
 def load_d3dgs_params(path, t, device="cpu"):

@@ -7,13 +7,13 @@ the cameras that see them (a z-buffer of the hull decides who sees what).
 Background: points on a sphere around the cameras, cut by the floor plane y = 0; of a few
 concentric candidates, all beyond every camera (1.05 .. 3 times the farthest camera's distance,
 and a far field for a sky at infinity), the most photo-consistent one on the textured background
-pixels is taken (multi-view photo-consistency of the cameras' images), with the far field behind
-it; a ray that meets the floor beyond that sphere takes its floor point where the cameras agree
-better there. Inside the rig, background points only where the train cameras' rays find a surface that
-the masks call background (an object at rest, which a background subtraction cannot see): a
-sweep of depths along each ray, where the other cameras agree at one depth and disagree with
-the background's candidates (interior_points). No background point starts between a camera and
-the scene.
+pixels is taken (multi-view photo-consistency of the cameras' images); a ray that meets the floor
+beyond that sphere takes its floor point where the cameras agree better there. The far field
+itself gets no points: stage 1's environment map holds what lies at infinity. Inside the rig,
+background points only where the train cameras' rays find a surface that the masks call background
+(an object at rest, which a background subtraction cannot see): a sweep of depths along each ray,
+where the other cameras agree at one depth and disagree with the background's candidates
+(interior_points). No background point starts between a camera and the scene.
 
 Result: float32 [N, 7] = xyz (world), rgb in [0, 1], seg (1 foreground, 0 background): the layout
 of the original's init_pt_cld.npz (key 'data').
@@ -36,7 +36,6 @@ import helpers
 # at most FAR_FIELD_MAX (inside the cameras' far plane).
 BEYOND_CAMERAS = (1.05, 1.25, 1.5, 2.0, 3.0)
 FAR_FIELD, FAR_FIELD_MAX = 10.0, 50.0
-FAR_FIELD_SHARE = 4  # behind a nearer sphere, one ray in this many gets a far-field point too
 # Inside the rig (interior_points): camera rays tried, over all train cameras, depths tried along
 # each, and the squared colour distance (sum over RGB in [0, 1]) within which the other cameras
 # agree and by which the background's candidates and most depths must do worse.
@@ -264,7 +263,8 @@ def background_points(
     views, num_rays, multipliers=BEYOND_CAMERAS, far_field=FAR_FIELD, far_max=FAR_FIELD_MAX, chunk=8192
 ):
     """Points on the background: a sphere around the cameras, beyond every one of them, cut by the
-    floor plane y = 0, and a far field for what lies at infinity (a sky).
+    floor plane y = 0; none on the far field, what lies at infinity (a sky), which stage 1's
+    environment map holds (train_d3dgs.initial_env_map).
 
     Rays from ray_origin. The candidates are spheres of `multipliers` times the
     distance of the farthest camera from that centre and the far field's sphere (`far_field` times
@@ -276,9 +276,8 @@ def background_points(
     a single sphere chosen by the textured ones keeps them on a plausible surface instead of
     scattering them through the room. A ray that meets the floor beyond the chosen sphere takes
     its floor point where the cameras agree better there. Returns xyz [M, 3], rgb [M, 3] (mean
-    over the cameras that see the point on background; a ray whose point no camera sees takes its
-    far-field point where one is seen, others are dropped, except on the far field) and the chosen
-    sphere's radius.
+    over the cameras that see the point on background; points no camera sees are dropped) and the
+    chosen sphere's radius (None for the far field: the points are the floor's).
     """
     num_cams = len(views["ims"])
     center, reach, has_floor = ray_origin(views["centers"])
@@ -317,11 +316,6 @@ def background_points(
             best = rows <= rows.min(1, keepdim=True).values + 0.05 * spread[textured, None]
             backing = best.sum(0)
             choice = int(torch.nonzero(backing == backing.max())[-1, 0])  # ties: the farthest
-    far_chosen = choice == len(radii) - 1
-    # Per ray: the nearer of the chosen sphere and the floor, and behind a nearer sphere (a wall),
-    # for one ray in FAR_FIELD_SHARE, a far-field point for what lies beyond it (a sky above the
-    # wall: training makes the wrong one transparent; far Gaussians are large, so few do).
-    behind = (floor > far_radius) & (torch.arange(num_rays) % FAR_FIELD_SHARE == 0) & (not far_chosen)
     # A ray that meets the floor beyond its point on the chosen sphere takes its floor point where
     # the cameras agree better there: a sphere inside a floor that reaches farther would leave
     # that floor's far part floating at camera height, above the horizon of a lower camera.
@@ -336,32 +330,15 @@ def background_points(
         )
         better = beyond[torch.isfinite(on_floor) & ~(cost[beyond, choice] <= on_floor)]
         ray_depth[better] = floor[better]
-    points = torch.cat([center + ray_depth[:, None] * dirs, center + far_radius * dirs[behind]])
-    far = torch.cat([(floor > far_radius) & far_chosen, torch.ones(int(behind.sum()), dtype=torch.bool)])
-    bg_full = background_pixels(views)
-    visible, rgb = zip(*[photo_consistency(part, views, views["ims"], bg_full, 1) for part in points.split(chunk)])
+    # The far field gets no points: what lies at infinity is stage 1's environment map, the same
+    # from every position (train_d3dgs.initial_env_map), as is whatever lies beyond a nearer
+    # sphere (a sky above a wall) or no camera sees on it.
+    points = (center + ray_depth[:, None] * dirs)[ray_depth < far_radius]
+    visible, rgb = zip(
+        *[photo_consistency(part, views, views["ims"], background_pixels(views), 1) for part in points.split(chunk)]
+    )
     visible, rgb = torch.isfinite(torch.cat(visible)), torch.cat(rgb)
-    # A ray whose point on the chosen sphere no camera sees (above every train view, say) takes its
-    # far-field point where a camera sees that one: a far point lies in about the same direction
-    # from every camera, so a camera that looks just below it does, and so may one off the rig.
-    lost = torch.nonzero(~visible[:num_rays] & ~far[:num_rays])[:, 0]
-    if len(lost):
-        points[lost] = center + depths[lost, -1, None] * dirs[lost]
-        found, far_rgb = zip(
-            *[photo_consistency(points[part], views, views["ims"], bg_full, 1) for part in lost.split(chunk)]
-        )
-        visible[lost], rgb[lost] = torch.isfinite(torch.cat(found)), torch.cat(far_rgb)
-    # The far field covers every direction: where no camera saw it (above the cameras' views, say)
-    # it takes the colour of the nearest direction one did, so that a view off the rig sees a
-    # plausible sky instead of the empty background.
-    unseen, seen_far = torch.nonzero(far & ~visible)[:, 0], torch.nonzero(far & visible)[:, 0]
-    if len(unseen) and len(seen_far):
-        sample = seen_far[torch.randperm(len(seen_far), generator=torch.Generator().manual_seed(0))[:4096]]
-        ray_dirs = F.normalize(points - center, dim=1)
-        nearest = torch.cat([(ray_dirs[part] @ ray_dirs[sample].T).argmax(1) for part in unseen.split(chunk)])
-        rgb[unseen] = rgb[sample[nearest]]
-        visible[unseen] = True
-    return points[visible], rgb[visible], radii[choice]
+    return points[visible], rgb[visible], None if choice == len(radii) - 1 else radii[choice]
 
 
 def camera_rays(views, num_rays):
@@ -529,11 +506,14 @@ def build_init_point_cloud(seq_dir, meta, t=0, num_fg=100_000, num_bg=60_000, se
     bg, bg_rgb, shell = background_points(views, num_bg)
     inner, inner_rgb = interior_points(views, num_bg)
     bg, bg_rgb = torch.cat([bg, inner]), torch.cat([bg_rgb, inner_rgb])
+    where = (
+        "the floor y = 0 (a sky: the rest lies at infinity, in stage 1's environment map)"
+        if shell is None
+        else f"a sphere of radius {shell:.3g} around the cameras (beyond every camera) and the floor y = 0"
+    )
     log(
         f"point cloud: visual hull of {len(ijk)} voxels ({size:.3g} world units each) -> {len(fg)} "
-        f"foreground points; {len(bg)} background points on a sphere of radius {shell:.3g} around the "
-        f"cameras (beyond every camera), the far field beyond it and the floor y = 0, {len(inner)} of them "
-        f"inside the rig"
+        f"foreground points; {len(bg)} background points on {where}, {len(inner)} of them inside the rig"
     )
     seg = torch.cat([torch.ones(len(fg)), torch.zeros(len(bg))])[:, None]
     return torch.cat([torch.cat([fg, bg]), torch.cat([fg_rgb, bg_rgb]).clamp(0, 1), seg], 1).numpy().astype(np.float32)

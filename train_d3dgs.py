@@ -30,6 +30,7 @@ import zipfile
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.ndimage import distance_transform_edt
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from tqdm import tqdm
@@ -68,7 +69,7 @@ LEARNING_RATES = {
     "log_scales": 0.001,
     "cam_m": 1e-4,
     "cam_c": 1e-4,
-}  # seg_colors: fixed
+}  # seg_colors and the environment map: fixed
 MOVING = ("means3D", "rgb_colors", "unnorm_rotations")  # optimised after timestep 0
 LOSS_WEIGHTS = {
     "im": 1.0,
@@ -93,6 +94,12 @@ TRAINING_SETTINGS = (
     "bg_points",
 )
 FLOOR_THICKNESS = 0.1  # height / width of a background Gaussian on the floor beyond the cameras (initialize_params)
+# The environment map (what lies beyond the Gaussians: a sky, helpers.D3DGS_ENV_MAP; initial_env_map):
+# a texel spans this many pixels of the sharpest train camera at its centre, at most ENV_MAX_ROWS rows.
+# It is not optimised: trained, it painted the floor's gaps in the train views and a view off the
+# rig saw them (family seed 4 at 192x142 on the CPU, t = 0: cameras on / above the ring 33.3 / 29.0
+# dB trained, 36.6 / 32.0 fixed).
+ENV_TEXEL_PIXELS, ENV_MAX_ROWS = 2.0, 512
 # demo: few iterations per timestep, so positions and rotations take bigger steps to keep up with the motion
 DEMO = {
     "iters_first": 200,
@@ -126,15 +133,22 @@ def load_timestep(seq_dir, meta, test_meta, t, size, test_size):
 
 
 def get_dataset(loaded, meta, test_meta, t, device):
-    """Train views [{'cam', 'im', 'seg', 'id'}] and test views [{'cam', 'im', 'cam_id'}] of timestep t;
-    a train view's id is its index in the metas as a [1] long tensor (what get_loss indexes with)."""
+    """Train views [{'cam', 'im', 'seg', 'id', 'dirs'}] and test views [{'cam', 'im', 'cam_id', 'dirs'}]
+    of timestep t; a train view's id is its index in the metas as a [1] long tensor (what get_loss
+    indexes with), dirs [H, W, 3] its pixels' viewing directions (helpers.ray_directions)."""
     ims, segs, test_ims = (x.to(device) for x in loaded)
     train = [
-        {"cam": cam, "im": ims[c], "seg": segs[c], "id": torch.tensor([c], device=device)}
+        {
+            "cam": cam,
+            "im": ims[c],
+            "seg": segs[c],
+            "id": torch.tensor([c], device=device),
+            "dirs": helpers.ray_directions(cam),
+        }
         for c, cam in enumerate(helpers.cameras_at(meta, t, NEAR, FAR, device))
     ]
     test = [
-        {"cam": cam, "im": test_ims[c], "cam_id": test_meta["cam_id"][c]}
+        {"cam": cam, "im": test_ims[c], "cam_id": test_meta["cam_id"][c], "dirs": helpers.ray_directions(cam)}
         for c, cam in enumerate(helpers.cameras_at(test_meta, t, device=device))
     ]
     return train, test
@@ -162,8 +176,9 @@ def scene_radius(meta):
     return SCENE_SIZE_MULT * float(np.linalg.norm(centers - centers.mean(0), axis=1).max())
 
 
-def initialize_params(init_pt_cld, num_cams, device, cameras=None):
-    """init_pt_cld [N, 7] (xyz, rgb, seg) -> params: leaf tensors named as in params.npz. Scales
+def initialize_params(init_pt_cld, num_cams, device, cameras=None, env_map=None):
+    """init_pt_cld [N, 7] (xyz, rgb, seg) -> params: leaf tensors named as in params.npz, with
+    env_map [3, rows, 2 rows] (initial_env_map's) where given. Scales
     start isotropic at the RMS distance to the 3 nearest neighbours, opacities at 0.5. Given the
     train cameras' positions (cameras [C, 3]), a background point on the floor plane y = 0 beyond
     every camera (point_cloud.ray_origin's reach) starts flat on the floor, FLOOR_THICKNESS of its
@@ -187,10 +202,46 @@ def initialize_params(init_pt_cld, num_cams, device, cameras=None):
         "cam_m": np.zeros((num_cams, 3)),
         "cam_c": np.zeros((num_cams, 3)),
     }
+    if env_map is not None:
+        params[helpers.D3DGS_ENV_MAP] = env_map.cpu().numpy()
     return {
-        k: torch.tensor(v, dtype=torch.float32, device=device).requires_grad_(k != "seg_colors")
+        k: torch.tensor(v, dtype=torch.float32, device=device).requires_grad_(k in LEARNING_RATES)
         for k, v in params.items()
     }
+
+
+def env_map_rows(meta):
+    """Rows of the environment map for the train cameras of `meta` (load_meta's): ENV_TEXEL_PIXELS
+    pixels of the sharpest camera (largest focal length) a texel, at most ENV_MAX_ROWS."""
+    focal = max(max(k[0][0], k[1][1]) for k in meta["k"][0])
+    return min(ENV_MAX_ROWS, math.ceil(math.pi * focal / ENV_TEXEL_PIXELS))
+
+
+def initial_env_map(dataset, rows):
+    """The environment map [3, rows, 2 rows] training starts from: each texel the mean colour of
+    the train views' background pixels (dataset: get_dataset's train views) that look its way.
+    A texel no view sees takes the colour of the nearest one seen at its elevation, or where none
+    is, on the nearest elevation with one (a sky changes with elevation more than around it; above
+    every view, the sky seen highest); grey where no view sees any background."""
+    cols = 2 * rows
+    device = dataset[0]["im"].device
+    sums = torch.zeros(4, rows * cols, device=device)  # colour sums and the pixel count per texel
+    for view in dataset:
+        background = view["seg"][2] > 0.5
+        grid = helpers.env_map_coordinates(view["dirs"][background])
+        col = ((grid[:, 0] + 1) / 2 * cols).long().clamp(0, cols - 1)
+        row = ((grid[:, 1] + 1) / 2 * rows).long().clamp(0, rows - 1)
+        colours = view["im"][:, background]
+        sums.index_add_(1, row * cols + col, torch.cat([colours, torch.ones_like(colours[:1])]))
+    sums = sums.view(4, rows, cols)
+    unseen = (sums[3] == 0).cpu().numpy()
+    if unseen.all():
+        return torch.full((3, rows, cols), 0.5, device=device)
+    # the nearest seen texel at the same elevation (around in azimuth: three copies side by side),
+    # else on the nearest elevation with one: a step in elevation costs more than any in azimuth
+    _, (row, col) = distance_transform_edt(np.tile(unseen, 3), sampling=(3 * cols, 1), return_indices=True)
+    row, col = (torch.as_tensor(i[:, cols : 2 * cols], device=device) for i in (row, col % cols))
+    return (sums[:3] / sums[3:].clamp(min=1))[:, row, col]
 
 
 def initialize_optimizer(params, radius, names, no_bias_correction=(), lr_scale=1.0):
@@ -541,7 +592,7 @@ def train_timestep(
     for i in range(num_iters):
         data = get_batch(todo, dataset, rng)
         rendervar = helpers.params2rendervar(params) if fixed is None else moving_rendervar(params, fixed)
-        im, seg, radii, _ = helpers.render_d3dgs(data["cam"], rendervar)
+        im, seg, radii, _ = helpers.render_d3dgs(data["cam"], rendervar, background(params, data))
         loss, _, im = loss_fn(params, rendervar, im, seg, data, variables, t > 0, monitor)
         loss.backward()
         optimizer.step()
@@ -564,6 +615,13 @@ def train_timestep(
                 return params, variables, last_read
             block_mean = mean if i > 0 else None  # iteration 0 alone is no block
     return params, variables, num_iters
+
+
+def background(params, view):
+    """What a view (get_dataset's) sees behind the Gaussians: the environment map [3, H, W] in its
+    pixels' directions, or None for params without one (a run begun by older code)."""
+    env_map = params.get(helpers.D3DGS_ENV_MAP)
+    return None if env_map is None else helpers.sample_env_map(env_map, view["dirs"])
 
 
 def fixed_rendervar(params):
@@ -592,7 +650,7 @@ def evaluate(params, test_views, lpips_net):
         rendervar = helpers.params2rendervar({k: v.detach() for k, v in params.items()})
         cams = {}
         for view in test_views:
-            im, _, _, _ = helpers.render_d3dgs(view["cam"], rendervar)
+            im, _, _, _ = helpers.render_d3dgs(view["cam"], rendervar, background(params, view))
             im = im.clamp(0, 1)
             cams[str(view["cam_id"])] = {
                 "psnr": helpers.psnr(im, view["im"]),
@@ -634,14 +692,16 @@ def finished_timesteps(ts_dir):
     return count
 
 
-def timestep_keys(t):
-    """The arrays a timestep's file holds: the per-timestep ones, plus the shared ones at t = 0."""
-    return helpers.D3DGS_PER_TIMESTEP + (helpers.D3DGS_SHARED if t == 0 else ())
+def timestep_keys(t, present):
+    """The arrays a timestep's file holds, of those in `present` (names): the per-timestep ones,
+    plus at t = 0 the shared ones and the environment map (which runs of older code lack)."""
+    shared = (*helpers.D3DGS_SHARED, helpers.D3DGS_ENV_MAP) if t == 0 else ()
+    return tuple(k for k in helpers.D3DGS_PER_TIMESTEP + shared if k in present)
 
 
 def save_timestep(ts_dir, t, params, record):
     """Atomically: the per-timestep arrays (plus the shared ones at t = 0) and the metrics."""
-    arrays = {k: params[k].detach().cpu().numpy().astype(np.float32) for k in timestep_keys(t)}
+    arrays = {k: params[k].detach().cpu().numpy().astype(np.float32) for k in timestep_keys(t, params)}
     bad = [k for k, v in arrays.items() if not np.isfinite(v).all()]
     if bad:
         raise NonFiniteLoss(
@@ -752,8 +812,8 @@ def timestep_fingerprint(arrays):
 
 def arrays_in_params(params, t):
     """Timestep t's arrays (timestep_keys) in params.npz's arrays `params`; {} where it holds no timestep t."""
-    keys = timestep_keys(t)
-    if any(k not in params for k in keys) or any(len(params[k]) <= t for k in helpers.D3DGS_PER_TIMESTEP):
+    keys = timestep_keys(t, params)
+    if not set(helpers.D3DGS_PER_TIMESTEP) <= set(keys) or any(len(params[k]) <= t for k in helpers.D3DGS_PER_TIMESTEP):
         return {}
     return {k: params[k][t] if k in helpers.D3DGS_PER_TIMESTEP else params[k] for k in keys}
 
@@ -803,10 +863,7 @@ def restore(ts_dir, t_next, device):
     last, record = torch_timestep(files[t_next - 1], device) if t_next >= 2 else (first, first_record)
     if len(record.get("object_scores", ())) == len(variables["groups"]):  # older runs did not record them
         variables["object_scores"] = torch.tensor(record["object_scores"], device=device)
-    params = {
-        k: (last[k] if k in helpers.D3DGS_PER_TIMESTEP else first[k])
-        for k in helpers.D3DGS_PER_TIMESTEP + helpers.D3DGS_SHARED
-    }
+    params = {k: (last[k] if k in helpers.D3DGS_PER_TIMESTEP else first[k]) for k in timestep_keys(0, first)}
     return params, variables
 
 
@@ -821,9 +878,10 @@ def assemble(ts_dir, out_dir, lpips_missing, resolution):
     written = [t for t in range(num_t) if not kept_in_params(timestep_path(ts_dir, t))]
     if written or params_timesteps(params_path) != num_t:  # else params.npz holds these timesteps as they are
         arrays = {k: np.stack([files[t][k] for t in range(num_t)]) for k in helpers.D3DGS_PER_TIMESTEP}
-        helpers.save_npz(params_path, {**arrays, **{k: files[0][k] for k in helpers.D3DGS_SHARED}})
+        shared = [k for k in timestep_keys(0, files[0]) if k not in helpers.D3DGS_PER_TIMESTEP]
+        helpers.save_npz(params_path, {**arrays, **{k: files[0][k] for k in shared}})
     for t in written:
-        arrays = {k: files[t][k] for k in timestep_keys(t)}
+        arrays = {k: files[t][k] for k in timestep_keys(t, files[t])}
         in_params = np.array(timestep_fingerprint(arrays))
         helpers.save_npz(timestep_path(ts_dir, t), {"record": files[t]["record"], "in_params": in_params})
     per_t = [
@@ -1031,7 +1089,8 @@ def train(args, device, seq_dir, out_dir):
             tick = helpers.lap(phases, "load", tick, device)
             if t == 0:
                 radius, centers = scene_radius(meta), camera_centers(meta)
-                params = initialize_params(init_pt_cld, len(meta["cam_id"]), device, centers)
+                env_map = initial_env_map(dataset, env_map_rows(meta))
+                params = initialize_params(init_pt_cld, len(meta["cam_id"]), device, centers, env_map)
                 variables = {
                     "scene_radius": radius,
                     "scene_center": torch.tensor(centers.mean(0), dtype=torch.float32, device=device),

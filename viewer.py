@@ -60,9 +60,9 @@ CPU_HEIGHT = 90
 def load_scene(seq_dir, exp, encoder_spec, device, cache_root=None):
     """Stage 1's Gaussians of every timestep, on `device`, and what the viewer needs around them.
 
-    Returns a dict: frames [T] of load_d3dgs_params's rendervars, presets {name: (w, h, k [3, 3],
-    w2c [4, 4])} of the train and test cameras at timestep 0, center [3] (the foreground's mean at
-    timestep 0: what the cameras orbit), and the arguments to find stages 4 and 5 later
+    Returns a dict: frames [T] of load_d3dgs_params's rendervars, env_map (load_env_map's), presets
+    {name: (w, h, k [3, 3], w2c [4, 4])} of the train and test cameras at timestep 0, center [3] (the
+    foreground's mean at timestep 0: what the cameras orbit), and the arguments to find stages 4 and 5 later
     (attach_language). Raises UserError naming stage 1 when its output is missing."""
     params_path = d3dgs_params_path(exp, seq_dir)
     num_t = helpers.read_d3dgs_params(params_path)["means3D"].shape[0]
@@ -91,6 +91,7 @@ def load_scene(seq_dir, exp, encoder_spec, device, cache_root=None):
         "params_path": params_path,
         "num_t": num_t,
         "frames": frames,
+        "env_map": helpers.load_env_map(params_path, device),
         "presets": presets,
         "center": center,
         "stages": None,
@@ -179,24 +180,15 @@ def compose(mode, colour, rgb):
     return (0.5 * colour + 0.5 * rgb8 + 0.5).to(torch.uint8)
 
 
-def render_rgb(cam, frame):
-    """Colour render [3, H, W] of one timestep's rendervar, without features."""
-    import diff_gaussian_rasterization as dgr
-
-    means3D = frame["means3D"]
-    rgb, _, _ = dgr.GaussianRasterizer(cam)(
-        means3D=means3D,
-        means2D=torch.zeros_like(means3D),
-        opacities=frame["opacities"],
-        colors_precomp=frame["colors_precomp"],
-        scales=frame["scales"],
-        rotations=frame["rotations"],
-    )
-    return rgb
+def render_rgb(cam, frame, env_map=None):
+    """Colour render [3, H, W] of one timestep's rendervar, without features, over stage 1's
+    environment map (helpers.load_env_map's; None: over black)."""
+    gaussians = {k: v for k, v in frame.items() if k != "legs_features"}
+    return helpers.render_view(cam, gaussians, env_map)
 
 
 def render_frame(
-    cam, frame, mode, lights, ae=None, negatives=None, turbo=None, threshold=DETECT_THRESHOLD, stride=None
+    cam, frame, mode, lights, ae=None, negatives=None, turbo=None, threshold=DETECT_THRESHOLD, stride=None, env_map=None
 ):
     """One image of the viewer: uint8 [H, W, 3] numpy.
 
@@ -205,10 +197,11 @@ def render_frame(
     in [0, 1], "peak": the prompt's peak relevance over its timeline's views}]; ae, negatives [M, D],
     turbo (turbo_table) needed with lights. Heat = relevance / max(peak, threshold), as heat() of a
     whole video. "blend" mixes the heat's colour 50/50 with the render as overlay() does; "foreground
-    only" is the blend with the relevance kept on the stage-1 foreground (--fg-only)."""
+    only" is the blend with the relevance kept on the stage-1 foreground (--fg-only). env_map: stage 1's
+    (helpers.load_env_map), behind the RGB view; the blends show the Gaussians over black."""
     with torch.no_grad():
         if mode == "RGB" or not lights:
-            return helpers.to_uint8(render_rgb(cam, frame))
+            return helpers.to_uint8(render_rgb(cam, frame, env_map))
         rgb, feats, fg = render_features(cam, frame, frame["legs_features"], with_fg=mode == "foreground only")
         positives = torch.stack([light["positive"] for light in lights])
         relevance = relevance_map(feats, ae, positives, negatives, stride)
@@ -542,6 +535,7 @@ def add_client(client, scene, shared, args):
                 shared["turbo"],
                 args.threshold,
                 args.relevancy_stride,
+                scene["env_map"],
             )
         client.scene.set_background_image(image, format="jpeg", jpeg_quality=JPEG_QUALITY)
         return cam.image_width, cam.image_height, time.perf_counter() - started

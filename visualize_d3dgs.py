@@ -24,11 +24,12 @@ def render_frames(params_path, views, timesteps, fg_only, device, bar):
     for t in timesteps:
         cam, correction, gt_path, size = views[t]
         gaussians = helpers.load_d3dgs_params(params_path, t, device)
+        env_map = None if fg_only else helpers.load_env_map(params_path, device)
         if fg_only:
             keep = helpers.is_foreground(gaussians["seg_colors"])
             gaussians = {k: v[keep] for k, v in gaussians.items()}
         with torch.no_grad():
-            im, _, _, _ = helpers.render_d3dgs(cam, gaussians)
+            im = helpers.render_view(cam, gaussians, env_map)
             if correction is not None:
                 im = helpers.color_correct(im, *correction)
         frame = helpers.to_uint8(im)

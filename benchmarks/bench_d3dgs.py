@@ -64,7 +64,7 @@ def timed_iterations(params, variables, optimizer, dataset, num_iters, loss_fn, 
         marks = [torch.cuda.Event(enable_timing=True) for _ in range(len(phases) + 1)]
         marks[0].record()
         rendervar = helpers.params2rendervar(params)
-        im, seg, radii, _ = helpers.render_d3dgs(data["cam"], rendervar)
+        im, seg, radii, _ = helpers.render_d3dgs(data["cam"], rendervar, td.background(params, data))
         marks[1].record()
         loss, terms, im = loss_fn(params, rendervar, im, seg, data, variables, with_priors)
         if first_bad is None:  # the loop's NaN watch, as in train_d3dgs.train_timestep
@@ -105,7 +105,7 @@ def plain_iterations(params, variables, optimizer, dataset, num_iters, loss_fn, 
     for i in range(num_iters):
         data = td.get_batch(todo, dataset, rng)
         rendervar = helpers.params2rendervar(params)
-        im, seg, _, _ = helpers.render_d3dgs(data["cam"], rendervar)
+        im, seg, _, _ = helpers.render_d3dgs(data["cam"], rendervar, td.background(params, data))
         loss, terms, im = loss_fn(params, rendervar, im, seg, data, variables, True)
         if first_bad is None:
             first_bad = torch.full((len(terms),), -1, dtype=torch.long, device=loss.device)
@@ -355,7 +355,7 @@ def main():
         if name == "compiled":  # compile (forward and backward) outside the timed iterations
             started = time.perf_counter()
             rendervar = helpers.params2rendervar(params)
-            im, seg, _, _ = helpers.render_d3dgs(dataset[0]["cam"], rendervar)
+            im, seg, _, _ = helpers.render_d3dgs(dataset[0]["cam"], rendervar, td.background(params, dataset[0]))
             loss_fn(params, rendervar, im, seg, dataset[0], variables, True)[0].backward()
             torch.cuda.synchronize()
             print(f"\ncompiling the losses (forward + backward): {time.perf_counter() - started:.1f} s")

@@ -61,17 +61,41 @@ def test_psnr_rises_above_bound(trained):
     # the point cloud built from the masks, rendered as train_d3dgs initialises it, scores lower
     seq = os.path.join(work, "tiny")
     meta, test_meta = helpers.load_meta(seq, "train"), helpers.load_meta(seq, "test")
-    _, test_views = train_d3dgs.get_dataset(
+    train_views, test_views = train_d3dgs.get_dataset(
         train_d3dgs.load_timestep(seq, meta, test_meta, 0, (96, 54), (96, 54)), meta, test_meta, 0, "cpu"
     )
+    env_map = train_d3dgs.initial_env_map(train_views, train_d3dgs.env_map_rows(meta))
     with np.load(os.path.join(out, "init_pt_cld.npz")) as f:
-        init = train_d3dgs.initialize_params(f["data"], len(meta["cam_id"]), "cpu")
+        init = train_d3dgs.initialize_params(f["data"], len(meta["cam_id"]), "cpu", env_map=env_map)
     before = train_d3dgs.evaluate(init, test_views, None)["psnr"]
     after = metrics["per_timestep"][0]["psnr"]
     assert after > PSNR_BOUND and after > before + 0.3, (before, after)
     assert metrics["per_timestep"][1]["psnr"] > 18.0  # 3 iterations at t = 1 keep it near
     assert metrics["lpips"] is None and metrics["lpips_missing"]
     assert all(0 < m["ssim"] <= 1 for m in metrics["per_timestep"])
+
+
+def test_the_env_map_starts_from_the_background_pixels_that_look_its_way():
+    """initial_env_map: each texel the mean of the background pixels looking its way, never the
+    foreground's; a texel no view sees takes the nearest seen ones' colour (straight up: the upper
+    half's red; straight down: the lower half's blue)."""
+    k = np.array([[20.0, 0.0, 16.0], [0.0, 20.0, 12.0], [0.0, 0.0, 1.0]])
+    cam = helpers.setup_camera(32, 24, k, np.eye(4), near=1.0, far=100.0)
+    im = torch.zeros(3, 24, 32)
+    im[0, :12], im[2, 12:] = 1.0, 1.0  # red above the horizon, blue below
+    fg = torch.zeros(24, 32)
+    fg[10:14, 12:20] = 1.0
+    im[:, 10:14, 12:20] = torch.tensor([0.0, 1.0, 0.0])[:, None, None]  # a green object, foreground
+    views = [{"im": im, "seg": torch.stack([fg, torch.zeros_like(fg), 1 - fg]), "dirs": helpers.ray_directions(cam)}]
+    rows = train_d3dgs.env_map_rows({"k": [[k.tolist()]]})
+    assert rows == math.ceil(math.pi * 20.0 / train_d3dgs.ENV_TEXEL_PIXELS)
+    env_map = train_d3dgs.initial_env_map(views, rows)
+    assert env_map.shape == (3, rows, 2 * rows) and env_map[1].max() < 1e-6
+    torch.testing.assert_close(env_map[:, 0], torch.tensor([1.0, 0.0, 0.0])[:, None].expand(3, 2 * rows))
+    torch.testing.assert_close(env_map[:, -1], torch.tensor([0.0, 0.0, 1.0])[:, None].expand(3, 2 * rows))
+    seen = helpers.sample_env_map(env_map, views[0]["dirs"])
+    torch.testing.assert_close(seen[:, 2:9], im[:, 2:9], atol=0.02, rtol=0)
+    torch.testing.assert_close(seen[:, 16:22], im[:, 16:22], atol=0.02, rtol=0)
 
 
 def test_background_points_on_the_floor_beyond_the_cameras_start_flat():
@@ -110,12 +134,14 @@ def test_timestep_records_split_their_seconds_into_phases(trained):
 
 
 def test_params_npz_format(trained):
-    _, out = trained
+    work, out = trained
     with np.load(os.path.join(out, "params.npz")) as f:
         arrays = {k: f[k] for k in f.files}
     num_t, n = arrays["means3D"].shape[:2]
-    assert set(arrays) == set(helpers.D3DGS_PER_TIMESTEP + helpers.D3DGS_SHARED)
+    assert set(arrays) == set(helpers.D3DGS_PER_TIMESTEP + helpers.D3DGS_SHARED + (helpers.D3DGS_ENV_MAP,))
     assert num_t == 2 and n > 100
+    rows = train_d3dgs.env_map_rows(helpers.load_meta(os.path.join(work, "tiny"), "train"))
+    assert arrays.pop(helpers.D3DGS_ENV_MAP).shape == (3, rows, 2 * rows)
     want = {
         "means3D": (num_t, n, 3),
         "rgb_colors": (num_t, n, 3),
@@ -364,7 +390,7 @@ def test_later_timesteps_train_as_the_plain_loop(seq):
         for _ in range(iters):
             data = train_d3dgs.get_batch(todo, dataset, rng)
             rendervar = helpers.params2rendervar(params)
-            im, seg, _, _ = helpers.render_d3dgs(data["cam"], rendervar)
+            im, seg, _, _ = helpers.render_d3dgs(data["cam"], rendervar, train_d3dgs.background(params, data))
             train_d3dgs.get_loss(params, rendervar, im, seg, data, variables, True)[0].backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

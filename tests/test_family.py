@@ -125,25 +125,36 @@ def test_no_background_point_starts_between_a_camera_and_the_scene(members):
         assert (all_cams[:, 1] < -0.3).all()  # every camera, test ones too, above the floor
 
 
-def test_a_background_ray_seen_only_on_the_far_field_keeps_a_point_there(members):
-    """A ray of the background whose point on the chosen sphere no train camera sees (above their
-    views) but whose far-field point one does keeps that far point: a camera below a ring looks
-    there (family seed 1 at 380x223 on the GPU: its camera below the ring 21.0 dB while such rays
-    were dropped). Every direction seen on the far field must have a point in the cloud; the code
-    that dropped them lost 83 of the 1,245 such rays of tiny seed 1."""
-    num_rays = 3000
+def test_what_the_cameras_see_on_the_far_field_is_the_env_maps_not_a_point_s(members):
+    """The far field gets no points; a direction a train camera sees there (above the chosen
+    sphere's part the cameras see, say) starts in stage 1's environment map with the colour the
+    cameras see (the mean over the cameras; a sharp edge within a texel differs): a camera below a
+    ring looks there (family seed 1 at 380x223 on the GPU: its camera below the ring 21.0 dB while
+    such directions had neither a point nor an environment map)."""
+    num_rays, errors = 3000, []
     for seed, m in members.items():
-        views = point_cloud.load_views(m["seq"], helpers.load_meta(m["seq"], "train"), 0)
+        meta, test_meta = helpers.load_meta(m["seq"], "train"), helpers.load_meta(m["seq"], "test")
+        views = point_cloud.load_views(m["seq"], meta, 0)
         points, _, _ = point_cloud.background_points(views, num_rays)
         centre, reach, has_floor = point_cloud.ray_origin(views["centers"])
+        far_radius = point_cloud.beyond_radii(reach)[-1]
+        assert ((points - centre).norm(dim=1) < 0.999 * far_radius).all(), seed
         dirs = point_cloud.sphere_directions(num_rays)
         floor = point_cloud.floor_distance(centre.expand(num_rays, 3), dirs, has_floor)
-        far_points = centre + torch.clamp(floor, max=point_cloud.beyond_radii(reach)[-1])[:, None] * dirs
-        bg = point_cloud.background_pixels(views)
-        seen_far = torch.isfinite(point_cloud.photo_consistency(far_points, views, views["ims"], bg, 1)[0])
-        kept = torch.zeros(num_rays, dtype=torch.bool)
-        kept[(torch.nn.functional.normalize(points - centre, dim=1) @ dirs.T).argmax(1)] = True
-        assert kept[seen_far].all(), (seed, int((seen_far & ~kept).sum()), int(seen_far.sum()))
+        far = floor > far_radius
+        seen, rgb = point_cloud.photo_consistency(
+            centre + far_radius * dirs[far], views, views["ims"], point_cloud.background_pixels(views), 1
+        )
+        seen = torch.isfinite(seen)
+        size = (meta["w"], meta["h"]), (test_meta["w"], test_meta["h"])
+        train_views, _ = train_d3dgs.get_dataset(
+            train_d3dgs.load_timestep(m["seq"], meta, test_meta, 0, *size), meta, test_meta, 0, "cpu"
+        )
+        env_map = train_d3dgs.initial_env_map(train_views, train_d3dgs.env_map_rows(meta))
+        env_rgb = helpers.sample_env_map(env_map, dirs[far][seen][None])[:, 0].T
+        errors.append((env_rgb - rgb[seen]).abs().mean(1))
+    errors = torch.cat(errors)  # tiny seeds 1-3: 0, 35 and 147 such directions, median 0.007 and 0.008
+    assert len(errors) > 100 and errors.median() < 0.02, (len(errors), errors.median())
 
 
 def test_a_background_ray_takes_the_floor_beyond_the_sphere_where_the_cameras_agree_better(members):

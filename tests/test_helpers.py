@@ -275,6 +275,76 @@ def test_scale_intrinsics_matches_the_rasterizer_on_downscaled_images():
     np.testing.assert_allclose(centre(16, 12, small["k"][0][0]), large, atol=0.05)
 
 
+def test_ray_directions_pass_through_the_pixel_centres():
+    """Pixel (u, v) looks along R^T ((u + 0.5 - cx) / fx, (v + 0.5 - cy) / fy, 1): the direction
+    that setup_camera's convention projects back onto that pixel."""
+    k = np.array([[50.0, 0.0, 31.0], [0.0, 55.0, 22.0], [0.0, 0.0, 1.0]])
+    w2c = helpers.orbit_w2c((0.3, -0.2, 0.1), 4.0, 1.5, 2.0)
+    dirs = helpers.ray_directions(helpers.setup_camera(64, 48, k, w2c, near=1.0, far=100.0))
+    assert dirs.shape == (48, 64, 3)
+    v, u = np.meshgrid(np.arange(48) + 0.5, np.arange(64) + 0.5, indexing="ij")
+    camera = np.stack([(u - 31.0) / 50.0, (v - 22.0) / 55.0, np.ones_like(u)], -1)
+    want = camera @ w2c[:3, :3]  # R^T applied to each row
+    np.testing.assert_allclose(dirs.numpy(), want / np.linalg.norm(want, axis=-1, keepdims=True), atol=1e-5)
+
+
+def test_env_map_is_sampled_by_direction_and_wraps_around_in_azimuth():
+    """Straight up reads row 0, straight down the last row, the horizon the middle rows; azimuth
+    atan2(x, z) runs over the columns from -pi, and the seam at +-pi blends its two edge columns."""
+    rows = 8
+    env_map = torch.zeros(3, rows, 2 * rows)
+    env_map[0] = torch.arange(rows, dtype=torch.float32)[:, None]  # red: the row
+    env_map[1] = torch.arange(2 * rows, dtype=torch.float32)[None]  # green: the column
+    dirs = torch.tensor([[[0.0, -1.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, -1.0]]])
+    colours = helpers.sample_env_map(env_map, dirs)[:, 0].T
+    assert colours[0, 0] == 0 and colours[1, 0] == rows - 1  # up, down (clamped at the poles)
+    assert colours[2, 0] == (rows - 1) / 2 and colours[2, 1] == (2 * rows - 1) / 2  # +z: azimuth 0, the middle
+    assert colours[3, 1] == (2 * rows - 1) / 2  # -z, the seam: half the first column, half the last
+
+
+def test_render_over_a_background_shows_it_where_the_gaussians_let_light_through():
+    """render_d3dgs(cam, gaussians, background): one opaque Gaussian in the middle of the view, the
+    background everywhere else, counted there as background in the segmentation."""
+    k = np.array([[40.0, 0.0, 16.0], [0.0, 40.0, 12.0], [0.0, 0.0, 1.0]])
+    cam = helpers.setup_camera(32, 24, k, np.eye(4))
+    gaussian = {
+        "means3D": torch.tensor([[0.0, 0.0, 3.0]]),
+        "rotations": torch.tensor([[1.0, 0, 0, 0]]),
+        "opacities": torch.full((1, 1), 0.999),
+        "scales": torch.full((1, 3), 0.3),
+        "colors_precomp": torch.tensor([[1.0, 0.0, 0.0]]),
+        "seg_colors": torch.tensor([[1.0, 0.0, 0.0]]),
+    }
+    background = torch.tensor([0.1, 0.5, 0.9])[:, None, None].expand(3, 24, 32)
+    with torch.no_grad():
+        plain, plain_seg, _, _ = helpers.render_d3dgs(cam, gaussian)
+        im, seg, _, _ = helpers.render_d3dgs(cam, gaussian, background)
+    through = 1 - plain_seg.sum(0)
+    assert through[12, 16] < 0.05 and through[0, 0] > 0.99  # (a Gaussian blends at most 0.99 of its colour)
+    torch.testing.assert_close(im, plain + through * background)
+    torch.testing.assert_close(seg[2], through)
+    torch.testing.assert_close(seg[:2], plain_seg[:2])
+
+
+def test_an_env_map_of_the_wrong_shape_is_refused_in_one_line(tmp_path):
+    arrays = {
+        "means3D": np.zeros((1, 2, 3), np.float32),
+        "rgb_colors": np.zeros((1, 2, 3), np.float32),
+        "unnorm_rotations": np.ones((1, 2, 4), np.float32),
+        "seg_colors": np.zeros((2, 3), np.float32),
+        "logit_opacities": np.zeros((2, 1), np.float32),
+        "log_scales": np.zeros((2, 3), np.float32),
+        "cam_m": np.zeros((1, 3), np.float32),
+        "cam_c": np.zeros((1, 3), np.float32),
+    }
+    path = str(tmp_path / "params.npz")
+    np.savez(path, **arrays)
+    assert helpers.load_env_map(path) is None  # the original's params.npz: rendered over black
+    np.savez(path, **arrays, env_map=np.zeros((3, 4, 4), np.float32))
+    with pytest.raises(helpers.UserError, match=r"'env_map' has shape \[3, 4, 4\], expected \[3, rows, 2 rows\]"):
+        helpers.load_env_map(path)
+
+
 # ---------------------------------------------------------------- command line
 
 
