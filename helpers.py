@@ -1344,17 +1344,21 @@ def d3dgs_identity(path):
 
 def load_env_map(path, device="cpu"):
     """The environment map [3, rows, 2 rows] (float32, on device) of a stage-1 params.npz, or None
-    where it has none (the original's): render_d3dgs(cam, gaussians, background) with background =
-    sample_env_map(env_map, ray_directions(cam))."""
+    where it has none (the original's): render_d3dgs(cam, gaussians, view_background(cam, env_map))."""
     env_map = read_d3dgs_params(path).get(D3DGS_ENV_MAP)
     return None if env_map is None else torch.as_tensor(env_map, dtype=torch.float32, device=device)
+
+
+def view_background(cam, env_map):
+    """What a camera sees behind the Gaussians: env_map [3, rows, 2 rows] in its pixels' directions,
+    [3, H, W] (render_d3dgs's background); None without an environment map."""
+    return None if env_map is None else sample_env_map(env_map, ray_directions(cam))
 
 
 def render_view(cam, gaussians, env_map):
     """render_d3dgs's image [3, H, W] of gaussians (load_d3dgs_params') over env_map (load_env_map's,
     or None: over black), clamped to [0, 1]."""
-    background = None if env_map is None else sample_env_map(env_map, ray_directions(cam))
-    return render_d3dgs(cam, gaussians, background)[0].clamp(0, 1)
+    return render_d3dgs(cam, gaussians, view_background(cam, env_map))[0].clamp(0, 1)
 
 
 def load_d3dgs_params(path, t, device="cpu"):

@@ -334,9 +334,8 @@ def background_points(
     # from every position (train_d3dgs.initial_env_map), as is whatever lies beyond a nearer
     # sphere (a sky above a wall) or no camera sees on it.
     points = (center + ray_depth[:, None] * dirs)[ray_depth < far_radius]
-    visible, rgb = zip(
-        *[photo_consistency(part, views, views["ims"], background_pixels(views), 1) for part in points.split(chunk)]
-    )
+    bg_full = background_pixels(views)
+    visible, rgb = zip(*[photo_consistency(part, views, views["ims"], bg_full, 1) for part in points.split(chunk)])
     visible, rgb = torch.isfinite(torch.cat(visible)), torch.cat(rgb)
     return points[visible], rgb[visible], None if choice == len(radii) - 1 else radii[choice]
 

@@ -133,25 +133,27 @@ def load_timestep(seq_dir, meta, test_meta, t, size, test_size):
 
 
 def get_dataset(loaded, meta, test_meta, t, device):
-    """Train views [{'cam', 'im', 'seg', 'id', 'dirs'}] and test views [{'cam', 'im', 'cam_id', 'dirs'}]
-    of timestep t; a train view's id is its index in the metas as a [1] long tensor (what get_loss
-    indexes with), dirs [H, W, 3] its pixels' viewing directions (helpers.ray_directions)."""
+    """Train views [{'cam', 'im', 'seg', 'id', 'background'}] and test views [{'cam', 'im', 'cam_id',
+    'background'}] of timestep t; a train view's id is its index in the metas as a [1] long tensor
+    (what get_loss indexes with); 'background' None until add_backgrounds."""
     ims, segs, test_ims = (x.to(device) for x in loaded)
     train = [
-        {
-            "cam": cam,
-            "im": ims[c],
-            "seg": segs[c],
-            "id": torch.tensor([c], device=device),
-            "dirs": helpers.ray_directions(cam),
-        }
+        {"cam": cam, "im": ims[c], "seg": segs[c], "id": torch.tensor([c], device=device), "background": None}
         for c, cam in enumerate(helpers.cameras_at(meta, t, NEAR, FAR, device))
     ]
     test = [
-        {"cam": cam, "im": test_ims[c], "cam_id": test_meta["cam_id"][c], "dirs": helpers.ray_directions(cam)}
+        {"cam": cam, "im": test_ims[c], "cam_id": test_meta["cam_id"][c], "background": None}
         for c, cam in enumerate(helpers.cameras_at(test_meta, t, device=device))
     ]
     return train, test
+
+
+def add_backgrounds(views, env_map):
+    """Set each view's (get_dataset's) 'background' [3, H, W]: what it sees behind the Gaussians, the
+    environment map in its pixels' directions; None without one (a run begun by older code). The
+    map is fixed, so this is done once per view and timestep, not at every iteration."""
+    for view in views:
+        view["background"] = helpers.view_background(view["cam"], env_map)
 
 
 def get_batch(todo, dataset, rng):
@@ -219,7 +221,8 @@ def env_map_rows(meta):
 
 def initial_env_map(dataset, rows):
     """The environment map [3, rows, 2 rows] training starts from: each texel the mean colour of
-    the train views' background pixels (dataset: get_dataset's train views) that look its way.
+    the train views' background pixels (dataset: get_dataset's train views) that look its way
+    (helpers.ray_directions).
     A texel no view sees takes the colour of the nearest one seen at its elevation, or where none
     is, on the nearest elevation with one (a sky changes with elevation more than around it; above
     every view, the sky seen highest); grey where no view sees any background."""
@@ -228,7 +231,7 @@ def initial_env_map(dataset, rows):
     sums = torch.zeros(4, rows * cols, device=device)  # colour sums and the pixel count per texel
     for view in dataset:
         background = view["seg"][2] > 0.5
-        grid = helpers.env_map_coordinates(view["dirs"][background])
+        grid = helpers.env_map_coordinates(helpers.ray_directions(view["cam"])[background])
         col = ((grid[:, 0] + 1) / 2 * cols).long().clamp(0, cols - 1)
         row = ((grid[:, 1] + 1) / 2 * rows).long().clamp(0, rows - 1)
         colours = view["im"][:, background]
@@ -592,7 +595,7 @@ def train_timestep(
     for i in range(num_iters):
         data = get_batch(todo, dataset, rng)
         rendervar = helpers.params2rendervar(params) if fixed is None else moving_rendervar(params, fixed)
-        im, seg, radii, _ = helpers.render_d3dgs(data["cam"], rendervar, background(params, data))
+        im, seg, radii, _ = helpers.render_d3dgs(data["cam"], rendervar, data["background"])
         loss, _, im = loss_fn(params, rendervar, im, seg, data, variables, t > 0, monitor)
         loss.backward()
         optimizer.step()
@@ -615,13 +618,6 @@ def train_timestep(
                 return params, variables, last_read
             block_mean = mean if i > 0 else None  # iteration 0 alone is no block
     return params, variables, num_iters
-
-
-def background(params, view):
-    """What a view (get_dataset's) sees behind the Gaussians: the environment map [3, H, W] in its
-    pixels' directions, or None for params without one (a run begun by older code)."""
-    env_map = params.get(helpers.D3DGS_ENV_MAP)
-    return None if env_map is None else helpers.sample_env_map(env_map, view["dirs"])
 
 
 def fixed_rendervar(params):
@@ -650,7 +646,7 @@ def evaluate(params, test_views, lpips_net):
         rendervar = helpers.params2rendervar({k: v.detach() for k, v in params.items()})
         cams = {}
         for view in test_views:
-            im, _, _, _ = helpers.render_d3dgs(view["cam"], rendervar, background(params, view))
+            im, _, _, _ = helpers.render_d3dgs(view["cam"], rendervar, view["background"])
             im = im.clamp(0, 1)
             cams[str(view["cam_id"])] = {
                 "psnr": helpers.psnr(im, view["im"]),
@@ -1112,6 +1108,7 @@ def train(args, device, seq_dir, out_dir):
                     params, scene_radius(meta), MOVING, ("means3D", "unnorm_rotations"), args.motion_lr_scale
                 )
                 num_iters, step_loss, plateau, schedule = args.iters, loss_fn, args.plateau, None
+            add_backgrounds(dataset + test_views, params.get(helpers.D3DGS_ENV_MAP))
             tick = helpers.lap(phases, "prepare", tick, device)
             params, variables, iters = train_timestep(
                 params, variables, optimizer, dataset, t, num_iters, schedule, step_loss, rng, bar, monitor, plateau

@@ -21,10 +21,10 @@ DEMO = {"train_cams": 0, "downscale": 2}
 def render_frames(params_path, views, timesteps, fg_only, device, bar):
     """One video's frames: uint8 [H, W(x2), 3] per timestep. views[t] = (cam, colour correction
     (cam_m, cam_c) or None, ground-truth image path or None)."""
+    env_map = None if fg_only else helpers.load_env_map(params_path, device)
     for t in timesteps:
         cam, correction, gt_path, size = views[t]
         gaussians = helpers.load_d3dgs_params(params_path, t, device)
-        env_map = None if fg_only else helpers.load_env_map(params_path, device)
         if fg_only:
             keep = helpers.is_foreground(gaussians["seg_colors"])
             gaussians = {k: v[keep] for k, v in gaussians.items()}

@@ -64,7 +64,7 @@ def timed_iterations(params, variables, optimizer, dataset, num_iters, loss_fn, 
         marks = [torch.cuda.Event(enable_timing=True) for _ in range(len(phases) + 1)]
         marks[0].record()
         rendervar = helpers.params2rendervar(params)
-        im, seg, radii, _ = helpers.render_d3dgs(data["cam"], rendervar, td.background(params, data))
+        im, seg, radii, _ = helpers.render_d3dgs(data["cam"], rendervar, data["background"])
         marks[1].record()
         loss, terms, im = loss_fn(params, rendervar, im, seg, data, variables, with_priors)
         if first_bad is None:  # the loop's NaN watch, as in train_d3dgs.train_timestep
@@ -105,7 +105,7 @@ def plain_iterations(params, variables, optimizer, dataset, num_iters, loss_fn, 
     for i in range(num_iters):
         data = td.get_batch(todo, dataset, rng)
         rendervar = helpers.params2rendervar(params)
-        im, seg, _, _ = helpers.render_d3dgs(data["cam"], rendervar, td.background(params, data))
+        im, seg, _, _ = helpers.render_d3dgs(data["cam"], rendervar, data["background"])
         loss, terms, im = loss_fn(params, rendervar, im, seg, data, variables, True)
         if first_bad is None:
             first_bad = torch.full((len(terms),), -1, dtype=torch.long, device=loss.device)
@@ -292,7 +292,7 @@ def main():
     dataset, _ = td.get_dataset(td.load_timestep(args.seq, meta, test_meta, 1, *sizes), meta, test_meta, 1, device)
     if args.state:
         state, _ = td.torch_timestep(td.read_timesteps(args.state, [0])[0], device)
-        params = {k: v.clone().requires_grad_(k != "seg_colors") for k, v in state.items()}
+        params = {k: v.clone().requires_grad_(k in td.LEARNING_RATES) for k, v in state.items()}
         source = f"timestep 0 of {args.state}"
     else:
         params = td.initialize_params(
@@ -301,8 +301,10 @@ def main():
             ),
             len(meta["cam_id"]),
             device,
+            env_map=td.initial_env_map(dataset, td.env_map_rows(meta)),
         )
         source = "the initial point cloud"
+    td.add_backgrounds(dataset, params.get(helpers.D3DGS_ENV_MAP))
     n = params["means3D"].shape[0]
     print(
         f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA rasterizer: "
@@ -355,7 +357,7 @@ def main():
         if name == "compiled":  # compile (forward and backward) outside the timed iterations
             started = time.perf_counter()
             rendervar = helpers.params2rendervar(params)
-            im, seg, _, _ = helpers.render_d3dgs(dataset[0]["cam"], rendervar, td.background(params, dataset[0]))
+            im, seg, _, _ = helpers.render_d3dgs(dataset[0]["cam"], rendervar, dataset[0]["background"])
             loss_fn(params, rendervar, im, seg, dataset[0], variables, True)[0].backward()
             torch.cuda.synchronize()
             print(f"\ncompiling the losses (forward + backward): {time.perf_counter() - started:.1f} s")

@@ -67,6 +67,7 @@ def test_psnr_rises_above_bound(trained):
     env_map = train_d3dgs.initial_env_map(train_views, train_d3dgs.env_map_rows(meta))
     with np.load(os.path.join(out, "init_pt_cld.npz")) as f:
         init = train_d3dgs.initialize_params(f["data"], len(meta["cam_id"]), "cpu", env_map=env_map)
+    train_d3dgs.add_backgrounds(test_views, env_map)
     before = train_d3dgs.evaluate(init, test_views, None)["psnr"]
     after = metrics["per_timestep"][0]["psnr"]
     assert after > PSNR_BOUND and after > before + 0.3, (before, after)
@@ -86,14 +87,14 @@ def test_the_env_map_starts_from_the_background_pixels_that_look_its_way():
     fg = torch.zeros(24, 32)
     fg[10:14, 12:20] = 1.0
     im[:, 10:14, 12:20] = torch.tensor([0.0, 1.0, 0.0])[:, None, None]  # a green object, foreground
-    views = [{"im": im, "seg": torch.stack([fg, torch.zeros_like(fg), 1 - fg]), "dirs": helpers.ray_directions(cam)}]
+    views = [{"cam": cam, "im": im, "seg": torch.stack([fg, torch.zeros_like(fg), 1 - fg])}]
     rows = train_d3dgs.env_map_rows({"k": [[k.tolist()]]})
     assert rows == math.ceil(math.pi * 20.0 / train_d3dgs.ENV_TEXEL_PIXELS)
     env_map = train_d3dgs.initial_env_map(views, rows)
     assert env_map.shape == (3, rows, 2 * rows) and env_map[1].max() < 1e-6
     torch.testing.assert_close(env_map[:, 0], torch.tensor([1.0, 0.0, 0.0])[:, None].expand(3, 2 * rows))
     torch.testing.assert_close(env_map[:, -1], torch.tensor([0.0, 0.0, 1.0])[:, None].expand(3, 2 * rows))
-    seen = helpers.sample_env_map(env_map, views[0]["dirs"])
+    seen = helpers.sample_env_map(env_map, helpers.ray_directions(cam))
     torch.testing.assert_close(seen[:, 2:9], im[:, 2:9], atol=0.02, rtol=0)
     torch.testing.assert_close(seen[:, 16:22], im[:, 16:22], atol=0.02, rtol=0)
 
@@ -390,7 +391,7 @@ def test_later_timesteps_train_as_the_plain_loop(seq):
         for _ in range(iters):
             data = train_d3dgs.get_batch(todo, dataset, rng)
             rendervar = helpers.params2rendervar(params)
-            im, seg, _, _ = helpers.render_d3dgs(data["cam"], rendervar, train_d3dgs.background(params, data))
+            im, seg, _, _ = helpers.render_d3dgs(data["cam"], rendervar, data["background"])
             train_d3dgs.get_loss(params, rendervar, im, seg, data, variables, True)[0].backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
