@@ -1149,9 +1149,10 @@ def to_uint8(img):
 D3DGS_PER_TIMESTEP = ("means3D", "rgb_colors", "unnorm_rotations")  # [T, N, .] in params.npz
 D3DGS_SHARED = ("seg_colors", "logit_opacities", "log_scales", "cam_m", "cam_c")  # one for all t
 # What lies beyond every Gaussian (a sky, whatever the background Gaussians leave uncovered): an
-# equirectangular map of colours by viewing direction, [3, rows, 2 rows], row 0 straight up (-y),
-# column 0 azimuth -pi (atan2(x, z)). Written by this project's stage 1; the original's params.npz
-# has none, and renders over black as before.
+# equirectangular map by viewing direction, [4, rows, 2 rows]: colour (channels 0-2) and "open"
+# (channel 3: the share of the light through the Gaussians that the segmentation counts as
+# background, render_d3dgs); row 0 straight up (-y), column 0 azimuth -pi (atan2(x, z)). Written
+# by this project's stage 1; the original's params.npz has none, and renders over black as before.
 D3DGS_ENV_MAP = "env_map"
 _D3DGS_WIDTHS = {
     "means3D": 3,
@@ -1242,11 +1243,12 @@ def render_d3dgs(cam, rendervar, background=None):
     """Colour and segmentation of Gaussians in ONE rasterizer pass: the segmentation colours ride
     along as 3 feature channels of the feature rasterizer (the original rendered the scene twice).
 
-    rendervar: params2rendervar's keys (means2D optional); background: None or [3, H, W], what
-    lies behind every Gaussian (sample_env_map's), shown where the Gaussians leave light through
-    and counted as background in seg. Returns im [3, H, W] (over the background, else over
-    cam.bg), seg [3, H, W] (over black, or over (0, 0, 1) with a background), radii [N] int32
-    (0 = not on screen), depth [1, H, W].
+    rendervar: params2rendervar's keys (means2D optional); background: None or [4, H, W]
+    (view_background's): the colour behind every Gaussian, shown where they let light through,
+    and the share of that light seg counts as background (1 where nothing is expected in front, a
+    sky; 0 where Gaussians must cover the background, so seg asks for them as the original did).
+    Returns im [3, H, W] (over the background, else over cam.bg), seg [3, H, W] (over black, or
+    over (0, 0, open)), radii [N] int32 (0 = not on screen), depth [1, H, W].
     """
     import diff_gaussian_rasterization_feat as dgrf
 
@@ -1256,8 +1258,8 @@ def render_d3dgs(cam, rendervar, background=None):
     im, radii, depth, seg = dgrf.GaussianRasterizer(cam)(legs_features=rendervar["seg_colors"], **inputs)
     if background is not None:
         through = 1 - seg.sum(0, keepdim=True)  # segmentation colours sum to 1: seg's sum is the opacity
-        im = im + through * background
-        seg = torch.cat([seg[:2], seg[2:] + through])
+        im = im + through * background[:3]
+        seg = torch.cat([seg[:2], seg[2:] + through * background[3:]])
     return im, seg, radii, depth
 
 
@@ -1286,7 +1288,7 @@ def env_map_coordinates(dirs):
 
 
 def sample_env_map(env_map, dirs):
-    """Colours [3, H, W] of an environment map [3, rows, cols] in the directions dirs [H, W, 3]
+    """Values [C, H, W] of an environment map [C, rows, cols] in the directions dirs [H, W, 3]
     (ray_directions'), bilinear, wrapping around in azimuth (differentiable in env_map)."""
     cols = env_map.shape[2]
     wrapped = torch.cat([env_map[:, :, -1:], env_map, env_map[:, :, :1]], 2)
@@ -1324,9 +1326,9 @@ def read_d3dgs_params(path):
             if arrays[k].shape != want:
                 raise UserError(f"{path}: '{k}' has shape {list(arrays[k].shape)}, expected {list(want)}")
         env_map = arrays.get(D3DGS_ENV_MAP)
-        if env_map is not None and (env_map.ndim != 3 or env_map.shape[::2] != (3, 2 * env_map.shape[1])):
+        if env_map is not None and (env_map.ndim != 3 or env_map.shape[::2] != (4, 2 * env_map.shape[1])):
             raise UserError(
-                f"{path}: '{D3DGS_ENV_MAP}' has shape {list(env_map.shape)}, expected [3, rows, 2 rows]; "
+                f"{path}: '{D3DGS_ENV_MAP}' has shape {list(env_map.shape)}, expected [4, rows, 2 rows]; "
                 f"train stage 1 again: python train_d3dgs.py -s <seq> -e <exp>"
             )
         _D3DGS_CACHE.clear()
@@ -1343,15 +1345,15 @@ def d3dgs_identity(path):
 
 
 def load_env_map(path, device="cpu"):
-    """The environment map [3, rows, 2 rows] (float32, on device) of a stage-1 params.npz, or None
+    """The environment map [4, rows, 2 rows] (float32, on device) of a stage-1 params.npz, or None
     where it has none (the original's): render_d3dgs(cam, gaussians, view_background(cam, env_map))."""
     env_map = read_d3dgs_params(path).get(D3DGS_ENV_MAP)
     return None if env_map is None else torch.as_tensor(env_map, dtype=torch.float32, device=device)
 
 
 def view_background(cam, env_map):
-    """What a camera sees behind the Gaussians: env_map [3, rows, 2 rows] in its pixels' directions,
-    [3, H, W] (render_d3dgs's background); None without an environment map."""
+    """What a camera sees behind the Gaussians: env_map [4, rows, 2 rows] in its pixels' directions,
+    [4, H, W] (render_d3dgs's background); None without an environment map."""
     return None if env_map is None else sample_env_map(env_map, ray_directions(cam))
 
 

@@ -301,7 +301,9 @@ def main():
             ),
             len(meta["cam_id"]),
             device,
-            env_map=td.initial_env_map(dataset, td.env_map_rows(meta)),
+        )
+        params[helpers.D3DGS_ENV_MAP] = td.initial_env_map(
+            dataset, td.env_map_rows(meta), helpers.params2rendervar(params)
         )
         source = "the initial point cloud"
     td.add_backgrounds(dataset, params.get(helpers.D3DGS_ENV_MAP))

@@ -64,9 +64,9 @@ def test_psnr_rises_above_bound(trained):
     train_views, test_views = train_d3dgs.get_dataset(
         train_d3dgs.load_timestep(seq, meta, test_meta, 0, (96, 54), (96, 54)), meta, test_meta, 0, "cpu"
     )
-    env_map = train_d3dgs.initial_env_map(train_views, train_d3dgs.env_map_rows(meta))
     with np.load(os.path.join(out, "init_pt_cld.npz")) as f:
-        init = train_d3dgs.initialize_params(f["data"], len(meta["cam_id"]), "cpu", env_map=env_map)
+        init = train_d3dgs.initialize_params(f["data"], len(meta["cam_id"]), "cpu")
+    env_map = train_d3dgs.initial_env_map(train_views, train_d3dgs.env_map_rows(meta), helpers.params2rendervar(init))
     train_d3dgs.add_backgrounds(test_views, env_map)
     before = train_d3dgs.evaluate(init, test_views, None)["psnr"]
     after = metrics["per_timestep"][0]["psnr"]
@@ -79,7 +79,8 @@ def test_psnr_rises_above_bound(trained):
 def test_the_env_map_starts_from_the_background_pixels_that_look_its_way():
     """initial_env_map: each texel the mean of the background pixels looking its way, never the
     foreground's; a texel no view sees takes the nearest seen ones' colour (straight up: the upper
-    half's red; straight down: the lower half's blue)."""
+    half's red; straight down: the lower half's blue); open where the initial Gaussians leave
+    more than half of the light through."""
     k = np.array([[20.0, 0.0, 16.0], [0.0, 20.0, 12.0], [0.0, 0.0, 1.0]])
     cam = helpers.setup_camera(32, 24, k, np.eye(4), near=1.0, far=100.0)
     im = torch.zeros(3, 24, 32)
@@ -91,12 +92,26 @@ def test_the_env_map_starts_from_the_background_pixels_that_look_its_way():
     rows = train_d3dgs.env_map_rows({"k": [[k.tolist()]]})
     assert rows == math.ceil(math.pi * 20.0 / train_d3dgs.ENV_TEXEL_PIXELS)
     env_map = train_d3dgs.initial_env_map(views, rows)
-    assert env_map.shape == (3, rows, 2 * rows) and env_map[1].max() < 1e-6
-    torch.testing.assert_close(env_map[:, 0], torch.tensor([1.0, 0.0, 0.0])[:, None].expand(3, 2 * rows))
-    torch.testing.assert_close(env_map[:, -1], torch.tensor([0.0, 0.0, 1.0])[:, None].expand(3, 2 * rows))
-    seen = helpers.sample_env_map(env_map, helpers.ray_directions(cam))
+    assert env_map.shape == (4, rows, 2 * rows) and env_map[1].max() < 1e-6
+    assert (env_map[3] == 1).all()  # no Gaussians: open everywhere
+    torch.testing.assert_close(env_map[:3, 0], torch.tensor([1.0, 0.0, 0.0])[:, None].expand(3, 2 * rows))
+    torch.testing.assert_close(env_map[:3, -1], torch.tensor([0.0, 0.0, 1.0])[:, None].expand(3, 2 * rows))
+    seen = helpers.sample_env_map(env_map[:3], helpers.ray_directions(cam))
     torch.testing.assert_close(seen[:, 2:9], im[:, 2:9], atol=0.02, rtol=0)
     torch.testing.assert_close(seen[:, 16:22], im[:, 16:22], atol=0.02, rtol=0)
+    # an opaque Gaussian below the view's centre covers its bottom rows more than half: those
+    # directions (and straight down, filled from them) are closed, the rest stays open
+    below = {
+        "means3D": torch.tensor([[0.0, 3.0, 3.0]]),
+        "rotations": torch.tensor([[1.0, 0, 0, 0]]),
+        "opacities": torch.full((1, 1), 0.999),
+        "scales": torch.full((1, 3), 1.5),
+        "colors_precomp": torch.zeros(1, 3),
+        "seg_colors": torch.tensor([[0.0, 0.0, 1.0]]),
+    }
+    env_map = train_d3dgs.initial_env_map(views, rows, below)
+    assert (env_map[3, 0] == 1).all() and (env_map[3, -1] == 0).all()
+    torch.testing.assert_close(env_map[:3, -1], torch.tensor([0.0, 0.0, 1.0])[:, None].expand(3, 2 * rows))
 
 
 def test_background_points_on_the_floor_beyond_the_cameras_start_flat():
@@ -142,7 +157,7 @@ def test_params_npz_format(trained):
     assert set(arrays) == set(helpers.D3DGS_PER_TIMESTEP + helpers.D3DGS_SHARED + (helpers.D3DGS_ENV_MAP,))
     assert num_t == 2 and n > 100
     rows = train_d3dgs.env_map_rows(helpers.load_meta(os.path.join(work, "tiny"), "train"))
-    assert arrays.pop(helpers.D3DGS_ENV_MAP).shape == (3, rows, 2 * rows)
+    assert arrays.pop(helpers.D3DGS_ENV_MAP).shape == (4, rows, 2 * rows)
     want = {
         "means3D": (num_t, n, 3),
         "rgb_colors": (num_t, n, 3),

@@ -151,7 +151,7 @@ def test_what_the_cameras_see_on_the_far_field_is_the_env_maps_not_a_point_s(mem
             train_d3dgs.load_timestep(m["seq"], meta, test_meta, 0, *size), meta, test_meta, 0, "cpu"
         )
         env_map = train_d3dgs.initial_env_map(train_views, train_d3dgs.env_map_rows(meta))
-        env_rgb = helpers.sample_env_map(env_map, dirs[far][seen][None])[:, 0].T
+        env_rgb = helpers.sample_env_map(env_map[:3], dirs[far][seen][None])[:, 0].T
         errors.append((env_rgb - rgb[seen]).abs().mean(1))
     errors = torch.cat(errors)  # tiny seeds 1-3: 0, 35 and 147 such directions, median 0.007 and 0.008
     assert len(errors) > 100 and errors.median() < 0.02, (len(errors), errors.median())

@@ -304,7 +304,8 @@ def test_env_map_is_sampled_by_direction_and_wraps_around_in_azimuth():
 
 def test_render_over_a_background_shows_it_where_the_gaussians_let_light_through():
     """render_d3dgs(cam, gaussians, background): one opaque Gaussian in the middle of the view, the
-    background everywhere else, counted there as background in the segmentation."""
+    background's colour everywhere else, counted there as background in the segmentation by the
+    background's open share (left half open, a sky; right half closed, to be covered by Gaussians)."""
     k = np.array([[40.0, 0.0, 16.0], [0.0, 40.0, 12.0], [0.0, 0.0, 1.0]])
     cam = helpers.setup_camera(32, 24, k, np.eye(4))
     gaussian = {
@@ -315,14 +316,16 @@ def test_render_over_a_background_shows_it_where_the_gaussians_let_light_through
         "colors_precomp": torch.tensor([[1.0, 0.0, 0.0]]),
         "seg_colors": torch.tensor([[1.0, 0.0, 0.0]]),
     }
-    background = torch.tensor([0.1, 0.5, 0.9])[:, None, None].expand(3, 24, 32)
+    background = torch.tensor([0.1, 0.5, 0.9, 1.0])[:, None, None].repeat(1, 24, 32)
+    background[3, :, 16:] = 0.0
     with torch.no_grad():
         plain, plain_seg, _, _ = helpers.render_d3dgs(cam, gaussian)
         im, seg, _, _ = helpers.render_d3dgs(cam, gaussian, background)
     through = 1 - plain_seg.sum(0)
     assert through[12, 16] < 0.05 and through[0, 0] > 0.99  # (a Gaussian blends at most 0.99 of its colour)
-    torch.testing.assert_close(im, plain + through * background)
-    torch.testing.assert_close(seg[2], through)
+    torch.testing.assert_close(im, plain + through * background[:3])
+    torch.testing.assert_close(seg[2, :, :16], plain_seg[2, :, :16] + through[:, :16])
+    torch.testing.assert_close(seg[2, :, 16:], plain_seg[2, :, 16:])
     torch.testing.assert_close(seg[:2], plain_seg[:2])
 
 
@@ -340,8 +343,8 @@ def test_an_env_map_of_the_wrong_shape_is_refused_in_one_line(tmp_path):
     path = str(tmp_path / "params.npz")
     np.savez(path, **arrays)
     assert helpers.load_env_map(path) is None  # the original's params.npz: rendered over black
-    np.savez(path, **arrays, env_map=np.zeros((3, 4, 4), np.float32))
-    with pytest.raises(helpers.UserError, match=r"'env_map' has shape \[3, 4, 4\], expected \[3, rows, 2 rows\]"):
+    np.savez(path, **arrays, env_map=np.zeros((3, 4, 8), np.float32))  # colour alone, as 87162e8 wrote it
+    with pytest.raises(helpers.UserError, match=r"'env_map' has shape \[3, 4, 8\], expected \[4, rows, 2 rows\]"):
         helpers.load_env_map(path)
 
 
