@@ -234,9 +234,10 @@ def initial_env_map(dataset, rows, gaussians=None):
     sums = torch.zeros(5, rows * cols, device=device)  # colour and open sums, the pixel count per texel
     for view in dataset:
         background = view["seg"][2] > 0.5
-        open_ = torch.ones_like(background)
-        if gaussians is not None:
-            with torch.no_grad():
+        if gaussians is None:
+            open_ = torch.ones_like(background)
+        else:
+            with torch.no_grad():  # the initial Gaussians' opacity (seg's sum) below a half
                 open_ = helpers.render_d3dgs(view["cam"], gaussians)[1].sum(0) < 0.5
         grid = helpers.env_map_coordinates(helpers.ray_directions(view["cam"])[background])
         col = ((grid[:, 0] + 1) / 2 * cols).long().clamp(0, cols - 1)
