@@ -198,11 +198,12 @@ def render_frame(
     turbo (turbo_table) needed with lights. Heat = relevance / max(peak, threshold), as heat() of a
     whole video. "blend" mixes the heat's colour 50/50 with the render as overlay() does; "foreground
     only" is the blend with the relevance kept on the stage-1 foreground (--fg-only). env_map: stage 1's
-    (helpers.load_env_map), behind the RGB view; the blends show the Gaussians over black."""
+    (helpers.load_env_map; None: black), behind the render in every mode."""
     with torch.no_grad():
         if mode == "RGB" or not lights:
             return helpers.to_uint8(render_rgb(cam, frame, env_map))
-        rgb, feats, fg = render_features(cam, frame, frame["legs_features"], with_fg=mode == "foreground only")
+        background = helpers.view_background(cam, env_map)
+        rgb, feats, fg = render_features(cam, frame, frame["legs_features"], mode == "foreground only", background)
         positives = torch.stack([light["positive"] for light in lights])
         relevance = relevance_map(feats, ae, positives, negatives, stride)
         if fg is not None:

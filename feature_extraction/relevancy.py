@@ -236,6 +236,7 @@ class Stages:
         self.params_path = d3dgs_params_path(exp, seq_dir)
         arrays = helpers.read_d3dgs_params(self.params_path)
         self.num_t, self.num_gaussians = arrays["means3D"].shape[:2]
+        self.env_map = helpers.load_env_map(self.params_path, device)  # behind the RGB renders; None: black
         self.ae_path = ae_ckpt_path(cache_root or seq_dir)
         self.ae, self.ae_info = load_autoencoder(self.ae_path, encoder_spec, device)
         self.legs_dir = legs_dir(exp, seq_dir)
@@ -279,29 +280,34 @@ class Stages:
 # ---------------------------------------------------------------- rendering
 
 
-def render_features(cam, rendervar, features, with_fg=False):
+def render_features(cam, rendervar, features, with_fg=False, background=None):
     """Render Gaussians with per-Gaussian features through the feature rasterizer.
 
     rendervar: load_d3dgs_params's dict (geometry, colors_precomp, seg_colors; detached);
     features [N, C]. With with_fg the foreground channel of seg_colors rides along as one more
-    feature channel (one pass, not two). Returns rgb [3, H, W], features [C, H, W], fg [H, W] in
-    [0, 1] or None.
+    feature channel (one pass, not two). background: None (rgb over black) or [>= 3, H, W]
+    (helpers.view_background's): the colour behind the Gaussians, shown where they let light
+    through as helpers.render_d3dgs shows it (their opacity rides along as one more channel).
+    Returns rgb [3, H, W], features [C, H, W], fg [H, W] in [0, 1] or None.
     """
     import diff_gaussian_rasterization_feat as dgrf
 
     channels = features.shape[1]
-    if with_fg:
-        features = torch.cat([features, rendervar["seg_colors"][:, :1]], 1)
+    extra = [rendervar["seg_colors"][:, :1]] if with_fg else []
+    if background is not None:
+        extra.append(torch.ones_like(rendervar["seg_colors"][:, :1]))
     means3D = rendervar["means3D"]
     rgb, _, _, out = dgrf.GaussianRasterizer(cam)(
         means3D=means3D,
         means2D=torch.zeros_like(means3D),
         opacities=rendervar["opacities"],
         colors_precomp=rendervar["colors_precomp"],
-        legs_features=features,
+        legs_features=torch.cat([features, *extra], 1) if extra else features,
         scales=rendervar["scales"],
         rotations=rendervar["rotations"],
     )
+    if background is not None:
+        rgb = rgb + (1 - out[-1:]) * background[:3]
     return rgb, out[:channels], (out[channels] if with_fg else None)
 
 
@@ -386,13 +392,15 @@ def encode_prompts(encoder, prompts, device):
 def render_relevance_video(stages, cams, positives, negatives, fg_only=False, stride=None, desc="rendering"):
     """Render one view over time and its relevance to every prompt.
 
-    cams: rasterizer settings per timestep (len T). Returns rgb uint8 [T, H, W, 3] and relevance
-    [Q, T, H, W] float16 on the CPU (restricted to the foreground render with fg_only)."""
+    cams: rasterizer settings per timestep (len T). Returns rgb uint8 [T, H, W, 3] (over stage 1's
+    environment map where it has one) and relevance [Q, T, H, W] float16 on the CPU (restricted to
+    the foreground render with fg_only)."""
     rgbs, rel = [], []
     for t, cam in enumerate(helpers.progress(cams, desc=desc, leave=False)):
         rendervar = stages.gaussians(t)
         with torch.no_grad():
-            rgb, feats, fg = render_features(cam, rendervar, rendervar["legs_features"], with_fg=fg_only)
+            background = helpers.view_background(cam, stages.env_map)
+            rgb, feats, fg = render_features(cam, rendervar, rendervar["legs_features"], fg_only, background)
             r = relevance_map(feats, stages.ae, positives, negatives, stride)
             if fg is not None:
                 r = r * (fg > 0.5)

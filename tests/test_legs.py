@@ -230,6 +230,31 @@ def test_blend_matrix_renders_like_the_rasterizer():
     assert torch.allclose(grad_fast, grad_ref, atol=1e-5)
 
 
+def test_relevance_videos_show_the_env_map_behind_the_gaussians():
+    """render_relevance_video's RGB frames (visualize_4legs.py's heatmap videos) are render_d3dgs's
+    image over stage 1's environment map, as visualize_d3dgs.py's videos are."""
+    from types import SimpleNamespace
+
+    from feature_extraction.autoencoder import Autoencoder
+    from feature_extraction.relevancy import render_relevance_video
+
+    scene = random_scene()
+    scene["legs_features"] = torch.nn.functional.normalize(torch.randn(300, 128), dim=-1)
+    w, h = 48, 32
+    k = np.array([[40.0, 0, w / 2], [0, 40.0, h / 2], [0, 0, 1]])
+    cams = [helpers.setup_camera(w, h, k, helpers.orbit_w2c((0, 0, 0), 4.0, 1.0, a)) for a in (0.4, 1.4)]
+    env_map = torch.rand(4, 6, 12, generator=torch.Generator().manual_seed(1))
+    stages = SimpleNamespace(gaussians=lambda t: dict(scene), ae=Autoencoder().eval(), env_map=env_map)
+    prompts = torch.nn.functional.normalize(torch.randn(5, 768), dim=-1)
+    rgb, relevance = render_relevance_video(stages, cams, prompts[:1], prompts[1:])
+    assert rgb.shape == (2, h, w, 3) and relevance.shape == (1, 2, h, w)
+    gaussians = {k: v for k, v in scene.items() if k != "legs_features"}
+    for t, cam in enumerate(cams):
+        over_map = helpers.render_d3dgs(cam, gaussians, helpers.view_background(cam, env_map))[0]
+        assert np.abs(rgb[t].astype(int) - helpers.to_uint8(over_map)).max() <= 1
+        assert np.abs(rgb[t].astype(int) - helpers.to_uint8(helpers.render_d3dgs(cam, gaussians)[0])).max() > 50
+
+
 # ---------------------------------------------------------------- grounding metrics
 
 

@@ -82,7 +82,8 @@ def test_a_preset_pose_renders_as_its_camera():
 
 def test_render_frame_modes():
     """RGB is the render; blend and heatmap are the relevance of the decoded features, heat = relevance
-    / the prompt's peak, coloured as overlay(); foreground only keeps the relevance on the foreground."""
+    / the prompt's peak, coloured as overlay(); foreground only keeps the relevance on the foreground.
+    With stage 1's environment map every mode shows it behind the Gaussians, as render_d3dgs does."""
     torch.manual_seed(0)
     frame = random_scene(400)
     frame["seg_colors"][200:] = torch.tensor([0.0, 0.0, 1.0])  # half of the Gaussians are background
@@ -103,8 +104,8 @@ def test_render_frame_modes():
     light = {"positive": positive, "colour": (1.0, 0.5, 0.0), "peak": peak}
     turbo = viewer.turbo_table("cpu")
 
-    def frame_in(mode, lights=(light,)):
-        return viewer.render_frame(cam, frame, mode, list(lights), ae, negatives, turbo).astype(int)
+    def frame_in(mode, lights=(light,), env_map=None):
+        return viewer.render_frame(cam, frame, mode, list(lights), ae, negatives, turbo, env_map=env_map).astype(int)
 
     assert (frame_in("RGB") == helpers.to_uint8(rgb)).all()
     assert (frame_in("blend", ()) == helpers.to_uint8(rgb)).all()  # no prompt shown: the render
@@ -113,6 +114,17 @@ def test_render_frame_modes():
     assert np.abs(frame_in("heatmap") - np.asarray(turbo)[(relevance / peak * 256).long().clamp(0, 255)]).max() <= 1
     on_fg = overlay((relevance * (fg > 0.5) / peak).numpy(), helpers.to_uint8(rgb)).astype(int)
     assert np.abs(frame_in("foreground only") - on_fg).max() <= 1 and (fg < 0.5).any()
+
+    env_map = torch.rand(4, 6, 12, generator=torch.Generator().manual_seed(1))
+    background = helpers.view_background(cam, env_map)
+    over_map, feats_over_map, _ = render_features(cam, frame, frame["legs_features"], True, background)
+    gaussians = {k: v for k, v in frame.items() if k != "legs_features"}
+    torch.testing.assert_close(over_map, helpers.render_d3dgs(cam, gaussians, background)[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(feats_over_map, feats)
+    assert (over_map - rgb).abs().amax() > 0.2  # the map shows where the Gaussians leave light through
+    assert np.abs(frame_in("RGB", env_map=env_map) - helpers.to_uint8(over_map)).max() <= 1
+    blend = overlay((relevance / peak).numpy(), helpers.to_uint8(over_map)).astype(int)
+    assert np.abs(frame_in("blend", env_map=env_map) - blend).max() <= 1
 
 
 # ---------------------------------------------------------------- timelines on a small lifted scene
