@@ -12,9 +12,9 @@ The exact formula:
 - Clip [B, T, 3, S, S], CLIP-normalised: un-normalise to RGB x = clip * CLIP_STD + CLIP_MEAN. The
   clip's centre frame is c = T // 2 (frame t of the clip t-4 .. t+3): a clip says what is where at
   its own timestep and what moves through it (frames c-1 .. c+1: what moved into frame c and on
-  out of it, so a span of motion is found where it happens, neither before nor after; where the
-  frame after c is padding, a repeat (the sequence's last timestep, and timesteps 0 and 1, whose
-  clips drop the frames before 0), nothing moves).
+  out of it, so a span of motion is found where it happens, neither before nor after; where a
+  frame next to c repeats it, at the sequence's first and last timesteps (tiles.clip_frames
+  clamps the clip to the sequence), nothing moves).
   Palette: the RGB values PALETTE_RGB of the 10 colours; the 7 chromatic ones (not white, grey,
   black) stand for the whole segment s * rgb, SHADE <= s <= 1, SHADE = 0.3 (the colour in shadow: a
   lit red ball is half dark red, which plain RGB distance would call brown). Soft assignment of a

@@ -1,7 +1,7 @@
 """The spatio-temporal tile pyramid of 4-LEGS (stage 3, extract_features.py), as index arithmetic.
 
-Per timestep t and camera: the 8-frame clip t-4 .. t+3 (frames outside the sequence dropped, then
-the clip padded by repeating its last frame). Per level: square tiles of side k = int(H * ratio)
+Per timestep t and camera: the 8-frame clip t-4 .. t+3, clamped to the sequence (clip_frames), so
+frame t is always the clip's fifth. Per level: square tiles of side k = int(H * ratio)
 for 5 ratios linspace(0.15, 0.6) (float32, as torch.linspace gives them), stride int(k * 0.5),
 zero padding k // 2 on every side (torch.nn.Unfold's sliding window), so tile (i, j) covers rows
 s*i - k//2 .. s*i - k//2 + k - 1 and its centre is at (k-1)/2 - k//2 + s*i (likewise columns).
@@ -76,10 +76,13 @@ def tile_centers(level, n):
 
 
 def clip_frames(t, num_timesteps, offsets=CLIP_OFFSETS):
-    """Frame indices of timestep t's clip: t-4 .. t+3 within the sequence, padded with the last
-    (t=0: 0,1,2,3,3,3,3,3)."""
-    frames = [t + o for o in offsets if 0 <= t + o < num_timesteps]
-    return frames + [frames[-1]] * (len(offsets) - len(frames))
+    """Frame indices of timestep t's clip: t-4 .. t+3, each clamped to the sequence (t=0:
+    0,0,0,0,0,1,2,3), so that frame t is always the fifth, where the clip's middle is. The
+    original drops the frames before the first and pads the clip with its last (t=0:
+    0,1,2,3,3,3,3,3): the same frames, but at t < 4 its middle shows a frame 1-3 timesteps
+    ahead, and an action starting at timestep 4 was found from timestep 2 on (scene family seed 4).
+    At the end both repeat the last frame."""
+    return [min(max(t + o, 0), num_timesteps - 1) for o in offsets]
 
 
 def tile_index(levels, num_cams):

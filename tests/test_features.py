@@ -97,11 +97,14 @@ def test_tile_pyramid_at_640x360():
 
 
 def test_clip_frames_at_the_ends():
-    assert tiles.clip_frames(0, 150) == [0, 1, 2, 3, 3, 3, 3, 3]
+    """t-4 .. t+3 clamped to the sequence: frame t is the fifth of every clip."""
+    assert tiles.clip_frames(0, 150) == [0, 0, 0, 0, 0, 1, 2, 3]
+    assert tiles.clip_frames(2, 150) == [0, 0, 0, 1, 2, 3, 4, 5]
     assert tiles.clip_frames(10, 150) == list(range(6, 14))
     assert tiles.clip_frames(149, 150) == [145, 146, 147, 148, 149, 149, 149, 149]
-    assert tiles.clip_frames(1, 2) == [0, 1, 1, 1, 1, 1, 1, 1]
+    assert tiles.clip_frames(1, 2) == [0, 0, 0, 0, 1, 1, 1, 1]
     assert tiles.clip_frames(0, 1) == [0] * 8
+    assert all(tiles.clip_frames(t, 12)[4] == t for t in range(12))
 
 
 def test_tile_index_order():
@@ -286,7 +289,7 @@ def test_extract_caches_reuses_and_invalidates(seq):
 
 def test_extract_with_tiny_viclip_matches_direct_encoding(tmp_path):
     """A cached embedding equals the encoder applied to the clip built by hand (Unfold, torchvision
-    Resize, CLIP normalisation), here for timestep 0 (clip 0,1,2,3,3,3,3,3), level 1, camera 1."""
+    Resize, CLIP normalisation), here for timestep 0 (clip 0,0,0,0,0,1,2,3), level 1, camera 1."""
     from torchvision.transforms import Normalize, Resize
 
     seq = make_sequence(tmp_path / "seq", num_cams=2)
