@@ -9,9 +9,11 @@ stage 1 (train_d3dgs.py), 3 (extract_features.py, colour encoder), 4 (train_auto
 second run only reports. Members run side by side (--jobs), each with --threads CPU threads.
 
 Prints and writes results/<exp>/family.md and family.json: per seed, the test PSNR of each test
-camera (mean over timesteps) and per prompt temporal, mask and vIoU, with the targets of the unseen-scenes work
-(mean PSNR >= 26 dB, no camera below 22; mean mask IoU >= 0.5, mean temporal IoU >= 0.7, no prompt
-below 0.3 mask IoU) checked. Options after `--` go to stage 1 (e.g. `-- --demo` on a CPU).
+camera (mean over timesteps) and per prompt temporal, mask and vIoU and the timesteps detected in
+each test camera beside the truth's (a span that starts early or ends late shows), with the
+targets of the unseen-scenes work (mean PSNR >= 26 dB, no camera below 22; mean mask IoU >= 0.5,
+mean temporal IoU >= 0.7, no prompt below 0.3 mask IoU) checked. Options after `--` go to stage 1
+(e.g. `-- --demo` on a CPU).
 """
 
 import argparse
@@ -24,6 +26,7 @@ import time
 import numpy as np
 
 import helpers
+from feature_extraction.relevancy import detect_spans
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the stage scripts' folder
 TARGETS = {
@@ -108,7 +111,21 @@ def member_report(seed, exp):
         "psnr": psnr,
         "grounding": grounding["per_prompt"],
         "grounding_mean": grounding["mean"],
+        "spans": {
+            prompt: {cam: {"detected": m["pred_spans"], "truth": m["gt_frames"]} for cam, m in cams.items()}
+            for prompt, cams in grounding["per_camera"].items()
+        },
     }
+
+
+def span_text(spans):
+    """Detected spans [[first, last], ...] -> 'first-last, ...' ('none' when empty)."""
+    return ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in spans) or "none"
+
+
+def frame_spans(frames):
+    """Timesteps [int] -> their runs [[first, last], ...] (detect_spans of a 0/1 score per timestep)."""
+    return detect_spans([float(t in frames) for t in range(max(frames, default=-1) + 1)], 0.5)
 
 
 def summary(reports):
@@ -134,11 +151,19 @@ def markdown(reports, met, command):
             f"| {r['seed']} | {r['rig']} | {r['background']} | "
             f"{r['resolution'][0]}x{r['resolution'][1]}, {r['timesteps']} t | {cams} |"
         )
-    lines += ["", "| seed | prompt | tIoU | mIoU | vIoU |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| seed | prompt | tIoU | mIoU | vIoU | detected timesteps per test camera (truth) |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in reports:
         for prompt, m in r["grounding"].items():
             scores = " | ".join(f"{m[k]:.3f}" for k in ("temporal_iou", "mask_iou", "viou"))
-            lines.append(f"| {r['seed']} | {prompt} | {scores} |")
+            spans = "; ".join(
+                f"{cam} {span_text(s['detected'])} ({span_text(frame_spans(s['truth']))})"
+                for cam, s in r["spans"].get(prompt, {}).items()
+            )
+            lines.append(f"| {r['seed']} | {prompt} | {scores} | {spans} |")
     lines += ["", "| figure | value | target | met |", "|---|---|---|---|"]
     lines += [f"| {k} | {v['value']:.3f} | {v['target']} | {'yes' if v['met'] else 'no'} |" for k, v in met.items()]
     return "\n".join(lines)

@@ -330,3 +330,29 @@ def test_a_moving_objects_span_starts_with_its_action(featured, purest_metrics):
                 early += bool(starts) and starts[0] < o["prompt_timesteps"][0]
                 checked += 1
     assert checked >= 16 and early <= checked // 8, (early, checked)
+
+
+def test_bench_familys_table_shows_where_each_span_starts_and_ends():
+    """bench_family.py's prompt table gives each test camera's detected timesteps beside the truth's,
+    so a span that starts early or ends late shows, not only its temporal IoU."""
+    from benchmarks import bench_family
+
+    scores = {"temporal_iou": 5 / 7, "mask_iou": 0.9, "viou": 0.64}
+    report = {
+        "seed": 4,
+        "rig": "ring, 10 cams",
+        "background": "sky",
+        "resolution": [383, 285],
+        "timesteps": 12,
+        "psnr": {"10": 35.4},
+        "grounding": {"a purple cylinder flying in the air": scores},
+        "spans": {
+            "a purple cylinder flying in the air": {
+                "cam10": {"detected": [[2, 8]], "truth": [4, 5, 6, 7, 8]},
+                "cam11": {"detected": [], "truth": [4, 5, 7]},
+            }
+        },
+    }
+    met = bench_family.summary([report])
+    row = next(line for line in bench_family.markdown([report], met, "cmd").splitlines() if "purple" in line)
+    assert row.endswith("| 0.714 | 0.900 | 0.640 | cam10 2-8 (4-8); cam11 none (4-5, 7) |"), row
