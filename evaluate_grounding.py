@@ -159,8 +159,14 @@ def main(argv=None):
     for cam_id in sorted({c for cams in benchmark.values() for c in cams}):
         on_cam = [q for q, p in enumerate(prompts) if cam_id in benchmark[p]]
         cams = find_camera(args.seq, cam_id, stages.num_t, device)
-        _, relevance = render_relevance_video(
-            stages, cams, positives[on_cam], negatives, stride=args.relevancy_stride, desc=f"cam{cam_id}"
+        _, relevance = render_relevance_video(  # the relevance alone: no environment map behind the colours
+            stages,
+            cams,
+            positives[on_cam],
+            negatives,
+            stride=args.relevancy_stride,
+            desc=f"cam{cam_id}",
+            over_env_map=False,
         )
         for i, q in enumerate(on_cam):
             results[prompts[q]][f"cam{cam_id}"] = grounding_metrics(

@@ -255,6 +255,15 @@ def initial_env_map(dataset, rows, gaussians=None):
     return (sums[:4] / sums[4:].clamp(min=1))[:, row, col]
 
 
+def initial_params(init_pt_cld, meta, dataset, device):
+    """Timestep 0's params as training starts them: initialize_params of init_pt_cld [N, 7] with the
+    train cameras' positions (meta: load_meta's), and the environment map, initial_env_map of those
+    Gaussians over the train views (dataset: get_dataset's)."""
+    params = initialize_params(init_pt_cld, len(meta["cam_id"]), device, camera_centers(meta))
+    params[helpers.D3DGS_ENV_MAP] = initial_env_map(dataset, env_map_rows(meta), helpers.params2rendervar(params))
+    return params
+
+
 def initialize_optimizer(params, radius, names, no_bias_correction=(), lr_scale=1.0):
     """Adam (eps 1e-15) over params[names]. Groups in no_bias_correction start with zero moments and
     a huge step count, as in the original after timestep 0 (its step counter carries on while it
@@ -1093,10 +1102,7 @@ def train(args, device, seq_dir, out_dir):
             tick = helpers.lap(phases, "load", tick, device)
             if t == 0:
                 radius, centers = scene_radius(meta), camera_centers(meta)
-                params = initialize_params(init_pt_cld, len(meta["cam_id"]), device, centers)
-                params[helpers.D3DGS_ENV_MAP] = initial_env_map(
-                    dataset, env_map_rows(meta), helpers.params2rendervar(params)
-                )
+                params = initial_params(init_pt_cld, meta, dataset, device)
                 variables = {
                     "scene_radius": radius,
                     "scene_center": torch.tensor(centers.mean(0), dtype=torch.float32, device=device),

@@ -295,15 +295,13 @@ def main():
         params = {k: v.clone().requires_grad_(k in td.LEARNING_RATES) for k, v in state.items()}
         source = f"timestep 0 of {args.state}"
     else:
-        params = td.initialize_params(
+        params = td.initial_params(
             td.initial_point_cloud(
                 args.seq, meta, "results/bench_d3dgs", argparse.Namespace(fg_points=100_000, bg_points=60_000, seed=0)
             ),
-            len(meta["cam_id"]),
+            meta,
+            dataset,
             device,
-        )
-        params[helpers.D3DGS_ENV_MAP] = td.initial_env_map(
-            dataset, td.env_map_rows(meta), helpers.params2rendervar(params)
         )
         source = "the initial point cloud"
     td.add_backgrounds(dataset, params.get(helpers.D3DGS_ENV_MAP))

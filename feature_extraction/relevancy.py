@@ -389,17 +389,19 @@ def encode_prompts(encoder, prompts, device):
     return emb[: len(prompts)], emb[len(prompts) :]
 
 
-def render_relevance_video(stages, cams, positives, negatives, fg_only=False, stride=None, desc="rendering"):
+def render_relevance_video(
+    stages, cams, positives, negatives, fg_only=False, stride=None, desc="rendering", over_env_map=True
+):
     """Render one view over time and its relevance to every prompt.
 
     cams: rasterizer settings per timestep (len T). Returns rgb uint8 [T, H, W, 3] (over stage 1's
-    environment map where it has one) and relevance [Q, T, H, W] float16 on the CPU (restricted to
-    the foreground render with fg_only)."""
+    environment map where it has one and over_env_map; else over black) and relevance [Q, T, H, W]
+    float16 on the CPU (restricted to the foreground render with fg_only)."""
     rgbs, rel = [], []
     for t, cam in enumerate(helpers.progress(cams, desc=desc, leave=False)):
         rendervar = stages.gaussians(t)
         with torch.no_grad():
-            background = helpers.view_background(cam, stages.env_map)
+            background = helpers.view_background(cam, stages.env_map) if over_env_map else None
             rgb, feats, fg = render_features(cam, rendervar, rendervar["legs_features"], fg_only, background)
             r = relevance_map(feats, stages.ae, positives, negatives, stride)
             if fg is not None:

@@ -65,9 +65,8 @@ def test_psnr_rises_above_bound(trained):
         train_d3dgs.load_timestep(seq, meta, test_meta, 0, (96, 54), (96, 54)), meta, test_meta, 0, "cpu"
     )
     with np.load(os.path.join(out, "init_pt_cld.npz")) as f:
-        init = train_d3dgs.initialize_params(f["data"], len(meta["cam_id"]), "cpu")
-    env_map = train_d3dgs.initial_env_map(train_views, train_d3dgs.env_map_rows(meta), helpers.params2rendervar(init))
-    train_d3dgs.add_backgrounds(test_views, env_map)
+        init = train_d3dgs.initial_params(f["data"], meta, train_views, "cpu")
+    train_d3dgs.add_backgrounds(test_views, init[helpers.D3DGS_ENV_MAP])
     before = train_d3dgs.evaluate(init, test_views, None)["psnr"]
     after = metrics["per_timestep"][0]["psnr"]
     assert after > PSNR_BOUND and after > before + 0.3, (before, after)
