@@ -113,7 +113,7 @@ def member_report(seed, exp):
         "grounding_mean": grounding["mean"],
         "spans": {
             prompt: {cam: {"detected": m["pred_spans"], "truth": m["gt_frames"]} for cam, m in cams.items()}
-            for prompt, cams in grounding["per_camera"].items()
+            for prompt, cams in grounding.get("per_camera", {}).items()  # (older grounding.json: none)
         },
     }
 
