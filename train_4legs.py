@@ -31,6 +31,7 @@ feature_extraction/tiles.py; docs/benchmark.md measures both on the scene family
 """
 
 import argparse
+import bisect
 import functools
 import math
 import os
@@ -64,6 +65,14 @@ from feature_extraction.tiles import TILE_MIXES
 NUM_NEIGHBOURS = 20
 LEGS_DIM = 128
 KNN_BLOCK_ELEMENTS = 2**28  # the GPU's brute-force k-NN: at most this many distances (1 GiB) at once
+# The GPU's k-NN on grids (knn_grid): the first grid's cell is this quantile of the k-th neighbour
+# distances of a sample of the queries; each next grid doubles the cell; brute force takes whoever
+# is left after the last grid or has more candidates than a grid may gather for one query.
+KNN_GRID_SAMPLE = 1024
+KNN_GRID_FIRST_QUANTILE = 0.1
+KNN_GRID_LEVELS = 8
+KNN_GRID_MAX_CANDIDATES = 4096
+KNN_GRID_BLOCK_ELEMENTS = 2**25  # candidates (query, point) gathered at once
 TAIL_FRACTION = 0.1  # a timestep's reported loss: the mean over its last 10% iterations (tail_loss)
 PROGRESS_EVERY = 20  # iterations between loss readings on a timestep's progress bar (each one a host sync)
 DEMO = {"iters": 60, "warm_iters": 15, "downscale": 4}  # make demo on 2 CPU cores
@@ -158,13 +167,12 @@ def attend_by_slot(latents, neighbours, q_k):
 def neighbour_indices(means3D, k=NUM_NEIGHBOURS, rows=None):
     """means3D [N, 3] -> [M, k+1] int64 on its device for the Gaussians `rows` [M] (None: all N):
     each Gaussian itself, then its k nearest of all N at this timestep (KD-tree on the CPU; on a
-    GPU brute force, well under a second for 300k Gaussians where the KD-tree takes seconds of one
-    CPU core)."""
+    GPU grids, knn_grid, where the KD-tree takes seconds of one CPU core)."""
     if not means3D.is_cuda:
         rows = np.arange(len(means3D)) if rows is None else rows.numpy()
         _, idx = helpers.knn(means3D.detach().numpy(), k, rows)
         return torch.from_numpy(np.concatenate([rows[:, None], idx], 1))
-    return knn_brute_force(means3D.detach(), k, rows)
+    return knn_grid(means3D.detach(), k, rows)
 
 
 def knn_brute_force(points, k, rows=None):
@@ -176,13 +184,90 @@ def knn_brute_force(points, k, rows=None):
     out = []
     for start in range(0, len(rows), block):
         query = rows[start : start + block]
-        dist2 = torch.cdist(points[query], points) ** 2
+        # differences, not |a|^2 + |b|^2 - 2ab, whose float32 cancellation swaps near neighbours far from the origin
+        dist2 = torch.cdist(points[query], points, compute_mode="donot_use_mm_for_euclid_dist") ** 2
         dist2[torch.arange(len(query), device=points.device), query] = -1.0  # itself first, even where two coincide
         out.append(dist2.topk(min(k + 1, n), dim=1, largest=False).indices)
     idx = torch.cat(out)
     if idx.shape[1] < k + 1:  # fewer Gaussians than neighbours asked for: repeat the last one
         idx = torch.cat([idx, idx[:, -1:].expand(-1, k + 1 - idx.shape[1])], 1)
     return idx
+
+
+def knn_grid(points, k, rows=None):
+    """knn_brute_force's result (the same neighbours, ties apart) without all N x M distances: each
+    query looks among the points of the 27 grid cells around its own, on a grid whose cell starts at
+    KNN_GRID_FIRST_QUANTILE of a sample's k-th neighbour distances and doubles until the query's
+    k-th candidate lies within one cell (then no nearer point can lie outside those cells); brute
+    force takes the queries left after KNN_GRID_LEVELS grids. points [N, 3] -> [M, k+1] int64."""
+    n = points.shape[0]
+    rows = torch.arange(n, device=points.device) if rows is None else rows.to(points.device)
+    extent = float((points.max(0).values - points.min(0).values).max()) if n else 0.0
+    if n <= k + 1 or len(rows) <= KNN_GRID_SAMPLE or not extent > 0:
+        return knn_brute_force(points, k, rows)
+    sample = rows[:: len(rows) // KNN_GRID_SAMPLE]
+    kth = (points[knn_brute_force(points, k, sample)[:, -1]] - points[sample]).norm(dim=1)
+    cell = max(float(torch.quantile(kth, KNN_GRID_FIRST_QUANTILE)), extent * 1e-6)
+    out = torch.empty(len(rows), k + 1, dtype=torch.long, device=points.device)
+    todo = torch.arange(len(rows), device=points.device)
+    for _ in range(KNN_GRID_LEVELS):
+        if not len(todo):
+            break
+        idx, certain = grid_pass(points, rows[todo], k, cell)
+        out[todo[certain]] = idx[certain]
+        todo, cell = todo[~certain], 2 * cell
+    if len(todo):
+        out[todo] = knn_brute_force(points, k, rows[todo])
+    return out
+
+
+def grid_pass(points, queries, k, cell):
+    """One grid of knn_grid: points [N, 3], queries [Q] (indices into points), cell (world units) ->
+    (idx [Q, k+1] int64: each query itself, then its k nearest candidates; certain [Q] bool: the k-th
+    of them lies within one cell, so they are its k nearest of all points)."""
+    device = points.device
+    coords = ((points - points.min(0).values) / cell).floor().long() + 1  # >= 1: the cells around are >= 0
+    dims = coords.max(0).values + 2
+
+    def key(c):
+        return (c[..., 0] * dims[1] + c[..., 1]) * dims[2] + c[..., 2]
+
+    point_keys = key(coords)
+    order = point_keys.argsort()
+    cell_keys, counts = torch.unique_consecutive(point_keys[order], return_counts=True)
+    starts = counts.cumsum(0) - counts
+    around = torch.cartesian_prod(*[torch.arange(-1, 2, device=device)] * 3)  # [27, 3]
+    near = key(coords[queries][:, None] + around)  # [Q, 27]
+    pos = torch.searchsorted(cell_keys, near).clamp(max=len(cell_keys) - 1)
+    count = torch.where(cell_keys[pos] == near, counts[pos], 0)  # [Q, 27] points in each cell around
+    first, total = starts[pos], count.sum(1)
+    idx = torch.zeros(len(queries), k + 1, dtype=torch.long, device=device)
+    certain = torch.zeros(len(queries), dtype=torch.bool, device=device)
+    by_total = total.argsort()
+    totals = total[by_total].tolist()  # one host read per grid: the blocks' sizes
+    start = bisect.bisect_left(totals, k + 1)  # fewer candidates than neighbours: not certain here
+    while start < len(totals) and totals[start] <= KNN_GRID_MAX_CANDIDATES:
+        end = min(len(totals), start + max(1, KNN_GRID_BLOCK_ELEMENTS // totals[start]))
+        while end - start > 1 and (end - start) * totals[end - 1] > KNN_GRID_BLOCK_ELEMENTS:
+            end = start + max(1, KNN_GRID_BLOCK_ELEMENTS // totals[end - 1])
+        block, width = by_total[start:end], totals[end - 1]
+        if width > KNN_GRID_MAX_CANDIDATES:  # the block's widest query waits for the next grid
+            end = bisect.bisect_right(totals, KNN_GRID_MAX_CANDIDATES, start, end)
+            block, width = by_total[start:end], totals[end - 1]
+        ends = count[block].cumsum(1)  # [B, 27]
+        slot = torch.arange(width, device=device).expand(len(block), width).contiguous()
+        which = torch.searchsorted(ends, slot, right=True).clamp(max=26)  # the cell of each slot
+        within = slot - ends.gather(1, which) + count[block].gather(1, which)
+        candidates = order[(first[block].gather(1, which) + within).clamp(max=len(order) - 1)]  # [B, width]
+        query = queries[block]
+        dist2 = ((points[candidates] - points[query][:, None]) ** 2).sum(-1)
+        dist2[candidates == query[:, None]] = -1.0  # itself first
+        dist2[slot >= total[block][:, None]] = float("inf")  # the padding (its candidates are any point)
+        best = dist2.topk(k + 1, dim=1, largest=False)
+        idx[block] = candidates.gather(1, best.indices)
+        certain[block] = best.values[:, -1] <= (cell * (1 - 1e-4)) ** 2  # margin: the floor's rounding
+        start = end
+    return idx, certain
 
 
 def encode_targets(cache, t, ae, cams, device, guides=None):

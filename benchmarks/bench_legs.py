@@ -78,6 +78,14 @@ def speed(args):
     foreground_neighbours = train_4legs.neighbour_indices(rendervar["means3D"], rows=foreground)
     sync(device)
     timings["neighbours_foreground_s"] = time.perf_counter() - t0
+    if device.type == "cuda":  # the GPU's k-NN on grids against brute force, the same rows
+        t0 = time.perf_counter()
+        brute = train_4legs.knn_brute_force(rendervar["means3D"], train_4legs.NUM_NEIGHBOURS, foreground)
+        sync(device)
+        timings["neighbours_foreground_brute_force_s"] = time.perf_counter() - t0
+        timings["neighbours_foreground_same_as_brute_force"] = float(
+            (brute[:, 1:].sort(1).values == foreground_neighbours[:, 1:].sort(1).values).all(1).float().mean()
+        )
 
     # a stage-3 cache of random tile embeddings (the real layout), so that the targets are made
     # exactly as train_4legs.py makes them: dense_feature_map (purest tiles), then the autoencoder's encoder

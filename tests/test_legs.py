@@ -303,6 +303,37 @@ def test_brute_force_neighbours_match_the_kd_tree():
     assert torch.equal(kd[:, 1:].sort(1).values, bf[:, 1:].sort(1).values)
 
 
+def clustered_points(n, seed=0):
+    """Gaussians as scenes hold them: dense clumps of any size away from the origin, and a sparse far shell."""
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.rand(12, 3, generator=gen) * 10 + 5
+    near = centres[torch.randint(0, 12, (n,), generator=gen)]
+    near = near + torch.randn(n, 3, generator=gen) * torch.rand(n, 1, generator=gen) ** 3
+    far = torch.randn(n // 20, 3, generator=gen)
+    return torch.cat([near, 30 * far / far.norm(dim=1, keepdim=True)])
+
+
+@pytest.mark.parametrize("levels, max_candidates", [(8, 4096), (1, 4096), (8, 40)])
+def test_grid_neighbours_are_the_nearest(monkeypatch, levels, max_candidates):
+    """The GPU's k-NN on grids finds each query's nearest points, as the KD-tree does, also where
+    few grids certify (the rest by brute force) or a grid may gather few candidates per query."""
+    import train_4legs
+
+    monkeypatch.setattr(train_4legs, "KNN_GRID_LEVELS", levels)
+    monkeypatch.setattr(train_4legs, "KNN_GRID_MAX_CANDIDATES", max_candidates)
+    points = clustered_points(3000)
+    rows = torch.randperm(len(points), generator=torch.Generator().manual_seed(1))[:2000]
+    grid = train_4legs.knn_grid(points, 20, rows)
+    assert grid.shape == (2000, 21) and torch.equal(grid[:, 0], rows)
+    _, tree = helpers.knn(points.double().numpy(), 20, rows.numpy())
+
+    def sorted_distances(idx):
+        return (points[idx].double() - points[rows].double()[:, None]).norm(dim=-1).sort(1).values
+
+    # the same distances (neighbours may swap only where two lie equally far, to float32's precision)
+    assert torch.allclose(sorted_distances(grid[:, 1:]), sorted_distances(torch.from_numpy(tree)), atol=1e-5)
+
+
 def test_neighbours_of_some_gaussians_are_their_rows_of_all():
     """A warm start asks the neighbour lists of the foreground's Gaussians alone: both k-NN paths
     give those rows of the lists of all Gaussians."""
