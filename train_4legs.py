@@ -32,6 +32,7 @@ feature_extraction/tiles.py; docs/benchmark.md measures both on the scene family
 
 import argparse
 import bisect
+import concurrent.futures
 import functools
 import math
 import os
@@ -64,6 +65,7 @@ from feature_extraction.tiles import TILE_MIXES
 
 NUM_NEIGHBOURS = 20
 LEGS_DIM = 128
+READ_THREADS = 4  # threads reading the next cameras' tile grids and guide images (PerCamera)
 KNN_BLOCK_ELEMENTS = 2**28  # the GPU's brute-force k-NN: at most this many distances (1 GiB) at once
 # The GPU's k-NN on grids (knn_grid): the first grid's cell is this quantile of the k-th neighbour
 # distances of a sample of the queries; each next grid doubles the cell; brute force takes whoever
@@ -272,19 +274,23 @@ def grid_pass(points, queries, k, cell):
 
 def encode_targets(cache, t, ae, cams, device, guides=None):
     """Per train camera the AE-encoded per-pixel feature map [128, h, w] float32 (stage-3 dense map
-    -> encoder), computed once per camera and timestep, on first use, on `device`. guides: None for
-    the mean over the tile levels (--tile-mix mean), else a function camera index -> its image at
-    timestep t (float [3, H, W] at the cached size), whose purest tiles give each pixel's feature."""
-    from feature_extraction import dense_feature_map
+    -> encoder), computed once per camera and timestep, on first use, on `device`; the files of every
+    camera (tile grids, guide image) are read ahead in threads. guides: None for the mean over the
+    tile levels (--tile-mix mean), else a function camera index -> its image at timestep t (float
+    [3, H, W] at the cached size), whose purest tiles give each pixel's feature."""
+    from feature_extraction.cache import camera_levels, dense_feature_map
 
-    def make(c):
-        guide = None if guides is None else guides(c)
+    def read(c):
+        return camera_levels(cache, t, c), None if guides is None else guides(c)
+
+    def make(c, files):
+        grids, guide = files
         with torch.no_grad():
             return dense_feature_map(
-                cache, t, c, cams[c].image_height, cams[c].image_width, device, guide, ae.encode
+                cache, t, c, cams[c].image_height, cams[c].image_width, device, guide, ae.encode, grids
             ).contiguous()
 
-    return PerCamera(len(cams), make, device)
+    return PerCamera(len(cams), make, device, read)
 
 
 class _SparseRender(torch.autograd.Function):
@@ -333,10 +339,12 @@ def blend_matrix(cam, rendervar):
 class PerCamera:
     """Values per camera made on first use (a warm-started timestep with few iterations never pays
     for the cameras it does not visit): per_camera[c] = make(c); `seconds`: the time spent making
-    them, the work queued on `device` included."""
+    them, the work queued on `device` included. With `read`, every camera's read(c) (files: CPU work
+    that releases the GIL) starts at once in READ_THREADS threads, and per_camera[c] = make(c, read(c))."""
 
-    def __init__(self, num_cams, make, device="cpu"):
+    def __init__(self, num_cams, make, device="cpu", read=None):
         self.num_cams, self.make, self.made, self.device, self.seconds = num_cams, make, {}, torch.device(device), 0.0
+        self.reading = None if read is None else [readers().submit(read, c) for c in range(num_cams)]
 
     def __len__(self):
         return self.num_cams
@@ -344,11 +352,17 @@ class PerCamera:
     def __getitem__(self, c):
         if c not in self.made:
             since = time.time()
-            self.made[c] = self.make(c)
+            self.made[c] = self.make(c) if self.reading is None else self.make(c, self.reading[c].result())
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             self.seconds += time.time() - since
         return self.made[c]
+
+
+@functools.cache
+def readers():
+    """The threads that read PerCamera's files ahead (one pool for the run)."""
+    return concurrent.futures.ThreadPoolExecutor(READ_THREADS, thread_name_prefix="stage5-read")
 
 
 def make_renderers(cams, rendervar, use_rasterizer):

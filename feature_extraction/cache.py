@@ -362,15 +362,9 @@ def load_tile_embeddings(cache, t):
     return torch.cat([torch.from_numpy(level).flatten(0, 2) for level in levels])
 
 
-def dense_feature_map(cache, t, cam_index, height, width, device="cpu", guide=None, encode=None):
-    """Per-pixel features of camera cam_index (train_meta's order) at timestep t: float32
-    [D, height, width] on `device` (height x width other than the cached image size maps pixel
-    centres onto it). guide None: the mean over levels of the bilinear interpolation of the tile
-    centres (the original's); guide float [3, H, W] in [0, 1], the camera's image at timestep t at the
-    cached size: each pixel's purest tile (tiles.dense_purest). encode: a function of rows [M, D] ->
-    [M, D'] that treats each row alone (the autoencoder's encoder in eval mode), applied to every
-    pixel's feature -> [D', height, width]; with a guide it runs on the tiles before the selection
-    (the same values, at a fraction of the cost), else on the pixels, ENCODE_ROWS at a time."""
+def camera_levels(cache, t, cam_index):
+    """The tile grids of camera cam_index (train_meta's order) at timestep t: per level float16
+    [rows, cols, D], checked finite (CPU work: files and dequantising, no device)."""
     config = _checked_config(cache, t)
     cams = len(config["cam_id"])
     if not 0 <= cam_index < cams:
@@ -378,6 +372,21 @@ def dense_feature_map(cache, t, cam_index, height, width, device="cpu", guide=No
     grids = [load_level(cache, t, i, cam_index) for i in range(len(config["levels"]))]
     for grid in grids:
         check_finite(grid, cache, t)
+    return grids
+
+
+def dense_feature_map(cache, t, cam_index, height, width, device="cpu", guide=None, encode=None, grids=None):
+    """Per-pixel features of camera cam_index (train_meta's order) at timestep t: float32
+    [D, height, width] on `device` (height x width other than the cached image size maps pixel
+    centres onto it). guide None: the mean over levels of the bilinear interpolation of the tile
+    centres (the original's); guide float [3, H, W] in [0, 1], the camera's image at timestep t at the
+    cached size: each pixel's purest tile (tiles.dense_purest). encode: a function of rows [M, D] ->
+    [M, D'] that treats each row alone (the autoencoder's encoder in eval mode), applied to every
+    pixel's feature -> [D', height, width]; with a guide it runs on the tiles before the selection
+    (the same values, at a fraction of the cost), else on the pixels, ENCODE_ROWS at a time. grids:
+    camera_levels(cache, t, cam_index) when already read (None: read here)."""
+    config = _checked_config(cache, t)
+    grids = camera_levels(cache, t, cam_index) if grids is None else grids
     if guide is not None:
         if tuple(guide.shape) != (3, config["height"], config["width"]):
             raise UserError(

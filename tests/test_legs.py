@@ -334,6 +334,31 @@ def test_grid_neighbours_are_the_nearest(monkeypatch, levels, max_candidates):
     assert torch.allclose(sorted_distances(grid[:, 1:]), sorted_distances(torch.from_numpy(tree)), atol=1e-5)
 
 
+def test_per_camera_files_are_read_ahead():
+    """Stage 5 reads every camera's files as soon as a timestep's targets are set up, in threads, and
+    makes a camera's target from them on first use; a file that fails to read fails its camera's use."""
+    import threading
+
+    import train_4legs
+
+    read_by, all_read = [], threading.Event()
+
+    def read(c):
+        read_by.append((c, threading.current_thread().name))
+        if len(read_by) == 3:
+            all_read.set()
+        if c == 2:
+            raise helpers.UserError("camera 2's grids are damaged")
+        return 10 * c
+
+    cams = train_4legs.PerCamera(3, lambda c, files: (c, files), "cpu", read)
+    assert all_read.wait(10)  # before any camera is asked for
+    assert all(name.startswith("stage5-read") for _, name in read_by)
+    assert cams[1] == (1, 10) and cams[0] == (0, 0)
+    with pytest.raises(helpers.UserError, match="camera 2"):
+        cams[2]
+
+
 def test_neighbours_of_some_gaussians_are_their_rows_of_all():
     """A warm start asks the neighbour lists of the foreground's Gaussians alone: both k-NN paths
     give those rows of the lists of all Gaussians."""
