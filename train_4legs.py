@@ -228,7 +228,9 @@ def grid_pass(points, queries, k, cell):
     (idx [Q, k+1] int64: each query itself, then its k nearest candidates; certain [Q] bool: the k-th
     of them lies within one cell, so they are its k nearest of all points)."""
     device = points.device
-    coords = ((points - points.min(0).values) / cell).floor().long() + 1  # >= 1: the cells around are >= 0
+    # float64: a point's cell exact to far below the certainty margin even 10^6 cells from the corner
+    corner = points.min(0).values.double()
+    coords = ((points.double() - corner) / cell).floor().long() + 1  # >= 1: the cells around are >= 0
     dims = coords.max(0).values + 2
 
     def key(c):
@@ -267,7 +269,7 @@ def grid_pass(points, queries, k, cell):
         dist2[slot >= total[block][:, None]] = float("inf")  # the padding (its candidates are any point)
         best = dist2.topk(k + 1, dim=1, largest=False)
         idx[block] = candidates.gather(1, best.indices)
-        certain[block] = best.values[:, -1] <= (cell * (1 - 1e-4)) ** 2  # margin: the floor's rounding
+        certain[block] = best.values[:, -1] <= (cell * (1 - 1e-4)) ** 2  # margin: float32's distances
         start = end
     return idx, certain
 
