@@ -354,7 +354,10 @@ class PerCamera:
     def __getitem__(self, c):
         if c not in self.made:
             since = time.time()
-            self.made[c] = self.make(c) if self.reading is None else self.make(c, self.reading[c].result())
+            if self.reading is None:
+                self.made[c] = self.make(c)
+            else:  # the files are let go once made into the value
+                self.made[c], self.reading[c] = self.make(c, self.reading[c].result()), None
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             self.seconds += time.time() - since
