@@ -1336,12 +1336,17 @@ def read_d3dgs_params(path):
     return _D3DGS_CACHE[key][0]
 
 
-def d3dgs_identity(path):
+def d3dgs_identity(path, t=None):
     """What a stage-1 params.npz is, for the provenance of what is made from it: {'path': absolute,
-    'fingerprint': of its arrays' content (not of the file: reassembling the same timesteps keeps it)}."""
-    read_d3dgs_params(path)
+    'fingerprint': of its arrays' content (not of the file: reassembling the same timesteps keeps it)}.
+    With t, the fingerprint covers what timestep t renders alone (the shared arrays and row t of the
+    per-timestep ones), which stays when stage 1 appends timesteps."""
+    arrays = read_d3dgs_params(path)
     key = (os.path.abspath(path), os.stat(path).st_mtime_ns)
-    return {"path": key[0], "fingerprint": _D3DGS_CACHE[key][1]}
+    if t is None:
+        return {"path": key[0], "fingerprint": _D3DGS_CACHE[key][1]}
+    own = (arrays[k][t] if k in D3DGS_PER_TIMESTEP else arrays[k] for k in sorted(arrays))
+    return {"path": key[0], "fingerprint": fingerprint(t, *own)}
 
 
 def load_env_map(path, device="cpu"):

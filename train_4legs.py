@@ -54,6 +54,7 @@ from feature_extraction.relevancy import (
     encoder_name,
     feature_cache,
     legs_dir,
+    legs_made_from,
     legs_mismatch,
     legs_path,
     load_legs,
@@ -565,9 +566,9 @@ def read_state(out_dir, t):
 
 def load_previous(out_dir, t, made_from, settings, train_cmd):
     """What timestep t warm-starts from, or None (a cold start) when timestep t - 1 has no usable
-    record or state: {'features' [N, 128] of t - 1, 'latents' [N, 128], 'attention' (state dict),
-    'base' ({'t', 'run_id'} of the record holding the background rows)}; None also when t - 1 was
-    trained with other settings."""
+    record (made from `made_from`, that of t - 1) or state: {'features' [N, 128] of t - 1, 'latents'
+    [N, 128], 'attention' (state dict), 'base' ({'t', 'run_id'} of the record holding the background
+    rows)}; None also when t - 1 was trained with other settings."""
     path = legs_path(out_dir, t - 1)
     if t == 0 or not os.path.isfile(path):
         return None
@@ -589,9 +590,9 @@ def load_previous(out_dir, t, made_from, settings, train_cmd):
 
 
 def check_finished(out_dir, num_t, timesteps, restart, made_from, settings, train_cmd):
-    """Before any training: raise UserError when a finished timestep that stays in out_dir after this
+    """Before any training: raise UserError when a finished timestep t that stays in out_dir after this
     run (any outside `timesteps`, those inside unless restart) was made from other inputs than
-    `made_from` or trained with other settings than `settings`, or holds the background features of
+    `made_from(t)` or trained with other settings than `settings`, or holds the background features of
     a timestep (its base, save_legs) that is gone, was trained again since or is trained again by
     this run, naming the first, what differs and what to do. So the timesteps of a legs/ folder are
     all made one way, and each can be read."""
@@ -602,7 +603,7 @@ def check_finished(out_dir, num_t, timesteps, restart, made_from, settings, trai
             continue
         record = read_legs(path, train_cmd)
         again = f"train timestep {t} and the later ones again: {train_cmd} --restart -f {t}"
-        why = legs_mismatch(record, made_from)
+        why = legs_mismatch(record, made_from(t))
         if why:
             raise helpers.UserError(f"{path} {why}; {again}")
         helpers.check_settings(path, record, settings, f"{again} (with these settings)")
@@ -764,13 +765,16 @@ def main(argv=None):
     timesteps, rank, world = shard(list(range(args.first, last + 1)))
     out_dir = legs_dir(args.exp, args.seq)
     # what every record must have been made from: a finished timestep made from anything else is refused
-    made_from = {
+    inputs = {
         "encoder": encoder_name(args.encoder),
         "ae_run_id": ae_info["run_id"],
-        "params": helpers.d3dgs_identity(params_path)["fingerprint"],
         "downscale": args.downscale,
         "tile_mix": args.tile_mix,
     }
+
+    def made_from(t):
+        return legs_made_from(params_path, t, inputs)
+
     import diff_gaussian_rasterization_feat as dgrf
 
     use_rasterizer = device.type == "cuda" and dgrf.cuda_available()
@@ -798,7 +802,7 @@ def main(argv=None):
                 if handed is not None and handed["t"] == t - 1:
                     previous = handed
                 else:
-                    previous = load_previous(out_dir, t, made_from, settings, train_cmd)
+                    previous = None if t == 0 else load_previous(out_dir, t, made_from(t - 1), settings, train_cmd)
                     replaced += [] if previous is None else [t - 1]
                 setup = prepare_timestep(t, args, meta, params_path, ae, cache, device, use_rasterizer, previous)
                 tick = helpers.lap(phases, "prepare", tick, device)
@@ -828,11 +832,13 @@ def main(argv=None):
                     "run_id": run_id,
                     "seconds": time.time() - t0,
                     "phase_seconds": dict(phases),
-                    **made_from,
+                    **made_from(t),
                 }
                 # a chain's first timestep stores every row (the base of what follows), a warm one its trained rows
                 rows = None if previous is None else setup["neighbours"][:, 0]
                 stored = save_legs(path, features, rows, None if previous is None else previous["base"], info)
+                if os.path.isfile(state_path(out_dir, t)):  # of an earlier training of t (--restart): stale now
+                    os.remove(state_path(out_dir, t))
                 handed = handed_on(t, run_id, stored, rows, setup, params, attention, previous)
                 helpers.lap(phases, "save", tick, device)
                 if previous is not None:

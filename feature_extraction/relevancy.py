@@ -92,10 +92,17 @@ def feature_cache(root, encoder_spec, seq_dir=None):
 LEGS_MADE_FROM = {
     "encoder": "was trained on '{old}' features, not '{new}'",
     "ae_run_id": "was trained with another autoencoder (stage 4 was retrained since)",
-    "params": "was trained on other stage-1 Gaussians (stage 1 was retrained since: params.npz changed)",
+    "params": "was trained on other stage-1 Gaussians (stage 1 trained this timestep again since)",
     "downscale": "was trained with --downscale {old}, not {new}",
     "tile_mix": "was trained with --tile-mix {old}, not {new}",
 }
+
+
+def legs_made_from(params_path, t, inputs):
+    """What the stage-5 record of timestep t must have been made from (the keys of LEGS_MADE_FROM):
+    `inputs` (the others) and the fingerprint of what stage 1's params.npz holds for timestep t, so
+    the records stay valid when stage 1 appends timesteps."""
+    return {**inputs, "params": helpers.d3dgs_identity(params_path, t)["fingerprint"]}
 
 
 def legs_mismatch(record, made_from):
@@ -241,11 +248,7 @@ class Stages:
         self.ae, self.ae_info = load_autoencoder(self.ae_path, encoder_spec, device)
         self.legs_dir = legs_dir(exp, seq_dir)
         self.train_cmd = f"python train_4legs.py -s {seq_dir} -e {exp} --encoder {encoder_spec}"
-        self.made_from = {
-            "encoder": self.encoder_name,
-            "ae_run_id": self.ae_info["run_id"],
-            "params": helpers.d3dgs_identity(self.params_path)["fingerprint"],
-        }
+        self.inputs = {"encoder": self.encoder_name, "ae_run_id": self.ae_info["run_id"]}  # with legs_made_from
         self.legs_run_ids = []
         for t in range(self.num_t):  # fail now rather than after minutes of rendering
             path = legs_path(self.legs_dir, t)
@@ -254,7 +257,7 @@ class Stages:
                     f"{path} (timestep {t}) not found: " + helpers.run_first("train_4legs.py", self.train_cmd)
                 )
             record = read_legs(path, self.train_cmd)
-            check_legs(record, path, self.made_from)
+            check_legs(record, path, legs_made_from(self.params_path, t, self.inputs))
             if record.get("base"):  # its base precedes it
                 check_base(record, path, self.legs_run_ids[record["base"]["t"]], self.train_cmd)
             self.legs_run_ids.append(record.get("run_id"))
@@ -272,7 +275,8 @@ class Stages:
     def gaussians(self, t):
         """Rasterizer inputs of timestep t (load_d3dgs_params) plus legs_features [N, 128]."""
         rendervar = helpers.load_d3dgs_params(self.params_path, t, self.device)
-        record = load_legs(legs_path(self.legs_dir, t), t, self.device, self.made_from, self.train_cmd)
+        made_from = legs_made_from(self.params_path, t, self.inputs)
+        record = load_legs(legs_path(self.legs_dir, t), t, self.device, made_from, self.train_cmd)
         rendervar["legs_features"] = record["features"]
         return rendervar
 

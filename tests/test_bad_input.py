@@ -342,8 +342,36 @@ def test_stage1_goes_on_with_new_settings_from_the_timestep_given(work):
 def test_stage5_after_stage1_retrained_and_resume_with_another_downscale(chain):
     refused(train_4legs.main, STAGE5 + ["--downscale", "2"], "000000.pt", "--downscale 1")
     train_d3dgs.main(STAGE1 + ["-f", "3", "--seed", "7"])
-    refused(train_4legs.main, STAGE5, "000000.pt", "stage 1 was retrained", "--restart")
-    refused(visualize_4legs.main, STAGE6 + ["-p", "a red ball"], "000000.pt", "stage 1 was retrained")
+    again = "stage 1 trained this timestep again"
+    refused(train_4legs.main, STAGE5, "000003.pt", again, "--restart -f 3")
+    refused(visualize_4legs.main, STAGE6 + ["-p", "a red ball"], "000003.pt", again)
+
+
+def test_stage5_again_leaves_no_stale_warm_start_state(chain):
+    """The warm-start state of a timestep trained again is stale (another run_id): only the last
+    trained timestep's state stays in legs/."""
+    shutil.rmtree(f"{OUT}/legs")
+    train_4legs.main(STAGE5 + ["-l", "1"])
+    assert sorted(f for f in os.listdir(f"{OUT}/legs") if f.startswith("state")) == ["state_000001.pt"]
+    train_4legs.main(STAGE5 + ["--restart"])
+    assert sorted(f for f in os.listdir(f"{OUT}/legs") if f.startswith("state")) == ["state_000003.pt"]
+
+
+def test_stage5_keeps_its_timesteps_when_stage1_appends_more(tmp_path, monkeypatch, capsys):
+    """Stage 1 trained on (-l) rewrites params.npz but not what its earlier timesteps hold: stage 5
+    keeps their records and trains the new timesteps alone."""
+    monkeypatch.chdir(tmp_path)
+    synthetic_sequence.generate(SEQ, **TINY)
+    train_d3dgs.main(STAGE1 + ["-l", "1"])
+    extract_features.main(STAGE3)
+    train_autoencoder.main(STAGE4)
+    train_4legs.main(STAGE5)
+    first = [os.stat(f"{OUT}/legs/{t:06d}.pt").st_mtime_ns for t in (0, 1)]
+    train_d3dgs.main(STAGE1)
+    capsys.readouterr()
+    train_4legs.main(STAGE5)
+    assert "2 timesteps trained, 2 already done" in capsys.readouterr().out
+    assert [os.stat(f"{OUT}/legs/{t:06d}.pt").st_mtime_ns for t in (0, 1)] == first
 
 
 @pytest.mark.parametrize(
