@@ -6,7 +6,9 @@ no new information. Trains on the timesteps stage 3 has cached (all of them, or 
 them evenly spaced) and says which it used and which are missing. Every --val-every-th of those is
 held out for validation; the checkpoint with the lowest validation loss is kept at
 `<seq>/ae/best_ckpt.pth` (written atomically, with the encoder name, layer sizes and the timesteps
-used inside). --resume keeps a checkpoint trained on the same features with the same settings.
+used inside). --resume keeps a checkpoint trained with the same settings on timesteps whose features
+are still cached as they were, also when stage 3 has cached more timesteps since (a sequence run on
+to later timesteps keeps its autoencoder, and so stage 5 its finished timesteps).
 
     python train_autoencoder.py -s data/basketball --encoder viclip
     python train_autoencoder.py -s data/basketball --encoder viclip --max-timesteps 30
@@ -149,9 +151,9 @@ def parse_args(argv=None):
     p.add_argument(
         "--resume",
         action="store_true",
-        help="keep the checkpoint when it was trained on the same "
-        "cached timesteps with the same settings (retraining it makes stage 5's finished timesteps "
-        "stale); run_all.sh passes it",
+        help="keep the checkpoint when it was trained with the same "
+        "settings on timesteps whose features are cached as they were, also when more are cached now "
+        "(retraining it makes stage 5's finished timesteps stale); run_all.sh passes it",
     )
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--device", default=None, help="cuda, cpu (default: cuda if available)")
@@ -207,8 +209,18 @@ def main(argv=None):
         )
         if args.resume:
             before = trained_on(path)
-            if before == made_from:
-                print(f"autoencoder: {path} is trained on these features with these settings, kept (--resume)")
+            if still_fits(before, made_from, cache):
+                added = sorted(set(cached_timesteps(cache, len(meta["fn"]))[0]) - set(before["timesteps"]))
+                since = (
+                    f"; to train it on timesteps {spans(added)} too, cached since, run it without --resume "
+                    "(stage 5's finished timesteps then go stale)"
+                    if added
+                    else ""
+                )
+                print(
+                    f"autoencoder: {path} is trained with these settings on timesteps {spans(before['timesteps'])}, "
+                    f"whose features are cached as they were: kept (--resume){since}"
+                )
                 return
             if before is not None:
                 changed = ", ".join(k for k in made_from if before.get(k) != made_from[k])
@@ -217,6 +229,19 @@ def main(argv=None):
                     "checkpoint of the same features and settings)"
                 )
         train(args, used, cache, path, device, made_from)
+
+
+def still_fits(before, made_from, cache):
+    """Whether a checkpoint made from `before` (its 'made_from') serves a run that would be made from
+    `made_from`: the same sequence and settings, and the features of the timesteps it was trained
+    on still cached as they were (stage 3 may have cached more timesteps since)."""
+    timesteps = (before or {}).get("timesteps")
+    return (
+        timesteps is not None
+        and all(before.get(k) == made_from[k] for k in ("sequence", "settings"))
+        and all(read_config(cache, t) is not None for t in timesteps)
+        and before.get("cache") == cache_identity(cache, timesteps)
+    )
 
 
 def trained_on(path):

@@ -357,18 +357,24 @@ def test_stage5_again_leaves_no_stale_warm_start_state(chain):
     assert sorted(f for f in os.listdir(f"{OUT}/legs") if f.startswith("state")) == ["state_000003.pt"]
 
 
-def test_stage5_keeps_its_timesteps_when_stage1_appends_more(tmp_path, monkeypatch, capsys):
-    """Stage 1 trained on (-l) rewrites params.npz but not what its earlier timesteps hold: stage 5
-    keeps their records and trains the new timesteps alone."""
+def test_a_sequence_run_on_to_later_timesteps_keeps_what_it_finished(tmp_path, monkeypatch, capsys):
+    """Stages 1 and 3 run on (-l) rewrite params.npz and add cached timesteps, but change nothing of
+    the earlier timesteps: stage 4 --resume (as run_all.sh runs it) keeps its autoencoder, stage 5 its
+    records, and trains the new timesteps alone."""
     monkeypatch.chdir(tmp_path)
     synthetic_sequence.generate(SEQ, **TINY)
     train_d3dgs.main(STAGE1 + ["-l", "1"])
-    extract_features.main(STAGE3)
-    train_autoencoder.main(STAGE4)
+    extract_features.main(STAGE3 + ["-l", "1"])
+    train_autoencoder.main(STAGE4 + ["--resume"])
     train_4legs.main(STAGE5)
     first = [os.stat(f"{OUT}/legs/{t:06d}.pt").st_mtime_ns for t in (0, 1)]
     train_d3dgs.main(STAGE1)
+    extract_features.main(STAGE3)
     capsys.readouterr()
+    train_autoencoder.main(STAGE4 + ["--resume"])
+    assert "timesteps 0-1, whose features are cached as they were: kept (--resume); to train it on timesteps 2-3" in (
+        capsys.readouterr().out
+    )
     train_4legs.main(STAGE5)
     assert "2 timesteps trained, 2 already done" in capsys.readouterr().out
     assert [os.stat(f"{OUT}/legs/{t:06d}.pt").st_mtime_ns for t in (0, 1)] == first
