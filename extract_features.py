@@ -13,9 +13,11 @@ current embedding was encoded from, the same tile, camera and level at an earlie
 run; otherwise that embedding is reused. The comparison is with the clip actually encoded, never
 with the last reused one, so changes below the tolerance cannot add up. A reused embedding is
 stored once, in the folder of the timestep that encoded it (feature_extraction/cache.py), and a
-timestep whose source is computed again is computed again too. The first timestep of a run
-(and of each torchrun rank) encodes every clip, so an interrupted run resumes with one full
-timestep; --exact encodes every clip of every timestep. The cache records the setting
+timestep whose source is computed again is computed again too. A run whose first timestep
+follows a cached one goes on from that one's state (resumed_reference: the clips of its sources
+made again from their frames), so a resumed run caches what an uninterrupted one would; a run with
+nothing cached before it (and a torchrun rank whose previous block is not cached yet) encodes every
+clip of its first timestep; --exact encodes every clip of every timestep. The cache records the setting
 (feature_extraction/cache.py: --exact recomputes what a reusing run wrote).
 
 Speed: all tiles of all cameras and levels go through the encoder in fixed-size batches; tiles are
@@ -161,7 +163,7 @@ def encode_timestep(
     shrunk = shrunk_clips(padded, pad, levels, index, batch_size)
     if reference:
         reused = tiles.clip_change(shrunk, reference["clips"]) <= tolerance
-    else:  # the run's first timestep: nothing to compare with
+    else:  # the run's first timestep, with no cached timestep before it: nothing to compare with
         reused = torch.zeros(len(shrunk), dtype=torch.bool, device=device)
         reference.update(
             clips=shrunk, embeddings=torch.empty(len(shrunk), encoder.dim, dtype=torch.float16, device=device)
@@ -174,6 +176,38 @@ def encode_timestep(
         encoder, padded, pad, levels, [x[changed] for x in index], batch_size, fixed_batch, on_batch
     )
     return reference["embeddings"].clone(), reused
+
+
+@torch.inference_mode()
+def resumed_reference(cache, seq_dir, meta, encoder, t, reader, levels, index, batch_size, device, reuse_tolerance):
+    """What a reusing run starting at timestep t would hold had it also computed t - 1, read back
+    from the cache when t - 1 is cached in a way this run accepts (written with its run_id and
+    sources): (reference, source, run_ids) as extract_into keeps them (the shrunken clips of each
+    tile's source timestep, made again from its frames by `reader`; the embeddings [M, D] float16
+    of t - 1; each tile's source timestep, int [M]; {source timestep: run_id}), else None. So a
+    resumed run reuses from its first timestep on, exactly as the interrupted run would have."""
+    previous = feature_cache.make_config(encoder, seq_dir, meta, t - 1, reuse_tolerance) if t > 0 else None
+    if previous is None or not feature_cache.is_done(cache, t - 1, previous, log=lambda _: None):
+        return None
+    config = feature_cache.read_config(cache, t - 1)
+    if config.get("layout") != feature_cache.OWN_ROWS:  # written before the sources were recorded
+        return None
+    source = np.concatenate(
+        [
+            np.load(os.path.join(feature_cache.timestep_dir(cache, t - 1), f"level_{i}_sources.npy")).reshape(-1)
+            for i in range(len(config["levels"]))
+        ]
+    )
+    clips = None
+    for s in np.unique(source).tolist():  # in order: the reader decodes each image once
+        rows = torch.from_numpy(np.nonzero(source == s)[0]).to(device)
+        padded, pad = tiles.pad_frames(reader(s).to(device), levels)
+        shrunk = shrunk_clips(padded, pad, levels, [x[rows] for x in index], batch_size)
+        clips = shrunk.new_empty((len(source),) + shrunk.shape[1:]) if clips is None else clips
+        clips[rows] = shrunk
+    reference = {"clips": clips, "embeddings": feature_cache.load_tile_embeddings(cache, t - 1).to(device)}
+    run_ids = {int(s): run_id for s, run_id in config["sources"].items()} | {t - 1: config["run_id"]}
+    return reference, source, run_ids
 
 
 def extract(seq_dir, encoder, timesteps, batch_size, device, progress=True, cache_root=None, reuse_tolerance=None):
@@ -212,12 +246,22 @@ def extract_into(cache, seq_dir, meta, encoder, timesteps, batch_size, device, p
     if not todo:
         return stats
     reader = FrameReader(seq_dir, meta, pin=device.type == "cuda")
-    bar = helpers.progress(total=len(todo) * len(index[0]), unit="clip", disable=not progress, smoothing=0.05)
-    reference = None if reuse_tolerance is None else {}
-    # per tile, the timestep of this run whose folder holds its embedding (where it was encoded,
-    # stored once: feature_cache.write_timestep), and the run_id each such timestep was written with
-    source, run_ids = None, {}
     start = time.perf_counter()
+    reference = None if reuse_tolerance is None else {}
+    # per tile, the timestep whose folder holds its embedding (where it was encoded, stored once:
+    # feature_cache.write_timestep), and the run_id each such timestep was written with
+    source, run_ids = None, {}
+    if reference is not None:
+        resumed = resumed_reference(
+            cache, seq_dir, meta, encoder, todo[0], reader, levels, index, batch_size, device, reuse_tolerance
+        )
+        if resumed:
+            reference, source, run_ids = resumed
+            if progress:
+                print(
+                    f"reuse goes on from the cached timestep {todo[0] - 1} ({len(run_ids)} source timesteps read again)"
+                )
+    bar = helpers.progress(total=len(todo) * len(index[0]), unit="clip", disable=not progress, smoothing=0.05)
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as decoder:
         pending = decoder.submit(reader, todo[0])
         for i, t in enumerate(todo):

@@ -400,6 +400,30 @@ def test_reused_embeddings_match_recomputed_ones_on_a_moving_scene(tmp_path):
     assert feature_cache.read_config(cache_dir(os.path.join(seq, "exact"), "color"), 5)["reuse"] is None
 
 
+def test_a_resumed_run_reuses_as_the_uninterrupted_one(tmp_path):
+    """A reusing run stopped after timestep 4 and started again goes on reusing from the cache (its
+    first timestep too, where it used to encode every clip) and caches what one run over all the
+    timesteps caches, file for file: the same clips encoded, the same sources."""
+    from synthetic_sequence import generate
+
+    seq = str(tmp_path / "syn")
+    generate(seq, width=96, height=54, num_timesteps=10, num_train=2, num_test=0)
+    whole = extract_run(seq, "whole", range(10), extract_features.REUSE_TOLERANCE)
+    extract_run(seq, "resumed", range(5), extract_features.REUSE_TOLERANCE)
+    resumed = extract_run(seq, "resumed", range(10), extract_features.REUSE_TOLERANCE)
+    assert resumed["done"] == 5 and resumed["reused"][5].mean() > 0.1  # the old resume: 0
+    for t in range(5, 10):
+        np.testing.assert_array_equal(resumed["reused"][t], whole["reused"][t])
+    for t in range(10):
+        folders = [
+            os.path.join(cache_dir(os.path.join(seq, run), "color"), f"timestep_{t}") for run in ("whole", "resumed")
+        ]
+        names = sorted(n for n in os.listdir(folders[0]) if n.endswith(".npy"))
+        assert names == sorted(n for n in os.listdir(folders[1]) if n.endswith(".npy"))
+        for name in names:
+            np.testing.assert_array_equal(*(np.load(os.path.join(f, name)) for f in folders), err_msg=f"{t} {name}")
+
+
 def test_a_still_scene_reuses_almost_everything(tmp_path):
     """A still 640x360 camera whose frames differ by sensor-like noise only (+-1 grey level, then JPEG):
     after the run's first timestep almost every clip keeps its embedding."""
@@ -494,13 +518,13 @@ def test_a_reused_embedding_is_stored_once_where_it_was_encoded(tmp_path):
     assert not feature_cache.is_done(cache, 3, feature_cache.make_config(enc, seq, meta, 3, 0.01), log=lambda _: None)
     with pytest.raises(UserError, match="reuses embeddings of timestep 0, which was computed again"):
         load_tile_embeddings(cache, 3)
-    assert run()["done"] == 11  # (that run started at timestep 1: the later ones read from it now)
-    # a run that computes timestep 1 again (its config differs, its run_id stays) computes the
+    assert run()["done"] == 11  # (it went on from timestep 0's state: the later ones read from 0 again)
+    # a run that computes timestep 0 again (its config differs, its run_id stays) computes the
     # timesteps read from it too
-    config = feature_cache.read_config(cache, 1)
-    with open(os.path.join(feature_cache.timestep_dir(cache, 1), "config.json"), "w") as f:
+    config = feature_cache.read_config(cache, 0)
+    with open(os.path.join(feature_cache.timestep_dir(cache, 0), "config.json"), "w") as f:
         json.dump({**config, "width": 1}, f)
-    assert run()["done"] == 11 and load_tile_embeddings(cache, 11).shape[0] == len(stats["reused"][11])
+    assert run()["done"] == 12 and load_tile_embeddings(cache, 11).shape[0] == len(stats["reused"][11])
     # a config.json without its run_id and sources: not done, and read as missing (one line, no traceback)
     config = feature_cache.read_config(cache, 11)
     with open(os.path.join(feature_cache.timestep_dir(cache, 11), "config.json"), "w") as f:
