@@ -63,38 +63,44 @@ def shard(timesteps, rank, world):
     return list(timesteps[bounds[rank] : bounds[rank + 1]])
 
 
+DECODE_THREADS = min(8, os.cpu_count() or 1)  # FrameReader's threads decoding a timestep's new images
+
+
 class FrameReader:
     """reader(t) -> uint8 tensor [C, 8, H, W, 3]: the clip frames of timestep t for every train
     camera (in page-locked memory when `pin`, for a fast asynchronous copy to the GPU). Frames
     decoded for the previous call are kept, so walking through timesteps in order decodes one new
-    image per camera and timestep."""
+    image per camera and timestep; new images are decoded in DECODE_THREADS threads."""
 
     def __init__(self, seq_dir, meta, pin=False):
         self.seq_dir, self.meta, self.pin, self.decoded = seq_dir, meta, pin, {}
 
     def __call__(self, t):
-        from PIL import Image
-
         frames = tiles.clip_frames(t, len(self.meta["fn"]))
-        decoded = {}
-        for f in sorted(set(frames)):
-            for fn in self.meta["fn"][f]:
-                if fn not in self.decoded:
-                    path = os.path.join(self.seq_dir, "ims", fn)
-                    try:
-                        self.decoded[fn] = np.asarray(Image.open(path).convert("RGB"))
-                    except OSError as e:
-                        raise UserError(f"image {path} cannot be read ({e})")
-                    if self.decoded[fn].shape[:2] != (self.meta["h"], self.meta["w"]):
-                        raise UserError(
-                            f"image {path} is {self.decoded[fn].shape[1]}x{self.decoded[fn].shape[0]}, "
-                            f"{self.meta['path']} says {self.meta['w']}x{self.meta['h']}"
-                        )
-                decoded[fn] = self.decoded[fn]
-        self.decoded = decoded
+        wanted = [fn for f in sorted(set(frames)) for fn in self.meta["fn"][f]]
+        new = [fn for fn in wanted if fn not in self.decoded]
+        with concurrent.futures.ThreadPoolExecutor(max_workers=DECODE_THREADS) as pool:  # PIL lets go of the GIL
+            self.decoded.update(zip(new, pool.map(self.decode, new)))
+        self.decoded = decoded = {fn: self.decoded[fn] for fn in wanted}
         cams = range(len(self.meta["cam_id"]))
         clips = torch.from_numpy(np.stack([np.stack([decoded[self.meta["fn"][f][c]] for f in frames]) for c in cams]))
         return clips.pin_memory() if self.pin else clips
+
+    def decode(self, fn):
+        """uint8 [H, W, 3] of the image `fn` (train_meta's name under ims/), checked against the meta's size."""
+        from PIL import Image
+
+        path = os.path.join(self.seq_dir, "ims", fn)
+        try:
+            image = np.asarray(Image.open(path).convert("RGB"))
+        except OSError as e:
+            raise UserError(f"image {path} cannot be read ({e})")
+        if image.shape[:2] != (self.meta["h"], self.meta["w"]):
+            raise UserError(
+                f"image {path} is {image.shape[1]}x{image.shape[0]}, "
+                f"{self.meta['path']} says {self.meta['w']}x{self.meta['h']}"
+            )
+        return image
 
 
 REUSE_TOLERANCE = 0.01
