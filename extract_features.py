@@ -192,15 +192,18 @@ def resumed_reference(cache, seq_dir, meta, encoder, t, reader, levels, index, b
     tile's source timestep, made again from its frames by `reader`; the embeddings [M, D] float16
     of t - 1; each tile's source timestep, int [M]; {source timestep: run_id}), else None. So a
     resumed run reuses from its first timestep on, exactly as the interrupted run would have."""
-    previous = feature_cache.make_config(encoder, seq_dir, meta, t - 1, reuse_tolerance) if t > 0 else None
-    if previous is None or not feature_cache.is_done(cache, t - 1, previous, log=lambda _: None):
+    if t == 0:
+        return None
+    previous = feature_cache.make_config(encoder, seq_dir, meta, t - 1, reuse_tolerance)
+    if not feature_cache.is_done(cache, t - 1, previous, log=lambda _: None):
         return None
     config = feature_cache.read_config(cache, t - 1)
     if config.get("layout") != feature_cache.OWN_ROWS:  # written before the sources were recorded
         return None
+    folder = feature_cache.timestep_dir(cache, t - 1)
     source = np.concatenate(
         [
-            np.load(os.path.join(feature_cache.timestep_dir(cache, t - 1), f"level_{i}_sources.npy")).reshape(-1)
+            feature_cache.read_array(os.path.join(folder, f"level_{i}_sources.npy")).reshape(-1)
             for i in range(len(config["levels"]))
         ]
     )

@@ -1164,7 +1164,7 @@ _D3DGS_WIDTHS = {
     "cam_m": 3,
     "cam_c": 3,
 }
-_D3DGS_CACHE = {}
+_D3DGS_CACHE = {}  # the last params.npz read: {(path, mtime): (arrays, fingerprint, {t or 'shared': fingerprint})}
 
 
 def l1_loss_rows(x, y):
@@ -1332,7 +1332,7 @@ def read_d3dgs_params(path):
                 f"train stage 1 again: python train_d3dgs.py -s <seq> -e <exp>"
             )
         _D3DGS_CACHE.clear()
-        _D3DGS_CACHE[key] = arrays, fingerprint(*(arrays[k] for k in sorted(arrays)))
+        _D3DGS_CACHE[key] = arrays, fingerprint(*(arrays[k] for k in sorted(arrays))), {}
     return _D3DGS_CACHE[key][0]
 
 
@@ -1343,10 +1343,14 @@ def d3dgs_identity(path, t=None):
     per-timestep ones), which stays when stage 1 appends timesteps."""
     arrays = read_d3dgs_params(path)
     key = (os.path.abspath(path), os.stat(path).st_mtime_ns)
+    whole, per_timestep = _D3DGS_CACHE[key][1:]
     if t is None:
-        return {"path": key[0], "fingerprint": _D3DGS_CACHE[key][1]}
-    own = (arrays[k][t] if k in D3DGS_PER_TIMESTEP else arrays[k] for k in sorted(arrays))
-    return {"path": key[0], "fingerprint": fingerprint(t, *own)}
+        return {"path": key[0], "fingerprint": whole}
+    if "shared" not in per_timestep:  # each computed once per version of the file (a sequence asks for every t)
+        per_timestep["shared"] = fingerprint(*(arrays[k] for k in sorted(arrays) if k not in D3DGS_PER_TIMESTEP))
+    if t not in per_timestep:
+        per_timestep[t] = fingerprint(t, per_timestep["shared"], *(arrays[k][t] for k in D3DGS_PER_TIMESTEP))
+    return {"path": key[0], "fingerprint": per_timestep[t]}
 
 
 def load_env_map(path, device="cpu"):

@@ -210,7 +210,7 @@ def main(argv=None):
         if args.resume:
             before = trained_on(path)
             if still_fits(before, made_from, cache):
-                added = sorted(set(cached_timesteps(cache, len(meta["fn"]))[0]) - set(before["timesteps"]))
+                added = [t for t in range(len(meta["fn"])) if t not in missing and t not in before["timesteps"]]
                 since = (
                     f"; to train it on timesteps {spans(added)} too, cached since, run it without --resume "
                     "(stage 5's finished timesteps then go stale)"
@@ -234,12 +234,12 @@ def main(argv=None):
 def still_fits(before, made_from, cache):
     """Whether a checkpoint made from `before` (its 'made_from') serves a run that would be made from
     `made_from`: the same sequence and settings, and the features of the timesteps it was trained
-    on still cached as they were (stage 3 may have cached more timesteps since)."""
+    on still cached as they were (stage 3 may have cached more timesteps since; one gone changes
+    the fingerprint of their configs too)."""
     timesteps = (before or {}).get("timesteps")
     return (
         timesteps is not None
         and all(before.get(k) == made_from[k] for k in ("sequence", "settings"))
-        and all(read_config(cache, t) is not None for t in timesteps)
         and before.get("cache") == cache_identity(cache, timesteps)
     )
 
