@@ -67,7 +67,7 @@ from feature_extraction.tiles import TILE_MIXES
 NUM_NEIGHBOURS = 20
 LEGS_DIM = 128
 READ_THREADS = 4  # threads reading the next cameras' tile grids and guide images (PerCamera)
-KNN_BLOCK_ELEMENTS = 2**28  # the GPU's brute-force k-NN: at most this many distances (1 GiB) at once
+KNN_BLOCK_ELEMENTS = 2**28  # the GPU's brute-force k-NN: this many distances at once (1 GiB; two such tensors live)
 # The GPU's k-NN on grids (knn_grid): the first grid's cell is this quantile of the k-th neighbour
 # distances of a sample of the queries; each next grid doubles the cell; brute force takes whoever
 # is left after the last grid or has more candidates than a grid may gather for one query.
@@ -188,8 +188,11 @@ def knn_brute_force(points, k, rows=None):
     for start in range(0, len(rows), block):
         query = rows[start : start + block]
         # differences, not |a|^2 + |b|^2 - 2ab, whose float32 cancellation swaps near neighbours far from the
-        # origin; one coordinate at a time (cdist's difference kernel is ~100x slower on a GPU)
-        dist2 = sum((points[query, d, None] - points[None, :, d]) ** 2 for d in range(3))
+        # origin; one coordinate at a time (cdist's difference kernel is ~100x slower on a GPU), squared in
+        # place and added to the sum: two [block, N] tensors at once
+        dist2 = (points[query, 0, None] - points[None, :, 0]).square_()
+        for d in (1, 2):
+            dist2 += (points[query, d, None] - points[None, :, d]).square_()
         dist2[torch.arange(len(query), device=points.device), query] = -1.0  # itself first, even where two coincide
         out.append(dist2.topk(min(k + 1, n), dim=1, largest=False).indices)
     idx = torch.cat(out)
