@@ -200,12 +200,8 @@ def resumed_reference(cache, seq_dir, meta, encoder, t, reader, levels, index, b
     config = feature_cache.read_config(cache, t - 1)
     if config.get("layout") != feature_cache.OWN_ROWS:  # written before the sources were recorded
         return None
-    folder = feature_cache.timestep_dir(cache, t - 1)
     source = np.concatenate(
-        [
-            feature_cache.read_array(os.path.join(folder, f"level_{i}_sources.npy")).reshape(-1)
-            for i in range(len(config["levels"]))
-        ]
+        [feature_cache.read_sources(cache, t - 1, i).reshape(-1) for i in range(len(config["levels"]))]
     )
     clips = None
     for s in np.unique(source).tolist():  # in order: the reader decodes each image once

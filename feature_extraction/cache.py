@@ -297,7 +297,7 @@ def load_level(cache, t, i, cam=None):
     lost = lost_source(cache, t, config["sources"])
     if lost:
         raise UserError(f"{lost}; run extract_features.py again (it computes timestep {t} again)")
-    sources = read_array(os.path.join(timestep_dir(cache, t), f"level_{i}_sources.npy"), cam)
+    sources = read_sources(cache, t, i, cam)
     out = np.empty(sources.shape + (config["dim"],), dtype=np.float16)
     for s in np.unique(sources).tolist():
         if s != t and str(s) not in config["sources"]:
@@ -310,6 +310,12 @@ def load_level(cache, t, i, cam=None):
         rows = (row if cam is None else row[cam])[picked]
         out[picked] = dequantized(np.asarray(values[rows]), np.asarray(scales[rows]))
     return out
+
+
+def read_sources(cache, t, i, cam=None):
+    """Each tile's source timestep of level i of timestep t (the folder holding its embedding), int32
+    [C, rows, cols], or [rows, cols] of camera index `cam`; UserError for a damaged file."""
+    return read_array(os.path.join(timestep_dir(cache, t), f"level_{i}_sources.npy"), cam)
 
 
 @functools.lru_cache(maxsize=1024)
