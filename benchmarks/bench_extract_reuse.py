@@ -9,7 +9,11 @@ encoded, as --exact) and reusing (--reuse-tolerance, as a plain run), and report
   reused   the share of clips that kept an earlier embedding, per timestep, per tile level and
            overall (also without the run's first timestep, which has nothing to compare with)
   cosine   of each reused embedding against the exact run's (mean, min, 0.1% quantile), and the
-           min over the re-encoded ones (equal up to the order of floating-point sums)
+           min over the re-encoded ones (equal up to the order of floating-point sums); also
+           centred (both minus the exact run's mean embedding of the timestep) and, as the floor
+           either is read against, the same between unrelated clips (each clip against a random
+           other clip of its timestep): random ViCLIP weights map every clip near one direction,
+           so their plain cosines sit near 1 even for unrelated clips; the centred ones do not
   disk     the bytes of each run's cache (the reusing one stores a reused embedding once, where
            it was encoded), and the seconds to read its last timestep camera by camera, as stage 5
   time     of each run (CUDA events on a GPU, the wall clock on a CPU; the encoder warmed up and
@@ -17,6 +21,8 @@ encoded, as --exact) and reusing (--reuse-tolerance, as a plain run), and report
   sweep    per --sweep tolerance the same share and cosines, replayed from the exact run's
            embeddings and the tiles' shrunken clips (what a run with that tolerance keeps, without
            encoding anything again; its row at --reuse-tolerance repeats the measured run's)
+With --shares-only, only the sweep's shares of reused clips, from the pixels alone (which clips a
+run reuses does not depend on the encoder): no encoder, no caches, any number of timesteps.
 Prints a table and writes every figure to --json (after each step, so a cut-off run keeps them).
 """
 
@@ -76,20 +82,33 @@ def cosine_summary(cos):
     }
 
 
+def centred_cosine(a, b, centre):
+    """Cosine [M] of the rows of a and b [M, D] after subtracting centre [D] from both."""
+    return F.cosine_similarity(a - centre, b - centre)
+
+
+def unrelated_pairs(num_clips, seed=0):
+    """A permutation [M] with no fixed point: clip i is paired with clip pairs[i] != i."""
+    perm = torch.randperm(num_clips, generator=torch.Generator().manual_seed(seed))
+    return torch.where(perm == torch.arange(num_clips), (perm + 1) % num_clips, perm)
+
+
 def replay(seq, meta, timesteps, exact, tolerances, batch_size, device):
     """Per tolerance, what a reusing run keeps: the rule of extract_features.encode_timestep (a tile
     keeps the embedding of the clip it was last encoded from while its clip stays within the
     tolerance of that one) applied to the shrunken clips, the embeddings taken from the exact run.
-    Returns {tolerance: (reused bool [T, M], cosine to the exact embedding [T, M])}."""
+    Returns {tolerance: (reused bool [T, M], cosine to the exact embedding [T, M], the same centred
+    on the exact run's mean embedding of the timestep [T, M])}; exact None: the shares alone, the
+    cosines empty [T, 0]."""
     levels = tiles.tile_levels(meta["h"], meta["w"])
     index = [x.to(device) for x in tiles.tile_index(levels, len(meta["cam_id"]))]
     reader = extract_features.FrameReader(seq, meta)
     state = {tol: None for tol in tolerances}  # tolerance -> (reference clips, reference embeddings)
-    out = {tol: ([], []) for tol in tolerances}
+    out = {tol: ([], [], []) for tol in tolerances}
     for t in timesteps:
         padded, pad = tiles.pad_frames(reader(t).to(device), levels)
         shrunk = extract_features.shrunk_clips(padded, pad, levels, index, batch_size)
-        emb = load_tile_embeddings(exact, t).to(device).float()
+        emb = load_tile_embeddings(exact, t).to(device).float() if exact else shrunk.new_zeros(len(shrunk), 0)
         for tol in tolerances:
             if state[tol] is None:  # the run's first timestep encodes every clip
                 state[tol] = (shrunk.clone(), emb.clone())
@@ -97,8 +116,13 @@ def replay(seq, meta, timesteps, exact, tolerances, batch_size, device):
             reused = (tiles.clip_change(shrunk, ref_clips) <= tol) & (t != timesteps[0])
             ref_clips[~reused], ref_emb[~reused] = shrunk[~reused], emb[~reused]
             out[tol][0].append(reused.cpu())
-            out[tol][1].append(F.cosine_similarity(ref_emb, emb).cpu())
-    return {tol: (torch.stack(r), torch.stack(c)) for tol, (r, c) in out.items()}
+            if exact:
+                out[tol][1].append(F.cosine_similarity(ref_emb, emb).cpu())
+                out[tol][2].append(centred_cosine(ref_emb, emb, emb.mean(0)).cpu())
+            else:
+                out[tol][1].append(torch.zeros(0))
+                out[tol][2].append(torch.zeros(0))
+    return {tol: tuple(torch.stack(x) for x in lists) for tol, lists in out.items()}
 
 
 def percent(share):
@@ -145,6 +169,11 @@ def main():
         help="tolerances replayed from the exact run (default: %(default)s)",
     )
     parser.add_argument("--batch-size", type=int, default=None, help="clips per encoder call (default: the encoder's)")
+    parser.add_argument(
+        "--shares-only",
+        action="store_true",
+        help="only the --sweep tolerances' shares of reused clips, from the pixels (no encoder, no caches)",
+    )
     parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile of ViCLIP on CUDA")
     parser.add_argument(
@@ -158,6 +187,8 @@ def main():
     device = helpers.pick_device(args.device)
     meta = helpers.load_meta(args.seq, "train")
     timesteps = list(range(args.first, args.last + 1))
+    if args.shares_only:
+        return reused_shares(args, meta, timesteps, device)
     encoder = build_encoder(args.encoder, device, args.viclip_ckpt, device.type == "cuda" and not args.no_compile)
     batch = args.batch_size or encoder.batch_size
     os.makedirs("results", exist_ok=True)
@@ -207,8 +238,21 @@ def main():
     levels = tiles.tile_levels(meta["h"], meta["w"])
     level = tiles.tile_index(levels, len(meta["cam_id"]))[0].numpy()
     reused = np.stack([runs["reuse"]["reused"][t] for t in timesteps])  # [T, M]
-    cos = torch.stack(
-        [F.cosine_similarity(*(load_tile_embeddings(c, t).float() for c in (exact, reuse))) for t in timesteps]
+    embeddings = [[load_tile_embeddings(c, t).float() for c in (exact, reuse)] for t in timesteps]
+    pairs = unrelated_pairs(len(embeddings[0][0]))
+    cos, centred, unrelated, unrelated_centred = (
+        torch.stack(x)
+        for x in zip(
+            *(
+                (
+                    F.cosine_similarity(e, r),
+                    centred_cosine(e, r, e.mean(0)),
+                    F.cosine_similarity(e, e[pairs]),
+                    centred_cosine(e, e[pairs], e.mean(0)),
+                )
+                for e, r in embeddings
+            )
+        )
     )
     mask = torch.from_numpy(reused)
     res["reused"] = {
@@ -221,6 +265,9 @@ def main():
     }
     res["cosine_reused"] = cosine_summary(cos[mask])
     res["cosine_encoded"] = cosine_summary(cos[~mask])
+    res["cosine_reused_centred"] = cosine_summary(centred[mask])
+    res["cosine_unrelated"] = cosine_summary(unrelated.flatten())
+    res["cosine_unrelated_centred"] = cosine_summary(unrelated_centred.flatten())
     res["speedup"] = res["exact"]["seconds"] / res["reuse"]["seconds"]
     res["disk_bytes"] = {name: folder_bytes(c) for name, c in (("exact", exact), ("reuse", reuse))}
     # reading a timestep as stage 5 does, every camera's levels one by one (a reused embedding from
@@ -238,11 +285,12 @@ def main():
     tolerances = sorted(set(args.sweep) | {args.reuse_tolerance})
     replayed = replay(args.seq, meta, timesteps, exact, tolerances, batch, device)
     res["sweep"] = {}
-    for tol, (kept, kept_cos) in replayed.items():
+    for tol, (kept, kept_cos, kept_centred) in replayed.items():
         res["sweep"][tol] = {
             "reused": kept.float().mean().item(),
             "reused_after_first": kept[1:].float().mean().item() if len(timesteps) > 1 else None,
             "cosine_reused": cosine_summary(kept_cos[kept]),
+            "cosine_reused_centred": cosine_summary(kept_centred[kept]),
         }
     save()
 
@@ -258,6 +306,11 @@ def main():
         f"cosine of reused against recomputed: {cosines(res['cosine_reused'])}; of the re-encoded: "
         f"{cosines(res['cosine_encoded'])}"
     )
+    print(f"the same centred: {cosines(res['cosine_reused_centred'])}")
+    print(
+        f"unrelated clips (the floor): {cosines(res['cosine_unrelated'])}; centred "
+        f"{cosines(res['cosine_unrelated_centred'])}"
+    )
     print(
         f"time: exact {res['exact']['seconds']:.1f} s, reusing {res['reuse']['seconds']:.1f} s (x{res['speedup']:.2f})"
     )
@@ -265,15 +318,37 @@ def main():
         f"disk: exact {res['disk_bytes']['exact']:,} B, reusing {res['disk_bytes']['reuse']:,} B; reading the last "
         f"timestep camera by camera {res['read_last_timestep_s']:.2f} s"
     )
-    print("\n| tolerance | reused | after the first timestep | cosine of the reused |\n|---|---|---|---|")
+    print("\n| tolerance | reused | after the first timestep | cosine of the reused | centred |\n|---|---|---|---|---|")
     for tol, row in res["sweep"].items():
         print(
             f"| {tol} | {percent(row['reused'])} | {percent(row['reused_after_first'])} | "
-            f"{cosines(row['cosine_reused'])} |"
+            f"{cosines(row['cosine_reused'])} | {cosines(row['cosine_reused_centred'])} |"
         )
     print(f"figures -> {args.json}")
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def reused_shares(args, meta, timesteps, device):
+    """--shares-only: per --sweep tolerance the share of clips a run over `timesteps` reuses."""
+    tolerances = sorted(set(args.sweep))
+    res = {"device": str(device), "seq": os.path.abspath(args.seq), "timesteps": [timesteps[0], timesteps[-1]]}
+    res["command"], res["sweep"] = " ".join(sys.argv), {}
+    replayed = replay(args.seq, meta, timesteps, None, tolerances, args.batch_size or 64, device)
+    print("\n| tolerance | reused | after the first timestep | per timestep after the first: min / median / max |")
+    print("|---|---|---|---|")
+    for tol, (kept, _, _) in replayed.items():
+        per_t = kept[1:].float().mean(1)
+        res["sweep"][tol] = {
+            "reused": kept.float().mean().item(),
+            "reused_after_first": per_t.mean().item() if len(per_t) else None,
+            "per_timestep": kept.float().mean(1).tolist(),
+        }
+        spread = " / ".join(percent(x) for x in (per_t.min(), per_t.median(), per_t.max())) if len(per_t) else "-"
+        after_first = percent(res["sweep"][tol]["reused_after_first"])
+        print(f"| {tol} | {percent(kept.float().mean())} | {after_first} | {spread} |")
+    helpers.save_json(args.json, res)
+    print(f"figures -> {args.json}")
 
 
 def folder_bytes(folder):

@@ -9,7 +9,9 @@ In one run, on the same weights:
   original   the original's way: float32, nn.MultiheadAttention blocks (sequence first, fp32
              LayerNorm, Conv3d patches, patch-major tokens), 20 clips per call
   eager      our network, bfloat16, fused attention (per SDPA backend and batch size)
-  bare       our network compiled (torch.compile), the chosen backend, --batch-size clips per call
+  bare       our network compiled (torch.compile), the chosen backend, --batch-size clips per call;
+             also with its last block on every token (whole_last_block, as the original) instead of
+             the class token alone, and with --profile the GPU time of one call by kernel class
   fp8        as bare, the video transformer's matmuls in FP8 (ViCLIP.use_fp8, extract_features.py
              --fp8), the same clips (not with --no-fp8; compiled unless --no-compile)
   end2end    extract_features.extract on a whole timestep: decode, tile, resize, encode, cache
@@ -19,6 +21,7 @@ Prints a table and writes every figure to --json (after each stage, so a cut-off
 """
 
 import argparse
+import collections
 import os
 import shutil
 import statistics
@@ -35,7 +38,14 @@ import helpers
 from feature_extraction import ViCLIP, load_tile_embeddings, tiles
 from feature_extraction.viclip import CLIP_MEAN, CLIP_STD, load_viclip
 
-FLOP_PER_CLIP = 1.65e12
+# 2,049 tokens x 24 blocks x (24 x 1,024^2 linear + 4 x 2,049 x 1,024 attention) = 1.65 TFLOP, less
+# the last block's work for every token but the class token (only its keys and values): 1.59 TFLOP
+FLOP_PER_CLIP = 1.59e12
+KERNEL_CLASSES = (  # (class, substrings of a CUDA kernel's name), the first match wins
+    ("attention", ("flash", "fmha", "sdpa", "attention")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "scaled_mm")),
+    ("fused pointwise and norms (Triton)", ("triton",)),
+)
 
 
 # ---------------------------------------------------------------- the original's way
@@ -136,6 +146,24 @@ def synthetic_sequence(out, num_t, num_cams=27, w=640, h=360):
     return out
 
 
+def kernel_class_ms(fn, x, calls=3):
+    """GPU milliseconds per call of fn(x) by KERNEL_CLASSES (torch.profiler; the rest as 'other')."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn(x)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn(x)
+        torch.cuda.synchronize()
+    out = collections.Counter()
+    for event in prof.key_averages():
+        name = event.key.lower()
+        kind = next((k for k, parts in KERNEL_CLASSES if any(p in name for p in parts)), "other")
+        out[kind] += event.self_device_time_total / calls / 1000
+    return {k: round(v, 2) for k, v in out.items() if v > 0}
+
+
 def compile_seconds(model, first_input):
     """torch.compile the model's video path; returns the seconds of its first call (the compiling)."""
     model.compile_video()
@@ -170,6 +198,9 @@ def main():
         help="batch sizes timed in eager mode (default backend)",
     )
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    parser.add_argument(
+        "--profile", action="store_true", help="the compiled network's GPU time per call by kernel class"
+    )
     parser.add_argument("--no-fp8", action="store_true", help="skip the FP8 variant (speed and accuracy)")
     parser.add_argument(
         "--viclip-ckpt",
@@ -272,6 +303,15 @@ def main():
             f"bare compiled bf16 ({best}, batch {args.batch_size}): {args.batch_size / sec:.1f} clips/s, "
             f"{res['bare']['tflops']:.0f} TFLOP/s (compile {res['compile_s']:.0f} s)"
         )
+        whole = torch.compile(lambda v: model.vision_encoder(v.to(torch.bfloat16), class_only=False))
+        with torch.inference_mode(), model._attention_kernels():
+            sec = time_calls(whole, inputs, args.repeats)
+        res["bare_whole_last_block"] = {"clips_per_s": args.batch_size / sec}
+        log(f"the same, the last block on every token: {args.batch_size / sec:.1f} clips/s")
+        if args.profile:
+            with torch.inference_mode():
+                res["bare_profile_ms"] = kernel_class_ms(model.encode_video, inputs[0])
+            log(f"GPU ms per call by kernel class: {res['bare_profile_ms']}")
         save()
 
     # -- FP8 matmuls: the same weights, backend, batch size and clips as bare
@@ -375,6 +415,9 @@ def main():
     rows += [(f"eager bf16 {k}", v) for k, v in res["eager"].items() if isinstance(v, float)]
     if "bare" in res:
         rows.append((f"bare compiled bf16 ({best})", res["bare"]["clips_per_s"]))
+        rows.append(
+            (f"bare compiled bf16 ({best}), the last block on every token", res["bare_whole_last_block"]["clips_per_s"])
+        )
     if isinstance(res.get("fp8"), dict):
         rows.append((f"{res['fp8']['mode']} fp8 ({best})", res["fp8"]["clips_per_s"]))
     rows.append(("end to end (ours)", res["end2end"]["clips_per_s"]))

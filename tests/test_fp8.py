@@ -143,6 +143,14 @@ def test_fp8_embeddings_near_float32():
     assert F.cosine_similarity(out, ref).min() > 0.998
 
 
+def test_fp8_first_only_is_token_zero_of_the_whole_block():
+    """With FP8 weights the class-token-only block slices the quantised in-projection by rows:
+    q from the first third, k and v from the rest, each row with its own scale."""
+    block = tiny_model().use_fp8().vision_encoder.transformer.resblocks[-1]
+    x = torch.randn(2, 13, block.ln_1.weight.shape[0], generator=torch.Generator().manual_seed(6))
+    torch.testing.assert_close(block(x, first_only=True), block(x)[:, :1], rtol=1e-5, atol=1e-5)
+
+
 def test_fp8_compiles_to_one_graph():
     """Dynamo traces the FP8 forward whole (the quantised weights are plain attributes), without
     recompiling for new inputs, and computes the eager result (aot_eager: no code generation)."""

@@ -121,6 +121,19 @@ def test_block_matches_reference(tiny):
     torch.testing.assert_close(tb(xt, causal=True)[0], want, rtol=1e-10, atol=1e-10)
 
 
+def test_first_only_is_token_zero_of_the_whole_block(tiny):
+    """The video encoder's last block computes its class token alone (first_only): the same
+    values as the whole block's token 0, with every token still attended to."""
+    x = torch.randn(3, 17, TINY["vision_width"], dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    block = tiny.vision_encoder.transformer.resblocks[1]
+    first = block(x, first_only=True)
+    assert first.shape == (3, 1, TINY["vision_width"])
+    torch.testing.assert_close(first, block(x)[:, :1], rtol=1e-12, atol=1e-12)
+    x2 = x.clone()
+    x2[:, 9] = torch.randn(3, TINY["vision_width"], dtype=torch.float64)  # another token, a key and value, counts
+    assert (block(x2, first_only=True) - first).abs().max() > 1e-3
+
+
 def test_video_matches_reference(tiny):
     video = torch.randn(3, 8, 3, 28, 28, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     ours = tiny.encode_video(video)
