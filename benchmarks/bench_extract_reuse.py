@@ -186,6 +186,14 @@ def main():
     args.seq = helpers.find_sequence(args.seq)
     device = helpers.pick_device(args.device)
     meta = helpers.load_meta(args.seq, "train")
+    num_t = len(meta["fn"])
+    if not 0 <= args.first <= args.last < num_t:
+        raise helpers.UserError(
+            f"-f {args.first} -l {args.last}: {meta['path']} has timesteps 0..{num_t - 1}; "
+            f"need 0 <= first <= last <= {num_t - 1}"
+        )
+    if not args.sweep and args.shares_only:
+        raise helpers.UserError("--shares-only needs at least one --sweep tolerance")
     timesteps = list(range(args.first, args.last + 1))
     if args.shares_only:
         return reused_shares(args, meta, timesteps, device)
