@@ -558,6 +558,31 @@ def test_bench_cache_read_runs_small():
     assert set(os.listdir("results")) == before  # its cache is gone
 
 
+def test_bench_reuse_shares_replay_a_real_run(tmp_path):
+    """benchmarks/bench_extract_reuse.py --shares-only (the reuse rule replayed on the pixels, no
+    encoder) counts, timestep by timestep, the clips that extract_features actually reused."""
+    from synthetic_sequence import generate
+
+    seq = str(tmp_path / "syn")
+    generate(seq, width=96, height=54, num_timesteps=6, num_train=2, num_test=0)
+    shares = {}
+    for tolerance in (0.01, 0.08):
+        run = extract_run(seq, f"reuse{tolerance}", range(6), tolerance)
+        shares[tolerance] = [float(run["reused"][t].mean()) for t in range(6)]
+    out = str(tmp_path / "shares.json")
+    command = [sys.executable, "benchmarks/bench_extract_reuse.py", "--seq", seq, "--device", "cpu", "-l", "5"]
+    done = subprocess.run(
+        [*command, "--shares-only", "--sweep", "0.01", "0.08", "--json", out], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    replayed = helpers.read_json(out)["sweep"]
+    for tolerance, per_t in shares.items():
+        np.testing.assert_allclose(replayed[str(tolerance)]["per_timestep"], per_t, atol=1e-9)
+    assert 0 < shares[0.01][5] < shares[0.08][5] < 1  # the scene moves; a looser rule reuses more
+    bad = subprocess.run([*command[:-1], "9", "--shares-only"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "has timesteps 0..5" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_exact_reuses_nothing_and_settings_resume(seq, monkeypatch, capsys):
     """--exact encodes every clip and recomputes what a reusing run cached; a reusing run keeps exact
     timesteps and those of a tolerance at most its own; a resumed run starts with a full timestep."""
