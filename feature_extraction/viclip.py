@@ -174,7 +174,7 @@ class Transformer(nn.Module):
 
     def forward(self, x, causal=False, first_only=False):
         """x [B, N, D] -> [B, N, D]; first_only: [B, 1, D], the last block computing token 0 alone
-        (what the video encoder reads: its class token): 3.6% fewer FLOPs for ViCLIP-L, 4.4% more
+        (what the video encoder reads: its class token): 3.6% fewer FLOPs for ViCLIP-L, 3.6% more
         clips/s compiled on an H100 (docs/performance.md)."""
         for i, block in enumerate(self.resblocks):
             x = block(x, causal, first_only and i == len(self.resblocks) - 1)
