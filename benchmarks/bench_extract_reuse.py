@@ -99,7 +99,7 @@ def replay(seq, meta, timesteps, exact, tolerances, batch_size, device):
     tolerance of that one) applied to the shrunken clips, the embeddings taken from the exact run.
     Returns {tolerance: (reused bool [T, M], cosine to the exact embedding [T, M], the same centred
     on the exact run's mean embedding of the timestep [T, M])}; exact None: the shares alone, the
-    cosines empty [T, 0]."""
+    cosines None."""
     levels = tiles.tile_levels(meta["h"], meta["w"])
     index = [x.to(device) for x in tiles.tile_index(levels, len(meta["cam_id"]))]
     reader = extract_features.FrameReader(seq, meta)
@@ -119,10 +119,7 @@ def replay(seq, meta, timesteps, exact, tolerances, batch_size, device):
             if exact:
                 out[tol][1].append(F.cosine_similarity(ref_emb, emb).cpu())
                 out[tol][2].append(centred_cosine(ref_emb, emb, emb.mean(0)).cpu())
-            else:
-                out[tol][1].append(torch.zeros(0))
-                out[tol][2].append(torch.zeros(0))
-    return {tol: tuple(torch.stack(x) for x in lists) for tol, lists in out.items()}
+    return {tol: tuple(torch.stack(x) if x else None for x in lists) for tol, lists in out.items()}
 
 
 def percent(share):
@@ -246,22 +243,16 @@ def main():
     levels = tiles.tile_levels(meta["h"], meta["w"])
     level = tiles.tile_index(levels, len(meta["cam_id"]))[0].numpy()
     reused = np.stack([runs["reuse"]["reused"][t] for t in timesteps])  # [T, M]
-    embeddings = [[load_tile_embeddings(c, t).float() for c in (exact, reuse)] for t in timesteps]
-    pairs = unrelated_pairs(len(embeddings[0][0]))
-    cos, centred, unrelated, unrelated_centred = (
-        torch.stack(x)
-        for x in zip(
-            *(
-                (
-                    F.cosine_similarity(e, r),
-                    centred_cosine(e, r, e.mean(0)),
-                    F.cosine_similarity(e, e[pairs]),
-                    centred_cosine(e, e[pairs], e.mean(0)),
-                )
-                for e, r in embeddings
-            )
-        )
-    )
+    pairs = unrelated_pairs(len(level))
+    cos, centred, unrelated, unrelated_centred = [], [], [], []  # each [T, M] once stacked
+    for t in timesteps:
+        e, r = (load_tile_embeddings(c, t).float() for c in (exact, reuse))
+        mean, other = e.mean(0), e[pairs]
+        cos.append(F.cosine_similarity(e, r))
+        centred.append(centred_cosine(e, r, mean))
+        unrelated.append(F.cosine_similarity(e, other))
+        unrelated_centred.append(centred_cosine(e, other, mean))
+    cos, centred, unrelated, unrelated_centred = map(torch.stack, (cos, centred, unrelated, unrelated_centred))
     mask = torch.from_numpy(reused)
     res["reused"] = {
         "per_timestep": dict(zip(timesteps, reused.mean(1).tolist())),
