@@ -168,7 +168,10 @@ def test_params_npz_format(trained):
         "cam_c": (6, 3),
     }
     assert {k: v.shape for k, v in arrays.items()} == want
-    assert all(v.dtype == np.float32 and np.isfinite(v).all() for v in arrays.values())
+    assert all(np.isfinite(v).all() for v in arrays.values())
+    assert {k: v.dtype for k, v in arrays.items()} == {
+        k: np.float16 if k in train_d3dgs.STORED_FLOAT16 else np.float32 for k in arrays
+    }
     seg = arrays["seg_colors"]
     assert set(np.unique(seg[:, 0])) <= {0.0, 1.0} and np.allclose(seg[:, 0] + seg[:, 2], 1) and 0 < seg[:, 0].sum() < n
     g = helpers.load_d3dgs_params(os.path.join(out, "params.npz"), 1, "cpu")
@@ -198,6 +201,29 @@ def test_resume_continues_at_first_missing_timestep(trained, capsys, tmp_path):
     # a finished run only reassembles
     run_in(copy, train_d3dgs.main, ["-s", seq, "-e", "t", "--device", "cpu", *ITERS])
     assert "nothing to train" in "".join(capsys.readouterr())
+
+
+def test_a_resumed_run_writes_what_an_uninterrupted_one_writes(trained, tmp_path):
+    """Timesteps 0-2 in one run, and 0-1 (the fixture's) then 2 resumed: the same params.npz, byte
+    for byte in its arrays. Timestep 2 of the resumed run starts from the float16 colours and rotations
+    on disk; the uninterrupted one from those it rounded in memory (train_d3dgs.round_stored)."""
+    work, _ = trained
+    resumed = tmp_path / "resumed"
+    shutil.copytree(work, resumed)
+    seq = json.loads((resumed / "output" / "t" / "tiny" / "timesteps" / "run.json").read_text())["sequence"]["path"]
+    run_in(resumed, train_d3dgs.main, ["-s", seq, "-e", "t", "--device", "cpu", *ITERS])
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    run_in(whole, train_d3dgs.main, ["-s", seq, "-e", "t", "--device", "cpu", *ITERS])
+    runs = {}
+    for name, root in (("resumed", resumed), ("whole", whole)):
+        with np.load(root / "output" / "t" / "tiny" / "params.npz") as f:
+            runs[name] = {k: f[k] for k in f.files}
+    assert runs["whole"]["means3D"].shape[0] == 3
+    assert runs["resumed"].keys() == runs["whole"].keys()
+    assert all(np.array_equal(runs["resumed"][k], runs["whole"][k]) for k in runs["whole"]), [
+        k for k in runs["whole"] if not np.array_equal(runs["resumed"][k], runs["whole"][k])
+    ]
 
 
 def test_finished_timesteps_leave_their_gaussians_to_params(trained, tmp_path):
