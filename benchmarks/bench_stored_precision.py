@@ -5,11 +5,11 @@
 
 Reads a params.npz written in float32 (by the original, or by this project before it stored float16),
 renders every timestep's test cameras from it as it is and with STORED_FLOAT16 rounded to float16, as
-stage 1 now stores them, and prints per timestep the test PSNR of both (as train_d3dgs.evaluate
-computes it) and the PSNR of the rounded render against the float32 one; then the bytes per Gaussian
-and timestep of both. The renders differ by the rounding alone: a run that rounds as it trains also
-starts each timestep from other values, and its PSNR differs by as much as training is sensitive to
-them.
+stage 1 now stores them, and prints per timestep the test PSNR of both (the mean over the test
+cameras, as train_d3dgs.evaluate computes it) and the PSNR of the rounded render against the float32
+one; then the bytes per Gaussian and timestep of both. The renders differ by the rounding alone: a
+run that rounds as it trains also starts each timestep from other values, and its PSNR differs by as
+much as training is sensitive to them.
 """
 
 import argparse
@@ -53,21 +53,20 @@ def main():
             k: torch.as_tensor(v[t] if k in helpers.D3DGS_PER_TIMESTEP else v, dtype=torch.float32, device=device)
             for k, v in arrays.items()
         }
-        rounded = dict(params)
-        rounded.update({k: params[k].clone() for k in train_d3dgs.STORED_FLOAT16})
+        rounded = {**params, **{k: params[k].clone() for k in train_d3dgs.STORED_FLOAT16}}
         train_d3dgs.round_stored(rounded)
-        full_psnr = train_d3dgs.evaluate(params, test_views, None)["psnr"]
-        rounded_psnr = train_d3dgs.evaluate(rounded, test_views, None)["psnr"]
-        between = []
+        full_psnr, rounded_psnr, between = [], [], []  # per test camera
         with torch.no_grad():
+            rendervars = [helpers.params2rendervar(p) for p in (params, rounded)]
             for view in test_views:
-                a, b = (
-                    helpers.render_d3dgs(view["cam"], helpers.params2rendervar(p), view["background"])[0].clamp(0, 1)
-                    for p in (params, rounded)
+                full_im, rounded_im = (
+                    helpers.render_d3dgs(view["cam"], r, view["background"])[0].clamp(0, 1) for r in rendervars
                 )
-                between.append(helpers.psnr(b, a))
-        rows.append((full_psnr, rounded_psnr, float(np.mean(between))))
-        print(f"{t} | {full_psnr:.4f} | {rounded_psnr:.4f} | {rows[-1][2]:.1f}")
+                full_psnr.append(helpers.psnr(full_im, view["im"]))
+                rounded_psnr.append(helpers.psnr(rounded_im, view["im"]))
+                between.append(helpers.psnr(rounded_im, full_im))
+        rows.append((np.mean(full_psnr), np.mean(rounded_psnr), np.mean(between)))
+        print(f"{t} | {rows[-1][0]:.4f} | {rows[-1][1]:.4f} | {rows[-1][2]:.1f}")
     full_mean, rounded_mean, between_mean = np.mean(rows, 0)
     diffs = [r[1] - r[0] for r in rows]
     print(
